@@ -1,0 +1,180 @@
+//! The error type of `cdc-core`, and the kinds that every other crate maps its errors onto.
+
+use crate::{ClusterTime, OperationType};
+
+/// Any error that can cross a crate boundary as a source: driver, store or handler errors.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a failure means for the caller: the retry loop reads this, never message text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Worth retrying after a pause: network errors, elections, resumable server errors.
+    Transient,
+    /// The start position has aged out of the oplog (ChangeStreamHistoryLost, code 286).
+    HistoryLost,
+    /// The server refused the resume token for this start position (codes 260, 280).
+    InvalidToken,
+    /// A required pre-image was missing (NoMatchingDocument, code 47).
+    PreImageMissing,
+    /// The resume store could not be read or written; retried, since stores come back.
+    Store,
+    /// A user handler returned an error.
+    Handler,
+    /// Not worth retrying: authorization, bad pipeline, corrupt data, misuse.
+    Fatal,
+}
+
+impl ErrorKind {
+    /// Whether a retry loop should try again after a backoff.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::Transient | Self::Store)
+    }
+}
+
+/// Errors of the pure layer, and the common currency of the source and store traits.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A change event document lacked a required field or held one of the wrong type.
+    #[error("malformed change event: field `{field}` {problem}")]
+    MalformedEvent {
+        /// The offending field's name.
+        field: &'static str,
+        /// What was wrong with it.
+        problem: String,
+    },
+    /// The change stream source failed; `kind` says whether to retry.
+    #[error("change stream failed ({kind:?})")]
+    Source {
+        /// How the failure was classified (from server codes and labels).
+        kind: ErrorKind,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The resume store failed to read or write the point of `stream`.
+    #[error("resume store failed for stream `{stream}`")]
+    Store {
+        /// The stream whose point was being read or written.
+        stream: String,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A stored point could not be decoded.
+    #[error("corrupt resume point for stream `{stream}` at {location}: {reason}")]
+    CorruptPoint {
+        /// The stream whose point is corrupt.
+        stream: String,
+        /// Where it lives (a file path, a key, a table and row).
+        location: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A save would have moved the stored point backwards.
+    #[error(
+        "resume point of stream `{stream}` may not move backwards: stored {stored}, refused {attempted}"
+    )]
+    Regression {
+        /// The stream.
+        stream: String,
+        /// The cluster time of the stored point.
+        stored: ClusterTime,
+        /// The cluster time of the refused point.
+        attempted: ClusterTime,
+    },
+    /// A handler returned an error for an event; the stream stops with it.
+    #[error("handler failed on the {operation} event at {cluster_time}")]
+    Handler {
+        /// The event's operation type.
+        operation: OperationType,
+        /// The event's cluster time.
+        cluster_time: ClusterTime,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+    /// An argument was out of its range.
+    #[error("invalid argument `{name}`: {reason}")]
+    InvalidArgument {
+        /// The argument's name.
+        name: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The delivery protocol was driven in an order it does not allow.
+    #[error("delivery protocol misuse: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// Wraps a source failure with its classification.
+    pub fn source(kind: ErrorKind, source: impl Into<BoxError>) -> Self {
+        Self::Source {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// Wraps a store failure for `stream`.
+    pub fn store(stream: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Store {
+            stream: stream.into(),
+            source: source.into(),
+        }
+    }
+
+    /// How this error is classified.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Source { kind, .. } => *kind,
+            Self::Store { .. } => ErrorKind::Store,
+            Self::Handler { .. } => ErrorKind::Handler,
+            Self::MalformedEvent { .. }
+            | Self::CorruptPoint { .. }
+            | Self::Regression { .. }
+            | Self::InvalidArgument { .. }
+            | Self::Protocol(_) => ErrorKind::Fatal,
+        }
+    }
+
+    /// Whether a retry loop should try again after a backoff.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_classify_retry() {
+        let io = std::io::Error::other("connection reset");
+        assert!(Error::source(ErrorKind::Transient, io).is_retryable());
+        assert!(Error::store("s", "down").is_retryable());
+        assert!(!Error::source(ErrorKind::HistoryLost, "gone").is_retryable());
+        let regression = Error::Regression {
+            stream: "s".into(),
+            stored: ClusterTime::new(2, 0),
+            attempted: ClusterTime::new(1, 0),
+        };
+        assert_eq!(regression.kind(), ErrorKind::Fatal);
+        assert!(regression.to_string().contains("Timestamp(1, 0)"));
+    }
+
+    #[test]
+    fn sources_are_kept() {
+        use std::error::Error as _;
+        let err = Error::store("orders", std::io::Error::other("disk full"));
+        assert_eq!(
+            err.source().map(ToString::to_string).as_deref(),
+            Some("disk full")
+        );
+        assert!(err.to_string().contains("`orders`"));
+    }
+}

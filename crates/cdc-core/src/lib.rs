@@ -1,0 +1,50 @@
+//! `cdc-core`: the pure centre of the workspace.
+//!
+//! Change events, resume tokens and points, start positions, dispatch chains and the
+//! delivery protocol ([`Checkpointer`]), with no I/O, no async runtime and no driver.
+//! Every other crate depends on this one; it depends on none of them.
+//!
+//! ```
+//! use std::time::Instant;
+//! use cdc_core::{ChangeEvent, Checkpointer, CheckpointPolicy, StartPosition};
+//!
+//! let raw = bson::doc! {
+//!     "_id": { "_data": "8265A1B2C3000000012B" },
+//!     "operationType": "insert",
+//!     "clusterTime": bson::Timestamp { time: 1_705_000_000, increment: 1 },
+//!     "ns": { "db": "shop", "coll": "orders" },
+//!     "documentKey": { "_id": 42 },
+//!     "fullDocument": { "_id": 42, "total": 9.5 },
+//! };
+//! let event = ChangeEvent::from_document(raw)?;
+//! assert_eq!(event.document_id_string().as_deref(), Some("42"));
+//!
+//! let now = Instant::now();
+//! let mut checkpointer = Checkpointer::new(CheckpointPolicy::every_event(), None, now);
+//! let seq = checkpointer.track(event.resume_point(bson::DateTime::now()))?;
+//! // ... run the handlers, then:
+//! let due = checkpointer.ack(seq, now)?.expect("every event is saved under this policy");
+//! // ... save `due` in a store, then:
+//! checkpointer.confirm(&due, now);
+//! assert_eq!(StartPosition::after(checkpointer.persisted()), StartPosition::ResumeAfter(event.token));
+//! # Ok::<(), cdc_core::Error>(())
+//! ```
+
+mod checkpoint;
+mod dispatch;
+mod error;
+mod event;
+mod namespace;
+mod point;
+mod token;
+
+pub use checkpoint::{CheckpointPolicy, Checkpointer, Seq};
+pub use dispatch::{DispatchChain, Dispatcher, FnDispatcher};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
+pub use namespace::{Namespace, OperationType};
+pub use point::{ResumePoint, StartPosition};
+pub use token::{ClusterTime, ResumeToken};
+
+/// Re-export of the `bson` crate this crate's types are built on.
+pub use bson;

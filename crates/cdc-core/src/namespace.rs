@@ -1,0 +1,200 @@
+//! Namespaces (database and collection) and the operation types of change events.
+
+use std::{convert::Infallible, fmt, str::FromStr};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A database, or a collection within one, as change events name them in `ns` and `to`.
+///
+/// Database-level events (`dropDatabase`) carry no collection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Namespace {
+    /// The database name.
+    pub db: String,
+    /// The collection name; `None` for a database-level namespace.
+    #[serde(rename = "coll", default, skip_serializing_if = "Option::is_none")]
+    pub coll: Option<String>,
+}
+
+impl Namespace {
+    /// The namespace of one collection.
+    pub fn collection(db: impl Into<String>, coll: impl Into<String>) -> Self {
+        Self {
+            db: db.into(),
+            coll: Some(coll.into()),
+        }
+    }
+
+    /// The namespace of a whole database.
+    pub fn database(db: impl Into<String>) -> Self {
+        Self {
+            db: db.into(),
+            coll: None,
+        }
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.coll {
+            Some(coll) => write!(f, "{}.{}", self.db, coll),
+            None => f.write_str(&self.db),
+        }
+    }
+}
+
+/// The kind of change an event describes (`operationType`).
+///
+/// Types that newer servers add, and that this version does not name, arrive as
+/// [`OperationType::Other`] with the server's string, so nothing is dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OperationType {
+    /// A document was inserted.
+    Insert,
+    /// A document was updated in place.
+    Update,
+    /// A document was replaced whole.
+    Replace,
+    /// A document was deleted.
+    Delete,
+    /// A collection was dropped.
+    Drop,
+    /// A collection was renamed.
+    Rename,
+    /// A database was dropped.
+    DropDatabase,
+    /// The stream can no longer continue (its collection or database went away); the cursor
+    /// is closed after this event. Resume with `startAfter` its token.
+    Invalidate,
+    /// A collection or view was created (expanded events).
+    Create,
+    /// Indexes were created (expanded events).
+    CreateIndexes,
+    /// Indexes were dropped (expanded events).
+    DropIndexes,
+    /// Collection options changed (expanded events).
+    Modify,
+    /// Any other type, as the server spelled it.
+    Other(String),
+}
+
+impl OperationType {
+    /// The server's spelling.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Insert => "insert",
+            Self::Update => "update",
+            Self::Replace => "replace",
+            Self::Delete => "delete",
+            Self::Drop => "drop",
+            Self::Rename => "rename",
+            Self::DropDatabase => "dropDatabase",
+            Self::Invalidate => "invalidate",
+            Self::Create => "create",
+            Self::CreateIndexes => "createIndexes",
+            Self::DropIndexes => "dropIndexes",
+            Self::Modify => "modify",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// Parses the server's spelling; unknown strings become [`OperationType::Other`].
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "insert" => Self::Insert,
+            "update" => Self::Update,
+            "replace" => Self::Replace,
+            "delete" => Self::Delete,
+            "drop" => Self::Drop,
+            "rename" => Self::Rename,
+            "dropDatabase" => Self::DropDatabase,
+            "invalidate" => Self::Invalidate,
+            "create" => Self::Create,
+            "createIndexes" => Self::CreateIndexes,
+            "dropIndexes" => Self::DropIndexes,
+            "modify" => Self::Modify,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// Whether this event changes a document (insert, update, replace, delete).
+    pub fn is_document_change(&self) -> bool {
+        matches!(
+            self,
+            Self::Insert | Self::Update | Self::Replace | Self::Delete
+        )
+    }
+}
+
+impl FromStr for OperationType {
+    type Err = Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self::parse(s))
+    }
+}
+
+impl fmt::Display for OperationType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for OperationType {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for OperationType {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        Ok(Self::parse(&s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_types_round_trip_their_spelling() {
+        for name in [
+            "insert",
+            "update",
+            "replace",
+            "delete",
+            "drop",
+            "rename",
+            "dropDatabase",
+            "invalidate",
+            "create",
+            "createIndexes",
+            "dropIndexes",
+            "modify",
+            "shardCollection",
+        ] {
+            let op = OperationType::parse(name);
+            assert_eq!(op.as_str(), name);
+            let json = serde_json::to_string(&op).unwrap();
+            assert_eq!(serde_json::from_str::<OperationType>(&json).unwrap(), op);
+        }
+        assert_eq!(
+            OperationType::parse("reshardCollection"),
+            OperationType::Other("reshardCollection".into())
+        );
+        assert!(OperationType::Replace.is_document_change());
+        assert!(!OperationType::Invalidate.is_document_change());
+    }
+
+    #[test]
+    fn namespace_displays_and_serializes() {
+        let ns = Namespace::collection("app", "users");
+        assert_eq!(ns.to_string(), "app.users");
+        assert_eq!(Namespace::database("app").to_string(), "app");
+        let json = serde_json::to_string(&ns).unwrap();
+        assert_eq!(json, r#"{"db":"app","coll":"users"}"#);
+        let db: Namespace = serde_json::from_str(r#"{"db":"app"}"#).unwrap();
+        assert_eq!(db, Namespace::database("app"));
+    }
+}

@@ -1,0 +1,121 @@
+//! `cargo xtask`: the project's automation, one small binary with no dependencies.
+//!
+//! - `cargo xtask ci` — what CI runs: formatting, clippy (warnings denied), every test,
+//!   docs (warnings denied), and the layering checks of `docs/ARCHITECTURE.md`.
+
+// A command-line tool: printing to the terminal is its job.
+#![allow(clippy::print_stdout)]
+
+use std::{
+    env,
+    process::{Command, ExitCode},
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("help" | "--help" | "-h") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  ci    formatting, clippy, tests, docs and layering checks (what CI runs)";
+
+fn cargo() -> Command {
+    Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(step: &str, mut cmd: Command) -> Result<(), String> {
+    println!("\n== {step}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{step}: could not start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{step} failed ({status})"))
+    }
+}
+
+fn ci() -> Result<(), String> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    run("rustfmt", fmt)?;
+
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("clippy", clippy)?;
+
+    layering()?;
+
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--all-features"]);
+    run("tests", test)?;
+
+    let mut doc = cargo();
+    doc.args(["doc", "--workspace", "--no-deps", "--all-features"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    run("docs", doc)?;
+
+    println!("\nci: all steps passed");
+    Ok(())
+}
+
+/// The architecture invariants `cargo tree` can check: cdc-core pulls in no driver and no
+/// runtime.
+fn layering() -> Result<(), String> {
+    println!("\n== layering");
+    check_tree_lacks("cdc-core", &[], &["mongodb", "tokio"])
+}
+
+fn check_tree_lacks(package: &str, features: &[&str], banned: &[&str]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args(["tree", "-p", package, "-e", "normal", "--prefix", "none"]);
+    if !features.is_empty() {
+        cmd.args(["--no-default-features", "--features", &features.join(",")]);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cargo tree: could not start: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo tree -p {package} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    for name in banned {
+        if tree
+            .lines()
+            .any(|line| line.split_whitespace().next() == Some(name))
+        {
+            return Err(format!(
+                "{package} depends on {name}, which its layer forbids"
+            ));
+        }
+    }
+    println!("{package} (features: {features:?}) pulls in none of {banned:?}");
+    Ok(())
+}
