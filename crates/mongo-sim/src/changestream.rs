@@ -1,0 +1,621 @@
+//! Change streams: opening at a position, turning oplog entries into events shaped as
+//! MongoDB documents them, user pipeline stages, invalidation, resume tokens and
+//! post-batch resume tokens.
+//!
+//! Tokens are `{ _data: <hex> }` with the hex of: `82`, the entry's cluster time (seconds
+//! and increment, 8 hex digits each), its sequence number (16 hex digits) and a phase
+//! (2 hex digits: `00` the entry's event, `01` the invalidate that follows it, `02` the
+//! high-water mark after it). Equal-length upper-case hex sorts like the positions.
+
+use bson::{Bson, Document, Timestamp, doc};
+
+use crate::{
+    error::{CmdError, CmdResult, code},
+    pipeline::{Context, Stage, apply_to_document, parse_pipeline},
+    state::{Op, OplogEntry, State, is_internal_db},
+    update::{Comp, ambiguous, dotted},
+};
+
+/// What a stream watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// One collection.
+    Collection(String, String),
+    /// Every collection of a database.
+    Database(String),
+    /// The whole deployment.
+    Cluster,
+}
+
+/// `fullDocument` modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FullDocument {
+    /// Inserts and replaces only.
+    Default,
+    /// Updates look the current document up.
+    UpdateLookup,
+    /// The recorded post-image, or null.
+    WhenAvailable,
+    /// The recorded post-image, or an error.
+    Required,
+}
+
+/// `fullDocumentBeforeChange` modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BeforeChange {
+    /// No pre-image.
+    Off,
+    /// The recorded pre-image, or null.
+    WhenAvailable,
+    /// The recorded pre-image, or an error.
+    Required,
+}
+
+const PHASE_EVENT: u8 = 0;
+const PHASE_INVALIDATE: u8 = 1;
+const PHASE_HWM: u8 = 2;
+
+/// Builds a token.
+pub(crate) fn token(ts: Timestamp, seq: u64, phase: u8) -> Document {
+    doc! { "_data": format!("82{:08X}{:08X}{:016X}{:02X}", ts.time, ts.increment, seq, phase) }
+}
+
+/// Reads a token back: `(seq, phase)`.
+fn parse_token(token: &Bson) -> CmdResult<(u64, u8)> {
+    let bad = || {
+        CmdError::new(
+            code::INVALID_RESUME_TOKEN,
+            format!("malformed resume token: {token}"),
+        )
+    };
+    let Bson::Document(d) = token else {
+        return Err(bad());
+    };
+    let Ok(data) = d.get_str("_data") else {
+        return Err(bad());
+    };
+    if data.len() != 36 || !data.starts_with("82") {
+        return Err(bad());
+    }
+    let seq = u64::from_str_radix(&data[18..34], 16).map_err(|_| bad())?;
+    let phase = u8::from_str_radix(&data[34..36], 16).map_err(|_| bad())?;
+    if phase > PHASE_HWM {
+        return Err(bad());
+    }
+    Ok((seq, phase))
+}
+
+/// An open change stream.
+#[derive(Debug)]
+pub(crate) struct StreamCursor {
+    /// `ns` for replies.
+    pub(crate) ns: String,
+    scope: Scope,
+    full_document: FullDocument,
+    before: BeforeChange,
+    show_expanded: bool,
+    stages: Vec<Stage>,
+    /// The last entry fully consumed.
+    after: u64,
+    /// An entry whose invalidate event is owed next.
+    invalidate_pending: Option<u64>,
+    /// The stream has been invalidated (the cursor closes).
+    pub(crate) closed: bool,
+}
+
+/// What the client asked for in `$changeStream`.
+pub(crate) struct OpenRequest<'a> {
+    /// The database the command ran on.
+    pub(crate) db: &'a str,
+    /// The `aggregate` field: a collection name or `1`.
+    pub(crate) target: &'a Bson,
+    /// The `$changeStream` stage's options.
+    pub(crate) spec: &'a Document,
+    /// The stages after `$changeStream`.
+    pub(crate) rest: &'a [Bson],
+}
+
+impl StreamCursor {
+    /// Validates a `$changeStream` request and positions the stream.
+    pub(crate) fn open(state: &State, req: OpenRequest<'_>) -> CmdResult<Self> {
+        let mut full_document = FullDocument::Default;
+        let mut before = BeforeChange::Off;
+        let mut show_expanded = false;
+        let mut all_for_cluster = false;
+        let mut start: Option<(&str, &Bson)> = None;
+        for (k, v) in req.spec {
+            match k.as_str() {
+                "fullDocument" => {
+                    full_document = match v.as_str() {
+                        Some("default") => FullDocument::Default,
+                        Some("updateLookup") => FullDocument::UpdateLookup,
+                        Some("whenAvailable") => FullDocument::WhenAvailable,
+                        Some("required") => FullDocument::Required,
+                        _ => {
+                            return Err(CmdError::bad_value(format!(
+                                "unknown fullDocument mode: {v}"
+                            )));
+                        }
+                    }
+                }
+                "fullDocumentBeforeChange" => {
+                    before = match v.as_str() {
+                        Some("off") => BeforeChange::Off,
+                        Some("whenAvailable") => BeforeChange::WhenAvailable,
+                        Some("required") => BeforeChange::Required,
+                        _ => {
+                            return Err(CmdError::bad_value(format!(
+                                "unknown fullDocumentBeforeChange mode: {v}"
+                            )));
+                        }
+                    }
+                }
+                "showExpandedEvents" => show_expanded = v.as_bool().unwrap_or(false),
+                "allChangesForCluster" => all_for_cluster = v.as_bool().unwrap_or(false),
+                "resumeAfter" | "startAfter" | "startAtOperationTime" => {
+                    if start.is_some() {
+                        return Err(CmdError::new(
+                            40674,
+                            "Only one type of resume option is allowed, but multiple were found.",
+                        ));
+                    }
+                    start = Some((k.as_str(), v));
+                }
+                other => {
+                    return Err(CmdError::new(
+                        40415,
+                        format!("BSON field '$changeStream.{other}' is an unknown field."),
+                    ));
+                }
+            }
+        }
+        let (scope, ns) = match (req.target, all_for_cluster) {
+            (Bson::String(coll), false) => (
+                Scope::Collection(req.db.to_owned(), coll.clone()),
+                format!("{}.{}", req.db, coll),
+            ),
+            (Bson::String(_), true) => {
+                return Err(CmdError::bad_value(
+                    "allChangesForCluster is only allowed on aggregate: 1 against admin",
+                ));
+            }
+            (_, true) if req.db == "admin" => (Scope::Cluster, "admin.$cmd.aggregate".to_owned()),
+            (_, false) if req.db == "admin" => {
+                return Err(CmdError::new(
+                    73,
+                    "$changeStream on the admin database requires allChangesForCluster: true",
+                ));
+            }
+            (_, true) => {
+                return Err(CmdError::bad_value(
+                    "allChangesForCluster is only allowed on the admin database",
+                ));
+            }
+            (_, false) => (
+                Scope::Database(req.db.to_owned()),
+                format!("{}.$cmd.aggregate", req.db),
+            ),
+        };
+        let stages = parse_pipeline(req.rest, Context::ChangeStream)?;
+        let mut cursor = Self {
+            ns,
+            scope,
+            full_document,
+            before,
+            show_expanded,
+            stages,
+            after: state.head_seq(),
+            invalidate_pending: None,
+            closed: false,
+        };
+        match start {
+            None => {}
+            Some(("startAtOperationTime", ts)) => {
+                let Bson::Timestamp(ts) = ts else {
+                    return Err(CmdError::type_mismatch(
+                        "$changeStream.startAtOperationTime",
+                        "timestamp",
+                    ));
+                };
+                if state
+                    .dropped_upto
+                    .is_some_and(|d| (d.time, d.increment) >= (ts.time, ts.increment))
+                {
+                    return Err(history_lost());
+                }
+                cursor.after = state
+                    .oplog
+                    .iter()
+                    .take_while(|e| (e.ts.time, e.ts.increment) < (ts.time, ts.increment))
+                    .last()
+                    .map_or(state.first_seq() - 1, |e| e.seq);
+            }
+            Some((kind, token)) => {
+                let (seq, phase) = parse_token(token)?;
+                if phase == PHASE_INVALIDATE && kind == "resumeAfter" {
+                    return Err(CmdError::new(
+                        code::INVALID_RESUME_TOKEN,
+                        "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.",
+                    ));
+                }
+                if seq + 1 < state.first_seq() {
+                    return Err(history_lost());
+                }
+                cursor.after = seq;
+                if phase == PHASE_EVENT
+                    && let Some(entry) = state.entry(seq)
+                    && cursor.invalidates(entry)
+                {
+                    cursor.invalidate_pending = Some(seq);
+                }
+            }
+        }
+        Ok(cursor)
+    }
+
+    /// Fills a batch of at most `max` events (and about 16 MB), starting where the stream
+    /// stands. Returns the events and the post-batch resume token.
+    pub(crate) fn next_batch(
+        &mut self,
+        state: &State,
+        max: usize,
+    ) -> CmdResult<(Vec<Document>, Document)> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        if self.closed {
+            return Ok((out, self.hwm(state)));
+        }
+        if self.after + 1 < state.first_seq() {
+            return Err(history_lost());
+        }
+        loop {
+            if out.len() >= max || bytes >= 16 * 1024 * 1024 {
+                let last = out
+                    .last()
+                    .and_then(|e: &Document| e.get_document("_id").ok().cloned())
+                    .unwrap_or_else(|| self.hwm(state));
+                return Ok((out, last));
+            }
+            if let Some(seq) = self.invalidate_pending.take() {
+                let ts = state.entry(seq).map_or(state.last_ts, |e| e.ts);
+                let wall = state
+                    .entry(seq)
+                    .map_or_else(bson::DateTime::now, |e| e.wall);
+                let tok = token(ts, seq, PHASE_INVALIDATE);
+                let event = doc! {
+                    "_id": tok.clone(),
+                    "operationType": "invalidate",
+                    "clusterTime": ts,
+                    "wallTime": wall,
+                };
+                self.closed = true;
+                if let Some(e) = self.run_stages(event)? {
+                    out.push(e);
+                }
+                return Ok((out, tok));
+            }
+            let Some(entry) = state.entry(self.after + 1) else {
+                return Ok((out, self.hwm(state)));
+            };
+            self.after = entry.seq;
+            if self.invalidates(entry) {
+                self.invalidate_pending = Some(entry.seq);
+            }
+            if let Some(event) = self.render(state, entry)? {
+                let event = self.run_stages(event)?;
+                if let Some(event) = event {
+                    bytes += event.to_vec().map_or(0, |v| v.len());
+                    out.push(event);
+                }
+            }
+        }
+    }
+
+    /// The high-water-mark token: after everything scanned.
+    fn hwm(&self, state: &State) -> Document {
+        let ts = state.entry(self.after).map_or(state.last_ts, |e| e.ts);
+        token(ts, self.after, PHASE_HWM)
+    }
+
+    fn run_stages(&self, event: Document) -> CmdResult<Option<Document>> {
+        let id = event.get("_id").cloned();
+        let mut doc = event;
+        for stage in &self.stages {
+            match apply_to_document(stage, doc)? {
+                Some(d) => doc = d,
+                None => return Ok(None),
+            }
+        }
+        if doc.get("_id").cloned() != id {
+            return Err(CmdError::new(
+                code::CHANGE_STREAM_FATAL_ERROR,
+                "Encountered an event whose _id field, which contains the resume token, was modified by the pipeline. Modifying the _id field of an event makes it impossible to resume the stream from that point.",
+            )
+            .with_label("NonResumableChangeStreamError"));
+        }
+        Ok(Some(doc))
+    }
+
+    fn ns_in_scope(&self, db: &str, coll: &str) -> bool {
+        match &self.scope {
+            Scope::Collection(d, c) => d == db && c == coll,
+            Scope::Database(d) => d == db && !coll.starts_with("system."),
+            Scope::Cluster => !is_internal_db(db) && !coll.starts_with("system."),
+        }
+    }
+
+    /// Whether the entry ends this stream (it is followed by an invalidate).
+    fn invalidates(&self, entry: &OplogEntry) -> bool {
+        match (&self.scope, &entry.op) {
+            (Scope::Collection(d, c), Op::Drop) => *d == entry.db && *c == entry.coll,
+            (Scope::Collection(d, c), Op::Rename { to_db, to_coll, .. }) => {
+                (*d == entry.db && *c == entry.coll) || (d == to_db && c == to_coll)
+            }
+            (Scope::Database(d), Op::DropDatabase) => *d == entry.db,
+            _ => false,
+        }
+    }
+
+    /// The event an entry shows this stream, before user stages.
+    fn render(&self, state: &State, entry: &OplogEntry) -> CmdResult<Option<Document>> {
+        let ns = doc! { "db": entry.db.clone(), "coll": entry.coll.clone() };
+        let visible = match &entry.op {
+            Op::Rename { to_db, to_coll, .. } => {
+                self.ns_in_scope(&entry.db, &entry.coll) || self.ns_in_scope(to_db, to_coll)
+            }
+            Op::DropDatabase => match &self.scope {
+                Scope::Collection(..) => false,
+                Scope::Database(d) => *d == entry.db,
+                Scope::Cluster => !is_internal_db(&entry.db),
+            },
+            Op::Create { .. }
+            | Op::CreateIndexes { .. }
+            | Op::DropIndexes { .. }
+            | Op::Modify { .. } => self.show_expanded && self.ns_in_scope(&entry.db, &entry.coll),
+            _ => self.ns_in_scope(&entry.db, &entry.coll),
+        };
+        if !visible {
+            return Ok(None);
+        }
+        let mut e = doc! {
+            "_id": token(entry.ts, entry.seq, PHASE_EVENT),
+            "operationType": op_name(&entry.op),
+            "clusterTime": entry.ts,
+            "wallTime": entry.wall,
+        };
+        if self.show_expanded
+            && let Some(uuid) = &entry.uuid
+        {
+            e.insert("collectionUUID", uuid.clone());
+        }
+        match &entry.op {
+            Op::Insert { doc } => {
+                e.insert("fullDocument", doc.clone());
+                e.insert("ns", ns);
+                e.insert(
+                    "documentKey",
+                    doc! { "_id": doc.get("_id").cloned().unwrap_or(Bson::Null) },
+                );
+            }
+            Op::Update {
+                key,
+                delta,
+                pre,
+                post,
+            } => {
+                e.insert("ns", ns);
+                e.insert("documentKey", key.clone());
+                e.insert("updateDescription", self.update_description(delta));
+                match self.full_document {
+                    FullDocument::Default => {}
+                    FullDocument::UpdateLookup => {
+                        let current = state
+                            .dbs
+                            .get(&entry.db)
+                            .and_then(|d| d.get(&entry.coll))
+                            .and_then(|c| key.get("_id").and_then(|id| c.by_id(id)))
+                            .cloned();
+                        e.insert("fullDocument", current.map_or(Bson::Null, Bson::Document));
+                    }
+                    FullDocument::WhenAvailable => {
+                        e.insert(
+                            "fullDocument",
+                            post.clone().map_or(Bson::Null, Bson::Document),
+                        );
+                    }
+                    FullDocument::Required => match post {
+                        Some(p) => {
+                            e.insert("fullDocument", p.clone());
+                        }
+                        None => return Err(image_missing("post", entry)),
+                    },
+                }
+                self.add_pre_image(&mut e, pre.as_ref(), entry)?;
+            }
+            Op::Replace { key, doc, pre } => {
+                e.insert("fullDocument", doc.clone());
+                e.insert("ns", ns);
+                e.insert("documentKey", key.clone());
+                self.add_pre_image(&mut e, pre.as_ref(), entry)?;
+            }
+            Op::Delete { key, pre } => {
+                e.insert("ns", ns);
+                e.insert("documentKey", key.clone());
+                self.add_pre_image(&mut e, pre.as_ref(), entry)?;
+            }
+            Op::Drop => {
+                e.insert("ns", ns);
+            }
+            Op::Rename {
+                to_db,
+                to_coll,
+                drop_target,
+            } => {
+                e.insert("ns", ns);
+                let to = doc! { "db": to_db.clone(), "coll": to_coll.clone() };
+                e.insert("to", to.clone());
+                if self.show_expanded {
+                    let mut desc = doc! { "to": to };
+                    if let Some(uuid) = drop_target {
+                        desc.insert("dropTarget", uuid.clone());
+                    }
+                    e.insert("operationDescription", desc);
+                }
+            }
+            Op::DropDatabase => {
+                e.insert("ns", doc! { "db": entry.db.clone() });
+            }
+            Op::Create { description } | Op::Modify { description } => {
+                e.insert("ns", ns);
+                e.insert("operationDescription", description.clone());
+            }
+            Op::CreateIndexes { indexes } | Op::DropIndexes { indexes } => {
+                e.insert("ns", ns);
+                e.insert("operationDescription", doc! { "indexes": indexes.clone() });
+            }
+        }
+        if let Some((lsid, txn_number)) = &entry.txn {
+            e.insert("txnNumber", *txn_number);
+            e.insert("lsid", lsid.clone());
+        }
+        Ok(Some(e))
+    }
+
+    fn update_description(&self, delta: &crate::update::Delta) -> Document {
+        let mut updated = Document::new();
+        let mut disambiguated = Document::new();
+        let mut note = |path: &Vec<Comp>| {
+            if ambiguous(path) {
+                let parts: Vec<Bson> = path
+                    .iter()
+                    .map(|c| match c {
+                        Comp::Field(f) => Bson::String(f.clone()),
+                        Comp::Index(i) => Bson::Int32(i32::try_from(*i).unwrap_or(i32::MAX)),
+                    })
+                    .collect();
+                disambiguated.insert(dotted(path), parts);
+            }
+        };
+        for (path, value) in &delta.updated {
+            updated.insert(dotted(path), value.clone());
+            note(path);
+        }
+        let mut removed = Vec::new();
+        for path in &delta.removed {
+            removed.push(Bson::String(dotted(path)));
+            note(path);
+        }
+        let truncated: Vec<Bson> = delta
+            .truncated
+            .iter()
+            .map(|(path, size)| {
+                note(path);
+                Bson::Document(doc! { "field": dotted(path), "newSize": i32::try_from(*size).unwrap_or(i32::MAX) })
+            })
+            .collect();
+        let mut ud = doc! {
+            "updatedFields": updated,
+            "removedFields": removed,
+            "truncatedArrays": truncated,
+        };
+        if self.show_expanded {
+            ud.insert("disambiguatedPaths", disambiguated);
+        }
+        ud
+    }
+
+    fn add_pre_image(
+        &self,
+        e: &mut Document,
+        pre: Option<&Document>,
+        entry: &OplogEntry,
+    ) -> CmdResult<()> {
+        match (self.before, pre) {
+            (BeforeChange::Off, _) => {}
+            (BeforeChange::WhenAvailable, pre) => {
+                e.insert(
+                    "fullDocumentBeforeChange",
+                    pre.cloned().map_or(Bson::Null, Bson::Document),
+                );
+            }
+            (BeforeChange::Required, Some(pre)) => {
+                e.insert("fullDocumentBeforeChange", pre.clone());
+            }
+            (BeforeChange::Required, None) => return Err(image_missing("pre", entry)),
+        }
+        Ok(())
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Insert { .. } => "insert",
+        Op::Update { .. } => "update",
+        Op::Replace { .. } => "replace",
+        Op::Delete { .. } => "delete",
+        Op::Drop => "drop",
+        Op::Rename { .. } => "rename",
+        Op::DropDatabase => "dropDatabase",
+        Op::Create { .. } => "create",
+        Op::CreateIndexes { .. } => "createIndexes",
+        Op::DropIndexes { .. } => "dropIndexes",
+        Op::Modify { .. } => "modify",
+    }
+}
+
+fn history_lost() -> CmdError {
+    CmdError::new(
+        code::CHANGE_STREAM_HISTORY_LOST,
+        "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+    )
+}
+
+fn image_missing(which: &str, entry: &OplogEntry) -> CmdError {
+    CmdError::new(
+        code::NO_MATCHING_DOCUMENT,
+        format!(
+            "Change stream was configured to require a {which}-image for all update, delete and replace events, but the {which}-image was not found for the event at {} in {}.{}",
+            entry.ts, entry.db, entry.coll
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_sort_like_positions_and_parse_back() {
+        let a = token(
+            Timestamp {
+                time: 5,
+                increment: 9,
+            },
+            10,
+            PHASE_EVENT,
+        );
+        let b = token(
+            Timestamp {
+                time: 5,
+                increment: 9,
+            },
+            10,
+            PHASE_INVALIDATE,
+        );
+        let c = token(
+            Timestamp {
+                time: 6,
+                increment: 1,
+            },
+            11,
+            PHASE_EVENT,
+        );
+        let data = |d: &Document| d.get_str("_data").unwrap().to_owned();
+        assert!(data(&a) < data(&b) && data(&b) < data(&c));
+        assert_eq!(
+            parse_token(&Bson::Document(b)).unwrap(),
+            (10, PHASE_INVALIDATE)
+        );
+        assert!(parse_token(&Bson::Document(doc! { "_data": "nope" })).is_err());
+    }
+}

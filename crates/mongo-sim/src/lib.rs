@@ -1,0 +1,190 @@
+//! `mongo-sim`: a MongoDB-wire-compatible single-node replica set with an oplog and change
+//! streams, for tests and the demo. Never a product database: see `docs/mongo-sim.md` for
+//! what it supports and what it does not.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! let sim = mongo_sim::MongoSim::start().await?;
+//! let uri = sim.uri(); // mongodb://127.0.0.1:PORT/?replicaSet=rs0
+//! // ... connect with the `mongodb` driver ...
+//! sim.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod changestream;
+mod commands;
+pub mod error;
+mod faults;
+mod matcher;
+mod pipeline;
+mod server;
+mod state;
+mod update;
+mod value;
+pub mod wire;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{commands::ServerInfo, server::Shared};
+
+/// Options for a simulator.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// The port to bind on 127.0.0.1 (0: any free port).
+    pub port: u16,
+    /// The replica set name.
+    pub set_name: String,
+    /// How many entries the oplog keeps before dropping the oldest.
+    pub oplog_capacity: usize,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            port: 0,
+            set_name: "rs0".to_owned(),
+            oplog_capacity: 2_000_000,
+        }
+    }
+}
+
+/// A running simulator. Dropping it without [`MongoSim::shutdown`] leaves its tasks
+/// running until the runtime ends.
+#[derive(Debug)]
+pub struct MongoSim {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl MongoSim {
+    /// Starts a simulator on a free port of 127.0.0.1 with default options.
+    ///
+    /// # Errors
+    /// When no port can be bound.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(SimOptions::default()).await
+    }
+
+    /// Starts a simulator with options.
+    ///
+    /// # Errors
+    /// When the port cannot be bound.
+    pub async fn start_with(options: SimOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", options.port)).await?;
+        let addr = listener.local_addr()?;
+        let info = ServerInfo {
+            host: addr.to_string(),
+            set_name: options.set_name.clone(),
+        };
+        let shared = Arc::new(Shared::new(info, options.oplog_capacity));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(server::serve(listener, Arc::clone(&shared), stop_rx));
+        Ok(Self {
+            shared,
+            addr,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A URI naming the replica set (`?replicaSet=`), with short server-selection and
+    /// heartbeat intervals suited to tests.
+    pub fn uri(&self) -> String {
+        format!(
+            "mongodb://{}/?replicaSet={}&serverSelectionTimeoutMS=10000&heartbeatFrequencyMS=500",
+            self.addr, self.shared.info.set_name
+        )
+    }
+
+    /// A URI with `directConnection=true`.
+    pub fn direct_uri(&self) -> String {
+        format!("mongodb://{}/?directConnection=true", self.addr)
+    }
+
+    /// Stops listening and closes every connection.
+    pub async fn shutdown(mut self) {
+        self.stop_listening().await;
+    }
+
+    async fn stop_listening(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Closes every open connection (clients see network errors and reconnect).
+    pub fn drop_connections(&self) {
+        self.shared.kill.send_modify(|n| *n += 1);
+    }
+
+    /// Shrinks (or grows) the oplog; shrinking drops the oldest entries at once, so
+    /// streams and tokens behind them fail with ChangeStreamHistoryLost (286).
+    pub fn set_oplog_capacity(&self, capacity: usize) {
+        let mut state = self.shared.lock();
+        state.oplog_capacity = capacity.max(1);
+        state.trim_oplog();
+    }
+
+    /// Steps down: `hello` reports a secondary with no primary; writes fail with
+    /// NotWritablePrimary (10107, `RetryableWriteError`) and reads, `aggregate` and
+    /// `getMore` with ElectionInProgress (216, `ResumableChangeStreamError`), until
+    /// [`MongoSim::step_up`].
+    pub fn step_down(&self) {
+        self.shared.lock().faults.stepped_down = true;
+        self.drop_connections();
+    }
+
+    /// Steps up again after [`MongoSim::step_down`], as a new election (a new term).
+    pub fn step_up(&self) {
+        self.shared.term.fetch_add(1, Ordering::Relaxed);
+        self.shared.lock().faults.stepped_down = false;
+    }
+
+    /// Pauses: connections are accepted and requests read, but nothing is answered until
+    /// [`MongoSim::resume`].
+    pub fn pause(&self) {
+        self.shared.paused.send_replace(true);
+    }
+
+    /// Answers again after [`MongoSim::pause`].
+    pub fn resume(&self) {
+        self.shared.paused.send_replace(false);
+    }
+
+    /// Stops and starts again on the same port, keeping the data and the oplog; every
+    /// connection and cursor is lost, as in a process restart.
+    ///
+    /// # Errors
+    /// When the port cannot be bound again.
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        self.stop_listening().await;
+        self.shared.lock().cursors.clear();
+        let listener = TcpListener::bind(self.addr).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        self.stop = stop;
+        self.task = Some(tokio::spawn(server::serve(
+            listener,
+            Arc::clone(&self.shared),
+            stop_rx,
+        )));
+        Ok(())
+    }
+
+    /// How many entries the oplog holds now.
+    pub fn oplog_len(&self) -> usize {
+        self.shared.lock().oplog.len()
+    }
+}

@@ -1,0 +1,47 @@
+//! `mongo-sim` as a program: `cargo run -p mongo-sim -- --port 27017`.
+
+// A command-line program: printing its address is its job.
+#![allow(clippy::print_stdout)]
+
+use mongo_sim::{MongoSim, SimOptions};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let mut options = SimOptions::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next();
+        let parsed = match (arg.as_str(), value.as_deref()) {
+            ("--port", Some(v)) => v
+                .parse()
+                .map(|p| options.port = p)
+                .map_err(|e| e.to_string()),
+            ("--oplog-capacity", Some(v)) => v
+                .parse()
+                .map(|n| options.oplog_capacity = n)
+                .map_err(|e| e.to_string()),
+            ("--replica-set", Some(v)) => {
+                options.set_name = v.to_owned();
+                Ok(())
+            }
+            _ => Err(format!("unknown argument `{arg}`")),
+        };
+        if let Err(e) = parsed {
+            eprintln!(
+                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N]"
+            );
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let sim = match MongoSim::start_with(options).await {
+        Ok(sim) => sim,
+        Err(e) => {
+            eprintln!("mongo-sim: cannot listen: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!("mongo-sim listening: {}", sim.uri());
+    let _ = tokio::signal::ctrl_c().await;
+    sim.shutdown().await;
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,258 @@
+//! The query language subset: equality on dotted paths and arrays, comparison operators,
+//! `$in $nin $exists $and $or $nor $not`. An unsupported operator is an error (BadValue),
+//! never a silent match or non-match.
+
+use std::cmp::Ordering;
+
+use bson::{Bson, Document};
+
+use crate::{
+    error::{CmdError, CmdResult},
+    value::{compare, equal, query_values, type_rank},
+};
+
+/// A parsed filter.
+#[derive(Clone, Debug)]
+pub(crate) enum Filter {
+    /// Every clause holds.
+    And(Vec<Filter>),
+    /// Some clause holds.
+    Or(Vec<Filter>),
+    /// No clause holds.
+    Nor(Vec<Filter>),
+    /// A condition on one path.
+    Field(String, Cond),
+}
+
+/// A condition on the values at a path.
+#[derive(Clone, Debug)]
+pub(crate) enum Cond {
+    /// Equal to the value (or an array containing it).
+    Eq(Bson),
+    /// Not equal.
+    Ne(Bson),
+    /// Ordered comparison within the value's type bracket.
+    Cmp(Ordering, bool, Bson),
+    /// Equal to one of the values.
+    In(Vec<Bson>),
+    /// Equal to none of the values.
+    Nin(Vec<Bson>),
+    /// The path exists (or not).
+    Exists(bool),
+    /// Every listed condition holds.
+    All(Vec<Cond>),
+    /// The condition does not hold.
+    Not(Box<Cond>),
+}
+
+impl Filter {
+    /// Parses a filter document.
+    pub(crate) fn parse(doc: &Document) -> CmdResult<Self> {
+        let mut clauses = Vec::new();
+        for (key, value) in doc {
+            clauses.push(match key.as_str() {
+                "$and" | "$or" | "$nor" => {
+                    let Bson::Array(items) = value else {
+                        return Err(CmdError::bad_value(format!("{key} must be an array")));
+                    };
+                    if items.is_empty() {
+                        return Err(CmdError::bad_value(format!(
+                            "{key} argument must be a non-empty array"
+                        )));
+                    }
+                    let subs = items
+                        .iter()
+                        .map(|item| match item {
+                            Bson::Document(d) => Filter::parse(d),
+                            _ => Err(CmdError::bad_value(format!(
+                                "{key} argument's entries must be objects"
+                            ))),
+                        })
+                        .collect::<CmdResult<Vec<_>>>()?;
+                    match key.as_str() {
+                        "$and" => Filter::And(subs),
+                        "$or" => Filter::Or(subs),
+                        _ => Filter::Nor(subs),
+                    }
+                }
+                k if k.starts_with('$') => {
+                    return Err(CmdError::bad_value(format!(
+                        "unknown top level operator: {k}"
+                    )));
+                }
+                path => Filter::Field(path.to_owned(), parse_cond(value)?),
+            });
+        }
+        Ok(if clauses.len() == 1 {
+            clauses.remove(0)
+        } else {
+            Filter::And(clauses)
+        })
+    }
+
+    /// Whether the document matches.
+    pub(crate) fn matches(&self, doc: &Document) -> bool {
+        match self {
+            Filter::And(fs) => fs.iter().all(|f| f.matches(doc)),
+            Filter::Or(fs) => fs.iter().any(|f| f.matches(doc)),
+            Filter::Nor(fs) => !fs.iter().any(|f| f.matches(doc)),
+            Filter::Field(path, cond) => {
+                let values = query_values(doc, path);
+                cond_matches(cond, &values)
+            }
+        }
+    }
+}
+
+fn is_operator_doc(d: &Document) -> bool {
+    d.keys().next().is_some_and(|k| k.starts_with('$'))
+}
+
+fn parse_cond(value: &Bson) -> CmdResult<Cond> {
+    match value {
+        Bson::Document(d) if is_operator_doc(d) => {
+            let mut conds = Vec::new();
+            for (op, arg) in d {
+                conds.push(parse_operator(op, arg)?);
+            }
+            Ok(if conds.len() == 1 {
+                conds.remove(0)
+            } else {
+                Cond::All(conds)
+            })
+        }
+        Bson::RegularExpression(_) => Err(CmdError::bad_value(
+            "regular expressions are not supported by mongo-sim",
+        )),
+        other => Ok(Cond::Eq(other.clone())),
+    }
+}
+
+fn parse_operator(op: &str, arg: &Bson) -> CmdResult<Cond> {
+    let list = |arg: &Bson| match arg {
+        Bson::Array(items) => Ok(items.clone()),
+        _ => Err(CmdError::bad_value(format!("{op} needs an array"))),
+    };
+    Ok(match op {
+        "$eq" => Cond::Eq(arg.clone()),
+        "$ne" => Cond::Ne(arg.clone()),
+        "$gt" => Cond::Cmp(Ordering::Greater, false, arg.clone()),
+        "$gte" => Cond::Cmp(Ordering::Greater, true, arg.clone()),
+        "$lt" => Cond::Cmp(Ordering::Less, false, arg.clone()),
+        "$lte" => Cond::Cmp(Ordering::Less, true, arg.clone()),
+        "$in" => Cond::In(list(arg)?),
+        "$nin" => Cond::Nin(list(arg)?),
+        "$exists" => Cond::Exists(truthy(arg)),
+        "$not" => match arg {
+            Bson::Document(d) if is_operator_doc(d) => Cond::Not(Box::new(parse_cond(arg)?)),
+            _ => return Err(CmdError::bad_value("$not needs a document of operators")),
+        },
+        other => {
+            return Err(CmdError::bad_value(format!(
+                "unknown operator: {other} (not supported by mongo-sim)"
+            )));
+        }
+    })
+}
+
+fn truthy(v: &Bson) -> bool {
+    match v {
+        Bson::Boolean(b) => *b,
+        Bson::Int32(n) => *n != 0,
+        Bson::Int64(n) => *n != 0,
+        Bson::Double(n) => *n != 0.0,
+        Bson::Null | Bson::Undefined => false,
+        _ => true,
+    }
+}
+
+/// Equality as a query sees it: the value itself, or an element of an array value; `null`
+/// also matches a missing field.
+fn eq_matches(target: &Bson, values: &[Option<&Bson>]) -> bool {
+    values.iter().any(|v| match v {
+        None => matches!(target, Bson::Null),
+        Some(v) => {
+            equal(v, target)
+                || matches!(v, Bson::Array(items) if items.iter().any(|i| equal(i, target)))
+        }
+    })
+}
+
+fn cmp_matches(dir: Ordering, or_equal: bool, target: &Bson, values: &[Option<&Bson>]) -> bool {
+    let check = |v: &Bson| {
+        let bracket_ok =
+            type_rank(v) == type_rank(target) || matches!(target, Bson::MinKey | Bson::MaxKey);
+        if !bracket_ok {
+            return false;
+        }
+        let c = compare(v, target);
+        c == dir || (or_equal && c == Ordering::Equal)
+    };
+    values.iter().any(|v| match v {
+        None => or_equal && matches!(target, Bson::Null),
+        Some(Bson::Array(items)) => check(&Bson::Array(items.clone())) || items.iter().any(check),
+        Some(v) => check(v),
+    })
+}
+
+fn cond_matches(cond: &Cond, values: &[Option<&Bson>]) -> bool {
+    match cond {
+        Cond::Eq(t) => eq_matches(t, values),
+        Cond::Ne(t) => !eq_matches(t, values),
+        Cond::Cmp(dir, or_equal, t) => cmp_matches(*dir, *or_equal, t, values),
+        Cond::In(ts) => ts.iter().any(|t| eq_matches(t, values)),
+        Cond::Nin(ts) => !ts.iter().any(|t| eq_matches(t, values)),
+        Cond::Exists(want) => values.iter().any(Option::is_some) == *want,
+        Cond::All(cs) => cs.iter().all(|c| cond_matches(c, values)),
+        Cond::Not(c) => !cond_matches(c, values),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    fn m(filter: Document, d: Document) -> bool {
+        Filter::parse(&filter).unwrap().matches(&d)
+    }
+
+    #[test]
+    fn equality_and_arrays() {
+        assert!(m(doc! { "a": 1 }, doc! { "a": 1.0 }));
+        assert!(m(doc! { "a": 2 }, doc! { "a": [1, 2] }));
+        assert!(m(doc! { "a": [1, 2] }, doc! { "a": [1, 2] }));
+        assert!(m(doc! { "a.b": 2 }, doc! { "a": [{ "b": 1 }, { "b": 2 }] }));
+        assert!(m(doc! { "x": null }, doc! { "a": 1 }));
+        assert!(!m(doc! { "a": "1" }, doc! { "a": 1 }));
+    }
+
+    #[test]
+    fn operators() {
+        let d = doc! { "n": 5, "s": "b", "tags": ["x", "y"] };
+        assert!(m(doc! { "n": { "$gt": 4, "$lte": 5 } }, d.clone()));
+        assert!(
+            !m(doc! { "n": { "$gt": "a" } }, d.clone()),
+            "type bracketing"
+        );
+        assert!(m(doc! { "s": { "$in": ["a", "b"] } }, d.clone()));
+        assert!(m(doc! { "tags": { "$nin": ["z"] } }, d.clone()));
+        assert!(m(doc! { "q": { "$exists": false } }, d.clone()));
+        assert!(m(doc! { "n": { "$not": { "$gt": 5 } } }, d.clone()));
+        assert!(m(doc! { "$or": [{ "n": 1 }, { "s": "b" }] }, d.clone()));
+        assert!(m(doc! { "$nor": [{ "n": 1 }] }, d.clone()));
+        assert!(m(doc! { "n": { "$ne": 4 } }, d.clone()));
+        assert!(m(
+            doc! { "$and": [{ "n": 5 }, { "s": { "$gte": "b" } }] },
+            d
+        ));
+    }
+
+    #[test]
+    fn unknown_operators_are_errors() {
+        let err = Filter::parse(&doc! { "a": { "$regex": "x" } }).unwrap_err();
+        assert_eq!(err.code, 2);
+        assert!(Filter::parse(&doc! { "$where": "1" }).is_err());
+        assert!(Filter::parse(&doc! { "$or": [] }).is_err());
+    }
+}
