@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("bench") => bench(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -33,7 +34,8 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  ci    formatting, clippy, tests, docs and layering checks (what CI runs)";
+  ci              formatting, clippy, tests, docs and layering checks (what CI runs)
+  bench sim       change events per second from mongo-sim to the driver (release build)";
 
 fn cargo() -> Command {
     Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -49,6 +51,27 @@ fn run(step: &str, mut cmd: Command) -> Result<(), String> {
     } else {
         Err(format!("{step} failed ({status})"))
     }
+}
+
+/// Runs the benchmark program in release mode with the given arguments.
+fn bench(args: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "cdc-tests",
+        "--bin",
+        "cdc-bench",
+        "--",
+    ]);
+    if args.is_empty() {
+        cmd.arg("sim");
+    } else {
+        cmd.args(args);
+    }
+    run("bench", cmd)
 }
 
 fn ci() -> Result<(), String> {

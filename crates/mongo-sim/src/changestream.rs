@@ -7,7 +7,7 @@
 //! (2 hex digits: `00` the entry's event, `01` the invalidate that follows it, `02` the
 //! high-water mark after it). Equal-length upper-case hex sorts like the positions.
 
-use bson::{Bson, Document, Timestamp, doc};
+use bson::{Bson, Document, RawDocumentBuf, Timestamp, doc};
 
 use crate::{
     error::{CmdError, CmdResult, code},
@@ -259,7 +259,7 @@ impl StreamCursor {
         &mut self,
         state: &State,
         max: usize,
-    ) -> CmdResult<(Vec<Document>, Document)> {
+    ) -> CmdResult<(Vec<RawDocumentBuf>, Document)> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         if self.closed {
@@ -272,7 +272,8 @@ impl StreamCursor {
             if out.len() >= max || bytes >= 16 * 1024 * 1024 {
                 let last = out
                     .last()
-                    .and_then(|e: &Document| e.get_document("_id").ok().cloned())
+                    .and_then(|e: &RawDocumentBuf| e.get_document("_id").ok())
+                    .and_then(|id| Document::try_from(id).ok())
                     .unwrap_or_else(|| self.hwm(state));
                 return Ok((out, last));
             }
@@ -290,7 +291,7 @@ impl StreamCursor {
                 };
                 self.closed = true;
                 if let Some(e) = self.run_stages(event)? {
-                    out.push(e);
+                    out.push(to_raw(&e)?);
                 }
                 return Ok((out, tok));
             }
@@ -304,8 +305,9 @@ impl StreamCursor {
             if let Some(event) = self.render(state, entry)? {
                 let event = self.run_stages(event)?;
                 if let Some(event) = event {
-                    bytes += event.to_vec().map_or(0, |v| v.len());
-                    out.push(event);
+                    let raw = to_raw(&event)?;
+                    bytes += raw.as_bytes().len();
+                    out.push(raw);
                 }
             }
         }
@@ -545,6 +547,36 @@ impl StreamCursor {
         }
         Ok(())
     }
+}
+
+/// Encodes a document; only a document over BSON's limits can fail.
+pub(crate) fn to_raw(doc: &Document) -> CmdResult<RawDocumentBuf> {
+    RawDocumentBuf::try_from(doc)
+        .map_err(|e| CmdError::new(10334, format!("BSONObj size is invalid: {e}")))
+}
+
+/// A cursor reply: `{ cursor: { <batch_field>: [...], postBatchResumeToken, id, ns }, ok: 1 }`.
+pub(crate) fn stream_reply(
+    first: bool,
+    events: Vec<RawDocumentBuf>,
+    pbrt: &Document,
+    id: i64,
+    ns: &str,
+) -> CmdResult<RawDocumentBuf> {
+    let batch: bson::RawArrayBuf = events.into_iter().collect();
+    let mut cursor = RawDocumentBuf::new();
+    if first {
+        cursor.append(bson::cstr!("firstBatch"), batch);
+    } else {
+        cursor.append(bson::cstr!("nextBatch"), batch);
+    }
+    cursor.append(bson::cstr!("postBatchResumeToken"), to_raw(pbrt)?);
+    cursor.append(bson::cstr!("id"), id);
+    cursor.append(bson::cstr!("ns"), ns);
+    let mut reply = RawDocumentBuf::new();
+    reply.append(bson::cstr!("cursor"), cursor);
+    reply.append(bson::cstr!("ok"), 1.0);
+    Ok(reply)
 }
 
 fn op_name(op: &Op) -> &'static str {

@@ -3,10 +3,10 @@
 
 use std::collections::VecDeque;
 
-use bson::{Bson, Document, doc, oid::ObjectId};
+use bson::{Bson, Document, RawDocumentBuf, doc, oid::ObjectId};
 
 use crate::{
-    changestream::{OpenRequest, StreamCursor},
+    changestream::{OpenRequest, StreamCursor, stream_reply, to_raw},
     error::{CmdError, CmdResult, code},
     matcher::Filter,
     pipeline::{Context, Projection, parse_pipeline, run as run_pipeline, sort_documents},
@@ -750,7 +750,7 @@ pub(crate) fn aggregate(
     txn: Option<&Txn>,
     db: &str,
     cmd: &Document,
-) -> CmdResult {
+) -> CmdResult<RawDocumentBuf> {
     let target = cmd
         .get("aggregate")
         .ok_or_else(|| CmdError::bad_value("aggregate needs a target"))?;
@@ -797,10 +797,7 @@ pub(crate) fn aggregate(
         } else {
             state.add_cursor(Cursor::Stream(Box::new(stream)))
         };
-        return Ok(doc! {
-            "cursor": { "firstBatch": events, "postBatchResumeToken": pbrt, "id": id, "ns": ns },
-            "ok": 1.0,
-        });
+        return stream_reply(true, events, &pbrt, id, &ns);
     }
     let Bson::String(name) = target else {
         return Err(CmdError::bad_value(
@@ -811,7 +808,7 @@ pub(crate) fn aggregate(
     let docs: Vec<Document> = read_coll(state, txn, db, name)
         .map_or_else(Vec::new, |c| c.docs.values().cloned().collect());
     let out = run_pipeline(&stages, docs)?;
-    Ok(cursor_reply(
+    to_raw(&cursor_reply(
         state,
         format!("{db}.{name}"),
         out.into(),

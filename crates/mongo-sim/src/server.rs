@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use bson::{Bson, Document, doc};
+use bson::{Bson, Document, RawDocumentBuf, doc};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    changestream::{stream_reply, to_raw},
     commands::{self, ServerInfo},
     error::{CmdError, CmdResult, code},
     state::{Cursor, State},
@@ -160,11 +161,10 @@ async fn connection(
                 (command, true, false)
             }
             RequestBody::Compressed => {
-                let reply = CmdError::new(
+                let reply = error_reply(CmdError::new(
                     code::BAD_VALUE,
                     "OP_COMPRESSED is not supported: mongo-sim advertises no compressors",
-                )
-                .to_document();
+                ));
                 if write_reply(&shared, &mut writer, request.request_id, &reply, false)
                     .await
                     .is_err()
@@ -196,7 +196,7 @@ async fn write_reply(
     shared: &Shared,
     writer: &mut tokio::net::tcp::OwnedWriteHalf,
     response_to: i32,
-    reply: &Document,
+    reply: &RawDocumentBuf,
     legacy: bool,
 ) -> std::io::Result<()> {
     let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -210,16 +210,20 @@ async fn write_reply(
 }
 
 /// Runs one command; `None` means "close the connection without answering".
-async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<Document> {
+async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDocumentBuf> {
     let Some(name) = cmd.keys().next().cloned() else {
-        return Some(CmdError::new(code::FAILED_TO_PARSE, "empty command").to_document());
+        return Some(error_reply(CmdError::new(
+            code::FAILED_TO_PARSE,
+            "empty command",
+        )));
     };
     let db = match cmd.get("$db") {
         Some(Bson::String(db)) => db.clone(),
         _ => {
-            return Some(
-                CmdError::new(40571, "OP_MSG requests require a $db argument").to_document(),
-            );
+            return Some(error_reply(CmdError::new(
+                40571,
+                "OP_MSG requests require a $db argument",
+            )));
         }
     };
     if matches!(name.as_str(), "hello" | "isMaster" | "ismaster")
@@ -262,21 +266,27 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<Docum
         r
     };
     let mut reply = finish(shared, result);
-    if let Some(wce) = write_concern_error {
-        reply.insert("writeConcernError", wce);
+    if let Some(wce) = write_concern_error
+        && let Ok(wce) = to_raw(&wce)
+    {
+        reply.append(bson::cstr!("writeConcernError"), wce);
     }
     Some(reply)
 }
 
-fn finish(shared: &Shared, result: CmdResult) -> Document {
-    let mut reply = match result {
-        Ok(r) => r,
-        Err(e) => e.to_document(),
-    };
+fn finish(shared: &Shared, result: CmdResult<RawDocumentBuf>) -> RawDocumentBuf {
+    let error = |e: CmdError| to_raw(&e.to_document()).unwrap_or_default();
+    let mut reply = result.unwrap_or_else(error);
     let state = shared.lock();
-    reply.insert("$clusterTime", state.cluster_time_doc());
-    reply.insert("operationTime", state.last_ts);
+    if let Ok(ct) = to_raw(&state.cluster_time_doc()) {
+        reply.append(bson::cstr!("$clusterTime"), ct);
+    }
+    reply.append(bson::cstr!("operationTime"), state.last_ts);
     reply
+}
+
+fn error_reply(e: CmdError) -> RawDocumentBuf {
+    to_raw(&e.to_document()).unwrap_or_default()
 }
 
 fn run_sync(
@@ -287,15 +297,17 @@ fn run_sync(
     db: &str,
     name: &str,
     cmd: &Document,
-) -> CmdResult {
+) -> CmdResult<RawDocumentBuf> {
+    let raw = |r: CmdResult| r.and_then(|d| to_raw(&d));
     match name {
-        "hello" => return Ok(commands::hello(state, info, false, conn_id, term)),
-        "isMaster" | "ismaster" => return Ok(commands::hello(state, info, true, conn_id, term)),
-        "ping" => return Ok(doc! { "ok": 1.0 }),
-        "buildInfo" | "buildinfo" => return Ok(commands::build_info()),
-        "endSessions" | "killAllSessions" | "killSessions" | "refreshSessions" => {
-            return Ok(doc! { "ok": 1.0 });
+        "hello" => return raw(Ok(commands::hello(state, info, false, conn_id, term))),
+        "isMaster" | "ismaster" => {
+            return raw(Ok(commands::hello(state, info, true, conn_id, term)));
         }
+        "ping" | "endSessions" | "killAllSessions" | "killSessions" | "refreshSessions" => {
+            return raw(Ok(doc! { "ok": 1.0 }));
+        }
+        "buildInfo" | "buildinfo" => return raw(Ok(commands::build_info())),
         "configureFailPoint" => {
             if db != "admin" {
                 return Err(CmdError::new(
@@ -304,19 +316,19 @@ fn run_sync(
                 ));
             }
             state.faults.configure(cmd)?;
-            return Ok(doc! { "ok": 1.0 });
+            return raw(Ok(doc! { "ok": 1.0 }));
         }
-        "killCursors" => return commands::kill_cursors(state, cmd),
-        "create" => return commands::create(state, db, cmd),
-        "drop" => return commands::drop(state, db, cmd),
-        "dropDatabase" => return commands::drop_database(state, db),
-        "renameCollection" => return commands::rename_collection(state, db, cmd),
-        "collMod" => return commands::coll_mod(state, db, cmd),
-        "createIndexes" => return commands::create_indexes(state, db, cmd),
-        "dropIndexes" | "deleteIndexes" => return commands::drop_indexes(state, db, cmd),
-        "listIndexes" => return commands::list_indexes(state, db, cmd),
-        "listCollections" => return commands::list_collections(state, db, cmd),
-        "listDatabases" => return commands::list_databases(state, cmd),
+        "killCursors" => return raw(commands::kill_cursors(state, cmd)),
+        "create" => return raw(commands::create(state, db, cmd)),
+        "drop" => return raw(commands::drop(state, db, cmd)),
+        "dropDatabase" => return raw(commands::drop_database(state, db)),
+        "renameCollection" => return raw(commands::rename_collection(state, db, cmd)),
+        "collMod" => return raw(commands::coll_mod(state, db, cmd)),
+        "createIndexes" => return raw(commands::create_indexes(state, db, cmd)),
+        "dropIndexes" | "deleteIndexes" => return raw(commands::drop_indexes(state, db, cmd)),
+        "listIndexes" => return raw(commands::list_indexes(state, db, cmd)),
+        "listCollections" => return raw(commands::list_collections(state, db, cmd)),
+        "listDatabases" => return raw(commands::list_databases(state, cmd)),
         _ => {}
     }
     let transactional = matches!(
@@ -340,13 +352,13 @@ fn run_sync(
     let entered = commands::enter_txn(state, cmd)?;
     let Some((key, mut txn)) = entered else {
         return match name {
-            "insert" => commands::insert(state, None, db, cmd),
-            "update" => commands::update(state, None, db, cmd),
-            "delete" => commands::delete(state, None, db, cmd),
-            "findAndModify" => commands::find_and_modify(state, None, db, cmd),
-            "find" => commands::find(state, None, db, cmd),
+            "insert" => raw(commands::insert(state, None, db, cmd)),
+            "update" => raw(commands::update(state, None, db, cmd)),
+            "delete" => raw(commands::delete(state, None, db, cmd)),
+            "findAndModify" => raw(commands::find_and_modify(state, None, db, cmd)),
+            "find" => raw(commands::find(state, None, db, cmd)),
             "aggregate" => commands::aggregate(state, None, db, cmd),
-            "count" => commands::count(state, None, db, cmd),
+            "count" => raw(commands::count(state, None, db, cmd)),
             _ => Err(CmdError::new(
                 code::NO_SUCH_TRANSACTION,
                 format!("{name} needs a transaction (autocommit: false)"),
@@ -354,15 +366,15 @@ fn run_sync(
         };
     };
     let result = match name {
-        "commitTransaction" => return commands::commit_transaction(state, key, txn),
-        "abortTransaction" => return Ok(doc! { "ok": 1.0 }),
-        "insert" => commands::insert(state, Some(&mut txn), db, cmd),
-        "update" => commands::update(state, Some(&mut txn), db, cmd),
-        "delete" => commands::delete(state, Some(&mut txn), db, cmd),
-        "findAndModify" => commands::find_and_modify(state, Some(&mut txn), db, cmd),
-        "find" => commands::find(state, Some(&txn), db, cmd),
+        "commitTransaction" => return raw(commands::commit_transaction(state, key, txn)),
+        "abortTransaction" => return raw(Ok(doc! { "ok": 1.0 })),
+        "insert" => raw(commands::insert(state, Some(&mut txn), db, cmd)),
+        "update" => raw(commands::update(state, Some(&mut txn), db, cmd)),
+        "delete" => raw(commands::delete(state, Some(&mut txn), db, cmd)),
+        "findAndModify" => raw(commands::find_and_modify(state, Some(&mut txn), db, cmd)),
+        "find" => raw(commands::find(state, Some(&txn), db, cmd)),
         "aggregate" => commands::aggregate(state, Some(&txn), db, cmd),
-        _ => commands::count(state, Some(&txn), db, cmd),
+        _ => raw(commands::count(state, Some(&txn), db, cmd)),
     };
     state.txns.insert(key, txn);
     result
@@ -378,7 +390,7 @@ fn as_i64(v: Option<&Bson>) -> Option<i64> {
 }
 
 /// `getMore`: a change stream waits up to `maxTimeMS` (default 1 s) for an event.
-async fn get_more(shared: &Shared, cmd: &Document) -> CmdResult {
+async fn get_more(shared: &Shared, cmd: &Document) -> CmdResult<RawDocumentBuf> {
     let id =
         as_i64(cmd.get("getMore")).ok_or_else(|| CmdError::type_mismatch("getMore", "long"))?;
     let batch = as_i64(cmd.get("batchSize"))
@@ -403,7 +415,7 @@ async fn get_more(shared: &Shared, cmd: &Document) -> CmdResult {
                 }
                 Some(docs @ Cursor::Docs { .. }) => {
                     state.cursors.insert(id, docs);
-                    return commands::get_more_docs(&mut state, id, batch);
+                    return commands::get_more_docs(&mut state, id, batch).and_then(|d| to_raw(&d));
                 }
                 Some(Cursor::Stream(s)) => s,
             };
@@ -414,10 +426,7 @@ async fn get_more(shared: &Shared, cmd: &Document) -> CmdResult {
                 if !stream.closed {
                     state.cursors.insert(id, Cursor::Stream(stream));
                 }
-                return Ok(doc! {
-                    "cursor": { "nextBatch": events, "postBatchResumeToken": pbrt, "id": next_id, "ns": ns },
-                    "ok": 1.0,
-                });
+                return stream_reply(false, events, &pbrt, next_id, &ns);
             }
             state.cursors.insert(id, Cursor::Stream(stream));
         }

@@ -2,7 +2,7 @@
 //! CRC-32C checksums), legacy OP_QUERY / OP_REPLY for the first handshake of older
 //! clients, and a clean refusal of OP_COMPRESSED.
 
-use bson::{Bson, Document};
+use bson::{Bson, Document, RawDocumentBuf};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The largest message accepted (the `maxMessageSizeBytes` the server advertises).
@@ -241,13 +241,13 @@ fn finish(mut buf: Vec<u8>) -> Vec<u8> {
 pub fn encode_msg(
     request_id: i32,
     response_to: i32,
-    reply: &Document,
+    reply: &RawDocumentBuf,
 ) -> Result<Vec<u8>, bson::error::Error> {
     let mut buf = Vec::with_capacity(256);
     header(&mut buf, request_id, response_to, OP_MSG);
     buf.extend_from_slice(&0u32.to_le_bytes());
     buf.push(0);
-    reply.to_writer(&mut buf)?;
+    buf.extend_from_slice(reply.as_bytes());
     Ok(finish(buf))
 }
 
@@ -255,7 +255,7 @@ pub fn encode_msg(
 pub fn encode_reply(
     request_id: i32,
     response_to: i32,
-    reply: &Document,
+    reply: &RawDocumentBuf,
 ) -> Result<Vec<u8>, bson::error::Error> {
     let mut buf = Vec::with_capacity(256);
     header(&mut buf, request_id, response_to, OP_REPLY);
@@ -263,7 +263,7 @@ pub fn encode_reply(
     buf.extend_from_slice(&0i64.to_le_bytes()); // cursorID
     buf.extend_from_slice(&0i32.to_le_bytes()); // startingFrom
     buf.extend_from_slice(&1i32.to_le_bytes()); // numberReturned
-    reply.to_writer(&mut buf)?;
+    buf.extend_from_slice(reply.as_bytes());
     Ok(finish(buf))
 }
 

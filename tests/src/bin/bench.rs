@@ -1,0 +1,131 @@
+//! `cdc-bench`: the benchmark program that `cargo xtask bench` runs in release mode.
+//!
+//! `cdc-bench sim [--events N] [--rounds R]`: how many change events per second one
+//! stream delivers from mongo-sim to the official driver over loopback (catch-up: the
+//! oplog is pre-loaded, then drained).
+
+// A benchmark program: printing its figures is its job.
+#![allow(clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use bson::{Document, doc};
+use futures_util::TryStreamExt;
+use mongo_sim::{MongoSim, SimOptions};
+use mongodb::{Client, Collection};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("sim") => sim(&args[1..]).await,
+        _ => Err("usage: cdc-bench sim [--events N] [--rounds R]".into()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cdc-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn flag(args: &[String], name: &str, default: usize) -> Result<usize, BoxError> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => Ok(args
+            .get(i + 1)
+            .ok_or_else(|| format!("{name} needs a value"))?
+            .parse()
+            .map_err(|e| format!("{name}: {e}"))?),
+    }
+}
+
+/// A document of about 400 bytes.
+fn payload(i: usize) -> Document {
+    doc! {
+        "_id": i as i64,
+        "customer": format!("customer-{:06}", i % 100_000),
+        "status": "pending",
+        "total": (i % 1000) as f64 * 1.25,
+        "note": "x".repeat(300),
+    }
+}
+
+async fn preload(coll: &Collection<Document>, n: usize, offset: usize) -> Result<(), BoxError> {
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<Document> = (i..(i + 1000).min(n))
+            .map(|k| payload(offset + k))
+            .collect();
+        i += batch.len();
+        coll.insert_many(batch).await?;
+    }
+    Ok(())
+}
+
+fn median_and_spread(mut xs: Vec<f64>) -> (f64, f64, f64) {
+    xs.sort_by(f64::total_cmp);
+    let median = xs[xs.len() / 2];
+    (median, xs[0], xs[xs.len() - 1])
+}
+
+async fn sim(args: &[String]) -> Result<(), BoxError> {
+    let events = flag(args, "--events", 200_000)?;
+    let rounds = flag(args, "--rounds", 5)?;
+    let sim = MongoSim::start_with(SimOptions {
+        oplog_capacity: events * 2 + 10,
+        ..SimOptions::default()
+    })
+    .await?;
+    let client = Client::with_uri_str(sim.uri()).await?;
+    let mut rates = Vec::new();
+    for round in 0..=rounds {
+        // A fresh collection per round; the previous one is dropped first so the oplog
+        // holds only this round's events after `start_at`.
+        let db = client.database("bench");
+        db.collection::<Document>(&format!("sim{}", round.saturating_sub(1)))
+            .drop()
+            .await?;
+        let coll: Collection<Document> = db.collection(&format!("sim{round}"));
+        let start_at = client
+            .database("admin")
+            .run_command(doc! { "ping": 1 })
+            .await?;
+        let start_at = start_at.get_timestamp("operationTime")?;
+        preload(&coll, events, 0).await?;
+        // The driver hands over each event's raw BSON: this measures the server and the
+        // wire, not the decoding into a typed event (which the library does itself).
+        let mut stream = coll
+            .watch()
+            .start_at_operation_time(start_at)
+            .await?
+            .with_type::<bson::RawDocumentBuf>();
+        let t0 = Instant::now();
+        let mut seen = 0;
+        while seen < events {
+            let e = tokio::time::timeout(Duration::from_secs(60), stream.try_next())
+                .await
+                .map_err(|_| "stream stalled")??
+                .ok_or("stream ended")?;
+            if e.get_str("operationType")? == "insert" {
+                seen += 1;
+            }
+        }
+        let rate = events as f64 / t0.elapsed().as_secs_f64();
+        if round == 0 {
+            println!("warm-up: {rate:.0} events/s");
+        } else {
+            println!("round {round}: {rate:.0} events/s");
+            rates.push(rate);
+        }
+    }
+    let (median, min, max) = median_and_spread(rates);
+    println!(
+        "\nmongo-sim → driver, one stream, {events} events of ~400 B, {rounds} rounds:\n  median {median:.0} events/s (min {min:.0}, max {max:.0})"
+    );
+    sim.shutdown().await;
+    Ok(())
+}
