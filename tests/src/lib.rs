@@ -1,1 +1,4 @@
-//! Shared support for the end-to-end suites.
+//! Shared support for the end-to-end suites and the programs behind `cargo xtask
+//! conformance` and `cargo xtask bench`.
+
+pub mod unified;

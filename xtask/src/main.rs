@@ -16,6 +16,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
+        Some("conformance") => conformance(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -35,7 +36,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
-  bench sim       change events per second from mongo-sim to the driver (release build)";
+  bench sim       change events per second from mongo-sim to the driver (release build)
+  conformance [--dir DIR] [--uri URI]
+                  MongoDB's unified change-stream spec tests against mongo-sim (or URI)";
 
 fn cargo() -> Command {
     Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -74,6 +77,31 @@ fn bench(args: &[String]) -> Result<(), String> {
     run("bench", cmd)
 }
 
+/// The shared spec tests, read in place from the checkout's sibling `shared/` folder.
+fn default_spec_dir() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join("../shared/spec/change-streams/unified")
+}
+
+/// Runs the unified-format conformance runner.
+fn conformance(args: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "-p",
+        "cdc-tests",
+        "--bin",
+        "cdc-conformance",
+        "--",
+    ]);
+    if !args.iter().any(|a| a == "--dir") {
+        cmd.arg("--dir").arg(default_spec_dir());
+    }
+    cmd.args(args);
+    run("conformance", cmd)
+}
+
 fn ci() -> Result<(), String> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--check"]);
@@ -101,6 +129,16 @@ fn ci() -> Result<(), String> {
     doc.args(["doc", "--workspace", "--no-deps", "--all-features"])
         .env("RUSTDOCFLAGS", "-D warnings");
     run("docs", doc)?;
+
+    let spec = default_spec_dir();
+    if spec.is_dir() {
+        conformance(&[])?;
+    } else {
+        println!(
+            "\n== conformance\nNOT RUN: the spec directory {} is absent",
+            spec.display()
+        );
+    }
 
     println!("\nci: all steps passed");
     Ok(())
