@@ -36,6 +36,7 @@ mod error;
 mod event;
 mod namespace;
 mod point;
+mod source;
 mod token;
 
 pub use checkpoint::{CheckpointPolicy, Checkpointer, Seq};
@@ -44,6 +45,7 @@ pub use error::{BoxError, Error, ErrorKind, Result};
 pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
 pub use namespace::{Namespace, OperationType};
 pub use point::{ResumePoint, StartPosition};
+pub use source::{ChangeCursor, ChangeSource, HistoryGap};
 pub use token::{ClusterTime, ResumeToken};
 
 /// Re-export of the `bson` crate this crate's types are built on.

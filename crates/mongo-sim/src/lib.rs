@@ -188,3 +188,50 @@ impl MongoSim {
         self.shared.lock().oplog.len()
     }
 }
+
+/// The deployment a test runs against: the replica set named by the environment variable
+/// `CDC_MONGODB_URI` when it is set, otherwise a fresh simulator.
+#[derive(Debug)]
+pub enum TestDeployment {
+    /// A simulator started for this test.
+    Sim(MongoSim),
+    /// A real deployment at this URI.
+    External(String),
+}
+
+impl TestDeployment {
+    /// Starts a simulator, or names the deployment of `CDC_MONGODB_URI`.
+    ///
+    /// # Errors
+    /// When a simulator cannot bind a port.
+    pub async fn start() -> std::io::Result<Self> {
+        match std::env::var("CDC_MONGODB_URI") {
+            Ok(uri) if !uri.is_empty() => Ok(Self::External(uri)),
+            _ => Ok(Self::Sim(MongoSim::start().await?)),
+        }
+    }
+
+    /// The URI to connect to.
+    pub fn uri(&self) -> String {
+        match self {
+            Self::Sim(sim) => sim.uri(),
+            Self::External(uri) => uri.clone(),
+        }
+    }
+
+    /// The simulator, for tests that need its fault controls. `None` against a real
+    /// deployment: such a test must say it was skipped and why.
+    pub fn sim(&self) -> Option<&MongoSim> {
+        match self {
+            Self::Sim(sim) => Some(sim),
+            Self::External(_) => None,
+        }
+    }
+
+    /// Stops the simulator, if there is one.
+    pub async fn shutdown(self) {
+        if let Self::Sim(sim) = self {
+            sim.shutdown().await;
+        }
+    }
+}

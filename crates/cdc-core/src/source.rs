@@ -1,0 +1,96 @@
+//! The change-stream source abstraction: what the processor needs from "a change stream",
+//! implemented over the MongoDB driver by `cdc-mongo` and by fakes in tests.
+
+use async_trait::async_trait;
+
+use crate::{ChangeEvent, ClusterTime, Result, ResumeToken, StartPosition};
+
+/// Opens change streams. One source serves every (re)open of a processor's stream.
+#[async_trait]
+pub trait ChangeSource: Send + Sync {
+    /// Opens a stream at `position`.
+    ///
+    /// # Errors
+    /// A classified [`crate::Error::Source`]: transient failures are worth retrying;
+    /// [`crate::ErrorKind::HistoryLost`] means the position has aged out of the oplog (a
+    /// source configured to restart from now reports the gap through
+    /// [`ChangeCursor::take_gap`] instead).
+    async fn open(&self, position: &StartPosition) -> Result<Box<dyn ChangeCursor>>;
+
+    /// A short description for logs (the watched namespace), without credentials.
+    fn describe(&self) -> String;
+}
+
+/// An open change stream.
+#[async_trait]
+pub trait ChangeCursor: Send {
+    /// The next event. `Ok(None)` means a round trip brought no event (the stream is idle
+    /// or everything was filtered out): call [`ChangeCursor::resume_token`] then, to take
+    /// the post-batch resume token.
+    ///
+    /// # Errors
+    /// A classified [`crate::Error::Source`] the driver could not resume from.
+    async fn next(&mut self) -> Result<Option<ChangeEvent>>;
+
+    /// The token to resume after everything this cursor has returned: an event's `_id`, or
+    /// the latest post-batch resume token after a call that returned nothing.
+    fn resume_token(&self) -> Option<ResumeToken>;
+
+    /// Whether the server closed the stream (after an `invalidate`).
+    fn is_closed(&self) -> bool;
+
+    /// A history gap this cursor skipped, once: set when the requested position had aged
+    /// out of the oplog and the source was configured to restart from now.
+    fn take_gap(&mut self) -> Option<HistoryGap>;
+
+    /// Closes the server-side cursor.
+    async fn close(self: Box<Self>);
+}
+
+/// Changes that were skipped because they aged out of the oplog before they were read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HistoryGap {
+    /// The cluster time of the last position known processed, when it can be told.
+    pub after: Option<ClusterTime>,
+    /// The cluster time where the stream started again, when it can be told.
+    pub resumed_at: Option<ClusterTime>,
+}
+
+impl HistoryGap {
+    /// A gap between two positions.
+    pub fn new(after: Option<ClusterTime>, resumed_at: Option<ClusterTime>) -> Self {
+        Self { after, resumed_at }
+    }
+}
+
+impl std::fmt::Display for HistoryGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show =
+            |t: &Option<ClusterTime>| t.map_or_else(|| "unknown".to_owned(), |t| t.to_string());
+        write!(
+            f,
+            "changes after {} up to {} were lost",
+            show(&self.after),
+            show(&self.resumed_at)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The traits must be usable as trait objects: processors pick sources at run time.
+    #[allow(dead_code)]
+    fn _obj_safe(_: &dyn ChangeSource, _: Box<dyn ChangeCursor>) {}
+
+    #[test]
+    fn gap_displays_its_bounds() {
+        let gap = HistoryGap::new(Some(ClusterTime::new(1, 2)), None);
+        assert_eq!(
+            gap.to_string(),
+            "changes after Timestamp(1, 2) up to unknown were lost"
+        );
+    }
+}

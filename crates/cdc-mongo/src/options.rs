@@ -1,0 +1,246 @@
+//! What to watch and how: scope, document modes, filters and failure policies.
+
+use std::time::Duration;
+
+use bson::Document;
+use cdc_core::{Namespace, OperationType};
+use mongodb::options::SelectionCriteria;
+
+/// What a source watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scope {
+    /// One collection.
+    Collection {
+        /// Its database.
+        db: String,
+        /// Its name.
+        coll: String,
+    },
+    /// Every collection of one database.
+    Database(String),
+    /// The whole deployment.
+    Deployment,
+}
+
+impl Scope {
+    /// One collection.
+    pub fn collection(db: impl Into<String>, coll: impl Into<String>) -> Self {
+        Self::Collection {
+            db: db.into(),
+            coll: coll.into(),
+        }
+    }
+
+    /// One database.
+    pub fn database(db: impl Into<String>) -> Self {
+        Self::Database(db.into())
+    }
+
+    /// The namespace watched, if the scope has one.
+    pub fn namespace(&self) -> Option<Namespace> {
+        match self {
+            Self::Collection { db, coll } => Some(Namespace::collection(db.clone(), coll.clone())),
+            Self::Database(db) => Some(Namespace::database(db.clone())),
+            Self::Deployment => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Collection { db, coll } => write!(f, "{db}.{coll}"),
+            Self::Database(db) => write!(f, "{db}.*"),
+            Self::Deployment => f.write_str("*.*"),
+        }
+    }
+}
+
+/// The `fullDocument` mode: which post-image update events carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FullDocument {
+    /// Inserts and replaces carry the document; updates do not.
+    #[default]
+    Default,
+    /// Updates carry the current document, looked up when the event is read.
+    UpdateLookup,
+    /// Updates carry the recorded post-image when there is one (MongoDB 6.0+).
+    WhenAvailable,
+    /// Updates carry the recorded post-image, or the stream fails (MongoDB 6.0+).
+    Required,
+}
+
+/// The `fullDocumentBeforeChange` mode: whether events carry the pre-image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BeforeChange {
+    /// No pre-image.
+    #[default]
+    Off,
+    /// The recorded pre-image when there is one.
+    WhenAvailable,
+    /// The recorded pre-image, or NoMatchingDocument (47).
+    Required,
+}
+
+/// What to do when a required pre-image is missing (NoMatchingDocument, 47).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PreImagePolicy {
+    /// Fail with [`cdc_core::ErrorKind::PreImageMissing`].
+    #[default]
+    Fail,
+    /// Reopen at the same position with pre-images off, for the life of the source
+    /// (logged at warn and counted), as the Go package did.
+    FallBackToOff,
+}
+
+/// What to do when the start position has aged out of the oplog (ChangeStreamHistoryLost,
+/// 286).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HistoryLostPolicy {
+    /// Fail with [`cdc_core::ErrorKind::HistoryLost`]: never skip data silently.
+    #[default]
+    Fail,
+    /// Start again from now and report the gap's bounds (the Go package's
+    /// `WithResumeOnChangeStreamHistoryLost`).
+    RestartFromNow,
+}
+
+/// How a source opens its streams.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SourceOptions {
+    /// The `fullDocument` mode.
+    pub full_document: FullDocument,
+    /// The `fullDocumentBeforeChange` mode.
+    pub before_change: BeforeChange,
+    /// The operation types passed through; `None` passes every type.
+    pub operation_types: Option<Vec<OperationType>>,
+    /// Stages appended after the operation-type filter.
+    pub pipeline: Vec<Document>,
+    /// The cursor batch size.
+    pub batch_size: Option<u32>,
+    /// How long a `getMore` waits for events (the server's default is 1 s).
+    pub max_await_time: Option<Duration>,
+    /// Where reads go.
+    pub read_preference: Option<SelectionCriteria>,
+    /// Whether to show DDL events (`create`, `createIndexes`, …).
+    pub show_expanded_events: bool,
+    /// What to do when a required pre-image is missing.
+    pub pre_image_policy: PreImagePolicy,
+    /// What to do when the start position has aged out of the oplog.
+    pub history_lost_policy: HistoryLostPolicy,
+}
+
+impl Default for SourceOptions {
+    /// The Go package's operation types (insert, update, delete, invalidate) plus
+    /// `replace`, which the Go package silently dropped; everything else off.
+    fn default() -> Self {
+        Self {
+            full_document: FullDocument::Default,
+            before_change: BeforeChange::Off,
+            operation_types: Some(Self::default_operation_types()),
+            pipeline: Vec::new(),
+            batch_size: None,
+            max_await_time: None,
+            read_preference: None,
+            show_expanded_events: false,
+            pre_image_policy: PreImagePolicy::Fail,
+            history_lost_policy: HistoryLostPolicy::Fail,
+        }
+    }
+}
+
+impl SourceOptions {
+    /// insert, update, replace, delete, invalidate.
+    pub fn default_operation_types() -> Vec<OperationType> {
+        vec![
+            OperationType::Insert,
+            OperationType::Update,
+            OperationType::Replace,
+            OperationType::Delete,
+            OperationType::Invalidate,
+        ]
+    }
+
+    /// Sets the `fullDocument` mode.
+    #[must_use]
+    pub fn full_document(mut self, mode: FullDocument) -> Self {
+        self.full_document = mode;
+        self
+    }
+
+    /// Sets the `fullDocumentBeforeChange` mode.
+    #[must_use]
+    pub fn before_change(mut self, mode: BeforeChange) -> Self {
+        self.before_change = mode;
+        self
+    }
+
+    /// Passes only these operation types.
+    #[must_use]
+    pub fn operation_types(mut self, types: impl IntoIterator<Item = OperationType>) -> Self {
+        self.operation_types = Some(types.into_iter().collect());
+        self
+    }
+
+    /// Passes every operation type.
+    #[must_use]
+    pub fn all_operation_types(mut self) -> Self {
+        self.operation_types = None;
+        self
+    }
+
+    /// Appends user stages after the operation-type filter.
+    #[must_use]
+    pub fn pipeline(mut self, stages: impl IntoIterator<Item = Document>) -> Self {
+        self.pipeline = stages.into_iter().collect();
+        self
+    }
+
+    /// Sets the cursor batch size.
+    #[must_use]
+    pub fn batch_size(mut self, n: u32) -> Self {
+        self.batch_size = Some(n);
+        self
+    }
+
+    /// Sets how long a `getMore` waits for events.
+    #[must_use]
+    pub fn max_await_time(mut self, d: Duration) -> Self {
+        self.max_await_time = Some(d);
+        self
+    }
+
+    /// Sets where reads go.
+    #[must_use]
+    pub fn read_preference(mut self, criteria: SelectionCriteria) -> Self {
+        self.read_preference = Some(criteria);
+        self
+    }
+
+    /// Shows DDL events.
+    #[must_use]
+    pub fn show_expanded_events(mut self, on: bool) -> Self {
+        self.show_expanded_events = on;
+        self
+    }
+
+    /// Sets the pre-image policy.
+    #[must_use]
+    pub fn pre_image_policy(mut self, policy: PreImagePolicy) -> Self {
+        self.pre_image_policy = policy;
+        self
+    }
+
+    /// Sets the history-lost policy.
+    #[must_use]
+    pub fn history_lost_policy(mut self, policy: HistoryLostPolicy) -> Self {
+        self.history_lost_policy = policy;
+        self
+    }
+}

@@ -1,0 +1,342 @@
+//! [`MongoSource`]: `cdc_core::ChangeSource` over the driver's change streams.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use async_trait::async_trait;
+use bson::{Document, RawDocumentBuf, doc};
+use cdc_core::{
+    ChangeCursor, ChangeEvent, ChangeSource, ErrorKind, HistoryGap, ResumeToken, StartPosition,
+};
+use mongodb::{
+    Client,
+    change_stream::{ChangeStream, event::ResumeToken as DriverToken},
+    options::{FullDocumentBeforeChangeType, FullDocumentType},
+};
+
+use crate::{
+    error::{Error, Result, classify},
+    options::{
+        BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions,
+    },
+};
+
+/// Converts a driver token to ours, keeping its bytes.
+pub fn from_driver_token(token: &DriverToken) -> Option<ResumeToken> {
+    bson::serialize_to_raw_document_buf(token)
+        .ok()
+        .map(ResumeToken::from_raw)
+}
+
+/// Converts our token to the driver's, keeping its bytes.
+pub fn to_driver_token(token: &ResumeToken) -> Option<DriverToken> {
+    bson::deserialize_from_slice(token.as_bytes()).ok()
+}
+
+struct Inner {
+    client: Client,
+    scope: Scope,
+    options: SourceOptions,
+    /// Set once a missing pre-image made the source fall back to `Off`.
+    pre_images_off: AtomicBool,
+    fallbacks: AtomicU64,
+}
+
+/// Watches one collection, database or deployment through the official driver.
+///
+/// The driver's own automatic resume stays on: what it cannot resume from surfaces as a
+/// classified [`cdc_core::Error::Source`].
+#[derive(Clone)]
+pub struct MongoSource {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MongoSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client is left out: its options may hold credentials.
+        f.debug_struct("MongoSource")
+            .field("scope", &self.inner.scope)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MongoSource {
+    /// A source over `client` for `scope`.
+    pub fn new(client: Client, scope: Scope, options: SourceOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                scope,
+                options,
+                pre_images_off: AtomicBool::new(false),
+                fallbacks: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// What the source watches.
+    pub fn scope(&self) -> &Scope {
+        &self.inner.scope
+    }
+
+    /// How it opens its streams.
+    pub fn options(&self) -> &SourceOptions {
+        &self.inner.options
+    }
+
+    /// How many times a missing pre-image made the source fall back to pre-images off.
+    pub fn pre_image_fallbacks(&self) -> u64 {
+        self.inner.fallbacks.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
+    fn before_change(&self) -> BeforeChange {
+        if self.pre_images_off.load(Ordering::Relaxed) {
+            BeforeChange::Off
+        } else {
+            self.options.before_change
+        }
+    }
+
+    fn pipeline(&self) -> Vec<Document> {
+        let mut stages = Vec::with_capacity(self.options.pipeline.len() + 1);
+        if let Some(types) = &self.options.operation_types {
+            let names: Vec<&str> = types.iter().map(|t| t.as_str()).collect();
+            stages.push(doc! { "$match": { "operationType": { "$in": names } } });
+        }
+        stages.extend(self.options.pipeline.iter().cloned());
+        stages
+    }
+
+    async fn open_stream(&self, position: &StartPosition) -> Result<ChangeStream<RawDocumentBuf>> {
+        let o = &self.options;
+        let full_document = match o.full_document {
+            FullDocument::Default => None,
+            FullDocument::UpdateLookup => Some(FullDocumentType::UpdateLookup),
+            FullDocument::WhenAvailable => Some(FullDocumentType::WhenAvailable),
+            FullDocument::Required => Some(FullDocumentType::Required),
+        };
+        let before = match self.before_change() {
+            BeforeChange::Off => None,
+            BeforeChange::WhenAvailable => Some(FullDocumentBeforeChangeType::WhenAvailable),
+            BeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
+        };
+        let coll_handle;
+        let db_handle;
+        let watch = match &self.scope {
+            Scope::Collection { db, coll } => {
+                coll_handle = self.client.database(db).collection::<Document>(coll);
+                coll_handle.watch()
+            }
+            Scope::Database(db) => {
+                db_handle = self.client.database(db);
+                db_handle.watch()
+            }
+            Scope::Deployment => self.client.watch(),
+        };
+        let mut watch = watch.pipeline(self.pipeline());
+        if let Some(mode) = full_document {
+            watch = watch.full_document(mode);
+        }
+        if let Some(mode) = before {
+            watch = watch.full_document_before_change(mode);
+        }
+        if let Some(n) = o.batch_size {
+            watch = watch.batch_size(n);
+        }
+        if let Some(d) = o.max_await_time {
+            watch = watch.max_await_time(d);
+        }
+        if let Some(criteria) = &o.read_preference {
+            watch = watch.selection_criteria(criteria.clone());
+        }
+        if o.show_expanded_events {
+            watch = watch.show_expanded_events(true);
+        }
+        let watch = match position {
+            StartPosition::Now => watch,
+            StartPosition::ResumeAfter(t) => {
+                watch.resume_after(to_driver_token(t).ok_or_else(|| bad_token(t))?)
+            }
+            StartPosition::StartAfter(t) => {
+                watch.start_after(to_driver_token(t).ok_or_else(|| bad_token(t))?)
+            }
+            StartPosition::AtOperationTime(ct) => watch.start_at_operation_time(ct.to_timestamp()),
+            other => {
+                return Err(Error::Decode(cdc_core::Error::InvalidArgument {
+                    name: "position",
+                    reason: format!("unsupported start position {other:?}"),
+                }));
+            }
+        };
+        let stream = watch
+            .await
+            .map_err(|e| Error::driver("open change stream", e))?;
+        Ok(stream.with_type::<RawDocumentBuf>())
+    }
+
+    fn fall_back_from_pre_images(&self) -> bool {
+        if self.options.pre_image_policy != PreImagePolicy::FallBackToOff
+            || self.before_change() == BeforeChange::Off
+        {
+            return false;
+        }
+        self.pre_images_off.store(true, Ordering::Relaxed);
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            scope = %self.scope,
+            "a required pre-image is missing: reopening with fullDocumentBeforeChange off for the life of this source"
+        );
+        true
+    }
+}
+
+fn bad_token(t: &ResumeToken) -> Error {
+    Error::Decode(cdc_core::Error::InvalidArgument {
+        name: "position",
+        reason: format!("resume token {t} is not a BSON document the driver accepts"),
+    })
+}
+
+fn position_time(position: &StartPosition) -> Option<cdc_core::ClusterTime> {
+    match position {
+        StartPosition::AtOperationTime(t) => Some(*t),
+        other => other.token().and_then(ResumeToken::cluster_time_hint),
+    }
+}
+
+#[async_trait]
+impl ChangeSource for MongoSource {
+    async fn open(&self, position: &StartPosition) -> cdc_core::Result<Box<dyn ChangeCursor>> {
+        let inner = &self.inner;
+        loop {
+            match inner.open_stream(position).await {
+                Ok(stream) => {
+                    return Ok(Box::new(MongoCursor {
+                        stream,
+                        inner: Arc::clone(inner),
+                        gap: None,
+                    }));
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::PreImageMissing
+                        && inner.fall_back_from_pre_images() =>
+                {
+                    continue;
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::HistoryLost
+                        && inner.options.history_lost_policy
+                            == HistoryLostPolicy::RestartFromNow =>
+                {
+                    let stream = inner.open_stream(&StartPosition::Now).await?;
+                    let mut cursor = MongoCursor {
+                        stream,
+                        inner: Arc::clone(inner),
+                        gap: None,
+                    };
+                    cursor.record_gap(position_time(position));
+                    return Ok(Box::new(cursor));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.inner.scope.to_string()
+    }
+}
+
+/// An open stream of a [`MongoSource`].
+pub struct MongoCursor {
+    stream: ChangeStream<RawDocumentBuf>,
+    inner: Arc<Inner>,
+    gap: Option<HistoryGap>,
+}
+
+impl std::fmt::Debug for MongoCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoCursor")
+            .field("scope", &self.inner.scope)
+            .field("alive", &self.stream.is_alive())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MongoCursor {
+    fn record_gap(&mut self, after: Option<cdc_core::ClusterTime>) {
+        let resumed_at = self
+            .stream
+            .resume_token()
+            .as_ref()
+            .and_then(from_driver_token)
+            .and_then(|t| t.cluster_time_hint());
+        let gap = HistoryGap::new(after, resumed_at);
+        tracing::error!(scope = %self.inner.scope, %gap, "change stream history lost: restarted from now as configured");
+        self.gap = Some(gap);
+    }
+
+    fn position(&self) -> Option<StartPosition> {
+        self.resume_token().map(StartPosition::ResumeAfter)
+    }
+}
+
+#[async_trait]
+impl ChangeCursor for MongoCursor {
+    async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
+        loop {
+            match self.stream.next_if_any().await {
+                Ok(Some(raw)) => {
+                    return ChangeEvent::from_raw(&raw)
+                        .map(Some)
+                        .map_err(|e| Error::Decode(e).into());
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    let kind = classify(&e);
+                    if kind == ErrorKind::PreImageMissing
+                        && let Some(position) = self.position()
+                        && self.inner.fall_back_from_pre_images()
+                    {
+                        self.stream = self.inner.open_stream(&position).await?;
+                        continue;
+                    }
+                    if kind == ErrorKind::HistoryLost
+                        && self.inner.options.history_lost_policy
+                            == HistoryLostPolicy::RestartFromNow
+                    {
+                        let after = self.position().as_ref().and_then(position_time);
+                        self.stream = self.inner.open_stream(&StartPosition::Now).await?;
+                        self.record_gap(after);
+                        continue;
+                    }
+                    return Err(Error::driver("read change stream", e).into());
+                }
+            }
+        }
+    }
+
+    fn resume_token(&self) -> Option<ResumeToken> {
+        self.stream
+            .resume_token()
+            .as_ref()
+            .and_then(from_driver_token)
+    }
+
+    fn is_closed(&self) -> bool {
+        !self.stream.is_alive()
+    }
+
+    fn take_gap(&mut self) -> Option<HistoryGap> {
+        self.gap.take()
+    }
+
+    async fn close(self: Box<Self>) {
+        drop(self.stream);
+    }
+}
