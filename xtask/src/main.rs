@@ -37,6 +37,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
   bench sim       change events per second from mongo-sim to the driver (release build)
+  bench stores    save and load latency of every resume store (release build)
   conformance [--dir DIR] [--uri URI]
                   MongoDB's unified change-stream spec tests against mongo-sim (or URI)";
 
@@ -148,7 +149,12 @@ fn ci() -> Result<(), String> {
 /// runtime.
 fn layering() -> Result<(), String> {
     println!("\n== layering");
-    check_tree_lacks("cdc-core", &[], &["mongodb", "tokio"])
+    check_tree_lacks("cdc-core", &[], &["mongodb", "tokio"])?;
+    check_tree_lacks(
+        "cdc-resume",
+        &["file"],
+        &["mongodb", "redis", "tokio-postgres"],
+    )
 }
 
 fn check_tree_lacks(package: &str, features: &[&str], banned: &[&str]) -> Result<(), String> {

@@ -37,6 +37,7 @@ mod event;
 mod namespace;
 mod point;
 mod source;
+mod store;
 mod token;
 
 pub use checkpoint::{CheckpointPolicy, Checkpointer, Seq};
@@ -46,6 +47,7 @@ pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
 pub use namespace::{Namespace, OperationType};
 pub use point::{ResumePoint, StartPosition};
 pub use source::{ChangeCursor, ChangeSource, HistoryGap};
+pub use store::{ResumeStore, check_forward, validate_stream_id};
 pub use token::{ClusterTime, ResumeToken};
 
 /// Re-export of the `bson` crate this crate's types are built on.

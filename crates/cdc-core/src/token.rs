@@ -121,7 +121,9 @@ impl fmt::Display for ResumeToken {
 ///
 /// Several events may share one cluster time (the writes of one transaction), so a cluster
 /// time alone is not a position to resume from exactly; a [`ResumeToken`] is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct ClusterTime {
     /// Seconds since the Unix epoch.
     pub time: u32,

@@ -1,8 +1,10 @@
 //! `cdc-bench`: the benchmark program that `cargo xtask bench` runs in release mode.
 //!
-//! `cdc-bench sim [--events N] [--rounds R]`: how many change events per second one
-//! stream delivers from mongo-sim to the official driver over loopback (catch-up: the
-//! oplog is pre-loaded, then drained).
+//! - `cdc-bench sim [--events N] [--rounds R]`: how many change events per second one
+//!   stream delivers from mongo-sim to the official driver over loopback (catch-up: the
+//!   oplog is pre-loaded, then drained).
+//! - `cdc-bench stores [--ops N]`: save and load latency (median, p99) of every resume
+//!   store backend.
 
 // A benchmark program: printing its figures is its job.
 #![allow(clippy::print_stdout)]
@@ -21,7 +23,8 @@ async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("sim") => sim(&args[1..]).await,
-        _ => Err("usage: cdc-bench sim [--events N] [--rounds R]".into()),
+        Some("stores") => stores(&args[1..]).await,
+        _ => Err("usage: cdc-bench sim [--events N] [--rounds R] | stores [--ops N]".into()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -127,5 +130,97 @@ async fn sim(args: &[String]) -> Result<(), BoxError> {
         "\nmongo-sim → driver, one stream, {events} events of ~400 B, {rounds} rounds:\n  median {median:.0} events/s (min {min:.0}, max {max:.0})"
     );
     sim.shutdown().await;
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+async fn measure_store(
+    name: &str,
+    store: &dyn cdc_core::ResumeStore,
+    ops: usize,
+) -> Result<String, BoxError> {
+    use cdc_core::{ClusterTime, OperationType, ResumePoint, ResumeToken};
+    let stream = format!("bench-{}", std::process::id());
+    let _ = store.delete(&stream).await;
+    let mut saves = Vec::with_capacity(ops);
+    let mut loads = Vec::with_capacity(ops);
+    for i in 0..ops {
+        let t = 1_000_000 + i as u32;
+        let token = ResumeToken::from_document(
+            &doc! { "_data": format!("82{t:08X}00000001{}", "2B".repeat(30)) },
+        )?;
+        let point = ResumePoint::for_event(
+            token,
+            ClusterTime::new(t, 1),
+            OperationType::Insert,
+            bson::DateTime::now(),
+        );
+        let t0 = Instant::now();
+        store.save(&stream, &point).await?;
+        saves.push(t0.elapsed());
+        let t0 = Instant::now();
+        store.load(&stream).await?.ok_or("saved point missing")?;
+        loads.push(t0.elapsed());
+    }
+    store.delete(&stream).await?;
+    saves.sort();
+    loads.sort();
+    Ok(format!(
+        "| {name} | {} | {} | {} | {} |",
+        micros(percentile(&saves, 0.5)),
+        micros(percentile(&saves, 0.99)),
+        micros(percentile(&loads, 0.5)),
+        micros(percentile(&loads, 0.99))
+    ))
+}
+
+async fn stores(args: &[String]) -> Result<(), BoxError> {
+    let ops = flag(args, "--ops", 2000)?;
+    let mut rows = Vec::new();
+    rows.push(measure_store("memory", &cdc_resume::MemoryStore::new(), ops).await?);
+    let dir = std::env::temp_dir().join(format!("cdc-bench-file-{}", std::process::id()));
+    rows.push(measure_store("file (fsync)", &cdc_resume::FileStore::new(&dir)?, ops).await?);
+    let _ = std::fs::remove_dir_all(&dir);
+    let sim = MongoSim::start().await?;
+    let client = Client::with_uri_str(sim.uri()).await?;
+    rows.push(
+        measure_store(
+            "mongodb (mongo-sim)",
+            &cdc_resume::MongoStore::new(&client, "bench", "points"),
+            ops,
+        )
+        .await?,
+    );
+    sim.shutdown().await;
+    let redis_url =
+        std::env::var("CDC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    match cdc_resume::RedisStore::new(&redis_url, "cdc-bench:") {
+        Ok(store) => match measure_store("redis", &store, ops).await {
+            Ok(row) => rows.push(row),
+            Err(e) => rows.push(format!("| redis | not measured: {e} | | | |")),
+        },
+        Err(e) => rows.push(format!("| redis | not measured: {e} | | | |")),
+    }
+    let pg_url = std::env::var("CDC_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    match cdc_resume::PostgresStore::connect(&pg_url, "cdc_bench_points").await {
+        Ok(store) => rows.push(measure_store("postgres", &store, ops).await?),
+        Err(e) => rows.push(format!("| postgres | not measured: {e} | | | |")),
+    }
+    println!("resume stores, {ops} saves and {ops} loads each, one stream, sequential:\n");
+    println!(
+        "| backend | save p50 | save p99 | load p50 | load p99 |\n| --- | --- | --- | --- | --- |"
+    );
+    for row in rows {
+        println!("{row}");
+    }
     Ok(())
 }

@@ -1,0 +1,289 @@
+//! [`PostgresStore`]: one row per stream id in a table the store creates if missing.
+
+use async_trait::async_trait;
+use bson::DateTime;
+use cdc_core::{
+    ClusterTime, Error, OperationType, Result, ResumePoint, ResumeStore, ResumeToken,
+    validate_stream_id,
+};
+use tokio_postgres::{Client, GenericClient, NoTls};
+
+/// Keeps `(stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)` rows.
+///
+/// A save is one `INSERT … ON CONFLICT DO UPDATE … WHERE` the stored point is not newer.
+/// [`PostgresStore::save_in`] takes the caller's open transaction, so a consumer that
+/// writes into PostgreSQL commits its rows and the checkpoint atomically: effectively
+/// exactly-once delivery into PostgreSQL.
+pub struct PostgresStore {
+    config: String,
+    shown: String,
+    table: String,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("server", &self.shown)
+            .field("table", &self.table)
+            .finish()
+    }
+}
+
+/// Replaces `password=…` and `user:password@` in a connection string.
+fn redact(config: &str) -> String {
+    if let (Some(s), Some(at)) = (config.find("://"), config.rfind('@'))
+        && at > s
+    {
+        let user = config[s + 3..at].split(':').next().unwrap_or_default();
+        return format!("{}{}:***{}", &config[..s + 3], user, &config[at..]);
+    }
+    config
+        .split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn valid_table(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl PostgresStore {
+    /// The default table name.
+    pub const DEFAULT_TABLE: &'static str = "cdc_resume_points";
+
+    /// Connects with a libpq-style connection string or URL and creates `table` if missing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad table name or connection string;
+    /// [`Error::Store`] when the server cannot be reached.
+    pub async fn connect(config: &str, table: &str) -> Result<Self> {
+        if !valid_table(table) {
+            return Err(Error::InvalidArgument {
+                name: "table",
+                reason: format!("{table:?} is not a plain SQL identifier"),
+            });
+        }
+        let store = Self {
+            config: config.to_owned(),
+            shown: redact(config),
+            table: table.to_owned(),
+            client: tokio::sync::Mutex::new(None),
+        };
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                stream_id TEXT PRIMARY KEY,
+                token BYTEA NOT NULL,
+                ct_time BIGINT NOT NULL,
+                ct_increment BIGINT NOT NULL,
+                operation_type TEXT,
+                saved_at_ms BIGINT NOT NULL
+            )",
+            store.table
+        );
+        {
+            let client = store.client("*").await?;
+            client
+                .batch_execute(&create)
+                .await
+                .map_err(|e| Error::store("*", e))?;
+        }
+        Ok(store)
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    async fn client(&self, stream: &str) -> Result<tokio::sync::MappedMutexGuard<'_, Client>> {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) =
+                tokio_postgres::connect(&self.config, NoTls)
+                    .await
+                    .map_err(|e| {
+                        Error::store(
+                            stream,
+                            std::io::Error::other(format!("{}: {e}", self.shown)),
+                        )
+                    })?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "PostgreSQL resume store connection closed");
+                }
+            });
+            *slot = Some(client);
+        }
+        tokio::sync::MutexGuard::try_map(slot, Option::as_mut)
+            .map_err(|_| Error::store(stream, std::io::Error::other("no PostgreSQL connection")))
+    }
+
+    fn upsert_sql(&self) -> String {
+        format!(
+            "INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (stream_id) DO UPDATE SET
+                token = EXCLUDED.token, ct_time = EXCLUDED.ct_time, ct_increment = EXCLUDED.ct_increment,
+                operation_type = EXCLUDED.operation_type, saved_at_ms = EXCLUDED.saved_at_ms
+             WHERE ({t}.ct_time, {t}.ct_increment) <= (EXCLUDED.ct_time, EXCLUDED.ct_increment)
+               AND {t}.ct_time BETWEEN 0 AND 4294967295 AND {t}.ct_increment BETWEEN 0 AND 4294967295",
+            t = self.table
+        )
+    }
+
+    /// Saves through the caller's client or open transaction: the checkpoint commits or
+    /// rolls back with the caller's own rows.
+    ///
+    /// # Errors
+    /// As [`ResumeStore::save`].
+    pub async fn save_in(
+        &self,
+        client: &impl GenericClient,
+        stream: &str,
+        point: &ResumePoint,
+    ) -> Result<()> {
+        validate_stream_id(stream)?;
+        let op = point.operation_type.as_ref().map(OperationType::as_str);
+        let n = client
+            .execute(
+                &self.upsert_sql(),
+                &[
+                    &stream,
+                    &point.token.as_bytes(),
+                    &i64::from(point.cluster_time.time),
+                    &i64::from(point.cluster_time.increment),
+                    &op,
+                    &point.saved_at.timestamp_millis(),
+                ],
+            )
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        if n == 1 {
+            return Ok(());
+        }
+        let stored = self
+            .load_with(client, stream)
+            .await?
+            .map(|p| p.cluster_time)
+            .unwrap_or_default();
+        Err(Error::Regression {
+            stream: stream.to_owned(),
+            stored,
+            attempted: point.cluster_time,
+        })
+    }
+
+    async fn load_with(
+        &self,
+        client: &impl GenericClient,
+        stream: &str,
+    ) -> Result<Option<ResumePoint>> {
+        let sql = format!(
+            "SELECT token, ct_time, ct_increment, operation_type, saved_at_ms FROM {} WHERE stream_id = $1",
+            self.table
+        );
+        let row = client
+            .query_opt(&sql, &[&stream])
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        let Some(row) = row else { return Ok(None) };
+        let corrupt = |reason: String| Error::CorruptPoint {
+            stream: stream.to_owned(),
+            location: format!("{} table {} stream_id = {stream:?}", self.shown, self.table),
+            reason,
+        };
+        let token: Vec<u8> = row.try_get(0).map_err(|e| corrupt(format!("token: {e}")))?;
+        let token = ResumeToken::from_bytes(token)
+            .map_err(|e| corrupt(format!("token is not BSON: {e}")))?;
+        let part = |i: usize, name: &str| -> Result<u32> {
+            let v: i64 = row
+                .try_get(i)
+                .map_err(|e| corrupt(format!("{name}: {e}")))?;
+            u32::try_from(v).map_err(|_| corrupt(format!("{name} {v} is out of range")))
+        };
+        let cluster_time = ClusterTime::new(part(1, "ct_time")?, part(2, "ct_increment")?);
+        let op: Option<String> = row
+            .try_get(3)
+            .map_err(|e| corrupt(format!("operation_type: {e}")))?;
+        let saved_at: i64 = row
+            .try_get(4)
+            .map_err(|e| corrupt(format!("saved_at_ms: {e}")))?;
+        let mut point =
+            ResumePoint::post_batch(token, cluster_time, DateTime::from_millis(saved_at));
+        point.operation_type = op.as_deref().map(OperationType::parse);
+        Ok(Some(point))
+    }
+}
+
+#[async_trait]
+impl ResumeStore for PostgresStore {
+    async fn load(&self, stream: &str) -> Result<Option<ResumePoint>> {
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        self.load_with(&*client, stream).await
+    }
+
+    async fn save(&self, stream: &str, point: &ResumePoint) -> Result<()> {
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        self.save_in(&*client, stream, point).await
+    }
+
+    async fn delete(&self, stream: &str) -> Result<()> {
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let sql = format!("DELETE FROM {} WHERE stream_id = $1", self.table);
+        client
+            .execute(&sql, &[&stream])
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        Ok(())
+    }
+
+    async fn list_streams(&self) -> Result<Vec<String>> {
+        let client = self.client("*").await?;
+        let sql = format!("SELECT stream_id FROM {} ORDER BY stream_id", self.table);
+        let rows = client
+            .query(&sql, &[])
+            .await
+            .map_err(|e| Error::store("*", e))?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(|e| Error::store("*", e)))
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        format!("postgres:{} table {}", self.shown, self.table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_and_table_names() {
+        assert_eq!(redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact("host=h user=u password=pw dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+        assert!(valid_table("cdc_resume_points"));
+        assert!(!valid_table("x; DROP TABLE y"));
+        assert!(!valid_table("1abc"));
+    }
+}

@@ -1,0 +1,254 @@
+//! [`RedisStore`]: one key per stream under a configurable prefix.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cdc_core::{ClusterTime, Error, Result, ResumePoint, ResumeStore, validate_stream_id};
+use redis::{AsyncCommands, AsyncConnectionConfig, Client, aio::MultiplexedConnection};
+
+use crate::record;
+
+/// The compare-and-set of a save, run atomically by Redis: refuse a point older than the
+/// stored one, refuse to overwrite a key of another type or a record that is not ours.
+const SAVE_SCRIPT: &str = r"
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'none' and kind ~= 'string' then return {'wrongtype', kind} end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, old = pcall(cjson.decode, cur)
+  if not ok or type(old) ~= 'table' or type(old.clusterTime) ~= 'table' then return {'corrupt'} end
+  local ot, oi = tonumber(old.clusterTime.time), tonumber(old.clusterTime.increment)
+  local nt, ni = tonumber(ARGV[2]), tonumber(ARGV[3])
+  if ot == nil or oi == nil then return {'corrupt'} end
+  if nt < ot or (nt == ot and ni < oi) then return {'older', tostring(ot), tostring(oi)} end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return {'ok'}
+";
+
+/// Keeps each stream's point as a JSON string at `<prefix><stream>`.
+pub struct RedisStore {
+    client: Client,
+    prefix: String,
+    shown: String,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    script: redis::Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("server", &self.shown)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// `redis://user:password@host` with the password replaced.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl RedisStore {
+    /// A store on the server at `url` (`redis://host:port/db`), keys under `prefix`. No
+    /// connection is made until the first call.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a malformed URL (password redacted).
+    pub fn new(url: &str, prefix: impl Into<String>) -> Result<Self> {
+        let shown = redact(url);
+        let client = Client::open(url).map_err(|e| Error::InvalidArgument {
+            name: "url",
+            reason: format!("{shown}: {}", e.detail().unwrap_or("invalid Redis URL")),
+        })?;
+        Ok(Self {
+            client,
+            prefix: prefix.into(),
+            shown,
+            conn: tokio::sync::Mutex::new(None),
+            script: redis::Script::new(SAVE_SCRIPT),
+        })
+    }
+
+    fn key(&self, stream: &str) -> String {
+        format!("{}{stream}", self.prefix)
+    }
+
+    async fn connection(&self, stream: &str) -> Result<MultiplexedConnection> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Maps a Redis error; a broken connection is dropped so the next call reconnects.
+    async fn fail(&self, stream: &str, e: redis::RedisError) -> Error {
+        if e.code() == Some("WRONGTYPE") {
+            return Error::CorruptPoint {
+                stream: stream.to_owned(),
+                location: format!("{} key {}", self.shown, self.key(stream)),
+                reason: "the key holds a value of another type".into(),
+            };
+        }
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_connection_refusal()
+        {
+            *self.conn.lock().await = None;
+        }
+        Error::store(stream, e)
+    }
+}
+
+#[async_trait]
+impl ResumeStore for RedisStore {
+    async fn load(&self, stream: &str) -> Result<Option<ResumePoint>> {
+        validate_stream_id(stream)?;
+        let mut conn = self.connection(stream).await?;
+        let value: Option<Vec<u8>> = match conn.get(self.key(stream)).await {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(stream, e).await),
+        };
+        let location = format!("{} key {}", self.shown, self.key(stream));
+        value
+            .map(|bytes| record::decode(&bytes, stream, &location))
+            .transpose()
+    }
+
+    async fn save(&self, stream: &str, point: &ResumePoint) -> Result<()> {
+        validate_stream_id(stream)?;
+        let mut conn = self.connection(stream).await?;
+        let reply: Vec<String> = match self
+            .script
+            .key(self.key(stream))
+            .arg(record::encode(point))
+            .arg(point.cluster_time.time)
+            .arg(point.cluster_time.increment)
+            .invoke_async(&mut conn)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Err(self.fail(stream, e).await),
+        };
+        let location = || format!("{} key {}", self.shown, self.key(stream));
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(()),
+            Some("older") => {
+                let part = |i: usize| {
+                    reply
+                        .get(i)
+                        .and_then(|s| s.parse::<u32>().ok())
+                        .unwrap_or(0)
+                };
+                Err(Error::Regression {
+                    stream: stream.to_owned(),
+                    stored: ClusterTime::new(part(1), part(2)),
+                    attempted: point.cluster_time,
+                })
+            }
+            Some("wrongtype") => Err(Error::CorruptPoint {
+                stream: stream.to_owned(),
+                location: location(),
+                reason: format!(
+                    "the key holds a {}",
+                    reply.get(1).map_or("value of another type", String::as_str)
+                ),
+            }),
+            _ => Err(Error::CorruptPoint {
+                stream: stream.to_owned(),
+                location: location(),
+                reason: "the stored value is not a resume point record; delete it to start over"
+                    .into(),
+            }),
+        }
+    }
+
+    async fn delete(&self, stream: &str) -> Result<()> {
+        validate_stream_id(stream)?;
+        let mut conn = self.connection(stream).await?;
+        let result: redis::RedisResult<i64> = conn.del(self.key(stream)).await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fail(stream, e).await),
+        }
+    }
+
+    async fn list_streams(&self) -> Result<Vec<String>> {
+        let mut conn = self.connection("*").await?;
+        let mut cursor: u64 = 0;
+        let mut streams = Vec::new();
+        loop {
+            let result: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", glob_escape(&self.prefix)))
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await;
+            let (next, keys) = match result {
+                Ok(r) => r,
+                Err(e) => return Err(self.fail("*", e).await),
+            };
+            streams.extend(
+                keys.into_iter()
+                    .filter_map(|k| k.strip_prefix(&self.prefix).map(str::to_owned)),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        streams.sort();
+        streams.dedup();
+        Ok(streams)
+    }
+
+    fn describe(&self) -> String {
+        format!("redis:{} prefix {:?}", self.shown, self.prefix)
+    }
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact("redis://u:secret@h:6379/0"),
+            "redis://u:***@h:6379/0"
+        );
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        assert_eq!(glob_escape("a*b"), "a\\*b");
+    }
+}
