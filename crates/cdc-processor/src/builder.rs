@@ -1,0 +1,242 @@
+//! The [`Builder`] of a [`DocumentProcessor`].
+
+use std::{sync::Arc, time::Duration};
+
+use cdc_core::{ChangeSource, CheckpointPolicy, ResumeStore, validate_stream_id};
+use cdc_mongo::{
+    BeforeChange, FullDocument, HistoryLostPolicy, MongoSource, PreImagePolicy, Scope,
+    SourceOptions,
+};
+use mongodb_client::Client;
+
+use crate::{DocumentProcessor, Error, InvalidatePolicy, Result, processor::Settings};
+
+use cdc_mongo::mongodb as mongodb_client;
+
+/// Configures a [`DocumentProcessor`].
+///
+/// Defaults: post-images by `updateLookup`, pre-images when available, the batched
+/// checkpoint policy (100 events or 1 s; idle tokens once a minute), restart after
+/// invalidate, fail on history loss and on a missing required pre-image, a 10 s store
+/// timeout, 1024 events read ahead, retry after handler errors.
+pub struct Builder {
+    client: Option<Client>,
+    scope: Option<Scope>,
+    source: Option<Arc<dyn ChangeSource>>,
+    options: SourceOptions,
+    store: Option<Arc<dyn ResumeStore>>,
+    stream_id: Option<String>,
+    suffix: String,
+    policy: CheckpointPolicy,
+    invalidate: InvalidatePolicy,
+    store_timeout: Duration,
+    prefetch: usize,
+    stop_on_handler_error: bool,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("scope", &self.scope)
+            .field("stream_id", &self.stream_id)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            client: None,
+            scope: None,
+            source: None,
+            options: SourceOptions::default()
+                .full_document(FullDocument::UpdateLookup)
+                .before_change(BeforeChange::WhenAvailable),
+            store: None,
+            stream_id: None,
+            suffix: String::new(),
+            policy: CheckpointPolicy::default(),
+            invalidate: InvalidatePolicy::default(),
+            store_timeout: Duration::from_secs(10),
+            prefetch: 1024,
+            stop_on_handler_error: false,
+        }
+    }
+}
+
+impl Builder {
+    /// The client to watch through (see `cdc_mongo::connect`).
+    #[must_use]
+    pub fn client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Watch one collection.
+    #[must_use]
+    pub fn collection(mut self, db: impl Into<String>, coll: impl Into<String>) -> Self {
+        self.scope = Some(Scope::collection(db, coll));
+        self
+    }
+
+    /// Watch every collection of a database.
+    #[must_use]
+    pub fn database(mut self, db: impl Into<String>) -> Self {
+        self.scope = Some(Scope::database(db));
+        self
+    }
+
+    /// Watch the whole deployment.
+    #[must_use]
+    pub fn deployment(mut self) -> Self {
+        self.scope = Some(Scope::Deployment);
+        self
+    }
+
+    /// Use any change source instead of a client and scope.
+    #[must_use]
+    pub fn source(mut self, source: Arc<dyn ChangeSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// All source options at once (document modes, operation filter, pipeline, …).
+    #[must_use]
+    pub fn source_options(mut self, options: SourceOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The `fullDocument` mode.
+    #[must_use]
+    pub fn full_document(mut self, mode: FullDocument) -> Self {
+        self.options = self.options.full_document(mode);
+        self
+    }
+
+    /// The `fullDocumentBeforeChange` mode.
+    #[must_use]
+    pub fn before_change(mut self, mode: BeforeChange) -> Self {
+        self.options = self.options.before_change(mode);
+        self
+    }
+
+    /// What to do when a required pre-image is missing.
+    #[must_use]
+    pub fn pre_image_policy(mut self, policy: PreImagePolicy) -> Self {
+        self.options = self.options.pre_image_policy(policy);
+        self
+    }
+
+    /// What to do when the stored position has aged out of the oplog.
+    #[must_use]
+    pub fn history_lost_policy(mut self, policy: HistoryLostPolicy) -> Self {
+        self.options = self.options.history_lost_policy(policy);
+        self
+    }
+
+    /// Where resume points live.
+    #[must_use]
+    pub fn store(mut self, store: Arc<dyn ResumeStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The stream id the point is stored under (default: the watched namespace, like the
+    /// Go package's collection name, plus the resume suffix).
+    #[must_use]
+    pub fn stream_id(mut self, id: impl Into<String>) -> Self {
+        self.stream_id = Some(id.into());
+        self
+    }
+
+    /// A suffix for the default stream id (the Go package's `resumeSuffix`).
+    #[must_use]
+    pub fn resume_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.suffix = suffix.into();
+        self
+    }
+
+    /// When to persist resume points.
+    #[must_use]
+    pub fn checkpoint(mut self, policy: CheckpointPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// What to do after an invalidate.
+    #[must_use]
+    pub fn invalidate_policy(mut self, policy: InvalidatePolicy) -> Self {
+        self.invalidate = policy;
+        self
+    }
+
+    /// How long a store call may take before it counts as failed (and is retried).
+    #[must_use]
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// How many events are read ahead while the handler works (at least 1).
+    #[must_use]
+    pub fn prefetch(mut self, events: usize) -> Self {
+        self.prefetch = events.max(1);
+        self
+    }
+
+    /// Make handler errors fatal for `start_with_retry` (by default the event is retried
+    /// after a backoff).
+    #[must_use]
+    pub fn stop_on_handler_error(mut self, stop: bool) -> Self {
+        self.stop_on_handler_error = stop;
+        self
+    }
+
+    /// Builds the processor.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when there is no store, no source (a client and a scope), or the
+    /// stream id is invalid.
+    pub fn build(self) -> Result<DocumentProcessor> {
+        let store = self
+            .store
+            .ok_or_else(|| Error::Config("no resume store: call .store(…)".into()))?;
+        let (source, default_id): (Arc<dyn ChangeSource>, String) =
+            match (self.source, self.client, self.scope) {
+                (Some(source), _, _) => {
+                    let id = source.describe();
+                    (source, id)
+                }
+                (None, Some(client), Some(scope)) => {
+                    let id = scope.to_string();
+                    (Arc::new(MongoSource::new(client, scope, self.options)), id)
+                }
+                (None, None, _) => {
+                    return Err(Error::Config(
+                        "no source: call .client(…) and .collection(…), or .source(…)".into(),
+                    ));
+                }
+                (None, Some(_), None) => {
+                    return Err(Error::Config(
+                        "no scope: call .collection(…), .database(…) or .deployment()".into(),
+                    ));
+                }
+            };
+        let stream_id = self
+            .stream_id
+            .unwrap_or_else(|| format!("{default_id}{}", self.suffix));
+        validate_stream_id(&stream_id).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(DocumentProcessor::from_settings(Settings {
+            stream_id,
+            source,
+            store,
+            policy: self.policy,
+            invalidate: self.invalidate,
+            store_timeout: self.store_timeout,
+            prefetch: self.prefetch,
+            stop_on_handler_error: self.stop_on_handler_error,
+        }))
+    }
+}

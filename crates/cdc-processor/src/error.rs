@@ -1,0 +1,51 @@
+//! Errors of the processor.
+
+use cdc_core::ErrorKind;
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a processor stopped or could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The source, the store, a handler or the protocol failed; the kind says which.
+    #[error(transparent)]
+    Cdc(#[from] cdc_core::Error),
+    /// `start` was called while the processor was already running.
+    #[error("the processor for stream `{0}` is already running")]
+    AlreadyRunning(String),
+    /// The stream was invalidated (its collection dropped or renamed) and the invalidate
+    /// policy is to stop. The invalidate point is stored; a new start continues after it.
+    #[error(
+        "stream `{0}` was invalidated (collection dropped or renamed) and the policy is to stop"
+    )]
+    Invalidated(String),
+    /// The builder was given an inconsistent configuration.
+    #[error("invalid processor configuration: {0}")]
+    Config(String),
+    /// A resume store call did not answer in time.
+    #[error("resume store did not answer within {seconds} s for stream `{stream}`")]
+    StoreTimeout {
+        /// The stream.
+        stream: String,
+        /// The timeout.
+        seconds: u64,
+    },
+}
+
+impl Error {
+    /// How the error is classified.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Cdc(e) => e.kind(),
+            Self::StoreTimeout { .. } => ErrorKind::Store,
+            Self::AlreadyRunning(_) | Self::Invalidated(_) | Self::Config(_) => ErrorKind::Fatal,
+        }
+    }
+
+    /// Whether a retry loop should try again after a backoff.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
+}

@@ -1,0 +1,68 @@
+//! `cdc-processor`: the `DocumentProcessor` most users import.
+//!
+//! It watches a MongoDB collection (or database, or deployment) through `cdc-mongo`,
+//! hands every change to your handler, and stores how far it got in a `cdc-resume` store
+//! only after your handler succeeded, so that after a restart, crash, failover or dropped
+//! collection it continues exactly where processing stopped. The delivery guarantee is
+//! stated in `docs/SEMANTICS.md`.
+//!
+//! ```no_run
+//! use std::{sync::Arc, time::Duration};
+//! use cdc_processor::{BoxError, CollectionWatcher, DocumentProcessor, JsonWatcher, default_backoff};
+//!
+//! struct Printer;
+//!
+//! #[async_trait::async_trait]
+//! impl CollectionWatcher for Printer {
+//!     async fn insert(&self, doc: &[u8]) -> Result<(), BoxError> {
+//!         println!("insert {}", String::from_utf8_lossy(doc));
+//!         Ok(())
+//!     }
+//!     async fn update(&self, doc: &[u8]) -> Result<(), BoxError> {
+//!         println!("update {}", String::from_utf8_lossy(doc));
+//!         Ok(())
+//!     }
+//!     async fn delete(&self, doc: &[u8]) -> Result<(), BoxError> {
+//!         println!("delete {}", String::from_utf8_lossy(doc));
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = cdc_processor::connect("mongodb://127.0.0.1:27017/?replicaSet=rs0", Duration::from_secs(10)).await?;
+//! let processor = DocumentProcessor::builder()
+//!     .client(client)
+//!     .collection("shop", "orders")
+//!     .store(Arc::new(cdc_processor::stores::FileStore::new("./resume-points")?))
+//!     .build()?;
+//! processor.start_with_retry(default_backoff(), JsonWatcher(Printer)).await?;
+//! # Ok(()) }
+//! ```
+
+mod builder;
+mod error;
+mod handler;
+mod processor;
+mod stats;
+
+pub use builder::Builder;
+pub use error::{Error, Result};
+pub use handler::{CollectionWatcher, JsonWatcher, Typed, TypedWatcher, to_json_bytes};
+pub use processor::{DocumentProcessor, InvalidatePolicy, StopHandle, default_backoff};
+pub use stats::Stats;
+
+pub use cdc_core::{
+    BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DispatchChain, Dispatcher, FnDispatcher,
+    Namespace, OperationType, ResumePoint, ResumeStore, ResumeToken,
+};
+pub use cdc_mongo::{
+    BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions, connect,
+};
+
+/// The resume stores, re-exported behind the same features as `cdc-resume`.
+pub mod stores {
+    pub use cdc_resume::*;
+}
+
+/// Re-export of `backon`, for custom backoff policies.
+pub use backon;

@@ -1,0 +1,446 @@
+//! The [`DocumentProcessor`]: reads a change stream, hands each event to the handler, and
+//! checkpoints after processing through the `cdc-core` protocol.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use backon::BackoffBuilder;
+use cdc_core::{
+    ChangeCursor, ChangeEvent, ChangeSource, CheckpointPolicy, Checkpointer, Dispatcher, ErrorKind,
+    HistoryGap, OperationType, ResumePoint, ResumeStore, ResumeToken, StartPosition,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{Error, Result, Stats};
+
+/// What happens when the watched collection is dropped or renamed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidatePolicy {
+    /// Dispatch and store the invalidate event, then reopen with `startAfter` it in
+    /// process, so events on a collection re-created under the same name keep flowing.
+    #[default]
+    Restart,
+    /// Dispatch and store the invalidate event, then stop with [`Error::Invalidated`].
+    Stop,
+}
+
+pub(crate) struct Settings {
+    pub(crate) stream_id: String,
+    pub(crate) source: Arc<dyn ChangeSource>,
+    pub(crate) store: Arc<dyn ResumeStore>,
+    pub(crate) policy: CheckpointPolicy,
+    pub(crate) invalidate: InvalidatePolicy,
+    pub(crate) store_timeout: Duration,
+    pub(crate) prefetch: usize,
+    pub(crate) stop_on_handler_error: bool,
+}
+
+struct Inner {
+    settings: Settings,
+    cancel: CancellationToken,
+    running: AtomicBool,
+    errors: broadcast::Sender<Arc<Error>>,
+    stats: Mutex<Stats>,
+}
+
+/// Watches a collection, database or deployment and hands every change to a handler,
+/// never losing one: see `docs/SEMANTICS.md`.
+///
+/// Cloning gives another handle onto the same processor (to stop it from elsewhere).
+#[derive(Clone)]
+pub struct DocumentProcessor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DocumentProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.inner.settings;
+        f.debug_struct("DocumentProcessor")
+            .field("stream", &s.stream_id)
+            .field("source", &s.source.describe())
+            .field("store", &s.store.describe())
+            .field("policy", &s.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops a processor from anywhere, including from inside a handler.
+#[derive(Clone, Debug)]
+pub struct StopHandle(CancellationToken);
+
+impl StopHandle {
+    /// Asks the processor to stop: see [`DocumentProcessor::stop`].
+    pub fn stop(&self) {
+        self.0.cancel();
+    }
+}
+
+enum Item {
+    Event(Box<ChangeEvent>),
+    Idle(Option<ResumeToken>),
+    Gap(HistoryGap),
+    Closed,
+    Failed(cdc_core::Error),
+}
+
+enum Outcome {
+    Stopped,
+    Invalidated,
+    Closed,
+}
+
+/// Reads ahead of the handler: the cursor fetches the next batch while the handler works.
+async fn read_ahead(mut cursor: Box<dyn ChangeCursor>, tx: mpsc::Sender<Item>) {
+    loop {
+        if let Some(gap) = cursor.take_gap()
+            && tx.send(Item::Gap(gap)).await.is_err()
+        {
+            break;
+        }
+        let next = tokio::select! {
+            r = cursor.next() => r,
+            () = tx.closed() => break,
+        };
+        let (item, last) = match next {
+            Ok(Some(e)) => (Item::Event(Box::new(e)), false),
+            Ok(None) if cursor.is_closed() => (Item::Closed, true),
+            Ok(None) => (Item::Idle(cursor.resume_token()), false),
+            Err(e) => (Item::Failed(e), true),
+        };
+        if tx.send(item).await.is_err() || last {
+            break;
+        }
+    }
+    cursor.close().await;
+}
+
+impl DocumentProcessor {
+    pub(crate) fn from_settings(settings: Settings) -> Self {
+        let (errors, _) = broadcast::channel(64);
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                cancel: CancellationToken::new(),
+                running: AtomicBool::new(false),
+                errors,
+                stats: Mutex::new(Stats::default()),
+            }),
+        }
+    }
+
+    /// The builder.
+    pub fn builder() -> crate::Builder {
+        crate::Builder::default()
+    }
+
+    /// The stream id under which the resume point is stored.
+    pub fn stream_id(&self) -> &str {
+        &self.inner.settings.stream_id
+    }
+
+    /// A snapshot of the processor's counters and positions.
+    pub fn stats(&self) -> Stats {
+        self.stats_mut().clone()
+    }
+
+    fn stats_mut(&self) -> MutexGuard<'_, Stats> {
+        // Stats are plain counters: a panic while holding the lock cannot break them.
+        self.inner
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Receives every error that ended a start (a broadcast: it never blocks the processor,
+    /// and nothing happens when nobody listens; a slow receiver skips what it missed).
+    pub fn on_start_err(&self) -> broadcast::Receiver<Arc<Error>> {
+        self.inner.errors.subscribe()
+    }
+
+    /// A handle that stops the processor from elsewhere.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.inner.cancel.clone())
+    }
+
+    /// Asks the processor to stop, gracefully: no new event is taken, the handler call in
+    /// flight finishes, the final checkpoint is written, the cursor is closed, then
+    /// `start` returns `Ok`. Safe before `start`, twice, or from inside a handler. A
+    /// processor stops once: build a new one to run again.
+    pub fn stop(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    /// Runs until stopped or failed.
+    ///
+    /// # Errors
+    /// The error that ended the stream: a source, store or handler failure
+    /// ([`Error::Cdc`]), [`Error::Invalidated`] under [`InvalidatePolicy::Stop`],
+    /// [`Error::AlreadyRunning`].
+    pub async fn start(&self, handler: impl Dispatcher + 'static) -> Result<()> {
+        self.run_guarded(&handler).await
+    }
+
+    /// Runs until stopped, restarting after retryable failures (transient source errors,
+    /// store failures, and handler errors unless the builder says to stop on them) with the
+    /// given backoff; [`default_backoff`] is exponential with jitter. The backoff starts
+    /// over after a run that handled at least one event. Fatal errors end it at once.
+    ///
+    /// # Errors
+    /// The first error not worth retrying, or the last one when the backoff gives up.
+    pub async fn start_with_retry<B>(
+        &self,
+        backoff: B,
+        handler: impl Dispatcher + 'static,
+    ) -> Result<()>
+    where
+        B: BackoffBuilder + Clone,
+    {
+        let mut delays = backoff.clone().build();
+        loop {
+            let before = self.stats_mut().events;
+            let err = match self.run_guarded(&handler).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let handler_error = err.kind() == ErrorKind::Handler;
+            let retry =
+                err.is_retryable() || (handler_error && !self.inner.settings.stop_on_handler_error);
+            if !retry {
+                return Err(err);
+            }
+            if self.inner.cancel.is_cancelled() {
+                return Ok(());
+            }
+            if self.stats_mut().events > before {
+                delays = backoff.clone().build();
+            }
+            let Some(delay) = delays.next() else {
+                return Err(err);
+            };
+            self.stats_mut().restarts += 1;
+            tracing::warn!(stream = %self.stream_id(), error = %err, ?delay, "restarting after a failure");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.inner.cancel.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    async fn run_guarded(&self, handler: &dyn Dispatcher) -> Result<()> {
+        if self.inner.running.swap(true, Ordering::AcqRel) {
+            return Err(Error::AlreadyRunning(self.stream_id().to_owned()));
+        }
+        let span = tracing::info_span!("cdc", stream = %self.stream_id());
+        let result = self.run(handler).instrument(span).await;
+        self.inner.running.store(false, Ordering::Release);
+        if let Err(e) = &result {
+            self.stats_mut().last_error = Some(e.to_string());
+            let _ = self.inner.errors.send(Arc::new(clone_error(e)));
+        }
+        result
+    }
+
+    async fn store_call<T>(&self, call: impl Future<Output = cdc_core::Result<T>>) -> Result<T> {
+        let s = &self.inner.settings;
+        match tokio::time::timeout(s.store_timeout, call).await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::StoreTimeout {
+                stream: s.stream_id.clone(),
+                seconds: s.store_timeout.as_secs(),
+            }),
+        }
+    }
+
+    async fn save(&self, cp: &mut Checkpointer, point: ResumePoint) -> Result<()> {
+        let s = &self.inner.settings;
+        self.store_call(s.store.save(&s.stream_id, &point)).await?;
+        cp.confirm(&point, Instant::now());
+        let mut stats = self.stats_mut();
+        stats.checkpoints += 1;
+        stats.last_checkpoint = Some(point.cluster_time);
+        stats.checkpoint_lag_events = u64::from(cp.unsaved_events());
+        stats.checkpoint_lag_seconds = stats.last_cluster_time.map_or(0, |t| {
+            u64::from(t.time.saturating_sub(point.cluster_time.time))
+        });
+        Ok(())
+    }
+
+    async fn flush(&self, cp: &mut Checkpointer) -> Result<()> {
+        match cp.flush() {
+            Some(point) => self.save(cp, point).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn run(&self, handler: &dyn Dispatcher) -> Result<()> {
+        let s = &self.inner.settings;
+        if self.inner.cancel.is_cancelled() {
+            return Ok(());
+        }
+        let stored = self.store_call(s.store.load(&s.stream_id)).await?;
+        self.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
+        let mut cp = Checkpointer::new(s.policy.clone(), stored.clone(), Instant::now());
+        let mut position = StartPosition::after(stored.as_ref());
+        loop {
+            tracing::info!(source = %s.source.describe(), ?position, "opening the change stream");
+            let cursor = tokio::select! {
+                c = s.source.open(&position) => c?,
+                () = self.inner.cancel.cancelled() => return Ok(()),
+            };
+            let (tx, mut rx) = mpsc::channel(s.prefetch.max(1));
+            let reader = tokio::spawn(read_ahead(cursor, tx));
+            let outcome = self.consume(&mut rx, &mut cp, handler).await;
+            drop(rx);
+            if tokio::time::timeout(Duration::from_secs(5), reader)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the cursor reader did not finish within 5 s");
+            }
+            match outcome {
+                Ok(Outcome::Stopped) => {
+                    self.flush(&mut cp).await?;
+                    tracing::info!("stopped");
+                    return Ok(());
+                }
+                Ok(Outcome::Invalidated) if s.invalidate == InvalidatePolicy::Stop => {
+                    self.flush(&mut cp).await?;
+                    return Err(Error::Invalidated(s.stream_id.clone()));
+                }
+                Ok(Outcome::Invalidated | Outcome::Closed) => {
+                    self.flush(&mut cp).await?;
+                    cp.reset_outstanding();
+                    position = cp.resume_position();
+                    self.stats_mut().reopens += 1;
+                    tracing::info!(?position, "the stream was closed by the server: reopening");
+                }
+                Err(e) => {
+                    if let Err(flush) = self.flush(&mut cp).await {
+                        tracing::warn!(error = %flush, "the final checkpoint after a failure could not be written");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        rx: &mut mpsc::Receiver<Item>,
+        cp: &mut Checkpointer,
+        handler: &dyn Dispatcher,
+    ) -> Result<Outcome> {
+        let mut invalidated = false;
+        loop {
+            let item = tokio::select! {
+                biased;
+                () = self.inner.cancel.cancelled() => return Ok(Outcome::Stopped),
+                item = rx.recv() => item,
+            };
+            let Some(item) = item else {
+                return Err(cdc_core::Error::source(
+                    ErrorKind::Transient,
+                    "the cursor reader ended unexpectedly",
+                )
+                .into());
+            };
+            match item {
+                Item::Event(event) => {
+                    if cp.is_blocked() {
+                        self.flush(cp).await?;
+                    }
+                    let seq = cp.track(event.resume_point(bson::DateTime::now()))?;
+                    if let Err(source) = handler.dispatch(&event, None).await {
+                        return Err(cdc_core::Error::Handler {
+                            operation: event.operation_type.clone(),
+                            cluster_time: event.cluster_time,
+                            source,
+                        }
+                        .into());
+                    }
+                    {
+                        let mut stats = self.stats_mut();
+                        stats.events += 1;
+                        *stats
+                            .events_by_type
+                            .entry(event.operation_type.to_string())
+                            .or_default() += 1;
+                        stats.last_cluster_time = Some(event.cluster_time);
+                    }
+                    if let Some(point) = cp.ack(seq, Instant::now())? {
+                        self.save(cp, point).await?;
+                    }
+                    self.stats_mut().checkpoint_lag_events = u64::from(cp.unsaved_events());
+                    invalidated |= event.operation_type == OperationType::Invalidate;
+                }
+                Item::Idle(token) => {
+                    let now = Instant::now();
+                    let due = match token {
+                        Some(t) => cp.idle(t, now, bson::DateTime::now()),
+                        None => cp.tick(now),
+                    };
+                    if let Some(point) = due {
+                        self.save(cp, point).await?;
+                    }
+                }
+                Item::Gap(gap) => {
+                    tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
+                    self.stats_mut().last_gap = Some(gap);
+                }
+                Item::Closed => {
+                    return Ok(if invalidated {
+                        Outcome::Invalidated
+                    } else {
+                        Outcome::Closed
+                    });
+                }
+                Item::Failed(e) => return Err(e.into()),
+            }
+            if let Some(point) = cp.tick(Instant::now()) {
+                self.save(cp, point).await?;
+            }
+        }
+    }
+}
+
+/// Errors are published to many subscribers; the published copy keeps the kind and the
+/// message chain.
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::AlreadyRunning(s) => Error::AlreadyRunning(s.clone()),
+        Error::Invalidated(s) => Error::Invalidated(s.clone()),
+        Error::Config(s) => Error::Config(s.clone()),
+        Error::StoreTimeout { stream, seconds } => Error::StoreTimeout {
+            stream: stream.clone(),
+            seconds: *seconds,
+        },
+        Error::Cdc(inner) => {
+            let mut text = inner.to_string();
+            let mut source = std::error::Error::source(inner);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            Error::Cdc(cdc_core::Error::source(inner.kind(), text))
+        }
+    }
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 30 s, retrying forever.
+pub fn default_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+}
