@@ -17,6 +17,8 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
         Some("conformance") => conformance(&args[1..]),
+        Some("demo") => demo(&args[1..]),
+        Some("integration") => integration(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -36,6 +38,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
+  demo [--uri URI] [--seconds S] [--rate R]
+                  the main job on the embedded default, killed and resumed midway
+  integration [--uri URI]
+                  the end-to-end suites against mongo-sim (or the replica set at URI)
   bench sim       change events per second from mongo-sim to the driver (release build)
   bench stores    save and load latency of every resume store (release build)
   conformance [--dir DIR] [--uri URI]
@@ -55,6 +61,53 @@ fn run(step: &str, mut cmd: Command) -> Result<(), String> {
     } else {
         Err(format!("{step} failed ({status})"))
     }
+}
+
+/// Runs the demo program.
+fn demo(args: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "-p",
+        "cdc-tests",
+        "--bin",
+        "cdc-demo",
+        "--",
+    ]);
+    cmd.args(args);
+    run("demo", cmd)
+}
+
+/// Runs the end-to-end suites; with `--uri`, against that replica set.
+fn integration(args: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--all-features",
+        "-p",
+        "cdc-tests",
+        "-p",
+        "cdc-processor",
+        "-p",
+        "cdc-mongo",
+        "-p",
+        "cdc-resume",
+        "-p",
+        "mongo-sim",
+        "--tests",
+    ]);
+    match args {
+        [] => {}
+        [flag, uri] if flag == "--uri" => {
+            println!(
+                "integration: against {uri}; tests that need mongo-sim's fault controls say SKIPPED with their reason"
+            );
+            cmd.env("CDC_MONGODB_URI", uri);
+        }
+        _ => return Err("usage: cargo xtask integration [--uri URI]".into()),
+    }
+    run("integration", cmd)
 }
 
 /// Runs the benchmark program in release mode with the given arguments.
