@@ -165,14 +165,14 @@ async fn run() -> Result<bool, BoxError> {
         while Instant::now() < end {
             tick.tick().await;
             i += 1;
-            let change = if i % 10 == 0 && !versions.is_empty() {
+            let change = if i.is_multiple_of(10) && !versions.is_empty() {
                 let id = *versions.keys().next().unwrap_or(&0);
                 versions.remove(&id);
                 wcoll
                     .delete_one(doc! { "_id": id })
                     .await
                     .map(|_| (id, "deleted".to_owned()))
-            } else if i % 3 == 0 && !versions.is_empty() {
+            } else if i.is_multiple_of(3) && !versions.is_empty() {
                 let id = *versions
                     .keys()
                     .nth((i as usize / 3) % versions.len())
@@ -293,8 +293,8 @@ async fn run() -> Result<bool, BoxError> {
     println!("| ---: | ---: | ---: | ---: | ---: |");
     println!(
         "| {} | {} | {} | {} | {} |",
-        l.written.len(),
-        l.delivered.len(),
+        written,
+        delivered,
         lost,
         twice,
         caught_up.map_or_else(
