@@ -277,18 +277,21 @@ async fn run() -> Result<bool, BoxError> {
         p.stop();
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-    let l = ledger.0.lock().map_err(|_| "poisoned")?;
-    let seen: HashSet<&Change> = l.delivered.iter().collect();
-    let lost = l.written.iter().filter(|c| !seen.contains(c)).count();
-    let mut counts: HashMap<&Change, usize> = HashMap::new();
-    for c in &l.delivered {
-        *counts.entry(c).or_default() += 1;
-    }
-    let twice = counts
-        .values()
-        .filter(|n| **n > 1)
-        .map(|n| n - 1)
-        .sum::<usize>();
+    let (written, delivered, lost, twice) = {
+        let l = ledger.0.lock().map_err(|_| "poisoned")?;
+        let seen: HashSet<&Change> = l.delivered.iter().collect();
+        let lost = l.written.iter().filter(|c| !seen.contains(c)).count();
+        let mut counts: HashMap<&Change, usize> = HashMap::new();
+        for c in &l.delivered {
+            *counts.entry(c).or_default() += 1;
+        }
+        let twice = counts
+            .values()
+            .filter(|n| **n > 1)
+            .map(|n| n - 1)
+            .sum::<usize>();
+        (l.written.len(), l.delivered.len(), lost, twice)
+    };
     println!("\n| written | delivered | lost | delivered twice | catch-up after restart |");
     println!("| ---: | ---: | ---: | ---: | ---: |");
     println!(
