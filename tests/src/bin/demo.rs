@@ -253,11 +253,7 @@ async fn run() -> Result<bool, BoxError> {
             .last_checkpoint
             .map_or_else(|| "-".to_owned(), |t| t.to_string());
         let width = 30;
-        let filled = if written == 0 {
-            0
-        } else {
-            covered * width / written
-        };
+        let filled = (covered * width).checked_div(written).unwrap_or(0);
         print!(
             "\r  [{}{}] written {written:>6}  delivered {delivered:>6}  checkpoint {checkpoint:<24}",
             "█".repeat(filled),
