@@ -44,6 +44,7 @@ commands:
                   the end-to-end suites against mongo-sim (or the replica set at URI)
   bench sim       change events per second from mongo-sim to the driver (release build)
   bench stores    save and load latency of every resume store (release build)
+  bench [all]     the ten library scenarios side by side, report in target/bench/ (release build)
   conformance [--dir DIR] [--uri URI]
                   MongoDB's unified change-stream spec tests against mongo-sim (or URI)";
 
@@ -124,7 +125,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         "--",
     ]);
     if args.is_empty() {
-        cmd.arg("sim");
+        cmd.arg("all");
     } else {
         cmd.args(args);
     }

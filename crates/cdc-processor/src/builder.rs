@@ -15,7 +15,8 @@ use cdc_mongo::mongodb as mongodb_client;
 
 /// Configures a [`DocumentProcessor`].
 ///
-/// Defaults: post-images by `updateLookup`, pre-images when available, the batched
+/// Defaults: post-images by `updateLookup`, pre-images when available, batches of 1,000
+/// events (so a burst does not make the driver buffer 16 MB batches), the batched
 /// checkpoint policy (100 events or 1 s; idle tokens once a minute), restart after
 /// invalidate, fail on history loss and on a missing required pre-image, a 10 s store
 /// timeout, 1024 events read ahead, retry after handler errors.
@@ -52,7 +53,8 @@ impl Default for Builder {
             source: None,
             options: SourceOptions::default()
                 .full_document(FullDocument::UpdateLookup)
-                .before_change(BeforeChange::WhenAvailable),
+                .before_change(BeforeChange::WhenAvailable)
+                .batch_size(1000),
             store: None,
             stream_id: None,
             suffix: String::new(),

@@ -5,6 +5,8 @@
 //!   oplog is pre-loaded, then drained).
 //! - `cdc-bench stores [--ops N]`: save and load latency (median, p99) of every resume
 //!   store backend.
+//! - `cdc-bench all`: the ten library scenarios side by side (see `scenarios.rs`), written
+//!   to `target/bench/report.md` and `report.json`.
 
 // A benchmark program: printing its figures is its job.
 #![allow(clippy::print_stdout)]
@@ -16,6 +18,8 @@ use futures_util::TryStreamExt;
 use mongo_sim::{MongoSim, SimOptions};
 use mongodb::{Client, Collection};
 
+mod scenarios;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
@@ -24,7 +28,9 @@ async fn main() -> std::process::ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("sim") => sim(&args[1..]).await,
         Some("stores") => stores(&args[1..]).await,
-        _ => Err("usage: cdc-bench sim [--events N] [--rounds R] | stores [--ops N]".into()),
+        Some("all") => scenarios::all(&args[1..]).await,
+        Some("consume") => scenarios::consume_child(&args[1..]).await,
+        _ => Err("usage: cdc-bench sim [--events N] [--rounds R] | stores [--ops N] | all [--events N] [--rounds R] [--burst N] [--filtered N] [--idle-seconds S]".into()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -131,6 +137,17 @@ async fn sim(args: &[String]) -> Result<(), BoxError> {
     );
     sim.shutdown().await;
     Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -1,0 +1,735 @@
+//! The library scenarios of `cargo xtask bench`: throughput as catch-up over a pre-loaded
+//! oplog, latency at a steady rate, peak memory over a burst, resume cost with a selective
+//! filter, and store writes per minute.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bson::{Document, RawDocumentBuf, doc};
+use cdc_core::{
+    BoxError as CoreBoxError, ChangeEvent, ChangeSource, CheckpointPolicy, ClusterTime, Dispatcher,
+    OperationType, ResumePoint, ResumeStore, ResumeToken, StartPosition,
+};
+use cdc_mongo::{MongoSource, Scope, SourceOptions, from_driver_token};
+use cdc_processor::{DocumentProcessor, stores::MemoryStore};
+use futures_util::TryStreamExt;
+use mongo_sim::{MongoSim, SimOptions};
+use mongodb::{Client, Collection};
+use serde_json::json;
+
+use super::{BoxError, flag, median_and_spread, payload, percentile, preload};
+
+/// Counts delivered events and wakes the waiter at the target.
+#[derive(Clone, Default)]
+struct Count {
+    n: Arc<AtomicU64>,
+    target: Arc<AtomicU64>,
+    done: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl Dispatcher for Count {
+    async fn dispatch(
+        &self,
+        _event: &ChangeEvent,
+        previous: Option<CoreBoxError>,
+    ) -> Result<(), CoreBoxError> {
+        if let Some(e) = previous {
+            return Err(e);
+        }
+        let n = self.n.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.target.load(Ordering::Relaxed) {
+            self.done.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Counts saves, for store-writes-per-minute.
+struct CountingStore {
+    inner: MemoryStore,
+    saves: AtomicU64,
+}
+
+#[async_trait]
+impl ResumeStore for CountingStore {
+    async fn load(&self, stream: &str) -> cdc_core::Result<Option<ResumePoint>> {
+        self.inner.load(stream).await
+    }
+    async fn save(&self, stream: &str, point: &ResumePoint) -> cdc_core::Result<()> {
+        self.saves.fetch_add(1, Ordering::Relaxed);
+        self.inner.save(stream, point).await
+    }
+    async fn delete(&self, stream: &str) -> cdc_core::Result<()> {
+        self.inner.delete(stream).await
+    }
+    async fn list_streams(&self) -> cdc_core::Result<Vec<String>> {
+        self.inner.list_streams().await
+    }
+    fn describe(&self) -> String {
+        "counting memory".into()
+    }
+}
+
+/// A starting point at the current head of the oplog, for `coll`.
+async fn head_point(coll: &Collection<Document>) -> Result<ResumePoint, BoxError> {
+    let stream = coll.watch().await?;
+    let token = stream.resume_token().ok_or("no initial resume token")?;
+    let token = from_driver_token(&token).ok_or("token conversion")?;
+    let time = token.cluster_time_hint().unwrap_or_default();
+    Ok(ResumePoint::post_batch(token, time, bson::DateTime::now()))
+}
+
+struct Row {
+    id: &'static str,
+    name: String,
+    unit: &'static str,
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn row(id: &'static str, name: impl Into<String>, unit: &'static str, values: Vec<f64>) -> Row {
+    let (median, min, max) = median_and_spread(values);
+    Row {
+        id,
+        name: name.into(),
+        unit,
+        median,
+        min,
+        max,
+    }
+}
+
+struct Bench {
+    client: Client,
+    events: usize,
+    next: usize,
+}
+
+impl Bench {
+    /// A fresh collection with `events` inserts after a recorded head point.
+    async fn loaded(&mut self) -> Result<(Collection<Document>, String, ResumePoint), BoxError> {
+        self.next += 1;
+        let name = format!("c{}", self.next);
+        let coll = self.client.database("bench").collection::<Document>(&name);
+        if self.next > 1 {
+            self.client
+                .database("bench")
+                .collection::<Document>(&format!("c{}", self.next - 1))
+                .drop()
+                .await?;
+        }
+        let start = head_point(&coll).await?;
+        preload(&coll, self.events, 0).await?;
+        Ok((coll, name, start))
+    }
+
+    async fn raw_driver(&mut self) -> Result<f64, BoxError> {
+        let (coll, _, start) = self.loaded().await?;
+        let token = cdc_mongo::to_driver_token(&start.token).ok_or("token")?;
+        let t0 = Instant::now();
+        let mut stream = coll
+            .watch()
+            .resume_after(token)
+            .await?
+            .with_type::<RawDocumentBuf>();
+        let mut seen = 0;
+        while seen < self.events {
+            stream.try_next().await?.ok_or("stream ended")?;
+            seen += 1;
+        }
+        Ok(self.events as f64 / t0.elapsed().as_secs_f64())
+    }
+
+    async fn processor(
+        &mut self,
+        store: Arc<dyn ResumeStore>,
+        policy: CheckpointPolicy,
+        prefetch: usize,
+    ) -> Result<f64, BoxError> {
+        let (_, name, start) = self.loaded().await?;
+        let stream_id = format!("bench.{name}");
+        store.delete(&stream_id).await?;
+        store.save(&stream_id, &start).await?;
+        let p = DocumentProcessor::builder()
+            .client(self.client.clone())
+            .collection("bench", name)
+            .stream_id(stream_id)
+            .store(store)
+            .checkpoint(policy)
+            .prefetch(prefetch)
+            .build()?;
+        let count = Count::default();
+        count.target.store(self.events as u64, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let runner = p.clone();
+        let handler = count.clone();
+        let task = tokio::spawn(async move { runner.start(handler).await });
+        tokio::time::timeout(Duration::from_secs(600), count.done.notified())
+            .await
+            .map_err(|_| "processor stalled")?;
+        let rate = self.events as f64 / t0.elapsed().as_secs_f64();
+        p.stop();
+        task.await??;
+        Ok(rate)
+    }
+
+    /// The Go package's protocol: save the point (with its document) before dispatch,
+    /// delete the previous one: two store writes per event.
+    async fn go_protocol(&mut self) -> Result<f64, BoxError> {
+        let (coll, name, start) = self.loaded().await?;
+        let points = self
+            .client
+            .database("bench_local")
+            .collection::<Document>(&format!("{name}_resume"));
+        let token = cdc_mongo::to_driver_token(&start.token).ok_or("token")?;
+        let count = Count::default();
+        let t0 = Instant::now();
+        let mut stream = coll
+            .watch()
+            .full_document(mongodb::options::FullDocumentType::UpdateLookup)
+            .resume_after(token)
+            .await?;
+        let mut previous: Option<Document> = None;
+        let mut seen = 0;
+        while seen < self.events {
+            let e = stream.try_next().await?.ok_or("stream ended")?;
+            let id = bson::serialize_to_document(&e.id)?;
+            points
+                .insert_one(doc! {
+                    "_id": id.clone(),
+                    "timestamp": e.cluster_time.unwrap_or(bson::Timestamp { time: 0, increment: 0 }),
+                    "fullDocument": e.full_document.clone().unwrap_or_default(),
+                    "operationType": "insert",
+                })
+                .await?;
+            if let Some(prev) = previous.replace(id) {
+                points.delete_one(doc! { "_id": prev }).await?;
+            }
+            let event = ChangeEvent::new(
+                from_driver_token(&e.id).ok_or("token")?,
+                OperationType::Insert,
+                ClusterTime::default(),
+            );
+            count.dispatch(&event, None).await?;
+            seen += 1;
+        }
+        Ok(self.events as f64 / t0.elapsed().as_secs_f64())
+    }
+}
+
+/// Latency from insert acknowledged to handler called, at a steady rate.
+async fn latency(client: &Client, rate: u64, seconds: u64) -> Result<(f64, f64), BoxError> {
+    let coll = client.database("bench").collection::<Document>("latency");
+    coll.drop().await?;
+    let acked: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let handled: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    #[derive(Clone)]
+    struct Stamp(Arc<Mutex<HashMap<i64, Instant>>>);
+    #[async_trait]
+    impl Dispatcher for Stamp {
+        async fn dispatch(
+            &self,
+            e: &ChangeEvent,
+            _: Option<CoreBoxError>,
+        ) -> Result<(), CoreBoxError> {
+            if let Some(bson::Bson::Int64(id)) = e.document_id() {
+                self.0
+                    .lock()
+                    .map_err(|_| "poisoned")?
+                    .insert(*id, Instant::now());
+            }
+            Ok(())
+        }
+    }
+    let store = Arc::new(MemoryStore::new());
+    let p = DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("bench", "latency")
+        .store(store)
+        .build()?;
+    let runner = p.clone();
+    let stamp = Stamp(Arc::clone(&handled));
+    let task = tokio::spawn(async move { runner.start(stamp).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let total = (rate * seconds) as i64;
+    for i in 0..total {
+        tick.tick().await;
+        coll.insert_one(payload(i as usize)).await?;
+        acked
+            .lock()
+            .map_err(|_| "poisoned")?
+            .insert(i, Instant::now());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handled.lock().map_err(|_| "poisoned")?.len() < total as usize
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.stop();
+    task.await??;
+    let acked = acked.lock().map_err(|_| "poisoned")?;
+    let handled = handled.lock().map_err(|_| "poisoned")?;
+    let mut lat: Vec<Duration> = acked
+        .iter()
+        .filter_map(|(id, a)| handled.get(id).map(|h| h.saturating_duration_since(*a)))
+        .collect();
+    if lat.len() < total as usize {
+        return Err(format!("only {} of {total} events arrived", lat.len()).into());
+    }
+    lat.sort();
+    Ok((
+        percentile(&lat, 0.5).as_secs_f64() * 1000.0,
+        percentile(&lat, 0.99).as_secs_f64() * 1000.0,
+    ))
+}
+
+/// The child side of the memory scenario: drains `--events` from `--uri` and prints its
+/// own peak resident memory.
+pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let uri = value("--uri").ok_or("--uri")?;
+    let coll = value("--coll").ok_or("--coll")?;
+    let events: u64 = value("--events").ok_or("--events")?.parse()?;
+    let token = crate::unhex(&value("--token").ok_or("--token")?).ok_or("bad token hex")?;
+    let token = ResumeToken::from_bytes(token)?;
+    let client = Client::with_uri_str(&uri).await?;
+    let store = Arc::new(MemoryStore::new());
+    let stream_id = format!("bench.{coll}");
+    store
+        .save(
+            &stream_id,
+            &ResumePoint::post_batch(token, ClusterTime::default(), bson::DateTime::now()),
+        )
+        .await?;
+    let p = DocumentProcessor::builder()
+        .client(client)
+        .collection("bench", coll)
+        .stream_id(stream_id)
+        .store(store)
+        .build()?;
+    let count = Count::default();
+    count.target.store(events, Ordering::Relaxed);
+    let runner = p.clone();
+    let handler = count.clone();
+    let t0 = Instant::now();
+    let task = tokio::spawn(async move { runner.start(handler).await });
+    tokio::time::timeout(Duration::from_secs(900), count.done.notified())
+        .await
+        .map_err(|_| "stalled")?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    p.stop();
+    task.await??;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .ok_or("no VmHWM")?;
+    println!("peak_rss_kib {hwm} elapsed_s {elapsed:.2}");
+    Ok(())
+}
+
+async fn peak_memory(sim: &MongoSim, client: &Client, events: usize) -> Result<f64, BoxError> {
+    let coll_name = format!("burst{events}");
+    let coll = client.database("bench").collection::<Document>(&coll_name);
+    let start = head_point(&coll).await?;
+    preload(&coll, events, 0).await?;
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "consume",
+            "--uri",
+            &sim.uri(),
+            "--coll",
+            &coll_name,
+            "--events",
+            &events.to_string(),
+            "--token",
+            &crate::hex(start.token.as_bytes()),
+        ])
+        .output()
+        .await?;
+    coll.drop().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "consumer failed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let kib: f64 = text.split_whitespace().nth(1).ok_or("no figure")?.parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// Time from restart to the first answered read, from an old event token versus a fresh
+/// post-batch token, with `filtered` non-matching events in between.
+async fn resume_cost(client: &Client, filtered: usize) -> Result<(f64, f64), BoxError> {
+    let coll = client.database("bench").collection::<Document>("selective");
+    coll.drop().await?;
+    let options = SourceOptions::default()
+        .operation_types([OperationType::Delete])
+        .max_await_time(Duration::from_millis(10));
+    let source = MongoSource::new(
+        client.clone(),
+        Scope::collection("bench", "selective"),
+        options,
+    );
+    let mut cursor = source.open(&StartPosition::Now).await?;
+    coll.insert_one(doc! { "_id": -1_i64 }).await?;
+    coll.delete_one(doc! { "_id": -1_i64 }).await?;
+    let last_event = loop {
+        if let Some(e) = cursor.next().await? {
+            break e.token;
+        }
+    };
+    preload(&coll, filtered, 0).await?;
+    // What an idle checkpoint holds: the post-batch token of a cursor that is up to date.
+    let fresh = source
+        .open(&StartPosition::Now)
+        .await?
+        .resume_token()
+        .ok_or("no fresh token")?;
+    let mut timings = Vec::new();
+    for token in [last_event, fresh] {
+        let t0 = Instant::now();
+        let mut c = source.open(&StartPosition::ResumeAfter(token)).await?;
+        let _ = c.next().await?;
+        timings.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    coll.drop().await?;
+    Ok((timings[0], timings[1]))
+}
+
+/// Store writes per minute with the default policy: idle (the cluster busy elsewhere) and
+/// busy (1,000 events/s on the watched collection).
+async fn store_writes(client: &Client, idle_seconds: u64) -> Result<(f64, f64), BoxError> {
+    let mut out = Vec::new();
+    for busy in [false, true] {
+        let coll = client.database("bench").collection::<Document>("writes");
+        let elsewhere = client.database("bench").collection::<Document>("elsewhere");
+        let store = Arc::new(CountingStore {
+            inner: MemoryStore::new(),
+            saves: AtomicU64::new(0),
+        });
+        let p = DocumentProcessor::builder()
+            .client(client.clone())
+            .collection("bench", "writes")
+            .stream_id(format!("writes-{busy}"))
+            .store(store.clone())
+            .build()?;
+        let runner = p.clone();
+        let task = tokio::spawn(async move { runner.start(Count::default()).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        store.saves.store(0, Ordering::Relaxed);
+        let seconds = if busy { 20 } else { idle_seconds };
+        let (target, rate) = if busy {
+            (&coll, 1000u64)
+        } else {
+            (&elsewhere, 20u64)
+        };
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+        let t0 = Instant::now();
+        let mut i = 0usize;
+        while t0.elapsed() < Duration::from_secs(seconds) {
+            tick.tick().await;
+            target
+                .insert_one(payload(1_000_000 * usize::from(busy) + i))
+                .await?;
+            i += 1;
+        }
+        let per_minute =
+            store.saves.load(Ordering::Relaxed) as f64 * 60.0 / t0.elapsed().as_secs_f64();
+        p.stop();
+        task.await??;
+        coll.drop().await?;
+        elsewhere.drop().await?;
+        out.push(per_minute);
+    }
+    Ok((out[0], out[1]))
+}
+
+pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
+    let events = flag(args, "--events", 100_000)?;
+    let rounds = flag(args, "--rounds", 3)?;
+    let burst = flag(args, "--burst", 1_000_000)?;
+    let filtered = flag(args, "--filtered", 1_000_000)?;
+    let idle_seconds = flag(args, "--idle-seconds", 65)? as u64;
+    let sim = MongoSim::start_with(SimOptions {
+        oplog_capacity: burst.max(filtered).max(events) * 2 + 1000,
+        ..SimOptions::default()
+    })
+    .await?;
+    let client = Client::with_uri_str(sim.uri()).await?;
+    let mut b = Bench {
+        client: client.clone(),
+        events,
+        next: 0,
+    };
+    let mut rows = Vec::new();
+    let tp = "events/s";
+    eprintln!("bench: {events} events of ~400 B per round, {rounds} rounds after a warm-up");
+
+    let mut v = Vec::new();
+    for r in 0..=rounds {
+        let x = b.raw_driver().await?;
+        if r > 0 {
+            v.push(x);
+        }
+    }
+    rows.push(row("1", "raw driver, no processing (ceiling)", tp, v));
+    eprintln!("bench: 1 done");
+
+    let memory: Arc<dyn ResumeStore> = Arc::new(MemoryStore::new());
+    let mut v = Vec::new();
+    for r in 0..=rounds {
+        let x = b
+            .processor(Arc::clone(&memory), CheckpointPolicy::default(), 1024)
+            .await?;
+        if r > 0 {
+            v.push(x);
+        }
+    }
+    rows.push(row(
+        "2",
+        "processor, batched checkpoints, memory store",
+        tp,
+        v,
+    ));
+    let mut v = Vec::new();
+    for r in 0..=rounds {
+        let x = b
+            .processor(Arc::clone(&memory), CheckpointPolicy::default(), 1)
+            .await?;
+        if r > 0 {
+            v.push(x);
+        }
+    }
+    rows.push(row(
+        "2b",
+        "processor, batched, memory store, no read-ahead",
+        tp,
+        v,
+    ));
+    eprintln!("bench: 2 done");
+
+    let dir: PathBuf = std::env::temp_dir().join(format!("cdc-bench-{}", std::process::id()));
+    let file: Arc<dyn ResumeStore> = Arc::new(cdc_processor::stores::FileStore::new(&dir)?);
+    let mut v = Vec::new();
+    for r in 0..=rounds {
+        let x = b
+            .processor(Arc::clone(&file), CheckpointPolicy::default(), 1024)
+            .await?;
+        if r > 0 {
+            v.push(x);
+        }
+    }
+    rows.push(row(
+        "3",
+        "processor, batched checkpoints, file store",
+        tp,
+        v,
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mongo: Arc<dyn ResumeStore> = Arc::new(cdc_processor::stores::MongoStore::new(
+        &client,
+        "bench_local",
+        "points",
+    ));
+    let mut v = Vec::new();
+    for r in 0..=rounds {
+        let x = b
+            .processor(Arc::clone(&mongo), CheckpointPolicy::default(), 1024)
+            .await?;
+        if r > 0 {
+            v.push(x);
+        }
+    }
+    rows.push(row(
+        "4",
+        "processor, batched checkpoints, MongoDB store",
+        tp,
+        v,
+    ));
+    let mut v = Vec::new();
+    for r in 0..=rounds {
+        let x = b
+            .processor(Arc::clone(&mongo), CheckpointPolicy::every_event(), 1024)
+            .await?;
+        if r > 0 {
+            v.push(x);
+        }
+    }
+    rows.push(row(
+        "5",
+        "processor, a checkpoint per event, MongoDB store",
+        tp,
+        v,
+    ));
+    let mut v = Vec::new();
+    for r in 0..=rounds {
+        let x = b.go_protocol().await?;
+        if r > 0 {
+            v.push(x);
+        }
+    }
+    rows.push(row(
+        "6",
+        "Go protocol re-enacted (2 writes/event), MongoDB store",
+        tp,
+        v,
+    ));
+    eprintln!("bench: 3-6 done");
+
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for r in 0..=rounds.min(3) {
+        let (a, z) = latency(&client, 1000, 5).await?;
+        if r > 0 {
+            p50.push(a);
+            p99.push(z);
+        }
+    }
+    rows.push(row(
+        "7a",
+        "latency insert-acked → handler, p50, at 1,000 events/s",
+        "ms",
+        p50,
+    ));
+    rows.push(row(
+        "7b",
+        "latency insert-acked → handler, p99, at 1,000 events/s",
+        "ms",
+        p99,
+    ));
+    eprintln!("bench: 7 done");
+
+    let small = peak_memory(&sim, &client, burst / 10).await?;
+    let large = peak_memory(&sim, &client, burst).await?;
+    rows.push(row(
+        "8a",
+        format!("peak consumer RSS, burst of {}", burst / 10),
+        "MiB",
+        vec![small],
+    ));
+    rows.push(row(
+        "8b",
+        format!("peak consumer RSS, burst of {burst}"),
+        "MiB",
+        vec![large],
+    ));
+    eprintln!("bench: 8 done");
+
+    let (old, fresh) = resume_cost(&client, filtered).await?;
+    rows.push(row(
+        "9a",
+        format!("restart → first read, from the last event's token ({filtered} filtered after it)"),
+        "ms",
+        vec![old],
+    ));
+    rows.push(row(
+        "9b",
+        "restart → first read, from a fresh post-batch token",
+        "ms",
+        vec![fresh],
+    ));
+    eprintln!("bench: 9 done");
+
+    let (idle, busy) = store_writes(&client, idle_seconds).await?;
+    rows.push(row(
+        "10a",
+        format!("store writes per minute, idle stream ({idle_seconds} s window)"),
+        "writes/min",
+        vec![idle],
+    ));
+    rows.push(row(
+        "10b",
+        "store writes per minute, busy stream (1,000 events/s)",
+        "writes/min",
+        vec![busy],
+    ));
+    sim.shutdown().await;
+
+    report(&rows, events, rounds)
+}
+
+fn report(rows: &[Row], events: usize, rounds: usize) -> Result<(), BoxError> {
+    let get = |id: &str| {
+        rows.iter()
+            .find(|r| r.id == id)
+            .map_or(f64::NAN, |r| r.median)
+    };
+    let ceiling = get("1");
+    let go = get("6");
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let build = if cfg!(debug_assertions) {
+        "debug build (figures not representative)"
+    } else {
+        "release build"
+    };
+    let mut md = format!(
+        "# Benchmark report\n\nMeasured {date} on a {cpus}-core machine, mongo-sim on loopback, {build}; {events} events of ~400 B per throughput round, median of {rounds} rounds after a warm-up (min–max in brackets).\n\n| # | scenario | median | spread | unit | × scenario 1 | × scenario 6 |\n| --- | --- | ---: | --- | --- | ---: | ---: |\n"
+    );
+    let mut json_rows = Vec::new();
+    for r in rows {
+        let (x1, x6) = if r.unit == "events/s" {
+            (
+                format!("{:.2}", r.median / ceiling),
+                format!("{:.1}", r.median / go),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1}–{:.1} | {} | {x1} | {x6} |\n",
+            r.id, r.name, r.median, r.min, r.max, r.unit
+        ));
+        json_rows.push(json!({ "id": r.id, "scenario": r.name, "unit": r.unit, "median": r.median, "min": r.min, "max": r.max }));
+    }
+    let targets = format!(
+        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {:.2}×; scenario 4 ≥ 10× scenario 6: {:.1}×; p99 < 10 ms: {:.2} ms; peak memory < 64 MiB and flat: {:.1} → {:.1} MiB; fresh token ≥ 10× faster: {:.0}×; idle writes ≤ 1/min: {:.1}/min.\n",
+        get("2") / ceiling,
+        get("4") / go,
+        get("7b"),
+        get("8a"),
+        get("8b"),
+        get("9a") / get("9b"),
+        get("10a"),
+    );
+    md.push_str(&targets);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("report.md"), &md)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(
+            &json!({ "date": date, "cpus": cpus, "events": events, "rounds": rounds, "rows": json_rows }),
+        )?,
+    )?;
+    println!("{md}");
+    println!("written to {}", dir.join("report.md").display());
+    Ok(())
+}
