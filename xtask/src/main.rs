@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Some("conformance") => conformance(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("integration") => integration(&args[1..]),
+        Some("soak") => soak(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -40,6 +41,8 @@ commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
   demo [--uri URI] [--seconds S] [--rate R]
                   the main job on the embedded default, killed and resumed midway
+  soak [--kills K] [--rate R] [--uri URI]
+                  SIGKILL the consumer K times (default 100), then verify nothing was lost
   integration [--uri URI]
                   the end-to-end suites against mongo-sim (or the replica set at URI)
   bench sim       change events per second from mongo-sim to the driver (release build)
@@ -62,6 +65,23 @@ fn run(step: &str, mut cmd: Command) -> Result<(), String> {
     } else {
         Err(format!("{step} failed ({status})"))
     }
+}
+
+/// Runs the kill -9 soak.
+fn soak(args: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "-p",
+        "cdc-tests",
+        "--bin",
+        "cdc-soak",
+        "--",
+        "run",
+    ]);
+    cmd.args(args);
+    run("soak", cmd)
 }
 
 /// Runs the demo program.

@@ -30,6 +30,7 @@ async fn main() -> std::process::ExitCode {
         Some("stores") => stores(&args[1..]).await,
         Some("all") => scenarios::all(&args[1..]).await,
         Some("consume") => scenarios::consume_child(&args[1..]).await,
+        Some("serve-sim") => scenarios::serve_sim(&args[1..]).await,
         _ => Err("usage: cdc-bench sim [--events N] [--rounds R] | stores [--ops N] | all [--events N] [--rounds R] [--burst N] [--filtered N] [--idle-seconds S]".into()),
     };
     match result {

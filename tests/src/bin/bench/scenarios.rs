@@ -113,6 +113,7 @@ struct Bench {
     client: Client,
     events: usize,
     next: usize,
+    batch: Option<u32>,
 }
 
 impl Bench {
@@ -160,14 +161,22 @@ impl Bench {
         let stream_id = format!("bench.{name}");
         store.delete(&stream_id).await?;
         store.save(&stream_id, &start).await?;
-        let p = DocumentProcessor::builder()
+        let mut builder = DocumentProcessor::builder()
             .client(self.client.clone())
             .collection("bench", name)
             .stream_id(stream_id)
             .store(store)
             .checkpoint(policy)
-            .prefetch(prefetch)
-            .build()?;
+            .prefetch(prefetch);
+        if let Some(n) = self.batch {
+            builder = builder.source_options(
+                SourceOptions::default()
+                    .full_document(cdc_mongo::FullDocument::UpdateLookup)
+                    .before_change(cdc_mongo::BeforeChange::WhenAvailable)
+                    .batch_size(n),
+            );
+        }
+        let p = builder.build()?;
         let count = Count::default();
         count.target.store(self.events as u64, Ordering::Relaxed);
         let t0 = Instant::now();
@@ -295,6 +304,20 @@ async fn latency(client: &Client, rate: u64, seconds: u64) -> Result<(f64, f64),
     ))
 }
 
+/// `serve-sim --capacity N`: a simulator in its own process; prints its URI, then serves
+/// until killed.
+pub(crate) async fn serve_sim(args: &[String]) -> Result<(), BoxError> {
+    let capacity = flag(args, "--capacity", 2_000_000)?;
+    let sim = MongoSim::start_with(SimOptions {
+        oplog_capacity: capacity,
+        ..SimOptions::default()
+    })
+    .await?;
+    println!("{}", sim.uri());
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
 /// The child side of the memory scenario: drains `--events` from `--uri` and prints its
 /// own peak resident memory.
 pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
@@ -346,7 +369,7 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn peak_memory(sim: &MongoSim, client: &Client, events: usize) -> Result<f64, BoxError> {
+async fn peak_memory(uri: &str, client: &Client, events: usize) -> Result<f64, BoxError> {
     let coll_name = format!("burst{events}");
     let coll = client.database("bench").collection::<Document>(&coll_name);
     let start = head_point(&coll).await?;
@@ -355,7 +378,7 @@ async fn peak_memory(sim: &MongoSim, client: &Client, events: usize) -> Result<f
         .args([
             "consume",
             "--uri",
-            &sim.uri(),
+            uri,
             "--coll",
             &coll_name,
             "--events",
@@ -471,201 +494,210 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
     let burst = flag(args, "--burst", 1_000_000)?;
     let filtered = flag(args, "--filtered", 1_000_000)?;
     let idle_seconds = flag(args, "--idle-seconds", 65)? as u64;
-    let sim = MongoSim::start_with(SimOptions {
-        oplog_capacity: burst.max(filtered).max(events) * 2 + 1000,
-        ..SimOptions::default()
-    })
-    .await?;
-    let client = Client::with_uri_str(sim.uri()).await?;
+    // The simulator runs in its own process, so its heap (the whole oplog) neither shows in
+    // nor slows the consumer's measurements.
+    let capacity = burst.max(filtered).max(events) * 2 + 1000;
+    let mut server = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["serve-sim", "--capacity", &capacity.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let uri = {
+        use tokio::io::AsyncBufReadExt;
+        let out = server.stdout.take().ok_or("no simulator output")?;
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        lines
+            .next_line()
+            .await?
+            .ok_or("the simulator printed no URI")?
+    };
+    let client = Client::with_uri_str(&uri).await?;
+    let batch = args
+        .iter()
+        .position(|a| a == "--batch")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
+    let only: Vec<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let want = |id: &str| only.is_empty() || only.iter().any(|o| o == id);
     let mut b = Bench {
         client: client.clone(),
         events,
         next: 0,
+        batch,
     };
     let mut rows = Vec::new();
     let tp = "events/s";
     eprintln!("bench: {events} events of ~400 B per round, {rounds} rounds after a warm-up");
 
-    let mut v = Vec::new();
-    for r in 0..=rounds {
-        let x = b.raw_driver().await?;
-        if r > 0 {
-            v.push(x);
-        }
+    macro_rules! rounds {
+        ($call:expr) => {{
+            let mut v = Vec::new();
+            for r in 0..=rounds {
+                let x = $call;
+                if r > 0 {
+                    v.push(x);
+                }
+            }
+            v
+        }};
     }
-    rows.push(row("1", "raw driver, no processing (ceiling)", tp, v));
-    eprintln!("bench: 1 done");
 
+    if want("1") {
+        rows.push(row(
+            "1",
+            "raw driver, raw BSON events, no processing (ceiling)",
+            tp,
+            rounds!(b.raw_driver().await?),
+        ));
+    }
     let memory: Arc<dyn ResumeStore> = Arc::new(MemoryStore::new());
-    let mut v = Vec::new();
-    for r in 0..=rounds {
-        let x = b
-            .processor(Arc::clone(&memory), CheckpointPolicy::default(), 1024)
-            .await?;
-        if r > 0 {
-            v.push(x);
-        }
+    if want("2") {
+        rows.push(row(
+            "2",
+            "processor, batched checkpoints, memory store",
+            tp,
+            rounds!(
+                b.processor(Arc::clone(&memory), CheckpointPolicy::default(), 1024)
+                    .await?
+            ),
+        ));
+        rows.push(row(
+            "2b",
+            "processor, batched, memory store, no read-ahead",
+            tp,
+            rounds!(
+                b.processor(Arc::clone(&memory), CheckpointPolicy::default(), 1)
+                    .await?
+            ),
+        ));
     }
-    rows.push(row(
-        "2",
-        "processor, batched checkpoints, memory store",
-        tp,
-        v,
-    ));
-    let mut v = Vec::new();
-    for r in 0..=rounds {
-        let x = b
-            .processor(Arc::clone(&memory), CheckpointPolicy::default(), 1)
-            .await?;
-        if r > 0 {
-            v.push(x);
-        }
+    if want("3") {
+        let dir: PathBuf = std::env::temp_dir().join(format!("cdc-bench-{}", std::process::id()));
+        let file: Arc<dyn ResumeStore> = Arc::new(cdc_processor::stores::FileStore::new(&dir)?);
+        rows.push(row(
+            "3",
+            "processor, batched checkpoints, file store",
+            tp,
+            rounds!(
+                b.processor(Arc::clone(&file), CheckpointPolicy::default(), 1024)
+                    .await?
+            ),
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
-    rows.push(row(
-        "2b",
-        "processor, batched, memory store, no read-ahead",
-        tp,
-        v,
-    ));
-    eprintln!("bench: 2 done");
-
-    let dir: PathBuf = std::env::temp_dir().join(format!("cdc-bench-{}", std::process::id()));
-    let file: Arc<dyn ResumeStore> = Arc::new(cdc_processor::stores::FileStore::new(&dir)?);
-    let mut v = Vec::new();
-    for r in 0..=rounds {
-        let x = b
-            .processor(Arc::clone(&file), CheckpointPolicy::default(), 1024)
-            .await?;
-        if r > 0 {
-            v.push(x);
-        }
-    }
-    rows.push(row(
-        "3",
-        "processor, batched checkpoints, file store",
-        tp,
-        v,
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-
     let mongo: Arc<dyn ResumeStore> = Arc::new(cdc_processor::stores::MongoStore::new(
         &client,
         "bench_local",
         "points",
     ));
-    let mut v = Vec::new();
-    for r in 0..=rounds {
-        let x = b
-            .processor(Arc::clone(&mongo), CheckpointPolicy::default(), 1024)
-            .await?;
-        if r > 0 {
-            v.push(x);
-        }
+    if want("4") {
+        rows.push(row(
+            "4",
+            "processor, batched checkpoints, MongoDB store",
+            tp,
+            rounds!(
+                b.processor(Arc::clone(&mongo), CheckpointPolicy::default(), 1024)
+                    .await?
+            ),
+        ));
     }
-    rows.push(row(
-        "4",
-        "processor, batched checkpoints, MongoDB store",
-        tp,
-        v,
-    ));
-    let mut v = Vec::new();
-    for r in 0..=rounds {
-        let x = b
-            .processor(Arc::clone(&mongo), CheckpointPolicy::every_event(), 1024)
-            .await?;
-        if r > 0 {
-            v.push(x);
-        }
+    if want("5") {
+        rows.push(row(
+            "5",
+            "processor, a checkpoint per event, MongoDB store",
+            tp,
+            rounds!(
+                b.processor(Arc::clone(&mongo), CheckpointPolicy::every_event(), 1024)
+                    .await?
+            ),
+        ));
     }
-    rows.push(row(
-        "5",
-        "processor, a checkpoint per event, MongoDB store",
-        tp,
-        v,
-    ));
-    let mut v = Vec::new();
-    for r in 0..=rounds {
-        let x = b.go_protocol().await?;
-        if r > 0 {
-            v.push(x);
-        }
+    if want("6") {
+        rows.push(row(
+            "6",
+            "Go protocol re-enacted (2 writes/event), MongoDB store",
+            tp,
+            rounds!(b.go_protocol().await?),
+        ));
     }
-    rows.push(row(
-        "6",
-        "Go protocol re-enacted (2 writes/event), MongoDB store",
-        tp,
-        v,
-    ));
-    eprintln!("bench: 3-6 done");
-
-    let mut p50 = Vec::new();
-    let mut p99 = Vec::new();
-    for r in 0..=rounds.min(3) {
-        let (a, z) = latency(&client, 1000, 5).await?;
-        if r > 0 {
-            p50.push(a);
-            p99.push(z);
+    eprintln!("bench: throughput done");
+    if want("7") {
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        for r in 0..=rounds.min(3) {
+            let (a, z) = latency(&client, 1000, 5).await?;
+            if r > 0 {
+                p50.push(a);
+                p99.push(z);
+            }
         }
+        rows.push(row(
+            "7a",
+            "latency insert-acked → handler, p50, at 1,000 events/s",
+            "ms",
+            p50,
+        ));
+        rows.push(row(
+            "7b",
+            "latency insert-acked → handler, p99, at 1,000 events/s",
+            "ms",
+            p99,
+        ));
     }
-    rows.push(row(
-        "7a",
-        "latency insert-acked → handler, p50, at 1,000 events/s",
-        "ms",
-        p50,
-    ));
-    rows.push(row(
-        "7b",
-        "latency insert-acked → handler, p99, at 1,000 events/s",
-        "ms",
-        p99,
-    ));
-    eprintln!("bench: 7 done");
-
-    let small = peak_memory(&sim, &client, burst / 10).await?;
-    let large = peak_memory(&sim, &client, burst).await?;
-    rows.push(row(
-        "8a",
-        format!("peak consumer RSS, burst of {}", burst / 10),
-        "MiB",
-        vec![small],
-    ));
-    rows.push(row(
-        "8b",
-        format!("peak consumer RSS, burst of {burst}"),
-        "MiB",
-        vec![large],
-    ));
-    eprintln!("bench: 8 done");
-
-    let (old, fresh) = resume_cost(&client, filtered).await?;
-    rows.push(row(
-        "9a",
-        format!("restart → first read, from the last event's token ({filtered} filtered after it)"),
-        "ms",
-        vec![old],
-    ));
-    rows.push(row(
-        "9b",
-        "restart → first read, from a fresh post-batch token",
-        "ms",
-        vec![fresh],
-    ));
-    eprintln!("bench: 9 done");
-
-    let (idle, busy) = store_writes(&client, idle_seconds).await?;
-    rows.push(row(
-        "10a",
-        format!("store writes per minute, idle stream ({idle_seconds} s window)"),
-        "writes/min",
-        vec![idle],
-    ));
-    rows.push(row(
-        "10b",
-        "store writes per minute, busy stream (1,000 events/s)",
-        "writes/min",
-        vec![busy],
-    ));
-    sim.shutdown().await;
+    if want("8") {
+        let small = peak_memory(&uri, &client, burst / 10).await?;
+        let large = peak_memory(&uri, &client, burst).await?;
+        rows.push(row(
+            "8a",
+            format!("peak consumer RSS, burst of {}", burst / 10),
+            "MiB",
+            vec![small],
+        ));
+        rows.push(row(
+            "8b",
+            format!("peak consumer RSS, burst of {burst}"),
+            "MiB",
+            vec![large],
+        ));
+    }
+    if want("9") {
+        let (old, fresh) = resume_cost(&client, filtered).await?;
+        rows.push(row(
+            "9a",
+            format!(
+                "restart → first read, from the last event's token ({filtered} filtered after it)"
+            ),
+            "ms",
+            vec![old],
+        ));
+        rows.push(row(
+            "9b",
+            "restart → first read, from a fresh post-batch token",
+            "ms",
+            vec![fresh],
+        ));
+    }
+    if want("10") {
+        let (idle, busy) = store_writes(&client, idle_seconds).await?;
+        rows.push(row(
+            "10a",
+            format!("store writes per minute, idle stream ({idle_seconds} s window)"),
+            "writes/min",
+            vec![idle],
+        ));
+        rows.push(row(
+            "10b",
+            "store writes per minute, busy stream (1,000 events/s)",
+            "writes/min",
+            vec![busy],
+        ));
+    }
+    server.kill().await?;
 
     report(&rows, events, rounds)
 }

@@ -1,0 +1,307 @@
+//! `cdc-soak`: the kill -9 soak.
+//!
+//! - `cdc-soak run [--kills K] [--rate R] [--uri URI]` starts mongo-sim (or uses URI), a
+//!   writer process, and a consumer process that it SIGKILLs K times at random moments and
+//!   restarts; then runs the independent verifier over the two logs.
+//! - `cdc-soak writer --uri U --rate R --log F --stop-file S`: changes documents at rate R
+//!   with majority write concern, logging every acknowledged change, until S exists.
+//! - `cdc-soak consumer --uri U --store DIR --log F`: a DocumentProcessor with the file
+//!   store, appending every delivered change to F and fsyncing before acknowledging.
+
+// A command-line program: printing its figures is its job.
+#![allow(clippy::print_stdout)]
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bson::{Bson, Document, doc};
+use cdc_core::{BoxError, ChangeEvent, Dispatcher, OperationType};
+use cdc_processor::{CheckpointPolicy, DocumentProcessor, default_backoff, stores::FileStore};
+use cdc_tests::verify::{parse, verify};
+
+/// The consumer's checkpoint batch: also the per-kill bound on repeats.
+const BATCH: u32 = 100;
+
+fn value(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn need(args: &[String], name: &str) -> Result<String, BoxError> {
+    value(args, name).ok_or_else(|| format!("{name} is required").into())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]).await,
+        Some("writer") => writer(&args[1..]).await.map(|()| true),
+        Some("consumer") => consumer(&args[1..]).await.map(|()| true),
+        _ => Err(
+            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] | writer … | consumer …".into(),
+        ),
+    };
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("cdc-soak: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn collection(client: &mongodb::Client) -> mongodb::Collection<Document> {
+    let majority = mongodb::options::WriteConcern::majority();
+    client.database("soak").collection_with_options(
+        "docs",
+        mongodb::options::CollectionOptions::builder()
+            .write_concern(majority)
+            .build(),
+    )
+}
+
+async fn writer(args: &[String]) -> Result<(), BoxError> {
+    let uri = need(args, "--uri")?;
+    let rate: u64 = need(args, "--rate")?.parse()?;
+    let log_path = need(args, "--log")?;
+    let stop_file = PathBuf::from(need(args, "--stop-file")?);
+    let client = mongodb::Client::with_uri_str(&uri).await?;
+    let coll = collection(&client);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let mut versions: HashMap<i64, i64> = HashMap::new();
+    let mut live: Vec<i64> = Vec::new();
+    let mut next_id = 0i64;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    while !stop_file.exists() {
+        tick.tick().await;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let roll = rng % 100;
+        let line = if roll < 15 && live.len() > 5 {
+            let id = live.swap_remove((rng as usize / 100) % live.len());
+            coll.delete_one(doc! { "_id": id }).await?;
+            versions.remove(&id);
+            format!("{id} deleted")
+        } else if roll < 60 && !live.is_empty() {
+            let id = live[(rng as usize / 100) % live.len()];
+            let v = versions.get(&id).copied().unwrap_or(1) + 1;
+            coll.update_one(doc! { "_id": id }, doc! { "$set": { "version": v } })
+                .await?;
+            versions.insert(id, v);
+            format!("{id} v{v}")
+        } else {
+            let id = next_id;
+            next_id += 1;
+            coll.insert_one(doc! { "_id": id, "version": 1_i64, "pad": "x".repeat(200) })
+                .await?;
+            versions.insert(id, 1);
+            live.push(id);
+            format!("{id} v1")
+        };
+        // Logged only after the write was acknowledged.
+        writeln!(log, "{line}")?;
+    }
+    log.sync_all()?;
+    Ok(())
+}
+
+/// Appends each delivered change to the log and fsyncs before acknowledging.
+struct DeliveryLog(Mutex<std::fs::File>);
+
+#[async_trait]
+impl Dispatcher for DeliveryLog {
+    async fn dispatch(
+        &self,
+        event: &ChangeEvent,
+        previous: Option<BoxError>,
+    ) -> Result<(), BoxError> {
+        if let Some(e) = previous {
+            return Err(e);
+        }
+        let id = match event.document_id() {
+            Some(Bson::Int64(n)) => *n,
+            Some(Bson::Int32(n)) => i64::from(*n),
+            _ => return Ok(()),
+        };
+        let change = match event.operation_type {
+            OperationType::Insert => event
+                .full_document
+                .as_ref()
+                .and_then(|d| d.get_i64("version").ok())
+                .map(|v| format!("v{v}")),
+            OperationType::Update => event
+                .update_description
+                .as_ref()
+                .and_then(|u| u.updated_fields.get_i64("version").ok())
+                .map(|v| format!("v{v}")),
+            OperationType::Delete => Some("deleted".to_owned()),
+            _ => None,
+        };
+        let Some(change) = change else { return Ok(()) };
+        let mut file = self.0.lock().map_err(|_| "log poisoned")?;
+        writeln!(file, "{id} {change}")?;
+        file.sync_data()?;
+        Ok(())
+    }
+}
+
+async fn consumer(args: &[String]) -> Result<(), BoxError> {
+    let uri = need(args, "--uri")?;
+    let store_dir = need(args, "--store")?;
+    let log_path = need(args, "--log")?;
+    let client = mongodb::Client::with_uri_str(&uri).await?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let processor = DocumentProcessor::builder()
+        .client(client)
+        .collection("soak", "docs")
+        .store(Arc::new(FileStore::new(store_dir)?))
+        .checkpoint(CheckpointPolicy::batched(
+            BATCH,
+            Duration::from_millis(500),
+        )?)
+        .build()?;
+    processor
+        .start_with_retry(default_backoff(), DeliveryLog(Mutex::new(log)))
+        .await?;
+    Ok(())
+}
+
+fn spawn_self(args: &[&str]) -> Result<Child, BoxError> {
+    Ok(Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+fn count_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+async fn run(args: &[String]) -> Result<bool, BoxError> {
+    let kills: usize = value(args, "--kills").map_or(Ok(100), |v| v.parse())?;
+    let rate: u64 = value(args, "--rate").map_or(Ok(200), |v| v.parse())?;
+    let sim = match value(args, "--uri") {
+        Some(_) => None,
+        None => Some(mongo_sim::MongoSim::start().await?),
+    };
+    let uri = value(args, "--uri").unwrap_or_else(|| {
+        sim.as_ref()
+            .map(mongo_sim::MongoSim::uri)
+            .unwrap_or_default()
+    });
+    let work = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/soak");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let written = work.join("written.log");
+    let delivered = work.join("delivered.log");
+    let store = work.join("store");
+    let stop_file = work.join("stop-writer");
+    {
+        let client = mongodb::Client::with_uri_str(&uri).await?;
+        collection(&client).drop().await?;
+    }
+    let started = Instant::now();
+    println!(
+        "soak: {kills} SIGKILLs of the consumer, writer at {rate} changes/s, logs in {}",
+        work.display()
+    );
+    let consumer_args = [
+        "consumer",
+        "--uri",
+        &uri,
+        "--store",
+        store.to_str().ok_or("path")?,
+        "--log",
+        delivered.to_str().ok_or("path")?,
+    ];
+    let mut consumer = spawn_self(&consumer_args)?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut writer = spawn_self(&[
+        "writer",
+        "--uri",
+        &uri,
+        "--rate",
+        &rate.to_string(),
+        "--log",
+        written.to_str().ok_or("path")?,
+        "--stop-file",
+        stop_file.to_str().ok_or("path")?,
+    ])?;
+    let mut rng = started.elapsed().as_nanos() as u64 | 1;
+    for k in 0..kills {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(150 + rng % 600)).await;
+        consumer.kill()?; // SIGKILL
+        consumer.wait()?;
+        consumer = spawn_self(&consumer_args)?;
+        if (k + 1) % 10 == 0 {
+            println!(
+                "  {} kills, {} written, {} delivered",
+                k + 1,
+                count_lines(&written),
+                count_lines(&delivered)
+            );
+        }
+        if let Some(status) = writer.try_wait()? {
+            return Err(format!("the writer exited early: {status}").into());
+        }
+    }
+    std::fs::write(&stop_file, b"stop")?;
+    writer.wait()?;
+    // Let the last consumer catch up with everything written.
+    let written_log = parse(&std::fs::read_to_string(&written)?)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let delivered_log = parse(&std::fs::read_to_string(&delivered).unwrap_or_default())?;
+        if verify(&written_log, &delivered_log, usize::MAX).lost == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    consumer.kill()?;
+    consumer.wait()?;
+    let delivered_log = parse(&std::fs::read_to_string(&delivered)?)?;
+    let verdict = verify(&written_log, &delivered_log, kills * BATCH as usize);
+    println!("\nverifier: {verdict}");
+    println!(
+        "soak: {} kills in {:.0} s",
+        kills,
+        started.elapsed().as_secs_f64()
+    );
+    let ok = verdict.holds();
+    println!(
+        "soak: {}",
+        if ok {
+            "every promise held"
+        } else {
+            "A PROMISE WAS BROKEN"
+        }
+    );
+    if let Some(sim) = sim {
+        sim.shutdown().await;
+    }
+    Ok(ok)
+}
