@@ -205,6 +205,8 @@ fn ci() -> Result<(), String> {
         .env("RUSTDOCFLAGS", "-D warnings");
     run("docs", doc)?;
 
+    soak(&["--kills".to_owned(), "10".to_owned()])?;
+
     let spec = default_spec_dir();
     if spec.is_dir() {
         conformance(&[])?;

@@ -274,6 +274,32 @@ impl DocumentProcessor {
         Ok(())
     }
 
+    /// A first start has no stored point and opens at "now": that position is saved at
+    /// once, so a crash before the first checkpoint does not make the next start open at a
+    /// later "now" and skip what came in between.
+    async fn save_initial_position(
+        &self,
+        cp: &mut Checkpointer,
+        initial: Option<ResumeToken>,
+    ) -> Result<()> {
+        match initial {
+            Some(token) => {
+                let time = token.cluster_time_hint().unwrap_or_default();
+                self.save(
+                    cp,
+                    ResumePoint::post_batch(token, time, bson::DateTime::now()),
+                )
+                .await
+            }
+            None => {
+                tracing::warn!(
+                    "the new stream gave no initial resume token; the first checkpoint comes with the first event"
+                );
+                Ok(())
+            }
+        }
+    }
+
     async fn flush(&self, cp: &mut Checkpointer) -> Result<()> {
         match cp.flush() {
             Some(point) => self.save(cp, point).await,
@@ -296,6 +322,10 @@ impl DocumentProcessor {
                 c = s.source.open(&position) => c?,
                 () = self.inner.cancel.cancelled() => return Ok(()),
             };
+            if cp.persisted().is_none() && cp.pending().is_none() {
+                let initial = cursor.resume_token();
+                self.save_initial_position(&mut cp, initial).await?;
+            }
             let (tx, mut rx) = mpsc::channel(s.prefetch.max(1));
             let reader = tokio::spawn(read_ahead(cursor, tx));
             let outcome = self.consume(&mut rx, &mut cp, handler).await;
