@@ -54,7 +54,7 @@ pub fn parse(text: &str) -> Result<Vec<(String, String)>, String> {
     for (i, line) in lines.iter().enumerate() {
         let mut parts = line.split_whitespace();
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(id), Some(change), None) if change == "deleted" || change.starts_with('v') => {
+            (Some(id), Some(change), None) if valid_change(change) => {
                 out.push((id.to_owned(), change.to_owned()));
             }
             _ if i + 1 == lines.len() && !text.ends_with('\n') => {}
@@ -62,6 +62,11 @@ pub fn parse(text: &str) -> Result<Vec<(String, String)>, String> {
         }
     }
     Ok(out)
+}
+
+fn valid_change(change: &str) -> bool {
+    change == "deleted"
+        || change.strip_prefix('v').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Compares the logs.
