@@ -66,7 +66,9 @@ pub fn parse(text: &str) -> Result<Vec<(String, String)>, String> {
 
 fn valid_change(change: &str) -> bool {
     change == "deleted"
-        || change.strip_prefix('v').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        || change
+            .strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Compares the logs.
