@@ -67,35 +67,28 @@ fn run(step: &str, mut cmd: Command) -> Result<(), String> {
     }
 }
 
+/// `cargo run [--release] --quiet -p cdc-tests --bin <bin> --`: the programs behind the
+/// xtask commands live in the `cdc-tests` package.
+fn cdc_tests_bin(bin: &str, release: bool) -> Command {
+    let mut cmd = cargo();
+    cmd.arg("run");
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.args(["--quiet", "-p", "cdc-tests", "--bin", bin, "--"]);
+    cmd
+}
+
 /// Runs the kill -9 soak.
 fn soak(args: &[String]) -> Result<(), String> {
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--quiet",
-        "-p",
-        "cdc-tests",
-        "--bin",
-        "cdc-soak",
-        "--",
-        "run",
-    ]);
-    cmd.args(args);
+    let mut cmd = cdc_tests_bin("cdc-soak", false);
+    cmd.arg("run").args(args);
     run("soak", cmd)
 }
 
 /// Runs the demo program.
 fn demo(args: &[String]) -> Result<(), String> {
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--quiet",
-        "-p",
-        "cdc-tests",
-        "--bin",
-        "cdc-demo",
-        "--",
-    ]);
+    let mut cmd = cdc_tests_bin("cdc-demo", false);
     cmd.args(args);
     run("demo", cmd)
 }
@@ -133,17 +126,7 @@ fn integration(args: &[String]) -> Result<(), String> {
 
 /// Runs the benchmark program in release mode with the given arguments.
 fn bench(args: &[String]) -> Result<(), String> {
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "--quiet",
-        "-p",
-        "cdc-tests",
-        "--bin",
-        "cdc-bench",
-        "--",
-    ]);
+    let mut cmd = cdc_tests_bin("cdc-bench", true);
     if args.is_empty() {
         cmd.arg("all");
     } else {
@@ -160,16 +143,7 @@ fn default_spec_dir() -> std::path::PathBuf {
 
 /// Runs the unified-format conformance runner.
 fn conformance(args: &[String]) -> Result<(), String> {
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--quiet",
-        "-p",
-        "cdc-tests",
-        "--bin",
-        "cdc-conformance",
-        "--",
-    ]);
+    let mut cmd = cdc_tests_bin("cdc-conformance", false);
     if !args.iter().any(|a| a == "--dir") {
         cmd.arg("--dir").arg(default_spec_dir());
     }

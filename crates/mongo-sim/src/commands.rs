@@ -1209,6 +1209,13 @@ pub(crate) fn drop_indexes(state: &mut State, db: &str, cmd: &Document) -> CmdRe
     Ok(doc! { "nIndexesWas": before, "ok": 1.0 })
 }
 
+/// The first batch size of a listing command's optional `cursor: { batchSize }`.
+fn listing_batch(cmd: &Document) -> CmdResult<usize> {
+    Ok(get_doc(cmd, "cursor")?
+        .and_then(|c| get_usize(c, "batchSize").ok().flatten())
+        .map_or(DEFAULT_BATCH, |n| n.max(0) as usize))
+}
+
 /// `listIndexes`.
 pub(crate) fn list_indexes(state: &mut State, db: &str, cmd: &Document) -> CmdResult {
     let name = coll_name(cmd, "listIndexes")?;
@@ -1221,9 +1228,7 @@ pub(crate) fn list_indexes(state: &mut State, db: &str, cmd: &Document) -> CmdRe
     let mut docs: VecDeque<Document> = VecDeque::new();
     docs.push_back(doc! { "v": 2, "key": { "_id": 1 }, "name": "_id_" });
     docs.extend(c.indexes.iter().cloned());
-    let batch = get_doc(cmd, "cursor")?
-        .and_then(|c| get_usize(c, "batchSize").ok().flatten())
-        .map_or(DEFAULT_BATCH, |n| n.max(0) as usize);
+    let batch = listing_batch(cmd)?;
     Ok(cursor_reply(
         state,
         format!("{db}.$cmd.listIndexes"),
@@ -1269,9 +1274,7 @@ pub(crate) fn list_collections(state: &mut State, db: &str, cmd: &Document) -> C
             }
         }
     }
-    let batch = get_doc(cmd, "cursor")?
-        .and_then(|c| get_usize(c, "batchSize").ok().flatten())
-        .map_or(DEFAULT_BATCH, |n| n.max(0) as usize);
+    let batch = listing_batch(cmd)?;
     Ok(cursor_reply(
         state,
         format!("{db}.$cmd.listCollections"),
