@@ -1,6 +1,6 @@
 //! Change events, decoded from the server's document without a lossy round trip.
 
-use bson::{Bson, Document, RawDocument};
+use bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf};
 
 use crate::{ClusterTime, Error, Namespace, OperationType, Result, ResumePoint, ResumeToken};
 
@@ -51,10 +51,15 @@ pub struct ChangeEvent {
     /// The changed document's key: `{ _id: … }` (plus the shard key on sharded clusters),
     /// with every value kept as the BSON it is.
     pub document_key: Option<Document>,
-    /// The document after the change, when the stream asked for it and it exists.
-    pub full_document: Option<Document>,
-    /// The document before the change (pre-image), when requested and recorded.
-    pub full_document_before_change: Option<Document>,
+    /// The document after the change, when the stream asked for it and it exists, as the
+    /// raw BSON the server sent: read fields with `get_str` and friends, deserialize with
+    /// `bson::deserialize_from_slice(doc.as_bytes())`, or parse it whole with
+    /// [`ChangeEvent::full_document_parsed`]. Kept raw so that an event costs one copy of
+    /// its bytes, not a tree of allocations, whatever the handler needs of it.
+    pub full_document: Option<RawDocumentBuf>,
+    /// The document before the change (pre-image), when requested and recorded; raw BSON
+    /// like [`ChangeEvent::full_document`].
+    pub full_document_before_change: Option<RawDocumentBuf>,
     /// The fields an `update` changed.
     pub update_description: Option<UpdateDescription>,
     /// The transaction number, for changes made in a multi-document transaction.
@@ -90,84 +95,75 @@ impl ChangeEvent {
         }
     }
 
-    /// Decodes an event from the raw document the server sent. The token keeps the exact
-    /// bytes of `_id`.
+    /// Decodes an event from the raw document the server sent, in one pass over its bytes.
+    /// The token keeps the exact bytes of `_id`; the post- and pre-image are copied as raw
+    /// BSON, without parsing them.
     ///
     /// # Errors
     /// [`Error::MalformedEvent`] naming the field when `_id`, `operationType` or
-    /// `clusterTime` is missing or a field has the wrong BSON type.
+    /// `clusterTime` is missing, a field has the wrong BSON type, or the bytes are not
+    /// valid BSON.
     pub fn from_raw(raw: &RawDocument) -> Result<Self> {
-        let token = match raw.get("_id") {
-            Ok(Some(bson::RawBsonRef::Document(id))) => ResumeToken::from_raw(id.to_owned()),
-            Ok(Some(other)) => {
-                return Err(malformed(
-                    "_id",
-                    format!("is a {:?}, not a document", other.element_type()),
-                ));
+        let mut token = None;
+        let mut operation_type = None;
+        let mut cluster_time = None;
+        let mut rest = Fields::default();
+        for element in raw {
+            let (key, value) = element.map_err(|e| malformed("(document)", e.to_string()))?;
+            match key.as_str() {
+                "_id" => match value {
+                    RawBsonRef::Document(id) => token = Some(ResumeToken::from_raw(id.to_owned())),
+                    other => return Err(raw_type("_id", "a document", &other)),
+                },
+                "operationType" => match value {
+                    RawBsonRef::String(s) => operation_type = Some(OperationType::parse(s)),
+                    other => return Err(raw_type("operationType", "a string", &other)),
+                },
+                "clusterTime" => match value {
+                    RawBsonRef::Timestamp(ts) => cluster_time = Some(ClusterTime::from(ts)),
+                    other => return Err(raw_type("clusterTime", "a timestamp", &other)),
+                },
+                other => rest.take(other, value)?,
             }
-            Ok(None) => return Err(malformed("_id", "is missing".into())),
-            Err(e) => return Err(malformed("_id", e.to_string())),
-        };
-        let doc = Document::try_from(raw).map_err(|e| malformed("(document)", e.to_string()))?;
-        Self::decode(token, doc)
+        }
+        let token = token.ok_or_else(|| malformed("_id", "is missing".into()))?;
+        let operation_type =
+            operation_type.ok_or_else(|| malformed("operationType", "is missing".into()))?;
+        let cluster_time =
+            cluster_time.ok_or_else(|| malformed("clusterTime", "is missing".into()))?;
+        let mut event = Self::new(token, operation_type, cluster_time);
+        rest.fill(&mut event);
+        Ok(event)
     }
 
-    /// Decodes an event from a parsed document.
+    /// Decodes an event from a parsed document (by encoding it to BSON first: prefer
+    /// [`ChangeEvent::from_raw`] where the bytes are at hand).
     ///
     /// # Errors
     /// As [`ChangeEvent::from_raw`].
-    pub fn from_document(doc: Document) -> Result<Self> {
-        let token = match doc.get("_id") {
-            Some(Bson::Document(id)) => {
-                ResumeToken::from_document(id).map_err(|e| malformed("_id", e.to_string()))?
-            }
-            Some(other) => {
-                return Err(malformed(
-                    "_id",
-                    format!("is a {:?}, not a document", other.element_type()),
-                ));
-            }
-            None => return Err(malformed("_id", "is missing".into())),
-        };
-        Self::decode(token, doc)
+    pub fn from_document(doc: &Document) -> Result<Self> {
+        let raw =
+            RawDocumentBuf::try_from(doc).map_err(|e| malformed("(document)", e.to_string()))?;
+        Self::from_raw(&raw)
     }
 
-    fn decode(token: ResumeToken, mut doc: Document) -> Result<Self> {
-        doc.remove("_id");
-        let operation_type = match doc.remove("operationType") {
-            Some(Bson::String(s)) => OperationType::parse(&s),
-            Some(other) => return Err(wrong_type("operationType", "a string", &other)),
-            None => return Err(malformed("operationType", "is missing".into())),
-        };
-        let cluster_time = match doc.remove("clusterTime") {
-            Some(Bson::Timestamp(ts)) => ClusterTime::from(ts),
-            Some(other) => return Err(wrong_type("clusterTime", "a timestamp", &other)),
-            None => return Err(malformed("clusterTime", "is missing".into())),
-        };
-        let mut event = Self::new(token, operation_type, cluster_time);
-        event.wall_time = match doc.remove("wallTime") {
-            Some(Bson::DateTime(dt)) => Some(dt),
-            None | Some(Bson::Null) => None,
-            Some(other) => return Err(wrong_type("wallTime", "a date", &other)),
-        };
-        event.ns = take_namespace(&mut doc, "ns")?;
-        event.to = take_namespace(&mut doc, "to")?;
-        event.document_key = take_document(&mut doc, "documentKey")?;
-        event.full_document = take_document(&mut doc, "fullDocument")?;
-        event.full_document_before_change = take_document(&mut doc, "fullDocumentBeforeChange")?;
-        event.update_description = match take_document(&mut doc, "updateDescription")? {
-            Some(ud) => Some(decode_update_description(ud)?),
-            None => None,
-        };
-        event.txn_number = match doc.remove("txnNumber") {
-            None | Some(Bson::Null) => None,
-            Some(Bson::Int64(n)) => Some(n),
-            Some(Bson::Int32(n)) => Some(i64::from(n)),
-            Some(other) => return Err(wrong_type("txnNumber", "an integer", &other)),
-        };
-        event.lsid = take_document(&mut doc, "lsid")?;
-        event.extra = doc;
-        Ok(event)
+    /// The post-image parsed into a [`Document`].
+    ///
+    /// # Errors
+    /// [`Error::MalformedEvent`] when its bytes are not valid BSON.
+    pub fn full_document_parsed(&self) -> Result<Option<Document>> {
+        parse_image("fullDocument", self.full_document.as_deref())
+    }
+
+    /// The pre-image parsed into a [`Document`].
+    ///
+    /// # Errors
+    /// [`Error::MalformedEvent`] when its bytes are not valid BSON.
+    pub fn full_document_before_change_parsed(&self) -> Result<Option<Document>> {
+        parse_image(
+            "fullDocumentBeforeChange",
+            self.full_document_before_change.as_deref(),
+        )
     }
 
     /// The changed document's `_id`, as the BSON value it is.
@@ -207,6 +203,83 @@ pub fn bson_display(value: &Bson) -> String {
     }
 }
 
+/// The optional fields of an event, gathered in the decoding pass.
+#[derive(Default)]
+struct Fields {
+    wall_time: Option<bson::DateTime>,
+    ns: Option<Namespace>,
+    to: Option<Namespace>,
+    document_key: Option<Document>,
+    full_document: Option<RawDocumentBuf>,
+    full_document_before_change: Option<RawDocumentBuf>,
+    update_description: Option<UpdateDescription>,
+    txn_number: Option<i64>,
+    lsid: Option<Document>,
+    extra: Document,
+}
+
+impl Fields {
+    fn take(&mut self, key: &str, value: RawBsonRef<'_>) -> Result<()> {
+        match key {
+            "wallTime" => {
+                self.wall_time = match value {
+                    RawBsonRef::DateTime(dt) => Some(dt),
+                    RawBsonRef::Null => None,
+                    other => return Err(raw_type("wallTime", "a date", &other)),
+                }
+            }
+            "ns" => self.ns = raw_namespace("ns", value)?,
+            "to" => self.to = raw_namespace("to", value)?,
+            "documentKey" => {
+                self.document_key = raw_subdocument("documentKey", value)?
+                    .map(parsed)
+                    .transpose()?;
+            }
+            "fullDocument" => {
+                self.full_document = raw_subdocument("fullDocument", value)?.map(ToOwned::to_owned);
+            }
+            "fullDocumentBeforeChange" => {
+                self.full_document_before_change =
+                    raw_subdocument("fullDocumentBeforeChange", value)?.map(ToOwned::to_owned);
+            }
+            "updateDescription" => {
+                self.update_description = match raw_subdocument("updateDescription", value)? {
+                    Some(ud) => Some(decode_update_description(parsed(ud)?)?),
+                    None => None,
+                };
+            }
+            "txnNumber" => {
+                self.txn_number = match value {
+                    RawBsonRef::Null => None,
+                    RawBsonRef::Int64(n) => Some(n),
+                    RawBsonRef::Int32(n) => Some(i64::from(n)),
+                    other => return Err(raw_type("txnNumber", "an integer", &other)),
+                }
+            }
+            "lsid" => self.lsid = raw_subdocument("lsid", value)?.map(parsed).transpose()?,
+            other => {
+                let value =
+                    Bson::try_from(value).map_err(|e| malformed("(document)", e.to_string()))?;
+                self.extra.insert(other, value);
+            }
+        }
+        Ok(())
+    }
+
+    fn fill(self, event: &mut ChangeEvent) {
+        event.wall_time = self.wall_time;
+        event.ns = self.ns;
+        event.to = self.to;
+        event.document_key = self.document_key;
+        event.full_document = self.full_document;
+        event.full_document_before_change = self.full_document_before_change;
+        event.update_description = self.update_description;
+        event.txn_number = self.txn_number;
+        event.lsid = self.lsid;
+        event.extra = self.extra;
+    }
+}
+
 fn malformed(field: &'static str, problem: String) -> Error {
     Error::MalformedEvent { field, problem }
 }
@@ -218,29 +291,58 @@ fn wrong_type(field: &'static str, expected: &str, got: &Bson) -> Error {
     )
 }
 
+fn raw_type(field: &'static str, expected: &str, got: &RawBsonRef<'_>) -> Error {
+    malformed(
+        field,
+        format!("should be {expected}, is a {:?}", got.element_type()),
+    )
+}
+
+/// A sub-document field, or `None` when it is `null`.
+fn raw_subdocument<'a>(
+    field: &'static str,
+    value: RawBsonRef<'a>,
+) -> Result<Option<&'a RawDocument>> {
+    match value {
+        RawBsonRef::Document(d) => Ok(Some(d)),
+        RawBsonRef::Null => Ok(None),
+        other => Err(raw_type(field, "a document", &other)),
+    }
+}
+
+fn parsed(raw: &RawDocument) -> Result<Document> {
+    Document::try_from(raw).map_err(|e| malformed("(document)", e.to_string()))
+}
+
+fn parse_image(field: &'static str, raw: Option<&RawDocument>) -> Result<Option<Document>> {
+    raw.map(|d| Document::try_from(d).map_err(|e| malformed(field, e.to_string())))
+        .transpose()
+}
+
+fn raw_namespace(field: &'static str, value: RawBsonRef<'_>) -> Result<Option<Namespace>> {
+    let Some(ns) = raw_subdocument(field, value)? else {
+        return Ok(None);
+    };
+    let get = |key: &str| ns.get(key).map_err(|e| malformed(field, e.to_string()));
+    let db = match get("db")? {
+        Some(RawBsonRef::String(db)) => db.to_owned(),
+        Some(other) => return Err(raw_type(field, "a namespace with a string `db`", &other)),
+        None => return Err(malformed(field, "has no `db`".into())),
+    };
+    let coll = match get("coll")? {
+        Some(RawBsonRef::String(coll)) => Some(coll.to_owned()),
+        None | Some(RawBsonRef::Null) => None,
+        Some(other) => return Err(raw_type(field, "a namespace with a string `coll`", &other)),
+    };
+    Ok(Some(Namespace { db, coll }))
+}
+
 fn take_document(doc: &mut Document, field: &'static str) -> Result<Option<Document>> {
     match doc.remove(field) {
         None | Some(Bson::Null) => Ok(None),
         Some(Bson::Document(d)) => Ok(Some(d)),
         Some(other) => Err(wrong_type(field, "a document", &other)),
     }
-}
-
-fn take_namespace(doc: &mut Document, field: &'static str) -> Result<Option<Namespace>> {
-    let Some(ns) = take_document(doc, field)? else {
-        return Ok(None);
-    };
-    let db = match ns.get("db") {
-        Some(Bson::String(db)) => db.clone(),
-        Some(other) => return Err(wrong_type(field, "a namespace with a string `db`", other)),
-        None => return Err(malformed(field, "has no `db`".into())),
-    };
-    let coll = match ns.get("coll") {
-        Some(Bson::String(coll)) => Some(coll.clone()),
-        None | Some(Bson::Null) => None,
-        Some(other) => return Err(wrong_type(field, "a namespace with a string `coll`", other)),
-    };
-    Ok(Some(Namespace { db, coll }))
 }
 
 fn decode_update_description(mut ud: Document) -> Result<UpdateDescription> {
@@ -326,7 +428,7 @@ mod tests {
 
     #[test]
     fn decodes_insert_keeping_unknown_fields() {
-        let event = ChangeEvent::from_document(insert_doc(Bson::Int32(7))).unwrap();
+        let event = ChangeEvent::from_document(&insert_doc(Bson::Int32(7))).unwrap();
         assert_eq!(event.operation_type, OperationType::Insert);
         assert_eq!(event.cluster_time, ClusterTime::new(100, 1));
         assert_eq!(event.ns, Some(Namespace::collection("app", "users")));
@@ -360,7 +462,7 @@ mod tests {
             ),
         ];
         for (id, shown) in cases {
-            let event = ChangeEvent::from_document(insert_doc(id.clone())).unwrap();
+            let event = ChangeEvent::from_document(&insert_doc(id.clone())).unwrap();
             assert_eq!(event.document_id(), Some(&id));
             assert_eq!(event.document_id_string().unwrap(), shown);
         }
@@ -373,7 +475,7 @@ mod tests {
         let event = ChangeEvent::from_raw(&raw).unwrap();
         let id_bytes = bson::RawDocumentBuf::try_from(doc.get_document("_id").unwrap()).unwrap();
         assert_eq!(event.token.as_bytes(), id_bytes.as_bytes());
-        assert_eq!(event, ChangeEvent::from_document(doc).unwrap());
+        assert_eq!(event, ChangeEvent::from_document(&doc).unwrap());
     }
 
     #[test]
@@ -393,7 +495,7 @@ mod tests {
             "txnNumber": 9_i64,
             "lsid": { "id": 1 },
         };
-        let event = ChangeEvent::from_document(update).unwrap();
+        let event = ChangeEvent::from_document(&update).unwrap();
         let ud = event.update_description.unwrap();
         assert_eq!(ud.updated_fields, doc! { "a.b": 2 });
         assert_eq!(ud.removed_fields, vec!["gone".to_owned()]);
@@ -415,7 +517,7 @@ mod tests {
             "ns": { "db": "d", "coll": "c" },
             "to": { "db": "d", "coll": "c2" },
         };
-        let event = ChangeEvent::from_document(rename).unwrap();
+        let event = ChangeEvent::from_document(&rename).unwrap();
         assert_eq!(event.to, Some(Namespace::collection("d", "c2")));
         let drop_db = doc! {
             "_id": { "_data": "84" },
@@ -424,7 +526,7 @@ mod tests {
             "ns": { "db": "d" },
         };
         assert_eq!(
-            ChangeEvent::from_document(drop_db).unwrap().ns,
+            ChangeEvent::from_document(&drop_db).unwrap().ns,
             Some(Namespace::database("d"))
         );
     }
@@ -433,7 +535,7 @@ mod tests {
     fn malformed_events_name_the_field() {
         let mut doc = insert_doc(Bson::Int32(1));
         doc.remove("clusterTime");
-        let err = ChangeEvent::from_document(doc).unwrap_err();
+        let err = ChangeEvent::from_document(&doc).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -447,7 +549,7 @@ mod tests {
 
         let mut doc = insert_doc(Bson::Int32(1));
         doc.insert("_id", "not a document");
-        let err = ChangeEvent::from_document(doc).unwrap_err();
+        let err = ChangeEvent::from_document(&doc).unwrap_err();
         assert!(
             matches!(err, Error::MalformedEvent { field: "_id", .. }),
             "{err}"
@@ -455,12 +557,12 @@ mod tests {
 
         let mut doc = insert_doc(Bson::Int32(1));
         doc.insert("operationType", 3);
-        let err = ChangeEvent::from_document(doc).unwrap_err();
+        let err = ChangeEvent::from_document(&doc).unwrap_err();
         assert!(err.to_string().contains("operationType"), "{err}");
 
         let mut doc = insert_doc(Bson::Int32(1));
         doc.insert("ns", doc! { "coll": "x" });
-        let err = ChangeEvent::from_document(doc).unwrap_err();
+        let err = ChangeEvent::from_document(&doc).unwrap_err();
         assert!(
             matches!(err, Error::MalformedEvent { field: "ns", .. }),
             "{err}"
@@ -468,8 +570,61 @@ mod tests {
     }
 
     #[test]
+    fn images_stay_raw_until_parsed() {
+        let mut doc = insert_doc(Bson::Int32(1));
+        doc.insert("fullDocumentBeforeChange", doc! { "_id": 1, "name": "bob" });
+        let event = ChangeEvent::from_document(&doc).unwrap();
+        assert_eq!(
+            event.full_document_parsed().unwrap(),
+            Some(doc! { "_id": 1, "name": "ada" })
+        );
+        assert_eq!(
+            event.full_document_before_change_parsed().unwrap(),
+            Some(doc! { "_id": 1, "name": "bob" })
+        );
+        doc.insert("fullDocument", Bson::Null);
+        let event = ChangeEvent::from_document(&doc).unwrap();
+        assert_eq!(event.full_document, None);
+        assert_eq!(event.full_document_parsed().unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_bytes_are_typed_errors_naming_the_field() {
+        let raw = bson::RawDocumentBuf::try_from(&insert_doc(Bson::Int32(1))).unwrap();
+        let mut bytes = raw.into_bytes();
+        // Corrupt the length of the string "ada" inside fullDocument: the event still
+        // frames, the image does not parse.
+        let at = bytes.windows(4).position(|w| w == b"ada\0").unwrap();
+        bytes[at - 4] = 0x7f;
+        let raw = bson::RawDocument::from_bytes(&bytes).unwrap();
+        let event = ChangeEvent::from_raw(raw).unwrap();
+        let err = event.full_document_parsed().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MalformedEvent {
+                    field: "fullDocument",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A corrupt top-level element fails the decoding itself.
+        let mut bytes = bson::RawDocumentBuf::try_from(&insert_doc(Bson::Int32(1)))
+            .unwrap()
+            .into_bytes();
+        let at = bytes.windows(7).position(|w| w == b"insert\0").unwrap();
+        bytes[at - 4] = 0x7f;
+        let raw = bson::RawDocument::from_bytes(&bytes).unwrap();
+        assert!(matches!(
+            ChangeEvent::from_raw(raw),
+            Err(Error::MalformedEvent { .. })
+        ));
+    }
+
+    #[test]
     fn resume_point_carries_no_document() {
-        let event = ChangeEvent::from_document(insert_doc(Bson::Int32(1))).unwrap();
+        let event = ChangeEvent::from_document(&insert_doc(Bson::Int32(1))).unwrap();
         let point = event.resume_point(bson::DateTime::from_millis(5));
         assert_eq!(point.token, event.token);
         assert_eq!(point.cluster_time, event.cluster_time);

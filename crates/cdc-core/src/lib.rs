@@ -16,8 +16,9 @@
 //!     "documentKey": { "_id": 42 },
 //!     "fullDocument": { "_id": 42, "total": 9.5 },
 //! };
-//! let event = ChangeEvent::from_document(raw)?;
+//! let event = ChangeEvent::from_document(&raw)?;
 //! assert_eq!(event.document_id_string().as_deref(), Some("42"));
+//! assert_eq!(event.full_document.as_ref().map(|d| d.get_f64("total")), Some(Ok(9.5)));
 //!
 //! let now = Instant::now();
 //! let mut checkpointer = Checkpointer::new(CheckpointPolicy::every_event(), None, now);

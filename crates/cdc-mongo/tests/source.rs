@@ -163,11 +163,14 @@ async fn full_document_modes() {
     }
     assert_eq!(events[0].full_document, None);
     for e in &events[1..] {
-        assert_eq!(e.full_document, Some(doc! { "_id": 1, "v": 2 }));
+        assert_eq!(
+            e.full_document_parsed().unwrap(),
+            Some(doc! { "_id": 1, "v": 2 })
+        );
     }
     for e in &events {
         assert_eq!(
-            e.full_document_before_change,
+            e.full_document_before_change_parsed().unwrap(),
             Some(doc! { "_id": 1, "v": 1 })
         );
         assert_eq!(

@@ -4,7 +4,7 @@
 use std::marker::PhantomData;
 
 use async_trait::async_trait;
-use bson::{Bson, Document};
+use bson::{Bson, Document, RawDocument, RawDocumentBuf};
 use cdc_core::{BoxError, ChangeEvent, Dispatcher, OperationType};
 use serde::de::DeserializeOwned;
 
@@ -41,16 +41,55 @@ pub fn to_json_bytes(doc: &Document) -> Vec<u8> {
         .into_bytes()
 }
 
-fn post_image_or_key(event: &ChangeEvent) -> Option<&Document> {
-    event.full_document.as_ref().or(event.document_key.as_ref())
+/// [`to_json_bytes`] for raw BSON, as events carry their images.
+///
+/// # Errors
+/// When the bytes are not valid BSON.
+pub fn raw_to_json_bytes(doc: &RawDocument) -> Result<Vec<u8>, bson::error::Error> {
+    Ok(Bson::Document(Document::try_from(doc)?)
+        .into_relaxed_extjson()
+        .to_string()
+        .into_bytes())
 }
 
-fn pre_image_or_key(event: &ChangeEvent) -> Option<&Document> {
-    event
-        .full_document_before_change
-        .as_ref()
-        .or(event.full_document.as_ref())
-        .or(event.document_key.as_ref())
+/// The document a JSON watcher method receives: an image (raw, as the event carries it)
+/// or the document key.
+enum Shown<'a> {
+    Image(&'a RawDocument),
+    Key(&'a Document),
+}
+
+impl Shown<'_> {
+    fn json(&self, event: &ChangeEvent) -> Result<Vec<u8>, BoxError> {
+        match self {
+            Shown::Image(raw) => raw_to_json_bytes(raw).map_err(|e| unreadable(event, &e)),
+            Shown::Key(key) => Ok(to_json_bytes(key)),
+        }
+    }
+}
+
+fn unreadable(event: &ChangeEvent, e: &dyn std::fmt::Display) -> BoxError {
+    format!(
+        "the {} event for _id {} carries a document that is not valid BSON: {e}",
+        event.operation_type,
+        event.document_id_string().unwrap_or_default()
+    )
+    .into()
+}
+
+fn post_image_or_key(event: &ChangeEvent) -> Option<Shown<'_>> {
+    match (&event.full_document, &event.document_key) {
+        (Some(doc), _) => Some(Shown::Image(doc)),
+        (None, Some(key)) => Some(Shown::Key(key)),
+        (None, None) => None,
+    }
+}
+
+fn pre_image_or_key(event: &ChangeEvent) -> Option<Shown<'_>> {
+    match &event.full_document_before_change {
+        Some(doc) => Some(Shown::Image(doc)),
+        None => post_image_or_key(event),
+    }
 }
 
 /// Adapts a [`CollectionWatcher`] into a [`Dispatcher`].
@@ -69,15 +108,15 @@ impl<W: CollectionWatcher> Dispatcher for JsonWatcher<W> {
         }
         match event.operation_type {
             OperationType::Insert => match &event.full_document {
-                Some(doc) => self.0.insert(&to_json_bytes(doc)).await,
+                Some(doc) => self.0.insert(&Shown::Image(doc).json(event)?).await,
                 None => Ok(()),
             },
             OperationType::Update | OperationType::Replace => match post_image_or_key(event) {
-                Some(doc) => self.0.update(&to_json_bytes(doc)).await,
+                Some(doc) => self.0.update(&doc.json(event)?).await,
                 None => Ok(()),
             },
             OperationType::Delete => match pre_image_or_key(event) {
-                Some(doc) => self.0.delete(&to_json_bytes(doc)).await,
+                Some(doc) => self.0.delete(&doc.json(event)?).await,
                 None => Ok(()),
             },
             _ => Ok(()),
@@ -121,11 +160,11 @@ impl<T, W> std::fmt::Debug for Typed<T, W> {
 }
 
 fn decode<T: DeserializeOwned>(
-    doc: Option<&Document>,
+    doc: Option<&RawDocumentBuf>,
     event: &ChangeEvent,
 ) -> Result<Option<T>, BoxError> {
     doc.map(|d| {
-        bson::deserialize_from_document::<T>(d.clone()).map_err(|e| -> BoxError {
+        bson::deserialize_from_slice::<T>(d.as_bytes()).map_err(|e| -> BoxError {
             format!(
                 "cannot deserialize the document with _id {} into {}: {e}",
                 event.document_id_string().unwrap_or_default(),

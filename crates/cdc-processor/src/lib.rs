@@ -47,7 +47,9 @@ mod stats;
 
 pub use builder::Builder;
 pub use error::{Error, Result};
-pub use handler::{CollectionWatcher, JsonWatcher, Typed, TypedWatcher, to_json_bytes};
+pub use handler::{
+    CollectionWatcher, JsonWatcher, Typed, TypedWatcher, raw_to_json_bytes, to_json_bytes,
+};
 pub use processor::{DocumentProcessor, InvalidatePolicy, StopHandle, default_backoff};
 pub use stats::Stats;
 

@@ -84,9 +84,14 @@ impl StopHandle {
     }
 }
 
+// Items travel in `Vec`s of up to HANDOFF: boxing events would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum Item {
-    Event(Box<ChangeEvent>),
+    Event(ChangeEvent),
+    /// An empty round trip that moved the stream's resume token (or had none).
     Idle(Option<ResumeToken>),
+    /// An empty round trip with the same token as the last one: time passed, nothing else.
+    Tick,
     Gap(HistoryGap),
     Closed,
     Failed(cdc_core::Error),
@@ -98,25 +103,71 @@ enum Outcome {
     Closed,
 }
 
+/// The most events the reader hands to the consumer at once: handing over batches rather
+/// than single events spares a task wake-up per event.
+const HANDOFF: usize = 256;
+
+/// Polls `fut` once: its output if it is ready now, `None` if it would wait (it stays
+/// registered with the waker, and can be awaited afterwards).
+async fn ready_now<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *fut).poll(cx) {
+        std::task::Poll::Ready(out) => std::task::Poll::Ready(Some(out)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
 /// Reads ahead of the handler: the cursor fetches the next batch while the handler works.
-async fn read_ahead(mut cursor: Box<dyn ChangeCursor>, tx: mpsc::Sender<Item>) {
+/// Events already buffered by the driver are handed over together (up to `handoff`); the
+/// batch in hand goes out before the reader waits on the server.
+async fn read_ahead(
+    mut cursor: Box<dyn ChangeCursor>,
+    tx: mpsc::Sender<Vec<Item>>,
+    handoff: usize,
+) {
+    let mut batch = Vec::with_capacity(handoff);
+    let mut idle_token: Option<ResumeToken> = None;
     loop {
-        if let Some(gap) = cursor.take_gap()
-            && tx.send(Item::Gap(gap)).await.is_err()
-        {
-            break;
+        if let Some(gap) = cursor.take_gap() {
+            batch.push(Item::Gap(gap));
         }
-        let next = tokio::select! {
-            r = cursor.next() => r,
-            () = tx.closed() => break,
+        let next = {
+            let mut fut = cursor.next();
+            match ready_now(&mut fut).await {
+                Some(next) => next,
+                None => {
+                    if !batch.is_empty() && tx.send(std::mem::take(&mut batch)).await.is_err() {
+                        break;
+                    }
+                    tokio::select! {
+                        r = fut => r,
+                        () = tx.closed() => break,
+                    }
+                }
+            }
         };
         let (item, last) = match next {
-            Ok(Some(e)) => (Item::Event(Box::new(e)), false),
+            Ok(Some(e)) => (Item::Event(e), false),
             Ok(None) if cursor.is_closed() => (Item::Closed, true),
-            Ok(None) => (Item::Idle(cursor.resume_token()), false),
+            Ok(None) => {
+                // An empty round trip: the position matters only when it moved.
+                let token = cursor.resume_token();
+                if token.is_some() && token == idle_token {
+                    (Item::Tick, false)
+                } else {
+                    idle_token.clone_from(&token);
+                    (Item::Idle(token), false)
+                }
+            }
             Err(e) => (Item::Failed(e), true),
         };
-        if tx.send(item).await.is_err() || last {
+        // Anything but an event goes out at once: the consumer acts on it with no delay.
+        let send_now = last || batch.len() + 1 >= handoff || !matches!(item, Item::Event(_));
+        batch.push(item);
+        if send_now && tx.send(std::mem::take(&mut batch)).await.is_err() {
+            break;
+        }
+        if last {
             break;
         }
     }
@@ -326,8 +377,10 @@ impl DocumentProcessor {
                 let initial = cursor.resume_token();
                 self.save_initial_position(&mut cp, initial).await?;
             }
-            let (tx, mut rx) = mpsc::channel(s.prefetch.max(1));
-            let reader = tokio::spawn(read_ahead(cursor, tx));
+            // About `prefetch` events in flight: handoffs of up to HANDOFF events each.
+            let handoff = s.prefetch.clamp(1, HANDOFF);
+            let (tx, mut rx) = mpsc::channel((s.prefetch / handoff).max(1));
+            let reader = tokio::spawn(read_ahead(cursor, tx, handoff));
             let outcome = self.consume(&mut rx, &mut cp, handler).await;
             drop(rx);
             if tokio::time::timeout(Duration::from_secs(5), reader)
@@ -365,80 +418,111 @@ impl DocumentProcessor {
 
     async fn consume(
         &self,
-        rx: &mut mpsc::Receiver<Item>,
+        rx: &mut mpsc::Receiver<Vec<Item>>,
         cp: &mut Checkpointer,
         handler: &dyn Dispatcher,
     ) -> Result<Outcome> {
         let mut invalidated = false;
         loop {
-            let item = tokio::select! {
+            let batch = tokio::select! {
                 biased;
                 () = self.inner.cancel.cancelled() => return Ok(Outcome::Stopped),
-                item = rx.recv() => item,
+                batch = rx.recv() => batch,
             };
-            let Some(item) = item else {
+            let Some(batch) = batch else {
                 return Err(cdc_core::Error::source(
                     ErrorKind::Transient,
                     "the cursor reader ended unexpectedly",
                 )
                 .into());
             };
-            match item {
-                Item::Event(event) => {
-                    if cp.is_blocked() {
-                        self.flush(cp).await?;
-                    }
-                    let seq = cp.track(event.resume_point(bson::DateTime::now()))?;
-                    if let Err(source) = handler.dispatch(&event, None).await {
-                        return Err(cdc_core::Error::Handler {
-                            operation: event.operation_type.clone(),
-                            cluster_time: event.cluster_time,
-                            source,
-                        }
-                        .into());
-                    }
-                    {
-                        let mut stats = self.stats_mut();
-                        stats.events += 1;
-                        *stats
-                            .events_by_type
-                            .entry(event.operation_type.to_string())
-                            .or_default() += 1;
-                        stats.last_cluster_time = Some(event.cluster_time);
-                    }
-                    if let Some(point) = cp.ack(seq, Instant::now())? {
-                        self.save(cp, point).await?;
-                    }
-                    self.stats_mut().checkpoint_lag_events = u64::from(cp.unsaved_events());
-                    invalidated |= event.operation_type == OperationType::Invalidate;
+            for item in batch {
+                // Events not yet tracked are simply read again after a stop.
+                if self.inner.cancel.is_cancelled() {
+                    return Ok(Outcome::Stopped);
                 }
-                Item::Idle(token) => {
-                    let now = Instant::now();
-                    let due = match token {
-                        Some(t) => cp.idle(t, now, bson::DateTime::now()),
-                        None => cp.tick(now),
-                    };
-                    if let Some(point) = due {
-                        self.save(cp, point).await?;
-                    }
+                if let Some(outcome) = self.step(item, cp, handler, &mut invalidated).await? {
+                    return Ok(outcome);
                 }
-                Item::Gap(gap) => {
-                    tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
-                    self.stats_mut().last_gap = Some(gap);
+                if let Some(point) = cp.tick(Instant::now()) {
+                    self.save(cp, point).await?;
                 }
-                Item::Closed => {
-                    return Ok(if invalidated {
-                        Outcome::Invalidated
-                    } else {
-                        Outcome::Closed
-                    });
-                }
-                Item::Failed(e) => return Err(e.into()),
-            }
-            if let Some(point) = cp.tick(Instant::now()) {
-                self.save(cp, point).await?;
             }
         }
+    }
+
+    /// Acts on one item from the reader; `Some` when the stream ended.
+    async fn step(
+        &self,
+        item: Item,
+        cp: &mut Checkpointer,
+        handler: &dyn Dispatcher,
+        invalidated: &mut bool,
+    ) -> Result<Option<Outcome>> {
+        match item {
+            Item::Event(event) => {
+                if cp.is_blocked() {
+                    self.flush(cp).await?;
+                }
+                let seq = cp.track(event.resume_point(bson::DateTime::now()))?;
+                if let Err(source) = handler.dispatch(&event, None).await {
+                    return Err(cdc_core::Error::Handler {
+                        operation: event.operation_type.clone(),
+                        cluster_time: event.cluster_time,
+                        source,
+                    }
+                    .into());
+                }
+                if let Some(point) = cp.ack(seq, Instant::now())? {
+                    self.save(cp, point).await?;
+                }
+                self.count(&event, cp);
+                *invalidated |= event.operation_type == OperationType::Invalidate;
+            }
+            Item::Idle(token) => {
+                let now = Instant::now();
+                let due = match token {
+                    Some(t) => cp.idle(t, now, bson::DateTime::now()),
+                    None => cp.tick(now),
+                };
+                if let Some(point) = due {
+                    self.save(cp, point).await?;
+                }
+            }
+            Item::Tick => {
+                if let Some(point) = cp.tick(Instant::now()) {
+                    self.save(cp, point).await?;
+                }
+            }
+            Item::Gap(gap) => {
+                tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
+                self.stats_mut().last_gap = Some(gap);
+            }
+            Item::Closed => {
+                return Ok(Some(if *invalidated {
+                    Outcome::Invalidated
+                } else {
+                    Outcome::Closed
+                }));
+            }
+            Item::Failed(e) => return Err(e.into()),
+        }
+        Ok(None)
+    }
+
+    /// Counts a handled event (one lock, no allocation once its type has been seen).
+    fn count(&self, event: &ChangeEvent, cp: &Checkpointer) {
+        let mut stats = self.stats_mut();
+        stats.events += 1;
+        let kind = event.operation_type.as_str();
+        match stats.events_by_type.get_mut(kind) {
+            Some(n) => *n += 1,
+            None => {
+                stats.events_by_type.insert(kind.to_owned(), 1);
+            }
+        }
+        stats.last_cluster_time = Some(event.cluster_time);
+        stats.checkpoint_lag_events = u64::from(cp.unsaved_events());
     }
 }
 

@@ -728,7 +728,10 @@ async fn unreachable_at_start_retries_then_catches_up() {
     })
     .await
     .unwrap();
-    let coll: Collection<Document> = client.database("app").collection("items");
+    // The writer is a client of its own: the processor's client, with its 300 ms server
+    // selection, may not have seen the server come back yet.
+    let writer = Client::with_uri_str(sim.uri()).await.unwrap();
+    let coll: Collection<Document> = writer.database("app").collection("items");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut i = 0;
     while rec.ids().is_empty() {

@@ -39,10 +39,10 @@ fn change_of(event: &ChangeEvent) -> Option<Change> {
         Bson::Int32(n) => i64::from(*n),
         _ => return None,
     };
-    let version = |d: &Document| d.get_i64("version").ok();
     match event.operation_type {
         OperationType::Insert => {
-            Some((id, format!("v{}", version(event.full_document.as_ref()?)?)))
+            let v = event.full_document.as_ref()?.get_i64("version").ok()?;
+            Some((id, format!("v{v}")))
         }
         OperationType::Update => {
             let v = event
