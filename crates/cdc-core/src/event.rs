@@ -49,8 +49,9 @@ pub struct ChangeEvent {
     /// The new namespace of a `rename`.
     pub to: Option<Namespace>,
     /// The changed document's key: `{ _id: … }` (plus the shard key on sharded clusters),
-    /// with every value kept as the BSON it is.
-    pub document_key: Option<Document>,
+    /// as the raw BSON the server sent, so every value keeps its exact type and bytes (a
+    /// stable key for partitioning). [`ChangeEvent::document_id`] reads the `_id`.
+    pub document_key: Option<RawDocumentBuf>,
     /// The document after the change, when the stream asked for it and it exists, as the
     /// raw BSON the server sent: read fields with `get_str` and friends, deserialize with
     /// `bson::deserialize_from_slice(doc.as_bytes())`, or parse it whole with
@@ -166,9 +167,16 @@ impl ChangeEvent {
         )
     }
 
-    /// The changed document's `_id`, as the BSON value it is.
-    pub fn document_id(&self) -> Option<&Bson> {
-        self.document_key.as_ref().and_then(|key| key.get("_id"))
+    /// The changed document's `_id`, borrowed from the raw key: `None` when the event has
+    /// no key, the key no `_id`, or its bytes do not parse.
+    pub fn document_id_raw(&self) -> Option<RawBsonRef<'_>> {
+        self.document_key.as_ref()?.get("_id").ok().flatten()
+    }
+
+    /// The changed document's `_id`, as the BSON value it is (decoded from the raw key).
+    pub fn document_id(&self) -> Option<Bson> {
+        self.document_id_raw()
+            .and_then(|id| Bson::try_from(id).ok())
     }
 
     /// The changed document's `_id` as text, for logs and for keys in other systems:
@@ -176,7 +184,7 @@ impl ChangeEvent {
     /// relaxed Extended JSON. Distinct ids of different types may print alike (`"1"` and
     /// `1`); use [`ChangeEvent::document_id`] where that matters.
     pub fn document_id_string(&self) -> Option<String> {
-        self.document_id().map(bson_display)
+        self.document_id().as_ref().map(bson_display)
     }
 
     /// The resume point this event leaves behind once processed (no document inside).
@@ -209,7 +217,7 @@ struct Fields {
     wall_time: Option<bson::DateTime>,
     ns: Option<Namespace>,
     to: Option<Namespace>,
-    document_key: Option<Document>,
+    document_key: Option<RawDocumentBuf>,
     full_document: Option<RawDocumentBuf>,
     full_document_before_change: Option<RawDocumentBuf>,
     update_description: Option<UpdateDescription>,
@@ -231,9 +239,7 @@ impl Fields {
             "ns" => self.ns = raw_namespace("ns", value)?,
             "to" => self.to = raw_namespace("to", value)?,
             "documentKey" => {
-                self.document_key = raw_subdocument("documentKey", value)?
-                    .map(parsed)
-                    .transpose()?;
+                self.document_key = raw_subdocument("documentKey", value)?.map(ToOwned::to_owned);
             }
             "fullDocument" => {
                 self.full_document = raw_subdocument("fullDocument", value)?.map(ToOwned::to_owned);
@@ -432,7 +438,7 @@ mod tests {
         assert_eq!(event.operation_type, OperationType::Insert);
         assert_eq!(event.cluster_time, ClusterTime::new(100, 1));
         assert_eq!(event.ns, Some(Namespace::collection("app", "users")));
-        assert_eq!(event.document_id(), Some(&Bson::Int32(7)));
+        assert_eq!(event.document_id(), Some(Bson::Int32(7)));
         assert_eq!(
             event
                 .full_document
@@ -463,7 +469,7 @@ mod tests {
         ];
         for (id, shown) in cases {
             let event = ChangeEvent::from_document(&insert_doc(id.clone())).unwrap();
-            assert_eq!(event.document_id(), Some(&id));
+            assert_eq!(event.document_id(), Some(id.clone()));
             assert_eq!(event.document_id_string().unwrap(), shown);
         }
     }

@@ -82,6 +82,19 @@ impl MongoSource {
         &self.inner.scope
     }
 
+    /// The driver's change stream exactly as this source opens it (scope, pipeline,
+    /// options, position), for iterating raw BSON without this crate's decoding and
+    /// policies: no pre-image fallback, no history-lost handling.
+    ///
+    /// # Errors
+    /// As [`ChangeSource::open`].
+    pub async fn open_driver_stream(
+        &self,
+        position: &StartPosition,
+    ) -> Result<ChangeStream<RawDocumentBuf>> {
+        self.inner.open_stream(position).await
+    }
+
     /// How it opens its streams.
     pub fn options(&self) -> &SourceOptions {
         &self.inner.options

@@ -13,6 +13,16 @@ use crate::{DocumentProcessor, Error, InvalidatePolicy, Result, processor::Setti
 
 use cdc_mongo::mongodb as mongodb_client;
 
+/// The processor's change-stream options unless told otherwise: post-images by
+/// `updateLookup`, pre-images when available, batches of 1,000 events, the default
+/// operation types.
+pub fn default_source_options() -> SourceOptions {
+    SourceOptions::default()
+        .full_document(FullDocument::UpdateLookup)
+        .before_change(BeforeChange::WhenAvailable)
+        .batch_size(1000)
+}
+
 /// Configures a [`DocumentProcessor`].
 ///
 /// Defaults: post-images by `updateLookup`, pre-images when available, batches of 1,000
@@ -51,10 +61,7 @@ impl Default for Builder {
             client: None,
             scope: None,
             source: None,
-            options: SourceOptions::default()
-                .full_document(FullDocument::UpdateLookup)
-                .before_change(BeforeChange::WhenAvailable)
-                .batch_size(1000),
+            options: default_source_options(),
             store: None,
             stream_id: None,
             suffix: String::new(),

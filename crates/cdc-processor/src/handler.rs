@@ -52,44 +52,28 @@ pub fn raw_to_json_bytes(doc: &RawDocument) -> Result<Vec<u8>, bson::error::Erro
         .into_bytes())
 }
 
-/// The document a JSON watcher method receives: an image (raw, as the event carries it)
-/// or the document key.
-enum Shown<'a> {
-    Image(&'a RawDocument),
-    Key(&'a Document),
+/// A document for a JSON watcher method, as JSON bytes; a handler error naming the event
+/// when its bytes are not valid BSON.
+fn json(doc: &RawDocument, event: &ChangeEvent) -> Result<Vec<u8>, BoxError> {
+    raw_to_json_bytes(doc).map_err(|e| -> BoxError {
+        format!(
+            "the {} event for _id {} carries a document that is not valid BSON: {e}",
+            event.operation_type,
+            event.document_id_string().unwrap_or_default()
+        )
+        .into()
+    })
 }
 
-impl Shown<'_> {
-    fn json(&self, event: &ChangeEvent) -> Result<Vec<u8>, BoxError> {
-        match self {
-            Shown::Image(raw) => raw_to_json_bytes(raw).map_err(|e| unreadable(event, &e)),
-            Shown::Key(key) => Ok(to_json_bytes(key)),
-        }
-    }
+fn post_image_or_key(event: &ChangeEvent) -> Option<&RawDocumentBuf> {
+    event.full_document.as_ref().or(event.document_key.as_ref())
 }
 
-fn unreadable(event: &ChangeEvent, e: &dyn std::fmt::Display) -> BoxError {
-    format!(
-        "the {} event for _id {} carries a document that is not valid BSON: {e}",
-        event.operation_type,
-        event.document_id_string().unwrap_or_default()
-    )
-    .into()
-}
-
-fn post_image_or_key(event: &ChangeEvent) -> Option<Shown<'_>> {
-    match (&event.full_document, &event.document_key) {
-        (Some(doc), _) => Some(Shown::Image(doc)),
-        (None, Some(key)) => Some(Shown::Key(key)),
-        (None, None) => None,
-    }
-}
-
-fn pre_image_or_key(event: &ChangeEvent) -> Option<Shown<'_>> {
-    match &event.full_document_before_change {
-        Some(doc) => Some(Shown::Image(doc)),
-        None => post_image_or_key(event),
-    }
+fn pre_image_or_key(event: &ChangeEvent) -> Option<&RawDocumentBuf> {
+    event
+        .full_document_before_change
+        .as_ref()
+        .or_else(|| post_image_or_key(event))
 }
 
 /// Adapts a [`CollectionWatcher`] into a [`Dispatcher`].
@@ -108,15 +92,15 @@ impl<W: CollectionWatcher> Dispatcher for JsonWatcher<W> {
         }
         match event.operation_type {
             OperationType::Insert => match &event.full_document {
-                Some(doc) => self.0.insert(&Shown::Image(doc).json(event)?).await,
+                Some(doc) => self.0.insert(&json(doc, event)?).await,
                 None => Ok(()),
             },
             OperationType::Update | OperationType::Replace => match post_image_or_key(event) {
-                Some(doc) => self.0.update(&doc.json(event)?).await,
+                Some(doc) => self.0.update(&json(doc, event)?).await,
                 None => Ok(()),
             },
             OperationType::Delete => match pre_image_or_key(event) {
-                Some(doc) => self.0.delete(&doc.json(event)?).await,
+                Some(doc) => self.0.delete(&json(doc, event)?).await,
                 None => Ok(()),
             },
             _ => Ok(()),

@@ -45,7 +45,7 @@ mod handler;
 mod processor;
 mod stats;
 
-pub use builder::Builder;
+pub use builder::{Builder, default_source_options};
 pub use error::{Error, Result};
 pub use handler::{
     CollectionWatcher, JsonWatcher, Typed, TypedWatcher, raw_to_json_bytes, to_json_bytes,

@@ -84,10 +84,9 @@ impl StopHandle {
     }
 }
 
-// Items travel in `Vec`s of up to HANDOFF: boxing events would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
 enum Item {
-    Event(ChangeEvent),
+    /// Boxed: an event is large, and items are moved and batched in `Vec`s.
+    Event(Box<ChangeEvent>),
     /// An empty round trip that moved the stream's resume token (or had none).
     Idle(Option<ResumeToken>),
     /// An empty round trip with the same token as the last one: time passed, nothing else.
@@ -117,6 +116,11 @@ async fn ready_now<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
     .await
 }
 
+/// The batch in hand, leaving an empty one of the same capacity in its place.
+fn handover(batch: &mut Vec<Item>, handoff: usize) -> Vec<Item> {
+    std::mem::replace(batch, Vec::with_capacity(handoff))
+}
+
 /// Reads ahead of the handler: the cursor fetches the next batch while the handler works.
 /// Events already buffered by the driver are handed over together (up to `handoff`); the
 /// batch in hand goes out before the reader waits on the server.
@@ -136,7 +140,7 @@ async fn read_ahead(
             match ready_now(&mut fut).await {
                 Some(next) => next,
                 None => {
-                    if !batch.is_empty() && tx.send(std::mem::take(&mut batch)).await.is_err() {
+                    if !batch.is_empty() && tx.send(handover(&mut batch, handoff)).await.is_err() {
                         break;
                     }
                     tokio::select! {
@@ -147,7 +151,7 @@ async fn read_ahead(
             }
         };
         let (item, last) = match next {
-            Ok(Some(e)) => (Item::Event(e), false),
+            Ok(Some(e)) => (Item::Event(Box::new(e)), false),
             Ok(None) if cursor.is_closed() => (Item::Closed, true),
             Ok(None) => {
                 // An empty round trip: the position matters only when it moved.
@@ -164,7 +168,7 @@ async fn read_ahead(
         // Anything but an event goes out at once: the consumer acts on it with no delay.
         let send_now = last || batch.len() + 1 >= handoff || !matches!(item, Item::Event(_));
         batch.push(item);
-        if send_now && tx.send(std::mem::take(&mut batch)).await.is_err() {
+        if send_now && tx.send(handover(&mut batch, handoff)).await.is_err() {
             break;
         }
         if last {

@@ -46,7 +46,7 @@ impl Dispatcher for Recorder {
         if let Some(e) = previous {
             return Err(e);
         }
-        let id = event.document_id().cloned().unwrap_or(Bson::Null);
+        let id = event.document_id().unwrap_or(Bson::Null);
         if self.fail_on.lock().unwrap().as_ref() == Some(&id) {
             return Err(format!("refusing {id}").into());
         }

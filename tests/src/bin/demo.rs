@@ -35,8 +35,8 @@ struct Deliveries(Arc<Mutex<Ledger>>);
 
 fn change_of(event: &ChangeEvent) -> Option<Change> {
     let id = match event.document_id()? {
-        Bson::Int64(n) => *n,
-        Bson::Int32(n) => i64::from(*n),
+        Bson::Int64(n) => n,
+        Bson::Int32(n) => i64::from(n),
         _ => return None,
     };
     match event.operation_type {

@@ -135,8 +135,8 @@ impl Dispatcher for DeliveryLog {
             return Err(e);
         }
         let id = match event.document_id() {
-            Some(Bson::Int64(n)) => *n,
-            Some(Bson::Int32(n)) => i64::from(*n),
+            Some(Bson::Int64(n)) => n,
+            Some(Bson::Int32(n)) => i64::from(n),
             _ => return Ok(()),
         };
         let change = match event.operation_type {

@@ -13,7 +13,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bson::{Document, RawDocumentBuf, doc};
+use bson::{Document, doc};
 use cdc_core::{
     BoxError as CoreBoxError, ChangeEvent, ChangeSource, CheckpointPolicy, ClusterTime, Dispatcher,
     OperationType, ResumePoint, ResumeStore, ResumeToken, StartPosition,
@@ -89,7 +89,7 @@ async fn head_point(coll: &Collection<Document>) -> Result<ResumePoint, BoxError
 }
 
 struct Row {
-    id: &'static str,
+    id: String,
     name: String,
     unit: &'static str,
     median: f64,
@@ -97,16 +97,77 @@ struct Row {
     max: f64,
 }
 
-fn row(id: &'static str, name: impl Into<String>, unit: &'static str, values: Vec<f64>) -> Row {
+fn row(
+    id: impl Into<String>,
+    name: impl Into<String>,
+    unit: &'static str,
+    values: Vec<f64>,
+) -> Row {
     let (median, min, max) = median_and_spread(values);
     Row {
-        id,
+        id: id.into(),
         name: name.into(),
         unit,
         median,
         min,
         max,
     }
+}
+
+/// Wall-clock and this process's CPU time, from one moment on.
+struct Meter {
+    wall: Instant,
+    cpu: Option<Duration>,
+}
+
+/// One throughput round: events per second, and the consumer's CPU per event.
+#[derive(Clone, Copy)]
+struct Sample {
+    rate: f64,
+    cpu_us: f64,
+}
+
+impl Meter {
+    fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: process_cpu(),
+        }
+    }
+
+    fn finish(&self, events: usize) -> Sample {
+        let cpu_us = match (self.cpu, process_cpu()) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64() * 1e6 / events as f64,
+            _ => f64::NAN,
+        };
+        Sample {
+            rate: events as f64 / self.wall.elapsed().as_secs_f64(),
+            cpu_us,
+        }
+    }
+}
+
+/// User plus system CPU time of this process (all threads), from `/proc/self/stat`; the
+/// simulator runs in a process of its own, so this is the consumer's alone.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// A throughput scenario: what drains the pre-loaded oplog.
+enum Throughput {
+    /// The driver alone.
+    Raw,
+    /// The processor with this store, checkpoint policy and read-ahead.
+    Processor(Arc<dyn ResumeStore>, CheckpointPolicy, usize),
+    /// The Go package's protocol.
+    Go,
 }
 
 struct Bench {
@@ -134,21 +195,50 @@ impl Bench {
         Ok((coll, name, start))
     }
 
-    async fn raw_driver(&mut self) -> Result<f64, BoxError> {
-        let (coll, _, start) = self.loaded().await?;
-        let token = cdc_mongo::to_driver_token(&start.token).ok_or("token")?;
-        let t0 = Instant::now();
-        let mut stream = coll
-            .watch()
-            .resume_after(token)
-            .await?
-            .with_type::<RawDocumentBuf>();
-        let mut seen = 0;
-        while seen < self.events {
-            stream.try_next().await?.ok_or("stream ended")?;
-            seen += 1;
+    async fn run(&mut self, scenario: &Throughput) -> Result<Sample, BoxError> {
+        match scenario {
+            Throughput::Raw => self.raw_driver().await,
+            Throughput::Processor(store, policy, prefetch) => {
+                self.processor(Arc::clone(store), policy.clone(), *prefetch)
+                    .await
+            }
+            Throughput::Go => self.go_protocol().await,
         }
-        Ok(self.events as f64 / t0.elapsed().as_secs_f64())
+    }
+
+    /// The change-stream options of the processor scenarios (its defaults, with `--batch`).
+    fn source_options(&self) -> SourceOptions {
+        let options = cdc_processor::default_source_options();
+        match self.batch {
+            Some(n) => options.batch_size(n),
+            None => options,
+        }
+    }
+
+    /// The same change stream the processor opens (pipeline, options, batch size),
+    /// iterated as raw BSON with nothing done per event.
+    async fn raw_driver(&mut self) -> Result<Sample, BoxError> {
+        let (_, name, start) = self.loaded().await?;
+        let source = MongoSource::new(
+            self.client.clone(),
+            Scope::collection("bench", name),
+            self.source_options(),
+        );
+        let events = self.events;
+        // On a runtime worker, as the processor's tasks are.
+        let drain = tokio::spawn(async move {
+            let meter = Meter::start();
+            let mut stream = source
+                .open_driver_stream(&StartPosition::ResumeAfter(start.token))
+                .await?;
+            let mut seen = 0;
+            while seen < events {
+                stream.try_next().await?.ok_or("stream ended")?;
+                seen += 1;
+            }
+            Ok::<_, BoxError>(meter.finish(events))
+        });
+        drain.await?
     }
 
     async fn processor(
@@ -156,45 +246,38 @@ impl Bench {
         store: Arc<dyn ResumeStore>,
         policy: CheckpointPolicy,
         prefetch: usize,
-    ) -> Result<f64, BoxError> {
+    ) -> Result<Sample, BoxError> {
         let (_, name, start) = self.loaded().await?;
         let stream_id = format!("bench.{name}");
         store.delete(&stream_id).await?;
         store.save(&stream_id, &start).await?;
-        let mut builder = DocumentProcessor::builder()
+        let builder = DocumentProcessor::builder()
             .client(self.client.clone())
             .collection("bench", name)
             .stream_id(stream_id)
             .store(store)
             .checkpoint(policy)
-            .prefetch(prefetch);
-        if let Some(n) = self.batch {
-            builder = builder.source_options(
-                SourceOptions::default()
-                    .full_document(cdc_mongo::FullDocument::UpdateLookup)
-                    .before_change(cdc_mongo::BeforeChange::WhenAvailable)
-                    .batch_size(n),
-            );
-        }
+            .prefetch(prefetch)
+            .source_options(self.source_options());
         let p = builder.build()?;
         let count = Count::default();
         count.target.store(self.events as u64, Ordering::Relaxed);
-        let t0 = Instant::now();
+        let meter = Meter::start();
         let runner = p.clone();
         let handler = count.clone();
         let task = tokio::spawn(async move { runner.start(handler).await });
         tokio::time::timeout(Duration::from_secs(600), count.done.notified())
             .await
             .map_err(|_| "processor stalled")?;
-        let rate = self.events as f64 / t0.elapsed().as_secs_f64();
+        let sample = meter.finish(self.events);
         p.stop();
         task.await??;
-        Ok(rate)
+        Ok(sample)
     }
 
     /// The Go package's protocol: save the point (with its document) before dispatch,
     /// delete the previous one: two store writes per event.
-    async fn go_protocol(&mut self) -> Result<f64, BoxError> {
+    async fn go_protocol(&mut self) -> Result<Sample, BoxError> {
         let (coll, name, start) = self.loaded().await?;
         let points = self
             .client
@@ -202,7 +285,7 @@ impl Bench {
             .collection::<Document>(&format!("{name}_resume"));
         let token = cdc_mongo::to_driver_token(&start.token).ok_or("token")?;
         let count = Count::default();
-        let t0 = Instant::now();
+        let meter = Meter::start();
         let mut stream = coll
             .watch()
             .full_document(mongodb::options::FullDocumentType::UpdateLookup)
@@ -232,7 +315,7 @@ impl Bench {
             count.dispatch(&event, None).await?;
             seen += 1;
         }
-        Ok(self.events as f64 / t0.elapsed().as_secs_f64())
+        Ok(meter.finish(self.events))
     }
 }
 
@@ -251,11 +334,11 @@ async fn latency(client: &Client, rate: u64, seconds: u64) -> Result<(f64, f64),
             e: &ChangeEvent,
             _: Option<CoreBoxError>,
         ) -> Result<(), CoreBoxError> {
-            if let Some(bson::Bson::Int64(id)) = e.document_id() {
+            if let Some(bson::RawBsonRef::Int64(id)) = e.document_id_raw() {
                 self.0
                     .lock()
                     .map_err(|_| "poisoned")?
-                    .insert(*id, Instant::now());
+                    .insert(id, Instant::now());
             }
             Ok(())
         }
@@ -534,97 +617,107 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
     let tp = "events/s";
     eprintln!("bench: {events} events of ~400 B per round, {rounds} rounds after a warm-up");
 
-    macro_rules! rounds {
-        ($call:expr) => {{
-            let mut v = Vec::new();
-            for r in 0..=rounds {
-                let x = $call;
-                if r > 0 {
-                    v.push(x);
-                }
-            }
-            v
-        }};
-    }
-
-    if want("1") {
-        rows.push(row(
-            "1",
-            "raw driver, raw BSON events, no processing (ceiling)",
-            tp,
-            rounds!(b.raw_driver().await?),
-        ));
-    }
     let memory: Arc<dyn ResumeStore> = Arc::new(MemoryStore::new());
-    if want("2") {
-        rows.push(row(
-            "2",
-            "processor, batched checkpoints, memory store",
-            tp,
-            rounds!(
-                b.processor(Arc::clone(&memory), CheckpointPolicy::default(), 1024)
-                    .await?
-            ),
-        ));
-        rows.push(row(
-            "2b",
-            "processor, batched, memory store, no read-ahead",
-            tp,
-            rounds!(
-                b.processor(Arc::clone(&memory), CheckpointPolicy::default(), 1)
-                    .await?
-            ),
-        ));
-    }
-    if want("3") {
-        let dir: PathBuf = std::env::temp_dir().join(format!("cdc-bench-{}", std::process::id()));
-        let file: Arc<dyn ResumeStore> = Arc::new(cdc_processor::stores::FileStore::new(&dir)?);
-        rows.push(row(
-            "3",
-            "processor, batched checkpoints, file store",
-            tp,
-            rounds!(
-                b.processor(Arc::clone(&file), CheckpointPolicy::default(), 1024)
-                    .await?
-            ),
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    let dir: PathBuf = std::env::temp_dir().join(format!("cdc-bench-{}", std::process::id()));
+    let file: Arc<dyn ResumeStore> = Arc::new(cdc_processor::stores::FileStore::new(&dir)?);
     let mongo: Arc<dyn ResumeStore> = Arc::new(cdc_processor::stores::MongoStore::new(
         &client,
         "bench_local",
         "points",
     ));
-    if want("4") {
-        rows.push(row(
+    let batched = CheckpointPolicy::default;
+    let throughput: Vec<(&str, &str, Throughput)> = vec![
+        (
+            "1",
+            "raw driver, raw BSON events, no processing (ceiling)",
+            Throughput::Raw,
+        ),
+        (
+            "2",
+            "processor, batched checkpoints, memory store",
+            Throughput::Processor(Arc::clone(&memory), batched(), 1024),
+        ),
+        (
+            "2b",
+            "processor, batched, memory store, no read-ahead",
+            Throughput::Processor(Arc::clone(&memory), batched(), 1),
+        ),
+        (
+            "3",
+            "processor, batched checkpoints, file store",
+            Throughput::Processor(file, batched(), 1024),
+        ),
+        (
             "4",
             "processor, batched checkpoints, MongoDB store",
-            tp,
-            rounds!(
-                b.processor(Arc::clone(&mongo), CheckpointPolicy::default(), 1024)
-                    .await?
-            ),
-        ));
-    }
-    if want("5") {
-        rows.push(row(
+            Throughput::Processor(Arc::clone(&mongo), batched(), 1024),
+        ),
+        (
             "5",
             "processor, a checkpoint per event, MongoDB store",
-            tp,
-            rounds!(
-                b.processor(Arc::clone(&mongo), CheckpointPolicy::every_event(), 1024)
-                    .await?
-            ),
-        ));
-    }
-    if want("6") {
-        rows.push(row(
+            Throughput::Processor(mongo, CheckpointPolicy::every_event(), 1024),
+        ),
+        (
             "6",
             "Go protocol re-enacted (2 writes/event), MongoDB store",
-            tp,
-            rounds!(b.go_protocol().await?),
+            Throughput::Go,
+        ),
+    ];
+    let throughput: Vec<_> = throughput
+        .into_iter()
+        .filter(|(id, _, _)| want(id.trim_end_matches('b')))
+        .collect();
+    // Rounds are interleaved (1, 2, 2b, … then again), so that drift on the machine falls
+    // on every scenario alike rather than on whichever ran last.
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); throughput.len()];
+    for r in 0..=rounds {
+        for ((id, _, scenario), v) in throughput.iter().zip(&mut samples) {
+            let x = b.run(scenario).await?;
+            eprintln!(
+                "bench: round {r}{} scenario {id}: {:.0} events/s, consumer CPU {:.2} µs/event",
+                if r == 0 { " (warm-up)" } else { "" },
+                x.rate,
+                x.cpu_us
+            );
+            if r > 0 {
+                v.push(x);
+            }
+        }
+    }
+    for ((id, name, _), v) in throughput.iter().zip(&samples) {
+        rows.push(row(*id, *name, tp, v.iter().map(|x| x.rate).collect()));
+    }
+    // The same rounds seen from the consumer's side: its CPU time per event (the
+    // simulator's is not counted), steadier than throughput on a shared machine.
+    for ((id, name, _), v) in throughput.iter().zip(&samples) {
+        rows.push(row(
+            format!("{id}-cpu"),
+            format!("{name}: consumer CPU per event"),
+            "µs/event",
+            v.iter().map(|x| x.cpu_us).collect(),
         ));
     }
+    // Scenario 2 against scenario 1 round by round (the two ran back to back).
+    let paired = |a: &str, b: &str| -> Option<Vec<f64>> {
+        let find = |id: &str| throughput.iter().position(|(i, _, _)| *i == id);
+        let (a, b) = (find(a)?, find(b)?);
+        Some(
+            samples[a]
+                .iter()
+                .zip(&samples[b])
+                .map(|(x, y)| x.rate / y.rate)
+                .collect(),
+        )
+    };
+    if let Some(ratios) = paired("2", "1") {
+        rows.push(row(
+            "2/1",
+            "scenario 2 ÷ scenario 1, paired by round",
+            "ratio",
+            ratios,
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     eprintln!("bench: throughput done");
     if want("7") {
         let mut p50 = Vec::new();
@@ -742,8 +835,9 @@ fn report(rows: &[Row], events: usize, rounds: usize) -> Result<(), BoxError> {
         json_rows.push(json!({ "id": r.id, "scenario": r.name, "unit": r.unit, "median": r.median, "min": r.min, "max": r.max }));
     }
     let targets = format!(
-        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {:.2}×; scenario 4 ≥ 10× scenario 6: {:.1}×; p99 < 10 ms: {:.2} ms; peak memory < 64 MiB and flat: {:.1} → {:.1} MiB; fresh token ≥ 10× faster: {:.0}×; idle writes ≤ 1/min: {:.1}/min.\n",
+        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {:.2}× (medians), {:.2}× (paired rounds); scenario 4 ≥ 10× scenario 6: {:.1}×; p99 < 10 ms: {:.2} ms; peak memory < 64 MiB and flat: {:.1} → {:.1} MiB; fresh token ≥ 10× faster: {:.0}×; idle writes ≤ 1/min: {:.1}/min.\n",
         get("2") / ceiling,
+        get("2/1"),
         get("4") / go,
         get("7b"),
         get("8a"),
