@@ -39,11 +39,11 @@ fn change_of(e: &ChangeEvent) -> Option<(String, String)> {
         _ => return None,
     };
     let change = match e.operation_type {
-        OperationType::Insert => format!("v{}", e.full_document.as_ref()?.get_i64("version").ok()?),
+        OperationType::Insert => format!("v{}", e.full_document()?.get_i64("version").ok()?),
         OperationType::Update => format!(
             "v{}",
-            e.update_description
-                .as_ref()?
+            e.update_description()
+                .ok()??
                 .updated_fields
                 .get_i64("version")
                 .ok()?

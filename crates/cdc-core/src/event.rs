@@ -31,9 +31,12 @@ pub struct TruncatedArray {
 
 /// One change event from a change stream.
 ///
-/// Every field the server sends is kept: the known ones typed, the rest in
-/// [`ChangeEvent::extra`].
-#[derive(Clone, Debug, PartialEq)]
+/// The event keeps the bytes the server sent ([`ChangeEvent::raw`]) and decodes its
+/// header eagerly (token, operation type, times, namespaces, transaction number); the
+/// document key, the images, the update description, the session id and any field this
+/// version does not know are read from those bytes only when asked. An event therefore
+/// costs one buffer, not a tree of allocations, and nothing the server sent is lost.
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ChangeEvent {
     /// The event's resume token (`_id`), kept byte-for-byte.
@@ -48,32 +51,89 @@ pub struct ChangeEvent {
     pub ns: Option<Namespace>,
     /// The new namespace of a `rename`.
     pub to: Option<Namespace>,
-    /// The changed document's key: `{ _id: … }` (plus the shard key on sharded clusters),
-    /// as the raw BSON the server sent, so every value keeps its exact type and bytes (a
-    /// stable key for partitioning). [`ChangeEvent::document_id`] reads the `_id`.
-    pub document_key: Option<RawDocumentBuf>,
-    /// The document after the change, when the stream asked for it and it exists, as the
-    /// raw BSON the server sent: read fields with `get_str` and friends, deserialize with
-    /// `bson::deserialize_from_slice(doc.as_bytes())`, or parse it whole with
-    /// [`ChangeEvent::full_document_parsed`]. Kept raw so that an event costs one copy of
-    /// its bytes, not a tree of allocations, whatever the handler needs of it.
-    pub full_document: Option<RawDocumentBuf>,
-    /// The document before the change (pre-image), when requested and recorded; raw BSON
-    /// like [`ChangeEvent::full_document`].
-    pub full_document_before_change: Option<RawDocumentBuf>,
-    /// The fields an `update` changed.
-    pub update_description: Option<UpdateDescription>,
     /// The transaction number, for changes made in a multi-document transaction.
     pub txn_number: Option<i64>,
-    /// The logical session id, for changes made in a transaction.
-    pub lsid: Option<Document>,
-    /// Top-level fields this version does not interpret, as the server sent them.
-    pub extra: Document,
+    /// The event as the server sent it; empty for events built with [`ChangeEvent::new`].
+    raw: RawDocumentBuf,
+    views: Views,
+}
+
+/// Where the lazily read parts of an event lie in its raw bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Views {
+    document_key: Option<Span>,
+    full_document: Option<Span>,
+    full_document_before_change: Option<Span>,
+    update_description: Option<Span>,
+    lsid: Option<Span>,
+    /// Whether a top-level field this version does not interpret is present.
+    has_extra: bool,
+}
+
+/// Where a sub-document lies in an event's raw bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    /// The span of `sub`, a document borrowed from `base`.
+    fn of(base: &RawDocument, sub: &RawDocument) -> Self {
+        // Both point into the same buffer (`sub` was read out of `base`); were they not,
+        // the span would be nonsense and `ChangeEvent::view` would find nothing: no panic.
+        let start =
+            (sub.as_bytes().as_ptr() as usize).wrapping_sub(base.as_bytes().as_ptr() as usize);
+        Self {
+            start,
+            end: start.wrapping_add(sub.as_bytes().len()),
+        }
+    }
+}
+
+/// The top-level fields decoded eagerly or read through a view; any other is "extra".
+const KNOWN_FIELDS: [&str; 12] = [
+    "_id",
+    "operationType",
+    "clusterTime",
+    "wallTime",
+    "ns",
+    "to",
+    "documentKey",
+    "fullDocument",
+    "fullDocumentBeforeChange",
+    "updateDescription",
+    "txnNumber",
+    "lsid",
+];
+
+impl std::fmt::Debug for ChangeEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeEvent")
+            .field("token", &self.token)
+            .field("operation_type", &self.operation_type)
+            .field("cluster_time", &self.cluster_time)
+            .field("wall_time", &self.wall_time)
+            .field("ns", &self.ns)
+            .field("to", &self.to)
+            .field("txn_number", &self.txn_number)
+            .field("document_key", &self.document_key())
+            .field("full_document", &self.full_document())
+            .field(
+                "full_document_before_change",
+                &self.full_document_before_change(),
+            )
+            .field("update_description", &self.update_description())
+            .field("lsid", &self.lsid())
+            .field("extra", &self.extra())
+            .finish()
+    }
 }
 
 impl ChangeEvent {
-    /// A minimal event; the other fields start empty. For tests and for sources that build
-    /// events themselves.
+    /// A minimal event with no bytes behind it: no key, images or other parts. For tests
+    /// and for sources that build events themselves ([`ChangeEvent::from_document`] builds
+    /// a complete one).
     pub fn new(
         token: ResumeToken,
         operation_type: OperationType,
@@ -86,34 +146,51 @@ impl ChangeEvent {
             wall_time: None,
             ns: None,
             to: None,
-            document_key: None,
-            full_document: None,
-            full_document_before_change: None,
-            update_description: None,
             txn_number: None,
-            lsid: None,
-            extra: Document::new(),
+            raw: RawDocumentBuf::new(),
+            views: Views::default(),
         }
     }
 
-    /// Decodes an event from the raw document the server sent, in one pass over its bytes.
-    /// The token keeps the exact bytes of `_id`; the post- and pre-image are copied as raw
-    /// BSON, without parsing them.
+    /// Decodes an event from the raw document the server sent (copying it once: prefer
+    /// [`ChangeEvent::from_raw_buf`] when the buffer can be handed over).
+    ///
+    /// # Errors
+    /// As [`ChangeEvent::from_raw_buf`].
+    pub fn from_raw(raw: &RawDocument) -> Result<Self> {
+        Self::from_raw_buf(raw.to_owned())
+    }
+
+    /// Decodes an event from the raw document the server sent, in one pass over its
+    /// top-level fields, keeping the buffer.
     ///
     /// # Errors
     /// [`Error::MalformedEvent`] naming the field when `_id`, `operationType` or
-    /// `clusterTime` is missing, a field has the wrong BSON type, or the bytes are not
-    /// valid BSON.
-    pub fn from_raw(raw: &RawDocument) -> Result<Self> {
+    /// `clusterTime` is missing, a top-level field has the wrong BSON type, or the bytes
+    /// do not frame as BSON. The insides of the key, images, update description and
+    /// session id are checked when they are read.
+    pub fn from_raw_buf(raw: RawDocumentBuf) -> Result<Self> {
         let mut token = None;
         let mut operation_type = None;
         let mut cluster_time = None;
-        let mut rest = Fields::default();
-        for element in raw {
-            let (key, value) = element.map_err(|e| malformed("(document)", e.to_string()))?;
-            match key.as_str() {
+        let mut header = Header::default();
+        let mut views = Views::default();
+        for element in raw.iter_elements() {
+            let element = element.map_err(|e| malformed("(document)", e.to_string()))?;
+            let key = element.key().as_str();
+            let Some(field) = KNOWN_FIELDS.iter().find(|k| **k == key) else {
+                views.has_extra = true;
+                continue;
+            };
+            let value = element
+                .value()
+                .map_err(|e| malformed(field, e.to_string()))?;
+            let span = |value: RawBsonRef<'_>| -> Result<Option<Span>> {
+                Ok(raw_subdocument(field, value)?.map(|d| Span::of(&raw, d)))
+            };
+            match *field {
                 "_id" => match value {
-                    RawBsonRef::Document(id) => token = Some(ResumeToken::from_raw(id.to_owned())),
+                    RawBsonRef::Document(id) => token = Some(ResumeToken::copied(id)),
                     other => return Err(raw_type("_id", "a document", &other)),
                 },
                 "operationType" => match value {
@@ -124,7 +201,12 @@ impl ChangeEvent {
                     RawBsonRef::Timestamp(ts) => cluster_time = Some(ClusterTime::from(ts)),
                     other => return Err(raw_type("clusterTime", "a timestamp", &other)),
                 },
-                other => rest.take(other, value)?,
+                "documentKey" => views.document_key = span(value)?,
+                "fullDocument" => views.full_document = span(value)?,
+                "fullDocumentBeforeChange" => views.full_document_before_change = span(value)?,
+                "updateDescription" => views.update_description = span(value)?,
+                "lsid" => views.lsid = span(value)?,
+                other => header.take(other, value)?,
             }
         }
         let token = token.ok_or_else(|| malformed("_id", "is missing".into()))?;
@@ -132,20 +214,61 @@ impl ChangeEvent {
             operation_type.ok_or_else(|| malformed("operationType", "is missing".into()))?;
         let cluster_time =
             cluster_time.ok_or_else(|| malformed("clusterTime", "is missing".into()))?;
-        let mut event = Self::new(token, operation_type, cluster_time);
-        rest.fill(&mut event);
-        Ok(event)
+        Ok(Self {
+            token,
+            operation_type,
+            cluster_time,
+            wall_time: header.wall_time,
+            ns: header.ns,
+            to: header.to,
+            txn_number: header.txn_number,
+            raw,
+            views,
+        })
     }
 
     /// Decodes an event from a parsed document (by encoding it to BSON first: prefer
-    /// [`ChangeEvent::from_raw`] where the bytes are at hand).
+    /// [`ChangeEvent::from_raw_buf`] where the bytes are at hand).
     ///
     /// # Errors
-    /// As [`ChangeEvent::from_raw`].
+    /// As [`ChangeEvent::from_raw_buf`].
     pub fn from_document(doc: &Document) -> Result<Self> {
         let raw =
             RawDocumentBuf::try_from(doc).map_err(|e| malformed("(document)", e.to_string()))?;
-        Self::from_raw(&raw)
+        Self::from_raw_buf(raw)
+    }
+
+    /// The event as the server sent it (to forward it verbatim); `None` for events built
+    /// with [`ChangeEvent::new`].
+    pub fn raw(&self) -> Option<&RawDocument> {
+        (!self.raw.is_empty()).then_some(self.raw.as_ref())
+    }
+
+    fn view(&self, span: Option<Span>) -> Option<&RawDocument> {
+        let span = span?;
+        let bytes = self.raw.as_bytes().get(span.start..span.end)?;
+        RawDocument::from_bytes(bytes).ok()
+    }
+
+    /// The changed document's key: `{ _id: … }` (plus the shard key on sharded clusters),
+    /// as the raw BSON the server sent, so every value keeps its exact type and bytes (a
+    /// stable key for partitioning). [`ChangeEvent::document_id`] reads the `_id`.
+    pub fn document_key(&self) -> Option<&RawDocument> {
+        self.view(self.views.document_key)
+    }
+
+    /// The document after the change, when the stream asked for it and it exists, as the
+    /// raw BSON the server sent: read fields with `get_str` and friends, deserialize with
+    /// `bson::deserialize_from_slice(doc.as_bytes())`, or parse it whole with
+    /// [`ChangeEvent::full_document_parsed`].
+    pub fn full_document(&self) -> Option<&RawDocument> {
+        self.view(self.views.full_document)
+    }
+
+    /// The document before the change (pre-image), when requested and recorded; raw BSON
+    /// like [`ChangeEvent::full_document`].
+    pub fn full_document_before_change(&self) -> Option<&RawDocument> {
+        self.view(self.views.full_document_before_change)
     }
 
     /// The post-image parsed into a [`Document`].
@@ -153,7 +276,7 @@ impl ChangeEvent {
     /// # Errors
     /// [`Error::MalformedEvent`] when its bytes are not valid BSON.
     pub fn full_document_parsed(&self) -> Result<Option<Document>> {
-        parse_image("fullDocument", self.full_document.as_deref())
+        parse_part("fullDocument", self.full_document())
     }
 
     /// The pre-image parsed into a [`Document`].
@@ -161,16 +284,55 @@ impl ChangeEvent {
     /// # Errors
     /// [`Error::MalformedEvent`] when its bytes are not valid BSON.
     pub fn full_document_before_change_parsed(&self) -> Result<Option<Document>> {
-        parse_image(
+        parse_part(
             "fullDocumentBeforeChange",
-            self.full_document_before_change.as_deref(),
+            self.full_document_before_change(),
         )
+    }
+
+    /// What an `update` changed, decoded from the event's bytes.
+    ///
+    /// # Errors
+    /// [`Error::MalformedEvent`] naming `updateDescription` when it does not decode.
+    pub fn update_description(&self) -> Result<Option<UpdateDescription>> {
+        parse_part(
+            "updateDescription",
+            self.view(self.views.update_description),
+        )?
+        .map(decode_update_description)
+        .transpose()
+    }
+
+    /// The logical session id, for changes made in a transaction.
+    pub fn lsid(&self) -> Option<&RawDocument> {
+        self.view(self.views.lsid)
+    }
+
+    /// Top-level fields this version does not interpret, as the server sent them (empty
+    /// for most events).
+    ///
+    /// # Errors
+    /// [`Error::MalformedEvent`] when one of them does not decode.
+    pub fn extra(&self) -> Result<Document> {
+        let mut extra = Document::new();
+        if !self.views.has_extra {
+            return Ok(extra);
+        }
+        for element in &self.raw {
+            let (key, value) = element.map_err(|e| malformed("(document)", e.to_string()))?;
+            if !KNOWN_FIELDS.contains(&key.as_str()) {
+                let value = Bson::try_from(value)
+                    .map_err(|e| malformed("(document)", format!("`{key}`: {e}")))?;
+                extra.insert(key.as_str(), value);
+            }
+        }
+        Ok(extra)
     }
 
     /// The changed document's `_id`, borrowed from the raw key: `None` when the event has
     /// no key, the key no `_id`, or its bytes do not parse.
     pub fn document_id_raw(&self) -> Option<RawBsonRef<'_>> {
-        self.document_key.as_ref()?.get("_id").ok().flatten()
+        self.document_key()?.get("_id").ok().flatten()
     }
 
     /// The changed document's `_id`, as the BSON value it is (decoded from the raw key).
@@ -211,24 +373,18 @@ pub fn bson_display(value: &Bson) -> String {
     }
 }
 
-/// The optional fields of an event, gathered in the decoding pass.
+/// The header fields decoded in the decoding pass (besides token, type and time).
 #[derive(Default)]
-struct Fields {
+struct Header {
     wall_time: Option<bson::DateTime>,
     ns: Option<Namespace>,
     to: Option<Namespace>,
-    document_key: Option<RawDocumentBuf>,
-    full_document: Option<RawDocumentBuf>,
-    full_document_before_change: Option<RawDocumentBuf>,
-    update_description: Option<UpdateDescription>,
     txn_number: Option<i64>,
-    lsid: Option<Document>,
-    extra: Document,
 }
 
-impl Fields {
-    fn take(&mut self, key: &str, value: RawBsonRef<'_>) -> Result<()> {
-        match key {
+impl Header {
+    fn take(&mut self, field: &'static str, value: RawBsonRef<'_>) -> Result<()> {
+        match field {
             "wallTime" => {
                 self.wall_time = match value {
                     RawBsonRef::DateTime(dt) => Some(dt),
@@ -238,22 +394,6 @@ impl Fields {
             }
             "ns" => self.ns = raw_namespace("ns", value)?,
             "to" => self.to = raw_namespace("to", value)?,
-            "documentKey" => {
-                self.document_key = raw_subdocument("documentKey", value)?.map(ToOwned::to_owned);
-            }
-            "fullDocument" => {
-                self.full_document = raw_subdocument("fullDocument", value)?.map(ToOwned::to_owned);
-            }
-            "fullDocumentBeforeChange" => {
-                self.full_document_before_change =
-                    raw_subdocument("fullDocumentBeforeChange", value)?.map(ToOwned::to_owned);
-            }
-            "updateDescription" => {
-                self.update_description = match raw_subdocument("updateDescription", value)? {
-                    Some(ud) => Some(decode_update_description(parsed(ud)?)?),
-                    None => None,
-                };
-            }
             "txnNumber" => {
                 self.txn_number = match value {
                     RawBsonRef::Null => None,
@@ -262,27 +402,9 @@ impl Fields {
                     other => return Err(raw_type("txnNumber", "an integer", &other)),
                 }
             }
-            "lsid" => self.lsid = raw_subdocument("lsid", value)?.map(parsed).transpose()?,
-            other => {
-                let value =
-                    Bson::try_from(value).map_err(|e| malformed("(document)", e.to_string()))?;
-                self.extra.insert(other, value);
-            }
+            _ => {}
         }
         Ok(())
-    }
-
-    fn fill(self, event: &mut ChangeEvent) {
-        event.wall_time = self.wall_time;
-        event.ns = self.ns;
-        event.to = self.to;
-        event.document_key = self.document_key;
-        event.full_document = self.full_document;
-        event.full_document_before_change = self.full_document_before_change;
-        event.update_description = self.update_description;
-        event.txn_number = self.txn_number;
-        event.lsid = self.lsid;
-        event.extra = self.extra;
     }
 }
 
@@ -316,11 +438,7 @@ fn raw_subdocument<'a>(
     }
 }
 
-fn parsed(raw: &RawDocument) -> Result<Document> {
-    Document::try_from(raw).map_err(|e| malformed("(document)", e.to_string()))
-}
-
-fn parse_image(field: &'static str, raw: Option<&RawDocument>) -> Result<Option<Document>> {
+fn parse_part(field: &'static str, raw: Option<&RawDocument>) -> Result<Option<Document>> {
     raw.map(|d| Document::try_from(d).map_err(|e| malformed(field, e.to_string())))
         .transpose()
 }
@@ -329,17 +447,23 @@ fn raw_namespace(field: &'static str, value: RawBsonRef<'_>) -> Result<Option<Na
     let Some(ns) = raw_subdocument(field, value)? else {
         return Ok(None);
     };
-    let get = |key: &str| ns.get(key).map_err(|e| malformed(field, e.to_string()));
-    let db = match get("db")? {
-        Some(RawBsonRef::String(db)) => db.to_owned(),
-        Some(other) => return Err(raw_type(field, "a namespace with a string `db`", &other)),
-        None => return Err(malformed(field, "has no `db`".into())),
-    };
-    let coll = match get("coll")? {
-        Some(RawBsonRef::String(coll)) => Some(coll.to_owned()),
-        None | Some(RawBsonRef::Null) => None,
-        Some(other) => return Err(raw_type(field, "a namespace with a string `coll`", &other)),
-    };
+    let mut db = None;
+    let mut coll = None;
+    for element in ns {
+        match element.map_err(|e| malformed(field, e.to_string()))? {
+            (key, RawBsonRef::String(s)) if key.as_str() == "db" => db = Some(s.to_owned()),
+            (key, RawBsonRef::String(s)) if key.as_str() == "coll" => coll = Some(s.to_owned()),
+            (key, RawBsonRef::Null) if key.as_str() == "coll" => coll = None,
+            (key, other) if key.as_str() == "db" => {
+                return Err(raw_type(field, "a namespace with a string `db`", &other));
+            }
+            (key, other) if key.as_str() == "coll" => {
+                return Err(raw_type(field, "a namespace with a string `coll`", &other));
+            }
+            _ => {}
+        }
+    }
+    let db = db.ok_or_else(|| malformed(field, "has no `db`".into()))?;
     Ok(Some(Namespace { db, coll }))
 }
 
@@ -440,16 +564,11 @@ mod tests {
         assert_eq!(event.ns, Some(Namespace::collection("app", "users")));
         assert_eq!(event.document_id(), Some(Bson::Int32(7)));
         assert_eq!(
-            event
-                .full_document
-                .as_ref()
-                .unwrap()
-                .get_str("name")
-                .unwrap(),
+            event.full_document().unwrap().get_str("name").unwrap(),
             "ada"
         );
         assert_eq!(
-            event.extra,
+            event.extra().unwrap(),
             doc! { "splitEvent": { "fragment": 1, "of": 1 } }
         );
         assert_eq!(event.token.data(), Some("8265000001000000012B"));
@@ -502,7 +621,7 @@ mod tests {
             "lsid": { "id": 1 },
         };
         let event = ChangeEvent::from_document(&update).unwrap();
-        let ud = event.update_description.unwrap();
+        let ud = event.update_description().unwrap().unwrap();
         assert_eq!(ud.updated_fields, doc! { "a.b": 2 });
         assert_eq!(ud.removed_fields, vec!["gone".to_owned()]);
         assert_eq!(
@@ -512,9 +631,9 @@ mod tests {
                 new_size: 3
             }]
         );
-        assert_eq!(event.full_document, None);
+        assert_eq!(event.full_document(), None);
         assert_eq!(event.txn_number, Some(9));
-        assert_eq!(event.lsid, Some(doc! { "id": 1 }));
+        assert_eq!(event.lsid().map(|l| l.get_i32("id").unwrap()), Some(1));
 
         let rename = doc! {
             "_id": { "_data": "83" },
@@ -590,8 +709,36 @@ mod tests {
         );
         doc.insert("fullDocument", Bson::Null);
         let event = ChangeEvent::from_document(&doc).unwrap();
-        assert_eq!(event.full_document, None);
+        assert_eq!(event.full_document(), None);
         assert_eq!(event.full_document_parsed().unwrap(), None);
+    }
+
+    #[test]
+    fn the_event_keeps_the_servers_bytes_and_views_into_them() {
+        let doc = insert_doc(Bson::String("k".into()));
+        let raw = bson::RawDocumentBuf::try_from(&doc).unwrap();
+        let event = ChangeEvent::from_raw_buf(raw.clone()).unwrap();
+        assert_eq!(event.raw().unwrap().as_bytes(), raw.as_bytes());
+        let key = bson::RawDocumentBuf::try_from(doc.get_document("documentKey").unwrap()).unwrap();
+        assert_eq!(event.document_key().unwrap().as_bytes(), key.as_bytes());
+        assert_eq!(event.document_id_raw(), Some(bson::RawBsonRef::String("k")));
+        assert_eq!(event.full_document_before_change(), None);
+        // A clone is equal and its views read its own copy.
+        let copy = event.clone();
+        drop(event);
+        assert_eq!(
+            copy.full_document().unwrap().get_str("name").unwrap(),
+            "ada"
+        );
+        // Events built by hand have no bytes and no views.
+        let bare = ChangeEvent::new(
+            copy.token.clone(),
+            OperationType::Insert,
+            ClusterTime::new(1, 1),
+        );
+        assert_eq!(bare.raw(), None);
+        assert_eq!(bare.document_key(), None);
+        assert_eq!(bare.document_id(), None);
     }
 
     #[test]
@@ -626,6 +773,44 @@ mod tests {
             ChangeEvent::from_raw(raw),
             Err(Error::MalformedEvent { .. })
         ));
+    }
+
+    #[test]
+    fn lazy_parts_report_their_own_malformation() {
+        let mut doc = insert_doc(Bson::Int32(1));
+        doc.insert("operationType", "update");
+        doc.insert("updateDescription", doc! { "removedFields": "not a list" });
+        let event = ChangeEvent::from_document(&doc).unwrap();
+        let err = event.update_description().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MalformedEvent {
+                    field: "updateDescription",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A part of the wrong type at the top level fails the decoding at once.
+        doc.insert("updateDescription", "text");
+        let err = ChangeEvent::from_document(&doc).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MalformedEvent {
+                    field: "updateDescription",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // No unknown fields: an empty `extra`, whatever else the event carries.
+        let mut plain = insert_doc(Bson::Int32(1));
+        plain.remove("splitEvent");
+        let event = ChangeEvent::from_document(&plain).unwrap();
+        assert_eq!(event.extra().unwrap(), Document::new());
+        assert_eq!(event.update_description().unwrap(), None);
     }
 
     #[test]

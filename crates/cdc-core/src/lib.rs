@@ -19,7 +19,7 @@
 //! let event = ChangeEvent::from_document(&raw)?;
 //! assert_eq!(event.document_id_string().as_deref(), Some("42"));
 //! // Images stay raw BSON: read a field without parsing the rest.
-//! assert_eq!(event.full_document.as_ref().and_then(|d| d.get_f64("total").ok()), Some(9.5));
+//! assert_eq!(event.full_document().and_then(|d| d.get_f64("total").ok()), Some(9.5));
 //!
 //! let now = Instant::now();
 //! let mut checkpointer = Checkpointer::new(CheckpointPolicy::every_event(), None, now);

@@ -1,6 +1,6 @@
 //! The opaque resume token and the cluster time that orders change events.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use bson::{RawDocument, RawDocumentBuf};
 use serde::{Deserialize, Serialize};
@@ -15,9 +15,27 @@ use serde::{Deserialize, Serialize};
 ///
 /// Serde: serialized as the document itself (`{ "_data": "8264…" }` in JSON), so stores
 /// that keep JSON keep the familiar shape.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ResumeToken(RawDocumentBuf);
+///
+/// Cloning is cheap (the bytes are shared): every event's token is also held by the
+/// checkpointer until the event is acknowledged.
+#[derive(Clone)]
+pub struct ResumeToken(
+    /// The bytes of a well-formed BSON document: every constructor takes them from a
+    /// `RawDocument` or checks them, and they are never changed.
+    Arc<[u8]>,
+);
+
+impl Serialize for ResumeToken {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.as_raw().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ResumeToken {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        RawDocumentBuf::deserialize(deserializer).map(Self::from_raw)
+    }
+}
 
 /// Tokens are equal when their bytes are: the server compares them exactly.
 impl PartialEq for ResumeToken {
@@ -37,7 +55,12 @@ impl std::hash::Hash for ResumeToken {
 impl ResumeToken {
     /// Wraps a token document exactly as the server sent it.
     pub fn from_raw(raw: RawDocumentBuf) -> Self {
-        Self(raw)
+        Self::copied(&raw)
+    }
+
+    /// Copies a token document exactly as the server sent it.
+    pub fn copied(raw: &RawDocument) -> Self {
+        Self(Arc::from(raw.as_bytes()))
     }
 
     /// Parses a token from its BSON bytes.
@@ -45,7 +68,7 @@ impl ResumeToken {
     /// # Errors
     /// [`bson::error::Error`] when the bytes are not a well-formed BSON document.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, bson::error::Error> {
-        RawDocumentBuf::from_bytes(bytes).map(Self)
+        RawDocumentBuf::from_bytes(bytes).map(Self::from_raw)
     }
 
     /// Builds a token from a parsed document (for tests and for tokens read back from
@@ -54,17 +77,20 @@ impl ResumeToken {
     /// # Errors
     /// [`bson::error::Error`] when the document cannot be encoded as BSON.
     pub fn from_document(doc: &bson::Document) -> Result<Self, bson::error::Error> {
-        RawDocumentBuf::try_from(doc).map(Self)
+        RawDocumentBuf::try_from(doc).map(Self::from_raw)
     }
 
     /// The token document, to pass to `resumeAfter` / `startAfter`.
     pub fn as_raw(&self) -> &RawDocument {
-        &self.0
+        // The bytes were a `RawDocument` when the token was made and never change, so
+        // framing them again (length prefix and terminator, the only checks) cannot fail.
+        #[allow(clippy::expect_used)]
+        RawDocument::from_bytes(&self.0).expect("a token holds the bytes of a BSON document")
     }
 
     /// The token's BSON bytes, exactly as received.
     pub fn as_bytes(&self) -> &[u8] {
-        self.0.as_bytes()
+        &self.0
     }
 
     /// The token as a parsed document.
@@ -72,12 +98,12 @@ impl ResumeToken {
     /// # Errors
     /// [`bson::error::Error`] when the stored bytes hold invalid UTF-8 or similar corruption.
     pub fn to_document(&self) -> Result<bson::Document, bson::error::Error> {
-        bson::Document::try_from(self.0.as_ref())
+        bson::Document::try_from(self.as_raw())
     }
 
     /// The `_data` string of a modern (MongoDB 4.2+) token, if the token has one.
     pub fn data(&self) -> Option<&str> {
-        self.0.get_str("_data").ok()
+        self.as_raw().get_str("_data").ok()
     }
 
     /// Best-effort: the cluster time encoded at the front of a MongoDB 4.2+ `_data` token
@@ -103,7 +129,7 @@ impl fmt::Debug for ResumeToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.data() {
             Some(data) => f.debug_tuple("ResumeToken").field(&data).finish(),
-            None => f.debug_tuple("ResumeToken").field(&self.0).finish(),
+            None => f.debug_tuple("ResumeToken").field(&self.as_raw()).finish(),
         }
     }
 }
@@ -112,7 +138,7 @@ impl fmt::Display for ResumeToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.data() {
             Some(data) => f.write_str(data),
-            None => write!(f, "{} token bytes", self.0.as_bytes().len()),
+            None => write!(f, "{} token bytes", self.0.len()),
         }
     }
 }

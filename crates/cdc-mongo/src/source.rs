@@ -305,7 +305,7 @@ impl ChangeCursor for MongoCursor {
         loop {
             match self.stream.next_if_any().await {
                 Ok(Some(raw)) => {
-                    return ChangeEvent::from_raw(&raw)
+                    return ChangeEvent::from_raw_buf(raw)
                         .map(Some)
                         .map_err(|e| Error::Decode(e).into());
                 }

@@ -161,7 +161,7 @@ async fn full_document_modes() {
     for c in &mut cursors {
         events.push(next(c).await);
     }
-    assert_eq!(events[0].full_document, None);
+    assert_eq!(events[0].full_document(), None);
     for e in &events[1..] {
         assert_eq!(
             e.full_document_parsed().unwrap(),
@@ -174,7 +174,7 @@ async fn full_document_modes() {
             Some(doc! { "_id": 1, "v": 1 })
         );
         assert_eq!(
-            e.update_description.as_ref().unwrap().updated_fields,
+            e.update_description().unwrap().unwrap().updated_fields,
             doc! { "v": 2 }
         );
     }
@@ -405,14 +405,15 @@ async fn pre_image_policies() {
     );
     let e = next(&mut lenient).await;
     assert_eq!(
-        e.update_description.unwrap().updated_fields,
+        e.update_description().unwrap().unwrap().updated_fields,
         doc! { "v": 2 }
     );
-    assert_eq!(e.full_document_before_change, None);
+    assert_eq!(e.full_document_before_change(), None);
     assert_eq!(
         next(&mut lenient)
             .await
-            .update_description
+            .update_description()
+            .unwrap()
             .unwrap()
             .updated_fields,
         doc! { "v": 3 }
@@ -427,7 +428,12 @@ async fn pre_image_policies() {
         .open(&StartPosition::ResumeAfter(e.token))
         .await
         .unwrap();
-    assert!(next(&mut again).await.full_document_before_change.is_none());
+    assert!(
+        next(&mut again)
+            .await
+            .full_document_before_change()
+            .is_none()
+    );
     assert_eq!(falling_back.pre_image_fallbacks(), 1);
     f.deployment.shutdown().await;
 }

@@ -4,7 +4,7 @@
 use std::marker::PhantomData;
 
 use async_trait::async_trait;
-use bson::{Bson, Document, RawDocument, RawDocumentBuf};
+use bson::{Bson, Document, RawDocument};
 use cdc_core::{BoxError, ChangeEvent, Dispatcher, OperationType};
 use serde::de::DeserializeOwned;
 
@@ -65,14 +65,13 @@ fn json(doc: &RawDocument, event: &ChangeEvent) -> Result<Vec<u8>, BoxError> {
     })
 }
 
-fn post_image_or_key(event: &ChangeEvent) -> Option<&RawDocumentBuf> {
-    event.full_document.as_ref().or(event.document_key.as_ref())
+fn post_image_or_key(event: &ChangeEvent) -> Option<&RawDocument> {
+    event.full_document().or(event.document_key())
 }
 
-fn pre_image_or_key(event: &ChangeEvent) -> Option<&RawDocumentBuf> {
+fn pre_image_or_key(event: &ChangeEvent) -> Option<&RawDocument> {
     event
-        .full_document_before_change
-        .as_ref()
+        .full_document_before_change()
         .or_else(|| post_image_or_key(event))
 }
 
@@ -91,7 +90,7 @@ impl<W: CollectionWatcher> Dispatcher for JsonWatcher<W> {
             return Err(e);
         }
         match event.operation_type {
-            OperationType::Insert => match &event.full_document {
+            OperationType::Insert => match event.full_document() {
                 Some(doc) => self.0.insert(&json(doc, event)?).await,
                 None => Ok(()),
             },
@@ -144,7 +143,7 @@ impl<T, W> std::fmt::Debug for Typed<T, W> {
 }
 
 fn decode<T: DeserializeOwned>(
-    doc: Option<&RawDocumentBuf>,
+    doc: Option<&RawDocument>,
     event: &ChangeEvent,
 ) -> Result<Option<T>, BoxError> {
     doc.map(|d| {
@@ -175,16 +174,16 @@ where
             return Err(e);
         }
         match event.operation_type {
-            OperationType::Insert => match decode::<T>(event.full_document.as_ref(), event)? {
+            OperationType::Insert => match decode::<T>(event.full_document(), event)? {
                 Some(doc) => self.watcher.insert(doc, event).await,
                 None => Ok(()),
             },
             OperationType::Update | OperationType::Replace => {
-                let doc = decode::<T>(event.full_document.as_ref(), event)?;
+                let doc = decode::<T>(event.full_document(), event)?;
                 self.watcher.update(doc, event).await
             }
             OperationType::Delete => {
-                let before = decode::<T>(event.full_document_before_change.as_ref(), event)?;
+                let before = decode::<T>(event.full_document_before_change(), event)?;
                 self.watcher.delete(before, event).await
             }
             _ => Ok(()),

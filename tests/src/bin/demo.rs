@@ -41,13 +41,13 @@ fn change_of(event: &ChangeEvent) -> Option<Change> {
     };
     match event.operation_type {
         OperationType::Insert => {
-            let v = event.full_document.as_ref()?.get_i64("version").ok()?;
+            let v = event.full_document()?.get_i64("version").ok()?;
             Some((id, format!("v{v}")))
         }
         OperationType::Update => {
             let v = event
-                .update_description
-                .as_ref()?
+                .update_description()
+                .ok()??
                 .updated_fields
                 .get_i64("version")
                 .ok()?;

@@ -141,13 +141,13 @@ impl Dispatcher for DeliveryLog {
         };
         let change = match event.operation_type {
             OperationType::Insert => event
-                .full_document
-                .as_ref()
+                .full_document()
                 .and_then(|d| d.get_i64("version").ok())
                 .map(|v| format!("v{v}")),
             OperationType::Update => event
-                .update_description
-                .as_ref()
+                .update_description()
+                .ok()
+                .flatten()
                 .and_then(|u| u.updated_fields.get_i64("version").ok())
                 .map(|v| format!("v{v}")),
             OperationType::Delete => Some("deleted".to_owned()),
