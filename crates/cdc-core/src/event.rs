@@ -91,21 +91,25 @@ impl Span {
     }
 }
 
-/// The top-level fields decoded eagerly or read through a view; any other is "extra".
-const KNOWN_FIELDS: [&str; 12] = [
-    "_id",
-    "operationType",
-    "clusterTime",
-    "wallTime",
-    "ns",
-    "to",
-    "documentKey",
-    "fullDocument",
-    "fullDocumentBeforeChange",
-    "updateDescription",
-    "txnNumber",
-    "lsid",
-];
+/// The name of a top-level field decoded eagerly or read through a view; `None` for the
+/// fields this version does not interpret ("extra").
+fn known_field(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "_id" => "_id",
+        "operationType" => "operationType",
+        "clusterTime" => "clusterTime",
+        "wallTime" => "wallTime",
+        "ns" => "ns",
+        "to" => "to",
+        "documentKey" => "documentKey",
+        "fullDocument" => "fullDocument",
+        "fullDocumentBeforeChange" => "fullDocumentBeforeChange",
+        "updateDescription" => "updateDescription",
+        "txnNumber" => "txnNumber",
+        "lsid" => "lsid",
+        _ => return None,
+    })
+}
 
 impl std::fmt::Debug for ChangeEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -178,7 +182,7 @@ impl ChangeEvent {
         for element in raw.iter_elements() {
             let element = element.map_err(|e| malformed("(document)", e.to_string()))?;
             let key = element.key().as_str();
-            let Some(field) = KNOWN_FIELDS.iter().find(|k| **k == key) else {
+            let Some(field) = known_field(key) else {
                 views.has_extra = true;
                 continue;
             };
@@ -188,7 +192,7 @@ impl ChangeEvent {
             let span = |value: RawBsonRef<'_>| -> Result<Option<Span>> {
                 Ok(raw_subdocument(field, value)?.map(|d| Span::of(&raw, d)))
             };
-            match *field {
+            match field {
                 "_id" => match value {
                     RawBsonRef::Document(id) => token = Some(ResumeToken::copied(id)),
                     other => return Err(raw_type("_id", "a document", &other)),
@@ -320,7 +324,7 @@ impl ChangeEvent {
         }
         for element in &self.raw {
             let (key, value) = element.map_err(|e| malformed("(document)", e.to_string()))?;
-            if !KNOWN_FIELDS.contains(&key.as_str()) {
+            if known_field(key.as_str()).is_none() {
                 let value = Bson::try_from(value)
                     .map_err(|e| malformed("(document)", format!("`{key}`: {e}")))?;
                 extra.insert(key.as_str(), value);

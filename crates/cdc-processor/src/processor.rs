@@ -96,6 +96,12 @@ enum Item {
     Failed(cdc_core::Error),
 }
 
+/// What became of one item: carry on (at this instant), or the stream ended.
+enum Step {
+    Next(Instant),
+    End(Outcome),
+}
+
 enum Outcome {
     Stopped,
     Invalidated,
@@ -315,8 +321,9 @@ impl DocumentProcessor {
         }
     }
 
-    async fn save(&self, cp: &mut Checkpointer, point: ResumePoint) -> Result<()> {
+    async fn save(&self, cp: &mut Checkpointer, mut point: ResumePoint) -> Result<()> {
         let s = &self.inner.settings;
+        point.saved_at = bson::DateTime::now();
         self.store_call(s.store.save(&s.stream_id, &point)).await?;
         cp.confirm(&point, Instant::now());
         let mut stats = self.stats_mut();
@@ -445,30 +452,32 @@ impl DocumentProcessor {
                 if self.inner.cancel.is_cancelled() {
                     return Ok(Outcome::Stopped);
                 }
-                if let Some(outcome) = self.step(item, cp, handler, &mut invalidated).await? {
-                    return Ok(outcome);
-                }
-                if let Some(point) = cp.tick(Instant::now()) {
+                let now = match self.step(item, cp, handler, &mut invalidated).await? {
+                    Step::Next(now) => now,
+                    Step::End(outcome) => return Ok(outcome),
+                };
+                if let Some(point) = cp.tick(now) {
                     self.save(cp, point).await?;
                 }
             }
         }
     }
 
-    /// Acts on one item from the reader; `Some` when the stream ended.
+    /// Acts on one item from the reader.
     async fn step(
         &self,
         item: Item,
         cp: &mut Checkpointer,
         handler: &dyn Dispatcher,
         invalidated: &mut bool,
-    ) -> Result<Option<Outcome>> {
+    ) -> Result<Step> {
         match item {
             Item::Event(event) => {
                 if cp.is_blocked() {
                     self.flush(cp).await?;
                 }
-                let seq = cp.track(event.resume_point(bson::DateTime::now()))?;
+                // `saved_at` is stamped when the point is saved.
+                let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
                 if let Err(source) = handler.dispatch(&event, None).await {
                     return Err(cdc_core::Error::Handler {
                         operation: event.operation_type.clone(),
@@ -477,11 +486,13 @@ impl DocumentProcessor {
                     }
                     .into());
                 }
-                if let Some(point) = cp.ack(seq, Instant::now())? {
+                let now = Instant::now();
+                if let Some(point) = cp.ack(seq, now)? {
                     self.save(cp, point).await?;
                 }
                 self.count(&event, cp);
                 *invalidated |= event.operation_type == OperationType::Invalidate;
+                return Ok(Step::Next(now));
             }
             Item::Idle(token) => {
                 let now = Instant::now();
@@ -493,17 +504,14 @@ impl DocumentProcessor {
                     self.save(cp, point).await?;
                 }
             }
-            Item::Tick => {
-                if let Some(point) = cp.tick(Instant::now()) {
-                    self.save(cp, point).await?;
-                }
-            }
+            // Time passed: the tick after every item covers it.
+            Item::Tick => {}
             Item::Gap(gap) => {
                 tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
                 self.stats_mut().last_gap = Some(gap);
             }
             Item::Closed => {
-                return Ok(Some(if *invalidated {
+                return Ok(Step::End(if *invalidated {
                     Outcome::Invalidated
                 } else {
                     Outcome::Closed
@@ -511,7 +519,7 @@ impl DocumentProcessor {
             }
             Item::Failed(e) => return Err(e.into()),
         }
-        Ok(None)
+        Ok(Step::Next(Instant::now()))
     }
 
     /// Counts a handled event (one lock, no allocation once its type has been seen).

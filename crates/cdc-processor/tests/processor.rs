@@ -271,6 +271,12 @@ async fn resume_after_stop_delivers_exactly_the_missed_events() {
         p.stats().last_cluster_time,
         "a graceful stop saves the last event processed"
     );
+    let stored = env.store.load(&env.stream()).await.unwrap().unwrap();
+    let age = bson::DateTime::now().timestamp_millis() - stored.saved_at.timestamp_millis();
+    assert!(
+        (0..60_000).contains(&age),
+        "a point is stamped when it is saved ({age} ms ago)"
+    );
     for i in 3..6 {
         env.coll().insert_one(doc! { "_id": i }).await.unwrap();
     }
