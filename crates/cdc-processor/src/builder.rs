@@ -188,7 +188,10 @@ impl Builder {
         self
     }
 
-    /// How many events are read ahead while the handler works (at least 1).
+    /// How many events are read ahead while the handler works (at least 1; default 1024).
+    /// They are handed to the handler's loop in batches of up to 256 (fewer when the
+    /// driver has fewer buffered): at most `prefetch` events queued, plus the batch being
+    /// filled and the one being handled.
     #[must_use]
     pub fn prefetch(mut self, events: usize) -> Self {
         self.prefetch = events.max(1);
