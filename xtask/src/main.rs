@@ -118,6 +118,8 @@ fn integration(args: &[String]) -> Result<(), String> {
                 "integration: against {uri}; tests that need mongo-sim's fault controls say SKIPPED with their reason"
             );
             cmd.env("CDC_MONGODB_URI", uri);
+            // Passing tests' output is captured: show it, so each skip's reason is printed.
+            cmd.args(["--", "--show-output"]);
         }
         _ => return Err("usage: cargo xtask integration [--uri URI]".into()),
     }

@@ -820,15 +820,28 @@ async fn typed_watcher_and_stop_from_inside_a_handler() {
             },
         ));
     let task = spawn(&p, chain);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stream is open once the opening position is saved.
+    let opened = p.clone();
+    until("the stream to open", move || {
+        opened.stats().checkpoints >= 1
+    })
+    .await;
+    // Each write waits for the previous event: `updateLookup` reads the document when
+    // the event is read, so an update read after the delete has no post-image.
+    let seen = |n: usize| {
+        let typed = typed.clone();
+        move || typed.0.lock().unwrap().len() >= n
+    };
     env.coll()
         .insert_one(doc! { "_id": 1, "name": "tea" })
         .await
         .unwrap();
+    until("the insert", seen(1)).await;
     env.coll()
         .update_one(doc! { "_id": 1 }, doc! { "$set": { "name": "green tea" } })
         .await
         .unwrap();
+    until("the update", seen(2)).await;
     env.coll().delete_one(doc! { "_id": 1 }).await.unwrap();
     tokio::time::timeout(Duration::from_secs(20), task)
         .await
