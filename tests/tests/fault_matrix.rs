@@ -550,37 +550,15 @@ async fn redis_store_behind_a_faulty_proxy() {
         .unwrap()
         .parse()
         .unwrap();
-    if tokio::net::TcpStream::connect(target).await.is_err() {
-        assert!(!ci(), "Redis is unreachable under CI=true");
-        eprintln!("SKIPPED: Redis unreachable at {target}");
-        return;
-    }
-    for mode in [Mode::Refuse, Mode::Stall] {
-        let proxy = Arc::new(FaultProxy::start(target).await.unwrap());
-        let store = Arc::new(
-            cdc_processor::stores::RedisStore::new(
-                &format!("redis://{}", proxy.addr()),
-                format!("fm-{}:", std::process::id()),
-            )
-            .unwrap(),
-        );
-        let mut case = Case::new().await;
-        let stream = format!("redis-{mode:?}");
-        let (p1, p2) = (Arc::clone(&proxy), Arc::clone(&proxy));
-        store_outage(
-            &mut case,
-            store.clone(),
-            &stream,
-            move || {
-                p1.set(mode);
-                p1.cut();
-            },
-            move || p2.set(Mode::Pass),
+    store_behind_a_faulty_proxy("Redis", target, |addr| async move {
+        let store = cdc_processor::stores::RedisStore::new(
+            &format!("redis://{addr}"),
+            format!("fm-{}:", std::process::id()),
         )
-        .await;
-        store.delete(&stream).await.unwrap();
-        case.sim.shutdown().await;
-    }
+        .unwrap();
+        Arc::new(store) as Arc<dyn ResumeStore>
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -589,25 +567,34 @@ async fn postgres_store_behind_a_faulty_proxy() {
         return;
     }
     let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    store_behind_a_faulty_proxy("PostgreSQL", target, |addr| async move {
+        let url = format!("postgres://postgres@{addr}/test?connect_timeout=2");
+        let table = format!("fm_points_{}", std::process::id());
+        let store = cdc_processor::stores::PostgresStore::connect(&url, &table)
+            .await
+            .unwrap();
+        Arc::new(store) as Arc<dyn ResumeStore>
+    })
+    .await;
+}
+
+/// A store reached through a TCP proxy that refuses, then stalls, its connections: the
+/// store outage case for each mode. `connect` builds the store for the proxy's address.
+async fn store_behind_a_faulty_proxy<F, Fut>(name: &str, target: std::net::SocketAddr, connect: F)
+where
+    F: Fn(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn ResumeStore>>,
+{
     if tokio::net::TcpStream::connect(target).await.is_err() {
-        assert!(!ci(), "PostgreSQL is unreachable under CI=true");
-        eprintln!("SKIPPED: PostgreSQL unreachable at {target}");
+        assert!(!ci(), "{name} is unreachable under CI=true");
+        eprintln!("SKIPPED: {name} unreachable at {target}");
         return;
     }
     for mode in [Mode::Refuse, Mode::Stall] {
         let proxy = Arc::new(FaultProxy::start(target).await.unwrap());
-        let url = format!(
-            "postgres://postgres@{}/test?connect_timeout=2",
-            proxy.addr()
-        );
-        let table = format!("fm_points_{}", std::process::id());
-        let store = Arc::new(
-            cdc_processor::stores::PostgresStore::connect(&url, &table)
-                .await
-                .unwrap(),
-        );
+        let store = connect(proxy.addr()).await;
         let mut case = Case::new().await;
-        let stream = format!("pg-{mode:?}");
+        let stream = format!("{name}-{mode:?}");
         let (p1, p2) = (Arc::clone(&proxy), Arc::clone(&proxy));
         store_outage(
             &mut case,
