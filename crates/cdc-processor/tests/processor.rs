@@ -301,6 +301,52 @@ async fn resume_after_stop_delivers_exactly_the_missed_events() {
     env.deployment.shutdown().await;
 }
 
+/// Any read-ahead size, from none to more than one hand-over, delivers every event once and
+/// in order, in bursts larger than a driver batch.
+#[tokio::test]
+async fn every_read_ahead_size_delivers_in_order() {
+    for prefetch in [1, 2, 300, 5000] {
+        let env = Env::new(&format!("p_every_read_ahead_size_{prefetch}")).await;
+        let rec = Recorder::default();
+        let p = env
+            .builder()
+            .prefetch(prefetch)
+            .source_options(cdc_processor::default_source_options().batch_size(7))
+            .build()
+            .unwrap();
+        let task = spawn(&p, rec.clone());
+        ready(&env, &rec).await;
+        let docs: Vec<Document> = (0..600).map(|i| doc! { "_id": i }).collect();
+        env.coll().insert_many(docs).await.unwrap();
+        until("600 inserts", || {
+            rec.ids()
+                .iter()
+                .filter(|id| matches!(id, Bson::Int32(_)))
+                .count()
+                >= 600
+        })
+        .await;
+        p.stop();
+        task.await.unwrap().unwrap();
+        let ints: Vec<Bson> = rec
+            .ids()
+            .into_iter()
+            .filter(|id| matches!(id, Bson::Int32(_)))
+            .collect();
+        assert_eq!(
+            ints,
+            ids(0..600),
+            "prefetch {prefetch}: in order, once each"
+        );
+        assert_eq!(
+            env.stored_time().await,
+            p.stats().last_cluster_time,
+            "prefetch {prefetch}: the graceful stop saved the last event"
+        );
+        env.deployment.shutdown().await;
+    }
+}
+
 /// Resume from a given point: a point saved beforehand is where the processor starts.
 #[tokio::test]
 async fn resume_from_a_given_point() {
