@@ -34,6 +34,15 @@ impl Recorder {
             .map(|(_, id)| id)
             .collect()
     }
+
+    /// The ids of the test's own documents (`Int32`), in delivery order: without the
+    /// string-keyed markers `ready` writes.
+    fn written(&self) -> Vec<Bson> {
+        self.ids()
+            .into_iter()
+            .filter(|id| matches!(id, Bson::Int32(_)))
+            .collect()
+    }
 }
 
 #[async_trait]
@@ -255,14 +264,7 @@ async fn resume_after_stop_delivers_exactly_the_missed_events() {
     for i in 0..3 {
         env.coll().insert_one(doc! { "_id": i }).await.unwrap();
     }
-    until("three inserts", || {
-        rec.ids()
-            .iter()
-            .filter(|id| matches!(id, Bson::Int32(_)))
-            .count()
-            == 3
-    })
-    .await;
+    until("three inserts", || rec.written().len() == 3).await;
     p.stop();
     task.await.unwrap().unwrap();
     let checkpoint = env.stored_time().await.unwrap();
@@ -282,21 +284,10 @@ async fn resume_after_stop_delivers_exactly_the_missed_events() {
     }
     let p2 = env.builder().build().unwrap();
     let task = spawn(&p2, rec.clone());
-    until("six inserts", || {
-        rec.ids()
-            .iter()
-            .filter(|id| matches!(id, Bson::Int32(_)))
-            .count()
-            >= 6
-    })
-    .await;
+    until("six inserts", || rec.written().len() >= 6).await;
     p2.stop();
     task.await.unwrap().unwrap();
-    let ints: Vec<Bson> = rec
-        .ids()
-        .into_iter()
-        .filter(|id| matches!(id, Bson::Int32(_)))
-        .collect();
+    let ints: Vec<Bson> = rec.written();
     assert_eq!(ints, ids(0..6), "in order, none lost, none twice");
     env.deployment.shutdown().await;
 }
@@ -318,21 +309,10 @@ async fn every_read_ahead_size_delivers_in_order() {
         ready(&env, &rec).await;
         let docs: Vec<Document> = (0..600).map(|i| doc! { "_id": i }).collect();
         env.coll().insert_many(docs).await.unwrap();
-        until("600 inserts", || {
-            rec.ids()
-                .iter()
-                .filter(|id| matches!(id, Bson::Int32(_)))
-                .count()
-                >= 600
-        })
-        .await;
+        until("600 inserts", || rec.written().len() >= 600).await;
         p.stop();
         task.await.unwrap().unwrap();
-        let ints: Vec<Bson> = rec
-            .ids()
-            .into_iter()
-            .filter(|id| matches!(id, Bson::Int32(_)))
-            .collect();
+        let ints: Vec<Bson> = rec.written();
         assert_eq!(
             ints,
             ids(0..600),
@@ -420,11 +400,7 @@ async fn handler_error_stops_and_the_event_is_delivered_again() {
     assert!(err.to_string().contains("insert"), "{err}");
     let published = errors.try_recv().expect("the failure was published");
     assert_eq!(published.kind(), ErrorKind::Handler);
-    let ints: Vec<Bson> = rec
-        .ids()
-        .into_iter()
-        .filter(|id| matches!(id, Bson::Int32(_)))
-        .collect();
+    let ints: Vec<Bson> = rec.written();
     assert_eq!(ints, ids(0..3));
     // The stored point is event 2's: resuming after it yields event 3 first.
     let stored = env.store.load(&env.stream()).await.unwrap().unwrap();
@@ -437,21 +413,10 @@ async fn handler_error_stops_and_the_event_is_delivered_again() {
     *rec.fail_on.lock().unwrap() = None;
     let p2 = env.builder().build().unwrap();
     let task = spawn(&p2, rec.clone());
-    until("the rest", || {
-        rec.ids()
-            .iter()
-            .filter(|id| matches!(id, Bson::Int32(_)))
-            .count()
-            >= 6
-    })
-    .await;
+    until("the rest", || rec.written().len() >= 6).await;
     p2.stop();
     task.await.unwrap().unwrap();
-    let ints: Vec<Bson> = rec
-        .ids()
-        .into_iter()
-        .filter(|id| matches!(id, Bson::Int32(_)))
-        .collect();
+    let ints: Vec<Bson> = rec.written();
     assert_eq!(
         ints,
         ids(0..6),
@@ -620,14 +585,7 @@ async fn crash_replays_at_most_the_batch_bound() {
     for i in 0..57 {
         env.coll().insert_one(doc! { "_id": i }).await.unwrap();
     }
-    until("57 inserts", || {
-        rec.ids()
-            .iter()
-            .filter(|id| matches!(id, Bson::Int32(_)))
-            .count()
-            >= 57
-    })
-    .await;
+    until("57 inserts", || rec.written().len() >= 57).await;
     task.abort();
     let _ = task.await;
     for i in 57..70 {
@@ -638,11 +596,7 @@ async fn crash_replays_at_most_the_batch_bound() {
     until("all 70", || rec.ids().contains(&Bson::Int32(69))).await;
     p2.stop();
     task.await.unwrap().unwrap();
-    let ints: Vec<Bson> = rec
-        .ids()
-        .into_iter()
-        .filter(|id| matches!(id, Bson::Int32(_)))
-        .collect();
+    let ints: Vec<Bson> = rec.written();
     for i in 0..70 {
         assert!(ints.contains(&Bson::Int32(i)), "event {i} lost");
     }
@@ -709,21 +663,10 @@ async fn connection_drops_and_elections_lose_nothing() {
             sim.step_up();
         }
     }
-    until("20 inserts", || {
-        rec.ids()
-            .iter()
-            .filter(|id| matches!(id, Bson::Int32(_)))
-            .count()
-            >= 20
-    })
-    .await;
+    until("20 inserts", || rec.written().len() >= 20).await;
     p.stop();
     task.await.unwrap().unwrap();
-    let ints: Vec<Bson> = rec
-        .ids()
-        .into_iter()
-        .filter(|id| matches!(id, Bson::Int32(_)))
-        .collect();
+    let ints: Vec<Bson> = rec.written();
     assert_eq!(ints, ids(0..20));
     env.deployment.shutdown().await;
 }
