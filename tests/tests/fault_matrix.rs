@@ -8,10 +8,8 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bson::{Bson, Document, doc};
-use cdc_core::{
-    BoxError, ChangeEvent, CheckpointPolicy, Dispatcher, ErrorKind, OperationType, ResumeStore,
-};
+use bson::{Document, doc};
+use cdc_core::{BoxError, ChangeEvent, CheckpointPolicy, Dispatcher, ErrorKind, ResumeStore};
 use cdc_processor::{
     BeforeChange, DocumentProcessor, HistoryLostPolicy, PreImagePolicy, SourceOptions,
     default_backoff, stores::MemoryStore,
@@ -32,26 +30,9 @@ struct Deliveries {
     fail_once_on: Arc<Mutex<Option<(String, String)>>>,
 }
 
+/// The workload's change, with the id as text as the verifier logs it.
 fn change_of(e: &ChangeEvent) -> Option<(String, String)> {
-    let id = match e.document_id()? {
-        Bson::Int64(n) => n.to_string(),
-        Bson::Int32(n) => n.to_string(),
-        _ => return None,
-    };
-    let change = match e.operation_type {
-        OperationType::Insert => format!("v{}", e.full_document()?.get_i64("version").ok()?),
-        OperationType::Update => format!(
-            "v{}",
-            e.update_description()
-                .ok()??
-                .updated_fields
-                .get_i64("version")
-                .ok()?
-        ),
-        OperationType::Delete => "deleted".to_owned(),
-        _ => return None,
-    };
-    Some((id, change))
+    cdc_tests::workload::change_of(e).map(|(id, change)| (id.to_string(), change))
 }
 
 #[async_trait]

@@ -17,8 +17,8 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bson::{Bson, Document, doc};
-use cdc_core::{BoxError, ChangeEvent, Dispatcher, OperationType};
+use bson::{Document, doc};
+use cdc_core::{BoxError, ChangeEvent, Dispatcher};
 use cdc_processor::{CheckpointPolicy, DocumentProcessor, stores::FileStore};
 use mongodb::Client;
 
@@ -33,31 +33,6 @@ struct Ledger {
 #[derive(Clone)]
 struct Deliveries(Arc<Mutex<Ledger>>);
 
-fn change_of(event: &ChangeEvent) -> Option<Change> {
-    let id = match event.document_id()? {
-        Bson::Int64(n) => n,
-        Bson::Int32(n) => i64::from(n),
-        _ => return None,
-    };
-    match event.operation_type {
-        OperationType::Insert => {
-            let v = event.full_document()?.get_i64("version").ok()?;
-            Some((id, format!("v{v}")))
-        }
-        OperationType::Update => {
-            let v = event
-                .update_description()
-                .ok()??
-                .updated_fields
-                .get_i64("version")
-                .ok()?;
-            Some((id, format!("v{v}")))
-        }
-        OperationType::Delete => Some((id, "deleted".into())),
-        _ => None,
-    }
-}
-
 #[async_trait]
 impl Dispatcher for Deliveries {
     async fn dispatch(
@@ -68,7 +43,7 @@ impl Dispatcher for Deliveries {
         if let Some(e) = previous {
             return Err(e);
         }
-        if let Some(c) = change_of(event) {
+        if let Some(c) = cdc_tests::workload::change_of(event) {
             self.0
                 .lock()
                 .map_err(|_| "ledger poisoned")?

@@ -21,8 +21,8 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bson::{Bson, Document, doc};
-use cdc_core::{BoxError, ChangeEvent, Dispatcher, OperationType};
+use bson::{Document, doc};
+use cdc_core::{BoxError, ChangeEvent, Dispatcher};
 use cdc_processor::{CheckpointPolicy, DocumentProcessor, default_backoff, stores::FileStore};
 use cdc_tests::verify::{parse, verify};
 
@@ -134,26 +134,9 @@ impl Dispatcher for DeliveryLog {
         if let Some(e) = previous {
             return Err(e);
         }
-        let id = match event.document_id() {
-            Some(Bson::Int64(n)) => n,
-            Some(Bson::Int32(n)) => i64::from(n),
-            _ => return Ok(()),
+        let Some((id, change)) = cdc_tests::workload::change_of(event) else {
+            return Ok(());
         };
-        let change = match event.operation_type {
-            OperationType::Insert => event
-                .full_document()
-                .and_then(|d| d.get_i64("version").ok())
-                .map(|v| format!("v{v}")),
-            OperationType::Update => event
-                .update_description()
-                .ok()
-                .flatten()
-                .and_then(|u| u.updated_fields.get_i64("version").ok())
-                .map(|v| format!("v{v}")),
-            OperationType::Delete => Some("deleted".to_owned()),
-            _ => None,
-        };
-        let Some(change) = change else { return Ok(()) };
         let mut file = self.0.lock().map_err(|_| "log poisoned")?;
         writeln!(file, "{id} {change}")?;
         file.sync_data()?;
