@@ -1,6 +1,6 @@
 //! Change events, decoded from the server's document without a lossy round trip.
 
-use bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf};
+use bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, spec::ElementType};
 
 use crate::{ClusterTime, Error, Namespace, OperationType, Result, ResumePoint, ResumeToken};
 
@@ -195,15 +195,27 @@ impl ChangeEvent {
             match field {
                 "_id" => match value {
                     RawBsonRef::Document(id) => token = Some(ResumeToken::copied(id)),
-                    other => return Err(raw_type("_id", "a document", &other)),
+                    other => return Err(wrong_type("_id", "a document", other.element_type())),
                 },
                 "operationType" => match value {
                     RawBsonRef::String(s) => operation_type = Some(OperationType::parse(s)),
-                    other => return Err(raw_type("operationType", "a string", &other)),
+                    other => {
+                        return Err(wrong_type(
+                            "operationType",
+                            "a string",
+                            other.element_type(),
+                        ));
+                    }
                 },
                 "clusterTime" => match value {
                     RawBsonRef::Timestamp(ts) => cluster_time = Some(ClusterTime::from(ts)),
-                    other => return Err(raw_type("clusterTime", "a timestamp", &other)),
+                    other => {
+                        return Err(wrong_type(
+                            "clusterTime",
+                            "a timestamp",
+                            other.element_type(),
+                        ));
+                    }
                 },
                 "documentKey" => views.document_key = span(value)?,
                 "fullDocument" => views.full_document = span(value)?,
@@ -393,7 +405,7 @@ impl Header {
                 self.wall_time = match value {
                     RawBsonRef::DateTime(dt) => Some(dt),
                     RawBsonRef::Null => None,
-                    other => return Err(raw_type("wallTime", "a date", &other)),
+                    other => return Err(wrong_type("wallTime", "a date", other.element_type())),
                 }
             }
             "ns" => self.ns = raw_namespace("ns", value)?,
@@ -403,7 +415,9 @@ impl Header {
                     RawBsonRef::Null => None,
                     RawBsonRef::Int64(n) => Some(n),
                     RawBsonRef::Int32(n) => Some(i64::from(n)),
-                    other => return Err(raw_type("txnNumber", "an integer", &other)),
+                    other => {
+                        return Err(wrong_type("txnNumber", "an integer", other.element_type()));
+                    }
                 }
             }
             _ => {}
@@ -416,18 +430,9 @@ fn malformed(field: &'static str, problem: String) -> Error {
     Error::MalformedEvent { field, problem }
 }
 
-fn wrong_type(field: &'static str, expected: &str, got: &Bson) -> Error {
-    malformed(
-        field,
-        format!("should be {expected}, is a {:?}", got.element_type()),
-    )
-}
-
-fn raw_type(field: &'static str, expected: &str, got: &RawBsonRef<'_>) -> Error {
-    malformed(
-        field,
-        format!("should be {expected}, is a {:?}", got.element_type()),
-    )
+/// `field` holds a value of the wrong BSON type (`got`, from a parsed or a raw value).
+fn wrong_type(field: &'static str, expected: &str, got: ElementType) -> Error {
+    malformed(field, format!("should be {expected}, is a {got:?}"))
 }
 
 /// A sub-document field, or `None` when it is `null`.
@@ -438,7 +443,7 @@ fn raw_subdocument<'a>(
     match value {
         RawBsonRef::Document(d) => Ok(Some(d)),
         RawBsonRef::Null => Ok(None),
-        other => Err(raw_type(field, "a document", &other)),
+        other => Err(wrong_type(field, "a document", other.element_type())),
     }
 }
 
@@ -459,10 +464,18 @@ fn raw_namespace(field: &'static str, value: RawBsonRef<'_>) -> Result<Option<Na
             (key, RawBsonRef::String(s)) if key.as_str() == "coll" => coll = Some(s.to_owned()),
             (key, RawBsonRef::Null) if key.as_str() == "coll" => coll = None,
             (key, other) if key.as_str() == "db" => {
-                return Err(raw_type(field, "a namespace with a string `db`", &other));
+                return Err(wrong_type(
+                    field,
+                    "a namespace with a string `db`",
+                    other.element_type(),
+                ));
             }
             (key, other) if key.as_str() == "coll" => {
-                return Err(raw_type(field, "a namespace with a string `coll`", &other));
+                return Err(wrong_type(
+                    field,
+                    "a namespace with a string `coll`",
+                    other.element_type(),
+                ));
             }
             _ => {}
         }
@@ -475,7 +488,7 @@ fn take_document(doc: &mut Document, field: &'static str) -> Result<Option<Docum
     match doc.remove(field) {
         None | Some(Bson::Null) => Ok(None),
         Some(Bson::Document(d)) => Ok(Some(d)),
-        Some(other) => Err(wrong_type(field, "a document", &other)),
+        Some(other) => Err(wrong_type(field, "a document", other.element_type())),
     }
 }
 
@@ -491,11 +504,17 @@ fn decode_update_description(mut ud: Document) -> Result<UpdateDescription> {
                 other => Err(wrong_type(
                     FIELD,
                     "a list of field names in `removedFields`",
-                    &other,
+                    other.element_type(),
                 )),
             })
             .collect::<Result<_>>()?,
-        Some(other) => return Err(wrong_type(FIELD, "an array in `removedFields`", &other)),
+        Some(other) => {
+            return Err(wrong_type(
+                FIELD,
+                "an array in `removedFields`",
+                other.element_type(),
+            ));
+        }
     };
     let truncated_arrays = match ud.remove("truncatedArrays") {
         None | Some(Bson::Null) => Vec::new(),
@@ -503,7 +522,13 @@ fn decode_update_description(mut ud: Document) -> Result<UpdateDescription> {
             .into_iter()
             .map(decode_truncated_array)
             .collect::<Result<_>>()?,
-        Some(other) => return Err(wrong_type(FIELD, "an array in `truncatedArrays`", &other)),
+        Some(other) => {
+            return Err(wrong_type(
+                FIELD,
+                "an array in `truncatedArrays`",
+                other.element_type(),
+            ));
+        }
     };
     let disambiguated_paths = take_document(&mut ud, "disambiguatedPaths")?;
     Ok(UpdateDescription {
@@ -517,7 +542,11 @@ fn decode_update_description(mut ud: Document) -> Result<UpdateDescription> {
 fn decode_truncated_array(item: Bson) -> Result<TruncatedArray> {
     const FIELD: &str = "updateDescription";
     let Bson::Document(entry) = item else {
-        return Err(wrong_type(FIELD, "documents in `truncatedArrays`", &item));
+        return Err(wrong_type(
+            FIELD,
+            "documents in `truncatedArrays`",
+            item.element_type(),
+        ));
     };
     let field = match entry.get("field") {
         Some(Bson::String(s)) => s.clone(),
