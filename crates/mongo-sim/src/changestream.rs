@@ -10,9 +10,10 @@
 use bson::{Bson, Document, RawDocumentBuf, Timestamp, doc};
 
 use crate::{
+    catalog::{Catalog, is_internal_db, lookup},
     error::{CmdError, CmdResult, code},
+    oplog::{Op, Oplog, OplogEntry},
     pipeline::{Context, Stage, apply_to_document, parse_pipeline},
-    state::{Op, OplogEntry, State, is_internal_db},
     update::{Comp, ambiguous, dotted},
 };
 
@@ -117,7 +118,7 @@ pub(crate) struct OpenRequest<'a> {
 
 impl StreamCursor {
     /// Validates a `$changeStream` request and positions the stream.
-    pub(crate) fn open(state: &State, req: OpenRequest<'_>) -> CmdResult<Self> {
+    pub(crate) fn open(log: &Oplog, req: OpenRequest<'_>) -> CmdResult<Self> {
         let mut full_document = FullDocument::Default;
         let mut before = BeforeChange::Off;
         let mut show_expanded = false;
@@ -204,7 +205,7 @@ impl StreamCursor {
             before,
             show_expanded,
             stages,
-            after: state.head_seq(),
+            after: log.head_seq(),
             invalidate_pending: None,
             closed: false,
         };
@@ -217,18 +218,18 @@ impl StreamCursor {
                         "timestamp",
                     ));
                 };
-                if state
+                if log
                     .dropped_upto
                     .is_some_and(|d| (d.time, d.increment) >= (ts.time, ts.increment))
                 {
                     return Err(history_lost());
                 }
-                cursor.after = state
-                    .oplog
+                cursor.after = log
+                    .entries
                     .iter()
                     .take_while(|e| (e.ts.time, e.ts.increment) < (ts.time, ts.increment))
                     .last()
-                    .map_or(state.first_seq() - 1, |e| e.seq);
+                    .map_or(log.first_seq() - 1, |e| e.seq);
             }
             Some((kind, token)) => {
                 let (seq, phase) = parse_token(token)?;
@@ -238,12 +239,12 @@ impl StreamCursor {
                         "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.",
                     ));
                 }
-                if seq + 1 < state.first_seq() {
+                if seq + 1 < log.first_seq() {
                     return Err(history_lost());
                 }
                 cursor.after = seq;
                 if phase == PHASE_EVENT
-                    && let Some(entry) = state.entry(seq)
+                    && let Some(entry) = log.entry(seq)
                     && cursor.invalidates(entry)
                 {
                     cursor.invalidate_pending = Some(seq);
@@ -257,15 +258,16 @@ impl StreamCursor {
     /// stands. Returns the events and the post-batch resume token.
     pub(crate) fn next_batch(
         &mut self,
-        state: &State,
+        log: &Oplog,
+        dbs: &Catalog,
         max: usize,
     ) -> CmdResult<(Vec<RawDocumentBuf>, Document)> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         if self.closed {
-            return Ok((out, self.hwm(state)));
+            return Ok((out, self.hwm(log)));
         }
-        if self.after + 1 < state.first_seq() {
+        if self.after + 1 < log.first_seq() {
             return Err(history_lost());
         }
         loop {
@@ -274,14 +276,12 @@ impl StreamCursor {
                     .last()
                     .and_then(|e: &RawDocumentBuf| e.get_document("_id").ok())
                     .and_then(|id| Document::try_from(id).ok())
-                    .unwrap_or_else(|| self.hwm(state));
+                    .unwrap_or_else(|| self.hwm(log));
                 return Ok((out, last));
             }
             if let Some(seq) = self.invalidate_pending.take() {
-                let ts = state.entry(seq).map_or(state.last_ts, |e| e.ts);
-                let wall = state
-                    .entry(seq)
-                    .map_or_else(bson::DateTime::now, |e| e.wall);
+                let ts = log.entry(seq).map_or(log.last_ts, |e| e.ts);
+                let wall = log.entry(seq).map_or_else(bson::DateTime::now, |e| e.wall);
                 let tok = token(ts, seq, PHASE_INVALIDATE);
                 let event = doc! {
                     "_id": tok.clone(),
@@ -295,14 +295,14 @@ impl StreamCursor {
                 }
                 return Ok((out, tok));
             }
-            let Some(entry) = state.entry(self.after + 1) else {
-                return Ok((out, self.hwm(state)));
+            let Some(entry) = log.entry(self.after + 1) else {
+                return Ok((out, self.hwm(log)));
             };
             self.after = entry.seq;
             if self.invalidates(entry) {
                 self.invalidate_pending = Some(entry.seq);
             }
-            if let Some(event) = self.render(state, entry)? {
+            if let Some(event) = self.render(dbs, entry)? {
                 let event = self.run_stages(event)?;
                 if let Some(event) = event {
                     let raw = to_raw(&event)?;
@@ -314,8 +314,8 @@ impl StreamCursor {
     }
 
     /// The high-water-mark token: after everything scanned.
-    fn hwm(&self, state: &State) -> Document {
-        let ts = state.entry(self.after).map_or(state.last_ts, |e| e.ts);
+    fn hwm(&self, log: &Oplog) -> Document {
+        let ts = log.entry(self.after).map_or(log.last_ts, |e| e.ts);
         token(ts, self.after, PHASE_HWM)
     }
 
@@ -359,7 +359,7 @@ impl StreamCursor {
     }
 
     /// The event an entry shows this stream, before user stages.
-    fn render(&self, state: &State, entry: &OplogEntry) -> CmdResult<Option<Document>> {
+    fn render(&self, dbs: &Catalog, entry: &OplogEntry) -> CmdResult<Option<Document>> {
         let ns = doc! { "db": entry.db.clone(), "coll": entry.coll.clone() };
         let visible = match &entry.op {
             Op::Rename { to_db, to_coll, .. } => {
@@ -411,11 +411,9 @@ impl StreamCursor {
                 match self.full_document {
                     FullDocument::Default => {}
                     FullDocument::UpdateLookup => {
-                        let current = state
-                            .dbs
-                            .get(&entry.db)
-                            .and_then(|d| d.get(&entry.coll))
-                            .and_then(|c| key.get("_id").and_then(|id| c.by_id(id)))
+                        let current = key
+                            .get("_id")
+                            .and_then(|id| lookup(dbs, &entry.db, &entry.coll, id))
                             .cloned();
                         e.insert("fullDocument", current.map_or(Bson::Null, Bson::Document));
                     }

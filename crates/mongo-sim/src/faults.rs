@@ -44,54 +44,92 @@ pub(crate) struct Firing {
     pub(crate) write_concern_error: Option<Document>,
 }
 
+/// A configured `failGetMoreAfterCursorCheckout` fail point: a `getMore` that found its
+/// cursor fails with `errorCode`, labelled by the server's own rule.
+#[derive(Clone, Debug)]
+pub(crate) struct FailGetMore {
+    mode: Mode,
+    error_code: i32,
+    close_connection: bool,
+}
+
 /// The injected faults of one server.
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
     fail_command: Option<FailCommand>,
+    fail_get_more: Option<FailGetMore>,
     /// Stepped down: writes and `getMore` fail until stepped up again.
     pub(crate) stepped_down: bool,
+}
+
+/// The fail points `configureFailPoint` accepts.
+pub(crate) const FAIL_POINTS: &[&str] = &["failCommand", "failGetMoreAfterCursorCheckout"];
+
+/// Reads `mode`: `None` turns the fail point off.
+fn parse_mode(cmd: &Document) -> CmdResult<Option<Mode>> {
+    match cmd.get("mode") {
+        Some(Bson::String(s)) if s == "alwaysOn" => Ok(Some(Mode::AlwaysOn)),
+        Some(Bson::String(s)) if s == "off" => Ok(None),
+        Some(Bson::Document(d)) => {
+            if let Some(n) = d.get("times").and_then(as_u64) {
+                Ok((n > 0).then_some(Mode::Times(n)))
+            } else if let Some(n) = d.get("skip").and_then(as_u64) {
+                Ok(Some(Mode::Skip(n)))
+            } else {
+                Err(CmdError::bad_value(format!(
+                    "unsupported fail point mode {d}"
+                )))
+            }
+        }
+        other => Err(CmdError::bad_value(format!(
+            "unsupported fail point mode {other:?}"
+        ))),
+    }
+}
+
+/// Counts one matching evaluation against a mode: whether the point fires, and whether it
+/// is used up afterwards.
+fn fire(mode: &mut Mode) -> (bool, bool) {
+    match mode {
+        Mode::AlwaysOn => (true, false),
+        Mode::Skip(n) if *n > 0 => {
+            *n -= 1;
+            (false, false)
+        }
+        Mode::Skip(_) => (true, false),
+        Mode::Times(n) => {
+            *n = n.saturating_sub(1);
+            (true, *n == 0)
+        }
+    }
 }
 
 impl Faults {
     /// Handles `configureFailPoint`.
     pub(crate) fn configure(&mut self, cmd: &Document) -> CmdResult<()> {
         let name = cmd.get_str("configureFailPoint").unwrap_or_default();
-        if name != "failCommand" {
-            return Err(CmdError::bad_value(format!(
-                "unknown fail point '{name}' (mongo-sim supports failCommand)"
-            )));
+        if !FAIL_POINTS.contains(&name) {
+            return Err(CmdError::new(
+                code::FAIL_POINT_SET_FAILED,
+                format!("{name} not found (mongo-sim supports {FAIL_POINTS:?})"),
+            ));
         }
-        let mode = match cmd.get("mode") {
-            Some(Bson::String(s)) if s == "alwaysOn" => Mode::AlwaysOn,
-            Some(Bson::String(s)) if s == "off" => {
-                self.fail_command = None;
-                return Ok(());
-            }
-            Some(Bson::Document(d)) => {
-                if let Some(n) = d.get("times").and_then(as_u64) {
-                    if n == 0 {
-                        self.fail_command = None;
-                        return Ok(());
-                    }
-                    Mode::Times(n)
-                } else if let Some(n) = d.get("skip").and_then(as_u64) {
-                    Mode::Skip(n)
-                } else {
-                    return Err(CmdError::bad_value(format!(
-                        "unsupported fail point mode {d}"
-                    )));
-                }
-            }
-            other => {
-                return Err(CmdError::bad_value(format!(
-                    "unsupported fail point mode {other:?}"
-                )));
-            }
-        };
+        let mode = parse_mode(cmd)?;
         let data = match cmd.get("data") {
             Some(Bson::Document(d)) => d.clone(),
             None => Document::new(),
             Some(_) => return Err(CmdError::type_mismatch("data", "object")),
+        };
+        if name == "failGetMoreAfterCursorCheckout" {
+            self.fail_get_more = match mode {
+                None => None,
+                Some(mode) => Some(fail_get_more(mode, &data)?),
+            };
+            return Ok(());
+        }
+        let Some(mode) = mode else {
+            self.fail_command = None;
+            return Ok(());
         };
         let mut fc = FailCommand {
             mode,
@@ -116,12 +154,7 @@ impl Faults {
                         .filter_map(|i| i.as_str().map(str::to_owned))
                         .collect();
                 }
-                "errorCode" => {
-                    fc.error_code = as_u64(v).and_then(|n| i32::try_from(n).ok()).or(match v {
-                        Bson::Int32(n) => Some(*n),
-                        _ => None,
-                    })
-                }
+                "errorCode" => fc.error_code = as_i32(v),
                 "errorLabels" => {
                     let Bson::Array(items) = v else {
                         return Err(CmdError::type_mismatch("data.errorLabels", "array"));
@@ -173,16 +206,9 @@ impl Faults {
         {
             return None;
         }
-        match &mut fc.mode {
-            Mode::AlwaysOn => {}
-            Mode::Skip(n) if *n > 0 => {
-                *n -= 1;
-                return None;
-            }
-            Mode::Skip(_) => {}
-            Mode::Times(n) => {
-                *n -= 1;
-            }
+        let (fires, used_up) = fire(&mut fc.mode);
+        if !fires {
+            return None;
         }
         let firing = Firing {
             block: fc.block,
@@ -199,8 +225,30 @@ impl Faults {
             }),
             write_concern_error: fc.write_concern_error.clone(),
         };
-        if fc.mode == Mode::Times(0) {
+        if used_up {
             self.fail_command = None;
+        }
+        Some(firing)
+    }
+
+    /// Whether `failGetMoreAfterCursorCheckout` fires for a `getMore` that found its
+    /// cursor: the error it raises (before the server's labelling), and whether the
+    /// connection closes instead.
+    pub(crate) fn check_get_more(&mut self) -> Option<(CmdError, bool)> {
+        let fp = self.fail_get_more.as_mut()?;
+        let (fires, used_up) = fire(&mut fp.mode);
+        if !fires {
+            return None;
+        }
+        let firing = (
+            CmdError::new(
+                fp.error_code,
+                "Failing command getMore due to failGetMoreAfterCursorCheckout failpoint",
+            ),
+            fp.close_connection,
+        );
+        if used_up {
+            self.fail_get_more = None;
         }
         Some(firing)
     }
@@ -231,13 +279,50 @@ impl Faults {
                     .with_label("RetryableWriteError"),
             );
         }
-        if matches!(command, "getMore" | "aggregate" | "find") {
-            return Some(
-                CmdError::new(code::ELECTION_IN_PROGRESS, "election in progress")
-                    .with_label("ResumableChangeStreamError"),
-            );
+        if matches!(
+            command,
+            "getMore" | "aggregate" | "find" | "count" | "distinct"
+        ) {
+            // A secondary refuses primary reads; a change stream's getMore gets its label
+            // from the server's rule like any other error.
+            return Some(CmdError::new(
+                code::NOT_PRIMARY_NO_SECONDARY_OK,
+                "not primary and secondaryOk=false",
+            ));
         }
         None
+    }
+}
+
+fn fail_get_more(mode: Mode, data: &Document) -> CmdResult<FailGetMore> {
+    let mut fp = FailGetMore {
+        mode,
+        error_code: code::INTERNAL_ERROR,
+        close_connection: false,
+    };
+    for (k, v) in data {
+        match k.as_str() {
+            "errorCode" => {
+                fp.error_code =
+                    as_i32(v).ok_or_else(|| CmdError::type_mismatch("data.errorCode", "int"))?;
+            }
+            "closeConnection" => fp.close_connection = v.as_bool().unwrap_or(false),
+            other => {
+                return Err(CmdError::bad_value(format!(
+                    "unsupported failGetMoreAfterCursorCheckout option '{other}' (not supported by mongo-sim)"
+                )));
+            }
+        }
+    }
+    Ok(fp)
+}
+
+fn as_i32(v: &Bson) -> Option<i32> {
+    match v {
+        Bson::Int32(n) => Some(*n),
+        Bson::Int64(n) => i32::try_from(*n).ok(),
+        Bson::Double(n) if n.fract() == 0.0 => i32::try_from(*n as i64).ok(),
+        _ => None,
     }
 }
 

@@ -11,11 +11,13 @@
 //! # Ok(()) }
 //! ```
 
+mod catalog;
 mod changestream;
 mod commands;
 pub mod error;
 mod faults;
 mod matcher;
+mod oplog;
 mod pipeline;
 mod server;
 mod state;
@@ -134,13 +136,14 @@ impl MongoSim {
     /// streams and tokens behind them fail with ChangeStreamHistoryLost (286).
     pub fn set_oplog_capacity(&self, capacity: usize) {
         let mut state = self.shared.lock();
-        state.oplog_capacity = capacity.max(1);
-        state.trim_oplog();
+        state.log.capacity = capacity.max(1);
+        state.log.trim();
     }
 
     /// Steps down: `hello` reports a secondary with no primary; writes fail with
     /// NotWritablePrimary (10107, `RetryableWriteError`) and reads, `aggregate` and
-    /// `getMore` with ElectionInProgress (216, `ResumableChangeStreamError`), until
+    /// `getMore` with NotPrimaryNoSecondaryOk (13435; a change stream's `getMore` labelled
+    /// `ResumableChangeStreamError` by the server's rule), until
     /// [`MongoSim::step_up`].
     pub fn step_down(&self) {
         self.shared.lock().faults.stepped_down = true;
@@ -185,7 +188,7 @@ impl MongoSim {
 
     /// How many entries the oplog holds now.
     pub fn oplog_len(&self) -> usize {
-        self.shared.lock().oplog.len()
+        self.shared.lock().log.entries.len()
     }
 }
 

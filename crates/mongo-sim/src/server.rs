@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use bson::{Bson, Document, RawDocumentBuf, doc};
+use bson::{Bson, Document, RawDocumentBuf};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -19,10 +19,10 @@ use tokio::{
 };
 
 use crate::{
-    changestream::{stream_reply, to_raw},
-    commands::{self, ServerInfo},
+    changestream::to_raw,
+    commands::{self, DEFAULT_AWAIT, GetMore, ServerInfo, Step},
     error::{CmdError, CmdResult, code},
-    state::{Cursor, State},
+    state::State,
     wire::{self, RequestBody},
 };
 
@@ -65,7 +65,7 @@ impl Shared {
 
     /// Wakes waiting change streams if the oplog grew.
     pub(crate) fn notify(&self, state: &State) {
-        let next = state.next_seq;
+        let next = state.log.next_seq;
         self.head.send_if_modified(|h| {
             let changed = *h != next;
             *h = next;
@@ -254,13 +254,13 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
         write_concern_error = f.write_concern_error;
     }
     let result = if name == "getMore" {
-        get_more(shared, &cmd).await
+        get_more(shared, &cmd).await?
     } else {
         let term = shared.term.load(Ordering::Relaxed);
         let mut state = shared.lock();
         let r = match state.faults.stepdown_error(&name) {
             Some(e) => Err(e),
-            None => run_sync(&mut state, &shared.info, conn.id, term, &db, &name, &cmd),
+            None => commands::run(&mut state, &shared.info, conn.id, term, &db, &name, &cmd),
         };
         shared.notify(&state);
         r
@@ -281,7 +281,7 @@ fn finish(shared: &Shared, result: CmdResult<RawDocumentBuf>) -> RawDocumentBuf 
     if let Ok(ct) = to_raw(&state.cluster_time_doc()) {
         reply.append(bson::cstr!("$clusterTime"), ct);
     }
-    reply.append(bson::cstr!("operationTime"), state.last_ts);
+    reply.append(bson::cstr!("operationTime"), state.log.last_ts);
     reply
 }
 
@@ -289,153 +289,29 @@ fn error_reply(e: CmdError) -> RawDocumentBuf {
     to_raw(&e.to_document()).unwrap_or_default()
 }
 
-fn run_sync(
-    state: &mut State,
-    info: &ServerInfo,
-    conn_id: i64,
-    term: u8,
-    db: &str,
-    name: &str,
-    cmd: &Document,
-) -> CmdResult<RawDocumentBuf> {
-    let raw = |r: CmdResult| r.and_then(|d| to_raw(&d));
-    match name {
-        "hello" => return raw(Ok(commands::hello(state, info, false, conn_id, term))),
-        "isMaster" | "ismaster" => {
-            return raw(Ok(commands::hello(state, info, true, conn_id, term)));
-        }
-        "ping" | "endSessions" | "killAllSessions" | "killSessions" | "refreshSessions" => {
-            return raw(Ok(doc! { "ok": 1.0 }));
-        }
-        "buildInfo" | "buildinfo" => return raw(Ok(commands::build_info())),
-        "configureFailPoint" => {
-            if db != "admin" {
-                return Err(CmdError::new(
-                    code::UNAUTHORIZED,
-                    "configureFailPoint may only be run against the admin database.",
-                ));
-            }
-            state.faults.configure(cmd)?;
-            return raw(Ok(doc! { "ok": 1.0 }));
-        }
-        "killCursors" => return raw(commands::kill_cursors(state, cmd)),
-        "create" => return raw(commands::create(state, db, cmd)),
-        "drop" => return raw(commands::drop(state, db, cmd)),
-        "dropDatabase" => return raw(commands::drop_database(state, db)),
-        "renameCollection" => return raw(commands::rename_collection(state, db, cmd)),
-        "collMod" => return raw(commands::coll_mod(state, db, cmd)),
-        "createIndexes" => return raw(commands::create_indexes(state, db, cmd)),
-        "dropIndexes" | "deleteIndexes" => return raw(commands::drop_indexes(state, db, cmd)),
-        "listIndexes" => return raw(commands::list_indexes(state, db, cmd)),
-        "listCollections" => return raw(commands::list_collections(state, db, cmd)),
-        "listDatabases" => return raw(commands::list_databases(state, cmd)),
-        _ => {}
-    }
-    let transactional = matches!(
-        name,
-        "insert"
-            | "update"
-            | "delete"
-            | "findAndModify"
-            | "find"
-            | "aggregate"
-            | "count"
-            | "commitTransaction"
-            | "abortTransaction"
-    );
-    if !transactional {
-        return Err(CmdError::new(
-            code::COMMAND_NOT_FOUND,
-            format!("no such command: '{name}'"),
-        ));
-    }
-    let entered = commands::enter_txn(state, cmd)?;
-    let Some((key, mut txn)) = entered else {
-        return match name {
-            "insert" => raw(commands::insert(state, None, db, cmd)),
-            "update" => raw(commands::update(state, None, db, cmd)),
-            "delete" => raw(commands::delete(state, None, db, cmd)),
-            "findAndModify" => raw(commands::find_and_modify(state, None, db, cmd)),
-            "find" => raw(commands::find(state, None, db, cmd)),
-            "aggregate" => commands::aggregate(state, None, db, cmd),
-            "count" => raw(commands::count(state, None, db, cmd)),
-            _ => Err(CmdError::new(
-                code::NO_SUCH_TRANSACTION,
-                format!("{name} needs a transaction (autocommit: false)"),
-            )),
-        };
+/// `getMore`: a change stream waits up to `maxTimeMS` (default 1 s) for an event; the
+/// wait ends early when the oplog grows. `None` closes the connection.
+async fn get_more(shared: &Shared, cmd: &Document) -> Option<CmdResult<RawDocumentBuf>> {
+    let req = match GetMore::parse(cmd) {
+        Ok(req) => req,
+        Err(e) => return Some(Err(e)),
     };
-    let result = match name {
-        "commitTransaction" => return raw(commands::commit_transaction(state, key, txn)),
-        "abortTransaction" => return raw(Ok(doc! { "ok": 1.0 })),
-        "insert" => raw(commands::insert(state, Some(&mut txn), db, cmd)),
-        "update" => raw(commands::update(state, Some(&mut txn), db, cmd)),
-        "delete" => raw(commands::delete(state, Some(&mut txn), db, cmd)),
-        "findAndModify" => raw(commands::find_and_modify(state, Some(&mut txn), db, cmd)),
-        "find" => raw(commands::find(state, Some(&txn), db, cmd)),
-        "aggregate" => commands::aggregate(state, Some(&txn), db, cmd),
-        _ => raw(commands::count(state, Some(&txn), db, cmd)),
-    };
-    state.txns.insert(key, txn);
-    result
-}
-
-fn as_i64(v: Option<&Bson>) -> Option<i64> {
-    match v {
-        Some(Bson::Int64(n)) => Some(*n),
-        Some(Bson::Int32(n)) => Some(i64::from(*n)),
-        Some(Bson::Double(n)) if n.fract() == 0.0 => Some(*n as i64),
-        _ => None,
-    }
-}
-
-/// `getMore`: a change stream waits up to `maxTimeMS` (default 1 s) for an event.
-async fn get_more(shared: &Shared, cmd: &Document) -> CmdResult<RawDocumentBuf> {
-    let id =
-        as_i64(cmd.get("getMore")).ok_or_else(|| CmdError::type_mismatch("getMore", "long"))?;
-    let batch = as_i64(cmd.get("batchSize"))
-        .filter(|n| *n > 0)
-        .map(|n| n as usize);
-    let wait = Duration::from_millis(as_i64(cmd.get("maxTimeMS")).unwrap_or(1000).max(0) as u64);
-    let deadline = Instant::now() + wait;
+    let deadline = Instant::now() + req.max_time.unwrap_or(DEFAULT_AWAIT);
+    let mut first = true;
     loop {
         let mut head = shared.head.subscribe();
-        {
+        let step = {
             let mut state = shared.lock();
-            if let Some(e) = state.faults.stepdown_error("getMore") {
-                return Err(e);
+            commands::get_more(&mut state, &req, first, Instant::now() >= deadline)
+        };
+        first = false;
+        match step {
+            Step::Reply(reply) => return Some(reply),
+            Step::Close => return None,
+            Step::Wait => {
+                // Woken by a new oplog entry, or the deadline: look again either way.
+                let _ = tokio::time::timeout_at(deadline, head.changed()).await;
             }
-            let cursor = state.cursors.remove(&id);
-            let mut stream = match cursor {
-                None => {
-                    return Err(CmdError::new(
-                        code::CURSOR_NOT_FOUND,
-                        format!("cursor id {id} not found"),
-                    ));
-                }
-                Some(docs @ Cursor::Docs { .. }) => {
-                    state.cursors.insert(id, docs);
-                    return commands::get_more_docs(&mut state, id, batch).and_then(|d| to_raw(&d));
-                }
-                Some(Cursor::Stream(s)) => s,
-            };
-            let (events, pbrt) = stream.next_batch(&state, batch.unwrap_or(usize::MAX))?;
-            if !events.is_empty() || stream.closed || Instant::now() >= deadline {
-                let ns = stream.ns.clone();
-                let next_id = if stream.closed { 0 } else { id };
-                if !stream.closed {
-                    state.cursors.insert(id, Cursor::Stream(stream));
-                }
-                return stream_reply(false, events, &pbrt, next_id, &ns);
-            }
-            state.cursors.insert(id, Cursor::Stream(stream));
-        }
-        if tokio::time::timeout_at(deadline, head.changed())
-            .await
-            .is_err()
-        {
-            // One more look at the deadline: answer with an empty batch.
-            continue;
         }
     }
 }

@@ -1,0 +1,126 @@
+//! The catalog: databases, their collections (and views) and the documents in them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bson::{Binary, Bson, Document, oid::ObjectId, spec::BinarySubtype};
+
+use crate::{
+    error::{CmdError, CmdResult, code},
+    value::id_key,
+};
+
+/// Databases by name, each with its collections by name.
+pub(crate) type Catalog = BTreeMap<String, BTreeMap<String, Collection>>;
+
+/// The current document with this `_id` in `db.coll`, if any.
+pub(crate) fn lookup<'a>(
+    dbs: &'a Catalog,
+    db: &str,
+    coll: &str,
+    id: &Bson,
+) -> Option<&'a Document> {
+    dbs.get(db)
+        .and_then(|d| d.get(coll))
+        .and_then(|c| c.by_id(id))
+}
+
+/// One collection (or view).
+#[derive(Clone, Debug)]
+pub(crate) struct Collection {
+    /// The collection's UUID (`collectionUUID` in expanded events).
+    pub(crate) uuid: Binary,
+    /// Documents by record id, in insertion (natural) order.
+    pub(crate) docs: BTreeMap<u64, Document>,
+    /// `_id` key → record id; the unique `_id` index.
+    pub(crate) ids: HashMap<Vec<u8>, u64>,
+    next_rid: u64,
+    /// Secondary index specifications (recorded, not used for queries).
+    pub(crate) indexes: Vec<Document>,
+    /// Whether `changeStreamPreAndPostImages` is enabled.
+    pub(crate) images: bool,
+    /// For a view: the source collection and pipeline.
+    pub(crate) view: Option<(String, Vec<Bson>)>,
+    /// Bumped by every write, so transactions can detect conflicts.
+    pub(crate) version: u64,
+}
+
+impl Collection {
+    /// A new, empty collection.
+    pub(crate) fn new() -> Self {
+        let uuid = Binary {
+            subtype: BinarySubtype::Uuid,
+            bytes: random_uuid(),
+        };
+        Self {
+            uuid,
+            docs: BTreeMap::new(),
+            ids: HashMap::new(),
+            next_rid: 1,
+            indexes: Vec::new(),
+            images: false,
+            view: None,
+            version: 0,
+        }
+    }
+
+    /// Inserts a document that has an `_id`; a duplicate `_id` is error 11000.
+    pub(crate) fn insert(&mut self, ns: &str, doc: Document) -> CmdResult<()> {
+        let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+        let key = id_key(&id);
+        if self.ids.contains_key(&key) {
+            return Err(CmdError::new(
+                code::DUPLICATE_KEY,
+                format!(
+                    "E11000 duplicate key error collection: {ns} index: _id_ dup key: {{ _id: {id} }}"
+                ),
+            ));
+        }
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        self.ids.insert(key, rid);
+        self.docs.insert(rid, doc);
+        self.version += 1;
+        Ok(())
+    }
+
+    /// Replaces the document at `rid`.
+    pub(crate) fn replace(&mut self, rid: u64, doc: Document) {
+        self.docs.insert(rid, doc);
+        self.version += 1;
+    }
+
+    /// Removes the document at `rid`.
+    pub(crate) fn remove(&mut self, rid: u64) -> Option<Document> {
+        let doc = self.docs.remove(&rid)?;
+        if let Some(id) = doc.get("_id") {
+            self.ids.remove(&id_key(id));
+        }
+        self.version += 1;
+        Some(doc)
+    }
+
+    /// The document with this `_id`.
+    pub(crate) fn by_id(&self, id: &Bson) -> Option<&Document> {
+        self.ids.get(&id_key(id)).and_then(|rid| self.docs.get(rid))
+    }
+}
+
+impl Default for Collection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn random_uuid() -> Vec<u8> {
+    // Two ObjectIds give 16 bytes that differ between collections and runs.
+    let mut bytes = ObjectId::new().bytes().to_vec();
+    bytes.extend_from_slice(&ObjectId::new().bytes()[..4]);
+    bytes[6] = (bytes[6] & 0x0F) | 0x40;
+    bytes[8] = (bytes[8] & 0x3F) | 0x80;
+    bytes
+}
+
+/// Whether a database is internal (never shown to database or cluster streams).
+pub(crate) fn is_internal_db(db: &str) -> bool {
+    matches!(db, "admin" | "config" | "local")
+}

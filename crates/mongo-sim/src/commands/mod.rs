@@ -1,0 +1,161 @@
+//! Command handlers by family. Each runs under the state lock and returns a reply body
+//! (without `$clusterTime`, which the server adds); [`run`] dispatches by command name.
+
+mod admin;
+mod changestreams;
+mod crud;
+mod cursors;
+mod ddl;
+mod failpoints;
+mod txn;
+mod writer;
+
+use bson::{Bson, Document, RawDocumentBuf, doc};
+
+use crate::{
+    changestream::to_raw,
+    error::{CmdError, CmdResult, code},
+    state::State,
+};
+
+pub(crate) use admin::*;
+pub(crate) use crud::*;
+pub(crate) use cursors::*;
+pub(crate) use ddl::*;
+pub(crate) use failpoints::*;
+pub(crate) use txn::*;
+
+/// The default first batch size of cursors.
+const DEFAULT_BATCH: usize = 101;
+
+/// Facts about the server that replies carry.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerInfo {
+    /// `host:port` as clients reach it.
+    pub(crate) host: String,
+    /// The replica set's name.
+    pub(crate) set_name: String,
+}
+
+/// A collection's namespace within a command.
+fn coll_name<'a>(cmd: &'a Document, name: &str) -> CmdResult<&'a str> {
+    match cmd.get(name) {
+        Some(Bson::String(s)) if !s.is_empty() => Ok(s),
+        _ => Err(CmdError::new(
+            code::INVALID_NAMESPACE,
+            format!("collection name must be a non-empty string in '{name}'"),
+        )),
+    }
+}
+
+fn get_doc<'a>(cmd: &'a Document, field: &str) -> CmdResult<Option<&'a Document>> {
+    match cmd.get(field) {
+        None | Some(Bson::Null) => Ok(None),
+        Some(Bson::Document(d)) => Ok(Some(d)),
+        Some(_) => Err(CmdError::type_mismatch(field, "object")),
+    }
+}
+
+fn get_usize(cmd: &Document, field: &str) -> CmdResult<Option<i64>> {
+    match cmd.get(field) {
+        None | Some(Bson::Null) => Ok(None),
+        Some(Bson::Int32(n)) => Ok(Some(i64::from(*n))),
+        Some(Bson::Int64(n)) => Ok(Some(*n)),
+        Some(Bson::Double(n)) if n.fract() == 0.0 => Ok(Some(*n as i64)),
+        Some(_) => Err(CmdError::type_mismatch(field, "number")),
+    }
+}
+
+fn truthy(v: Option<&Bson>) -> bool {
+    match v {
+        Some(Bson::Boolean(b)) => *b,
+        Some(Bson::Int32(n)) => *n != 0,
+        Some(Bson::Int64(n)) => *n != 0,
+        Some(Bson::Double(n)) => *n != 0.0,
+        _ => false,
+    }
+}
+
+/// Runs one command under the state lock (every command but `getMore`, which may wait).
+#[allow(clippy::too_many_arguments)] // the facts a reply needs, all distinct
+pub(crate) fn run(
+    state: &mut State,
+    info: &ServerInfo,
+    conn_id: i64,
+    term: u8,
+    db: &str,
+    name: &str,
+    cmd: &Document,
+) -> CmdResult<RawDocumentBuf> {
+    let raw = |r: CmdResult| r.and_then(|d| to_raw(&d));
+    match name {
+        "hello" => return raw(Ok(hello(state, info, false, conn_id, term))),
+        "isMaster" | "ismaster" => {
+            return raw(Ok(hello(state, info, true, conn_id, term)));
+        }
+        "ping" | "endSessions" | "killAllSessions" | "killSessions" | "refreshSessions" => {
+            return raw(Ok(doc! { "ok": 1.0 }));
+        }
+        "buildInfo" | "buildinfo" => return raw(Ok(build_info())),
+        "configureFailPoint" => return raw(configure_fail_point(state, db, cmd)),
+        "killCursors" => return raw(kill_cursors(state, cmd)),
+        "create" => return raw(create(state, db, cmd)),
+        "drop" => return raw(drop(state, db, cmd)),
+        "dropDatabase" => return raw(drop_database(state, db)),
+        "renameCollection" => return raw(rename_collection(state, db, cmd)),
+        "collMod" => return raw(coll_mod(state, db, cmd)),
+        "createIndexes" => return raw(create_indexes(state, db, cmd)),
+        "dropIndexes" | "deleteIndexes" => return raw(drop_indexes(state, db, cmd)),
+        "listIndexes" => return raw(list_indexes(state, db, cmd)),
+        "listCollections" => return raw(list_collections(state, db, cmd)),
+        "listDatabases" => return raw(list_databases(state, cmd)),
+        _ => {}
+    }
+    let transactional = matches!(
+        name,
+        "insert"
+            | "update"
+            | "delete"
+            | "findAndModify"
+            | "find"
+            | "aggregate"
+            | "count"
+            | "commitTransaction"
+            | "abortTransaction"
+    );
+    if !transactional {
+        return Err(CmdError::new(
+            code::COMMAND_NOT_FOUND,
+            format!("no such command: '{name}'"),
+        ));
+    }
+    let entered = enter_txn(state, cmd)?;
+    let Some((key, mut txn)) = entered else {
+        return match name {
+            "insert" => raw(insert(state, None, db, cmd)),
+            "update" => raw(update(state, None, db, cmd)),
+            "delete" => raw(delete(state, None, db, cmd)),
+            "findAndModify" => raw(find_and_modify(state, None, db, cmd)),
+            "find" => raw(find(state, None, db, cmd)),
+            "aggregate" => aggregate(state, None, db, cmd),
+            "count" => raw(count(state, None, db, cmd)),
+            _ => Err(CmdError::new(
+                code::NO_SUCH_TRANSACTION,
+                format!("{name} needs a transaction (autocommit: false)"),
+            )),
+        };
+    };
+    let result = match name {
+        "commitTransaction" => return raw(commit_transaction(state, key, txn)),
+        "abortTransaction" => return raw(Ok(doc! { "ok": 1.0 })),
+        "insert" => raw(insert(state, Some(&mut txn), db, cmd)),
+        "update" => raw(update(state, Some(&mut txn), db, cmd)),
+        "delete" => raw(delete(state, Some(&mut txn), db, cmd)),
+        "findAndModify" => raw(find_and_modify(state, Some(&mut txn), db, cmd)),
+        "find" => raw(find(state, Some(&txn), db, cmd)),
+        "aggregate" => aggregate(state, Some(&txn), db, cmd),
+        _ => raw(count(state, Some(&txn), db, cmd)),
+    };
+    state.txns.insert(key, txn);
+    result
+}

@@ -1,0 +1,222 @@
+//! The oplog: one ordered, cluster-wide log of what happened, with a capacity, and the
+//! cluster clock that stamps it.
+
+use std::collections::VecDeque;
+
+use bson::{Binary, Document, Timestamp};
+
+use crate::update::Delta;
+
+/// What an oplog entry did.
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    /// A document was inserted.
+    Insert {
+        /// The document.
+        doc: Document,
+    },
+    /// A document was updated.
+    Update {
+        /// Its `_id` as `{ _id: … }`.
+        key: Document,
+        /// What changed.
+        delta: Delta,
+        /// The pre-image, recorded when images are enabled.
+        pre: Option<Document>,
+        /// The post-image, recorded when images are enabled.
+        post: Option<Document>,
+    },
+    /// A document was replaced.
+    Replace {
+        /// Its `_id` as `{ _id: … }`.
+        key: Document,
+        /// The new document.
+        doc: Document,
+        /// The pre-image, recorded when images are enabled.
+        pre: Option<Document>,
+    },
+    /// A document was deleted.
+    Delete {
+        /// Its `_id` as `{ _id: … }`.
+        key: Document,
+        /// The pre-image, recorded when images are enabled.
+        pre: Option<Document>,
+    },
+    /// The collection was dropped.
+    Drop,
+    /// The collection was renamed.
+    Rename {
+        /// The target database.
+        to_db: String,
+        /// The target collection.
+        to_coll: String,
+        /// The UUID of the target dropped by the rename, if any.
+        drop_target: Option<Binary>,
+    },
+    /// The database was dropped (after a `Drop` entry for each of its collections).
+    DropDatabase,
+    /// A collection or view was created.
+    Create {
+        /// The creation options (`viewOn`, `pipeline`, …).
+        description: Document,
+    },
+    /// Indexes were created.
+    CreateIndexes {
+        /// Their specifications.
+        indexes: Vec<Document>,
+    },
+    /// Indexes were dropped.
+    DropIndexes {
+        /// Their specifications.
+        indexes: Vec<Document>,
+    },
+    /// Collection options changed.
+    Modify {
+        /// The options given to `collMod`.
+        description: Document,
+    },
+}
+
+/// An entry not yet given its place in the oplog.
+#[derive(Clone, Debug)]
+pub(crate) struct PendingEntry {
+    /// The database.
+    pub(crate) db: String,
+    /// The collection (empty for `DropDatabase`).
+    pub(crate) coll: String,
+    /// The collection's UUID.
+    pub(crate) uuid: Option<Binary>,
+    /// What happened.
+    pub(crate) op: Op,
+}
+
+/// One entry of the cluster-wide log.
+#[derive(Clone, Debug)]
+pub(crate) struct OplogEntry {
+    /// Position: strictly increasing from 1.
+    pub(crate) seq: u64,
+    /// Cluster time: non-decreasing; a transaction's entries share one.
+    pub(crate) ts: Timestamp,
+    /// Wall-clock time.
+    pub(crate) wall: bson::DateTime,
+    /// The database.
+    pub(crate) db: String,
+    /// The collection (empty for `DropDatabase`).
+    pub(crate) coll: String,
+    /// The collection's UUID.
+    pub(crate) uuid: Option<Binary>,
+    /// What happened.
+    pub(crate) op: Op,
+    /// `(lsid, txnNumber)` for entries written by a transaction.
+    pub(crate) txn: Option<(Document, i64)>,
+}
+
+/// The retained log and the clock.
+#[derive(Debug)]
+pub(crate) struct Oplog {
+    /// The retained entries, oldest first.
+    pub(crate) entries: VecDeque<OplogEntry>,
+    /// How many entries the log keeps.
+    pub(crate) capacity: usize,
+    /// The sequence number the next entry gets.
+    pub(crate) next_seq: u64,
+    /// The cluster time of the newest entry dropped from the log.
+    pub(crate) dropped_upto: Option<Timestamp>,
+    /// The newest cluster time handed out.
+    pub(crate) last_ts: Timestamp,
+}
+
+impl Oplog {
+    /// An empty log keeping `capacity` entries.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            capacity: capacity.max(1),
+            next_seq: 1,
+            dropped_upto: None,
+            last_ts: Timestamp {
+                time: now_secs(),
+                increment: 0,
+            },
+        }
+    }
+
+    /// Hands out the next cluster time.
+    pub(crate) fn next_ts(&mut self) -> Timestamp {
+        let now = now_secs();
+        self.last_ts = if now > self.last_ts.time {
+            Timestamp {
+                time: now,
+                increment: 1,
+            }
+        } else {
+            Timestamp {
+                time: self.last_ts.time,
+                increment: self.last_ts.increment + 1,
+            }
+        };
+        self.last_ts
+    }
+
+    /// Appends entries. Outside a transaction each gets its own cluster time; a committed
+    /// transaction's entries share one.
+    pub(crate) fn append(&mut self, entries: Vec<PendingEntry>, txn: Option<(Document, i64)>) {
+        if entries.is_empty() {
+            return;
+        }
+        let shared_ts = txn.as_ref().map(|_| self.next_ts());
+        let wall = bson::DateTime::now();
+        for e in entries {
+            let ts = match shared_ts {
+                Some(ts) => ts,
+                None => self.next_ts(),
+            };
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.entries.push_back(OplogEntry {
+                seq,
+                ts,
+                wall,
+                db: e.db,
+                coll: e.coll,
+                uuid: e.uuid,
+                op: e.op,
+                txn: txn.clone(),
+            });
+        }
+        self.trim();
+    }
+
+    /// Drops the oldest entries beyond capacity.
+    pub(crate) fn trim(&mut self) {
+        while self.entries.len() > self.capacity {
+            if let Some(old) = self.entries.pop_front() {
+                self.dropped_upto = Some(old.ts);
+            }
+        }
+    }
+
+    /// The sequence number of the oldest retained entry (or the next one, if empty).
+    pub(crate) fn first_seq(&self) -> u64 {
+        self.entries.front().map_or(self.next_seq, |e| e.seq)
+    }
+
+    /// The newest entry's sequence number (0 if none was ever written).
+    pub(crate) fn head_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// The entry with sequence number `seq`, if retained.
+    pub(crate) fn entry(&self, seq: u64) -> Option<&OplogEntry> {
+        let first = self.entries.front()?.seq;
+        let index = seq.checked_sub(first)?;
+        self.entries.get(usize::try_from(index).ok()?)
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub(crate) fn now_secs() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
