@@ -92,3 +92,48 @@ async fn passes_fails_and_refuses_what_it_does_not_support() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `failGetMoreAfterCursorCheckout` through the runner: the server labels the injected
+/// error by its rule, so a resumable code resumes (the runner sees the event and the new
+/// `aggregate`) and an unlabelled one reaches the test as an error; expecting the opposite
+/// fails.
+#[tokio::test]
+async fn fail_get_more_after_cursor_checkout_is_labelled_by_the_server() {
+    let ops = |code: i32, expect: &str| {
+        format!(
+            r#"[
+        {{ "name": "failPoint", "object": "testRunner", "arguments": {{ "client": "client0", "failPoint": {{
+            "configureFailPoint": "failGetMoreAfterCursorCheckout", "mode": {{ "times": 1 }}, "data": {{ "errorCode": {code}, "closeConnection": false }} }} }} }},
+        {{ "name": "createChangeStream", "object": "c0", "arguments": {{ "pipeline": [] }}, "saveResultAsEntity": "s0" }},
+        {{ "name": "insertOne", "object": "c0", "arguments": {{ "document": {{ "_id": 1 }} }} }},
+        {{ "name": "iterateUntilDocumentOrError", "object": "s0", {expect} }}
+    ]"#
+        )
+    };
+    let resumed = r#""expectResult": { "operationType": "insert", "documentKey": { "_id": 1 } }"#;
+    let refused = r#""expectError": { "errorCode": 50 }"#;
+    let events = r#", "expectEvents": [ { "client": "client0", "ignoreExtraEvents": true, "events": [
+        { "commandStartedEvent": { "commandName": "aggregate" } },
+        { "commandStartedEvent": { "commandName": "insert" } },
+        { "commandStartedEvent": { "commandName": "getMore" } },
+        { "commandStartedEvent": { "commandName": "aggregate", "command": { "pipeline": [ { "$changeStream": { "resumeAfter": { "$$exists": true } } } ] } } }
+    ] } ]"#;
+    let dir = write_suite(
+        "getmore-fp",
+        &[
+            // HostUnreachable (6) is labelled ResumableChangeStreamError: the stream resumes.
+            ("a-resumes.json", &test_file(&ops(6, resumed), events)),
+            // MaxTimeMSExpired (50) is not: the error reaches the application.
+            ("b-refused.json", &test_file(&ops(50, refused), "")),
+            ("c-wrong.json", &test_file(&ops(50, resumed), "")),
+            ("d-wrong.json", &test_file(&ops(6, refused), "")),
+        ],
+    );
+    let results = run_dir(&dir, &Target::Sim).await.unwrap();
+    let verdicts: Vec<&Verdict> = results.iter().map(|r| &r.verdict).collect();
+    assert_eq!(verdicts[0], &Verdict::Pass, "{:?}", results[0]);
+    assert_eq!(verdicts[1], &Verdict::Pass, "{:?}", results[1]);
+    assert!(matches!(verdicts[2], Verdict::Fail(_)), "{:?}", verdicts[2]);
+    assert!(matches!(verdicts[3], Verdict::Fail(_)), "{:?}", verdicts[3]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

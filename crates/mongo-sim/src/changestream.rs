@@ -127,33 +127,48 @@ impl StreamCursor {
         for (k, v) in req.spec {
             match k.as_str() {
                 "fullDocument" => {
-                    full_document = match v.as_str() {
-                        Some("default") => FullDocument::Default,
-                        Some("updateLookup") => FullDocument::UpdateLookup,
-                        Some("whenAvailable") => FullDocument::WhenAvailable,
-                        Some("required") => FullDocument::Required,
-                        _ => {
-                            return Err(CmdError::bad_value(format!(
-                                "unknown fullDocument mode: {v}"
-                            )));
-                        }
+                    full_document = match option_str(k, v)? {
+                        "default" => FullDocument::Default,
+                        "updateLookup" => FullDocument::UpdateLookup,
+                        "whenAvailable" => FullDocument::WhenAvailable,
+                        "required" => FullDocument::Required,
+                        other => return Err(bad_enum(k, other)),
                     }
                 }
                 "fullDocumentBeforeChange" => {
-                    before = match v.as_str() {
-                        Some("off") => BeforeChange::Off,
-                        Some("whenAvailable") => BeforeChange::WhenAvailable,
-                        Some("required") => BeforeChange::Required,
-                        _ => {
-                            return Err(CmdError::bad_value(format!(
-                                "unknown fullDocumentBeforeChange mode: {v}"
-                            )));
-                        }
+                    before = match option_str(k, v)? {
+                        "off" => BeforeChange::Off,
+                        "whenAvailable" => BeforeChange::WhenAvailable,
+                        "required" => BeforeChange::Required,
+                        other => return Err(bad_enum(k, other)),
                     }
                 }
-                "showExpandedEvents" => show_expanded = v.as_bool().unwrap_or(false),
-                "allChangesForCluster" => all_for_cluster = v.as_bool().unwrap_or(false),
-                "resumeAfter" | "startAfter" | "startAtOperationTime" => {
+                "showExpandedEvents" => show_expanded = option_bool(k, v)?,
+                "allChangesForCluster" => all_for_cluster = option_bool(k, v)?,
+                "allowToRunOnConfigDB" | "allowToRunOnSystemNS" => {
+                    return Err(CmdError::new(
+                        40415,
+                        format!(
+                            "BSON field '$changeStream.{k}' is an internal option: mongo-sim refuses it"
+                        ),
+                    ));
+                }
+                "resumeAfter" | "startAfter" => {
+                    if !matches!(v, Bson::Document(_)) {
+                        return Err(CmdError::type_mismatch(
+                            &format!("$changeStream.{k}"),
+                            "object",
+                        ));
+                    }
+                    if start.is_some() {
+                        return Err(CmdError::new(
+                            40674,
+                            "Only one type of resume option is allowed, but multiple were found.",
+                        ));
+                    }
+                    start = Some((k.as_str(), v));
+                }
+                "startAtOperationTime" => {
                     if start.is_some() {
                         return Err(CmdError::new(
                             40674,
@@ -169,6 +184,28 @@ impl StreamCursor {
                     ));
                 }
             }
+        }
+        let internal = matches!(req.db, "config" | "local")
+            || (req.db == "admin" && matches!(req.target, Bson::String(_)));
+        if internal {
+            return Err(CmdError::new(
+                code::INVALID_NAMESPACE,
+                format!(
+                    "$changeStream may not be opened on the internal {} database",
+                    req.db
+                ),
+            ));
+        }
+        if let Bson::String(coll) = req.target
+            && coll.starts_with("system.")
+        {
+            return Err(CmdError::new(
+                code::INVALID_NAMESPACE,
+                format!(
+                    "$changeStream may not be opened on the internal {}.{coll} collection",
+                    req.db
+                ),
+            ));
         }
         let (scope, ns) = match (req.target, all_for_cluster) {
             (Bson::String(coll), false) => (
@@ -591,6 +628,25 @@ fn op_name(op: &Op) -> &'static str {
         Op::DropIndexes { .. } => "dropIndexes",
         Op::Modify { .. } => "modify",
     }
+}
+
+/// A `$changeStream` option that must be a string.
+fn option_str<'v>(name: &str, v: &'v Bson) -> CmdResult<&'v str> {
+    v.as_str()
+        .ok_or_else(|| CmdError::type_mismatch(&format!("$changeStream.{name}"), "string"))
+}
+
+/// A `$changeStream` option that must be a boolean.
+fn option_bool(name: &str, v: &Bson) -> CmdResult<bool> {
+    v.as_bool()
+        .ok_or_else(|| CmdError::type_mismatch(&format!("$changeStream.{name}"), "bool"))
+}
+
+/// An enumerated option with a value it does not know.
+fn bad_enum(name: &str, value: &str) -> CmdError {
+    CmdError::bad_value(format!(
+        "Enumeration value '{value}' for field '$changeStream.{name}' is not a valid value."
+    ))
 }
 
 fn history_lost() -> CmdError {

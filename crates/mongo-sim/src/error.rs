@@ -514,3 +514,26 @@ pub(crate) fn label_change_stream_error(mut e: CmdError) -> CmdError {
 
 /// Result of a command.
 pub type CmdResult<T = Document> = Result<T, CmdError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_table_is_sorted_and_unnamed_codes_are_locations() {
+        assert!(
+            NAMES.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted, no repeats"
+        );
+        assert_eq!(code_name(286), "ChangeStreamHistoryLost");
+        assert_eq!(code_name(13435), "NotPrimaryNoSecondaryOk");
+        assert_eq!(code_name(40324), "Location40324");
+        let e = label_change_stream_error(CmdError::new(6, "x").with_label("Other"));
+        assert_eq!(e.labels, ["Other", "ResumableChangeStreamError"]);
+        assert!(
+            label_change_stream_error(CmdError::new(50, "x"))
+                .labels
+                .is_empty()
+        );
+    }
+}

@@ -520,6 +520,15 @@ pub(crate) fn aggregate(
     {
         return open_change_stream(state, txn.is_some(), db, cmd, spec, pipeline, batch);
     }
+    if pipeline
+        .iter()
+        .any(|s| matches!(s, Bson::Document(d) if d.contains_key("$changeStream")))
+    {
+        return Err(CmdError::new(
+            40602,
+            "$changeStream is only valid as the first stage in a pipeline",
+        ));
+    }
     let Bson::String(name) = target else {
         return Err(CmdError::bad_value(
             "aggregate: 1 supports only $changeStream in mongo-sim",
