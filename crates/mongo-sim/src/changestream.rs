@@ -61,8 +61,42 @@ pub(crate) fn token(ts: Timestamp, seq: u64, phase: u8) -> Document {
     doc! { "_data": format!("82{:08X}{:08X}{:016X}{:02X}", ts.time, ts.increment, seq, phase) }
 }
 
-/// Reads a token back: `(seq, phase)`.
-fn parse_token(token: &Bson) -> CmdResult<(u64, u8)> {
+/// A position read back from a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Position {
+    /// The cluster time it names.
+    pub(crate) ts: Timestamp,
+    /// The oplog entry.
+    pub(crate) seq: u64,
+    /// `PHASE_EVENT`, `PHASE_INVALIDATE` or `PHASE_HWM`.
+    pub(crate) phase: u8,
+    /// For a fragment of a split event: its number (from 1).
+    pub(crate) fragment: Option<u16>,
+}
+
+impl Position {
+    /// The token naming this position.
+    pub(crate) fn token(&self) -> Document {
+        match self.fragment {
+            None => token(self.ts, self.seq, self.phase),
+            Some(f) => fragment_token(self.ts, self.seq, f),
+        }
+    }
+}
+
+/// The token of fragment `fragment` (from 1) of the event at `seq`: the event's token with
+/// the fragment number appended, so it sorts after the event's own and before the next.
+pub(crate) fn fragment_token(ts: Timestamp, seq: u64, fragment: u16) -> Document {
+    doc! { "_data": format!("82{:08X}{:08X}{:016X}{:02X}{:04X}", ts.time, ts.increment, seq, PHASE_EVENT, fragment) }
+}
+
+fn hex_u64(s: &str) -> Option<u64> {
+    u64::from_str_radix(s, 16).ok()
+}
+
+/// Reads a token back. Anything but this simulator's own shape (`82`, then hex digits
+/// only) is InvalidResumeToken (260).
+fn parse_token(token: &Bson) -> CmdResult<Position> {
     let bad = || {
         CmdError::new(
             code::INVALID_RESUME_TOKEN,
@@ -75,15 +109,43 @@ fn parse_token(token: &Bson) -> CmdResult<(u64, u8)> {
     let Ok(data) = d.get_str("_data") else {
         return Err(bad());
     };
-    if data.len() != 36 || !data.starts_with("82") {
+    // Checked first, so the fixed offsets below always fall on character boundaries.
+    if !data.bytes().all(|b| b.is_ascii_hexdigit())
+        || !matches!(data.len(), 36 | 40)
+        || !data.starts_with("82")
+    {
         return Err(bad());
     }
-    let seq = u64::from_str_radix(&data[18..34], 16).map_err(|_| bad())?;
-    let phase = u8::from_str_radix(&data[34..36], 16).map_err(|_| bad())?;
-    if phase > PHASE_HWM {
+    let field = |from: usize, to: usize| data.get(from..to).and_then(hex_u64).ok_or_else(bad);
+    let time = u32::try_from(field(2, 10)?).map_err(|_| bad())?;
+    let increment = u32::try_from(field(10, 18)?).map_err(|_| bad())?;
+    let seq = field(18, 34)?;
+    let phase = u8::try_from(field(34, 36)?).map_err(|_| bad())?;
+    let fragment = match data.len() {
+        40 => Some(u16::try_from(field(36, 40)?).map_err(|_| bad())?),
+        _ => None,
+    };
+    if phase > PHASE_HWM || (fragment.is_some() && phase != PHASE_EVENT) || fragment == Some(0) {
         return Err(bad());
     }
-    Ok((seq, phase))
+    Ok(Position {
+        ts: Timestamp { time, increment },
+        seq,
+        phase,
+        fragment,
+    })
+}
+
+/// `(time, increment)`, for ordering timestamps.
+fn ts_key(ts: Timestamp) -> (u32, u32) {
+    (ts.time, ts.increment)
+}
+
+fn token_not_found(token: &Document) -> CmdError {
+    CmdError::new(
+        code::CHANGE_STREAM_FATAL_ERROR,
+        format!("cannot resume stream; the resume token was not found. {token}"),
+    )
 }
 
 /// An open change stream.
@@ -100,6 +162,8 @@ pub(crate) struct StreamCursor {
     after: u64,
     /// An entry whose invalidate event is owed next.
     invalidate_pending: Option<u64>,
+    /// A resume token ahead of the log: checked when the log reaches it.
+    awaiting: Option<Position>,
     /// The stream has been invalidated (the cursor closes).
     pub(crate) closed: bool,
 }
@@ -244,6 +308,7 @@ impl StreamCursor {
             stages,
             after: log.head_seq(),
             invalidate_pending: None,
+            awaiting: None,
             closed: false,
         };
         match start {
@@ -269,23 +334,17 @@ impl StreamCursor {
                     .map_or(log.first_seq() - 1, |e| e.seq);
             }
             Some((kind, token)) => {
-                let (seq, phase) = parse_token(token)?;
-                if phase == PHASE_INVALIDATE && kind == "resumeAfter" {
+                let pos = parse_token(token)?;
+                if pos.phase == PHASE_INVALIDATE && kind == "resumeAfter" {
                     return Err(CmdError::new(
                         code::INVALID_RESUME_TOKEN,
                         "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.",
                     ));
                 }
-                if seq + 1 < log.first_seq() {
+                if pos.seq + 1 < log.first_seq() {
                     return Err(history_lost());
                 }
-                cursor.after = seq;
-                if phase == PHASE_EVENT
-                    && let Some(entry) = log.entry(seq)
-                    && cursor.invalidates(entry)
-                {
-                    cursor.invalidate_pending = Some(seq);
-                }
+                cursor.resume_at(log, pos)?;
             }
         }
         Ok(cursor)
@@ -303,6 +362,17 @@ impl StreamCursor {
         let mut bytes = 0usize;
         if self.closed {
             return Ok((out, self.hwm(log)));
+        }
+        if let Some(pos) = self.awaiting {
+            if pos.seq > log.head_seq() {
+                if ts_key(log.last_ts) >= ts_key(pos.ts) {
+                    return Err(token_not_found(&pos.token()));
+                }
+                // Still ahead of the log: nothing to show, and the resume point stands.
+                return Ok((out, pos.token()));
+            }
+            self.awaiting = None;
+            self.check_event(log, pos)?;
         }
         if self.after + 1 < log.first_seq() {
             return Err(history_lost());
@@ -348,6 +418,54 @@ impl StreamCursor {
                 }
             }
         }
+    }
+
+    /// Positions the stream after a resume token, checking it as the server does: an event
+    /// token must name an event that is in the log at its time (ChangeStreamFatalError, 280,
+    /// when it is not where it should be); a token ahead of the log waits for it; a
+    /// high-water mark ahead of the log resumes by its time.
+    fn resume_at(&mut self, log: &Oplog, pos: Position) -> CmdResult<()> {
+        if pos.phase == PHASE_HWM {
+            self.after = if pos.seq <= log.head_seq() {
+                pos.seq
+            } else {
+                Self::last_at_or_before(log, pos.ts)
+            };
+            return Ok(());
+        }
+        if pos.seq > log.head_seq() {
+            if ts_key(pos.ts) <= ts_key(log.last_ts) {
+                // The log has passed the token's time without this event.
+                return Err(token_not_found(&pos.token()));
+            }
+            self.after = log.head_seq();
+            self.awaiting = Some(pos);
+            return Ok(());
+        }
+        self.check_event(log, pos)
+    }
+
+    /// The resume point is an event the log holds (or just dropped): it must be there.
+    fn check_event(&mut self, log: &Oplog, pos: Position) -> CmdResult<()> {
+        if let Some(entry) = log.entry(pos.seq) {
+            if entry.ts != pos.ts {
+                return Err(token_not_found(&pos.token()));
+            }
+            if pos.phase == PHASE_EVENT && pos.fragment.is_none() && self.invalidates(entry) {
+                self.invalidate_pending = Some(pos.seq);
+            }
+        }
+        self.after = pos.seq;
+        Ok(())
+    }
+
+    /// The newest entry at or before `ts` (the one before the log if none).
+    fn last_at_or_before(log: &Oplog, ts: Timestamp) -> u64 {
+        log.entries
+            .iter()
+            .take_while(|e| ts_key(e.ts) <= ts_key(ts))
+            .last()
+            .map_or(log.first_seq() - 1, |e| e.seq)
     }
 
     /// The high-water-mark token: after everything scanned.
@@ -698,10 +816,27 @@ mod tests {
         );
         let data = |d: &Document| d.get_str("_data").unwrap().to_owned();
         assert!(data(&a) < data(&b) && data(&b) < data(&c));
+        let pos = parse_token(&Bson::Document(b.clone())).unwrap();
         assert_eq!(
-            parse_token(&Bson::Document(b)).unwrap(),
-            (10, PHASE_INVALIDATE)
+            (pos.ts.time, pos.ts.increment, pos.seq, pos.phase),
+            (5, 9, 10, PHASE_INVALIDATE)
         );
         assert!(parse_token(&Bson::Document(doc! { "_data": "nope" })).is_err());
+        // Multi-byte characters of the right byte length are refused, not sliced.
+        let multi = format!("82{}", "é".repeat(17));
+        assert_eq!(multi.len(), 36);
+        let err = parse_token(&Bson::Document(doc! { "_data": multi })).unwrap_err();
+        assert_eq!(err.code, code::INVALID_RESUME_TOKEN);
+        // A fragment token sorts between its event's token and the next event's.
+        let f = fragment_token(
+            Timestamp {
+                time: 5,
+                increment: 9,
+            },
+            10,
+            2,
+        );
+        assert!(data(&a) < data(&f) && data(&f) < data(&b));
+        assert_eq!(parse_token(&Bson::Document(f)).unwrap().fragment, Some(2));
     }
 }

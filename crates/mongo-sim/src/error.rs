@@ -35,6 +35,7 @@ pub mod code {
     pub const WRITE_CONFLICT: i32 = 112;
     pub const INVALID_PIPELINE_OPERATOR: i32 = 168;
     pub const OVERFLOW: i32 = 15;
+    pub const OPERATION_FAILED: i32 = 96;
     pub const HOST_UNREACHABLE: i32 = 6;
     pub const COMMAND_NOT_SUPPORTED_ON_VIEW: i32 = 166;
     pub const OPERATION_NOT_SUPPORTED_IN_TRANSACTION: i32 = 263;

@@ -21,6 +21,7 @@ mod oplog;
 mod pipeline;
 mod server;
 mod state;
+mod status;
 mod update;
 mod value;
 pub mod wire;
@@ -43,6 +44,9 @@ pub struct SimOptions {
     pub set_name: String,
     /// How many entries the oplog keeps before dropping the oldest.
     pub oplog_capacity: usize,
+    /// How many connections may be open at once (`maxIncomingConnections`); one more is
+    /// closed as soon as it is accepted.
+    pub max_connections: usize,
 }
 
 impl Default for SimOptions {
@@ -51,6 +55,7 @@ impl Default for SimOptions {
             port: 0,
             set_name: "rs0".to_owned(),
             oplog_capacity: 2_000_000,
+            max_connections: 1_000,
         }
     }
 }
@@ -85,7 +90,11 @@ impl MongoSim {
             host: addr.to_string(),
             set_name: options.set_name.clone(),
         };
-        let shared = Arc::new(Shared::new(info, options.oplog_capacity));
+        let shared = Arc::new(Shared::new(
+            info,
+            options.oplog_capacity,
+            options.max_connections,
+        ));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(listener, Arc::clone(&shared), stop_rx));
         Ok(Self {

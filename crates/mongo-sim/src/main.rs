@@ -20,6 +20,10 @@ async fn main() -> std::process::ExitCode {
                 .parse()
                 .map(|n| options.oplog_capacity = n)
                 .map_err(|e| e.to_string()),
+            ("--max-connections", Some(v)) => v
+                .parse()
+                .map(|n| options.max_connections = n)
+                .map_err(|e| e.to_string()),
             ("--replica-set", Some(v)) => {
                 options.set_name = v.to_owned();
                 Ok(())
@@ -28,7 +32,7 @@ async fn main() -> std::process::ExitCode {
         };
         if let Err(e) = parsed {
             eprintln!(
-                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N]"
+                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N] [--max-connections N]"
             );
             return std::process::ExitCode::from(2);
         }

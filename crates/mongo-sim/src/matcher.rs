@@ -11,6 +11,9 @@ use crate::{
     value::{compare, equal, query_values, type_rank},
 };
 
+/// How deep `$and`/`$or`/`$nor` may nest (the server's query tree limit).
+const MAX_TREE_DEPTH: usize = 100;
+
 /// A parsed filter.
 #[derive(Clone, Debug)]
 pub(crate) enum Filter {
@@ -48,6 +51,12 @@ pub(crate) enum Cond {
 impl Filter {
     /// Parses a filter document.
     pub(crate) fn parse(doc: &Document) -> CmdResult<Self> {
+        Self::parse_at(doc, 0)
+    }
+
+    /// Parses a filter nested `depth` logical operators deep; past the server's limit (100)
+    /// it is BadValue, as the server's query parser answers.
+    fn parse_at(doc: &Document, depth: usize) -> CmdResult<Self> {
         let mut clauses = Vec::new();
         for (key, value) in doc {
             clauses.push(match key.as_str() {
@@ -60,10 +69,15 @@ impl Filter {
                             "{key} argument must be a non-empty array"
                         )));
                     }
+                    if depth >= MAX_TREE_DEPTH {
+                        return Err(CmdError::bad_value(format!(
+                            "exceeded maximum query tree depth of {MAX_TREE_DEPTH} at {key}"
+                        )));
+                    }
                     let subs = items
                         .iter()
                         .map(|item| match item {
-                            Bson::Document(d) => Filter::parse(d),
+                            Bson::Document(d) => Filter::parse_at(d, depth + 1),
                             _ => Err(CmdError::bad_value(format!(
                                 "{key} argument's entries must be objects"
                             ))),
@@ -254,5 +268,26 @@ mod tests {
         assert_eq!(err.code, 2);
         assert!(Filter::parse(&doc! { "$where": "1" }).is_err());
         assert!(Filter::parse(&doc! { "$or": [] }).is_err());
+    }
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+    use bson::doc;
+
+    #[test]
+    fn logical_nesting_past_the_servers_limit_is_bad_value() {
+        let nest = |levels: usize| {
+            let mut filter = doc! { "x": 1 };
+            for _ in 0..levels {
+                filter = doc! { "$or": [filter] };
+            }
+            filter
+        };
+        assert!(Filter::parse(&nest(MAX_TREE_DEPTH)).is_ok());
+        let err = Filter::parse(&nest(MAX_TREE_DEPTH + 1)).unwrap_err();
+        assert_eq!(err.code, crate::error::code::BAD_VALUE);
+        assert!(err.message.contains("maximum query tree depth"), "{err}");
     }
 }

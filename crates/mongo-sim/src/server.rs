@@ -5,24 +5,25 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicI32, AtomicU8, Ordering},
+        atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use bson::{Bson, Document, RawDocumentBuf};
+use bson::{Bson, Document, RawDocumentBuf, doc};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{Semaphore, watch},
     time::Instant,
 };
 
 use crate::{
     changestream::to_raw,
-    commands::{self, DEFAULT_AWAIT, GetMore, ServerInfo, Step},
+    commands::{self, Connections, Ctx, DEFAULT_AWAIT, GetMore, ServerInfo, Step},
     error::{CmdError, CmdResult, code},
     state::State,
+    status,
     wire::{self, RequestBody},
 };
 
@@ -41,12 +42,24 @@ pub(crate) struct Shared {
     /// Bumped to make every open connection close.
     pub(crate) kill: watch::Sender<u64>,
     next_request_id: AtomicI32,
+    /// One permit per connection the server may hold open (`maxIncomingConnections`).
+    pub(crate) connection_slots: Arc<Semaphore>,
+    /// The most connections open at once.
+    pub(crate) max_connections: usize,
+    /// Connections accepted since start.
+    pub(crate) total_connections: AtomicU64,
+    /// When the server started (for `uptime`).
+    pub(crate) started: std::time::Instant,
 }
 
 impl Shared {
     /// New shared state for a server at `host`.
-    pub(crate) fn new(info: ServerInfo, oplog_capacity: usize) -> Self {
+    pub(crate) fn new(info: ServerInfo, oplog_capacity: usize, max_connections: usize) -> Self {
         Self {
+            connection_slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            total_connections: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             state: Mutex::new(State::new(oplog_capacity)),
             head: watch::Sender::new(1),
             info,
@@ -61,6 +74,11 @@ impl Shared {
     /// only after validating), so a poisoned lock is taken over.
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connections open now.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.max_connections - self.connection_slots.available_permits()
     }
 
     /// Wakes waiting change streams if the oplog grew.
@@ -85,9 +103,19 @@ pub(crate) async fn serve(
             accepted = listener.accept() => {
                 match accepted {
                     Ok((socket, peer)) => {
+                        // Over the cap the connection is closed at once, as mongod does.
+                        let Ok(slot) = Arc::clone(&shared.connection_slots).try_acquire_owned() else {
+                            tracing::warn!(%peer, "connection refused: too many open connections");
+                            drop(socket);
+                            continue;
+                        };
+                        shared.total_connections.fetch_add(1, Ordering::Relaxed);
                         let shared = Arc::clone(&shared);
                         let stop = stop.clone();
-                        tokio::spawn(async move { connection(socket, peer, shared, stop).await });
+                        tokio::spawn(async move {
+                            connection(socket, peer, shared, stop).await;
+                            drop(slot);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -102,7 +130,40 @@ pub(crate) async fn serve(
 
 struct Conn {
     id: i64,
+    peer: String,
     app_name: Option<String>,
+}
+
+/// Logs a connection's end however it ends.
+struct ConnectionLog<'a> {
+    shared: &'a Shared,
+    id: i64,
+    peer: String,
+}
+
+impl Drop for ConnectionLog<'_> {
+    fn drop(&mut self) {
+        let open = self.shared.open_connections().saturating_sub(1);
+        self.shared.lock().activity.log(
+            "NETWORK",
+            22944,
+            &format!("conn{}", self.id),
+            "Connection ended",
+            doc! { "remote": self.peer.clone(), "connectionId": self.id, "connectionCount": i64::try_from(open).unwrap_or(i64::MAX) },
+        );
+    }
+}
+
+/// Ends an operation's `currentOp` entry however the command ends.
+struct OpGuard<'a> {
+    shared: &'a Shared,
+    opid: i64,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().activity.end(self.opid);
+    }
 }
 
 async fn connection(
@@ -115,13 +176,30 @@ async fn connection(
     let (mut reader, mut writer) = socket.into_split();
     let mut kill = shared.kill.subscribe();
     kill.mark_unchanged();
+    let open = shared.open_connections();
     let id = {
         let mut st = shared.lock();
         let id = st.next_connection_id;
         st.next_connection_id += 1;
+        st.activity.log(
+            "NETWORK",
+            22943,
+            "listener",
+            "Connection accepted",
+            doc! { "remote": peer.to_string(), "connectionId": id, "connectionCount": i64::try_from(open).unwrap_or(i64::MAX) },
+        );
         id
     };
-    let mut conn = Conn { id, app_name: None };
+    let _logged = ConnectionLog {
+        shared: &shared,
+        id,
+        peer: peer.to_string(),
+    };
+    let mut conn = Conn {
+        id,
+        peer: peer.to_string(),
+        app_name: None,
+    };
     loop {
         let request = tokio::select! {
             r = wire::read_request(&mut reader) => r,
@@ -160,11 +238,15 @@ async fn connection(
                 command.insert("$db", db);
                 (command, true, false)
             }
-            RequestBody::Compressed => {
-                let reply = error_reply(CmdError::new(
-                    code::BAD_VALUE,
-                    "OP_COMPRESSED is not supported: mongo-sim advertises no compressors",
-                ));
+            RequestBody::Compressed | RequestBody::Refused(_) => {
+                let error = match request.body {
+                    RequestBody::Refused(e) => e,
+                    _ => CmdError::new(
+                        code::BAD_VALUE,
+                        "OP_COMPRESSED is not supported: mongo-sim advertises no compressors",
+                    ),
+                };
+                let reply = error_reply(error);
                 if write_reply(&shared, &mut writer, request.request_id, &reply, false)
                     .await
                     .is_err()
@@ -176,6 +258,7 @@ async fn connection(
         };
         let outcome = tokio::select! {
             o = handle(&shared, &mut conn, command) => o,
+            () = peer_gone(&mut reader) => return,
             _ = kill.changed() => return,
             _ = stop.changed() => return,
         };
@@ -189,6 +272,17 @@ async fn connection(
         {
             return;
         }
+    }
+}
+
+/// Resolves when the peer has closed its side (or the socket failed), so a command that
+/// waits (a `getMore` with a long `maxTimeMS`) ends with its client. Pending forever while
+/// the peer is connected, including when it already sent its next request.
+async fn peer_gone(reader: &mut tokio::net::tcp::OwnedReadHalf) {
+    let mut byte = [0u8; 1];
+    match reader.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
     }
 }
 
@@ -240,6 +334,27 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
     } else {
         shared.lock().faults.check(&name, conn.app_name.as_deref())
     };
+    let ns = match cmd.get(&name) {
+        Some(Bson::String(coll)) => format!("{db}.{coll}"),
+        _ => match cmd.get_str("collection") {
+            Ok(coll) => format!("{db}.{coll}"),
+            Err(_) => format!("{db}.$cmd"),
+        },
+    };
+    let opid = {
+        let mut state = shared.lock();
+        state.activity.counters.count(&name, &cmd);
+        state.activity.begin(status::Op {
+            connection_id: conn.id,
+            client: conn.peer.clone(),
+            app_name: conn.app_name.clone(),
+            name: name.clone(),
+            ns,
+            command: status::summarise(&cmd),
+            started: std::time::Instant::now(),
+        })
+    };
+    let _op = OpGuard { shared, opid };
     let mut write_concern_error = None;
     if let Some(f) = firing {
         if let Some(block) = f.block {
@@ -256,11 +371,21 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
     let result = if name == "getMore" {
         get_more(shared, &cmd).await?
     } else {
-        let term = shared.term.load(Ordering::Relaxed);
+        let ctx = Ctx {
+            info: &shared.info,
+            conn_id: conn.id,
+            term: shared.term.load(Ordering::Relaxed),
+            connections: Connections {
+                current: shared.open_connections(),
+                available: shared.connection_slots.available_permits(),
+                total_created: shared.total_connections.load(Ordering::Relaxed),
+            },
+            uptime: shared.started.elapsed(),
+        };
         let mut state = shared.lock();
         let r = match state.faults.stepdown_error(&name) {
             Some(e) => Err(e),
-            None => commands::run(&mut state, &shared.info, conn.id, term, &db, &name, &cmd),
+            None => commands::run(&mut state, &ctx, &db, &name, &cmd),
         };
         shared.notify(&state);
         r

@@ -10,6 +10,7 @@ use crate::{
     changestream::StreamCursor,
     faults::Faults,
     oplog::{Oplog, PendingEntry},
+    status::Activity,
 };
 
 /// A server-side cursor.
@@ -59,6 +60,8 @@ pub(crate) struct State {
     pub(crate) faults: Faults,
     /// Connection ids handed out.
     pub(crate) next_connection_id: i64,
+    /// Operations in progress, counters and the log.
+    pub(crate) activity: Activity,
 }
 
 impl State {
@@ -72,6 +75,7 @@ impl State {
             txns: HashMap::new(),
             faults: Faults::default(),
             next_connection_id: 1,
+            activity: Activity::default(),
         }
     }
 

@@ -9,6 +9,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub const MAX_MESSAGE_SIZE: usize = 48_000_000;
 /// The largest document accepted (the `maxBsonObjectSize` the server advertises).
 pub const MAX_BSON_OBJECT_SIZE: usize = 16 * 1024 * 1024;
+/// How deep documents and arrays in a message may nest (the server's `maxBSONDepth`).
+pub const MAX_BSON_DEPTH: usize = 200;
+/// How long the rest of a message may take to arrive once its header has.
+pub const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How much of a message body is read (and allocated) at a time.
+const READ_CHUNK: usize = 64 * 1024;
 
 const OP_REPLY: i32 = 1;
 const OP_QUERY: i32 = 2004;
@@ -31,6 +37,12 @@ pub enum WireError {
     /// The message's content does not parse.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// A document nests deeper than [`MAX_BSON_DEPTH`] (answered with an error reply).
+    #[error("a document nests deeper than {MAX_BSON_DEPTH}")]
+    TooDeep,
+    /// The header arrived but the rest of the message did not within [`MESSAGE_TIMEOUT`].
+    #[error("the rest of a {0}-byte message did not arrive in time")]
+    Timeout(usize),
 }
 
 /// One request read off a connection.
@@ -61,10 +73,24 @@ pub enum RequestBody {
     },
     /// OP_COMPRESSED, which the server never advertised.
     Compressed,
+    /// A well-framed message the server answers with an error instead of running it
+    /// (a document nested deeper than [`MAX_BSON_DEPTH`]).
+    Refused(crate::error::CmdError),
 }
 
-/// Reads one whole message.
+/// Reads one whole message, waiting as long as it takes for its header and at most
+/// [`MESSAGE_TIMEOUT`] for the rest.
 pub async fn read_request<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Request, WireError> {
+    read_request_within(reader, MESSAGE_TIMEOUT).await
+}
+
+/// Reads one whole message; the body must follow its header within `body_timeout`. The
+/// body is read (and its buffer grown) as it arrives, so a peer that announces a large
+/// message and stalls holds no more memory than it sent.
+pub async fn read_request_within<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    body_timeout: std::time::Duration,
+) -> Result<Request, WireError> {
     let mut header = [0u8; 16];
     reader.read_exact(&mut header).await?;
     let length = i32_at(&header, 0);
@@ -73,15 +99,35 @@ pub async fn read_request<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Reques
     }
     let request_id = i32_at(&header, 4);
     let op_code = i32_at(&header, 12);
-    let mut payload = vec![0u8; length as usize - 16];
-    reader.read_exact(&mut payload).await?;
-    let body = match op_code {
-        OP_MSG => parse_msg(&header, &payload)?,
-        OP_QUERY => parse_query(&payload)?,
-        OP_COMPRESSED => RequestBody::Compressed,
+    let body_len = length as usize - 16;
+    let payload = tokio::time::timeout(body_timeout, read_body(reader, body_len))
+        .await
+        .map_err(|_| WireError::Timeout(length as usize))??;
+    let parsed = match op_code {
+        OP_MSG => parse_msg(&header, &payload),
+        OP_QUERY => parse_query(&payload),
+        OP_COMPRESSED => Ok(RequestBody::Compressed),
         other => return Err(WireError::Malformed(format!("unsupported opCode {other}"))),
     };
+    let body = match parsed {
+        Err(WireError::TooDeep) => RequestBody::Refused(crate::error::CmdError::new(
+            crate::error::code::OVERFLOW,
+            format!("BSONObj exceeds maximum nested object depth: {MAX_BSON_DEPTH}"),
+        )),
+        other => other?,
+    };
     Ok(Request { request_id, body })
+}
+
+async fn read_body<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut payload = Vec::with_capacity(len.min(READ_CHUNK));
+    while payload.len() < len {
+        let start = payload.len();
+        let end = (start + READ_CHUNK).min(len);
+        payload.resize(end, 0);
+        reader.read_exact(&mut payload[start..end]).await?;
+    }
+    Ok(payload)
 }
 
 fn i32_at(bytes: &[u8], at: usize) -> i32 {
@@ -104,9 +150,111 @@ fn read_document(bytes: &[u8]) -> Result<(Document, usize), WireError> {
         return Err(malformed(format!("document length {len} is out of range")));
     }
     let len = len as usize;
+    if nesting_depth(&bytes[..len]) > MAX_BSON_DEPTH {
+        return Err(WireError::TooDeep);
+    }
     let doc =
         Document::from_reader(&bytes[..len]).map_err(|e| malformed(format!("bad BSON: {e}")))?;
     Ok((doc, len))
+}
+
+/// How deep documents and arrays nest in `doc` (a top-level document is 1), found without
+/// recursion so that no input can exhaust the stack. Malformed input stops the walk early;
+/// decoding then reports it.
+pub fn nesting_depth(doc: &[u8]) -> usize {
+    // Each open document: the offset where its elements end (before its terminating 0).
+    let mut open: Vec<usize> = Vec::new();
+    let mut deepest = 0;
+    let Some(len) = doc.get(..4).map(|b| i32_at(b, 0)) else {
+        return 0;
+    };
+    let Ok(len) = usize::try_from(len) else {
+        return 0;
+    };
+    if len < 5 || len > doc.len() {
+        return 0;
+    }
+    open.push(len - 1);
+    deepest = deepest.max(open.len());
+    let mut at = 4;
+    let int_at = |at: usize| -> Option<usize> {
+        let b = doc.get(at..at + 4)?;
+        usize::try_from(i32_at(b, 0)).ok()
+    };
+    while let Some(&end) = open.last() {
+        if at >= end {
+            // The document's terminator; its parent continues after it.
+            open.pop();
+            at += 1;
+            continue;
+        }
+        let kind = doc[at];
+        let Some(name_len) = doc[at + 1..].iter().position(|&b| b == 0) else {
+            break;
+        };
+        at += 1 + name_len + 1;
+        let size = match kind {
+            0x01 | 0x09 | 0x11 | 0x12 => 8,
+            0x02 | 0x0D | 0x0E => match int_at(at) {
+                Some(n) => 4 + n,
+                None => break,
+            },
+            0x03 | 0x04 => {
+                let Some(n) = int_at(at) else { break };
+                if n < 5 || at + n > end {
+                    break;
+                }
+                open.push(at + n - 1);
+                deepest = deepest.max(open.len());
+                at += 4;
+                continue;
+            }
+            0x05 => match int_at(at) {
+                Some(n) => 5 + n,
+                None => break,
+            },
+            0x06 | 0x0A | 0x7F | 0xFF => 0,
+            0x07 => 12,
+            0x08 => 1,
+            0x0B => {
+                let mut skip = 0;
+                for _ in 0..2 {
+                    match doc
+                        .get(at + skip..)
+                        .and_then(|r| r.iter().position(|&b| b == 0))
+                    {
+                        Some(p) => skip += p + 1,
+                        None => return deepest,
+                    }
+                }
+                skip
+            }
+            0x0C => match int_at(at) {
+                Some(n) => 4 + n + 12,
+                None => break,
+            },
+            0x0F => {
+                // Code with scope: total length, the code string, then the scope document.
+                let (Some(total), Some(code)) = (int_at(at), int_at(at + 4)) else {
+                    break;
+                };
+                let scope = at + 8 + code;
+                let Some(n) = int_at(scope) else { break };
+                if n < 5 || scope + n > end || at + total > end {
+                    break;
+                }
+                open.push(scope + n - 1);
+                deepest = deepest.max(open.len());
+                at = scope + 4;
+                continue;
+            }
+            0x10 => 4,
+            0x13 => 16,
+            _ => break,
+        };
+        at += size;
+    }
+    deepest
 }
 
 fn read_cstring(bytes: &[u8]) -> Result<(String, usize), WireError> {

@@ -339,3 +339,128 @@ async fn every_error_reply_names_its_code() {
     }
     sim.shutdown().await;
 }
+
+/// A token in mongo-sim's shape: `82`, time and increment, oplog position, phase.
+fn forge(time: u32, increment: u32, seq: u64, phase: u8) -> Document {
+    doc! { "_data": format!("82{time:08X}{increment:08X}{seq:016X}{phase:02X}") }
+}
+
+async fn resume(db: &Database, token: Document) -> Result<Document, Error> {
+    db.run_command(doc! {
+        "aggregate": "c",
+        "pipeline": [ { "$changeStream": { "resumeAfter": token } } ],
+        "cursor": {},
+    })
+    .await
+}
+
+#[tokio::test]
+async fn resume_tokens_are_checked_as_the_server_checks_them() {
+    let (sim, _client, db) = setup().await;
+    let coll = db.collection::<Document>("c");
+    let id = open_stream(&db).await;
+    coll.insert_many((0..3).map(|i| doc! { "_id": i }))
+        .await
+        .unwrap();
+    let batch = get_more(&db, id).await.unwrap();
+    let events = batch
+        .get_document("cursor")
+        .unwrap()
+        .get_array("nextBatch")
+        .unwrap()
+        .clone();
+    let first = events[0]
+        .as_document()
+        .unwrap()
+        .get_document("_id")
+        .unwrap()
+        .clone();
+    let data = first.get_str("_data").unwrap();
+    let time = u32::from_str_radix(&data[2..10], 16).unwrap();
+    let inc = u32::from_str_radix(&data[10..18], 16).unwrap();
+    let seq = u64::from_str_radix(&data[18..34], 16).unwrap();
+
+    // The real token resumes after the first insert: two events follow.
+    let reply = resume(&db, first.clone()).await.unwrap();
+    assert!(reply.get_document("cursor").is_ok());
+
+    // Well-formed, but the log holds no such event at that time: 280, not a silent skip.
+    let past_the_log = forge(time, inc, seq + 1000, 0);
+    assert_server_error(
+        &resume(&db, past_the_log).await.unwrap_err(),
+        280,
+        "ChangeStreamFatalError",
+        &[],
+    );
+    let wrong_time = forge(time, inc + 1000, seq, 0);
+    assert_server_error(
+        &resume(&db, wrong_time).await.unwrap_err(),
+        280,
+        "ChangeStreamFatalError",
+        &[],
+    );
+
+    // Multi-byte characters in `_data` are an invalid token (260), not a dropped
+    // connection.
+    let multi = doc! { "_data": format!("82{}", "é".repeat(17)) };
+    assert_server_error(
+        &resume(&db, multi).await.unwrap_err(),
+        260,
+        "InvalidResumeToken",
+        &[],
+    );
+    for bad in ["", "82", "zz", &"8".repeat(36), &format!("{data}00000")] {
+        assert_server_error(
+            &resume(&db, doc! { "_data": bad }).await.unwrap_err(),
+            260,
+            "InvalidResumeToken",
+            &[],
+        );
+    }
+
+    // Older than anything the log still holds: 286.
+    coll.insert_many((3..10).map(|i| doc! { "_id": i }))
+        .await
+        .unwrap();
+    sim.set_oplog_capacity(3);
+    assert_server_error(
+        &resume(&db, first).await.unwrap_err(),
+        286,
+        "ChangeStreamHistoryLost",
+        &[],
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_ahead_of_the_log_waits_for_it_then_fails_if_it_is_not_there() {
+    let (sim, _client, db) = setup().await;
+    let coll = db.collection::<Document>("c");
+    coll.insert_one(doc! { "_id": 0 }).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A token from "another deployment" two seconds ahead in time.
+    let ahead = forge(u32::try_from(now).unwrap() + 2, 1, 1_000_000, 0);
+    let reply = resume(&db, ahead.clone()).await.unwrap();
+    let cursor = reply.get_document("cursor").unwrap();
+    assert!(cursor.get_array("firstBatch").unwrap().is_empty());
+    assert_eq!(
+        cursor.get_document("postBatchResumeToken").unwrap(),
+        &ahead,
+        "the resume point stands while the log is behind it"
+    );
+    let id = cursor.get_i64("id").unwrap();
+    // Once the log has passed the token's time without its event, the stream fails.
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    coll.insert_one(doc! { "_id": 1 }).await.unwrap();
+    let err = get_more(&db, id).await.unwrap_err();
+    assert_server_error(
+        &err,
+        280,
+        "ChangeStreamFatalError",
+        &["NonResumableChangeStreamError"],
+    );
+    sim.shutdown().await;
+}

@@ -462,7 +462,7 @@ pub(crate) fn find(state: &mut State, txn: Option<&Txn>, db: &str, cmd: &Documen
     if let Some(sort) = get_doc(cmd, "sort")? {
         sort_documents(&mut docs, sort)?;
     }
-    let skip = get_usize(cmd, "skip")?.unwrap_or(0).max(0) as usize;
+    let skip = get_count(cmd, "skip")?.unwrap_or(0);
     let limit = get_usize(cmd, "limit")?.unwrap_or(0);
     let mut single = truthy(cmd.get("singleBatch"));
     let mut docs: Vec<Document> = docs.into_iter().skip(skip).collect();
@@ -473,7 +473,7 @@ pub(crate) fn find(state: &mut State, txn: Option<&Txn>, db: &str, cmd: &Documen
     if let Some(p) = &projection {
         docs = docs.iter().map(|d| p.apply(d)).collect::<CmdResult<_>>()?;
     }
-    let batch = get_usize(cmd, "batchSize")?.map_or(DEFAULT_BATCH, |n| n.max(0) as usize);
+    let batch = get_count(cmd, "batchSize")?.unwrap_or(DEFAULT_BATCH);
     Ok(cursor_reply(
         state,
         format!("{db}.{name}"),
@@ -489,7 +489,7 @@ pub(crate) fn count(state: &State, txn: Option<&Txn>, db: &str, cmd: &Document) 
     let filter = Filter::parse(&get_doc(cmd, "query")?.cloned().unwrap_or_default())?;
     let n = read_coll(state, txn, db, name)
         .map_or(0, |c| c.docs.values().filter(|d| filter.matches(d)).count());
-    let skip = get_usize(cmd, "skip")?.unwrap_or(0).max(0) as usize;
+    let skip = get_count(cmd, "skip")?.unwrap_or(0);
     let mut n = n.saturating_sub(skip);
     if let Some(limit) = get_usize(cmd, "limit")?
         && limit != 0
@@ -514,7 +514,7 @@ pub(crate) fn aggregate(
     };
     let cursor_opts = get_doc(cmd, "cursor")?
         .ok_or_else(|| CmdError::new(code::FAILED_TO_PARSE, "The 'cursor' option is required"))?;
-    let batch = get_usize(cursor_opts, "batchSize")?.map_or(DEFAULT_BATCH, |n| n.max(0) as usize);
+    let batch = get_count(cursor_opts, "batchSize")?.unwrap_or(DEFAULT_BATCH);
     if let Some(Bson::Document(first)) = pipeline.first()
         && let Some(spec) = first.get("$changeStream")
     {
@@ -545,4 +545,37 @@ pub(crate) fn aggregate(
         batch,
         false,
     ))
+}
+
+/// `distinct`: the distinct values at `key` among the documents matching `query`, in
+/// the order first seen; arrays contribute their elements.
+pub(crate) fn distinct(state: &State, txn: Option<&Txn>, db: &str, cmd: &Document) -> CmdResult {
+    let name = coll_name(cmd, "distinct")?;
+    let key = match cmd.get("key") {
+        Some(Bson::String(k)) if !k.is_empty() => k.as_str(),
+        Some(Bson::String(_)) => {
+            return Err(CmdError::bad_value(
+                "FieldPath cannot be constructed with empty string",
+            ));
+        }
+        _ => return Err(CmdError::type_mismatch("distinct.key", "string")),
+    };
+    let filter = Filter::parse(&get_doc(cmd, "query")?.cloned().unwrap_or_default())?;
+    let mut values: Vec<Bson> = Vec::new();
+    if let Some(c) = read_coll(state, txn, db, name) {
+        for doc in c.docs.values().filter(|d| filter.matches(d)) {
+            for v in crate::value::query_values(doc, key).into_iter().flatten() {
+                let items = match v {
+                    Bson::Array(items) => items.clone(),
+                    other => vec![other.clone()],
+                };
+                for item in items {
+                    if !values.iter().any(|seen| crate::value::equal(seen, &item)) {
+                        values.push(item);
+                    }
+                }
+            }
+        }
+    }
+    Ok(doc! { "values": values, "ok": 1.0 })
 }

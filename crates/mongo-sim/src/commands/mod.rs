@@ -66,6 +66,19 @@ fn get_usize(cmd: &Document, field: &str) -> CmdResult<Option<i64>> {
     }
 }
 
+/// A count that must not be negative (`skip`, `batchSize`): the server's IDL validator
+/// refuses a negative one with code 51024.
+fn get_count(cmd: &Document, field: &str) -> CmdResult<Option<usize>> {
+    match get_usize(cmd, field)? {
+        None => Ok(None),
+        Some(n) if n < 0 => Err(CmdError::new(
+            51024,
+            format!("BSON field '{field}' value must be >= 0, actual value '{n}'"),
+        )),
+        Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+    }
+}
+
 fn truthy(v: Option<&Bson>) -> bool {
     match v {
         Some(Bson::Boolean(b)) => *b,
@@ -76,23 +89,58 @@ fn truthy(v: Option<&Bson>) -> bool {
     }
 }
 
+/// What a command may need to know beyond the data: the server, the connection, the
+/// election term, the connection counts and the uptime.
+#[derive(Debug)]
+pub(crate) struct Ctx<'a> {
+    /// Host and replica set name.
+    pub(crate) info: &'a ServerInfo,
+    /// The connection running the command.
+    pub(crate) conn_id: i64,
+    /// The election term.
+    pub(crate) term: u8,
+    /// Connection counts.
+    pub(crate) connections: Connections,
+    /// Time since the server started.
+    pub(crate) uptime: std::time::Duration,
+}
+
+/// `serverStatus.connections`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Connections {
+    /// Open now.
+    pub(crate) current: usize,
+    /// Still allowed.
+    pub(crate) available: usize,
+    /// Accepted since start.
+    pub(crate) total_created: u64,
+}
+
 /// Runs one command under the state lock (every command but `getMore`, which may wait).
-#[allow(clippy::too_many_arguments)] // the facts a reply needs, all distinct
 pub(crate) fn run(
     state: &mut State,
-    info: &ServerInfo,
-    conn_id: i64,
-    term: u8,
+    ctx: &Ctx<'_>,
     db: &str,
     name: &str,
     cmd: &Document,
 ) -> CmdResult<RawDocumentBuf> {
     let raw = |r: CmdResult| r.and_then(|d| to_raw(&d));
     match name {
-        "hello" => return raw(Ok(hello(state, info, false, conn_id, term))),
-        "isMaster" | "ismaster" => {
-            return raw(Ok(hello(state, info, true, conn_id, term)));
+        "hello" => return raw(Ok(hello(state, ctx, false))),
+        "isMaster" | "ismaster" => return raw(Ok(hello(state, ctx, true))),
+        "getCmdLineOpts" => return raw(admin_only(db, name).map(|()| cmd_line_opts(ctx))),
+        "serverStatus" => return raw(Ok(server_status(state, ctx))),
+        "getParameter" => return raw(admin_only(db, name).and_then(|()| get_parameter(cmd))),
+        "replSetGetStatus" => {
+            return raw(admin_only(db, name).map(|()| repl_set_status(state, ctx)));
         }
+        "replSetGetConfig" => return raw(admin_only(db, name).map(|()| repl_set_config(ctx))),
+        "hostInfo" => return raw(Ok(host_info())),
+        "currentOp" => return raw(admin_only(db, name).and_then(|()| current_op(state, ctx, cmd))),
+        "dbStats" => return raw(Ok(db_stats(state, db))),
+        "collStats" => return raw(coll_stats(state, db, cmd)),
+        "connectionStatus" => return raw(Ok(connection_status(cmd))),
+        "getLog" => return raw(admin_only(db, name).and_then(|()| get_log(state, cmd))),
         "ping" | "endSessions" | "killAllSessions" | "killSessions" | "refreshSessions" => {
             return raw(Ok(doc! { "ok": 1.0 }));
         }
@@ -120,6 +168,7 @@ pub(crate) fn run(
             | "find"
             | "aggregate"
             | "count"
+            | "distinct"
             | "commitTransaction"
             | "abortTransaction"
     );
@@ -139,6 +188,7 @@ pub(crate) fn run(
             "find" => raw(find(state, None, db, cmd)),
             "aggregate" => aggregate(state, None, db, cmd),
             "count" => raw(count(state, None, db, cmd)),
+            "distinct" => raw(distinct(state, None, db, cmd)),
             _ => Err(CmdError::new(
                 code::NO_SUCH_TRANSACTION,
                 format!("{name} needs a transaction (autocommit: false)"),
@@ -154,6 +204,7 @@ pub(crate) fn run(
         "findAndModify" => raw(find_and_modify(state, Some(&mut txn), db, cmd)),
         "find" => raw(find(state, Some(&txn), db, cmd)),
         "aggregate" => aggregate(state, Some(&txn), db, cmd),
+        "distinct" => raw(distinct(state, Some(&txn), db, cmd)),
         _ => raw(count(state, Some(&txn), db, cmd)),
     };
     state.txns.insert(key, txn);
