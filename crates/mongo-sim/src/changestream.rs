@@ -70,7 +70,7 @@ pub(crate) struct Position {
     pub(crate) seq: u64,
     /// `PHASE_EVENT`, `PHASE_INVALIDATE` or `PHASE_HWM`.
     pub(crate) phase: u8,
-    /// For a fragment of a split event: its number (from 1).
+    /// For a fragment of a split event: its index (from 0; `splitEvent.fragment` - 1).
     pub(crate) fragment: Option<u16>,
 }
 
@@ -84,7 +84,7 @@ impl Position {
     }
 }
 
-/// The token of fragment `fragment` (from 1) of the event at `seq`: the event's token with
+/// The token of the fragment with index `fragment` (from 0) of the event at `seq`: the event's token with
 /// the fragment number appended, so it sorts after the event's own and before the next.
 pub(crate) fn fragment_token(ts: Timestamp, seq: u64, fragment: u16) -> Document {
     doc! { "_data": format!("82{:08X}{:08X}{:016X}{:02X}{:04X}", ts.time, ts.increment, seq, PHASE_EVENT, fragment) }
@@ -125,7 +125,7 @@ fn parse_token(token: &Bson) -> CmdResult<Position> {
         40 => Some(u16::try_from(field(36, 40)?).map_err(|_| bad())?),
         _ => None,
     };
-    if phase > PHASE_HWM || (fragment.is_some() && phase != PHASE_EVENT) || fragment == Some(0) {
+    if phase > PHASE_HWM || (fragment.is_some() && phase != PHASE_EVENT) {
         return Err(bad());
     }
     Ok(Position {
@@ -164,6 +164,13 @@ pub(crate) struct StreamCursor {
     invalidate_pending: Option<u64>,
     /// A resume token ahead of the log: checked when the log reaches it.
     awaiting: Option<Position>,
+    /// `$changeStreamSplitLargeEvent` was asked for: events over 16 MiB become fragments.
+    split: bool,
+    /// Resumed after fragment `.1` (from 0) of the event at `.0`: the fragments up to it
+    /// are not shown again.
+    resume_fragment: Option<(u64, u16)>,
+    /// Events or fragments read from the log but not yet returned.
+    pending: std::collections::VecDeque<RawDocumentBuf>,
     /// The stream has been invalidated (the cursor closes).
     pub(crate) closed: bool,
 }
@@ -298,7 +305,8 @@ impl StreamCursor {
                 format!("{}.$cmd.aggregate", req.db),
             ),
         };
-        let stages = parse_pipeline(req.rest, Context::ChangeStream)?;
+        let (rest, split) = split_stage(req.rest)?;
+        let stages = parse_pipeline(rest, Context::ChangeStream)?;
         let mut cursor = Self {
             ns,
             scope,
@@ -309,6 +317,9 @@ impl StreamCursor {
             after: log.head_seq(),
             invalidate_pending: None,
             awaiting: None,
+            split,
+            resume_fragment: None,
+            pending: std::collections::VecDeque::new(),
             closed: false,
         };
         match start {
@@ -377,13 +388,26 @@ impl StreamCursor {
         if self.after + 1 < log.first_seq() {
             return Err(history_lost());
         }
+        let last_token = |out: &[RawDocumentBuf], this: &Self| {
+            out.last()
+                .and_then(|e| e.get_document("_id").ok())
+                .and_then(|id| Document::try_from(id).ok())
+                .unwrap_or_else(|| this.hwm(log))
+        };
         loop {
-            if out.len() >= max || bytes >= 16 * 1024 * 1024 {
-                let last = out
-                    .last()
-                    .and_then(|e: &RawDocumentBuf| e.get_document("_id").ok())
-                    .and_then(|id| Document::try_from(id).ok())
-                    .unwrap_or_else(|| self.hwm(log));
+            // Events (or fragments) read but not yet returned go first; a batch holds at
+            // most 16 MiB unless a single event alone is larger.
+            while let Some(next) = self.pending.front() {
+                let len = next.as_bytes().len();
+                if out.len() >= max || (!out.is_empty() && bytes + len > MAX_EVENT_SIZE) {
+                    let last = last_token(&out, self);
+                    return Ok((out, last));
+                }
+                bytes += len;
+                out.extend(self.pending.pop_front());
+            }
+            if out.len() >= max || bytes >= MAX_EVENT_SIZE {
+                let last = last_token(&out, self);
                 return Ok((out, last));
             }
             if let Some(seq) = self.invalidate_pending.take() {
@@ -409,14 +433,40 @@ impl StreamCursor {
             if self.invalidates(entry) {
                 self.invalidate_pending = Some(entry.seq);
             }
-            if let Some(event) = self.render(dbs, entry)? {
-                let event = self.run_stages(event)?;
-                if let Some(event) = event {
-                    let raw = to_raw(&event)?;
-                    bytes += raw.as_bytes().len();
-                    out.push(raw);
+            let resumed_in_event = self
+                .resume_fragment
+                .take_if(|(seq, _)| *seq == entry.seq)
+                .map(|(_, idx)| idx);
+            let event = match self.render(dbs, entry)? {
+                Some(event) => self.run_stages(event)?,
+                None => None,
+            };
+            let Some(event) = event else {
+                if let Some(idx) = resumed_in_event {
+                    return Err(fragment_not_found(entry, idx));
                 }
+                continue;
+            };
+            let raw = to_raw(&event)?;
+            if raw.as_bytes().len() <= MAX_EVENT_SIZE {
+                if let Some(idx) = resumed_in_event {
+                    // Resumed after a fragment of an event that no longer needs splitting
+                    // (the pipeline changed): the resume point cannot be found.
+                    return Err(fragment_not_found(entry, idx));
+                }
+                self.pending.push_back(raw);
+                continue;
             }
+            if !self.split {
+                return Err(too_large(raw.as_bytes().len(), &event));
+            }
+            let fragments = split_event(event, entry)?;
+            let skip = match resumed_in_event {
+                Some(idx) if usize::from(idx) < fragments.len() => usize::from(idx) + 1,
+                Some(idx) => return Err(fragment_not_found(entry, idx)),
+                None => 0,
+            };
+            self.pending.extend(fragments.into_iter().skip(skip));
         }
     }
 
@@ -455,7 +505,18 @@ impl StreamCursor {
                 self.invalidate_pending = Some(pos.seq);
             }
         }
-        self.after = pos.seq;
+        match pos.fragment {
+            None => self.after = pos.seq,
+            Some(_) if !self.split => {
+                // Only a stream that splits can show the rest of a split event.
+                return Err(token_not_found(&pos.token()));
+            }
+            Some(idx) => {
+                // Show the event again, from the fragment after this one.
+                self.after = pos.seq - 1;
+                self.resume_fragment = Some((pos.seq, idx));
+            }
+        }
         Ok(())
     }
 
@@ -746,6 +807,112 @@ fn op_name(op: &Op) -> &'static str {
         Op::DropIndexes { .. } => "dropIndexes",
         Op::Modify { .. } => "modify",
     }
+}
+
+/// The largest event (and the largest fragment) a stream returns: BSONObjMaxUserSize.
+const MAX_EVENT_SIZE: usize = crate::wire::MAX_BSON_OBJECT_SIZE;
+
+/// The stage that asks for large events to be split.
+const SPLIT_STAGE: &str = "$changeStreamSplitLargeEvent";
+
+/// Takes `$changeStreamSplitLargeEvent` off the end of the user's stages. It may appear
+/// once, last, with an empty specification (7182802 otherwise, as on the server).
+fn split_stage(rest: &[Bson]) -> CmdResult<(&[Bson], bool)> {
+    let is_split = |s: &Bson| matches!(s, Bson::Document(d) if d.contains_key(SPLIT_STAGE));
+    let count = rest.iter().filter(|s| is_split(s)).count();
+    match rest.split_last() {
+        _ if count == 0 => Ok((rest, false)),
+        Some((last, before)) if count == 1 && is_split(last) => {
+            match last.as_document().and_then(|d| d.get(SPLIT_STAGE)) {
+                Some(Bson::Document(spec)) if spec.is_empty() => Ok((before, true)),
+                _ => Err(CmdError::new(
+                    code::FAILED_TO_PARSE,
+                    "$changeStreamSplitLargeEvent must take an empty document: { $changeStreamSplitLargeEvent: {} }",
+                )),
+            }
+        }
+        _ => Err(CmdError::new(
+            7_182_802,
+            "$changeStreamSplitLargeEvent can only appear once, as the last stage of the pipeline",
+        )),
+    }
+}
+
+/// An event over 16 MiB on a stream without `$changeStreamSplitLargeEvent`.
+fn too_large(size: usize, event: &Document) -> CmdError {
+    CmdError::new(
+        code::BSON_OBJECT_TOO_LARGE,
+        format!(
+            "BSONObj size: {size} ({size:#X}) is invalid. Size must be between 0 and 16793600(16MB) First element: _id: {}",
+            event
+                .get("_id")
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        ),
+    )
+}
+
+fn fragment_not_found(entry: &OplogEntry, idx: u16) -> CmdError {
+    token_not_found(&fragment_token(entry.ts, entry.seq, idx))
+}
+
+/// Splits an event over 16 MiB into fragments of at most 16 MiB, as the server does: by
+/// top-level fields only, smallest first so the first fragment carries the most fields
+/// (the event's context); each fragment gets `_id` (the fragment's resume token) and
+/// `splitEvent: { fragment, of }`. A single field that cannot fit is BSONObjectTooLarge.
+fn split_event(event: Document, entry: &OplogEntry) -> CmdResult<Vec<RawDocumentBuf>> {
+    // What every fragment carries besides its fields: framing, `_id`, `splitEvent`.
+    let overhead = to_raw(&doc! {
+        "_id": fragment_token(entry.ts, entry.seq, u16::MAX),
+        "splitEvent": { "fragment": i32::MAX, "of": i32::MAX },
+    })?
+    .as_bytes()
+    .len();
+    let budget = MAX_EVENT_SIZE - overhead;
+    let mut fields: Vec<(usize, String, Bson)> = Vec::new();
+    for (key, value) in event {
+        if key == "_id" {
+            continue;
+        }
+        let size = to_raw(&doc! { key.clone(): value.clone() })?
+            .as_bytes()
+            .len()
+            - 5;
+        fields.push((size, key, value));
+    }
+    fields.sort_by_key(|(size, ..)| *size);
+    let mut groups: Vec<(usize, Vec<(String, Bson)>)> = Vec::new();
+    for (size, key, value) in fields {
+        if size > budget {
+            return Err(CmdError::new(
+                code::BSON_OBJECT_TOO_LARGE,
+                format!(
+                    "the field '{key}' alone ({size} bytes) is too large to fit in a change stream event fragment"
+                ),
+            ));
+        }
+        match groups.last_mut() {
+            Some((used, group)) if *used + size <= budget => {
+                *used += size;
+                group.push((key, value));
+            }
+            _ => groups.push((size, vec![(key, value)])),
+        }
+    }
+    let of = i32::try_from(groups.len()).unwrap_or(i32::MAX);
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, group))| {
+            let idx = u16::try_from(i).unwrap_or(u16::MAX);
+            let mut fragment = doc! {
+                "_id": fragment_token(entry.ts, entry.seq, idx),
+                "splitEvent": { "fragment": i32::from(idx) + 1, "of": of },
+            };
+            fragment.extend(group);
+            to_raw(&fragment)
+        })
+        .collect()
 }
 
 /// A `$changeStream` option that must be a string.

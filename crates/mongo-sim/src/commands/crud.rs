@@ -522,6 +522,15 @@ pub(crate) fn aggregate(
     }
     if pipeline
         .iter()
+        .any(|s| matches!(s, Bson::Document(d) if d.contains_key("$changeStreamSplitLargeEvent")))
+    {
+        return Err(CmdError::new(
+            code::ILLEGAL_OPERATION,
+            "$changeStreamSplitLargeEvent can only be used in a $changeStream pipeline",
+        ));
+    }
+    if pipeline
+        .iter()
         .any(|s| matches!(s, Bson::Document(d) if d.contains_key("$changeStream")))
     {
         return Err(CmdError::new(
