@@ -45,6 +45,19 @@ pub enum Error {
     /// A change event from the server could not be decoded.
     #[error("undecodable change event")]
     Decode(#[source] cdc_core::Error),
+    /// A change event exceeds 16 MiB (BSONObjectTooLarge, 10334) and the stream does not
+    /// split large events. Not retryable: the same event fails again.
+    #[error(
+        "a change event exceeds 16 MiB (BSONObjectTooLarge, code 10334): enable \
+         SourceOptions::split_large_events (the $changeStreamSplitLargeEvent stage, MongoDB \
+         7.0 or 6.0.9+), or $project the large fields away"
+    )]
+    EventTooLarge(#[source] DriverError),
+    /// The fragments of a split event did not arrive as the server promises (out of
+    /// sequence, malformed `splitEvent`), or a stream resumed in the middle of a split
+    /// event whose start cannot be found.
+    #[error("split change event: {0}")]
+    SplitEvent(String),
 }
 
 impl Error {
@@ -61,7 +74,10 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Driver { kind, .. } | Self::Connect { kind, .. } => *kind,
-            Self::Unsupported { .. } | Self::Decode(_) => ErrorKind::Fatal,
+            Self::Unsupported { .. }
+            | Self::Decode(_)
+            | Self::EventTooLarge(_)
+            | Self::SplitEvent(_) => ErrorKind::Fatal,
         }
     }
 }
@@ -127,7 +143,7 @@ pub fn classify(e: &DriverError) -> ErrorKind {
         Some(286) => return ErrorKind::HistoryLost,
         Some(47) => return ErrorKind::PreImageMissing,
         Some(260 | 280) => return ErrorKind::InvalidToken,
-        Some(13 | 18) => return ErrorKind::Fatal,
+        Some(13 | 18 | 10334) => return ErrorKind::Fatal,
         Some(code) if BAD_REQUEST_CODES.contains(&code) => return ErrorKind::Fatal,
         _ => {}
     }

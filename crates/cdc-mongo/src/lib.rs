@@ -28,6 +28,7 @@ mod admin;
 mod error;
 mod options;
 mod source;
+mod split;
 
 pub use admin::{connect, enable_pre_post_images, record_pre_images};
 pub use error::{Error, Result, classify, redact_uri, server_code};

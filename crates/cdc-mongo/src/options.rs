@@ -134,6 +134,9 @@ pub struct SourceOptions {
     pub pre_image_policy: PreImagePolicy,
     /// What to do when the start position has aged out of the oplog.
     pub history_lost_policy: HistoryLostPolicy,
+    /// Whether to append `$changeStreamSplitLargeEvent` (MongoDB 7.0, 6.0.9): events over
+    /// 16 MiB then arrive as fragments, which the cursor reassembles into one event.
+    pub split_large_events: bool,
 }
 
 impl Default for SourceOptions {
@@ -151,6 +154,7 @@ impl Default for SourceOptions {
             show_expanded_events: false,
             pre_image_policy: PreImagePolicy::Fail,
             history_lost_policy: HistoryLostPolicy::Fail,
+            split_large_events: false,
         }
     }
 }
@@ -241,6 +245,17 @@ impl SourceOptions {
     #[must_use]
     pub fn history_lost_policy(mut self, policy: HistoryLostPolicy) -> Self {
         self.history_lost_policy = policy;
+        self
+    }
+
+    /// Appends `$changeStreamSplitLargeEvent` as the last stage (MongoDB 7.0, 6.0.9+), so
+    /// an event over 16 MiB (large pre- and post-images) is delivered instead of failing
+    /// with BSONObjectTooLarge. Its fragments are reassembled into one event whose resume
+    /// token is the last fragment's, so no checkpoint falls between them. Fragments are
+    /// reassembled whenever they appear, also when the stage comes from [`Self::pipeline`].
+    #[must_use]
+    pub fn split_large_events(mut self, on: bool) -> Self {
+        self.split_large_events = on;
         self
     }
 }

@@ -17,10 +17,11 @@ use mongodb::{
 };
 
 use crate::{
-    error::{Error, Result, classify},
+    error::{Error, Result, classify, server_code},
     options::{
         BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions,
     },
+    split::{FragmentError, Piece, Reassembler, SPLIT_STAGE},
 };
 
 /// Converts a driver token to ours, keeping its bytes.
@@ -122,6 +123,11 @@ impl Inner {
             stages.push(doc! { "$match": { "operationType": { "$in": names } } });
         }
         stages.extend(self.options.pipeline.iter().cloned());
+        if self.options.split_large_events
+            && !stages.last().is_some_and(|s| s.contains_key(SPLIT_STAGE))
+        {
+            stages.push(doc! { SPLIT_STAGE: {} });
+        }
         stages
     }
 
@@ -229,11 +235,7 @@ impl ChangeSource for MongoSource {
         loop {
             match inner.open_stream(position).await {
                 Ok(stream) => {
-                    return Ok(Box::new(MongoCursor {
-                        stream,
-                        inner: Arc::clone(inner),
-                        gap: None,
-                    }));
+                    return Ok(Box::new(MongoCursor::new(stream, inner, position)));
                 }
                 Err(e)
                     if e.kind() == ErrorKind::PreImageMissing
@@ -247,11 +249,7 @@ impl ChangeSource for MongoSource {
                             == HistoryLostPolicy::RestartFromNow =>
                 {
                     let stream = inner.open_stream(&StartPosition::Now).await?;
-                    let mut cursor = MongoCursor {
-                        stream,
-                        inner: Arc::clone(inner),
-                        gap: None,
-                    };
+                    let mut cursor = MongoCursor::new(stream, inner, &StartPosition::Now);
                     cursor.record_gap(position_time(position));
                     return Ok(Box::new(cursor));
                 }
@@ -270,6 +268,15 @@ pub struct MongoCursor {
     stream: ChangeStream<RawDocumentBuf>,
     inner: Arc<Inner>,
     gap: Option<HistoryGap>,
+    /// Fragments of a split event read so far.
+    split: Reassembler,
+    /// Resumed in the middle of a split event: reopened at its cluster time, events are
+    /// skipped until the one holding this fragment token is whole.
+    seek: Option<RawDocumentBuf>,
+    /// The position after the last event delivered, or the last empty round's token:
+    /// what `resume_token` reports while a split event is half-read (or sought), so no
+    /// checkpoint falls between its fragments.
+    boundary: Option<ResumeToken>,
 }
 
 impl std::fmt::Debug for MongoCursor {
@@ -282,6 +289,45 @@ impl std::fmt::Debug for MongoCursor {
 }
 
 impl MongoCursor {
+    fn new(
+        stream: ChangeStream<RawDocumentBuf>,
+        inner: &Arc<Inner>,
+        position: &StartPosition,
+    ) -> Self {
+        let boundary = position
+            .token()
+            .cloned()
+            .or_else(|| stream.resume_token().as_ref().and_then(from_driver_token));
+        Self {
+            stream,
+            inner: Arc::clone(inner),
+            gap: None,
+            split: Reassembler::new(),
+            seek: None,
+            boundary,
+        }
+    }
+
+    /// The stream began after fragment `id` of a split event: reopen at that event's
+    /// cluster time and deliver it whole once its fragments are read again.
+    async fn seek_event_start(&mut self, id: RawDocumentBuf) -> cdc_core::Result<()> {
+        let token = ResumeToken::from_raw(id.clone());
+        let Some(time) = token.cluster_time_hint() else {
+            return Err(Error::SplitEvent(format!(
+                "resumed in the middle of a split event (after fragment token {token}) whose cluster time cannot be read from the token"
+            ))
+            .into());
+        };
+        tracing::info!(scope = %self.inner.scope, %token, "resumed in the middle of a split event: reading it again from its start");
+        self.stream = self
+            .inner
+            .open_stream(&StartPosition::AtOperationTime(time))
+            .await?;
+        self.split.reset();
+        self.seek = Some(id);
+        Ok(())
+    }
+
     fn record_gap(&mut self, after: Option<cdc_core::ClusterTime>) {
         let resumed_at = self
             .stream
@@ -305,12 +351,41 @@ impl ChangeCursor for MongoCursor {
         loop {
             match self.stream.next_if_any().await {
                 Ok(Some(raw)) => {
-                    return ChangeEvent::from_raw_buf(raw)
-                        .map(Some)
-                        .map_err(|e| Error::Decode(e).into());
+                    let raw = match self.split.take(raw) {
+                        Ok(Piece::Whole(raw)) => raw,
+                        Ok(Piece::Partial) => continue,
+                        Err(FragmentError::StartsMidEvent { id, .. }) if self.seek.is_none() => {
+                            self.seek_event_start(id).await?;
+                            continue;
+                        }
+                        Err(e) => return Err(Error::SplitEvent(format!("{e:?}")).into()),
+                    };
+                    if let Some(target) = &self.seek {
+                        // Before the event the stream resumed inside: already delivered.
+                        if !self.split.fragment_ids().contains(target) {
+                            continue;
+                        }
+                        self.seek = None;
+                    }
+                    let event = ChangeEvent::from_raw_buf(raw).map_err(Error::Decode)?;
+                    self.boundary = Some(event.token.clone());
+                    return Ok(Some(event));
                 }
-                Ok(None) => return Ok(None),
+                // Half-way through a split event the rest is on its way: keep reading.
+                Ok(None) if self.split.in_progress() || self.seek.is_some() => continue,
+                Ok(None) => {
+                    self.boundary = self
+                        .stream
+                        .resume_token()
+                        .as_ref()
+                        .and_then(from_driver_token);
+                    return Ok(None);
+                }
+                Err(e) if server_code(&e) == Some(10334) => {
+                    return Err(Error::EventTooLarge(e).into());
+                }
                 Err(e) => {
+                    self.split.reset();
                     let kind = classify(&e);
                     if kind == ErrorKind::PreImageMissing
                         && let Some(position) = self.position()
@@ -335,6 +410,10 @@ impl ChangeCursor for MongoCursor {
     }
 
     fn resume_token(&self) -> Option<ResumeToken> {
+        // Never a position inside a split event.
+        if self.split.in_progress() || self.seek.is_some() {
+            return self.boundary.clone();
+        }
         self.stream
             .resume_token()
             .as_ref()
