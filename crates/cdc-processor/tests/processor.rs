@@ -901,3 +901,45 @@ async fn already_running_and_futures_are_send() {
     ));
     env.deployment.shutdown().await;
 }
+
+/// A stored point whose token is well formed but names an event this deployment's log
+/// never held (a restored backup, another cluster) is refused at start with a typed,
+/// non-retryable error instead of silently skipping every event until the log reaches it.
+#[tokio::test]
+async fn a_stored_point_the_log_never_held_is_a_typed_error() {
+    let env = Env::new("p_a_stored_point_the_log_never_held").await;
+    if env.sim("a_stored_point_the_log_never_held_is_a_typed_error").is_none() {
+        return;
+    }
+    env.coll().insert_one(doc! { "_id": 0 }).await.unwrap();
+    let mut watch = env.coll().watch().await.unwrap();
+    env.coll().insert_one(doc! { "_id": 1 }).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), futures_next(&mut watch))
+        .await
+        .unwrap();
+    // The real token with its oplog position moved far ahead (mongo-sim's token shape).
+    let real = cdc_mongo::from_driver_token(&seen.id).unwrap();
+    let data = real.data().unwrap().to_owned();
+    let forged = format!("{}{:016X}{}", &data[..18], 1_000_000_u64, &data[34..]);
+    let token = cdc_core::ResumeToken::from_document(&doc! { "_data": forged }).unwrap();
+    let point = cdc_core::ResumePoint::for_event(
+        token,
+        seen.cluster_time.unwrap().into(),
+        cdc_core::OperationType::Insert,
+        bson::DateTime::now(),
+    );
+    env.store.save(&env.stream(), &point).await.unwrap();
+    for i in 2..5 {
+        env.coll().insert_one(doc! { "_id": i }).await.unwrap();
+    }
+    let rec = Recorder::default();
+    let p = env.builder().build().unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), p.start(rec.clone()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidToken, "{err}");
+    assert!(!err.kind().is_retryable());
+    assert!(rec.ids().is_empty());
+    env.deployment.shutdown().await;
+}
