@@ -908,7 +908,10 @@ async fn already_running_and_futures_are_send() {
 #[tokio::test]
 async fn a_stored_point_the_log_never_held_is_a_typed_error() {
     let env = Env::new("p_a_stored_point_the_log_never_held").await;
-    if env.sim("a_stored_point_the_log_never_held_is_a_typed_error").is_none() {
+    if env
+        .sim("a_stored_point_the_log_never_held_is_a_typed_error")
+        .is_none()
+    {
         return;
     }
     env.coll().insert_one(doc! { "_id": 0 }).await.unwrap();
