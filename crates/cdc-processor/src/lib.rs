@@ -43,6 +43,9 @@ mod builder;
 mod error;
 mod handler;
 mod processor;
+mod reader;
+mod retry;
+mod run;
 mod stats;
 
 pub use builder::{Builder, default_source_options};
@@ -50,7 +53,8 @@ pub use error::{Error, Result};
 pub use handler::{
     CollectionWatcher, JsonWatcher, Typed, TypedWatcher, raw_to_json_bytes, to_json_bytes,
 };
-pub use processor::{DocumentProcessor, InvalidatePolicy, StopHandle, default_backoff};
+pub use processor::{DocumentProcessor, InvalidatePolicy, StopHandle};
+pub use retry::default_backoff;
 pub use stats::Stats;
 
 pub use cdc_core::{

@@ -1,0 +1,66 @@
+//! The retry loop: runs the processor again after retryable failures, with a backoff the
+//! caller chooses.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use cdc_core::{Dispatcher, ErrorKind};
+
+use crate::{DocumentProcessor, Result};
+
+impl DocumentProcessor {
+    /// Runs until stopped, restarting after retryable failures (transient source errors,
+    /// store failures, and handler errors unless the builder says to stop on them) with the
+    /// given backoff; [`default_backoff`] is exponential with jitter. The backoff starts
+    /// over after a run that handled at least one event. Fatal errors end it at once.
+    ///
+    /// # Errors
+    /// The first error not worth retrying, or the last one when the backoff gives up.
+    pub async fn start_with_retry<B>(
+        &self,
+        backoff: B,
+        handler: impl Dispatcher + 'static,
+    ) -> Result<()>
+    where
+        B: BackoffBuilder + Clone,
+    {
+        let mut delays = backoff.clone().build();
+        loop {
+            let before = self.stats_mut().events;
+            let err = match self.run_guarded(&handler).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let handler_error = err.kind() == ErrorKind::Handler;
+            let retry =
+                err.is_retryable() || (handler_error && !self.inner.settings.stop_on_handler_error);
+            if !retry {
+                return Err(err);
+            }
+            if self.inner.cancel.is_cancelled() {
+                return Ok(());
+            }
+            if self.stats_mut().events > before {
+                delays = backoff.clone().build();
+            }
+            let Some(delay) = delays.next() else {
+                return Err(err);
+            };
+            self.stats_mut().restarts += 1;
+            tracing::warn!(stream = %self.stream_id(), error = %err, ?delay, "restarting after a failure");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.inner.cancel.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 30 s, retrying forever.
+pub fn default_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+}
