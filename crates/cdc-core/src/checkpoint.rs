@@ -222,6 +222,51 @@ impl Checkpointer {
         Ok(Seq(seq))
     }
 
+    /// Registers the events of one unit that must be delivered whole (a multi-document
+    /// transaction) before their handlers run. Only the first must fit the policy's bound:
+    /// a unit is never split, so it may exceed the bound by its own size. Acknowledge all
+    /// of them (in any order) without saving in between, and act only on what the last
+    /// [`Checkpointer::ack`] returns: the point then due is at or after the unit's last
+    /// event, so no saved point falls inside the unit.
+    ///
+    /// # Errors
+    /// As [`Checkpointer::track`] for the first point; [`Error::Protocol`] when the points
+    /// are not in cluster-time order.
+    pub fn track_group(&mut self, points: Vec<ResumePoint>) -> Result<Vec<Seq>> {
+        if self.is_blocked() && !points.is_empty() {
+            return Err(Error::Protocol(format!(
+                "{} events are waiting for a checkpoint (the policy's bound is {}); save before taking more",
+                self.unsaved_events() as usize + self.outstanding.len(),
+                self.policy.max_events()
+            )));
+        }
+        let mut latest = self.latest_time;
+        for point in &points {
+            if latest.is_some_and(|l| point.cluster_time < l) {
+                return Err(Error::Protocol(format!(
+                    "event at {} arrived after one at {}",
+                    point.cluster_time,
+                    latest.unwrap_or_default()
+                )));
+            }
+            latest = Some(point.cluster_time);
+        }
+        self.latest_time = latest;
+        Ok(points
+            .into_iter()
+            .map(|point| {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.outstanding.push_back(Outstanding {
+                    seq,
+                    point,
+                    acked: false,
+                });
+                Seq(seq)
+            })
+            .collect())
+    }
+
     /// Acknowledges a tracked event: its handlers succeeded. Events may be acknowledged in
     /// any order; the point advances to the low watermark. Returns the point to save now,
     /// if the policy says one is due.
@@ -367,6 +412,36 @@ mod tests {
         assert_eq!(cp.persisted(), Some(&due));
         assert!(cp.pending().is_none());
         assert!(cp.track(point(2, OperationType::Insert)).is_ok());
+    }
+
+    #[test]
+    fn a_group_may_exceed_the_bound_and_is_never_cut() {
+        let t0 = Instant::now();
+        let policy = CheckpointPolicy::batched(2, Duration::from_secs(1)).unwrap();
+        let mut cp = Checkpointer::new(policy, None, t0);
+        let group: Vec<ResumePoint> = (1..=5).map(|i| point(i, OperationType::Insert)).collect();
+        let seqs = cp.track_group(group).unwrap();
+        assert_eq!(seqs.len(), 5, "five points past a bound of two");
+        assert!(cp.track(point(6, OperationType::Insert)).is_err(), "now blocked");
+        // Acknowledged out of order: after the last acknowledgement, the point due is the
+        // group's end.
+        let mut due = None;
+        for seq in [seqs[4], seqs[0], seqs[2], seqs[1], seqs[3]] {
+            due = cp.ack(seq, t0).unwrap();
+        }
+        assert_eq!(due.unwrap().token, token(5), "the point after the whole group");
+        let mut cp = Checkpointer::new(CheckpointPolicy::every_event(), None, t0);
+        cp.track(point(1, OperationType::Insert)).unwrap();
+        assert!(
+            cp.track_group(vec![point(2, OperationType::Insert)]).is_err(),
+            "a blocked machine takes no group"
+        );
+        let mut cp = Checkpointer::new(CheckpointPolicy::every_event(), None, t0);
+        assert!(
+            cp.track_group(vec![point(3, OperationType::Insert), point(2, OperationType::Insert)])
+                .is_err(),
+            "out of order"
+        );
     }
 
     #[test]
