@@ -422,24 +422,35 @@ mod tests {
         let group: Vec<ResumePoint> = (1..=5).map(|i| point(i, OperationType::Insert)).collect();
         let seqs = cp.track_group(group).unwrap();
         assert_eq!(seqs.len(), 5, "five points past a bound of two");
-        assert!(cp.track(point(6, OperationType::Insert)).is_err(), "now blocked");
+        assert!(
+            cp.track(point(6, OperationType::Insert)).is_err(),
+            "now blocked"
+        );
         // Acknowledged out of order: after the last acknowledgement, the point due is the
         // group's end.
         let mut due = None;
         for seq in [seqs[4], seqs[0], seqs[2], seqs[1], seqs[3]] {
             due = cp.ack(seq, t0).unwrap();
         }
-        assert_eq!(due.unwrap().token, token(5), "the point after the whole group");
+        assert_eq!(
+            due.unwrap().token,
+            token(5),
+            "the point after the whole group"
+        );
         let mut cp = Checkpointer::new(CheckpointPolicy::every_event(), None, t0);
         cp.track(point(1, OperationType::Insert)).unwrap();
         assert!(
-            cp.track_group(vec![point(2, OperationType::Insert)]).is_err(),
+            cp.track_group(vec![point(2, OperationType::Insert)])
+                .is_err(),
             "a blocked machine takes no group"
         );
         let mut cp = Checkpointer::new(CheckpointPolicy::every_event(), None, t0);
         assert!(
-            cp.track_group(vec![point(3, OperationType::Insert), point(2, OperationType::Insert)])
-                .is_err(),
+            cp.track_group(vec![
+                point(3, OperationType::Insert),
+                point(2, OperationType::Insert)
+            ])
+            .is_err(),
             "out of order"
         );
     }

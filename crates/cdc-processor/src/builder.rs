@@ -9,9 +9,14 @@ use cdc_mongo::{
 };
 use mongodb_client::Client;
 
-use crate::{DocumentProcessor, Error, InvalidatePolicy, Result, processor::Settings};
+use crate::{
+    DocumentProcessor, Error, InvalidatePolicy, Result, context::BatchLimits, processor::Settings,
+};
 
 use cdc_mongo::mongodb as mongodb_client;
+
+/// The default of [`Builder::max_buffered_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
 
 /// The processor's change-stream options unless told otherwise: post-images by
 /// `updateLookup`, pre-images when available, batches of 1,000 events, the default
@@ -43,6 +48,10 @@ pub struct Builder {
     store_timeout: Duration,
     prefetch: usize,
     stop_on_handler_error: bool,
+    concurrency: usize,
+    keep_transactions: Option<bool>,
+    max_buffered_bytes: usize,
+    batch: BatchLimits,
 }
 
 impl std::fmt::Debug for Builder {
@@ -70,6 +79,10 @@ impl Default for Builder {
             store_timeout: Duration::from_secs(10),
             prefetch: 1024,
             stop_on_handler_error: false,
+            concurrency: 1,
+            keep_transactions: None,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            batch: BatchLimits::default(),
         }
     }
 }
@@ -206,6 +219,65 @@ impl Builder {
         self
     }
 
+    /// Per-key lanes (default 1: one event at a time, as the Go package). With `n > 1`,
+    /// events are routed by a stable hash of their document key to `n` lanes: each key's
+    /// events are handled in stream order, different keys concurrently. Events without a
+    /// document key (invalidate, drop, rename, DDL) are barriers: every lane drains, the
+    /// event is handled alone, then lanes resume. The stored point is the low watermark of
+    /// what is handled, so a crash never skips an event a lane has not finished.
+    #[must_use]
+    pub fn concurrency(mut self, lanes: usize) -> Self {
+        self.concurrency = lanes.max(1);
+        self
+    }
+
+    /// Whether the events of one multi-document transaction (same `lsid` and
+    /// `txnNumber`) are handled as one unit, in order, on one lane (or alone when their
+    /// keys span lanes), with no checkpoint between them, so that after a crash a
+    /// transaction is delivered again entirely or not at all. Default: on when
+    /// `concurrency > 1` or with a batch handler, off for the sequential per-event handler.
+    /// Handlers see a transaction's boundaries in [`crate::HandlerContext::transaction`]
+    /// or [`crate::Batch::units`].
+    #[must_use]
+    pub fn keep_transactions(mut self, on: bool) -> Self {
+        self.keep_transactions = Some(on);
+        self
+    }
+
+    /// The most raw bytes of events read from the stream and not yet handled (default
+    /// 64 MiB), on top of the event-count bound of [`Builder::prefetch`]: the reader stops
+    /// pulling from the cursor while over it. A single event larger than the bound is
+    /// still delivered, alone.
+    #[must_use]
+    pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
+        self.max_buffered_bytes = bytes.max(1);
+        self
+    }
+
+    /// For batch handlers: the most events in one batch (default 500; a transaction
+    /// larger than this is handed over alone, whole).
+    #[must_use]
+    pub fn max_batch_events(mut self, events: usize) -> Self {
+        self.batch.max_events = events.max(1);
+        self
+    }
+
+    /// For batch handlers: the most raw bytes in one batch (default 8 MiB; a single unit
+    /// larger than this is handed over alone).
+    #[must_use]
+    pub fn max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.batch.max_bytes = bytes.max(1);
+        self
+    }
+
+    /// For batch handlers: how long a lane waits for more events once it holds one
+    /// (default 10 ms; zero hands over what is queued at once).
+    #[must_use]
+    pub fn max_batch_wait(mut self, wait: Duration) -> Self {
+        self.batch.max_wait = wait;
+        self
+    }
+
     /// Builds the processor.
     ///
     /// # Errors
@@ -249,6 +321,10 @@ impl Builder {
             store_timeout: self.store_timeout,
             prefetch: self.prefetch,
             stop_on_handler_error: self.stop_on_handler_error,
+            concurrency: self.concurrency,
+            keep_transactions: self.keep_transactions,
+            max_buffered_bytes: self.max_buffered_bytes,
+            batch: self.batch,
         }))
     }
 }

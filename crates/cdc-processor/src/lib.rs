@@ -40,15 +40,18 @@
 //! ```
 
 mod builder;
+mod context;
 mod error;
 mod handler;
+mod lanes;
 mod processor;
 mod reader;
 mod retry;
 mod run;
 mod stats;
 
-pub use builder::{Builder, default_source_options};
+pub use builder::{Builder, DEFAULT_MAX_BUFFERED_BYTES, default_source_options};
+pub use context::{Batch, BatchDispatcher, HandlerContext, TransactionPosition};
 pub use error::{Error, Result};
 pub use handler::{
     CollectionWatcher, JsonWatcher, Typed, TypedWatcher, raw_to_json_bytes, to_json_bytes,

@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{Error, Result, Stats};
+use crate::{Error, Result, Stats, context::BatchDispatcher, lanes::Handler};
 
 /// What happens when the watched collection is dropped or renamed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,6 +37,14 @@ pub(crate) struct Settings {
     pub(crate) store_timeout: Duration,
     pub(crate) prefetch: usize,
     pub(crate) stop_on_handler_error: bool,
+    /// Lanes (1: handled one at a time, in the run loop).
+    pub(crate) concurrency: usize,
+    /// Keep the events of one transaction together (`None`: when `concurrency > 1`).
+    pub(crate) keep_transactions: Option<bool>,
+    /// The byte budget of events read and not yet handled.
+    pub(crate) max_buffered_bytes: usize,
+    /// The limits of a batch, for batch handlers.
+    pub(crate) batch: crate::context::BatchLimits,
 }
 
 pub(crate) struct Inner {
@@ -45,6 +53,8 @@ pub(crate) struct Inner {
     pub(crate) running: AtomicBool,
     pub(crate) errors: broadcast::Sender<Arc<Error>>,
     pub(crate) stats: Mutex<Stats>,
+    /// Runs started (the attempt number handlers see).
+    pub(crate) attempts: std::sync::atomic::AtomicU32,
 }
 
 /// Watches a collection, database or deployment and hands every change to a handler,
@@ -89,6 +99,7 @@ impl DocumentProcessor {
                 running: AtomicBool::new(false),
                 errors,
                 stats: Mutex::new(Stats::default()),
+                attempts: std::sync::atomic::AtomicU32::new(0),
             }),
         }
     }
@@ -142,14 +153,30 @@ impl DocumentProcessor {
     /// ([`Error::Cdc`]), [`Error::Invalidated`] under [`InvalidatePolicy::Stop`],
     /// [`Error::AlreadyRunning`].
     pub async fn start(&self, handler: impl Dispatcher + 'static) -> Result<()> {
-        self.run_guarded(&handler).await
+        self.run_guarded(&Handler::Event(Arc::new(handler))).await
     }
 
-    pub(crate) async fn run_guarded(&self, handler: &dyn Dispatcher) -> Result<()> {
+    /// Runs until stopped or failed, handing events to `handler` in batches (per lane with
+    /// [`crate::Builder::concurrency`]), bounded by the builder's `max_batch_events`,
+    /// `max_batch_bytes` and `max_batch_wait`. A batch's success acknowledges all its
+    /// events.
+    ///
+    /// # Errors
+    /// As [`DocumentProcessor::start`].
+    pub async fn start_batches(&self, handler: impl BatchDispatcher + 'static) -> Result<()> {
+        self.run_guarded(&self.batch_handler(handler)).await
+    }
+
+    pub(crate) fn batch_handler(&self, handler: impl BatchDispatcher + 'static) -> Handler {
+        Handler::Batch(Arc::new(handler), self.inner.settings.batch)
+    }
+
+    pub(crate) async fn run_guarded(&self, handler: &Handler) -> Result<()> {
         if self.inner.running.swap(true, Ordering::AcqRel) {
             return Err(Error::AlreadyRunning(self.stream_id().to_owned()));
         }
         let span = tracing::info_span!("cdc", stream = %self.stream_id());
+        self.inner.attempts.fetch_add(1, Ordering::Relaxed);
         let result = self.run(handler).instrument(span).await;
         self.inner.running.store(false, Ordering::Release);
         if let Err(e) = &result {

@@ -6,7 +6,9 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use cdc_core::{Dispatcher, ErrorKind};
 
-use crate::{DocumentProcessor, Result};
+use std::sync::Arc;
+
+use crate::{DocumentProcessor, Result, context::BatchDispatcher, lanes::Handler};
 
 impl DocumentProcessor {
     /// Runs until stopped, restarting after retryable failures (transient source errors,
@@ -24,10 +26,35 @@ impl DocumentProcessor {
     where
         B: BackoffBuilder + Clone,
     {
+        self.retry_loop(backoff, &Handler::Event(Arc::new(handler)))
+            .await
+    }
+
+    /// [`DocumentProcessor::start_batches`] under the retry loop of
+    /// [`DocumentProcessor::start_with_retry`].
+    ///
+    /// # Errors
+    /// As [`DocumentProcessor::start_with_retry`].
+    pub async fn start_batches_with_retry<B>(
+        &self,
+        backoff: B,
+        handler: impl BatchDispatcher + 'static,
+    ) -> Result<()>
+    where
+        B: BackoffBuilder + Clone,
+    {
+        let handler = self.batch_handler(handler);
+        self.retry_loop(backoff, &handler).await
+    }
+
+    async fn retry_loop<B>(&self, backoff: B, handler: &Handler) -> Result<()>
+    where
+        B: BackoffBuilder + Clone,
+    {
         let mut delays = backoff.clone().build();
         loop {
             let before = self.stats_mut().events;
-            let err = match self.run_guarded(&handler).await {
+            let err = match self.run_guarded(handler).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };

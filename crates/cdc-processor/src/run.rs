@@ -12,8 +12,13 @@ use tokio::sync::mpsc;
 
 use crate::{
     DocumentProcessor, Error, Result,
+    context::HandlerContext,
+    lanes::{
+        Done, Handler, Lanes, Outcome as LaneOutcome, Tracked, Unit, catch_panic, handle,
+        handler_error,
+    },
     processor::InvalidatePolicy,
-    reader::{HANDOFF, Item, read_ahead},
+    reader::{Budget, HANDOFF, Item, read_ahead},
 };
 
 /// What became of one item: carry on (at this instant), or the stream ended.
@@ -88,7 +93,7 @@ impl DocumentProcessor {
         }
     }
 
-    pub(crate) async fn run(&self, handler: &dyn Dispatcher) -> Result<()> {
+    pub(crate) async fn run(&self, handler: &Handler) -> Result<()> {
         let s = &self.inner.settings;
         if self.inner.cancel.is_cancelled() {
             return Ok(());
@@ -110,8 +115,35 @@ impl DocumentProcessor {
             // About `prefetch` events in flight: handoffs of up to HANDOFF events each.
             let handoff = s.prefetch.clamp(1, HANDOFF);
             let (tx, mut rx) = mpsc::channel((s.prefetch / handoff).max(1));
-            let reader = tokio::spawn(read_ahead(cursor, tx, handoff));
-            let outcome = self.consume(&mut rx, &mut cp, handler).await;
+            let budget = Budget::new(s.max_buffered_bytes);
+            let reader = tokio::spawn(read_ahead(cursor, tx, handoff, budget));
+            let outcome = match handler {
+                Handler::Event(h) if s.concurrency <= 1 => {
+                    self.consume(&mut rx, &mut cp, &**h).await
+                }
+                _ => {
+                    let attempt = self
+                        .inner
+                        .attempts
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    // Enough queued per lane to keep it busy; the protocol's bound and the
+                    // byte budget limit what is in flight overall.
+                    let queue = (s.prefetch / s.concurrency.max(1)).clamp(1, 64);
+                    let mut lanes = Lanes::start(
+                        s.concurrency.max(1),
+                        queue,
+                        handler,
+                        attempt,
+                        &self.inner.cancel,
+                    );
+                    let keep = s.keep_transactions.unwrap_or(s.concurrency > 1);
+                    let outcome = self
+                        .consume_lanes(&mut rx, &mut cp, handler, &mut lanes, keep)
+                        .await;
+                    lanes.shutdown().await;
+                    outcome
+                }
+            };
             drop(rx);
             if tokio::time::timeout(Duration::from_secs(5), reader)
                 .await
@@ -191,20 +223,17 @@ impl DocumentProcessor {
         invalidated: &mut bool,
     ) -> Result<Step> {
         match item {
-            Item::Event(event) => {
+            Item::Event(event, bytes) => {
                 if cp.is_blocked() {
                     self.flush(cp).await?;
                 }
                 // `saved_at` is stamped when the point is saved.
                 let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
-                if let Err(source) = handler.dispatch(&event, None).await {
-                    return Err(cdc_core::Error::Handler {
-                        operation: event.operation_type.clone(),
-                        cluster_time: event.cluster_time,
-                        source,
-                    }
-                    .into());
+                let ctx = self.context(Some(0));
+                if let Err(source) = catch_panic(ctx.scope(handler.dispatch(&event, None))).await {
+                    return Err(handler_error(&event, source).into());
                 }
+                drop(bytes);
                 let now = Instant::now();
                 if let Some(point) = cp.ack(seq, now)? {
                     self.save(cp, point).await?;
@@ -241,6 +270,265 @@ impl DocumentProcessor {
         Ok(Step::Next(Instant::now()))
     }
 
+    /// The context of a handler call on `lane`.
+    fn context(&self, lane: Option<usize>) -> HandlerContext {
+        let attempt = self
+            .inner
+            .attempts
+            .load(std::sync::atomic::Ordering::Relaxed);
+        HandlerContext::new(lane, attempt, self.inner.cancel.clone())
+    }
+
+    /// The run loop with lanes (or a batch handler): routes each event to the lane of its
+    /// document key, keeps transactions whole when asked, handles events without a key
+    /// alone after every lane has drained, and acknowledges what the lanes report.
+    async fn consume_lanes(
+        &self,
+        rx: &mut mpsc::Receiver<Vec<Item>>,
+        cp: &mut Checkpointer,
+        handler: &Handler,
+        lanes: &mut Lanes,
+        keep_transactions: bool,
+    ) -> Result<Outcome> {
+        let mut invalidated = false;
+        let mut open: Option<OpenTransaction> = None;
+        let result = async {
+            loop {
+                let batch = tokio::select! {
+                    biased;
+                    () = self.inner.cancel.cancelled() => return Ok(Outcome::Stopped),
+                    done = lanes.next_done(), if lanes.in_flight() > 0 => {
+                        if let Some(done) = done {
+                            self.complete(done, cp).await?;
+                        }
+                        continue;
+                    }
+                    batch = rx.recv() => batch,
+                };
+                let Some(batch) = batch else {
+                    return Err(cdc_core::Error::source(
+                        ErrorKind::Transient,
+                        "the cursor reader ended unexpectedly",
+                    )
+                    .into());
+                };
+                for item in batch {
+                    // Events not yet tracked are simply read again after a stop.
+                    if self.inner.cancel.is_cancelled() {
+                        return Ok(Outcome::Stopped);
+                    }
+                    let event = match item {
+                        Item::Event(event, bytes) => (event, bytes),
+                        other => {
+                            if let Some(t) = open.take() {
+                                self.dispatch_unit(t.events, true, cp, handler, lanes)
+                                    .await?;
+                            }
+                            if let Some(outcome) =
+                                self.side_item(other, cp, lanes, invalidated).await?
+                            {
+                                return Ok(outcome);
+                            }
+                            continue;
+                        }
+                    };
+                    let key = if keep_transactions {
+                        transaction_key(&event.0)
+                    } else {
+                        None
+                    };
+                    if let Some(key) = key {
+                        match &mut open {
+                            Some(t) if t.key == key => t.events.push(event),
+                            _ => {
+                                if let Some(t) = open.take() {
+                                    self.dispatch_unit(t.events, true, cp, handler, lanes)
+                                        .await?;
+                                }
+                                open = Some(OpenTransaction {
+                                    key,
+                                    events: vec![event],
+                                });
+                            }
+                        }
+                        continue;
+                    }
+                    if let Some(t) = open.take() {
+                        self.dispatch_unit(t.events, true, cp, handler, lanes)
+                            .await?;
+                    }
+                    invalidated |= event.0.operation_type == OperationType::Invalidate;
+                    self.dispatch_unit(vec![event], false, cp, handler, lanes)
+                        .await?;
+                    if let Some(point) = cp.tick(Instant::now()) {
+                        self.save(cp, point).await?;
+                    }
+                }
+            }
+        }
+        .await;
+        // Whatever ended the loop, what the lanes have in hand is finished (or skipped,
+        // when stopping) and acknowledged before the final checkpoint.
+        let drained = self.drain(lanes, cp).await;
+        match (result, drained) {
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            (Ok(outcome), Ok(())) => Ok(outcome),
+        }
+    }
+
+    /// Acts on an item that is not an event; `Some` when the stream ended.
+    async fn side_item(
+        &self,
+        item: Item,
+        cp: &mut Checkpointer,
+        lanes: &mut Lanes,
+        invalidated: bool,
+    ) -> Result<Option<Outcome>> {
+        match item {
+            Item::Closed => {
+                self.drain(lanes, cp).await?;
+                return Ok(Some(if invalidated {
+                    Outcome::Invalidated
+                } else {
+                    Outcome::Closed
+                }));
+            }
+            Item::Failed(e) => return Err(e.into()),
+            Item::Idle(token) => {
+                let now = Instant::now();
+                let due = match token {
+                    Some(t) => cp.idle(t, now, bson::DateTime::now()),
+                    None => cp.tick(now),
+                };
+                if let Some(point) = due {
+                    self.save(cp, point).await?;
+                }
+            }
+            Item::Tick => {
+                if let Some(point) = cp.tick(Instant::now()) {
+                    self.save(cp, point).await?;
+                }
+            }
+            Item::Gap(gap) => {
+                tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
+                self.stats_mut().last_gap = Some(gap);
+            }
+            Item::Event(..) => {}
+        }
+        Ok(None)
+    }
+
+    /// Tracks a unit and hands it to the lane of its keys, or handles it alone (after
+    /// every lane drained) when an event has no document key or its keys span lanes.
+    async fn dispatch_unit(
+        &self,
+        events: Vec<(Box<ChangeEvent>, Option<tokio::sync::OwnedSemaphorePermit>)>,
+        transaction: bool,
+        cp: &mut Checkpointer,
+        handler: &Handler,
+        lanes: &mut Lanes,
+    ) -> Result<()> {
+        let mut keys = events
+            .iter()
+            .map(|(e, _)| e.document_key().map(|k| lanes.lane_of(k.as_bytes())));
+        let first = keys.next().flatten();
+        let lane = if first.is_some() && keys.all(|l| l == first) {
+            first
+        } else {
+            None
+        };
+        // Room under the protocol's bound of unsaved work: save, or wait for the lanes.
+        while cp.is_blocked() {
+            if cp.pending().is_some() {
+                self.flush(cp).await?;
+            } else if let Some(done) = lanes.next_done().await {
+                self.complete(done, cp).await?;
+            } else {
+                break;
+            }
+        }
+        if lane.is_none() {
+            self.drain(lanes, cp).await?;
+            if cp.is_blocked() {
+                self.flush(cp).await?;
+            }
+        }
+        // `saved_at` is stamped when the point is saved.
+        let mut points: Vec<ResumePoint> = events
+            .iter()
+            .map(|(e, _)| e.resume_point(bson::DateTime::MIN))
+            .collect();
+        let seqs = if points.len() == 1 {
+            vec![cp.track(points.remove(0))?]
+        } else {
+            cp.track_group(points)?
+        };
+        let unit = Unit {
+            events: seqs
+                .into_iter()
+                .zip(events)
+                .map(|(seq, (event, bytes))| Tracked {
+                    seq,
+                    event,
+                    _bytes: bytes,
+                })
+                .collect(),
+            transaction,
+        };
+        match lane {
+            Some(lane) => lanes.send(lane, unit).await,
+            None => {
+                let ctx = self.context(None);
+                let units = vec![unit];
+                let outcome = match handle(handler, &units, &ctx).await {
+                    Ok(()) => LaneOutcome::Handled,
+                    Err(e) => LaneOutcome::Failed(e),
+                };
+                self.complete(Done { units, outcome }, cp).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledges what a lane handled (all of it before saving, so no point falls
+    /// inside a transaction) and saves when a point is due.
+    async fn complete(&self, done: Done, cp: &mut Checkpointer) -> Result<()> {
+        match done.outcome {
+            LaneOutcome::Handled => {
+                let now = Instant::now();
+                let mut due = None;
+                for unit in &done.units {
+                    for t in &unit.events {
+                        due = cp.ack(t.seq, now)?;
+                    }
+                }
+                for unit in &done.units {
+                    for t in &unit.events {
+                        self.count(&t.event, cp);
+                    }
+                }
+                if let Some(point) = due {
+                    self.save(cp, point).await?;
+                }
+                Ok(())
+            }
+            LaneOutcome::Failed(e) => Err(e.into()),
+            LaneOutcome::Skipped => Ok(()),
+        }
+    }
+
+    /// Waits for every lane's units to be reported, acknowledging what was handled; the
+    /// first failure is returned after all are in.
+    async fn drain(&self, lanes: &mut Lanes, cp: &mut Checkpointer) -> Result<()> {
+        let mut first_error = None;
+        while let Some(done) = lanes.next_done().await {
+            if let Err(e) = self.complete(done, cp).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Counts a handled event (one lock, no allocation once its type has been seen).
     fn count(&self, event: &ChangeEvent, cp: &Checkpointer) {
         let mut stats = self.stats_mut();
@@ -255,4 +543,16 @@ impl DocumentProcessor {
         stats.last_cluster_time = Some(event.cluster_time);
         stats.checkpoint_lag_events = u64::from(cp.unsaved_events());
     }
+}
+
+/// Events of one transaction read so far: handed over whole when the next item is not
+/// part of it.
+struct OpenTransaction {
+    key: (Vec<u8>, i64),
+    events: Vec<(Box<ChangeEvent>, Option<tokio::sync::OwnedSemaphorePermit>)>,
+}
+
+/// `(lsid, txnNumber)`: the identity of an event's transaction, if it has one.
+fn transaction_key(event: &ChangeEvent) -> Option<(Vec<u8>, i64)> {
+    Some((event.lsid()?.as_bytes().to_vec(), event.txn_number?))
 }

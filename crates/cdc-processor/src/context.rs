@@ -1,0 +1,194 @@
+//! What a handler knows about the call it is in: the [`HandlerContext`] (stop signal,
+//! lane, attempt, transaction position), and the batch handler trait with its [`Batch`].
+
+use std::ops::Range;
+
+use async_trait::async_trait;
+use cdc_core::{BoxError, ChangeEvent};
+use tokio_util::sync::CancellationToken;
+
+/// Where an event stands in its multi-document transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransactionPosition {
+    /// Its index among the transaction's events (from 0).
+    pub index: usize,
+    /// How many events the transaction has.
+    pub len: usize,
+}
+
+impl TransactionPosition {
+    /// Whether this is the transaction's last event.
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.len
+    }
+}
+
+/// The context of one handler call.
+#[derive(Clone, Debug)]
+pub struct HandlerContext {
+    lane: Option<usize>,
+    attempt: u32,
+    cancel: CancellationToken,
+    transaction: Option<TransactionPosition>,
+}
+
+tokio::task_local! {
+    static CURRENT: HandlerContext;
+}
+
+impl HandlerContext {
+    pub(crate) fn new(lane: Option<usize>, attempt: u32, cancel: CancellationToken) -> Self {
+        Self {
+            lane,
+            attempt,
+            cancel,
+            transaction: None,
+        }
+    }
+
+    pub(crate) fn in_transaction(&self, position: Option<TransactionPosition>) -> Self {
+        Self {
+            transaction: position,
+            ..self.clone()
+        }
+    }
+
+    /// The context of the handler call running now, for per-event handlers
+    /// ([`cdc_core::Dispatcher`], whose signature has no room for it): `None` outside a
+    /// handler call.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `fut` with this as the current context.
+    pub(crate) async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
+        CURRENT.scope(self, fut).await
+    }
+
+    /// The lane handling the call (`0..concurrency`); `None` for an event handled alone
+    /// (a barrier: an event without a document key, or a transaction spanning lanes).
+    pub fn lane(&self) -> Option<usize> {
+        self.lane
+    }
+
+    /// Which run of the processor this is: 1 for the first, one more after each restart
+    /// by `start_with_retry` (an event seen with an attempt above 1 may have been handled
+    /// before).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether the processor was asked to stop (the Go package's `ctx.Done()`).
+    pub fn is_stopping(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Resolves when the processor is asked to stop: select on it to end a long handler
+    /// call early (its events are then delivered again).
+    pub async fn stopping(&self) {
+        self.cancel.cancelled().await;
+    }
+
+    /// For a per-event handler: the event's place in its transaction, when transactions
+    /// are kept whole and it belongs to one.
+    pub fn transaction(&self) -> Option<TransactionPosition> {
+        self.transaction
+    }
+}
+
+/// Consecutive events handed to a [`BatchDispatcher`] at once, in stream order.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    events: Vec<&'a ChangeEvent>,
+    units: Vec<Range<usize>>,
+    bytes: usize,
+}
+
+impl<'a> Batch<'a> {
+    pub(crate) fn new(units: &[Vec<&'a ChangeEvent>]) -> Self {
+        let mut events = Vec::new();
+        let mut ranges = Vec::with_capacity(units.len());
+        for unit in units {
+            let start = events.len();
+            events.extend(unit.iter().copied());
+            ranges.push(start..events.len());
+        }
+        let bytes = events
+            .iter()
+            .map(|e| e.raw().map_or(0, |r| r.as_bytes().len()))
+            .sum();
+        Self {
+            events,
+            units: ranges,
+            bytes,
+        }
+    }
+
+    /// The events, in stream order (per key when lanes are used).
+    pub fn events(&self) -> &[&'a ChangeEvent] {
+        &self.events
+    }
+
+    /// How many events.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether it holds no event (never, when handed to a handler).
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The raw size of its events, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The units it is made of, in order: each a single event or a whole transaction
+    /// (when transactions are kept whole), never split across batches.
+    pub fn units(&self) -> impl Iterator<Item = &[&'a ChangeEvent]> {
+        self.units.iter().map(|r| &self.events[r.clone()])
+    }
+}
+
+/// Handles events a batch at a time: success acknowledges every event of the batch; an
+/// error acknowledges none of them (they are delivered again).
+#[async_trait]
+pub trait BatchDispatcher: Send + Sync {
+    /// Handles `batch`.
+    async fn dispatch_batch(&self, batch: &Batch<'_>, ctx: &HandlerContext)
+    -> Result<(), BoxError>;
+}
+
+/// A shared batch dispatcher is one too.
+#[async_trait]
+impl<T: BatchDispatcher + ?Sized> BatchDispatcher for std::sync::Arc<T> {
+    async fn dispatch_batch(
+        &self,
+        batch: &Batch<'_>,
+        ctx: &HandlerContext,
+    ) -> Result<(), BoxError> {
+        (**self).dispatch_batch(batch, ctx).await
+    }
+}
+
+/// The limits of one batch: whichever is reached first closes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BatchLimits {
+    /// Most events (a transaction larger than this is handed over alone, whole).
+    pub(crate) max_events: usize,
+    /// Most raw bytes (a single unit larger than this is handed over alone).
+    pub(crate) max_bytes: usize,
+    /// How long to wait for more events once the first is in hand.
+    pub(crate) max_wait: std::time::Duration,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self {
+            max_events: 500,
+            max_bytes: 8 * 1024 * 1024,
+            max_wait: std::time::Duration::from_millis(10),
+        }
+    }
+}

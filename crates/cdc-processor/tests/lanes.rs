@@ -1,0 +1,512 @@
+//! Per-key lanes, barriers, whole transactions, batch handlers and the handler context,
+//! end to end through the driver against mongo-sim (or `CDC_MONGODB_URI`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bson::{Bson, Document, doc};
+use cdc_core::{OperationType, ResumePoint, ResumeStore, ResumeToken};
+use cdc_processor::{
+    Batch, BatchDispatcher, BoxError, ChangeEvent, Dispatcher, DocumentProcessor, HandlerContext,
+    default_backoff, stores::MemoryStore,
+};
+use mongo_sim::TestDeployment;
+use mongodb::{Client, Collection};
+
+struct Env {
+    deployment: TestDeployment,
+    client: Client,
+    db: String,
+    store: Arc<RecordingStore>,
+}
+
+impl Env {
+    async fn new(db: &str) -> Self {
+        let deployment = TestDeployment::start().await.unwrap();
+        let client = Client::with_uri_str(deployment.uri()).await.unwrap();
+        client.database(db).drop().await.unwrap();
+        Self {
+            deployment,
+            client,
+            db: db.to_owned(),
+            store: Arc::new(RecordingStore::default()),
+        }
+    }
+
+    fn coll(&self) -> Collection<Document> {
+        self.client.database(&self.db).collection("items")
+    }
+
+    fn builder(&self) -> cdc_processor::Builder {
+        DocumentProcessor::builder()
+            .client(self.client.clone())
+            .collection(self.db.clone(), "items")
+            .store(self.store.clone())
+    }
+}
+
+/// A memory store that remembers every point saved.
+#[derive(Default)]
+struct RecordingStore {
+    inner: MemoryStore,
+    saved: Mutex<Vec<ResumeToken>>,
+}
+
+#[async_trait]
+impl ResumeStore for RecordingStore {
+    async fn load(&self, stream: &str) -> cdc_core::Result<Option<ResumePoint>> {
+        self.inner.load(stream).await
+    }
+    async fn save(&self, stream: &str, point: &ResumePoint) -> cdc_core::Result<()> {
+        self.saved.lock().unwrap().push(point.token.clone());
+        self.inner.save(stream, point).await
+    }
+    async fn delete(&self, stream: &str) -> cdc_core::Result<()> {
+        self.inner.delete(stream).await
+    }
+    async fn list_streams(&self) -> cdc_core::Result<Vec<String>> {
+        self.inner.list_streams().await
+    }
+    fn describe(&self) -> String {
+        "recording memory store".into()
+    }
+}
+
+/// Waits until `cond` holds, failing the test after 30 s.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the processor has opened its stream (it saves its opening position).
+async fn opened(p: &DocumentProcessor) {
+    let p = p.clone();
+    until("the stream to open", move || p.stats().checkpoints >= 1).await;
+}
+
+/// What a handler saw of one event.
+#[derive(Clone, Debug)]
+struct Seen {
+    op: OperationType,
+    id: Bson,
+    version: Option<i32>,
+    lane: Option<usize>,
+    transaction: Option<(usize, usize)>,
+    token: ResumeToken,
+    concurrent: usize,
+    attempt: u32,
+}
+
+/// Records events with their context; sleeps a little per event so lanes overlap.
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    in_flight: Arc<AtomicUsize>,
+    sleep_ms: u64,
+    fail_once_on: Arc<Mutex<Option<Bson>>>,
+}
+
+impl Recorder {
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn version_of(e: &ChangeEvent) -> Option<i32> {
+    if let Ok(Some(desc)) = e.update_description() {
+        return desc.updated_fields.get_i32("v").ok();
+    }
+    e.full_document().and_then(|d| d.get_i32("v").ok())
+}
+
+#[async_trait]
+impl Dispatcher for Recorder {
+    async fn dispatch(&self, e: &ChangeEvent, prev: Option<BoxError>) -> Result<(), BoxError> {
+        if let Some(prev) = prev {
+            return Err(prev);
+        }
+        let concurrent = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let ctx = HandlerContext::current().expect("a context inside a handler call");
+        if self.sleep_ms > 0 {
+            // A little I/O-like waiting, varying by key so lanes interleave.
+            let jitter = e.document_id().map_or(0, |id| match id {
+                Bson::Int32(n) => u64::from(n.unsigned_abs()) % 3,
+                _ => 0,
+            });
+            tokio::time::sleep(Duration::from_millis(self.sleep_ms + jitter)).await;
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let id = e.document_id().unwrap_or(Bson::Null);
+        {
+            let mut fail = self.fail_once_on.lock().unwrap();
+            if fail.as_ref() == Some(&id) {
+                *fail = None;
+                return Err(format!("refusing {id} once").into());
+            }
+        }
+        self.seen.lock().unwrap().push(Seen {
+            op: e.operation_type.clone(),
+            id,
+            version: version_of(e),
+            lane: ctx.lane(),
+            transaction: ctx.transaction().map(|t| (t.index, t.len)),
+            token: e.token.clone(),
+            concurrent,
+            attempt: ctx.attempt(),
+        });
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn lanes_keep_each_keys_order_and_run_keys_concurrently() {
+    let env = Env::new("lanes_order").await;
+    let p = env.builder().concurrency(16).build().unwrap();
+    let rec = Recorder {
+        sleep_ms: 1,
+        ..Recorder::default()
+    };
+    let runner = p.clone();
+    let handler = rec.clone();
+    let task = tokio::spawn(async move { runner.start(handler).await });
+    opened(&p).await;
+    let (keys, versions) = (40, 8);
+    for v in 0..versions {
+        for k in 0..keys {
+            env.coll()
+                .update_one(doc! { "_id": k }, doc! { "$set": { "v": v } })
+                .upsert(true)
+                .await
+                .unwrap();
+        }
+    }
+    let total = usize::try_from(keys * versions).unwrap();
+    until("every event", || rec.seen().len() >= total).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+
+    let seen = rec.seen();
+    assert_eq!(seen.len(), total, "each event once");
+    let mut per_key: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    let mut lane_of: HashMap<i32, usize> = HashMap::new();
+    for s in &seen {
+        let Bson::Int32(k) = s.id else {
+            panic!("{s:?}")
+        };
+        per_key.entry(k).or_default().push(s.version.unwrap());
+        let lane = s.lane.expect("keyed events run on a lane");
+        assert!(lane < 16);
+        assert_eq!(
+            *lane_of.entry(k).or_insert(lane),
+            lane,
+            "a key stays on its lane"
+        );
+    }
+    for (k, vs) in &per_key {
+        assert_eq!(
+            vs,
+            &(0..versions).collect::<Vec<_>>(),
+            "key {k} in stream order"
+        );
+    }
+    assert!(
+        seen.iter().any(|s| s.concurrent > 1),
+        "different keys ran concurrently"
+    );
+    assert!(
+        lane_of
+            .values()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1
+    );
+    // The final checkpoint is the last event's position: nothing is left unacknowledged.
+    let stored = env.store.load(p.stream_id()).await.unwrap().unwrap();
+    let last = seen
+        .iter()
+        .map(|s| s.token.clone())
+        .max_by_key(|t| t.to_string())
+        .unwrap();
+    assert!(stored.token.to_string() >= last.to_string());
+    env.deployment.shutdown().await;
+}
+
+#[tokio::test]
+async fn events_without_a_key_are_barriers_handled_alone() {
+    let env = Env::new("lanes_barrier").await;
+    let p = env.builder().concurrency(8).build().unwrap();
+    let rec = Recorder {
+        sleep_ms: 2,
+        ..Recorder::default()
+    };
+    let runner = p.clone();
+    let handler = rec.clone();
+    let task = tokio::spawn(async move { runner.start(handler).await });
+    opened(&p).await;
+    env.coll()
+        .insert_many((0..30).map(|i| doc! { "_id": i }))
+        .await
+        .unwrap();
+    // Dropping the collection invalidates the stream: a barrier.
+    env.coll().drop().await.unwrap();
+    let seen_invalidate = rec.clone();
+    until("the invalidate", move || {
+        seen_invalidate
+            .seen()
+            .iter()
+            .any(|s| s.op == OperationType::Invalidate)
+    })
+    .await;
+    // The processor reopens after it; later events keep flowing through the lanes.
+    env.coll().insert_one(doc! { "_id": 100 }).await.unwrap();
+    let after = rec.clone();
+    until("the event after the barrier", move || {
+        after.seen().iter().any(|s| s.id == Bson::Int32(100))
+    })
+    .await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    let seen = rec.seen();
+    let at = seen
+        .iter()
+        .position(|s| s.op == OperationType::Invalidate)
+        .unwrap();
+    let barrier = &seen[at];
+    assert_eq!(barrier.lane, None, "handled alone");
+    assert_eq!(barrier.concurrent, 1, "no other handler ran meanwhile");
+    let before: Vec<&Bson> = seen[..at].iter().map(|s| &s.id).collect();
+    assert_eq!(before.len(), 30, "every lane drained before the barrier");
+    assert_eq!(
+        seen[at + 1..]
+            .iter()
+            .filter(|s| s.id == Bson::Int32(100))
+            .count(),
+        1
+    );
+    env.deployment.shutdown().await;
+}
+
+#[tokio::test]
+async fn transactions_are_handled_whole_and_never_checkpointed_inside() {
+    let env = Env::new("lanes_txn").await;
+    env.client
+        .database(&env.db)
+        .create_collection("items")
+        .await
+        .unwrap();
+    let p = env
+        .builder()
+        .concurrency(8)
+        .checkpoint(cdc_core::CheckpointPolicy::every_event())
+        .build()
+        .unwrap();
+    let rec = Recorder {
+        sleep_ms: 1,
+        ..Recorder::default()
+    };
+    let runner = p.clone();
+    let handler = rec.clone();
+    let task = tokio::spawn(async move { runner.start(handler).await });
+    opened(&p).await;
+    env.coll().insert_one(doc! { "_id": 1000 }).await.unwrap();
+    let mut session = env.client.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    for i in 0..6 {
+        env.coll()
+            .insert_one(doc! { "_id": i, "v": 0 })
+            .session(&mut session)
+            .await
+            .unwrap();
+    }
+    session.commit_transaction().await.unwrap();
+    env.coll().insert_one(doc! { "_id": 1001 }).await.unwrap();
+    until("every event", || rec.seen().len() >= 8).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+
+    let seen = rec.seen();
+    let txn: Vec<&Seen> = seen.iter().filter(|s| s.transaction.is_some()).collect();
+    assert_eq!(txn.len(), 6);
+    let start = seen.iter().position(|s| s.transaction.is_some()).unwrap();
+    for (i, s) in seen[start..start + 6].iter().enumerate() {
+        assert_eq!(
+            s.transaction,
+            Some((i, 6)),
+            "in order, contiguous: {seen:?}"
+        );
+        assert_eq!(s.id, Bson::Int32(i32::try_from(i).unwrap()));
+    }
+    // Its keys span lanes: it ran alone.
+    assert!(txn.iter().all(|s| s.lane.is_none()));
+    // Every event was checkpointed on its own, except inside the transaction.
+    let saved = env.store.saved.lock().unwrap().clone();
+    for s in &seen[start..start + 5] {
+        assert!(
+            !saved.contains(&s.token),
+            "a point was saved inside the transaction"
+        );
+    }
+    assert!(
+        saved.contains(&seen[start + 5].token),
+        "after the transaction"
+    );
+    env.deployment.shutdown().await;
+}
+
+/// Records the batches it is given.
+#[derive(Clone, Default)]
+struct Batches {
+    sizes: Arc<Mutex<Vec<usize>>>,
+    ids: Arc<Mutex<Vec<Bson>>>,
+    fail_first: Arc<Mutex<bool>>,
+}
+
+#[async_trait]
+impl BatchDispatcher for Batches {
+    async fn dispatch_batch(
+        &self,
+        batch: &Batch<'_>,
+        ctx: &HandlerContext,
+    ) -> Result<(), BoxError> {
+        assert!(!batch.is_empty());
+        assert_eq!(batch.units().map(<[_]>::len).sum::<usize>(), batch.len());
+        assert!(batch.bytes() > 0);
+        assert!(ctx.lane().is_some());
+        {
+            let mut fail = self.fail_first.lock().unwrap();
+            if *fail {
+                *fail = false;
+                return Err("the sink is down".into());
+            }
+        }
+        self.sizes.lock().unwrap().push(batch.len());
+        self.ids
+            .lock()
+            .unwrap()
+            .extend(batch.events().iter().map(|e| e.document_id().unwrap()));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn batch_handlers_get_bounded_batches_and_a_failed_batch_comes_again() {
+    let env = Env::new("lanes_batches").await;
+    let p = env
+        .builder()
+        .max_batch_events(7)
+        .max_batch_wait(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let batches = Batches {
+        fail_first: Arc::new(Mutex::new(true)),
+        ..Batches::default()
+    };
+    let runner = p.clone();
+    let handler = batches.clone();
+    let task = tokio::spawn(async move {
+        runner
+            .start_batches_with_retry(default_backoff(), handler)
+            .await
+    });
+    opened(&p).await;
+    env.coll()
+        .insert_many((0..50).map(|i| doc! { "_id": i }))
+        .await
+        .unwrap();
+    let done = batches.clone();
+    until("fifty events", move || done.ids.lock().unwrap().len() >= 50).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    let sizes = batches.sizes.lock().unwrap().clone();
+    assert!(sizes.iter().all(|n| (1..=7).contains(n)), "{sizes:?}");
+    let ids = batches.ids.lock().unwrap().clone();
+    assert_eq!(
+        ids,
+        (0..50).map(Bson::Int32).collect::<Vec<_>>(),
+        "in order, once, the failed batch again"
+    );
+    assert_eq!(p.stats().restarts, 1);
+    env.deployment.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_context_carries_the_stop_signal_and_the_attempt() {
+    let env = Env::new("lanes_context").await;
+    let p = env.builder().concurrency(4).build().unwrap();
+    let rec = Recorder::default();
+    *rec.fail_once_on.lock().unwrap() = Some(Bson::Int32(3));
+    let runner = p.clone();
+    let handler = rec.clone();
+    let task =
+        tokio::spawn(async move { runner.start_with_retry(default_backoff(), handler).await });
+    opened(&p).await;
+    env.coll()
+        .insert_many((0..6).map(|i| doc! { "_id": i }))
+        .await
+        .unwrap();
+    let all = rec.clone();
+    until("the refused event, delivered again", move || {
+        all.seen().iter().any(|s| s.id == Bson::Int32(3))
+    })
+    .await;
+    let seen = rec.seen();
+    let again = seen.iter().find(|s| s.id == Bson::Int32(3)).unwrap();
+    assert_eq!(again.attempt, 2, "delivered again on the second run");
+    assert!(
+        seen.iter()
+            .filter(|s| s.attempt == 1)
+            .all(|s| s.id != Bson::Int32(3))
+    );
+
+    // A handler waiting on the stop signal is released by `stop`.
+    #[derive(Clone, Default)]
+    struct Waiter(Arc<Mutex<Vec<bool>>>);
+    #[async_trait]
+    impl Dispatcher for Waiter {
+        async fn dispatch(&self, _: &ChangeEvent, _: Option<BoxError>) -> Result<(), BoxError> {
+            let ctx = HandlerContext::current().unwrap();
+            assert!(!ctx.is_stopping());
+            ctx.stopping().await;
+            self.0.lock().unwrap().push(ctx.is_stopping());
+            Ok(())
+        }
+    }
+    p.stop();
+    task.await.unwrap().unwrap();
+    let q = env
+        .builder()
+        .stream_id("waiter")
+        .concurrency(2)
+        .build()
+        .unwrap();
+    let waiter = Waiter::default();
+    let runner = q.clone();
+    let handler = waiter.clone();
+    let task = tokio::spawn(async move { runner.start(handler).await });
+    opened(&q).await;
+    env.coll().insert_one(doc! { "_id": 50 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(waiter.0.lock().unwrap().is_empty(), "still waiting");
+    q.stop();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(waiter.0.lock().unwrap().as_slice(), &[true]);
+    env.deployment.shutdown().await;
+}
