@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use cdc_core::{
-    ChangeEvent, Checkpointer, Dispatcher, ErrorKind, OperationType, ResumePoint, ResumeToken,
-    StartPosition,
+    ChangeEvent, CheckpointPolicy, Checkpointer, Dispatcher, ErrorKind, OperationType, ResumePoint,
+    ResumeToken, StartPosition,
 };
 use tokio::sync::mpsc;
 
@@ -100,7 +100,7 @@ impl DocumentProcessor {
         }
         let stored = self.store_call(s.store.load(&s.stream_id)).await?;
         self.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
-        let mut cp = Checkpointer::new(s.policy.clone(), stored.clone(), Instant::now());
+        let mut cp = Checkpointer::new(self.policy_for(handler), stored.clone(), Instant::now());
         let mut position = StartPosition::after(stored.as_ref());
         loop {
             tracing::info!(source = %s.source.describe(), ?position, "opening the change stream");
@@ -268,6 +268,25 @@ impl DocumentProcessor {
             Item::Failed(e) => return Err(e.into()),
         }
         Ok(Step::Next(Instant::now()))
+    }
+
+    /// The checkpoint policy in force: the builder's, except that a batch handler may
+    /// have `max_batch_events` in flight on every lane (a smaller bound of unsaved events
+    /// would keep batches from ever filling), so the bound is raised to that.
+    fn policy_for(&self, handler: &Handler) -> CheckpointPolicy {
+        let s = &self.inner.settings;
+        let Handler::Batch(_, limits) = handler else {
+            return s.policy.clone();
+        };
+        let wanted = u32::try_from(limits.max_events.saturating_mul(s.concurrency.max(1)))
+            .unwrap_or(u32::MAX);
+        if s.policy.max_events() >= wanted {
+            return s.policy.clone();
+        }
+        CheckpointPolicy::batched(wanted, s.policy.max_interval()).map_or_else(
+            |_| s.policy.clone(),
+            |p| p.with_idle_interval(s.policy.idle_interval()),
+        )
     }
 
     /// The context of a handler call on `lane`.

@@ -36,6 +36,8 @@ struct Count {
     /// The largest event seen, in bytes (kept only when `measure_size` is set).
     largest: Arc<AtomicU64>,
     measure_size: bool,
+    /// Awaited per event: a handler doing I/O.
+    delay: Option<Duration>,
 }
 
 #[async_trait]
@@ -52,9 +54,39 @@ impl Dispatcher for Count {
             let size = event.raw().map_or(0, |r| r.as_bytes().len());
             self.largest.fetch_max(size as u64, Ordering::Relaxed);
         }
+        if let Some(delay) = self.delay {
+            tokio::time::sleep(delay).await;
+        }
         let n = self.n.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= self.target.load(Ordering::Relaxed) {
             self.done.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// A batch handler that awaits `delay` per batch and counts the events.
+#[derive(Clone)]
+struct BatchCount {
+    count: Count,
+    delay: Duration,
+}
+
+#[async_trait]
+impl cdc_processor::BatchDispatcher for BatchCount {
+    async fn dispatch_batch(
+        &self,
+        batch: &cdc_processor::Batch<'_>,
+        _ctx: &cdc_processor::HandlerContext,
+    ) -> Result<(), CoreBoxError> {
+        tokio::time::sleep(self.delay).await;
+        let n = self
+            .count
+            .n
+            .fetch_add(batch.len() as u64, Ordering::Relaxed)
+            + batch.len() as u64;
+        if n >= self.count.target.load(Ordering::Relaxed) {
+            self.count.done.notify_one();
         }
         Ok(())
     }
@@ -432,6 +464,13 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
         )
         .await?;
     let split = args.iter().any(|a| a == "--split");
+    let delay = value("--delay-ms")
+        .map(|v| v.parse::<u64>())
+        .transpose()?
+        .map(Duration::from_millis);
+    let max_buffered = value("--max-buffered-mib")
+        .map(|v| v.parse::<usize>())
+        .transpose()?;
     let mut builder = DocumentProcessor::builder()
         .client(client)
         .collection("bench", coll)
@@ -446,9 +485,13 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
                 .split_large_events(true),
         );
     }
+    if let Some(mib) = max_buffered {
+        builder = builder.max_buffered_bytes(mib * 1024 * 1024);
+    }
     let p = builder.build()?;
     let count = Count {
         measure_size: true,
+        delay,
         ..Count::default()
     };
     count.target.store(events, Ordering::Relaxed);
@@ -473,6 +516,112 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
         count.largest.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// Events per second through a handler that awaits `delay` per event (or per batch,
+/// with `batch`), with `lanes` lanes, over `events` pre-loaded inserts.
+async fn handler_rate(
+    client: &Client,
+    name: &str,
+    events: usize,
+    lanes: usize,
+    delay: Duration,
+    batch: bool,
+) -> Result<f64, BoxError> {
+    let coll = client.database("bench").collection::<Document>(name);
+    let _ = coll.drop().await;
+    let start = head_point(&coll).await?;
+    preload(&coll, events, 0).await?;
+    let store = Arc::new(MemoryStore::new());
+    let stream_id = format!("bench.{name}");
+    store.save(&stream_id, &start).await?;
+    let p = DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("bench", name)
+        .stream_id(stream_id)
+        .store(store)
+        .concurrency(lanes)
+        .build()?;
+    let count = Count {
+        delay: (!batch).then_some(delay),
+        ..Count::default()
+    };
+    count.target.store(events as u64, Ordering::Relaxed);
+    let runner = p.clone();
+    let t0 = Instant::now();
+    let task = if batch {
+        let handler = BatchCount {
+            count: count.clone(),
+            delay,
+        };
+        tokio::spawn(async move { runner.start_batches(handler).await })
+    } else {
+        let handler = count.clone();
+        tokio::spawn(async move { runner.start(handler).await })
+    };
+    tokio::time::timeout(Duration::from_secs(900), count.done.notified())
+        .await
+        .map_err(|_| "stalled")?;
+    let rate = events as f64 / t0.elapsed().as_secs_f64();
+    p.stop();
+    task.await??;
+    coll.drop().await?;
+    Ok(rate)
+}
+
+/// Peak consumer RSS while `docs` documents of 1 MiB pass a handler slower than the
+/// stream, with the byte budget at `budget_mib`.
+async fn large_documents_memory(
+    uri: &str,
+    client: &Client,
+    docs: usize,
+    budget_mib: usize,
+    fixed_mmap_threshold: bool,
+) -> Result<f64, BoxError> {
+    let coll_name = "large_docs";
+    let coll = client.database("bench").collection::<Document>(coll_name);
+    let _ = coll.drop().await;
+    let start = head_point(&coll).await?;
+    let body: String = std::iter::repeat_n('x', 1024 * 1024 - 64).collect();
+    for i in 0..docs {
+        coll.insert_one(doc! { "_id": i as i64, "body": body.as_str() })
+            .await?;
+    }
+    let mut child = tokio::process::Command::new(std::env::current_exe()?);
+    if fixed_mmap_threshold {
+        // glibc raises its mmap threshold after freeing large blocks, then keeps later
+        // ones in its arenas: fixed, each 1 MiB buffer goes back to the system when freed.
+        child.env("MALLOC_MMAP_THRESHOLD_", "131072");
+    }
+    let out = child
+        .args([
+            "consume",
+            "--uri",
+            uri,
+            "--coll",
+            coll_name,
+            "--events",
+            &docs.to_string(),
+            "--delay-ms",
+            "5",
+            "--max-buffered-mib",
+            &budget_mib.to_string(),
+            "--token",
+            &crate::hex(start.token.as_bytes()),
+        ])
+        .output()
+        .await?;
+    coll.drop().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "consumer failed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let kib: f64 = text.split_whitespace().nth(1).ok_or("no figure")?.parse()?;
+    Ok(kib / 1024.0)
 }
 
 /// Peak consumer RSS while one update of a large document with both images (an event
@@ -832,6 +981,69 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
             vec![large],
         ));
     }
+    if want("12") || want("12ab") {
+        // Handlers that wait 1 ms per event: sequential against lanes.
+        let delay = Duration::from_millis(1);
+        let sequential = handler_rate(&client, "lanes1", 1_000, 1, delay, false).await?;
+        rows.push(row(
+            "12a",
+            "handler awaiting 1 ms per event, sequential",
+            "events/s",
+            vec![sequential],
+        ));
+        for lanes in [16, 64, 256] {
+            let rate = handler_rate(
+                &client,
+                &format!("lanes{lanes}"),
+                20_000,
+                lanes,
+                delay,
+                false,
+            )
+            .await?;
+            if lanes == 64 {
+                println!("concurrency 64 ÷ sequential: {:.1}x", rate / sequential);
+            }
+            rows.push(row(
+                &format!("12-{lanes}"),
+                format!("handler awaiting 1 ms per event, concurrency {lanes}"),
+                "events/s",
+                vec![rate],
+            ));
+        }
+        let batched = handler_rate(&client, "batches", events, 1, delay, true).await?;
+        rows.push(row(
+            "12b",
+            "batch handler awaiting 1 ms per batch",
+            "events/s",
+            vec![batched],
+        ));
+    }
+    if want("12") || want("12c") {
+        let budget = 64;
+        let peak = large_documents_memory(&uri, &client, 300, budget, false).await?;
+        println!(
+            "peak RSS with 1 MiB documents: {peak:.1} MiB (bound {} MiB)",
+            budget + 32
+        );
+        rows.push(row(
+            "12c",
+            format!("peak consumer RSS, 300 documents of 1 MiB, handler 5 ms per event, max_buffered_bytes {budget} MiB"),
+            "MiB",
+            vec![peak],
+        ));
+        let fixed = large_documents_memory(&uri, &client, 300, budget, true).await?;
+        println!(
+            "peak RSS with 1 MiB documents, glibc mmap threshold fixed at 128 KiB: {fixed:.1} MiB (bound {} MiB)",
+            budget + 32
+        );
+        rows.push(row(
+            "12d",
+            "as 12c, with glibc's MALLOC_MMAP_THRESHOLD_=131072",
+            "MiB",
+            vec![fixed],
+        ));
+    }
     if want("11") {
         let (event, peak) = split_memory(&uri, &client, 12).await?;
         println!(
@@ -940,7 +1152,7 @@ fn report(rows: &[Row], events: usize, rounds: usize) -> Result<(), BoxError> {
         json_rows.push(json!({ "id": r.id, "scenario": r.name, "unit": r.unit, "median": r.median, "min": r.min, "max": r.max }));
     }
     let targets = format!(
-        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {}× (medians), {}× (paired rounds); scenario 4 ≥ 10× scenario 6: {}×; p99 < 10 ms: {} ms; peak memory < 64 MiB and flat: {} → {} MiB; fresh token ≥ 10× faster: {}×; idle writes ≤ 1/min: {}/min; split event peak RSS < 4× the event: {}×.\n",
+        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {}× (medians), {}× (paired rounds); scenario 4 ≥ 10× scenario 6: {}×; p99 < 10 ms: {} ms; peak memory < 64 MiB and flat: {} → {} MiB; fresh token ≥ 10× faster: {}×; idle writes ≤ 1/min: {}/min; split event peak RSS < 4× the event: {}×; concurrency 64 ÷ sequential ≥ 40×: {}×; batch handler ≥ 0.5× scenario 1: {}×; peak RSS with 1 MiB documents ≤ 96 MiB: {} MiB.\n",
         shown(get("2") / ceiling, 2),
         shown(get("2/1"), 2),
         shown(get("4") / go, 1),
@@ -950,6 +1162,9 @@ fn report(rows: &[Row], events: usize, rounds: usize) -> Result<(), BoxError> {
         shown(get("9a") / get("9b"), 0),
         shown(get("10a"), 1),
         shown(get("11b") / get("11a"), 2),
+        shown(get("12-64") / get("12a"), 1),
+        shown(get("12b") / ceiling, 2),
+        shown(get("12c"), 1),
     );
     md.push_str(&targets);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
