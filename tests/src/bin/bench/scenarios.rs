@@ -1005,7 +1005,7 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
                 println!("concurrency 64 ÷ sequential: {:.1}x", rate / sequential);
             }
             rows.push(row(
-                &format!("12-{lanes}"),
+                format!("12-{lanes}"),
                 format!("handler awaiting 1 ms per event, concurrency {lanes}"),
                 "events/s",
                 vec![rate],
