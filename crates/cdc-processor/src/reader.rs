@@ -144,3 +144,130 @@ pub(crate) async fn read_ahead(
     }
     cursor.close().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use bson::rawdoc;
+
+    use super::*;
+
+    /// A cursor with an endless supply of events of `size` bytes, counting reads.
+    struct Endless {
+        size: usize,
+        reads: Arc<AtomicUsize>,
+    }
+
+    fn event(i: usize, size: usize) -> ChangeEvent {
+        let pad = "x".repeat(size);
+        let i = i64::try_from(i).unwrap();
+        let raw = rawdoc! {
+            "_id": { "_data": format!("82{:08X}00000001", 1000 + i) },
+            "operationType": "insert",
+            "clusterTime": bson::Timestamp { time: 1000 + u32::try_from(i).unwrap(), increment: 1 },
+            "ns": { "db": "d", "coll": "c" },
+            "documentKey": { "_id": i },
+            "fullDocument": { "_id": i, "pad": pad },
+        };
+        ChangeEvent::from_raw_buf(raw).unwrap()
+    }
+
+    #[async_trait]
+    impl ChangeCursor for Endless {
+        async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
+            let i = self.reads.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(event(i, self.size)))
+        }
+        fn resume_token(&self) -> Option<ResumeToken> {
+            None
+        }
+        fn is_closed(&self) -> bool {
+            false
+        }
+        fn take_gap(&mut self) -> Option<HistoryGap> {
+            None
+        }
+        async fn close(self: Box<Self>) {}
+    }
+
+    fn sizes(batches: &[Vec<Item>]) -> usize {
+        batches
+            .iter()
+            .flatten()
+            .map(|i| match i {
+                Item::Event(e, _) => e.raw().map_or(0, |r| r.as_bytes().len()),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn the_reader_stops_at_the_byte_budget_and_goes_on_when_events_are_handled() {
+        let size = 10_000;
+        let reads = Arc::new(AtomicUsize::new(0));
+        let cursor = Box::new(Endless {
+            size,
+            reads: Arc::clone(&reads),
+        });
+        // Room for three events (and a channel that could hold far more).
+        let budget = Budget::new(3 * (size + 200));
+        let (tx, mut rx) = mpsc::channel(1000);
+        let reader = tokio::spawn(read_ahead(cursor, tx, 256, budget));
+        let mut held: Vec<Vec<Item>> = Vec::new();
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+            while let Ok(batch) = rx.try_recv() {
+                held.push(batch);
+            }
+        }
+        let handed: usize = held.iter().map(Vec::len).sum();
+        assert_eq!(handed, 3, "three events fit the budget");
+        assert!(sizes(&held) <= 3 * (size + 200));
+        assert!(
+            reads.load(Ordering::SeqCst) <= 4,
+            "the reader stopped pulling"
+        );
+        // Handling (dropping) the events gives the budget back: reading goes on.
+        held.clear();
+        let more = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!more.is_empty());
+        drop(rx);
+        reader.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_event_larger_than_the_budget_still_goes_through_alone() {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let cursor = Box::new(Endless {
+            size: 50_000,
+            reads: Arc::clone(&reads),
+        });
+        let (tx, mut rx) = mpsc::channel(1000);
+        let reader = tokio::spawn(read_ahead(cursor, tx, 256, Budget::new(1_000)));
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.len(), 1, "alone");
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            rx.try_recv().is_err(),
+            "the next waits while the first is held"
+        );
+        drop(first);
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.len(), 1);
+        drop(rx);
+        reader.await.unwrap();
+    }
+}
