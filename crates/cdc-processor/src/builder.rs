@@ -224,7 +224,9 @@ impl Builder {
     /// events are handled in stream order, different keys concurrently. Events without a
     /// document key (invalidate, drop, rename, DDL) are barriers: every lane drains, the
     /// event is handled alone, then lanes resume. The stored point is the low watermark of
-    /// what is handled, so a crash never skips an event a lane has not finished.
+    /// what is handled, so a crash never skips an event a lane has not finished. The
+    /// checkpoint policy's `max_events` also bounds the events in flight; it is raised to
+    /// `n` (one per lane) when smaller, and so is the bound of repeats after a crash.
     #[must_use]
     pub fn concurrency(mut self, lanes: usize) -> Self {
         self.concurrency = lanes.max(1);

@@ -270,16 +270,19 @@ impl DocumentProcessor {
         Ok(Step::Next(Instant::now()))
     }
 
-    /// The checkpoint policy in force: the builder's, except that a batch handler may
-    /// have `max_batch_events` in flight on every lane (a smaller bound of unsaved events
-    /// would keep batches from ever filling), so the bound is raised to that.
+    /// The checkpoint policy in force: the builder's, except that every lane may hold one
+    /// event (a batch handler's lane `max_batch_events`) in flight: a smaller bound of
+    /// unsaved events would keep lanes idle and batches from filling, so the bound is
+    /// raised to that (and so is the bound of repeats after a crash).
     fn policy_for(&self, handler: &Handler) -> CheckpointPolicy {
         let s = &self.inner.settings;
-        let Handler::Batch(_, limits) = handler else {
-            return s.policy.clone();
+        let per_lane = match handler {
+            Handler::Batch(_, limits) => limits.max_events,
+            Handler::Event(_) if s.concurrency > 1 => 1,
+            Handler::Event(_) => return s.policy.clone(),
         };
-        let wanted = u32::try_from(limits.max_events.saturating_mul(s.concurrency.max(1)))
-            .unwrap_or(u32::MAX);
+        let wanted =
+            u32::try_from(per_lane.saturating_mul(s.concurrency.max(1))).unwrap_or(u32::MAX);
         if s.policy.max_events() >= wanted {
             return s.policy.clone();
         }

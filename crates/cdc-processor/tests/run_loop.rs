@@ -1,0 +1,513 @@
+//! The run loop's decisions, driven by `mockall` mocks of the source, the cursor, the store
+//! and the handler through scripted sequences: which points are saved, and when, after
+//! each kind of failure. No server; each test runs in milliseconds.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bson::rawdoc;
+use cdc_core::{
+    BoxError, ChangeCursor, ChangeEvent, ChangeSource, CheckpointPolicy, ClusterTime, Dispatcher,
+    ErrorKind, HistoryGap, ResumePoint, ResumeStore, ResumeToken, StartPosition,
+};
+use cdc_processor::DocumentProcessor;
+use mockall::{Sequence, mock, predicate::eq};
+
+mock! {
+    Cursor {}
+    #[async_trait]
+    impl ChangeCursor for Cursor {
+        async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>>;
+        fn resume_token(&self) -> Option<ResumeToken>;
+        fn is_closed(&self) -> bool;
+        fn take_gap(&mut self) -> Option<HistoryGap>;
+        async fn close(self: Box<Self>);
+    }
+}
+
+mock! {
+    Source {}
+    #[async_trait]
+    impl ChangeSource for Source {
+        async fn open(&self, position: &StartPosition) -> cdc_core::Result<Box<dyn ChangeCursor>>;
+        fn describe(&self) -> String;
+    }
+}
+
+mock! {
+    Store {}
+    #[async_trait]
+    impl ResumeStore for Store {
+        async fn load(&self, stream: &str) -> cdc_core::Result<Option<ResumePoint>>;
+        async fn save(&self, stream: &str, point: &ResumePoint) -> cdc_core::Result<()>;
+        async fn delete(&self, stream: &str) -> cdc_core::Result<()>;
+        async fn list_streams(&self) -> cdc_core::Result<Vec<String>>;
+        fn describe(&self) -> String;
+    }
+}
+
+mock! {
+    Handler {}
+    #[async_trait]
+    impl Dispatcher for Handler {
+        async fn dispatch(&self, event: &ChangeEvent, previous: Option<BoxError>) -> Result<(), BoxError>;
+    }
+}
+
+fn token(n: u32) -> ResumeToken {
+    ResumeToken::from_document(&bson::doc! { "_data": format!("82{:08X}{:08X}", 1000 + n, 1) })
+        .unwrap()
+}
+
+/// An insert of document `n` at cluster time `1000 + n`.
+fn insert(n: u32) -> ChangeEvent {
+    let raw = rawdoc! {
+        "_id": { "_data": format!("82{:08X}{:08X}", 1000 + n, 1) },
+        "operationType": "insert",
+        "clusterTime": bson::Timestamp { time: 1000 + n, increment: 1 },
+        "ns": { "db": "d", "coll": "c" },
+        "documentKey": { "_id": i64::from(n) },
+        "fullDocument": { "_id": i64::from(n) },
+    };
+    ChangeEvent::from_raw_buf(raw).unwrap()
+}
+
+fn invalidate(n: u32) -> ChangeEvent {
+    let raw = rawdoc! {
+        "_id": { "_data": format!("82{:08X}{:08X}", 1000 + n, 1) },
+        "operationType": "invalidate",
+        "clusterTime": bson::Timestamp { time: 1000 + n, increment: 1 },
+    };
+    ChangeEvent::from_raw_buf(raw).unwrap()
+}
+
+/// What a scripted cursor does on one `next()`.
+enum Step {
+    Event(Box<ChangeEvent>),
+    /// An empty round trip with this post-batch token.
+    Idle(ResumeToken),
+    /// The server closed the cursor.
+    Closed,
+    /// Nothing more for now (repeats forever).
+    Quiet,
+}
+
+/// A cursor mock playing `steps`, its resume token following what it returned.
+fn scripted(steps: Vec<Step>, gap: Option<HistoryGap>) -> MockCursor {
+    let state = Arc::new(Mutex::new((
+        VecDeque::from(steps),
+        None::<ResumeToken>,
+        false,
+    )));
+    let mut cursor = MockCursor::new();
+    let s = Arc::clone(&state);
+    cursor.expect_next().returning(move || {
+        let mut st = s.lock().unwrap();
+        match st.0.pop_front() {
+            Some(Step::Event(e)) => {
+                st.1 = Some(e.token.clone());
+                Ok(Some(*e))
+            }
+            Some(Step::Idle(t)) => {
+                st.1 = Some(t);
+                Ok(None)
+            }
+            Some(Step::Closed) => {
+                st.2 = true;
+                Ok(None)
+            }
+            Some(Step::Quiet) | None => {
+                drop(st);
+                std::thread::sleep(Duration::from_millis(5));
+                Ok(None)
+            }
+        }
+    });
+    let s = Arc::clone(&state);
+    cursor
+        .expect_resume_token()
+        .returning(move || s.lock().unwrap().1.clone());
+    let s = Arc::clone(&state);
+    cursor
+        .expect_is_closed()
+        .returning(move || s.lock().unwrap().2);
+    let mut gap = gap;
+    cursor.expect_take_gap().returning(move || gap.take());
+    cursor.expect_close().returning(|| ());
+    cursor
+}
+
+fn stored_at(n: u32) -> ResumePoint {
+    ResumePoint::for_event(
+        token(n),
+        ClusterTime::new(1000 + n, 1),
+        cdc_core::OperationType::Insert,
+        bson::DateTime::now(),
+    )
+}
+
+/// A store holding point `n`, recording every save.
+fn recording_store(n: u32) -> (MockStore, Arc<Mutex<Vec<ResumeToken>>>) {
+    let saved = Arc::new(Mutex::new(Vec::new()));
+    let mut store = MockStore::new();
+    store
+        .expect_load()
+        .returning(move |_| Ok(Some(stored_at(n))));
+    let record = Arc::clone(&saved);
+    store.expect_save().returning(move |_, p| {
+        record.lock().unwrap().push(p.token.clone());
+        Ok(())
+    });
+    store.expect_describe().returning(|| "mock store".into());
+    (store, saved)
+}
+
+fn source_with(cursors: Vec<(StartPosition, MockCursor)>) -> MockSource {
+    let mut source = MockSource::new();
+    let mut seq = Sequence::new();
+    for (position, cursor) in cursors {
+        source
+            .expect_open()
+            .with(eq(position))
+            .times(1)
+            .in_sequence(&mut seq)
+            .return_once(move |_| Ok(Box::new(cursor) as Box<dyn ChangeCursor>));
+    }
+    source.expect_describe().returning(|| "mock source".into());
+    source
+}
+
+fn processor(source: MockSource, store: MockStore, policy: CheckpointPolicy) -> DocumentProcessor {
+    DocumentProcessor::builder()
+        .source(Arc::new(source))
+        .stream_id("s")
+        .store(Arc::new(store))
+        .checkpoint(policy)
+        .build()
+        .unwrap()
+}
+
+fn batched() -> CheckpointPolicy {
+    CheckpointPolicy::batched(100, Duration::from_secs(3600)).unwrap()
+}
+
+#[tokio::test]
+async fn an_error_mid_batch_saves_only_what_succeeded() {
+    let cursor = scripted(
+        vec![
+            Step::Event(Box::new(insert(1))),
+            Step::Event(Box::new(insert(2))),
+            Step::Event(Box::new(insert(3))),
+        ],
+        None,
+    );
+    let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
+    let (store, saved) = recording_store(0);
+    let mut handler = MockHandler::new();
+    let mut seq = Sequence::new();
+    handler
+        .expect_dispatch()
+        .withf(|e, _| e.token == token(1))
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_, _| Ok(()));
+    handler
+        .expect_dispatch()
+        .withf(|e, _| e.token == token(2))
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_, _| Err("refused".into()));
+    // Event 3 is never handed over.
+    let p = processor(source, store, batched());
+    let err = p.start(handler).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Handler);
+    assert_eq!(
+        *saved.lock().unwrap(),
+        vec![token(1)],
+        "only the event that succeeded"
+    );
+}
+
+#[tokio::test]
+async fn a_close_after_invalidate_saves_it_and_reopens_after_it() {
+    let first = scripted(
+        vec![
+            Step::Event(Box::new(insert(1))),
+            Step::Event(Box::new(invalidate(2))),
+            Step::Closed,
+        ],
+        None,
+    );
+    let second = scripted(vec![Step::Quiet], None);
+    let source = source_with(vec![
+        (StartPosition::ResumeAfter(token(0)), first),
+        (StartPosition::StartAfter(token(2)), second),
+    ]);
+    let (store, saved) = recording_store(0);
+    let p = processor(source, store, batched());
+    let stop = p.clone();
+    let runner = p.clone();
+    let task = tokio::spawn(async move {
+        runner
+            .start(cdc_core::FnDispatcher(
+                |_: &ChangeEvent, prev: Option<BoxError>| prev.map_or(Ok(()), Err),
+            ))
+            .await
+    });
+    let reopened = p.clone();
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        while reopened.stats().reopens < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    stop.stop();
+    task.await.unwrap().unwrap();
+    // The invalidate is saved at once (it covers event 1); nothing after it.
+    assert_eq!(*saved.lock().unwrap(), vec![token(2)]);
+}
+
+#[tokio::test]
+async fn idle_tokens_are_saved_when_they_move_and_not_past_outstanding_events() {
+    let cursor = scripted(
+        vec![
+            Step::Idle(token(5)),
+            Step::Idle(token(5)),
+            Step::Event(Box::new(insert(6))),
+            Step::Idle(token(7)),
+        ],
+        None,
+    );
+    let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
+    let (store, saved) = recording_store(0);
+    let policy = CheckpointPolicy::batched(100, Duration::from_secs(3600))
+        .unwrap()
+        .with_idle_interval(Duration::ZERO);
+    let p = processor(source, store, policy);
+    let runner = p.clone();
+    let task = tokio::spawn(async move {
+        runner
+            .start(cdc_core::FnDispatcher(
+                |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
+            ))
+            .await
+    });
+    let watched = p.clone();
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        while watched.stats().events < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // Let the last idle round trip through, then stop: the final checkpoint takes it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    // 5 once (the repeat is a tick); event 6 waits for its batch, and the idle token 7
+    // after it replaces it, saved by the final checkpoint.
+    assert_eq!(*saved.lock().unwrap(), vec![token(5), token(7)]);
+}
+
+#[tokio::test]
+async fn a_history_gap_is_recorded_in_the_stats() {
+    let gap = HistoryGap::new(
+        Some(ClusterTime::new(1000, 1)),
+        Some(ClusterTime::new(2000, 1)),
+    );
+    let cursor = scripted(vec![Step::Event(Box::new(insert(1)))], Some(gap.clone()));
+    let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
+    let (store, _saved) = recording_store(0);
+    let p = processor(source, store, batched());
+    let runner = p.clone();
+    let task = tokio::spawn(async move {
+        runner
+            .start(cdc_core::FnDispatcher(
+                |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
+            ))
+            .await
+    });
+    let watched = p.clone();
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        while watched.stats().events < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    p.stop();
+    task.await.unwrap().unwrap();
+    assert_eq!(p.stats().last_gap, Some(gap));
+}
+
+/// A store whose saves take `delay` before the mock answers (a mock's answer is
+/// immediate; the wait is what a slow store does).
+struct Slow {
+    inner: MockStore,
+    delay: Duration,
+}
+
+#[async_trait]
+impl ResumeStore for Slow {
+    async fn load(&self, stream: &str) -> cdc_core::Result<Option<ResumePoint>> {
+        self.inner.load(stream).await
+    }
+    async fn save(&self, stream: &str, point: &ResumePoint) -> cdc_core::Result<()> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.save(stream, point).await
+    }
+    async fn delete(&self, stream: &str) -> cdc_core::Result<()> {
+        self.inner.delete(stream).await
+    }
+    async fn list_streams(&self) -> cdc_core::Result<Vec<String>> {
+        self.inner.list_streams().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[tokio::test]
+async fn a_store_timeout_ends_the_run_with_a_retryable_error() {
+    let cursor = scripted(vec![Step::Event(Box::new(insert(1)))], None);
+    let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
+    let mut store = MockStore::new();
+    store.expect_load().returning(|_| Ok(Some(stored_at(0))));
+    // Cut short by the timeout: the mock is never asked to save.
+    store.expect_save().never();
+    store.expect_describe().returning(|| "slow store".into());
+    let store = Slow {
+        inner: store,
+        delay: Duration::from_secs(30),
+    };
+    let p = DocumentProcessor::builder()
+        .source(Arc::new(source))
+        .stream_id("s")
+        .store(Arc::new(store))
+        .checkpoint(CheckpointPolicy::every_event())
+        .store_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let err = p
+        .start(cdc_core::FnDispatcher(
+            |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, cdc_processor::Error::StoreTimeout { .. }),
+        "{err}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Store);
+    assert!(err.is_retryable());
+}
+
+#[tokio::test]
+async fn a_store_refusal_ends_the_run_and_nothing_is_retried() {
+    let cursor = scripted(vec![Step::Event(Box::new(insert(1)))], None);
+    let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
+    let mut store = MockStore::new();
+    store.expect_load().returning(|_| Ok(Some(stored_at(0))));
+    store.expect_save().times(2).returning(|stream, p| {
+        Err(cdc_core::Error::Regression {
+            stream: stream.to_owned(),
+            stored: ClusterTime::new(5000, 1),
+            attempted: p.cluster_time,
+        })
+    });
+    store
+        .expect_describe()
+        .returning(|| "refusing store".into());
+    let p = processor(source, store, CheckpointPolicy::every_event());
+    let err = p
+        .start_with_retry(
+            cdc_processor::default_backoff(),
+            cdc_core::FnDispatcher(|_: &ChangeEvent, _: Option<BoxError>| Ok(())),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Fatal, "{err}");
+    assert_eq!(p.stats().restarts, 0, "a refusal is not retried");
+}
+
+/// Handles every event at once except the first, which it holds until released.
+#[derive(Clone)]
+struct HoldFirst {
+    release: Arc<tokio::sync::Notify>,
+    done: Arc<Mutex<Vec<ResumeToken>>>,
+}
+
+#[async_trait]
+impl Dispatcher for HoldFirst {
+    async fn dispatch(&self, e: &ChangeEvent, _: Option<BoxError>) -> Result<(), BoxError> {
+        if e.token == token(1) {
+            self.release.notified().await;
+        }
+        self.done.lock().unwrap().push(e.token.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn out_of_order_lane_completions_never_save_past_an_unfinished_event() {
+    let cursor = scripted(
+        (1..=8).map(|n| Step::Event(Box::new(insert(n)))).collect(),
+        None,
+    );
+    let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
+    let (store, saved) = recording_store(0);
+    let p = DocumentProcessor::builder()
+        .source(Arc::new(source))
+        .stream_id("s")
+        .store(Arc::new(store))
+        .checkpoint(CheckpointPolicy::every_event())
+        .concurrency(4)
+        .build()
+        .unwrap();
+    let handler = HoldFirst {
+        release: Arc::new(tokio::sync::Notify::new()),
+        done: Arc::default(),
+    };
+    let runner = p.clone();
+    let h = handler.clone();
+    let task = tokio::spawn(async move { runner.start(h).await });
+    // Events 2, 3 and 4 are on the other lanes (keys 1 and 5 share lane 0): they finish,
+    // and the bound (one per lane under `every_event`) holds the rest back.
+    let done = Arc::clone(&handler.done);
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        while done.lock().unwrap().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(handler.done.lock().unwrap().len(), 3);
+    assert!(
+        saved.lock().unwrap().is_empty(),
+        "nothing is saved while event 1 is unfinished: {:?}",
+        saved.lock().unwrap()
+    );
+    handler.release.notify_one();
+    let done = Arc::clone(&handler.done);
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        while done.lock().unwrap().len() < 8 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    p.stop();
+    task.await.unwrap().unwrap();
+    let saved = saved.lock().unwrap().clone();
+    assert_eq!(saved.last(), Some(&token(8)), "{saved:?}");
+    let mut sorted = saved.clone();
+    sorted.sort_by_key(ToString::to_string);
+    assert_eq!(saved, sorted, "points only move forwards");
+}
