@@ -292,3 +292,79 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Lanes and whole transactions: units (single events or transactions) are queued on
+    /// lanes by key and completed in any interleaving of the lanes; every unit is
+    /// acknowledged all at once. No point offered for saving is ever past an unfinished
+    /// event, and none falls inside a transaction.
+    #[test]
+    fn lane_completions_never_offer_a_point_past_an_unfinished_event(
+        units in prop::collection::vec((0usize..8, 1usize..4), 1..20),
+        lanes in 1usize..6,
+        picks in prop::collection::vec(any::<prop::sample::Index>(), 0..200),
+        max_events in 1u32..16,
+    ) {
+        let now = Instant::now();
+        let policy = CheckpointPolicy::batched(max_events, Duration::ZERO).unwrap();
+        let mut cp = Checkpointer::new(policy, None, now);
+        // Track every unit (transactions as groups), queue it on its key's lane.
+        let mut queues: Vec<std::collections::VecDeque<Vec<(usize, cdc_core::Seq)>>> =
+            vec![std::collections::VecDeque::new(); lanes];
+        let mut next = 0usize;
+        let mut unit_end = std::collections::HashSet::new();
+        let mut finished = Vec::new();
+        for &(key, len) in &units {
+            let indices: Vec<usize> = (next..next + len).collect();
+            next += len;
+            unit_end.insert(next - 1);
+            let points: Vec<ResumePoint> = indices
+                .iter()
+                .map(|&i| ResumePoint::for_event(token(i), cluster_time(i), OperationType::Insert, bson::DateTime::from_millis(0)))
+                .collect();
+            // Save what is due until the unit can be tracked (the run loop's back-pressure).
+            while cp.is_blocked() {
+                let Some(p) = cp.flush() else { break };
+                cp.confirm(&p, now);
+            }
+            if cp.is_blocked() {
+                // Only unfinished events hold the bound: complete lanes until it frees.
+                break;
+            }
+            let seqs = cp.track_group(points).unwrap();
+            queues[key % lanes].push_back(indices.into_iter().zip(seqs).collect());
+            finished.resize(next, false);
+        }
+        let check = |p: &ResumePoint, finished: &[bool]| -> Result<(), TestCaseError> {
+            let at = index_of(&p.token);
+            prop_assert!(finished[..=at].iter().all(|f| *f), "point {} passes an unfinished event", at);
+            prop_assert!(unit_end.contains(&at), "point {} is inside a transaction", at);
+            Ok(())
+        };
+        // Complete lane heads in the picked interleaving, then whatever remains.
+        let mut picks = picks.into_iter();
+        loop {
+            let busy: Vec<usize> = (0..lanes).filter(|&l| !queues[l].is_empty()).collect();
+            if busy.is_empty() {
+                break;
+            }
+            let lane = match picks.next() {
+                Some(ix) => busy[ix.index(busy.len())],
+                None => busy[0],
+            };
+            let unit = queues[lane].pop_front().unwrap();
+            let mut due = None;
+            for &(i, seq) in &unit {
+                finished[i] = true;
+                due = cp.ack(seq, now).unwrap();
+            }
+            if let Some(p) = due {
+                check(&p, &finished)?;
+                cp.confirm(&p, now);
+            }
+        }
+        if let Some(p) = cp.flush() {
+            check(&p, &finished)?;
+        }
+    }
+}
