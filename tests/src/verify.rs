@@ -46,22 +46,138 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// Parses a log into `(document id, change)` pairs; malformed lines are an error naming
-/// the line (a torn last line of a killed writer is skipped, as it was never acknowledged).
-pub fn parse(text: &str) -> Result<Vec<(String, String)>, String> {
+/// One line of a log: a change, or a consumer's start marker (`# start`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Line {
+    /// `(document id, change)`, and the writer's transaction number for a change written
+    /// in a multi-document transaction (`<id> <change> t<n>`).
+    Change((String, String), Option<u64>),
+    /// A consumer process started: a new session of deliveries.
+    Start,
+}
+
+fn parse_lines(text: &str) -> Result<Vec<Line>, String> {
     let mut out = Vec::new();
     let lines: Vec<&str> = text.lines().collect();
     for (i, line) in lines.iter().enumerate() {
+        if line.trim() == "# start" {
+            out.push(Line::Start);
+            continue;
+        }
         let mut parts = line.split_whitespace();
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some(id), Some(change), None) if valid_change(change) => {
-                out.push((id.to_owned(), change.to_owned()));
+        let txn = |t: Option<&str>| -> Option<Option<u64>> {
+            match t {
+                None => Some(None),
+                Some(t) => t.strip_prefix('t')?.parse().ok().map(Some),
+            }
+        };
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(id), Some(change), t, None) if valid_change(change) && txn(t).is_some() => {
+                out.push(Line::Change(
+                    (id.to_owned(), change.to_owned()),
+                    txn(t).flatten(),
+                ));
             }
             _ if i + 1 == lines.len() && !text.ends_with('\n') => {}
             _ => return Err(format!("line {}: malformed: {line:?}", i + 1)),
         }
     }
     Ok(out)
+}
+
+/// Parses a log into `(document id, change)` pairs; malformed lines are an error naming
+/// the line (a torn last line of a killed writer is skipped, as it was never acknowledged).
+/// Transaction numbers and start markers are read by [`verify_transactions`].
+pub fn parse(text: &str) -> Result<Vec<(String, String)>, String> {
+    Ok(parse_lines(text)?
+        .into_iter()
+        .filter_map(|l| match l {
+            Line::Change(c, _) => Some(c),
+            Line::Start => None,
+        })
+        .collect())
+}
+
+/// What the verifier found about multi-document transactions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionVerdict {
+    /// Transactions written.
+    pub transactions: usize,
+    /// Transactions some consumer session saw other than as a prefix of the whole
+    /// transaction in order (which is what a checkpoint inside one would cause: the next
+    /// session resuming in its middle), or saw cut short without a later session
+    /// delivering it again from its first change.
+    pub not_whole: usize,
+}
+
+impl std::fmt::Display for TransactionVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "transactions {} | not delivered whole {}",
+            self.transactions, self.not_whole
+        )
+    }
+}
+
+/// Checks that every transaction of the written log (changes marked `t<n>`) reached the
+/// consumer whole: in each consumer session (between `# start` markers of the delivered
+/// log) its changes appear, if at all, as a prefix of the transaction in its written
+/// order; a session cut short inside one (a kill) is followed by a session that delivers
+/// it again from its first change.
+///
+/// # Errors
+/// A malformed line of either log.
+pub fn verify_transactions(written: &str, delivered: &str) -> Result<TransactionVerdict, String> {
+    let mut txns: HashMap<u64, Vec<(String, String)>> = HashMap::new();
+    let mut txn_of: HashMap<(String, String), u64> = HashMap::new();
+    for line in parse_lines(written)? {
+        if let Line::Change(c, Some(t)) = line {
+            txns.entry(t).or_default().push(c.clone());
+            txn_of.insert(c, t);
+        }
+    }
+    let mut sessions: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    for line in parse_lines(delivered)? {
+        match line {
+            Line::Start => sessions.push(Vec::new()),
+            Line::Change(c, _) => {
+                if let Some(s) = sessions.last_mut() {
+                    s.push(c);
+                }
+            }
+        }
+    }
+    let mut broken: HashSet<u64> = HashSet::new();
+    // Per transaction, the sessions that saw it cut short, awaiting a full redelivery.
+    let mut cut: HashMap<u64, usize> = HashMap::new();
+    for (n, session) in sessions.iter().enumerate() {
+        let mut seen: HashMap<u64, Vec<&(String, String)>> = HashMap::new();
+        for c in session {
+            if let Some(t) = txn_of.get(c) {
+                let s = seen.entry(*t).or_default();
+                if !s.contains(&c) {
+                    s.push(c);
+                }
+            }
+        }
+        for (t, got) in seen {
+            let whole = &txns[&t];
+            let prefix = got.len() <= whole.len() && got.iter().zip(whole).all(|(a, b)| *a == b);
+            if !prefix {
+                broken.insert(t);
+            } else if got.len() < whole.len() {
+                cut.insert(t, n);
+            } else {
+                cut.remove(&t);
+            }
+        }
+    }
+    broken.extend(cut.keys());
+    Ok(TransactionVerdict {
+        transactions: txns.len(),
+        not_whole: broken.len(),
+    })
 }
 
 fn valid_change(change: &str) -> bool {
@@ -151,5 +267,27 @@ mod tests {
             1,
             "a torn last line is skipped"
         );
+    }
+
+    #[test]
+    fn transactions_must_arrive_whole_in_each_session() {
+        let written = "1 v1\n2 v1\n1 v2 t7\n2 v2 t7\n3 v1 t7\n";
+        let check = |delivered: &str| verify_transactions(written, delivered).unwrap();
+        // Whole, with other changes around it.
+        let ok = check("# start\n1 v1\n2 v1\n1 v2\n2 v2\n3 v1\n");
+        assert_eq!((ok.transactions, ok.not_whole), (1, 0), "{ok}");
+        // Cut by a kill, then delivered again from its start: whole.
+        let again = check("# start\n1 v1\n2 v1\n1 v2\n# start\n1 v2\n2 v2\n3 v1\n");
+        assert_eq!(again.not_whole, 0);
+        // Resumed in its middle (a checkpoint inside it): broken.
+        let middle = check("# start\n1 v1\n2 v1\n1 v2\n# start\n2 v2\n3 v1\n");
+        assert_eq!(middle.not_whole, 1);
+        // Out of order within a session: broken.
+        let swapped = check("# start\n2 v2\n1 v2\n3 v1\n");
+        assert_eq!(swapped.not_whole, 1);
+        // Cut and never delivered again: broken.
+        let cut = check("# start\n1 v2\n2 v2\n# start\n1 v1\n");
+        assert_eq!(cut.not_whole, 1);
+        assert!(verify_transactions("1 v1 x9\n", "").is_err());
     }
 }

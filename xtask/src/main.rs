@@ -41,8 +41,9 @@ commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
   demo [--uri URI] [--seconds S] [--rate R]
                   the main job on the embedded default, killed and resumed midway
-  soak [--kills K] [--rate R] [--uri URI]
+  soak [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions]
                   SIGKILL the consumer K times (default 100), then verify nothing was lost
+                  (with lanes: per-key order and whole transactions too)
   integration [--uri URI]
                   the end-to-end suites against mongo-sim (or the replica set at URI)
   bench sim       change events per second from mongo-sim to the driver (release build)
@@ -182,6 +183,12 @@ fn ci() -> Result<(), String> {
     run("docs", doc)?;
 
     soak(&["--kills".to_owned(), "10".to_owned()])?;
+    soak(&[
+        "--kills".to_owned(),
+        "10".to_owned(),
+        "--concurrency".to_owned(),
+        "16".to_owned(),
+    ])?;
 
     let spec = default_spec_dir();
     if spec.is_dir() {

@@ -118,7 +118,7 @@ impl DocumentProcessor {
             let budget = Budget::new(s.max_buffered_bytes);
             let reader = tokio::spawn(read_ahead(cursor, tx, handoff, budget));
             let outcome = match handler {
-                Handler::Event(h) if s.concurrency <= 1 => {
+                Handler::Event(h) if s.concurrency <= 1 && s.keep_transactions != Some(true) => {
                     self.consume(&mut rx, &mut cp, &**h).await
                 }
                 _ => {

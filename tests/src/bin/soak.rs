@@ -1,8 +1,11 @@
 //! `cdc-soak`: the kill -9 soak.
 //!
-//! - `cdc-soak run [--kills K] [--rate R] [--uri URI]` starts mongo-sim (or uses URI), a
-//!   writer process, and a consumer process that it SIGKILLs K times at random moments and
-//!   restarts; then runs the independent verifier over the two logs.
+//! - `cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions]`
+//!   starts mongo-sim (or uses URI), a writer process, and a consumer process (with N
+//!   lanes) that it SIGKILLs K times at random moments and restarts; then runs the
+//!   independent verifier over the two logs. With lanes (or `--transactions`) the writer
+//!   also commits multi-document transactions and the verifier checks each reached the
+//!   consumer whole.
 //! - `cdc-soak writer --uri U --rate R --log F --stop-file S`: changes documents at rate R
 //!   with majority write concern, logging every acknowledged change, until S exists.
 //! - `cdc-soak consumer --uri U --store DIR --log F`: a DocumentProcessor with the file
@@ -24,7 +27,7 @@ use async_trait::async_trait;
 use bson::{Document, doc};
 use cdc_core::{BoxError, ChangeEvent, Dispatcher};
 use cdc_processor::{CheckpointPolicy, DocumentProcessor, default_backoff, stores::FileStore};
-use cdc_tests::verify::{parse, verify};
+use cdc_tests::verify::{parse, verify, verify_transactions};
 
 /// The consumer's checkpoint batch: also the per-kill bound on repeats.
 const BATCH: u32 = 100;
@@ -48,7 +51,7 @@ async fn main() -> std::process::ExitCode {
         Some("writer") => writer(&args[1..]).await.map(|()| true),
         Some("consumer") => consumer(&args[1..]).await.map(|()| true),
         _ => Err(
-            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] | writer … | consumer …".into(),
+            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] | writer … | consumer …".into(),
         ),
     };
     match result {
@@ -86,6 +89,8 @@ async fn writer(args: &[String]) -> Result<(), BoxError> {
     let mut live: Vec<i64> = Vec::new();
     let mut next_id = 0i64;
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let transactions = args.iter().any(|a| a == "--transactions");
+    let mut txn_number = 0u64;
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
     while !stop_file.exists() {
         tick.tick().await;
@@ -93,6 +98,30 @@ async fn writer(args: &[String]) -> Result<(), BoxError> {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let roll = rng % 100;
+        if transactions && roll >= 90 && live.len() >= 8 {
+            // A multi-document transaction: 2 to 4 distinct documents updated together.
+            let size = 2 + (rng as usize / 100) % 3;
+            let start = (rng as usize / 1000) % live.len();
+            let ids: Vec<i64> = (0..size).map(|k| live[(start + k) % live.len()]).collect();
+            let mut session = client.start_session().await?;
+            session.start_transaction().await?;
+            let mut lines = Vec::new();
+            for &id in &ids {
+                let v = versions.get(&id).copied().unwrap_or(1) + 1;
+                coll.update_one(doc! { "_id": id }, doc! { "$set": { "version": v } })
+                    .session(&mut session)
+                    .await?;
+                versions.insert(id, v);
+                lines.push(format!("{id} v{v} t{txn_number}"));
+            }
+            session.commit_transaction().await?;
+            txn_number += 1;
+            // Logged only after the commit was acknowledged.
+            for line in lines {
+                writeln!(log, "{line}")?;
+            }
+            continue;
+        }
         let line = if roll < 15 && live.len() > 5 {
             let id = live.swap_remove((rng as usize / 100) % live.len());
             coll.delete_one(doc! { "_id": id }).await?;
@@ -149,10 +178,14 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
     let store_dir = need(args, "--store")?;
     let log_path = need(args, "--log")?;
     let client = mongodb::Client::with_uri_str(&uri).await?;
-    let log = std::fs::OpenOptions::new()
+    let concurrency: usize = value(args, "--concurrency").map_or(Ok(1), |v| v.parse())?;
+    let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)?;
+    // A new session of deliveries: the verifier checks transactions session by session.
+    writeln!(log, "# start")?;
+    log.sync_data()?;
     let processor = DocumentProcessor::builder()
         .client(client)
         .collection("soak", "docs")
@@ -161,6 +194,8 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
             BATCH,
             Duration::from_millis(500),
         )?)
+        .concurrency(concurrency)
+        .keep_transactions(args.iter().any(|a| a == "--transactions"))
         .build()?;
     processor
         .start_with_retry(default_backoff(), DeliveryLog(Mutex::new(log)))
@@ -184,6 +219,9 @@ fn count_lines(path: &Path) -> usize {
 async fn run(args: &[String]) -> Result<bool, BoxError> {
     let kills: usize = value(args, "--kills").map_or(Ok(100), |v| v.parse())?;
     let rate: u64 = value(args, "--rate").map_or(Ok(200), |v| v.parse())?;
+    let concurrency: usize = value(args, "--concurrency").map_or(Ok(1), |v| v.parse())?;
+    // Lanes are checked against a workload with multi-document transactions.
+    let transactions = concurrency > 1 || args.iter().any(|a| a == "--transactions");
     let sim = match value(args, "--uri") {
         Some(_) => None,
         None => Some(mongo_sim::MongoSim::start().await?),
@@ -206,10 +244,17 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     }
     let started = Instant::now();
     println!(
-        "soak: {kills} SIGKILLs of the consumer, writer at {rate} changes/s, logs in {}",
+        "soak: {kills} SIGKILLs of the consumer ({concurrency} lane{}), writer at {rate} changes/s{}, logs in {}",
+        if concurrency == 1 { "" } else { "s" },
+        if transactions {
+            " with transactions"
+        } else {
+            ""
+        },
         work.display()
     );
-    let consumer_args = [
+    let lanes = concurrency.to_string();
+    let mut consumer_args = vec![
         "consumer",
         "--uri",
         &uri,
@@ -217,20 +262,30 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
         store.to_str().ok_or("path")?,
         "--log",
         delivered.to_str().ok_or("path")?,
+        "--concurrency",
+        &lanes,
     ];
+    if transactions {
+        consumer_args.push("--transactions");
+    }
     let mut consumer = spawn_self(&consumer_args)?;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut writer = spawn_self(&[
+    let rate_arg = rate.to_string();
+    let mut writer_args = vec![
         "writer",
         "--uri",
         &uri,
         "--rate",
-        &rate.to_string(),
+        &rate_arg,
         "--log",
         written.to_str().ok_or("path")?,
         "--stop-file",
         stop_file.to_str().ok_or("path")?,
-    ])?;
+    ];
+    if transactions {
+        writer_args.push("--transactions");
+    }
+    let mut writer = spawn_self(&writer_args)?;
     let mut rng = started.elapsed().as_nanos() as u64 | 1;
     for k in 0..kills {
         rng ^= rng << 13;
@@ -266,15 +321,25 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     }
     consumer.kill()?;
     consumer.wait()?;
-    let delivered_log = parse(&std::fs::read_to_string(&delivered)?)?;
-    let verdict = verify(&written_log, &delivered_log, kills * BATCH as usize);
+    let delivered_text = std::fs::read_to_string(&delivered)?;
+    let delivered_log = parse(&delivered_text)?;
+    // Repeats per kill: a checkpoint batch (one per lane at least), plus one transaction
+    // (at most 4 changes) that may exceed it.
+    let per_kill = BATCH as usize + concurrency.saturating_sub(BATCH as usize) + 4;
+    let verdict = verify(&written_log, &delivered_log, kills * per_kill);
     println!("\nverifier: {verdict}");
+    let mut whole = true;
+    if transactions {
+        let txns = verify_transactions(&std::fs::read_to_string(&written)?, &delivered_text)?;
+        println!("verifier: {txns}");
+        whole = txns.not_whole == 0 && txns.transactions > 0;
+    }
     println!(
         "soak: {} kills in {:.0} s",
         kills,
         started.elapsed().as_secs_f64()
     );
-    let ok = verdict.holds();
+    let ok = verdict.holds() && whole;
     println!(
         "soak: {}",
         if ok {
