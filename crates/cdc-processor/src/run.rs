@@ -192,11 +192,7 @@ impl DocumentProcessor {
                 batch = rx.recv() => batch,
             };
             let Some(batch) = batch else {
-                return Err(cdc_core::Error::source(
-                    ErrorKind::Transient,
-                    "the cursor reader ended unexpectedly",
-                )
-                .into());
+                return Err(reader_ended());
             };
             for item in batch {
                 // Events not yet tracked are simply read again after a stop.
@@ -328,11 +324,7 @@ impl DocumentProcessor {
                     batch = rx.recv() => batch,
                 };
                 let Some(batch) = batch else {
-                    return Err(cdc_core::Error::source(
-                        ErrorKind::Transient,
-                        "the cursor reader ended unexpectedly",
-                    )
-                    .into());
+                    return Err(reader_ended());
                 };
                 for item in batch {
                     // Events not yet tracked are simply read again after a stop.
@@ -577,4 +569,9 @@ struct OpenTransaction {
 /// `(lsid, txnNumber)`: the identity of an event's transaction, if it has one.
 fn transaction_key(event: &ChangeEvent) -> Option<(Vec<u8>, i64)> {
     Some((event.lsid()?.as_bytes().to_vec(), event.txn_number?))
+}
+
+/// The reader task's channel closed without a last item: a transient failure.
+fn reader_ended() -> Error {
+    cdc_core::Error::source(ErrorKind::Transient, "the cursor reader ended unexpectedly").into()
 }

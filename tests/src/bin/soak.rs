@@ -323,9 +323,9 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     consumer.wait()?;
     let delivered_text = std::fs::read_to_string(&delivered)?;
     let delivered_log = parse(&delivered_text)?;
-    // Repeats per kill: a checkpoint batch (one per lane at least), plus one transaction
-    // (at most 4 changes) that may exceed it.
-    let per_kill = BATCH as usize + concurrency.saturating_sub(BATCH as usize) + 4;
+    // Repeats per kill: a checkpoint batch (at least one event per lane), plus, with
+    // transactions, one transaction (at most 4 changes) that may exceed it.
+    let per_kill = (BATCH as usize).max(concurrency) + if transactions { 4 } else { 0 };
     let verdict = verify(&written_log, &delivered_log, kills * per_kill);
     println!("\nverifier: {verdict}");
     let mut whole = true;

@@ -587,31 +587,44 @@ async fn large_documents_memory(
         coll.insert_one(doc! { "_id": i as i64, "body": body.as_str() })
             .await?;
     }
-    let mut child = tokio::process::Command::new(std::env::current_exe()?);
-    if fixed_mmap_threshold {
-        // glibc raises its mmap threshold after freeing large blocks, then keeps later
-        // ones in its arenas: fixed, each 1 MiB buffer goes back to the system when freed.
-        child.env("MALLOC_MMAP_THRESHOLD_", "131072");
-    }
-    let out = child
-        .args([
-            "consume",
+    // glibc raises its mmap threshold after freeing large blocks, then keeps later ones in
+    // its arenas: fixed, each 1 MiB buffer goes back to the system when freed.
+    let env = fixed_mmap_threshold.then_some(("MALLOC_MMAP_THRESHOLD_", "131072"));
+    let (docs, budget, token) = (
+        docs.to_string(),
+        budget_mib.to_string(),
+        crate::hex(start.token.as_bytes()),
+    );
+    let words = consumer_child(
+        &[
             "--uri",
             uri,
             "--coll",
             coll_name,
             "--events",
-            &docs.to_string(),
+            &docs,
             "--delay-ms",
             "5",
             "--max-buffered-mib",
-            &budget_mib.to_string(),
+            &budget,
             "--token",
-            &crate::hex(start.token.as_bytes()),
-        ])
-        .output()
-        .await?;
+            &token,
+        ],
+        env,
+    )
+    .await;
     coll.drop().await?;
+    peak_mib(&words?)
+}
+
+/// Runs the `consume` child with `args` (and `env`), returning the words it printed:
+/// `peak_rss_kib <n> elapsed_s <s> largest_event_bytes <b>`.
+async fn consumer_child(args: &[&str], env: Option<(&str, &str)>) -> Result<Vec<String>, BoxError> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?);
+    if let Some((key, value)) = env {
+        child.env(key, value);
+    }
+    let out = child.arg("consume").args(args).output().await?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!(
@@ -620,7 +633,12 @@ async fn large_documents_memory(
         )
         .into());
     }
-    let kib: f64 = text.split_whitespace().nth(1).ok_or("no figure")?.parse()?;
+    Ok(text.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The peak RSS a consumer child printed, in MiB.
+fn peak_mib(words: &[String]) -> Result<f64, BoxError> {
+    let kib: f64 = words.get(1).ok_or("no figure")?.parse()?;
     Ok(kib / 1024.0)
 }
 
@@ -645,66 +663,37 @@ async fn split_memory(
     let start = head_point(&coll).await?;
     coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "a": field('y') } })
         .await?;
-    let out = tokio::process::Command::new(std::env::current_exe()?)
-        .args([
-            "consume",
-            "--uri",
-            uri,
-            "--coll",
-            coll_name,
-            "--events",
-            "1",
-            "--split",
-            "--token",
-            &crate::hex(start.token.as_bytes()),
-        ])
-        .output()
-        .await?;
+    let token = crate::hex(start.token.as_bytes());
+    let words = consumer_child(
+        &[
+            "--uri", uri, "--coll", coll_name, "--events", "1", "--split", "--token", &token,
+        ],
+        None,
+    )
+    .await;
     coll.drop().await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "consumer failed: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let kib: f64 = words.get(1).ok_or("no figure")?.parse()?;
+    let words = words?;
     let bytes: f64 = words.get(5).ok_or("no event size")?.parse()?;
-    Ok((bytes / (1024.0 * 1024.0), kib / 1024.0))
+    Ok((bytes / (1024.0 * 1024.0), peak_mib(&words)?))
 }
 
+/// Peak consumer RSS while a burst of `events` pre-loaded inserts is drained.
 async fn peak_memory(uri: &str, client: &Client, events: usize) -> Result<f64, BoxError> {
     let coll_name = format!("burst{events}");
     let coll = client.database("bench").collection::<Document>(&coll_name);
     let start = head_point(&coll).await?;
     preload(&coll, events, 0).await?;
-    let out = tokio::process::Command::new(std::env::current_exe()?)
-        .args([
-            "consume",
-            "--uri",
-            uri,
-            "--coll",
-            &coll_name,
-            "--events",
-            &events.to_string(),
-            "--token",
-            &crate::hex(start.token.as_bytes()),
-        ])
-        .output()
-        .await?;
+    let events = events.to_string();
+    let token = crate::hex(start.token.as_bytes());
+    let words = consumer_child(
+        &[
+            "--uri", uri, "--coll", &coll_name, "--events", &events, "--token", &token,
+        ],
+        None,
+    )
+    .await;
     coll.drop().await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "consumer failed: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    let kib: f64 = text.split_whitespace().nth(1).ok_or("no figure")?.parse()?;
-    Ok(kib / 1024.0)
+    peak_mib(&words?)
 }
 
 /// Time from restart to the first answered read, from an old event token versus a fresh
