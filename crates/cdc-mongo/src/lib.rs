@@ -18,8 +18,12 @@
 //!     SourceOptions::default().full_document(FullDocument::UpdateLookup),
 //! );
 //! let mut cursor = source.open(&StartPosition::Now).await?;
-//! while let Some(event) = cursor.next().await? {
-//!     println!("{} {:?}", event.operation_type, event.document_id());
+//! // `Ok(None)` is an empty round trip (the cursor's resume token may have moved), not
+//! // the end: the stream ends only when the server closes it (an invalidate).
+//! while !cursor.is_closed() {
+//!     if let Some(event) = cursor.next().await? {
+//!         println!("{} {:?}", event.operation_type, event.document_id());
+//!     }
 //! }
 //! # Ok(()) }
 //! ```

@@ -25,12 +25,12 @@ pub enum Error {
     #[error("invalid processor configuration: {0}")]
     Config(String),
     /// A resume store call did not answer in time.
-    #[error("resume store did not answer within {seconds} s for stream `{stream}`")]
+    #[error("resume store did not answer within {} s for stream `{stream}`", timeout.as_secs_f64())]
     StoreTimeout {
         /// The stream.
         stream: String,
-        /// The timeout.
-        seconds: u64,
+        /// The timeout (sub-second ones kept).
+        timeout: std::time::Duration,
     },
 }
 

@@ -61,9 +61,17 @@ pub use retry::default_backoff;
 pub use stats::Stats;
 
 pub use cdc_core::{
-    BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DispatchChain, Dispatcher, FnDispatcher,
-    Namespace, OperationType, ResumePoint, ResumeStore, ResumeToken,
+    BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DispatchChain, Dispatcher, ErrorKind,
+    FnDispatcher, HistoryGap, Namespace, OperationType, ResumePoint, ResumeStore, ResumeToken,
+    StartPosition,
 };
+
+/// The `bson` crate this one is built with: use it rather than a `bson` of your own, so
+/// documents and tokens are the same types (a second major would not be).
+pub use bson;
+/// The `mongodb` driver this one is built with (for `connect`'s `Client`, options and
+/// errors), for the same reason.
+pub use cdc_mongo::mongodb;
 pub use cdc_mongo::{
     BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions, connect,
 };

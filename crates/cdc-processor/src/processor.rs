@@ -194,9 +194,9 @@ fn clone_error(e: &Error) -> Error {
         Error::AlreadyRunning(s) => Error::AlreadyRunning(s.clone()),
         Error::Invalidated(s) => Error::Invalidated(s.clone()),
         Error::Config(s) => Error::Config(s.clone()),
-        Error::StoreTimeout { stream, seconds } => Error::StoreTimeout {
+        Error::StoreTimeout { stream, timeout } => Error::StoreTimeout {
             stream: stream.clone(),
-            seconds: *seconds,
+            timeout: *timeout,
         },
         Error::Cdc(inner) => {
             let mut text = inner.to_string();

@@ -40,7 +40,7 @@ impl DocumentProcessor {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::StoreTimeout {
                 stream: s.stream_id.clone(),
-                seconds: s.store_timeout.as_secs(),
+                timeout: s.store_timeout,
             }),
         }
     }

@@ -511,3 +511,20 @@ async fn out_of_order_lane_completions_never_save_past_an_unfinished_event() {
     sorted.sort_by_key(ToString::to_string);
     assert_eq!(saved, sorted, "points only move forwards");
 }
+
+/// What users name is reachable through the facade, with the facade's own `bson` and
+/// `mongodb` (one major of each).
+#[test]
+fn the_facade_re_exports_what_users_name() {
+    let document: cdc_processor::bson::Document = cdc_processor::bson::doc! { "_id": 1 };
+    let token =
+        cdc_processor::ResumeToken::from_document(&cdc_processor::bson::doc! { "_data": "82" })
+            .unwrap();
+    let position = cdc_processor::StartPosition::ResumeAfter(token);
+    assert!(position.token().is_some());
+    assert!(cdc_processor::ErrorKind::Transient.is_retryable());
+    let gap = cdc_processor::HistoryGap::new(None, None);
+    assert!(!gap.to_string().is_empty());
+    let _options = cdc_processor::mongodb::options::ClientOptions::default();
+    assert_eq!(document.get_i32("_id").unwrap(), 1);
+}
