@@ -88,12 +88,19 @@ pub enum Error {
         attempted: ClusterTime,
     },
     /// A handler returned an error for an event; the stream stops with it.
-    #[error("handler failed on the {operation} event at {cluster_time}")]
+    #[error(
+        "handler failed on the {operation} event at {cluster_time}{}",
+        document_id.as_ref().map(|id| format!(" of document {id}")).unwrap_or_default()
+    )]
     Handler {
         /// The event's operation type.
         operation: OperationType,
         /// The event's cluster time.
         cluster_time: ClusterTime,
+        /// The changed document's `_id` as text, when the event has one.
+        document_id: Option<String>,
+        /// The event's resume token (resume after it to skip the event by hand).
+        token: Option<crate::ResumeToken>,
         /// The handler's error.
         #[source]
         source: BoxError,

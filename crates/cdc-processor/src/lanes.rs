@@ -92,6 +92,8 @@ pub(crate) fn handler_error(event: &ChangeEvent, source: BoxError) -> cdc_core::
     cdc_core::Error::Handler {
         operation: event.operation_type.clone(),
         cluster_time: event.cluster_time,
+        document_id: event.document_id_string(),
+        token: Some(event.token.clone()),
         source,
     }
 }

@@ -226,6 +226,19 @@ async fn an_error_mid_batch_saves_only_what_succeeded() {
     let p = processor(source, store, batched());
     let err = p.start(handler).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Handler);
+    // The error names the event: its document and its resume token.
+    assert!(err.to_string().contains("of document 2"), "{err}");
+    match &err {
+        cdc_processor::Error::Cdc(cdc_core::Error::Handler {
+            document_id,
+            token: t,
+            ..
+        }) => {
+            assert_eq!(document_id.as_deref(), Some("2"));
+            assert_eq!(t.as_ref(), Some(&token(2)));
+        }
+        other => panic!("not a handler error: {other:?}"),
+    }
     assert_eq!(
         *saved.lock().unwrap(),
         vec![token(1)],
