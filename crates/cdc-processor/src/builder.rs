@@ -15,6 +15,9 @@ use crate::{
 
 use cdc_mongo::mongodb as mongodb_client;
 
+/// The default of [`Builder::stop_timeout`]: 25 s.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(25);
+
 /// The default of [`Builder::max_buffered_bytes`]: 64 MiB.
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 * 1024 * 1024;
 
@@ -52,6 +55,7 @@ pub struct Builder {
     keep_transactions: Option<bool>,
     max_buffered_bytes: usize,
     batch: BatchLimits,
+    stop_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -83,6 +87,7 @@ impl Default for Builder {
             keep_transactions: None,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             batch: BatchLimits::default(),
+            stop_timeout: Some(DEFAULT_STOP_TIMEOUT),
         }
     }
 }
@@ -286,6 +291,17 @@ impl Builder {
         self
     }
 
+    /// How long handler calls in flight may run after [`DocumentProcessor::stop`] (default
+    /// 25 s, within the usual 30 s between SIGTERM and SIGKILL): after it they are
+    /// cancelled (their futures dropped), their events are not acknowledged and come
+    /// again, and the final checkpoint is written, so `start` returns within this plus the
+    /// store timeout. `None` waits for them however long they take.
+    #[must_use]
+    pub fn stop_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.stop_timeout = timeout;
+        self
+    }
+
     /// Builds the processor.
     ///
     /// # Errors
@@ -333,6 +349,7 @@ impl Builder {
             keep_transactions: self.keep_transactions,
             max_buffered_bytes: self.max_buffered_bytes,
             batch: self.batch,
+            stop_timeout: self.stop_timeout,
         }))
     }
 }

@@ -29,6 +29,7 @@ pub struct HandlerContext {
     lane: Option<usize>,
     attempt: u32,
     cancel: CancellationToken,
+    stop_timeout: Option<std::time::Duration>,
     transaction: Option<TransactionPosition>,
 }
 
@@ -37,12 +38,28 @@ tokio::task_local! {
 }
 
 impl HandlerContext {
-    pub(crate) fn new(lane: Option<usize>, attempt: u32, cancel: CancellationToken) -> Self {
+    pub(crate) fn new(
+        lane: Option<usize>,
+        attempt: u32,
+        cancel: CancellationToken,
+        stop_timeout: Option<std::time::Duration>,
+    ) -> Self {
         Self {
             lane,
             attempt,
             cancel,
+            stop_timeout,
             transaction: None,
+        }
+    }
+
+    /// Resolves when a handler call must be abandoned: the stop timeout has run out since
+    /// `stop()` (never, without a stop timeout).
+    pub(crate) async fn stop_deadline(&self) {
+        self.cancel.cancelled().await;
+        match self.stop_timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
         }
     }
 

@@ -136,6 +136,25 @@ pub(crate) async fn handle(
     }
 }
 
+/// Handles units as [`handle`] does, unless the stop timeout runs out first: then the
+/// call is dropped (cancelled) and the units are not acknowledged (they come again).
+pub(crate) async fn handle_until_deadline(
+    handler: &Handler,
+    units: &[Unit],
+    ctx: &HandlerContext,
+) -> Outcome {
+    tokio::select! {
+        result = handle(handler, units, ctx) => match result {
+            Ok(()) => Outcome::Handled,
+            Err(e) => Outcome::Failed(e),
+        },
+        () = ctx.stop_deadline() => {
+            tracing::warn!("a handler did not finish within the stop timeout: cancelled, its events come again");
+            Outcome::Skipped
+        }
+    }
+}
+
 /// The lanes of one run.
 pub(crate) struct Lanes {
     senders: Vec<mpsc::Sender<Unit>>,
@@ -169,6 +188,7 @@ impl Lanes {
         handler: &Handler,
         attempt: u32,
         cancel: &CancellationToken,
+        stop_timeout: Option<std::time::Duration>,
     ) -> Self {
         let (done_tx, done) = mpsc::unbounded_channel();
         let mut senders = Vec::with_capacity(n);
@@ -176,7 +196,7 @@ impl Lanes {
         for lane in 0..n {
             let (tx, rx) = mpsc::channel(queue.max(1));
             senders.push(tx);
-            let ctx = HandlerContext::new(Some(lane), attempt, cancel.clone());
+            let ctx = HandlerContext::new(Some(lane), attempt, cancel.clone(), stop_timeout);
             tasks.push(tokio::spawn(run_lane(
                 rx,
                 done_tx.clone(),
@@ -259,12 +279,12 @@ async fn run_lane(
         if let Handler::Batch(_, limits) = &handler {
             carry = gather(&mut rx, &mut units, limits).await;
         }
-        let outcome = match handle(&handler, &units, &ctx).await {
-            Ok(()) => Outcome::Handled,
-            Err(e) => {
+        let outcome = match handle_until_deadline(&handler, &units, &ctx).await {
+            Outcome::Failed(e) => {
                 failed = true;
                 Outcome::Failed(e)
             }
+            other => other,
         };
         if done.send(Done { units, outcome }).is_err() {
             return;

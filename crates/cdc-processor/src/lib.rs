@@ -50,7 +50,9 @@ mod retry;
 mod run;
 mod stats;
 
-pub use builder::{Builder, DEFAULT_MAX_BUFFERED_BYTES, default_source_options};
+pub use builder::{
+    Builder, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_STOP_TIMEOUT, default_source_options,
+};
 pub use context::{Batch, BatchDispatcher, HandlerContext, TransactionPosition};
 pub use error::{Error, Result};
 pub use handler::{

@@ -45,6 +45,8 @@ pub(crate) struct Settings {
     pub(crate) max_buffered_bytes: usize,
     /// The limits of a batch, for batch handlers.
     pub(crate) batch: crate::context::BatchLimits,
+    /// How long handlers in flight may take after `stop()` before they are cancelled.
+    pub(crate) stop_timeout: Option<std::time::Duration>,
 }
 
 pub(crate) struct Inner {
@@ -138,9 +140,10 @@ impl DocumentProcessor {
         StopHandle(self.inner.cancel.clone())
     }
 
-    /// Asks the processor to stop, gracefully: no new event is taken, the handler call in
-    /// flight finishes, the final checkpoint is written, the cursor is closed, then
-    /// `start` returns `Ok`. Safe before `start`, twice, or from inside a handler. A
+    /// Asks the processor to stop, gracefully: no new event is taken, the handler calls in
+    /// flight finish (or, after [`crate::Builder::stop_timeout`], are cancelled and their
+    /// events not acknowledged, so they come again), the final checkpoint is written, the
+    /// cursor is closed, then `start` returns `Ok`. Safe before `start`, twice, or from inside a handler. A
     /// processor stops once: build a new one to run again.
     pub fn stop(&self) {
         self.inner.cancel.cancel();

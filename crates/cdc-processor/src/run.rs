@@ -14,8 +14,8 @@ use crate::{
     DocumentProcessor, Error, Result,
     context::HandlerContext,
     lanes::{
-        Done, Handler, Lanes, Outcome as LaneOutcome, Tracked, Unit, catch_panic, handle,
-        handler_error,
+        Done, Handler, Lanes, Outcome as LaneOutcome, Tracked, Unit, catch_panic,
+        handle_until_deadline, handler_error,
     },
     processor::InvalidatePolicy,
     reader::{Budget, HANDOFF, Item, read_ahead},
@@ -135,6 +135,7 @@ impl DocumentProcessor {
                         handler,
                         attempt,
                         &self.inner.cancel,
+                        s.stop_timeout,
                     );
                     let keep = s.keep_transactions.unwrap_or(s.concurrency > 1);
                     let outcome = self
@@ -226,7 +227,15 @@ impl DocumentProcessor {
                 // `saved_at` is stamped when the point is saved.
                 let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
                 let ctx = self.context(Some(0));
-                if let Err(source) = catch_panic(ctx.scope(handler.dispatch(&event, None))).await {
+                let call = catch_panic(ctx.clone().scope(handler.dispatch(&event, None)));
+                let result = tokio::select! {
+                    result = call => result,
+                    () = ctx.stop_deadline() => {
+                        tracing::warn!("the handler did not finish within the stop timeout: cancelled, its event comes again");
+                        return Ok(Step::End(Outcome::Stopped));
+                    }
+                };
+                if let Err(source) = result {
                     return Err(handler_error(&event, source).into());
                 }
                 drop(bytes);
@@ -294,7 +303,12 @@ impl DocumentProcessor {
             .inner
             .attempts
             .load(std::sync::atomic::Ordering::Relaxed);
-        HandlerContext::new(lane, attempt, self.inner.cancel.clone())
+        HandlerContext::new(
+            lane,
+            attempt,
+            self.inner.cancel.clone(),
+            self.inner.settings.stop_timeout,
+        )
     }
 
     /// The run loop with lanes (or a batch handler): routes each event to the lane of its
@@ -494,10 +508,7 @@ impl DocumentProcessor {
             None => {
                 let ctx = self.context(None);
                 let units = vec![unit];
-                let outcome = match handle(handler, &units, &ctx).await {
-                    Ok(()) => LaneOutcome::Handled,
-                    Err(e) => LaneOutcome::Failed(e),
-                };
+                let outcome = handle_until_deadline(handler, &units, &ctx).await;
                 self.complete(Done { units, outcome }, cp).await?;
             }
         }

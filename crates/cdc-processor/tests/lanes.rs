@@ -510,3 +510,71 @@ async fn the_context_carries_the_stop_signal_and_the_attempt() {
     assert_eq!(waiter.0.lock().unwrap().as_slice(), &[true]);
     env.deployment.shutdown().await;
 }
+
+/// Hangs forever on the event of document 2; records what it started and finished.
+#[derive(Clone, Default)]
+struct Hang {
+    started: Arc<Mutex<Vec<Bson>>>,
+    finished: Arc<Mutex<Vec<Bson>>>,
+}
+
+#[async_trait]
+impl Dispatcher for Hang {
+    async fn dispatch(&self, e: &ChangeEvent, _: Option<BoxError>) -> Result<(), BoxError> {
+        let id = e.document_id().unwrap_or(Bson::Null);
+        self.started.lock().unwrap().push(id.clone());
+        if id == Bson::Int32(2) {
+            std::future::pending::<()>().await;
+        }
+        self.finished.lock().unwrap().push(id);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_handler_is_cancelled_at_the_stop_timeout_and_its_event_comes_again() {
+    for lanes in [1, 4] {
+        let env = Env::new(&format!("lanes_stop_timeout_{lanes}")).await;
+        let p = env
+            .builder()
+            .concurrency(lanes)
+            .stop_timeout(Some(Duration::from_millis(300)))
+            .build()
+            .unwrap();
+        let hang = Hang::default();
+        let runner = p.clone();
+        let handler = hang.clone();
+        let task = tokio::spawn(async move { runner.start(handler).await });
+        opened(&p).await;
+        for i in 1..=3 {
+            env.coll().insert_one(doc! { "_id": i }).await.unwrap();
+        }
+        let started = hang.clone();
+        until("the hanging call", move || {
+            started.started.lock().unwrap().contains(&Bson::Int32(2))
+        })
+        .await;
+        p.stop();
+        // `start` returns although the handler never does.
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("start returned after the stop timeout")
+            .unwrap()
+            .unwrap();
+        assert!(!hang.finished.lock().unwrap().contains(&Bson::Int32(2)));
+        // The cancelled event was not acknowledged: a new processor gets it again.
+        let again = env.builder().concurrency(lanes).build().unwrap();
+        let rec = Recorder::default();
+        let runner = again.clone();
+        let handler = rec.clone();
+        let task = tokio::spawn(async move { runner.start(handler).await });
+        let seen = rec.clone();
+        until("the cancelled event, again", move || {
+            seen.seen().iter().any(|s| s.id == Bson::Int32(2))
+        })
+        .await;
+        again.stop();
+        task.await.unwrap().unwrap();
+        env.deployment.shutdown().await;
+    }
+}
