@@ -48,7 +48,7 @@ pub enum Error {
         problem: String,
     },
     /// The change stream source failed; `kind` says whether to retry.
-    #[error("change stream failed ({kind:?})")]
+    #[error("change stream failed ({kind:?}): {source}")]
     Source {
         /// How the failure was classified (from server codes and labels).
         kind: ErrorKind,
@@ -57,7 +57,7 @@ pub enum Error {
         source: BoxError,
     },
     /// The resume store failed to read or write the point of `stream`.
-    #[error("resume store failed for stream `{stream}`")]
+    #[error("resume store failed for stream `{stream}`: {source}")]
     Store {
         /// The stream whose point was being read or written.
         stream: String,
@@ -89,7 +89,7 @@ pub enum Error {
     },
     /// A handler returned an error for an event; the stream stops with it.
     #[error(
-        "handler failed on the {operation} event at {cluster_time}{}",
+        "handler failed on the {operation} event at {cluster_time}{}: {source}",
         document_id.as_ref().map(|id| format!(" of document {id}")).unwrap_or_default()
     )]
     Handler {

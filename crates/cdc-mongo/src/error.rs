@@ -12,7 +12,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The driver failed; `kind` says what it means for a retry loop.
-    #[error("MongoDB {operation} failed ({kind:?})")]
+    #[error("MongoDB {operation} failed ({kind:?}): {source}")]
     Driver {
         /// What was being done.
         operation: &'static str,
@@ -43,7 +43,7 @@ pub enum Error {
         message: String,
     },
     /// A change event from the server could not be decoded.
-    #[error("undecodable change event")]
+    #[error("undecodable change event: {0}")]
     Decode(#[source] cdc_core::Error),
     /// A change event exceeds 16 MiB (BSONObjectTooLarge, 10334) and the stream does not
     /// split large events. Not retryable: the same event fails again.

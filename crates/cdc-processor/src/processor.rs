@@ -201,15 +201,8 @@ fn clone_error(e: &Error) -> Error {
             stream: stream.clone(),
             timeout: *timeout,
         },
-        Error::Cdc(inner) => {
-            let mut text = inner.to_string();
-            let mut source = std::error::Error::source(inner);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            Error::Cdc(cdc_core::Error::source(inner.kind(), text))
-        }
+        // The message already carries its causes (every error of the workspace shows its
+        // source in its own message).
+        Error::Cdc(inner) => Error::Cdc(cdc_core::Error::source(inner.kind(), inner.to_string())),
     }
 }

@@ -541,3 +541,39 @@ fn the_facade_re_exports_what_users_name() {
     let _options = cdc_processor::mongodb::options::ClientOptions::default();
     assert_eq!(document.get_i32("_id").unwrap(), 1);
 }
+
+/// An error's message carries its cause, for `start`'s error, the published copy and the
+/// stats: "resume store failed" alone says nothing about why.
+#[tokio::test]
+async fn errors_name_their_cause() {
+    let mut store = MockStore::new();
+    store.expect_load().returning(|stream| {
+        Err(cdc_core::Error::store(
+            stream,
+            "cannot connect to 127.0.0.1:1: Connection refused (os error 111)",
+        ))
+    });
+    store
+        .expect_describe()
+        .returning(|| "unreachable store".into());
+    let source = source_with(Vec::new());
+    let p = processor(source, store, batched());
+    let mut published = p.on_start_err();
+    let err = p
+        .start(cdc_core::FnDispatcher(
+            |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
+        ))
+        .await
+        .unwrap_err();
+    let want = "Connection refused (os error 111)";
+    assert!(
+        err.to_string()
+            .contains("resume store failed for stream `s`"),
+        "{err}"
+    );
+    assert!(err.to_string().contains(want), "{err}");
+    let copy = published.recv().await.unwrap();
+    assert!(copy.to_string().contains(want), "{copy}");
+    assert_eq!(copy.kind(), ErrorKind::Store);
+    assert!(p.stats().last_error.unwrap().contains(want));
+}
