@@ -21,6 +21,10 @@ pub enum Error {
         "stream `{0}` was invalidated (collection dropped or renamed) and the policy is to stop"
     )]
     Invalidated(String),
+    /// `start` was called on a processor that was stopped: a processor runs once; build
+    /// another to run again.
+    #[error("the processor for stream `{0}` was stopped; build a new one to run again")]
+    Stopped(String),
     /// The builder was given an inconsistent configuration.
     #[error("invalid processor configuration: {0}")]
     Config(String),
@@ -40,7 +44,9 @@ impl Error {
         match self {
             Self::Cdc(e) => e.kind(),
             Self::StoreTimeout { .. } => ErrorKind::Store,
-            Self::AlreadyRunning(_) | Self::Invalidated(_) | Self::Config(_) => ErrorKind::Fatal,
+            Self::AlreadyRunning(_) | Self::Stopped(_) | Self::Invalidated(_) | Self::Config(_) => {
+                ErrorKind::Fatal
+            }
         }
     }
 

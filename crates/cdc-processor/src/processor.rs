@@ -154,9 +154,18 @@ impl DocumentProcessor {
     /// # Errors
     /// The error that ended the stream: a source, store or handler failure
     /// ([`Error::Cdc`]), [`Error::Invalidated`] under [`InvalidatePolicy::Stop`],
-    /// [`Error::AlreadyRunning`].
+    /// [`Error::AlreadyRunning`], [`Error::Stopped`] when the processor was already stopped.
     pub async fn start(&self, handler: impl Dispatcher + 'static) -> Result<()> {
+        self.not_stopped()?;
         self.run_guarded(&Handler::Event(Arc::new(handler))).await
+    }
+
+    /// [`Error::Stopped`] once `stop()` was called: a processor runs once.
+    pub(crate) fn not_stopped(&self) -> Result<()> {
+        if self.inner.cancel.is_cancelled() {
+            return Err(Error::Stopped(self.stream_id().to_owned()));
+        }
+        Ok(())
     }
 
     /// Runs until stopped or failed, handing events to `handler` in batches (per lane with
@@ -167,6 +176,7 @@ impl DocumentProcessor {
     /// # Errors
     /// As [`DocumentProcessor::start`].
     pub async fn start_batches(&self, handler: impl BatchDispatcher + 'static) -> Result<()> {
+        self.not_stopped()?;
         self.run_guarded(&self.batch_handler(handler)).await
     }
 
@@ -195,6 +205,7 @@ impl DocumentProcessor {
 fn clone_error(e: &Error) -> Error {
     match e {
         Error::AlreadyRunning(s) => Error::AlreadyRunning(s.clone()),
+        Error::Stopped(s) => Error::Stopped(s.clone()),
         Error::Invalidated(s) => Error::Invalidated(s.clone()),
         Error::Config(s) => Error::Config(s.clone()),
         Error::StoreTimeout { stream, timeout } => Error::StoreTimeout {

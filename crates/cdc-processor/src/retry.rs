@@ -1,12 +1,10 @@
 //! The retry loop: runs the processor again after retryable failures, with a backoff the
 //! caller chooses.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use backon::BackoffBuilder;
 use cdc_core::{Dispatcher, ErrorKind};
-
-use std::sync::Arc;
 
 use crate::{DocumentProcessor, Result, context::BatchDispatcher, lanes::Handler};
 
@@ -16,8 +14,14 @@ impl DocumentProcessor {
     /// given backoff; [`default_backoff`] is exponential with jitter. The backoff starts
     /// over after a run that handled at least one event. Fatal errors end it at once.
     ///
+    /// A `stop()` that lands while it waits to retry ends it with `Ok` (the stop is
+    /// graceful); the failure that caused the wait stays visible in
+    /// [`crate::Stats::last_error`] and was published on
+    /// [`DocumentProcessor::on_start_err`] when it happened.
+    ///
     /// # Errors
-    /// The first error not worth retrying, or the last one when the backoff gives up.
+    /// The first error not worth retrying, or the last one when the backoff gives up;
+    /// [`crate::Error::Stopped`] when the processor was already stopped.
     pub async fn start_with_retry<B>(
         &self,
         backoff: B,
@@ -26,6 +30,7 @@ impl DocumentProcessor {
     where
         B: BackoffBuilder + Clone,
     {
+        self.not_stopped()?;
         self.retry_loop(backoff, &Handler::Event(Arc::new(handler)))
             .await
     }
@@ -43,6 +48,7 @@ impl DocumentProcessor {
     where
         B: BackoffBuilder + Clone,
     {
+        self.not_stopped()?;
         let handler = self.batch_handler(handler);
         self.retry_loop(backoff, &handler).await
     }

@@ -789,11 +789,13 @@ async fn typed_watcher_and_stop_from_inside_a_handler() {
         .await
         .unwrap();
     let p = env.builder().build().unwrap();
-    // Stop before start and twice: harmless.
+    // Stop before start, and twice: harmless; a stopped processor does not start again.
     let idle = env.builder().stream_id("idle").build().unwrap();
     idle.stop();
     idle.stop();
-    assert!(idle.start(Recorder::default()).await.is_ok());
+    let err = idle.start(Recorder::default()).await.unwrap_err();
+    assert!(matches!(err, Error::Stopped(ref s) if s == "idle"), "{err}");
+    assert!(!err.is_retryable());
 
     let typed = TypedRec::default();
     let stop = p.stop_handle();

@@ -577,3 +577,55 @@ async fn errors_name_their_cause() {
     assert_eq!(copy.kind(), ErrorKind::Store);
     assert!(p.stats().last_error.unwrap().contains(want));
 }
+
+/// A stop during the wait before a retry ends `start_with_retry` with `Ok`, and the
+/// failure that caused the wait stays visible in the stats and on the broadcast.
+#[tokio::test]
+async fn a_stop_during_a_retry_wait_keeps_the_cause_visible() {
+    let mut store = MockStore::new();
+    store.expect_load().returning(|stream| {
+        Err(cdc_core::Error::store(
+            stream,
+            "the store is down for maintenance",
+        ))
+    });
+    store.expect_describe().returning(|| "store".into());
+    let p = processor(source_with(Vec::new()), store, batched());
+    let mut published = p.on_start_err();
+    let runner = p.clone();
+    let task = tokio::spawn(async move {
+        runner
+            .start_with_retry(
+                cdc_processor::backon::ConstantBuilder::default()
+                    .with_delay(Duration::from_secs(3600))
+                    .without_max_times(),
+                cdc_core::FnDispatcher(|_: &ChangeEvent, _: Option<BoxError>| Ok(())),
+            )
+            .await
+    });
+    let cause = published.recv().await.unwrap();
+    assert!(
+        cause.to_string().contains("down for maintenance"),
+        "{cause}"
+    );
+    p.stop();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        p.stats()
+            .last_error
+            .unwrap()
+            .contains("down for maintenance")
+    );
+    // A stopped processor does not start again.
+    let again = p
+        .start(cdc_core::FnDispatcher(
+            |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(again, cdc_processor::Error::Stopped(_)), "{again}");
+}
