@@ -92,6 +92,15 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Runs the processor with `handler` in the background.
+fn spawn(
+    p: &DocumentProcessor,
+    handler: impl Dispatcher + 'static,
+) -> tokio::task::JoinHandle<cdc_processor::Result<()>> {
+    let p = p.clone();
+    tokio::spawn(async move { p.start(handler).await })
+}
+
 /// Waits until the processor has opened its stream (it saves its opening position).
 async fn opened(p: &DocumentProcessor) {
     let p = p.clone();
@@ -180,9 +189,7 @@ async fn lanes_keep_each_keys_order_and_run_keys_concurrently() {
         sleep_ms: 1,
         ..Recorder::default()
     };
-    let runner = p.clone();
-    let handler = rec.clone();
-    let task = tokio::spawn(async move { runner.start(handler).await });
+    let task = spawn(&p, rec.clone());
     opened(&p).await;
     let (keys, versions) = (40, 8);
     for v in 0..versions {
@@ -253,9 +260,7 @@ async fn events_without_a_key_are_barriers_handled_alone() {
         sleep_ms: 2,
         ..Recorder::default()
     };
-    let runner = p.clone();
-    let handler = rec.clone();
-    let task = tokio::spawn(async move { runner.start(handler).await });
+    let task = spawn(&p, rec.clone());
     opened(&p).await;
     env.coll()
         .insert_many((0..30).map(|i| doc! { "_id": i }))
@@ -318,9 +323,7 @@ async fn transactions_are_handled_whole_and_never_checkpointed_inside() {
         sleep_ms: 1,
         ..Recorder::default()
     };
-    let runner = p.clone();
-    let handler = rec.clone();
-    let task = tokio::spawn(async move { runner.start(handler).await });
+    let task = spawn(&p, rec.clone());
     opened(&p).await;
     env.coll().insert_one(doc! { "_id": 1000 }).await.unwrap();
     let mut session = env.client.start_session().await.unwrap();
@@ -494,9 +497,7 @@ async fn the_context_carries_the_stop_signal_and_the_attempt() {
         .build()
         .unwrap();
     let waiter = Waiter::default();
-    let runner = q.clone();
-    let handler = waiter.clone();
-    let task = tokio::spawn(async move { runner.start(handler).await });
+    let task = spawn(&q, waiter.clone());
     opened(&q).await;
     env.coll().insert_one(doc! { "_id": 50 }).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -542,9 +543,7 @@ async fn a_hanging_handler_is_cancelled_at_the_stop_timeout_and_its_event_comes_
             .build()
             .unwrap();
         let hang = Hang::default();
-        let runner = p.clone();
-        let handler = hang.clone();
-        let task = tokio::spawn(async move { runner.start(handler).await });
+        let task = spawn(&p, hang.clone());
         opened(&p).await;
         for i in 1..=3 {
             env.coll().insert_one(doc! { "_id": i }).await.unwrap();
@@ -565,9 +564,7 @@ async fn a_hanging_handler_is_cancelled_at_the_stop_timeout_and_its_event_comes_
         // The cancelled event was not acknowledged: a new processor gets it again.
         let again = env.builder().concurrency(lanes).build().unwrap();
         let rec = Recorder::default();
-        let runner = again.clone();
-        let handler = rec.clone();
-        let task = tokio::spawn(async move { runner.start(handler).await });
+        let task = spawn(&again, rec.clone());
         let seen = rec.clone();
         until("the cancelled event, again", move || {
             seen.seen().iter().any(|s| s.id == Bson::Int32(2))

@@ -192,6 +192,29 @@ fn processor(source: MockSource, store: MockStore, policy: CheckpointPolicy) -> 
         .unwrap()
 }
 
+/// A handler that accepts every event.
+fn accept_all() -> impl Dispatcher + 'static {
+    cdc_core::FnDispatcher(|_: &ChangeEvent, _: Option<BoxError>| Ok(()))
+}
+
+/// Runs the processor with [`accept_all`] in the background.
+fn spawn_accepting(p: &DocumentProcessor) -> tokio::task::JoinHandle<cdc_processor::Result<()>> {
+    let runner = p.clone();
+    tokio::spawn(async move { runner.start(accept_all()).await })
+}
+
+/// Waits until the processor has handled `n` events, failing after 10 s.
+async fn until_handled(p: &DocumentProcessor, n: u64) {
+    let watched = p.clone();
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        while watched.stats().events < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("events handled within 10 s");
+}
+
 fn batched() -> CheckpointPolicy {
     CheckpointPolicy::batched(100, Duration::from_secs(3600)).unwrap()
 }
@@ -264,14 +287,7 @@ async fn a_close_after_invalidate_saves_it_and_reopens_after_it() {
     let (store, saved) = recording_store(0);
     let p = processor(source, store, batched());
     let stop = p.clone();
-    let runner = p.clone();
-    let task = tokio::spawn(async move {
-        runner
-            .start(cdc_core::FnDispatcher(
-                |_: &ChangeEvent, prev: Option<BoxError>| prev.map_or(Ok(()), Err),
-            ))
-            .await
-    });
+    let task = spawn_accepting(&p);
     let reopened = p.clone();
     tokio::time::timeout(Duration::from_secs(10), async move {
         while reopened.stats().reopens < 1 {
@@ -303,22 +319,8 @@ async fn idle_tokens_are_saved_when_they_move_and_not_past_outstanding_events() 
         .unwrap()
         .with_idle_interval(Duration::ZERO);
     let p = processor(source, store, policy);
-    let runner = p.clone();
-    let task = tokio::spawn(async move {
-        runner
-            .start(cdc_core::FnDispatcher(
-                |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
-            ))
-            .await
-    });
-    let watched = p.clone();
-    tokio::time::timeout(Duration::from_secs(10), async move {
-        while watched.stats().events < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    let task = spawn_accepting(&p);
+    until_handled(&p, 1).await;
     // Let the last idle round trip through, then stop: the final checkpoint takes it.
     tokio::time::sleep(Duration::from_millis(100)).await;
     p.stop();
@@ -338,22 +340,8 @@ async fn a_history_gap_is_recorded_in_the_stats() {
     let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
     let (store, _saved) = recording_store(0);
     let p = processor(source, store, batched());
-    let runner = p.clone();
-    let task = tokio::spawn(async move {
-        runner
-            .start(cdc_core::FnDispatcher(
-                |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
-            ))
-            .await
-    });
-    let watched = p.clone();
-    tokio::time::timeout(Duration::from_secs(10), async move {
-        while watched.stats().events < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    let task = spawn_accepting(&p);
+    until_handled(&p, 1).await;
     p.stop();
     task.await.unwrap().unwrap();
     assert_eq!(p.stats().last_gap, Some(gap));
@@ -407,12 +395,7 @@ async fn a_store_timeout_ends_the_run_with_a_retryable_error() {
         .store_timeout(Duration::from_millis(100))
         .build()
         .unwrap();
-    let err = p
-        .start(cdc_core::FnDispatcher(
-            |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
-        ))
-        .await
-        .unwrap_err();
+    let err = p.start(accept_all()).await.unwrap_err();
     assert!(
         matches!(err, cdc_processor::Error::StoreTimeout { .. }),
         "{err}"
@@ -439,10 +422,7 @@ async fn a_store_refusal_ends_the_run_and_nothing_is_retried() {
         .returning(|| "refusing store".into());
     let p = processor(source, store, CheckpointPolicy::every_event());
     let err = p
-        .start_with_retry(
-            cdc_processor::default_backoff(),
-            cdc_core::FnDispatcher(|_: &ChangeEvent, _: Option<BoxError>| Ok(())),
-        )
+        .start_with_retry(cdc_processor::default_backoff(), accept_all())
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Fatal, "{err}");
@@ -559,12 +539,7 @@ async fn errors_name_their_cause() {
     let source = source_with(Vec::new());
     let p = processor(source, store, batched());
     let mut published = p.on_start_err();
-    let err = p
-        .start(cdc_core::FnDispatcher(
-            |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
-        ))
-        .await
-        .unwrap_err();
+    let err = p.start(accept_all()).await.unwrap_err();
     let want = "Connection refused (os error 111)";
     assert!(
         err.to_string()
@@ -599,7 +574,7 @@ async fn a_stop_during_a_retry_wait_keeps_the_cause_visible() {
                 cdc_processor::backon::ConstantBuilder::default()
                     .with_delay(Duration::from_secs(3600))
                     .without_max_times(),
-                cdc_core::FnDispatcher(|_: &ChangeEvent, _: Option<BoxError>| Ok(())),
+                accept_all(),
             )
             .await
     });
@@ -621,11 +596,6 @@ async fn a_stop_during_a_retry_wait_keeps_the_cause_visible() {
             .contains("down for maintenance")
     );
     // A stopped processor does not start again.
-    let again = p
-        .start(cdc_core::FnDispatcher(
-            |_: &ChangeEvent, _: Option<BoxError>| Ok(()),
-        ))
-        .await
-        .unwrap_err();
+    let again = p.start(accept_all()).await.unwrap_err();
     assert!(matches!(again, cdc_processor::Error::Stopped(_)), "{again}");
 }
