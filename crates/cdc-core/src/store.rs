@@ -49,6 +49,13 @@ pub trait ResumeStore: Send + Sync {
 
     /// A short description for logs (backend and location), without credentials.
     fn describe(&self) -> String;
+
+    /// The MongoDB collection the store writes its points to, when it is one: a stream
+    /// over that collection's database or deployment leaves it out, so the store's own
+    /// writes do not feed the stream.
+    fn namespace(&self) -> Option<crate::Namespace> {
+        None
+    }
 }
 
 /// The rule every store applies before overwriting: a point may stay or move forward in

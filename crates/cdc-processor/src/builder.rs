@@ -319,7 +319,11 @@ impl Builder {
                 }
                 (None, Some(client), Some(scope)) => {
                     let id = scope.to_string();
-                    (Arc::new(MongoSource::new(client, scope, self.options)), id)
+                    let mut options = self.options;
+                    if let Some(stage) = exclude_store(&scope, store.as_ref()) {
+                        options.pipeline.insert(0, stage);
+                    }
+                    (Arc::new(MongoSource::new(client, scope, options)), id)
                 }
                 (None, None, _) => {
                     return Err(Error::Config(
@@ -352,4 +356,20 @@ impl Builder {
             stop_timeout: self.stop_timeout,
         }))
     }
+}
+
+/// A stage that leaves the store's own collection out of a database or deployment stream
+/// that would include it: otherwise every checkpoint is an event the stream then
+/// checkpoints.
+fn exclude_store(scope: &Scope, store: &dyn ResumeStore) -> Option<bson::Document> {
+    let ns = store.namespace()?;
+    let coll = ns.coll?;
+    let watched = match scope {
+        Scope::Database(db) => *db == ns.db,
+        Scope::Deployment => true,
+        _ => false,
+    };
+    watched.then(|| {
+        bson::doc! { "$match": { "$nor": [ { "ns.db": ns.db.clone(), "ns.coll": coll } ] } }
+    })
 }

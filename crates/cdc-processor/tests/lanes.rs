@@ -1,5 +1,6 @@
-//! Per-key lanes, barriers, whole transactions, batch handlers and the handler context,
-//! end to end through the driver against mongo-sim (or `CDC_MONGODB_URI`).
+//! Per-key lanes, barriers, whole transactions, batch handlers, the handler context, the
+//! stop deadline and a stream that must not see its own store, end to end through the
+//! driver against mongo-sim (or `CDC_MONGODB_URI`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -574,4 +575,49 @@ async fn a_hanging_handler_is_cancelled_at_the_stop_timeout_and_its_event_comes_
         task.await.unwrap().unwrap();
         env.deployment.shutdown().await;
     }
+}
+
+/// A deployment-wide stream with the MongoDB store in the same deployment leaves the
+/// store's collection out: its checkpoints are not events of the stream.
+#[cfg(feature = "mongodb-store")]
+#[tokio::test]
+async fn a_deployment_stream_does_not_see_its_own_store() {
+    let env = Env::new("own_store").await;
+    let _ = env.client.database("own_store_state").drop().await;
+    let store = Arc::new(cdc_processor::stores::MongoStore::new(
+        &env.client,
+        "own_store_state",
+        "points",
+    ));
+    let p = DocumentProcessor::builder()
+        .client(env.client.clone())
+        .deployment()
+        .stream_id("everything")
+        .store(store)
+        .checkpoint(cdc_core::CheckpointPolicy::every_event())
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let task = spawn(&p, rec.clone());
+    opened(&p).await;
+    for i in 0..5 {
+        env.coll().insert_one(doc! { "_id": i }).await.unwrap();
+    }
+    let seen = rec.clone();
+    until("the five inserts", move || {
+        seen.seen()
+            .iter()
+            .filter(|s| matches!(s.id, Bson::Int32(_)))
+            .count()
+            >= 5
+    })
+    .await;
+    // A checkpoint per event was written meanwhile; none came back as an event.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    assert!(p.stats().checkpoints >= 5);
+    let seen = rec.seen();
+    assert_eq!(seen.len(), 5, "only the five inserts: {seen:?}");
+    env.deployment.shutdown().await;
 }

@@ -207,4 +207,9 @@ impl ResumeStore for MongoStore {
     fn describe(&self) -> String {
         format!("mongodb:{}", self.coll.namespace())
     }
+
+    fn namespace(&self) -> Option<cdc_core::Namespace> {
+        let ns = self.coll.namespace();
+        Some(cdc_core::Namespace::collection(ns.db, ns.coll))
+    }
 }
