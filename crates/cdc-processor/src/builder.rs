@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use cdc_core::{ChangeSource, CheckpointPolicy, ResumeStore, validate_stream_id};
+use cdc_core::{ChangeSource, CheckpointPolicy, ResumeStore, StartPosition, validate_stream_id};
 use cdc_mongo::{
     BeforeChange, FullDocument, HistoryLostPolicy, MongoSource, PreImagePolicy, Scope,
     SourceOptions,
@@ -56,6 +56,7 @@ pub struct Builder {
     max_buffered_bytes: usize,
     batch: BatchLimits,
     stop_timeout: Option<Duration>,
+    initial_position: Option<StartPosition>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -88,6 +89,7 @@ impl Default for Builder {
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             batch: BatchLimits::default(),
             stop_timeout: Some(DEFAULT_STOP_TIMEOUT),
+            initial_position: None,
         }
     }
 }
@@ -302,6 +304,16 @@ impl Builder {
         self
     }
 
+    /// Where to start when the store holds no point for the stream (the Go package's
+    /// `Start(resumePoint)`): after a resume token, or at an operation time (inclusive).
+    /// Once a point is stored it wins, so a restart continues where processing stopped.
+    /// Default: now.
+    #[must_use]
+    pub fn start_position(mut self, position: StartPosition) -> Self {
+        self.initial_position = Some(position);
+        self
+    }
+
     /// Builds the processor.
     ///
     /// # Errors
@@ -354,6 +366,7 @@ impl Builder {
             max_buffered_bytes: self.max_buffered_bytes,
             batch: self.batch,
             stop_timeout: self.stop_timeout,
+            initial_position: self.initial_position,
         }))
     }
 }

@@ -47,6 +47,8 @@ pub(crate) struct Settings {
     pub(crate) batch: crate::context::BatchLimits,
     /// How long handlers in flight may take after `stop()` before they are cancelled.
     pub(crate) stop_timeout: Option<std::time::Duration>,
+    /// Where to start when the store holds no point (`None`: now).
+    pub(crate) initial_position: Option<cdc_core::StartPosition>,
 }
 
 pub(crate) struct Inner {

@@ -101,7 +101,10 @@ impl DocumentProcessor {
         let stored = self.store_call(s.store.load(&s.stream_id)).await?;
         self.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
         let mut cp = Checkpointer::new(self.policy_for(handler), stored.clone(), Instant::now());
-        let mut position = StartPosition::after(stored.as_ref());
+        let mut position = match (&stored, &s.initial_position) {
+            (None, Some(initial)) => initial.clone(),
+            (stored, _) => StartPosition::after(stored.as_ref()),
+        };
         loop {
             tracing::info!(source = %s.source.describe(), ?position, "opening the change stream");
             let cursor = tokio::select! {

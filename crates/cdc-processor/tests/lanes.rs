@@ -621,3 +621,54 @@ async fn a_deployment_stream_does_not_see_its_own_store() {
     assert_eq!(seen.len(), 5, "only the five inserts: {seen:?}");
     env.deployment.shutdown().await;
 }
+
+/// With no stored point, the processor starts where it is told: at an operation time
+/// (inclusive) or after a token; once a point is stored, that wins.
+#[tokio::test]
+async fn an_explicit_start_position_is_used_when_the_store_holds_none() {
+    let env = Env::new("start_position").await;
+    let mut watch = env.coll().watch().await.unwrap();
+    for i in 0..5 {
+        env.coll().insert_one(doc! { "_id": i }).await.unwrap();
+    }
+    let mut events = Vec::new();
+    while events.len() < 5 {
+        if let Some(e) = tokio::time::timeout(Duration::from_secs(10), watch.next_if_any())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            events.push(e);
+        }
+    }
+    let at = cdc_core::ClusterTime::from(events[2].cluster_time.unwrap());
+    let p = env
+        .builder()
+        .start_position(cdc_core::StartPosition::AtOperationTime(at))
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let task = spawn(&p, rec.clone());
+    let seen = rec.clone();
+    until("events 2 to 4", move || seen.seen().len() >= 3).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    let ids: Vec<Bson> = rec.seen().iter().map(|s| s.id.clone()).collect();
+    assert_eq!(ids, vec![Bson::Int32(2), Bson::Int32(3), Bson::Int32(4)]);
+    // A point is stored now: a new processor with another start position continues from it.
+    env.coll().insert_one(doc! { "_id": 5 }).await.unwrap();
+    let token = cdc_mongo::from_driver_token(&events[0].id).unwrap();
+    let q = env
+        .builder()
+        .start_position(cdc_core::StartPosition::ResumeAfter(token))
+        .build()
+        .unwrap();
+    let rec = Recorder::default();
+    let task = spawn(&q, rec.clone());
+    let seen = rec.clone();
+    until("event 5", move || !seen.seen().is_empty()).await;
+    q.stop();
+    task.await.unwrap().unwrap();
+    assert_eq!(rec.seen()[0].id, Bson::Int32(5), "the stored point wins");
+    env.deployment.shutdown().await;
+}
