@@ -99,6 +99,9 @@ impl DocumentProcessor {
             return Ok(());
         }
         let stored = self.store_call(s.store.load(&s.stream_id)).await?;
+        if let Some(point) = &stored {
+            validate_stored(point, &s.stream_id, &s.store.describe())?;
+        }
         self.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
         let mut cp = Checkpointer::new(self.policy_for(handler), stored.clone(), Instant::now());
         let mut position = match (&stored, &s.initial_position) {
@@ -588,4 +591,33 @@ fn transaction_key(event: &ChangeEvent) -> Option<(Vec<u8>, i64)> {
 /// The reader task's channel closed without a last item: a transient failure.
 fn reader_ended() -> Error {
     cdc_core::Error::source(ErrorKind::Transient, "the cursor reader ended unexpectedly").into()
+}
+
+/// A stored point is checked before the stream opens on it: its token must decode as BSON
+/// element by element (a token that only frames as BSON would fail inside the driver,
+/// as an unexplained fatal error), and its cluster time must not lie more than a day
+/// ahead of this machine's clock (such a point cannot have come from this deployment's
+/// log, and opening on it would wait silently). Either is a `CorruptPoint` naming the
+/// stream and the store.
+fn validate_stored(point: &ResumePoint, stream: &str, store: &str) -> Result<()> {
+    let corrupt = |reason: String| {
+        Error::from(cdc_core::Error::CorruptPoint {
+            stream: stream.to_owned(),
+            location: store.to_owned(),
+            reason,
+        })
+    };
+    if let Err(e) = bson::Document::try_from(point.token.as_raw()) {
+        return Err(corrupt(format!("its resume token does not decode: {e}")));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if u64::from(point.cluster_time.time) > now + 24 * 3600 {
+        return Err(corrupt(format!(
+            "its cluster time {} is more than a day ahead of this machine's clock",
+            point.cluster_time
+        )));
+    }
+    Ok(())
 }

@@ -599,3 +599,50 @@ async fn a_stop_during_a_retry_wait_keeps_the_cause_visible() {
     let again = p.start(accept_all()).await.unwrap_err();
     assert!(matches!(again, cdc_processor::Error::Stopped(_)), "{again}");
 }
+
+/// A stored point is validated before the stream opens on it: a token that frames as
+/// BSON but holds a bad element, or a cluster time that cannot be right, is a
+/// `CorruptPoint` naming the stream and the store (the source is never opened).
+#[tokio::test]
+async fn a_corrupt_stored_point_is_refused_before_opening() {
+    // `{ _data: "82AB" }` with the string's length prefix broken (framing still valid).
+    let mut bytes = Vec::new();
+    bson::doc! { "_data": "82AB" }
+        .to_writer(&mut bytes)
+        .unwrap();
+    let at = bytes.len() - 10; // the string's length prefix: 4 bytes before "82AB\0", then the terminator
+    bytes[at..at + 4].copy_from_slice(&100_i32.to_le_bytes());
+    let bad_token = ResumeToken::from_bytes(bytes).expect("the framing is intact");
+    let points = [
+        ResumePoint::for_event(
+            bad_token,
+            ClusterTime::new(1000, 1),
+            cdc_core::OperationType::Insert,
+            bson::DateTime::now(),
+        ),
+        ResumePoint::for_event(
+            token(1),
+            ClusterTime::new(u32::MAX, 1),
+            cdc_core::OperationType::Insert,
+            bson::DateTime::now(),
+        ),
+    ];
+    for (point, why) in points
+        .into_iter()
+        .zip(["does not decode", "ahead of this machine's clock"])
+    {
+        let mut store = MockStore::new();
+        store.expect_load().return_once(move |_| Ok(Some(point)));
+        store.expect_describe().returning(|| "mock store".into());
+        // No `open` is expected: the source must not be asked.
+        let p = processor(source_with(Vec::new()), store, batched());
+        let err = p.start(accept_all()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Fatal, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("corrupt resume point for stream `s` at mock store"),
+            "{text}"
+        );
+        assert!(text.contains(why), "{text}");
+    }
+}
