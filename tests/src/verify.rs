@@ -79,6 +79,10 @@ fn parse_lines(text: &str) -> Result<Vec<Line>, String> {
                 ));
             }
             _ if i + 1 == lines.len() && !text.ends_with('\n') => {}
+            // Cut short by a kill: the next consumer's start marker follows it.
+            _ if lines
+                .get(i + 1)
+                .is_some_and(|next| next.trim() == "# start") => {}
             _ => return Err(format!("line {}: malformed: {line:?}", i + 1)),
         }
     }
@@ -289,5 +293,11 @@ mod tests {
         let cut = check("# start\n1 v2\n2 v2\n# start\n1 v1\n");
         assert_eq!(cut.not_whole, 1);
         assert!(verify_transactions("1 v1 x9\n", "").is_err());
+        // A line a killed consumer left unfinished, ended before the next start marker.
+        assert_eq!(parse("# start\n1 v1\n7\n# start\n1 v1\n").unwrap().len(), 2);
+        assert!(
+            parse("1 v1\n7\n2 v1\n").is_err(),
+            "torn lines only before a marker"
+        );
     }
 }

@@ -167,7 +167,8 @@ impl Dispatcher for DeliveryLog {
             return Ok(());
         };
         let mut file = self.0.lock().map_err(|_| "log poisoned")?;
-        writeln!(file, "{id} {change}")?;
+        // One write call per line: a kill cannot leave half of it behind.
+        file.write_all(format!("{id} {change}\n").as_bytes())?;
         file.sync_data()?;
         Ok(())
     }
@@ -184,7 +185,9 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
         .append(true)
         .open(&log_path)?;
     // A new session of deliveries: the verifier checks transactions session by session.
-    writeln!(log, "# start")?;
+    // A line a killed consumer left unfinished is ended first, so the marker stands alone.
+    let torn = std::fs::read(&log_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
+    log.write_all(if torn { b"\n# start\n" } else { b"# start\n" })?;
     log.sync_data()?;
     let processor = DocumentProcessor::builder()
         .client(client)
