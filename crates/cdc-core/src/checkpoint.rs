@@ -197,29 +197,11 @@ impl Checkpointer {
     /// [`Checkpointer::confirm`] first), or when the point is older than one already seen.
     pub fn track(&mut self, point: ResumePoint) -> Result<Seq> {
         if self.is_blocked() {
-            return Err(Error::Protocol(format!(
-                "{} events are waiting for a checkpoint (the policy's bound is {}); save before taking more",
-                self.unsaved_events() as usize + self.outstanding.len(),
-                self.policy.max_events()
-            )));
+            return Err(self.blocked_error());
         }
-        if let Some(latest) = self.latest_time
-            && point.cluster_time < latest
-        {
-            return Err(Error::Protocol(format!(
-                "event at {} arrived after one at {latest}",
-                point.cluster_time
-            )));
-        }
+        self.check_order(&point, self.latest_time)?;
         self.latest_time = Some(point.cluster_time);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.outstanding.push_back(Outstanding {
-            seq,
-            point,
-            acked: false,
-        });
-        Ok(Seq(seq))
+        Ok(self.push(point))
     }
 
     /// Registers the events of one unit that must be delivered whole (a multi-document
@@ -234,37 +216,47 @@ impl Checkpointer {
     /// are not in cluster-time order.
     pub fn track_group(&mut self, points: Vec<ResumePoint>) -> Result<Vec<Seq>> {
         if self.is_blocked() && !points.is_empty() {
-            return Err(Error::Protocol(format!(
-                "{} events are waiting for a checkpoint (the policy's bound is {}); save before taking more",
-                self.unsaved_events() as usize + self.outstanding.len(),
-                self.policy.max_events()
-            )));
+            return Err(self.blocked_error());
         }
         let mut latest = self.latest_time;
         for point in &points {
-            if latest.is_some_and(|l| point.cluster_time < l) {
-                return Err(Error::Protocol(format!(
-                    "event at {} arrived after one at {}",
-                    point.cluster_time,
-                    latest.unwrap_or_default()
-                )));
-            }
+            self.check_order(point, latest)?;
             latest = Some(point.cluster_time);
         }
         self.latest_time = latest;
-        Ok(points
-            .into_iter()
-            .map(|point| {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                self.outstanding.push_back(Outstanding {
-                    seq,
-                    point,
-                    acked: false,
-                });
-                Seq(seq)
-            })
-            .collect())
+        Ok(points.into_iter().map(|point| self.push(point)).collect())
+    }
+
+    /// The refusal of an event while the bound of unsaved work is reached.
+    fn blocked_error(&self) -> Error {
+        Error::Protocol(format!(
+            "{} events are waiting for a checkpoint (the policy's bound is {}); save before taking more",
+            self.unsaved_events() as usize + self.outstanding.len(),
+            self.policy.max_events()
+        ))
+    }
+
+    /// Refuses a point older than `latest`, the newest seen before it.
+    fn check_order(&self, point: &ResumePoint, latest: Option<ClusterTime>) -> Result<()> {
+        match latest {
+            Some(latest) if point.cluster_time < latest => Err(Error::Protocol(format!(
+                "event at {} arrived after one at {latest}",
+                point.cluster_time
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds a point to the outstanding events under the next sequence number.
+    fn push(&mut self, point: ResumePoint) -> Seq {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.outstanding.push_back(Outstanding {
+            seq,
+            point,
+            acked: false,
+        });
+        Seq(seq)
     }
 
     /// Acknowledges a tracked event: its handlers succeeded. Events may be acknowledged in
