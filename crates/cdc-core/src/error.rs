@@ -87,10 +87,11 @@ pub enum Error {
         /// The cluster time of the refused point.
         attempted: ClusterTime,
     },
-    /// A handler returned an error for an event; the stream stops with it.
+    /// A handler returned an error for an event (after the retries its policy allows).
     #[error(
-        "handler failed on the {operation} event at {cluster_time}{}: {source}",
-        document_id.as_ref().map(|id| format!(" of document {id}")).unwrap_or_default()
+        "handler failed on the {operation} event at {cluster_time}{}{}: {source}",
+        document_id.as_ref().map(|id| format!(" of document {id}")).unwrap_or_default(),
+        if *attempts > 1 { format!(" after {attempts} attempts") } else { String::new() }
     )]
     Handler {
         /// The event's operation type.
@@ -101,6 +102,8 @@ pub enum Error {
         document_id: Option<String>,
         /// The event's resume token (resume after it to skip the event by hand).
         token: Option<crate::ResumeToken>,
+        /// How many times the handler was called on the event.
+        attempts: u32,
         /// The handler's error.
         #[source]
         source: BoxError,

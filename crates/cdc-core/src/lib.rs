@@ -33,6 +33,7 @@
 //! ```
 
 mod checkpoint;
+mod dead_letter;
 mod dispatch;
 mod error;
 mod event;
@@ -43,6 +44,7 @@ mod store;
 mod token;
 
 pub use checkpoint::{CheckpointPolicy, Checkpointer, Seq};
+pub use dead_letter::{DeadLetter, DeadLetterStore, error_chain};
 pub use dispatch::{DispatchChain, Dispatcher, FnDispatcher};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};

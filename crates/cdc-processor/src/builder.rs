@@ -50,7 +50,8 @@ pub struct Builder {
     invalidate: InvalidatePolicy,
     store_timeout: Duration,
     prefetch: usize,
-    stop_on_handler_error: bool,
+    on_handler_error: crate::HandlerErrorPolicy,
+    dead_letters: Option<Arc<dyn cdc_core::DeadLetterStore>>,
     concurrency: usize,
     keep_transactions: Option<bool>,
     max_buffered_bytes: usize,
@@ -83,7 +84,8 @@ impl Default for Builder {
             invalidate: InvalidatePolicy::default(),
             store_timeout: Duration::from_secs(10),
             prefetch: 1024,
-            stop_on_handler_error: false,
+            on_handler_error: crate::HandlerErrorPolicy::default(),
+            dead_letters: None,
             concurrency: 1,
             keep_transactions: None,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
@@ -218,11 +220,21 @@ impl Builder {
         self
     }
 
-    /// Make handler errors fatal for `start_with_retry` (by default the event is retried
-    /// after a backoff).
+    /// What happens when the handler fails (or panics) on an event: retried in process,
+    /// then stop (the default: 3 retries from 100 ms, then stop), skip or dead-letter. See
+    /// [`crate::HandlerErrorPolicy`] and `docs/SEMANTICS.md`.
     #[must_use]
-    pub fn stop_on_handler_error(mut self, stop: bool) -> Self {
-        self.stop_on_handler_error = stop;
+    pub fn on_handler_error(mut self, policy: crate::HandlerErrorPolicy) -> Self {
+        self.on_handler_error = policy;
+        self
+    }
+
+    /// Where dead letters are recorded (every `cdc-resume` store is one; usually the same
+    /// store as the resume points). Needed by [`crate::HandlerErrorPolicy::dead_letter`],
+    /// and by the dead-letter API ([`DocumentProcessor::dead_letters`] and the rest).
+    #[must_use]
+    pub fn dead_letters(mut self, store: Arc<dyn cdc_core::DeadLetterStore>) -> Self {
+        self.dead_letters = Some(store);
         self
     }
 
@@ -323,6 +335,13 @@ impl Builder {
         let store = self
             .store
             .ok_or_else(|| Error::Config("no resume store: call .store(…)".into()))?;
+        if self.on_handler_error.then() == crate::AfterRetries::DeadLetter
+            && self.dead_letters.is_none()
+        {
+            return Err(Error::Config(
+                "the handler-error policy records dead letters but there is no dead-letter store: call .dead_letters(…)".into(),
+            ));
+        }
         let (source, default_id): (Arc<dyn ChangeSource>, String) =
             match (self.source, self.client, self.scope) {
                 (Some(source), _, _) => {
@@ -332,7 +351,11 @@ impl Builder {
                 (None, Some(client), Some(scope)) => {
                     let id = scope.to_string();
                     let mut options = self.options;
-                    if let Some(stage) = exclude_store(&scope, store.as_ref()) {
+                    let own = [
+                        store.namespace(),
+                        self.dead_letters.as_ref().and_then(|d| d.namespace()),
+                    ];
+                    if let Some(stage) = exclude_own(&scope, &own) {
                         options.pipeline.insert(0, stage);
                     }
                     (Arc::new(MongoSource::new(client, scope, options)), id)
@@ -360,7 +383,8 @@ impl Builder {
             invalidate: self.invalidate,
             store_timeout: self.store_timeout,
             prefetch: self.prefetch,
-            stop_on_handler_error: self.stop_on_handler_error,
+            on_handler_error: self.on_handler_error,
+            dead_letters: self.dead_letters,
             concurrency: self.concurrency,
             keep_transactions: self.keep_transactions,
             max_buffered_bytes: self.max_buffered_bytes,
@@ -371,18 +395,24 @@ impl Builder {
     }
 }
 
-/// A stage that leaves the store's own collection out of a database or deployment stream
-/// that would include it: otherwise every checkpoint is an event the stream then
-/// checkpoints.
-fn exclude_store(scope: &Scope, store: &dyn ResumeStore) -> Option<bson::Document> {
-    let ns = store.namespace()?;
-    let coll = ns.coll?;
-    let watched = match scope {
-        Scope::Database(db) => *db == ns.db,
-        Scope::Deployment => true,
-        _ => false,
-    };
-    watched.then(|| {
-        bson::doc! { "$match": { "$nor": [ { "ns.db": ns.db.clone(), "ns.coll": coll } ] } }
-    })
+/// A stage that leaves the stores' own collections (resume points, dead letters) out of a
+/// database or deployment stream that would include them: otherwise every checkpoint is
+/// an event the stream then checkpoints.
+fn exclude_own(scope: &Scope, own: &[Option<cdc_core::Namespace>]) -> Option<bson::Document> {
+    let nor: Vec<bson::Bson> = own
+        .iter()
+        .flatten()
+        .filter_map(|ns| {
+            let coll = ns.coll.clone()?;
+            let watched = match scope {
+                Scope::Database(db) => *db == ns.db,
+                Scope::Deployment => true,
+                _ => false,
+            };
+            watched.then(|| {
+                bson::Bson::Document(bson::doc! { "ns.db": ns.db.clone(), "ns.coll": coll })
+            })
+        })
+        .collect();
+    (!nor.is_empty()).then(|| bson::doc! { "$match": { "$nor": nor } })
 }

@@ -28,6 +28,7 @@ impl TransactionPosition {
 pub struct HandlerContext {
     lane: Option<usize>,
     attempt: u32,
+    call: u32,
     cancel: CancellationToken,
     stop_timeout: Option<std::time::Duration>,
     transaction: Option<TransactionPosition>,
@@ -47,9 +48,17 @@ impl HandlerContext {
         Self {
             lane,
             attempt,
+            call: 1,
             cancel,
             stop_timeout,
             transaction: None,
+        }
+    }
+
+    pub(crate) fn with_call(&self, call: u32) -> Self {
+        Self {
+            call,
+            ..self.clone()
         }
     }
 
@@ -93,6 +102,12 @@ impl HandlerContext {
     /// before).
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// Which call on this event (or batch) this is within the run: 1 for the first, one
+    /// more for each retry under [`crate::HandlerErrorPolicy`].
+    pub fn call(&self) -> u32 {
+        self.call
     }
 
     /// Whether the processor was asked to stop (the Go package's `ctx.Done()`).

@@ -14,7 +14,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{Batch, BatchDispatcher, BatchLimits, HandlerContext, TransactionPosition};
+use crate::{
+    context::{Batch, BatchDispatcher, BatchLimits, HandlerContext, TransactionPosition},
+    poison::{AfterRetries, Fate, Poison},
+};
 
 /// The user's handler: one event at a time, or batches.
 #[derive(Clone)]
@@ -50,15 +53,33 @@ impl Unit {
     }
 }
 
+/// What the policy did with events that were not handled but acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) skipped: u64,
+    pub(crate) dead_lettered: u64,
+}
+
+impl Tally {
+    fn add(&mut self, fate: &Fate) {
+        match fate {
+            Fate::Skipped => self.skipped += 1,
+            Fate::DeadLettered => self.dead_lettered += 1,
+            _ => {}
+        }
+    }
+}
+
 /// What became of units a lane took.
 pub(crate) enum Outcome {
-    /// Handled: acknowledge every event.
-    Handled,
-    /// The handler failed on them: acknowledge none.
+    /// Handled, skipped or dead-lettered under the policy: acknowledge every event.
+    Handled(Tally),
+    /// The handler failed on them and the policy says stop (or a dead letter could not
+    /// be recorded): acknowledge none.
     Failed(cdc_core::Error),
     /// Not handled (the processor is stopping, or the lane failed before): acknowledge
     /// none; they are delivered again.
-    Skipped,
+    Abandoned,
 }
 
 /// Units a lane is done with.
@@ -88,22 +109,31 @@ pub(crate) async fn catch_panic<F: Future<Output = Result<(), BoxError>>>(
     .await
 }
 
-pub(crate) fn handler_error(event: &ChangeEvent, source: BoxError) -> cdc_core::Error {
+pub(crate) fn handler_error(
+    event: &ChangeEvent,
+    source: BoxError,
+    attempts: u32,
+) -> cdc_core::Error {
     cdc_core::Error::Handler {
         operation: event.operation_type.clone(),
         cluster_time: event.cluster_time,
         document_id: event.document_id_string(),
         token: Some(event.token.clone()),
+        attempts,
         source,
     }
 }
 
-/// Handles units in order: per event (stopping at the first error) or as one batch.
+/// Handles units in order under the handler-error policy: per event, or as one batch
+/// (which, when it keeps failing and the policy does not stop, is split into one batch
+/// per unit so only the failing units are skipped or dead-lettered).
 pub(crate) async fn handle(
     handler: &Handler,
     units: &[Unit],
     ctx: &HandlerContext,
-) -> Result<(), cdc_core::Error> {
+    poison: &Poison,
+) -> Outcome {
+    let mut tally = Tally::default();
     match handler {
         Handler::Event(h) => {
             for unit in units {
@@ -113,28 +143,116 @@ pub(crate) async fn handle(
                         .transaction
                         .then_some(TransactionPosition { index, len });
                     let ctx = ctx.in_transaction(position);
-                    catch_panic(ctx.scope(h.dispatch(&t.event, None)))
-                        .await
-                        .map_err(|e| handler_error(&t.event, e))?;
+                    match poison.handle_event(&**h, &t.event, &ctx).await {
+                        Fate::Failed(e) => return Outcome::Failed(e),
+                        Fate::Abandoned => return Outcome::Abandoned,
+                        fate => tally.add(&fate),
+                    }
                 }
             }
-            Ok(())
+            Outcome::Handled(tally)
         }
         Handler::Batch(h, _) => {
-            let groups: Vec<Vec<&ChangeEvent>> = units
-                .iter()
-                .map(|u| u.events.iter().map(|t| &*t.event).collect())
-                .collect();
-            let batch = Batch::new(&groups);
-            let Some(first) = batch.events().first().copied() else {
-                return Ok(());
-            };
-            catch_panic(ctx.clone().scope(h.dispatch_batch(&batch, ctx)))
-                .await
-                .map_err(|e| handler_error(first, e))
+            // Units with a parked key follow it into the dead letters, whole.
+            let mut open = Vec::with_capacity(units.len());
+            for unit in units {
+                if unit.events.iter().any(|t| poison.is_parked(&t.event)) {
+                    for t in &unit.events {
+                        match poison.park(&t.event).await {
+                            Fate::Failed(e) => return Outcome::Failed(e),
+                            fate => tally.add(&fate),
+                        }
+                    }
+                } else {
+                    open.push(unit);
+                }
+            }
+            match handle_batch(&**h, &open, ctx, poison).await {
+                Ok(Some(())) => return Outcome::Handled(tally),
+                Ok(None) => return Outcome::Abandoned,
+                Err(e) if poison.policy.then() == AfterRetries::Stop || open.len() < 2 => {
+                    return give_up_units(&open, e, poison, tally).await;
+                }
+                Err(_) => {}
+            }
+            // One batch per unit: only the units that still fail are given up on.
+            for unit in open {
+                match handle_batch(&**h, &[unit], ctx, poison).await {
+                    Ok(Some(())) => {}
+                    Ok(None) => return Outcome::Abandoned,
+                    Err(e) => match give_up_units(&[unit], e, poison, Tally::default()).await {
+                        Outcome::Handled(t) => {
+                            tally.skipped += t.skipped;
+                            tally.dead_lettered += t.dead_lettered;
+                        }
+                        other => return other,
+                    },
+                }
+            }
+            Outcome::Handled(tally)
         }
     }
 }
+
+/// One batch call with the policy's retries: `Err` with the handler error of the batch's
+/// first event and the number of calls.
+async fn handle_batch(
+    h: &dyn BatchDispatcher,
+    units: &[&Unit],
+    ctx: &HandlerContext,
+    poison: &Poison,
+) -> Result<Option<()>, (cdc_core::Error, u32)> {
+    let groups: Vec<Vec<&ChangeEvent>> = units
+        .iter()
+        .map(|u| u.events.iter().map(|t| &*t.event).collect())
+        .collect();
+    let batch = Batch::new(&groups);
+    let Some(first) = batch.events().first().copied() else {
+        return Ok(Some(()));
+    };
+    poison
+        .retrying(ctx, |ctx| {
+            let batch = &batch;
+            async move { h.dispatch_batch(batch, &ctx).await }
+        })
+        .await
+        .map_err(|(e, calls)| (handler_error(first, e, calls), calls))
+}
+
+/// Applies the policy to every event of units a batch handler gave up on.
+async fn give_up_units(
+    units: &[&Unit],
+    (error, calls): (cdc_core::Error, u32),
+    poison: &Poison,
+    mut tally: Tally,
+) -> Outcome {
+    if poison.policy.then() == AfterRetries::Stop {
+        return Outcome::Failed(error);
+    }
+    let error = Arc::new(error);
+    for unit in units {
+        for t in &unit.events {
+            let this = handler_error(&t.event, Box::new(SharedError(Arc::clone(&error))), calls);
+            match poison.give_up(&t.event, this, calls).await {
+                Fate::Failed(e) => return Outcome::Failed(e),
+                fate => tally.add(&fate),
+            }
+        }
+    }
+    Outcome::Handled(tally)
+}
+
+/// The batch's error, shared by the letters of each of its events.
+#[derive(Debug)]
+struct SharedError(Arc<cdc_core::Error>);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the batch failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for SharedError {}
 
 /// Handles units as [`handle`] does, unless the stop timeout runs out first: then the
 /// call is dropped (cancelled) and the units are not acknowledged (they come again).
@@ -142,15 +260,13 @@ pub(crate) async fn handle_until_deadline(
     handler: &Handler,
     units: &[Unit],
     ctx: &HandlerContext,
+    poison: &Poison,
 ) -> Outcome {
     tokio::select! {
-        result = handle(handler, units, ctx) => match result {
-            Ok(()) => Outcome::Handled,
-            Err(e) => Outcome::Failed(e),
-        },
+        outcome = handle(handler, units, ctx, poison) => outcome,
         () = ctx.stop_deadline() => {
             tracing::warn!("a handler did not finish within the stop timeout: cancelled, its events come again");
-            Outcome::Skipped
+            Outcome::Abandoned
         }
     }
 }
@@ -189,6 +305,7 @@ impl Lanes {
         attempt: u32,
         cancel: &CancellationToken,
         stop_timeout: Option<std::time::Duration>,
+        poison: &Arc<Poison>,
     ) -> Self {
         let (done_tx, done) = mpsc::unbounded_channel();
         let mut senders = Vec::with_capacity(n);
@@ -202,6 +319,7 @@ impl Lanes {
                 done_tx.clone(),
                 handler.clone(),
                 ctx,
+                Arc::clone(poison),
             )));
         }
         Self {
@@ -255,6 +373,7 @@ async fn run_lane(
     done: mpsc::UnboundedSender<Done>,
     handler: Handler,
     ctx: HandlerContext,
+    poison: Arc<Poison>,
 ) {
     let mut failed = false;
     let mut carry: Option<Unit> = None;
@@ -271,7 +390,7 @@ async fn run_lane(
             // order holds; when stopping, nothing new starts.
             let _ = done.send(Done {
                 units: vec![first],
-                outcome: Outcome::Skipped,
+                outcome: Outcome::Abandoned,
             });
             continue;
         }
@@ -279,7 +398,7 @@ async fn run_lane(
         if let Handler::Batch(_, limits) = &handler {
             carry = gather(&mut rx, &mut units, limits).await;
         }
-        let outcome = match handle_until_deadline(&handler, &units, &ctx).await {
+        let outcome = match handle_until_deadline(&handler, &units, &ctx, &poison).await {
             Outcome::Failed(e) => {
                 failed = true;
                 Outcome::Failed(e)

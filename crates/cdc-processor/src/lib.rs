@@ -41,9 +41,11 @@
 
 mod builder;
 mod context;
+mod dead_letters;
 mod error;
 mod handler;
 mod lanes;
+mod poison;
 mod processor;
 mod reader;
 mod retry;
@@ -54,18 +56,20 @@ pub use builder::{
     Builder, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_STOP_TIMEOUT, default_source_options,
 };
 pub use context::{Batch, BatchDispatcher, HandlerContext, TransactionPosition};
+pub use dead_letters::ReplayReport;
 pub use error::{Error, Result};
 pub use handler::{
     CollectionWatcher, JsonWatcher, Typed, TypedWatcher, raw_to_json_bytes, to_json_bytes,
 };
+pub use poison::{AfterRetries, HandlerErrorPolicy};
 pub use processor::{DocumentProcessor, InvalidatePolicy, StopHandle};
 pub use retry::default_backoff;
 pub use stats::Stats;
 
 pub use cdc_core::{
-    BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DispatchChain, Dispatcher, ErrorKind,
-    FnDispatcher, HistoryGap, Namespace, OperationType, ResumePoint, ResumeStore, ResumeToken,
-    StartPosition,
+    BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DeadLetter, DeadLetterStore,
+    DispatchChain, Dispatcher, ErrorKind, FnDispatcher, HistoryGap, Namespace, OperationType,
+    ResumePoint, ResumeStore, ResumeToken, StartPosition,
 };
 
 /// The `bson` crate this one is built with: use it rather than a `bson` of your own, so

@@ -36,7 +36,8 @@ pub(crate) struct Settings {
     pub(crate) invalidate: InvalidatePolicy,
     pub(crate) store_timeout: Duration,
     pub(crate) prefetch: usize,
-    pub(crate) stop_on_handler_error: bool,
+    pub(crate) on_handler_error: crate::HandlerErrorPolicy,
+    pub(crate) dead_letters: Option<Arc<dyn cdc_core::DeadLetterStore>>,
     /// Lanes (1: handled one at a time, in the run loop).
     pub(crate) concurrency: usize,
     /// Keep the events of one transaction together (`None`: when `concurrency > 1`).
@@ -59,6 +60,8 @@ pub(crate) struct Inner {
     pub(crate) stats: Mutex<Stats>,
     /// Runs started (the attempt number handlers see).
     pub(crate) attempts: std::sync::atomic::AtomicU32,
+    /// The handler-error policy with its dead-letter store and parked keys.
+    pub(crate) poison: Arc<crate::poison::Poison>,
 }
 
 /// Watches a collection, database or deployment and hands every change to a handler,
@@ -96,6 +99,12 @@ impl StopHandle {
 impl DocumentProcessor {
     pub(crate) fn from_settings(settings: Settings) -> Self {
         let (errors, _) = broadcast::channel(64);
+        let poison = Arc::new(crate::poison::Poison::new(
+            settings.on_handler_error.clone(),
+            settings.dead_letters.clone(),
+            settings.stream_id.clone(),
+            settings.store_timeout,
+        ));
         Self {
             inner: Arc::new(Inner {
                 settings,
@@ -104,6 +113,7 @@ impl DocumentProcessor {
                 errors,
                 stats: Mutex::new(Stats::default()),
                 attempts: std::sync::atomic::AtomicU32::new(0),
+                poison,
             }),
         }
     }

@@ -4,13 +4,14 @@
 use std::{sync::Arc, time::Duration};
 
 use backon::BackoffBuilder;
-use cdc_core::{Dispatcher, ErrorKind};
+use cdc_core::Dispatcher;
 
 use crate::{DocumentProcessor, Result, context::BatchDispatcher, lanes::Handler};
 
 impl DocumentProcessor {
     /// Runs until stopped, restarting after retryable failures (transient source errors,
-    /// store failures, and handler errors unless the builder says to stop on them) with the
+    /// store failures; handler errors are retried in process under
+    /// [`crate::Builder::on_handler_error`], never here) with the
     /// given backoff; [`default_backoff`] is exponential with jitter. The backoff starts
     /// over after a run that handled at least one event. Fatal errors end it at once.
     ///
@@ -64,10 +65,9 @@ impl DocumentProcessor {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            let handler_error = err.kind() == ErrorKind::Handler;
-            let retry =
-                err.is_retryable() || (handler_error && !self.inner.settings.stop_on_handler_error);
-            if !retry {
+            // A handler error reaches here only once the handler-error policy gave up on
+            // its event (in-process retries done): the same event would fail again.
+            if !err.is_retryable() {
                 return Err(err);
             }
             if self.inner.cancel.is_cancelled() {

@@ -14,9 +14,9 @@ use crate::{
     DocumentProcessor, Error, Result,
     context::HandlerContext,
     lanes::{
-        Done, Handler, Lanes, Outcome as LaneOutcome, Tracked, Unit, catch_panic,
-        handle_until_deadline, handler_error,
+        Done, Handler, Lanes, Outcome as LaneOutcome, Tally, Tracked, Unit, handle_until_deadline,
     },
+    poison::Fate,
     processor::InvalidatePolicy,
     reader::{Budget, HANDOFF, Item, read_ahead},
 };
@@ -103,6 +103,7 @@ impl DocumentProcessor {
             validate_stored(point, &s.stream_id, &s.store.describe())?;
         }
         self.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
+        self.inner.poison.load_parked().await?;
         let mut cp = Checkpointer::new(self.policy_for(handler), stored.clone(), Instant::now());
         let mut position = match (&stored, &s.initial_position) {
             (None, Some(initial)) => initial.clone(),
@@ -142,6 +143,7 @@ impl DocumentProcessor {
                         attempt,
                         &self.inner.cancel,
                         s.stop_timeout,
+                        &self.inner.poison,
                     );
                     let keep = s.keep_transactions.unwrap_or(s.concurrency > 1);
                     let outcome = self
@@ -233,16 +235,26 @@ impl DocumentProcessor {
                 // `saved_at` is stamped when the point is saved.
                 let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
                 let ctx = self.context(Some(0));
-                let call = catch_panic(ctx.clone().scope(handler.dispatch(&event, None)));
-                let result = tokio::select! {
-                    result = call => result,
+                let poison = &self.inner.poison;
+                let fate = tokio::select! {
+                    fate = poison.handle_event(handler, &event, &ctx) => fate,
                     () = ctx.stop_deadline() => {
                         tracing::warn!("the handler did not finish within the stop timeout: cancelled, its event comes again");
                         return Ok(Step::End(Outcome::Stopped));
                     }
                 };
-                if let Err(source) = result {
-                    return Err(handler_error(&event, source).into());
+                match fate {
+                    Fate::Handled => {}
+                    Fate::Skipped => self.tally(Tally {
+                        skipped: 1,
+                        dead_lettered: 0,
+                    }),
+                    Fate::DeadLettered => self.tally(Tally {
+                        skipped: 0,
+                        dead_lettered: 1,
+                    }),
+                    Fate::Abandoned => return Ok(Step::End(Outcome::Stopped)),
+                    Fate::Failed(e) => return Err(e.into()),
                 }
                 drop(bytes);
                 let now = Instant::now();
@@ -514,7 +526,8 @@ impl DocumentProcessor {
             None => {
                 let ctx = self.context(None);
                 let units = vec![unit];
-                let outcome = handle_until_deadline(handler, &units, &ctx).await;
+                let outcome =
+                    handle_until_deadline(handler, &units, &ctx, &self.inner.poison).await;
                 self.complete(Done { units, outcome }, cp).await?;
             }
         }
@@ -525,7 +538,8 @@ impl DocumentProcessor {
     /// inside a transaction) and saves when a point is due.
     async fn complete(&self, done: Done, cp: &mut Checkpointer) -> Result<()> {
         match done.outcome {
-            LaneOutcome::Handled => {
+            LaneOutcome::Handled(tally) => {
+                self.tally(tally);
                 let now = Instant::now();
                 let mut due = None;
                 for unit in &done.units {
@@ -544,7 +558,7 @@ impl DocumentProcessor {
                 Ok(())
             }
             LaneOutcome::Failed(e) => Err(e.into()),
-            LaneOutcome::Skipped => Ok(()),
+            LaneOutcome::Abandoned => Ok(()),
         }
     }
 
@@ -558,6 +572,15 @@ impl DocumentProcessor {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Counts events the handler-error policy skipped or dead-lettered.
+    fn tally(&self, tally: Tally) {
+        if tally != Tally::default() {
+            let mut stats = self.stats_mut();
+            stats.skipped_events += tally.skipped;
+            stats.dead_letters += tally.dead_lettered;
+        }
     }
 
     /// Counts a handled event (one lock, no allocation once its type has been seen).

@@ -26,6 +26,10 @@ pub struct Stats {
     pub restarts: u64,
     /// Streams reopened in-process after an invalidate.
     pub reopens: u64,
+    /// Events the handler kept failing on that were skipped (`on_handler_error: skip`).
+    pub skipped_events: u64,
+    /// Events recorded as dead letters by this processor (parked ones included).
+    pub dead_letters: u64,
     /// The last error, as text.
     pub last_error: Option<String>,
     /// The last history gap skipped (under the restart-from-now policy).

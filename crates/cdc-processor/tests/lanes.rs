@@ -119,6 +119,7 @@ struct Seen {
     token: ResumeToken,
     concurrent: usize,
     attempt: u32,
+    call: u32,
     ns: Option<String>,
 }
 
@@ -178,6 +179,7 @@ impl Dispatcher for Recorder {
             token: e.token.clone(),
             concurrent,
             attempt: ctx.attempt(),
+            call: ctx.call(),
             ns: e.ns.as_ref().map(ToString::to_string),
         });
         Ok(())
@@ -379,6 +381,8 @@ struct Batches {
     sizes: Arc<Mutex<Vec<usize>>>,
     ids: Arc<Mutex<Vec<Bson>>>,
     fail_first: Arc<Mutex<bool>>,
+    /// `ctx.call()` of every call.
+    calls: Arc<Mutex<Vec<u32>>>,
 }
 
 #[async_trait]
@@ -389,6 +393,7 @@ impl BatchDispatcher for Batches {
         ctx: &HandlerContext,
     ) -> Result<(), BoxError> {
         assert!(!batch.is_empty());
+        self.calls.lock().unwrap().push(ctx.call());
         assert_eq!(batch.units().map(<[_]>::len).sum::<usize>(), batch.len());
         assert!(batch.bytes() > 0);
         assert!(ctx.lane().is_some());
@@ -445,7 +450,10 @@ async fn batch_handlers_get_bounded_batches_and_a_failed_batch_comes_again() {
         (0..50).map(Bson::Int32).collect::<Vec<_>>(),
         "in order, once, the failed batch again"
     );
-    assert_eq!(p.stats().restarts, 1);
+    // Called again in process, without a restart.
+    assert_eq!(p.stats().restarts, 0);
+    assert_eq!(*batches.calls.lock().unwrap().first().unwrap(), 1);
+    assert!(batches.calls.lock().unwrap().contains(&2));
     env.deployment.shutdown().await;
 }
 
@@ -471,12 +479,17 @@ async fn the_context_carries_the_stop_signal_and_the_attempt() {
     .await;
     let seen = rec.seen();
     let again = seen.iter().find(|s| s.id == Bson::Int32(3)).unwrap();
-    assert_eq!(again.attempt, 2, "delivered again on the second run");
+    assert_eq!(
+        (again.attempt, again.call),
+        (1, 2),
+        "called again in the same run"
+    );
     assert!(
         seen.iter()
-            .filter(|s| s.attempt == 1)
+            .filter(|s| s.call == 1)
             .all(|s| s.id != Bson::Int32(3))
     );
+    assert_eq!(p.stats().restarts, 0);
 
     // A handler waiting on the stop signal is released by `stop`.
     #[derive(Clone, Default)]

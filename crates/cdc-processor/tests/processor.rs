@@ -425,14 +425,24 @@ async fn handler_error_stops_and_the_event_is_delivered_again() {
     env.deployment.shutdown().await;
 }
 
-/// start_with_retry retries handler errors after a backoff: the failing event is
-/// delivered again until it succeeds.
+/// A handler that fails for a while is called again in process (no restart, no reopen)
+/// and the event is delivered; one that keeps failing stops the processor after the
+/// policy's retries, with the number of calls in the error, and `start_with_retry` does
+/// not restart it (the same event would fail again).
 #[tokio::test]
-async fn retry_redelivers_after_a_handler_error_unless_told_to_stop() {
-    let env = Env::new("p_retry_redelivers_after_a_handler_error_u").await;
+async fn handler_errors_are_retried_in_process_then_stop() {
+    let env = Env::new("p_handler_errors_are_retried_in_process").await;
     let rec = Recorder::default();
     *rec.fail_on.lock().unwrap() = Some(Bson::Int32(1));
-    let p = env.builder().build().unwrap();
+    let p = env
+        .builder()
+        .on_handler_error(
+            cdc_processor::HandlerErrorPolicy::stop()
+                .retries(1000)
+                .backoff(Duration::from_millis(5), Duration::from_millis(20)),
+        )
+        .build()
+        .unwrap();
     let p2 = p.clone();
     let r2 = rec.clone();
     let task = tokio::spawn(async move { p2.start_with_retry(default_backoff(), r2).await });
@@ -440,17 +450,25 @@ async fn retry_redelivers_after_a_handler_error_unless_told_to_stop() {
     for i in 0..3 {
         env.coll().insert_one(doc! { "_id": i }).await.unwrap();
     }
-    until("a restart", || p.stats().restarts >= 1).await;
+    until("the first event", || !rec.ids().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rec.ids(), ids(0..1), "event 1 is being retried; 2 waits");
     *rec.fail_on.lock().unwrap() = None;
     until("all three", || rec.ids().len() >= 3).await;
     p.stop();
     task.await.unwrap().unwrap();
     assert_eq!(rec.ids(), ids(0..3));
+    let stats = p.stats();
+    assert_eq!((stats.restarts, stats.reopens), (0, 0), "{stats:?}");
 
     let stopping = env
         .builder()
         .stream_id("strict")
-        .stop_on_handler_error(true)
+        .on_handler_error(
+            cdc_processor::HandlerErrorPolicy::stop()
+                .retries(2)
+                .backoff(Duration::from_millis(5), Duration::from_millis(5)),
+        )
         .build()
         .unwrap();
     let rec = Recorder::default();
@@ -458,7 +476,7 @@ async fn retry_redelivers_after_a_handler_error_unless_told_to_stop() {
     let s2 = stopping.clone();
     let r2 = rec.clone();
     let task = tokio::spawn(async move { s2.start_with_retry(default_backoff(), r2).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until("the stream to open", || stopping.stats().checkpoints >= 1).await;
     env.coll().insert_one(doc! { "_id": 9 }).await.unwrap();
     let err = tokio::time::timeout(Duration::from_secs(20), task)
         .await
@@ -466,6 +484,20 @@ async fn retry_redelivers_after_a_handler_error_unless_told_to_stop() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Handler);
+    assert!(
+        !err.is_retryable(),
+        "consistent with what the retry loop does"
+    );
+    match &err {
+        Error::Cdc(cdc_core::Error::Handler {
+            attempts, token, ..
+        }) => {
+            assert_eq!(*attempts, 3, "one call and two retries");
+            assert!(token.is_some());
+        }
+        other => panic!("not a handler error: {other:?}"),
+    }
+    assert!(err.to_string().contains("after 3 attempts"), "{err}");
     assert_eq!(stopping.stats().restarts, 0);
     env.deployment.shutdown().await;
 }

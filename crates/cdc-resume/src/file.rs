@@ -12,7 +12,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use cdc_core::{Error, Result, ResumePoint, ResumeStore, check_forward, validate_stream_id};
+use cdc_core::{
+    DeadLetter, DeadLetterStore, Error, Result, ResumePoint, ResumeStore, check_forward,
+    validate_stream_id,
+};
 
 use crate::record;
 
@@ -94,6 +97,12 @@ impl FileStore {
     /// The file holding `stream`'s point.
     pub fn path_of(&self, stream: &str) -> PathBuf {
         self.dir.join(format!("{}.json", file_stem(stream)))
+    }
+
+    /// The file holding `stream`'s dead letters, one JSON object per line.
+    pub fn dead_letters_path(&self, stream: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.dead-letters.jsonl", file_stem(stream)))
     }
 
     fn lock_of(&self, stream: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -242,6 +251,141 @@ impl ResumeStore for FileStore {
             }
             streams.sort();
             Ok(streams)
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        format!("file:{}", self.dir.display())
+    }
+}
+
+/// Reads the letters of a dead-letter file. A last line without its newline is a record a
+/// crash cut short (its `record` never returned `Ok`): it is left out. Any other line that
+/// does not decode is an error naming the file.
+fn read_letters(path: &Path, stream: &str) -> Result<Vec<DeadLetter>> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::store(stream, e)),
+    };
+    let complete = bytes
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(&bytes[..0], |i| &bytes[..=i]);
+    let location = path.display().to_string();
+    complete
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| record::decode_letter(line, stream, &location))
+        .collect()
+}
+
+/// Appends one line and fsyncs it; a torn last line left by a crash is cut off first.
+fn append_letter(path: &Path, dir: &Path, line: &str) -> std::io::Result<()> {
+    let existed = path.exists();
+    let mut file = if existed {
+        fs::OpenOptions::new().read(true).write(true).open(path)?
+    } else {
+        create_private_file(path)?
+    };
+    let len = file.metadata()?.len();
+    if len > 0 {
+        let bytes = fs::read(path)?;
+        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if keep as u64 != len {
+            file.set_len(keep as u64)?;
+        }
+    }
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::End(0))?;
+    file.write_all(format!("{line}\n").as_bytes())?;
+    file.sync_all()?;
+    if !existed {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Dead letters as fsynced JSON lines in `<dir>/<stream>.dead-letters.jsonl`: a record is
+/// an appended line, fsynced before `record` returns; a removal rewrites the file
+/// atomically (temporary file, fsync, rename, fsync of the directory).
+#[async_trait]
+impl DeadLetterStore for FileStore {
+    async fn record(&self, letter: &DeadLetter) -> Result<()> {
+        let stream = letter.stream.clone();
+        validate_stream_id(&stream)?;
+        let lock = self.lock_of(&format!("{stream}\u{0}dead-letters"));
+        let _guard = lock.lock().await;
+        let path = self.dead_letters_path(&stream);
+        let dir = self.dir.clone();
+        let line = record::encode_letter(letter);
+        let id = letter.id.clone();
+        blocking(&stream.clone(), move || {
+            if read_letters(&path, &stream)?.iter().any(|l| l.id == id) {
+                return Ok(());
+            }
+            append_letter(&path, &dir, &line).map_err(|e| Error::store(stream, e))
+        })
+        .await
+    }
+
+    async fn list(&self, stream: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        validate_stream_id(stream)?;
+        let path = self.dead_letters_path(stream);
+        let owned = stream.to_owned();
+        let mut letters = blocking(stream, move || read_letters(&path, &owned)).await?;
+        letters.sort_by(DeadLetter::stream_order);
+        letters.truncate(limit);
+        Ok(letters)
+    }
+
+    async fn count(&self, stream: &str) -> Result<u64> {
+        validate_stream_id(stream)?;
+        let path = self.dead_letters_path(stream);
+        let owned = stream.to_owned();
+        let letters = blocking(stream, move || read_letters(&path, &owned)).await?;
+        Ok(letters.len() as u64)
+    }
+
+    async fn remove(&self, stream: &str, id: &str) -> Result<bool> {
+        validate_stream_id(stream)?;
+        let lock = self.lock_of(&format!("{stream}\u{0}dead-letters"));
+        let _guard = lock.lock().await;
+        let path = self.dead_letters_path(stream);
+        let tmp = self.dir.join(format!(
+            "{}.json.tmp-{}-{}",
+            file_stem(stream),
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let dir = self.dir.clone();
+        let (owned, id) = (stream.to_owned(), id.to_owned());
+        blocking(stream, move || {
+            let letters = read_letters(&path, &owned)?;
+            let before = letters.len();
+            let kept: Vec<&DeadLetter> = letters.iter().filter(|l| l.id != id).collect();
+            if kept.len() == before {
+                return Ok(false);
+            }
+            let written = (|| {
+                if kept.is_empty() {
+                    fs::remove_file(&path)?;
+                } else {
+                    let mut file = create_private_file(&tmp)?;
+                    for letter in kept {
+                        file.write_all(record::encode_letter(letter).as_bytes())?;
+                        file.write_all(b"\n")?;
+                    }
+                    file.sync_all()?;
+                    fs::rename(&tmp, &path)?;
+                }
+                sync_dir(&dir)
+            })();
+            if written.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            written.map_err(|e| Error::store(owned, e)).map(|()| true)
         })
         .await
     }

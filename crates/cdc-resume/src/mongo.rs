@@ -4,8 +4,8 @@
 use async_trait::async_trait;
 use bson::{Bson, Document, RawDocumentBuf, doc};
 use cdc_core::{
-    ClusterTime, Error, OperationType, Result, ResumePoint, ResumeStore, ResumeToken,
-    validate_stream_id,
+    ClusterTime, DeadLetter, DeadLetterStore, Error, OperationType, Result, ResumePoint,
+    ResumeStore, ResumeToken, validate_stream_id,
 };
 use mongodb::{Client, ClientSession, Collection, error::ErrorKind as DriverKind};
 
@@ -17,6 +17,9 @@ use mongodb::{Client, ClientSession, Collection, error::ErrorKind as DriverKind}
 #[derive(Clone)]
 pub struct MongoStore {
     coll: Collection<RawDocumentBuf>,
+    /// Dead letters: `{ _id: { stream, id }, stream, id, token, clusterTime, event, errors,
+    /// attempts, recordedAt, parked }` in `<coll>_dead_letters`.
+    letters: Collection<RawDocumentBuf>,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -28,11 +31,74 @@ impl std::fmt::Debug for MongoStore {
 }
 
 impl MongoStore {
-    /// A store in `db.coll` of `client`.
+    /// A store in `db.coll` of `client` (dead letters in `db.<coll>_dead_letters`).
     pub fn new(client: &Client, db: &str, coll: &str) -> Self {
+        let db = client.database(db);
         Self {
-            coll: client.database(db).collection(coll),
+            coll: db.collection(coll),
+            letters: db.collection(&format!("{coll}_dead_letters")),
         }
+    }
+
+    fn letter_location(&self, stream: &str) -> String {
+        format!("{} stream={stream:?}", self.letters.namespace())
+    }
+
+    fn decode_letter(&self, stream: &str, raw: &RawDocumentBuf) -> Result<DeadLetter> {
+        let corrupt = |reason: String| Error::CorruptPoint {
+            stream: stream.to_owned(),
+            location: self.letter_location(stream),
+            reason: format!("dead letter: {reason}"),
+        };
+        let field = |name: &str| match raw.get(name) {
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => Err(corrupt(format!("no `{name}`"))),
+            Err(e) => Err(corrupt(format!("`{name}`: {e}"))),
+        };
+        let text = |name: &str| match field(name)? {
+            bson::RawBsonRef::String(s) => Ok(s.to_owned()),
+            _ => Err(corrupt(format!("`{name}` should be a string"))),
+        };
+        let binary = |name: &str| match field(name)? {
+            bson::RawBsonRef::Binary(b) => Ok(b.bytes.to_vec()),
+            _ => Err(corrupt(format!("`{name}` should be binary"))),
+        };
+        let token = ResumeToken::from_bytes(binary("token")?)
+            .map_err(|e| corrupt(format!("`token` is not BSON: {e}")))?;
+        let cluster_time = match field("clusterTime")? {
+            bson::RawBsonRef::Timestamp(ts) => ClusterTime::from(ts),
+            _ => return Err(corrupt("`clusterTime` should be a timestamp".into())),
+        };
+        let errors = match field("errors")? {
+            bson::RawBsonRef::Array(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    Ok(bson::RawBsonRef::String(s)) => Ok(s.to_owned()),
+                    _ => Err(corrupt("`errors` holds a non-string".into())),
+                })
+                .collect::<Result<Vec<_>>>()?,
+            _ => return Err(corrupt("`errors` should be an array".into())),
+        };
+        let attempts = match field("attempts")? {
+            bson::RawBsonRef::Int64(n) => u32::try_from(n).unwrap_or(u32::MAX),
+            bson::RawBsonRef::Int32(n) => u32::try_from(n).unwrap_or(0),
+            _ => return Err(corrupt("`attempts` should be a number".into())),
+        };
+        let recorded_at = match field("recordedAt")? {
+            bson::RawBsonRef::DateTime(dt) => dt,
+            _ => return Err(corrupt("`recordedAt` should be a date".into())),
+        };
+        Ok(DeadLetter {
+            stream: text("stream")?,
+            id: text("id")?,
+            token,
+            cluster_time,
+            event: binary("event")?,
+            errors,
+            attempts,
+            recorded_at,
+            parked: matches!(raw.get("parked"), Ok(Some(bson::RawBsonRef::Boolean(true)))),
+        })
     }
 
     fn location(&self, stream: &str) -> String {
@@ -210,6 +276,95 @@ impl ResumeStore for MongoStore {
 
     fn namespace(&self) -> Option<cdc_core::Namespace> {
         let ns = self.coll.namespace();
+        Some(cdc_core::Namespace::collection(ns.db, ns.coll))
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for MongoStore {
+    async fn record(&self, letter: &DeadLetter) -> Result<()> {
+        let stream = &letter.stream;
+        validate_stream_id(stream)?;
+        let binary = |bytes: &[u8]| bson::Binary {
+            subtype: bson::spec::BinarySubtype::Generic,
+            bytes: bytes.to_vec(),
+        };
+        let body = doc! {
+            "stream": stream,
+            "id": &letter.id,
+            "token": binary(letter.token.as_bytes()),
+            "clusterTime": letter.cluster_time.to_timestamp(),
+            "event": binary(&letter.event),
+            "errors": &letter.errors,
+            "attempts": i64::from(letter.attempts),
+            "recordedAt": letter.recorded_at,
+            "parked": letter.parked,
+        };
+        // Written with majority acknowledgement: a letter must survive a failover, since
+        // the stream moves past its event once it is recorded.
+        self.letters
+            .clone_with_type::<Document>()
+            .update_one(
+                doc! { "_id": { "stream": stream, "id": &letter.id } },
+                doc! { "$setOnInsert": body },
+            )
+            .upsert(true)
+            .write_concern(mongodb::options::WriteConcern::majority())
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        Ok(())
+    }
+
+    async fn list(&self, stream: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        validate_stream_id(stream)?;
+        let mut find = self
+            .letters
+            .find(doc! { "stream": stream })
+            .sort(doc! { "clusterTime": 1, "id": 1 });
+        if let Ok(n) = i64::try_from(limit) {
+            find = find.limit(n);
+        }
+        let mut cursor = find.await.map_err(|e| Error::store(stream, e))?;
+        let mut letters = Vec::new();
+        while cursor
+            .advance()
+            .await
+            .map_err(|e| Error::store(stream, e))?
+        {
+            let raw = cursor.current().to_owned();
+            letters.push(self.decode_letter(stream, &raw)?);
+        }
+        // The server sorts; the order is also the documented one when ids tie on time.
+        letters.sort_by(DeadLetter::stream_order);
+        letters.truncate(limit);
+        Ok(letters)
+    }
+
+    async fn count(&self, stream: &str) -> Result<u64> {
+        validate_stream_id(stream)?;
+        self.letters
+            .count_documents(doc! { "stream": stream })
+            .await
+            .map_err(|e| Error::store(stream, e))
+    }
+
+    async fn remove(&self, stream: &str, id: &str) -> Result<bool> {
+        validate_stream_id(stream)?;
+        let result = self
+            .letters
+            .delete_one(doc! { "_id": { "stream": stream, "id": id } })
+            .write_concern(mongodb::options::WriteConcern::majority())
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        Ok(result.deleted_count > 0)
+    }
+
+    fn describe(&self) -> String {
+        format!("mongodb:{}", self.letters.namespace())
+    }
+
+    fn namespace(&self) -> Option<cdc_core::Namespace> {
+        let ns = self.letters.namespace();
         Some(cdc_core::Namespace::collection(ns.db, ns.coll))
     }
 }

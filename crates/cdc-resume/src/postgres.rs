@@ -3,8 +3,8 @@
 use async_trait::async_trait;
 use bson::DateTime;
 use cdc_core::{
-    ClusterTime, Error, OperationType, Result, ResumePoint, ResumeStore, ResumeToken,
-    validate_stream_id,
+    ClusterTime, DeadLetter, DeadLetterStore, Error, OperationType, Result, ResumePoint,
+    ResumeStore, ResumeToken, validate_stream_id,
 };
 use tokio_postgres::{Client, GenericClient, NoTls};
 
@@ -18,6 +18,8 @@ pub struct PostgresStore {
     config: String,
     shown: String,
     table: String,
+    /// `<table>_dead_letters`.
+    letters: String,
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
@@ -77,10 +79,20 @@ impl PostgresStore {
                 reason: format!("{table:?} is not a plain SQL identifier"),
             });
         }
+        let letters = format!("{table}_dead_letters");
+        if !valid_table(&letters) {
+            return Err(Error::InvalidArgument {
+                name: "table",
+                reason: format!(
+                    "{table:?} is too long: the dead-letter table {letters:?} must fit PostgreSQL's 63 bytes"
+                ),
+            });
+        }
         let store = Self {
             config: config.to_owned(),
             shown: redact(config),
             table: table.to_owned(),
+            letters,
             client: tokio::sync::Mutex::new(None),
         };
         let create = format!(
@@ -91,8 +103,21 @@ impl PostgresStore {
                 ct_increment BIGINT NOT NULL,
                 operation_type TEXT,
                 saved_at_ms BIGINT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS {} (
+                stream_id TEXT NOT NULL,
+                letter_id TEXT NOT NULL,
+                token BYTEA NOT NULL,
+                ct_time BIGINT NOT NULL,
+                ct_increment BIGINT NOT NULL,
+                event BYTEA NOT NULL,
+                errors TEXT[] NOT NULL,
+                attempts BIGINT NOT NULL,
+                recorded_at_ms BIGINT NOT NULL,
+                parked BOOLEAN NOT NULL,
+                PRIMARY KEY (stream_id, letter_id)
             )",
-            store.table
+            store.table, store.letters
         );
         {
             let client = store.client("*").await?;
@@ -107,6 +132,11 @@ impl PostgresStore {
     /// The table's name.
     pub fn table(&self) -> &str {
         &self.table
+    }
+
+    /// The dead-letter table's name (`<table>_dead_letters`).
+    pub fn dead_letters_table(&self) -> &str {
+        &self.letters
     }
 
     async fn client(&self, stream: &str) -> Result<tokio::sync::MappedMutexGuard<'_, Client>> {
@@ -268,6 +298,129 @@ impl ResumeStore for PostgresStore {
 
     fn describe(&self) -> String {
         format!("postgres:{} table {}", self.shown, self.table)
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for PostgresStore {
+    async fn record(&self, letter: &DeadLetter) -> Result<()> {
+        let stream = &letter.stream;
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let sql = format!(
+            "INSERT INTO {} (stream_id, letter_id, token, ct_time, ct_increment, event, errors,
+                attempts, recorded_at_ms, parked)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (stream_id, letter_id) DO NOTHING",
+            self.letters
+        );
+        client
+            .execute(
+                &sql,
+                &[
+                    stream,
+                    &letter.id,
+                    &letter.token.as_bytes(),
+                    &i64::from(letter.cluster_time.time),
+                    &i64::from(letter.cluster_time.increment),
+                    &letter.event,
+                    &letter.errors,
+                    &i64::from(letter.attempts),
+                    &letter.recorded_at.timestamp_millis(),
+                    &letter.parked,
+                ],
+            )
+            .await
+            .map_err(|e| Error::store(stream.as_str(), e))?;
+        Ok(())
+    }
+
+    async fn list(&self, stream: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let sql = format!(
+            "SELECT letter_id, token, ct_time, ct_increment, event, errors, attempts,
+                    recorded_at_ms, parked
+             FROM {} WHERE stream_id = $1
+             ORDER BY ct_time, ct_increment, letter_id COLLATE \"C\" LIMIT $2",
+            self.letters
+        );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&sql, &[&stream, &limit])
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        let corrupt = |reason: String| Error::CorruptPoint {
+            stream: stream.to_owned(),
+            location: format!(
+                "{} table {} stream_id = {stream:?}",
+                self.shown, self.letters
+            ),
+            reason: format!("dead letter: {reason}"),
+        };
+        let mut letters = Vec::with_capacity(rows.len());
+        for row in rows {
+            let get_u32 = |i: usize, name: &str| -> Result<u32> {
+                let v: i64 = row
+                    .try_get(i)
+                    .map_err(|e| corrupt(format!("{name}: {e}")))?;
+                u32::try_from(v).map_err(|_| corrupt(format!("{name} {v} is out of range")))
+            };
+            let token: Vec<u8> = row.try_get(1).map_err(|e| corrupt(format!("token: {e}")))?;
+            letters.push(DeadLetter {
+                stream: stream.to_owned(),
+                id: row
+                    .try_get(0)
+                    .map_err(|e| corrupt(format!("letter_id: {e}")))?,
+                token: ResumeToken::from_bytes(token)
+                    .map_err(|e| corrupt(format!("token is not BSON: {e}")))?,
+                cluster_time: ClusterTime::new(get_u32(2, "ct_time")?, get_u32(3, "ct_increment")?),
+                event: row.try_get(4).map_err(|e| corrupt(format!("event: {e}")))?,
+                errors: row
+                    .try_get(5)
+                    .map_err(|e| corrupt(format!("errors: {e}")))?,
+                attempts: get_u32(6, "attempts")?,
+                recorded_at: DateTime::from_millis(
+                    row.try_get(7)
+                        .map_err(|e| corrupt(format!("recorded_at_ms: {e}")))?,
+                ),
+                parked: row
+                    .try_get(8)
+                    .map_err(|e| corrupt(format!("parked: {e}")))?,
+            });
+        }
+        letters.sort_by(DeadLetter::stream_order);
+        Ok(letters)
+    }
+
+    async fn count(&self, stream: &str) -> Result<u64> {
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let sql = format!("SELECT count(*) FROM {} WHERE stream_id = $1", self.letters);
+        let row = client
+            .query_one(&sql, &[&stream])
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        let n: i64 = row.try_get(0).map_err(|e| Error::store(stream, e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn remove(&self, stream: &str, id: &str) -> Result<bool> {
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let sql = format!(
+            "DELETE FROM {} WHERE stream_id = $1 AND letter_id = $2",
+            self.letters
+        );
+        let n = client
+            .execute(&sql, &[&stream, &id])
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        Ok(n > 0)
+    }
+
+    fn describe(&self) -> String {
+        format!("postgres:{} table {}", self.shown, self.letters)
     }
 }
 

@@ -2,7 +2,7 @@
 //! bytes (so it round-trips byte-for-byte), with the cluster time beside it in the clear.
 
 use bson::DateTime;
-use cdc_core::{ClusterTime, Error, OperationType, Result, ResumePoint, ResumeToken};
+use cdc_core::{ClusterTime, DeadLetter, Error, OperationType, Result, ResumePoint, ResumeToken};
 use serde_json::{Value, json};
 
 /// Encodes a point as one JSON object.
@@ -60,6 +60,81 @@ pub(crate) fn decode(bytes: &[u8], stream: &str, location: &str) -> Result<Resum
     let mut point = ResumePoint::post_batch(token, cluster_time, DateTime::from_millis(saved_at));
     point.operation_type = operation_type;
     Ok(point)
+}
+
+/// Encodes a dead letter as one JSON object (one line: no newline inside).
+pub(crate) fn encode_letter(letter: &DeadLetter) -> String {
+    json!({
+        "version": 1,
+        "stream": letter.stream,
+        "id": letter.id,
+        "token": hex(letter.token.as_bytes()),
+        "clusterTime": { "time": letter.cluster_time.time, "increment": letter.cluster_time.increment },
+        "event": hex(&letter.event),
+        "errors": letter.errors,
+        "attempts": letter.attempts,
+        "recordedAt": letter.recorded_at.timestamp_millis(),
+        "parked": letter.parked,
+    })
+    .to_string()
+}
+
+/// Decodes a dead-letter record; anything off is [`Error::CorruptPoint`] naming the
+/// stream and place.
+pub(crate) fn decode_letter(bytes: &[u8], stream: &str, location: &str) -> Result<DeadLetter> {
+    let corrupt = |reason: String| Error::CorruptPoint {
+        stream: stream.to_owned(),
+        location: location.to_owned(),
+        reason: format!("dead letter: {reason}"),
+    };
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+    if v.get("version").and_then(Value::as_u64) != Some(1) {
+        return Err(corrupt("missing or unknown `version`".into()));
+    }
+    let text = |name: &str| {
+        v.get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| corrupt(format!("no `{name}` string")))
+    };
+    let bytes_of = |name: &str| {
+        text(name).and_then(|s| unhex(s).ok_or_else(|| corrupt(format!("`{name}` is not hex"))))
+    };
+    let token = ResumeToken::from_bytes(bytes_of("token")?)
+        .map_err(|e| corrupt(format!("`token` is not BSON: {e}")))?;
+    let part = |name: &str| {
+        v.get("clusterTime")
+            .and_then(|c| c.get(name))
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| corrupt(format!("`clusterTime.{name}` is missing or out of range")))
+    };
+    let errors = match v.get("errors") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|e| e.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| corrupt("`errors` holds a non-string".into()))?,
+        _ => return Err(corrupt("no `errors` array".into())),
+    };
+    Ok(DeadLetter {
+        stream: text("stream")?.to_owned(),
+        id: text("id")?.to_owned(),
+        token,
+        cluster_time: ClusterTime::new(part("time")?, part("increment")?),
+        event: bytes_of("event")?,
+        errors,
+        attempts: v
+            .get("attempts")
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| corrupt("`attempts` is missing".into()))?,
+        recorded_at: DateTime::from_millis(
+            v.get("recordedAt")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| corrupt("`recordedAt` is missing".into()))?,
+        ),
+        parked: v.get("parked").and_then(Value::as_bool).unwrap_or(false),
+    })
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

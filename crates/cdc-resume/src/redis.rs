@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cdc_core::{ClusterTime, Error, Result, ResumePoint, ResumeStore, validate_stream_id};
+use cdc_core::{
+    ClusterTime, DeadLetter, DeadLetterStore, Error, Result, ResumePoint, ResumeStore,
+    validate_stream_id,
+};
 use redis::{AsyncCommands, AsyncConnectionConfig, Client, aio::MultiplexedConnection};
 
 use crate::record;
@@ -26,7 +29,30 @@ redis.call('SET', KEYS[1], ARGV[1])
 return {'ok'}
 ";
 
-/// Keeps each stream's point as a JSON string at `<prefix><stream>`.
+/// Records a dead letter once: a letter whose id is already recorded is kept as it is.
+const RECORD_SCRIPT: &str = r"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local entry = redis.call('XADD', KEYS[1], '*', 'letter', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+return 1
+";
+
+/// Removes a dead letter and its id.
+const REMOVE_SCRIPT: &str = r"
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if not entry then return 0 end
+redis.call('XDEL', KEYS[1], entry)
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+";
+
+/// Between a stream's key and the suffix of its dead-letter keys: a control character, so
+/// no stream id (which may hold none) makes a key that collides with them.
+const LETTERS_SEPARATOR: char = '\u{1f}';
+
+/// Keeps each stream's point as a JSON string at `<prefix><stream>`, and its dead letters
+/// in a Redis stream at `<prefix><stream>\x1fdead-letters` (entries with one field,
+/// `letter`, a JSON record) with a hash of their ids at `<prefix><stream>\x1fdead-letter-ids`.
 pub struct RedisStore {
     client: Client,
     prefix: String,
@@ -79,6 +105,15 @@ impl RedisStore {
 
     fn key(&self, stream: &str) -> String {
         format!("{}{stream}", self.prefix)
+    }
+
+    /// The Redis stream of `stream`'s dead letters and the hash of their ids.
+    fn letter_keys(&self, stream: &str) -> (String, String) {
+        let key = self.key(stream);
+        (
+            format!("{key}{LETTERS_SEPARATOR}dead-letters"),
+            format!("{key}{LETTERS_SEPARATOR}dead-letter-ids"),
+        )
     }
 
     async fn connection(&self, stream: &str) -> Result<MultiplexedConnection> {
@@ -208,10 +243,12 @@ impl ResumeStore for RedisStore {
                 Ok(r) => r,
                 Err(e) => return Err(self.fail("*", e).await),
             };
-            streams.extend(
-                keys.into_iter()
-                    .filter_map(|k| k.strip_prefix(&self.prefix).map(str::to_owned)),
-            );
+            // Dead-letter keys carry a control character no stream id may hold.
+            streams.extend(keys.into_iter().filter_map(|k| {
+                k.strip_prefix(&self.prefix)
+                    .filter(|s| !s.contains(LETTERS_SEPARATOR))
+                    .map(str::to_owned)
+            }));
             if next == 0 {
                 break;
             }
@@ -224,6 +261,90 @@ impl ResumeStore for RedisStore {
 
     fn describe(&self) -> String {
         format!("redis:{} prefix {:?}", self.shown, self.prefix)
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for RedisStore {
+    async fn record(&self, letter: &DeadLetter) -> Result<()> {
+        let stream = &letter.stream;
+        validate_stream_id(stream)?;
+        let mut conn = self.connection(stream).await?;
+        let (entries, ids) = self.letter_keys(stream);
+        // Redis persists as configured (AOF with `appendfsync always` for a crash-proof
+        // record); the call returns once Redis applied it.
+        let result: redis::RedisResult<i64> = redis::Script::new(RECORD_SCRIPT)
+            .key(entries)
+            .key(ids)
+            .arg(&letter.id)
+            .arg(record::encode_letter(letter))
+            .invoke_async(&mut conn)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fail(stream, e).await),
+        }
+    }
+
+    async fn list(&self, stream: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        validate_stream_id(stream)?;
+        let mut conn = self.connection(stream).await?;
+        let (entries, _) = self.letter_keys(stream);
+        let result: redis::RedisResult<Vec<(String, Vec<(String, Vec<u8>)>)>> =
+            redis::cmd("XRANGE")
+                .arg(&entries)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await;
+        let rows = match result {
+            Ok(r) => r,
+            Err(e) => return Err(self.fail(stream, e).await),
+        };
+        let location = format!("{} key {entries:?}", self.shown);
+        let mut letters = rows
+            .iter()
+            .flat_map(|(_, fields)| fields.iter())
+            .filter(|(name, _)| name == "letter")
+            .map(|(_, body)| record::decode_letter(body, stream, &location))
+            .collect::<Result<Vec<_>>>()?;
+        letters.sort_by(DeadLetter::stream_order);
+        letters.truncate(limit);
+        Ok(letters)
+    }
+
+    async fn count(&self, stream: &str) -> Result<u64> {
+        validate_stream_id(stream)?;
+        let mut conn = self.connection(stream).await?;
+        let (_, ids) = self.letter_keys(stream);
+        let result: redis::RedisResult<u64> = conn.hlen(ids).await;
+        match result {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.fail(stream, e).await),
+        }
+    }
+
+    async fn remove(&self, stream: &str, id: &str) -> Result<bool> {
+        validate_stream_id(stream)?;
+        let mut conn = self.connection(stream).await?;
+        let (entries, ids) = self.letter_keys(stream);
+        let result: redis::RedisResult<i64> = redis::Script::new(REMOVE_SCRIPT)
+            .key(entries)
+            .key(ids)
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await;
+        match result {
+            Ok(n) => Ok(n == 1),
+            Err(e) => Err(self.fail(stream, e).await),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "redis:{} prefix {:?} (dead letters)",
+            self.shown, self.prefix
+        )
     }
 }
 

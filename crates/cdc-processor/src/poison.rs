@@ -1,0 +1,354 @@
+//! Handler errors: retried in process under the builder's [`HandlerErrorPolicy`], then
+//! the stream stops, or the event is skipped, or it is recorded as a dead letter (and,
+//! when asked, its document key is parked: the key's later events follow it into the dead
+//! letters, so a replay keeps their order).
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use cdc_core::{BoxError, ChangeEvent, DeadLetter, DeadLetterStore, Dispatcher};
+
+use crate::{context::HandlerContext, lanes::catch_panic};
+
+/// What follows when a handler keeps failing on an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AfterRetries {
+    /// The processor stops with the handler error (not retried by `start_with_retry`:
+    /// the same event would fail again).
+    Stop,
+    /// The event is acknowledged without being handled, logged at error level and counted
+    /// in [`crate::Stats::skipped_events`].
+    Skip,
+    /// The event is recorded in the dead-letter store (before it is acknowledged, so a
+    /// crash never loses it), then acknowledged; counted in [`crate::Stats::dead_letters`].
+    DeadLetter,
+}
+
+/// What the processor does when a handler returns an error (or panics) on an event:
+/// call it again up to `retries` times in process, waiting a backoff between calls
+/// (without reopening the stream), then [`AfterRetries`].
+///
+/// The default: 3 retries from 100 ms doubling to 5 s, then stop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerErrorPolicy {
+    retries: u32,
+    min_delay: Duration,
+    max_delay: Duration,
+    then: AfterRetries,
+    park_keys: bool,
+}
+
+impl Default for HandlerErrorPolicy {
+    fn default() -> Self {
+        Self::stop()
+    }
+}
+
+impl HandlerErrorPolicy {
+    fn with(then: AfterRetries) -> Self {
+        Self {
+            retries: 3,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+            then,
+            park_keys: false,
+        }
+    }
+
+    /// After the retries, stop with the handler error (the default).
+    pub fn stop() -> Self {
+        Self::with(AfterRetries::Stop)
+    }
+
+    /// After the retries, skip the event.
+    pub fn skip() -> Self {
+        Self::with(AfterRetries::Skip)
+    }
+
+    /// After the retries, record the event as a dead letter (needs
+    /// [`crate::Builder::dead_letters`]).
+    pub fn dead_letter() -> Self {
+        Self::with(AfterRetries::DeadLetter)
+    }
+
+    /// How many times a failed call is repeated before giving up (0: give up at once).
+    #[must_use]
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// The wait before the first retry, doubling up to `max` (without jitter: the
+    /// retries of one event are not a herd).
+    #[must_use]
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_delay = min;
+        self.max_delay = max.max(min);
+        self
+    }
+
+    /// With dead letters: once an event is a dead letter, the later events of its
+    /// document key are recorded behind it without calling the handler (so replaying the
+    /// dead letters keeps the key's order). Parked keys are read back from the store at
+    /// every start, and a key is released when its dead letters are replayed or deleted.
+    #[must_use]
+    pub fn park_keys(mut self, on: bool) -> Self {
+        self.park_keys = on;
+        self
+    }
+
+    /// What follows the retries.
+    pub fn then(&self) -> AfterRetries {
+        self.then
+    }
+
+    /// The number of retries.
+    pub fn retry_count(&self) -> u32 {
+        self.retries
+    }
+
+    /// Whether keys are parked behind their dead letters.
+    pub fn parks_keys(&self) -> bool {
+        self.park_keys && self.then == AfterRetries::DeadLetter
+    }
+
+    /// The wait after failed call number `call` (1-based).
+    fn delay(&self, call: u32) -> Duration {
+        let factor = 2_u32.saturating_pow(call.saturating_sub(1).min(30));
+        self.min_delay.saturating_mul(factor).min(self.max_delay)
+    }
+}
+
+/// What became of one event.
+pub(crate) enum Fate {
+    /// The handler succeeded.
+    Handled,
+    /// Given up on and skipped.
+    Skipped,
+    /// Recorded as a dead letter.
+    DeadLettered,
+    /// The policy says stop: the handler error.
+    Failed(cdc_core::Error),
+    /// The processor is stopping: not handled, not acknowledged (it comes again).
+    Abandoned,
+}
+
+/// The policy in force for one processor, with its dead-letter store and parked keys.
+pub(crate) struct Poison {
+    pub(crate) policy: HandlerErrorPolicy,
+    pub(crate) letters: Option<Arc<dyn DeadLetterStore>>,
+    stream: String,
+    store_timeout: Duration,
+    /// Document keys (raw bytes) parked behind a dead letter.
+    parked: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Poison {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Poison")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Poison {
+    pub(crate) fn new(
+        policy: HandlerErrorPolicy,
+        letters: Option<Arc<dyn DeadLetterStore>>,
+        stream: String,
+        store_timeout: Duration,
+    ) -> Self {
+        Self {
+            policy,
+            letters,
+            stream,
+            store_timeout,
+            parked: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn parked(&self) -> std::sync::MutexGuard<'_, HashSet<Vec<u8>>> {
+        // A set of keys, changed by single inserts and removals: always consistent.
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the parked keys back from the dead-letter store (at every start).
+    pub(crate) async fn load_parked(&self) -> cdc_core::Result<()> {
+        let Some(store) = self.letters.as_ref().filter(|_| self.policy.parks_keys()) else {
+            return Ok(());
+        };
+        let letters = self.timed(store.list(&self.stream, usize::MAX)).await?;
+        let mut keys = HashSet::new();
+        for letter in letters {
+            if let Some(key) = letter.decode()?.document_key() {
+                keys.insert(key.as_bytes().to_vec());
+            }
+        }
+        *self.parked() = keys;
+        Ok(())
+    }
+
+    /// Whether `event`'s key is parked.
+    pub(crate) fn is_parked(&self, event: &ChangeEvent) -> bool {
+        self.policy.parks_keys()
+            && event
+                .document_key()
+                .is_some_and(|k| self.parked().contains(k.as_bytes()))
+    }
+
+    async fn timed<T>(
+        &self,
+        call: impl Future<Output = cdc_core::Result<T>>,
+    ) -> cdc_core::Result<T> {
+        match tokio::time::timeout(self.store_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(cdc_core::Error::store(
+                self.stream.clone(),
+                std::io::Error::other(format!(
+                    "the dead-letter store did not answer within {:?}",
+                    self.store_timeout
+                )),
+            )),
+        }
+    }
+
+    /// Records `event` as a dead letter (parked: behind an earlier letter of its key).
+    async fn record(
+        &self,
+        event: &ChangeEvent,
+        error: Option<&cdc_core::Error>,
+        attempts: u32,
+        parked: bool,
+    ) -> Fate {
+        let Some(store) = &self.letters else {
+            // The builder refuses a dead-letter policy without a store.
+            return Fate::Failed(cdc_core::Error::InvalidArgument {
+                name: "dead_letters",
+                reason: "no dead-letter store".into(),
+            });
+        };
+        let cause = error.map(|e| e as &(dyn std::error::Error + 'static));
+        let letter = match DeadLetter::new(&self.stream, event, cause, attempts, parked) {
+            Ok(l) => l,
+            Err(e) => return Fate::Failed(e),
+        };
+        if let Err(e) = self.timed(store.record(&letter)).await {
+            return Fate::Failed(e);
+        }
+        if self.policy.parks_keys()
+            && let Some(key) = event.document_key()
+        {
+            self.parked().insert(key.as_bytes().to_vec());
+        }
+        Fate::DeadLettered
+    }
+
+    /// Applies the policy to an event the handler gave up on after `attempts` calls.
+    pub(crate) async fn give_up(
+        &self,
+        event: &ChangeEvent,
+        error: cdc_core::Error,
+        attempts: u32,
+    ) -> Fate {
+        match self.policy.then {
+            AfterRetries::Stop => Fate::Failed(error),
+            AfterRetries::Skip => {
+                tracing::error!(
+                    error = %error,
+                    token = ?event.token,
+                    "the handler kept failing on an event: skipped (on_handler_error: skip)"
+                );
+                Fate::Skipped
+            }
+            AfterRetries::DeadLetter => {
+                tracing::error!(
+                    error = %error,
+                    token = ?event.token,
+                    "the handler kept failing on an event: recorded as a dead letter"
+                );
+                self.record(event, Some(&error), attempts, false).await
+            }
+        }
+    }
+
+    /// Records an event of a parked key behind its key's dead letters.
+    pub(crate) async fn park(&self, event: &ChangeEvent) -> Fate {
+        tracing::warn!(token = ?event.token, "an event of a parked key follows it into the dead letters");
+        self.record(event, None, 0, true).await
+    }
+
+    /// Calls `call` until it succeeds or the retries run out (`Err` with the last error
+    /// and the number of calls made); `Ok(None)` when the processor is stopping.
+    pub(crate) async fn retrying<F, Fut>(
+        &self,
+        ctx: &HandlerContext,
+        mut call: F,
+    ) -> Result<Option<()>, (BoxError, u32)>
+    where
+        F: FnMut(HandlerContext) -> Fut,
+        Fut: Future<Output = Result<(), BoxError>>,
+    {
+        let mut n = 1;
+        loop {
+            let this = ctx.with_call(n);
+            match catch_panic(this.clone().scope(call(this))).await {
+                Ok(()) => return Ok(Some(())),
+                Err(e) if n > self.policy.retries => return Err((e, n)),
+                Err(e) => {
+                    let delay = self.policy.delay(n);
+                    tracing::warn!(error = %e, call = n, ?delay, "the handler failed: calling it again after a pause");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = ctx.stopping() => return Ok(None),
+                    }
+                    n += 1;
+                }
+            }
+        }
+    }
+
+    /// Handles one event under the policy.
+    pub(crate) async fn handle_event(
+        &self,
+        handler: &dyn Dispatcher,
+        event: &ChangeEvent,
+        ctx: &HandlerContext,
+    ) -> Fate {
+        if self.is_parked(event) {
+            return self.park(event).await;
+        }
+        match self.retrying(ctx, |_| handler.dispatch(event, None)).await {
+            Ok(Some(())) => Fate::Handled,
+            Ok(None) => Fate::Abandoned,
+            Err((e, calls)) => {
+                let error = crate::lanes::handler_error(event, e, calls);
+                self.give_up(event, error, calls).await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_up_to_its_bound() {
+        let p = HandlerErrorPolicy::stop()
+            .backoff(Duration::from_millis(100), Duration::from_millis(350));
+        assert_eq!(p.delay(1), Duration::from_millis(100));
+        assert_eq!(p.delay(2), Duration::from_millis(200));
+        assert_eq!(p.delay(3), Duration::from_millis(350));
+        assert_eq!(p.delay(40), Duration::from_millis(350));
+        assert!(!HandlerErrorPolicy::skip().park_keys(true).parks_keys());
+        assert!(
+            HandlerErrorPolicy::dead_letter()
+                .park_keys(true)
+                .parks_keys()
+        );
+    }
+}
