@@ -4,12 +4,15 @@
 //! letters, so a replay keeps their order).
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
-use cdc_core::{BoxError, ChangeEvent, DeadLetter, DeadLetterStore, Dispatcher};
+use cdc_core::{BoxError, ChangeEvent, ClusterTime, DeadLetter, DeadLetterStore, Dispatcher};
+
+/// Where an event lies in the stream: its cluster time, then its letter id.
+type Position = (ClusterTime, String);
 
 use crate::{context::HandlerContext, lanes::catch_panic};
 
@@ -143,8 +146,10 @@ pub(crate) struct Poison {
     pub(crate) letters: Option<Arc<dyn DeadLetterStore>>,
     stream: String,
     store_timeout: Duration,
-    /// Document keys (raw bytes) parked behind a dead letter.
-    parked: Mutex<HashSet<Vec<u8>>>,
+    /// Document keys (raw bytes) parked behind a dead letter, with the stream position
+    /// of their first letter: events of the key from there on are parked (one before it
+    /// is a repeat after a restart, handled before the key was parked).
+    parked: Mutex<HashMap<Vec<u8>, Position>>,
 }
 
 impl std::fmt::Debug for Poison {
@@ -167,11 +172,11 @@ impl Poison {
             letters,
             stream,
             store_timeout,
-            parked: Mutex::new(HashSet::new()),
+            parked: Mutex::new(HashMap::new()),
         }
     }
 
-    fn parked(&self) -> std::sync::MutexGuard<'_, HashSet<Vec<u8>>> {
+    fn parked(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Position>> {
         // A set of keys, changed by single inserts and removals: always consistent.
         self.parked.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -182,22 +187,29 @@ impl Poison {
             return Ok(());
         };
         let letters = self.timed(store.list(&self.stream, usize::MAX)).await?;
-        let mut keys = HashSet::new();
+        let mut keys = HashMap::new();
+        // In stream order: the first letter of a key is where it was parked.
         for letter in letters {
             if let Some(key) = letter.decode()?.document_key() {
-                keys.insert(key.as_bytes().to_vec());
+                keys.entry(key.as_bytes().to_vec())
+                    .or_insert((letter.cluster_time, letter.id));
             }
         }
         *self.parked() = keys;
         Ok(())
     }
 
-    /// Whether `event`'s key is parked.
+    /// Whether `event`'s key is parked at or before it.
     pub(crate) fn is_parked(&self, event: &ChangeEvent) -> bool {
-        self.policy.parks_keys()
-            && event
-                .document_key()
-                .is_some_and(|k| self.parked().contains(k.as_bytes()))
+        if !self.policy.parks_keys() {
+            return false;
+        }
+        let Some(key) = event.document_key() else {
+            return false;
+        };
+        self.parked()
+            .get(key.as_bytes())
+            .is_some_and(|from| (event.cluster_time, DeadLetter::id_of(&event.token)) >= *from)
     }
 
     async fn timed<T>(
@@ -242,7 +254,9 @@ impl Poison {
         if self.policy.parks_keys()
             && let Some(key) = event.document_key()
         {
-            self.parked().insert(key.as_bytes().to_vec());
+            self.parked()
+                .entry(key.as_bytes().to_vec())
+                .or_insert((letter.cluster_time, letter.id));
         }
         Fate::DeadLettered
     }

@@ -1,11 +1,14 @@
 //! `cdc-soak`: the kill -9 soak.
 //!
-//! - `cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions]`
-//!   starts mongo-sim (or uses URI), a writer process, and a consumer process (with N
-//!   lanes) that it SIGKILLs K times at random moments and restarts; then runs the
+//! - `cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions]
+//!   [--poison P]` starts mongo-sim (or uses URI), a writer process, and a consumer process
+//!   (with N lanes) that it SIGKILLs K times at random moments and restarts; then runs the
 //!   independent verifier over the two logs. With lanes (or `--transactions`) the writer
 //!   also commits multi-document transactions and the verifier checks each reached the
-//!   consumer whole.
+//!   consumer whole. With `--poison P` the consumer's handler refuses P% of the changes
+//!   (the same ones every time), which go to the file store's dead letters with their
+//!   keys parked: the consumer is killed while dead-lettering too, and the verifier counts
+//!   a change as delivered when it is in the log or in the dead letters (never both).
 //! - `cdc-soak writer --uri U --rate R --log F --stop-file S`: changes documents at rate R
 //!   with majority write concern, logging every acknowledged change, until S exists.
 //! - `cdc-soak consumer --uri U --store DIR --log F`: a DocumentProcessor with the file
@@ -25,8 +28,11 @@ use std::{
 
 use async_trait::async_trait;
 use bson::{Document, doc};
+use cdc_core::DeadLetterStore;
 use cdc_core::{BoxError, ChangeEvent, Dispatcher};
-use cdc_processor::{CheckpointPolicy, DocumentProcessor, default_backoff, stores::FileStore};
+use cdc_processor::{
+    CheckpointPolicy, DocumentProcessor, HandlerErrorPolicy, default_backoff, stores::FileStore,
+};
 use cdc_tests::verify::{parse, verify, verify_transactions};
 
 /// The consumer's checkpoint batch: also the per-kill bound on repeats.
@@ -51,7 +57,7 @@ async fn main() -> std::process::ExitCode {
         Some("writer") => writer(&args[1..]).await.map(|()| true),
         Some("consumer") => consumer(&args[1..]).await.map(|()| true),
         _ => Err(
-            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] | writer … | consumer …".into(),
+            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] | writer … | consumer …".into(),
         ),
     };
     match result {
@@ -150,8 +156,20 @@ async fn writer(args: &[String]) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Appends each delivered change to the log and fsyncs before acknowledging.
-struct DeliveryLog(Mutex<std::fs::File>);
+/// Whether the consumer refuses a change, every time: `percent`% of them, by a stable
+/// hash of the change.
+fn poisoned(id: i64, change: &str, percent: u64) -> bool {
+    let hash = format!("{id} {change}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    hash % 100 < percent
+}
+
+/// Appends each delivered change to the log and fsyncs before acknowledging; refuses the
+/// poisoned ones.
+struct DeliveryLog(Mutex<std::fs::File>, u64);
 
 #[async_trait]
 impl Dispatcher for DeliveryLog {
@@ -166,6 +184,9 @@ impl Dispatcher for DeliveryLog {
         let Some((id, change)) = cdc_tests::workload::change_of(event) else {
             return Ok(());
         };
+        if poisoned(id, &change, self.1) {
+            return Err(format!("refusing {id} {change}").into());
+        }
         let mut file = self.0.lock().map_err(|_| "log poisoned")?;
         // One write call per line: a kill cannot leave half of it behind.
         file.write_all(format!("{id} {change}\n").as_bytes())?;
@@ -189,10 +210,21 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
     let torn = std::fs::read(&log_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
     log.write_all(if torn { b"\n# start\n" } else { b"# start\n" })?;
     log.sync_data()?;
-    let processor = DocumentProcessor::builder()
+    let poison: u64 = value(args, "--poison").map_or(Ok(0), |v| v.parse())?;
+    let store = Arc::new(FileStore::new(store_dir)?);
+    let mut builder = DocumentProcessor::builder();
+    if poison > 0 {
+        builder = builder.dead_letters(store.clone()).on_handler_error(
+            HandlerErrorPolicy::dead_letter()
+                .retries(1)
+                .backoff(Duration::from_millis(1), Duration::from_millis(1))
+                .park_keys(true),
+        );
+    }
+    let processor = builder
         .client(client)
         .collection("soak", "docs")
-        .store(Arc::new(FileStore::new(store_dir)?))
+        .store(store)
         .checkpoint(CheckpointPolicy::batched(
             BATCH,
             Duration::from_millis(500),
@@ -201,9 +233,21 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
         .keep_transactions(args.iter().any(|a| a == "--transactions"))
         .build()?;
     processor
-        .start_with_retry(default_backoff(), DeliveryLog(Mutex::new(log)))
+        .start_with_retry(default_backoff(), DeliveryLog(Mutex::new(log), poison))
         .await?;
     Ok(())
+}
+
+/// The changes in the consumer's dead letters, in stream order, as the verifier reads them.
+async fn dead_letters(store: &FileStore) -> Result<Vec<(String, String)>, BoxError> {
+    let letters = DeadLetterStore::list(store, "soak.docs", usize::MAX).await?;
+    let mut changes = Vec::with_capacity(letters.len());
+    for letter in letters {
+        if let Some((id, change)) = cdc_tests::workload::change_of(&letter.decode()?) {
+            changes.push((id.to_string(), change));
+        }
+    }
+    Ok(changes)
 }
 
 fn spawn_self(args: &[&str]) -> Result<Child, BoxError> {
@@ -223,8 +267,12 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     let kills: usize = value(args, "--kills").map_or(Ok(100), |v| v.parse())?;
     let rate: u64 = value(args, "--rate").map_or(Ok(200), |v| v.parse())?;
     let concurrency: usize = value(args, "--concurrency").map_or(Ok(1), |v| v.parse())?;
-    // Lanes are checked against a workload with multi-document transactions.
-    let transactions = concurrency > 1 || args.iter().any(|a| a == "--transactions");
+    let poison = value(args, "--poison").unwrap_or_else(|| "0".to_owned());
+    let dead_lettering = poison.parse::<u64>()? > 0;
+    // Lanes are checked against a workload with multi-document transactions (not with
+    // poison: a transaction with a dead-lettered change is not delivered whole).
+    let transactions =
+        (concurrency > 1 && !dead_lettering) || args.iter().any(|a| a == "--transactions");
     let sim = match value(args, "--uri") {
         Some(_) => None,
         None => Some(mongo_sim::MongoSim::start().await?),
@@ -247,12 +295,17 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     }
     let started = Instant::now();
     println!(
-        "soak: {kills} SIGKILLs of the consumer ({concurrency} lane{}), writer at {rate} changes/s{}, logs in {}",
+        "soak: {kills} SIGKILLs of the consumer ({concurrency} lane{}), writer at {rate} changes/s{}{}, logs in {}",
         if concurrency == 1 { "" } else { "s" },
         if transactions {
             " with transactions"
         } else {
             ""
+        },
+        if dead_lettering {
+            format!(", {poison}% of changes refused into the dead letters")
+        } else {
+            String::new()
         },
         work.display()
     );
@@ -267,6 +320,8 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
         delivered.to_str().ok_or("path")?,
         "--concurrency",
         &lanes,
+        "--poison",
+        &poison,
     ];
     if transactions {
         consumer_args.push("--transactions");
@@ -314,9 +369,11 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     writer.wait()?;
     // Let the last consumer catch up with everything written.
     let written_log = parse(&std::fs::read_to_string(&written)?)?;
+    let letters_store = FileStore::new(&store)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let delivered_log = parse(&std::fs::read_to_string(&delivered).unwrap_or_default())?;
+        let mut delivered_log = parse(&std::fs::read_to_string(&delivered).unwrap_or_default())?;
+        delivered_log.extend(dead_letters(&letters_store).await?);
         if verify(&written_log, &delivered_log, usize::MAX).lost == 0 || Instant::now() > deadline {
             break;
         }
@@ -325,7 +382,20 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     consumer.kill()?;
     consumer.wait()?;
     let delivered_text = std::fs::read_to_string(&delivered)?;
-    let delivered_log = parse(&delivered_text)?;
+    let mut delivered_log = parse(&delivered_text)?;
+    let mut letters_ok = true;
+    if dead_lettering {
+        let letters = dead_letters(&letters_store).await?;
+        let handled: std::collections::HashSet<&(String, String)> = delivered_log.iter().collect();
+        let both = letters.iter().filter(|c| handled.contains(c)).count();
+        println!(
+            "\ndead letters: {} (handled as well: {both})",
+            letters.len()
+        );
+        letters_ok = both == 0 && !letters.is_empty();
+        // Each key's dead letters follow its handled changes (its key is parked).
+        delivered_log.extend(letters);
+    }
     // Repeats per kill: a checkpoint batch (at least one event per lane), plus, with
     // transactions, one transaction (at most 4 changes) that may exceed it.
     let per_kill = (BATCH as usize).max(concurrency) + if transactions { 4 } else { 0 };
@@ -342,7 +412,7 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
         kills,
         started.elapsed().as_secs_f64()
     );
-    let ok = verdict.holds() && whole;
+    let ok = verdict.holds() && whole && letters_ok;
     println!(
         "soak: {}",
         if ok {
