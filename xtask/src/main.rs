@@ -177,6 +177,17 @@ fn ci() -> Result<(), String> {
     test.args(["test", "--workspace", "--all-features"]);
     run("tests", test)?;
 
+    // Without the optional stores: what a left-out backend says.
+    let mut lean = cargo();
+    lean.args([
+        "test",
+        "-p",
+        "cdc-processor",
+        "--no-default-features",
+        "--lib",
+    ]);
+    run("tests without optional stores", lean)?;
+
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps", "--all-features"])
         .env("RUSTDOCFLAGS", "-D warnings");

@@ -6,14 +6,7 @@ use bson::doc;
 use cdc_core::ErrorKind;
 use mongodb::{Client, Database, options::ClientOptions};
 
-use crate::error::{Error, Result, classify, redact_uri, server_code, uri_password};
-
-fn scrub(message: &str, password: Option<&str>) -> String {
-    match password {
-        Some(p) if !p.is_empty() => message.replace(p, "***"),
-        _ => message.to_owned(),
-    }
-}
+use crate::error::{Error, Result, classify, redact_uri, scrub, server_code};
 
 /// Connects to `uri` and checks the deployment answers within `server_selection_timeout`
 /// (unless the URI sets its own). The password never appears in the error or in logs.
@@ -21,10 +14,9 @@ fn scrub(message: &str, password: Option<&str>) -> String {
 /// # Errors
 /// [`Error::Connect`]: an invalid URI is fatal; an unreachable server is transient.
 pub async fn connect(uri: &str, server_selection_timeout: Duration) -> Result<Client> {
-    let password = uri_password(uri);
     let shown = redact_uri(uri);
     let fail = |e: mongodb::error::Error, kind: ErrorKind| {
-        let reason = scrub(&e.to_string(), password.as_deref());
+        let reason = scrub(&e.to_string(), uri);
         tracing::warn!(uri = %shown, %reason, ?kind, "cannot connect to MongoDB");
         Error::Connect {
             uri: shown.clone(),

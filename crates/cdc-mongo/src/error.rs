@@ -170,32 +170,79 @@ pub fn classify(e: &DriverError) -> ErrorKind {
     }
 }
 
-/// Replaces the password of a `mongodb://user:password@host` URI with `***`.
-pub fn redact_uri(uri: &str) -> String {
-    let Some(scheme_end) = uri.find("://") else {
-        return uri.to_owned();
-    };
-    let rest = &uri[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return uri.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let redacted = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        None => userinfo.to_owned(),
-    };
-    format!("{}{}{}", &uri[..scheme_end + 3], redacted, &rest[at..])
+/// The secrets of a MongoDB URI, as the driver's own parser reads it (no DNS lookup): the
+/// password, an `AWS_SESSION_TOKEN` among `authMechanismProperties`, and the value of
+/// `tlsCertificateKeyFilePassword`. `None` when the URI does not parse.
+pub(crate) fn uri_secrets(uri: &str) -> Option<Vec<String>> {
+    // `mongodb+srv` has the same syntax for secrets; this build's driver (without a DNS
+    // resolver) refuses to parse it, so it is read as `mongodb`.
+    let parsed = match uri.strip_prefix("mongodb+srv://") {
+        Some(rest) => mongodb::options::ConnectionString::parse(format!("mongodb://{rest}")),
+        None => mongodb::options::ConnectionString::parse(uri),
+    }
+    .ok()?;
+    let mut secrets = Vec::new();
+    if let Some(credential) = &parsed.credential {
+        secrets.extend(credential.password.clone());
+        if let Some(props) = &credential.mechanism_properties {
+            secrets.extend(props.get_str("AWS_SESSION_TOKEN").ok().map(str::to_owned));
+        }
+    }
+    // Whether or not this build of the driver reads it, the option holds a secret.
+    if let Some((_, query)) = uri.split_once('?') {
+        for pair in query.split('&') {
+            if let Some((key, value)) = pair.split_once('=')
+                && key.eq_ignore_ascii_case("tlsCertificateKeyFilePassword")
+            {
+                secrets.push(crate::error::percent_decode_lossy(value));
+            }
+        }
+    }
+    Some(secrets)
 }
 
-/// The password of a URI, if it has one (to scrub it from messages).
-pub(crate) fn uri_password(uri: &str) -> Option<String> {
-    let rest = &uri[uri.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    let password = &userinfo[userinfo.find(':')? + 1..];
-    (!password.is_empty()).then(|| password.to_owned())
+fn percent_decode_lossy(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(b) = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A MongoDB URI fit to show: each secret the driver's parser finds in it (password,
+/// `AWS_SESSION_TOKEN`, `tlsCertificateKeyFilePassword`) replaced by `***`, wherever and
+/// however it is written; a URI that does not parse, or a secret written in a form not
+/// recognised, shows only its scheme.
+pub fn redact_uri(uri: &str) -> String {
+    let hidden = || {
+        let scheme = uri.split_once("://").map_or("mongodb", |(s, _)| s);
+        format!("{scheme}://(hidden: the URI could not be checked for secrets)")
+    };
+    let Some(secrets) = uri_secrets(uri) else {
+        return hidden();
+    };
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    cdc_core::redact_secrets(uri, &secrets).unwrap_or_else(hidden)
+}
+
+/// `message` with the secrets of `uri` taken out (a driver message may quote the URI).
+pub(crate) fn scrub(message: &str, uri: &str) -> String {
+    let secrets = uri_secrets(uri).unwrap_or_default();
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    cdc_core::redact_secrets(message, &secrets)
+        .unwrap_or_else(|| "(the message is hidden: it holds a secret of the URI)".to_owned())
 }
 
 #[cfg(test)]
@@ -208,16 +255,82 @@ mod tests {
             redact_uri("mongodb://ada:s3cret@h1:27017,h2/db?replicaSet=rs"),
             "mongodb://ada:***@h1:27017,h2/db?replicaSet=rs"
         );
-        assert_eq!(redact_uri("mongodb://h1/?x=1"), "mongodb://h1/?x=1");
+        assert_eq!(
+            redact_uri("mongodb://h1/?replicaSet=rs"),
+            "mongodb://h1/?replicaSet=rs"
+        );
         assert_eq!(redact_uri("mongodb://ada@h1"), "mongodb://ada@h1");
         assert_eq!(
-            redact_uri("mongodb+srv://a:p%40ss@c.example/"),
-            "mongodb+srv://a:***@c.example/"
+            redact_uri("mongodb+srv://a:p%40ss@c.example.com/"),
+            "mongodb+srv://a:***@c.example.com/"
         );
         assert_eq!(
-            uri_password("mongodb://a:p%40ss@h/").as_deref(),
-            Some("p%40ss")
+            uri_secrets("mongodb://a:p%40ss@h/"),
+            Some(vec!["p@ss".to_owned()])
         );
-        assert_eq!(uri_password("mongodb://h/"), None);
+        assert_eq!(uri_secrets("mongodb://h/"), Some(vec![]));
+        assert!(redact_uri("mongodb://a:b@").contains("hidden"));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    fn secret() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                proptest::char::range('a', 'z'),
+                proptest::char::range('0', '9'),
+                proptest::sample::select(vec![
+                    '/', '?', '@', ':', '=', '&', '#', '%', ' ', '+', ',', ';', '\'', 'é',
+                ]),
+            ],
+            8..24,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn mongodb_secrets_never_show(secret in secret(), user in "[a-z]{1,8}") {
+            let e = encode(&secret);
+            let forms = [
+                format!("mongodb://{user}:{e}@h1:27017,h2/db?replicaSet=rs"),
+                format!("mongodb+srv://{user}:{e}@cluster0.example.net/"),
+                format!("mongodb://{user}:{e}@h/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:{e}"),
+                format!("mongodb://h/?tls=true&tlsCertificateKeyFile=/k.pem&tlsCertificateKeyFilePassword={e}"),
+            ];
+            for form in forms {
+                let shown = super::redact_uri(&form);
+                let decoded = super::percent_decode_lossy(&shown);
+                prop_assert!(
+                    !shown.contains(&secret) && !shown.contains(&e) && !decoded.contains(&secret),
+                    "{form} -> {shown}"
+                );
+                // Where this build's driver reads the URI, it is shown with the secret
+                // replaced, not hidden whole (a URI it refuses, such as MONGODB-AWS
+                // without that feature, is hidden).
+                if super::uri_secrets(&form).is_some() {
+                    prop_assert!(shown.contains("***") && !shown.contains("hidden"), "{form} -> {shown}");
+                }
+            }
+            let plain = format!("mongodb://{user}@h1:27017/db?replicaSet=rs");
+            prop_assert_eq!(super::redact_uri(&plain), plain);
+            let with_password = format!("mongodb://{user}:{e}@h1:27017,h2/db");
+            prop_assert!(super::uri_secrets(&with_password).is_some());
+        }
     }
 }

@@ -51,6 +51,7 @@ mod reader;
 mod retry;
 mod run;
 mod stats;
+mod store_url;
 
 pub use builder::{
     Builder, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_STOP_TIMEOUT, default_source_options,
@@ -85,6 +86,8 @@ pub use cdc_mongo::{
 /// The resume stores, re-exported behind the same features as `cdc-resume`.
 pub mod stores {
     pub use cdc_resume::*;
+
+    pub use crate::store_url::{Stores, open};
 }
 
 /// Re-export of `backon`, for custom backoff policies.

@@ -594,7 +594,7 @@ async fn a_hanging_handler_is_cancelled_at_the_stop_timeout_and_its_event_comes_
 
 /// A deployment-wide stream with the MongoDB store in the same deployment leaves the
 /// store's collection out: its checkpoints are not events of the stream.
-#[cfg(feature = "mongodb-store")]
+#[cfg(feature = "mongodb")]
 #[tokio::test]
 async fn a_deployment_stream_does_not_see_its_own_store() {
     let env = Env::new("own_store").await;

@@ -32,27 +32,6 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// Replaces `password=…` and `user:password@` in a connection string.
-fn redact(config: &str) -> String {
-    if let (Some(s), Some(at)) = (config.find("://"), config.rfind('@'))
-        && at > s
-    {
-        let user = config[s + 3..at].split(':').next().unwrap_or_default();
-        return format!("{}{}:***{}", &config[..s + 3], user, &config[at..]);
-    }
-    config
-        .split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***"
-            } else {
-                kv
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn valid_table(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
@@ -90,7 +69,7 @@ impl PostgresStore {
         }
         let store = Self {
             config: config.to_owned(),
-            shown: redact(config),
+            shown: crate::redact::postgres(config),
             table: table.to_owned(),
             letters,
             client: tokio::sync::Mutex::new(None),
@@ -430,11 +409,21 @@ mod tests {
 
     #[test]
     fn redaction_and_table_names() {
+        let redact = crate::redact::postgres;
         assert_eq!(redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(
             redact("host=h user=u password=pw dbname=d"),
             "host=h user=u password=*** dbname=d"
         );
+        assert_eq!(
+            redact("host=h password = 'a b' user=u"),
+            "host=h password = *** user=u"
+        );
+        assert_eq!(
+            redact("postgres://u@h/db?password=p%3Fw"),
+            "postgres://u@h/db?password=***"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert!(valid_table("cdc_resume_points"));
         assert!(!valid_table("x; DROP TABLE y"));
         assert!(!valid_table("1abc"));

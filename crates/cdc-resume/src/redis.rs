@@ -70,18 +70,6 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-/// `redis://user:password@host` with the password replaced.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 impl RedisStore {
     /// A store on the server at `url` (`redis://host:port/db`), keys under `prefix`. No
     /// connection is made until the first call.
@@ -89,7 +77,7 @@ impl RedisStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for a malformed URL (password redacted).
     pub fn new(url: &str, prefix: impl Into<String>) -> Result<Self> {
-        let shown = redact(url);
+        let shown = crate::redact::redis(url);
         let client = Client::open(url).map_err(|e| Error::InvalidArgument {
             name: "url",
             reason: format!("{shown}: {}", e.detail().unwrap_or("invalid Redis URL")),
@@ -366,10 +354,14 @@ mod tests {
     #[test]
     fn urls_are_redacted() {
         assert_eq!(
-            redact("redis://u:secret@h:6379/0"),
+            crate::redact::redis("redis://u:secret@h:6379/0"),
             "redis://u:***@h:6379/0"
         );
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        assert_eq!(crate::redact::redis("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            crate::redact::redis("redis+unix:///tmp/r.sock?pass=s3cret"),
+            "redis+unix:///tmp/r.sock?pass=***"
+        );
         assert_eq!(glob_escape("a*b"), "a\\*b");
     }
 }

@@ -1,0 +1,258 @@
+//! [`open`]: a store (resume points and dead letters) chosen at run time by a URL.
+
+use std::sync::Arc;
+
+use cdc_core::{DeadLetterStore, Error, Result, ResumeStore};
+use cdc_resume as stores;
+
+/// A store opened by [`open`]: one backend serving both traits.
+#[derive(Clone)]
+pub struct Stores {
+    /// Where resume points live.
+    pub points: Arc<dyn ResumeStore>,
+    /// Where dead letters live (the same backend).
+    pub dead_letters: Arc<dyn DeadLetterStore>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores")
+            .field("points", &self.points.describe())
+            .field("dead_letters", &self.dead_letters.describe())
+            .finish()
+    }
+}
+
+fn both<S: ResumeStore + DeadLetterStore + 'static>(store: S) -> Stores {
+    let store = Arc::new(store);
+    Stores {
+        points: store.clone(),
+        dead_letters: store,
+    }
+}
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        name: "store URL",
+        reason: reason.into(),
+    }
+}
+
+/// The error for a backend this build leaves out.
+#[cfg_attr(
+    all(
+        feature = "file",
+        feature = "redis",
+        feature = "postgres",
+        feature = "mongodb"
+    ),
+    allow(dead_code)
+)]
+fn not_built(scheme: &str, feature: &str) -> Error {
+    bad(format!(
+        "`{scheme}` stores are not built in: enable the `{feature}` feature of cdc-processor (or of cdc-resume)"
+    ))
+}
+
+/// Opens the store a URL names, for resume points and dead letters alike:
+///
+/// | URL | store |
+/// | --- | --- |
+/// | `memory:` | `MemoryStore` |
+/// | `file:<dir>` or `file://<dir>` | `FileStore` in `<dir>` (feature `file`) |
+/// | `redis://…` or `rediss://…`, optional `prefix=` (default `cdc:`) | `RedisStore` (feature `redis`) |
+/// | `postgres://…` or `postgresql://…`, optional `table=` (default `cdc_resume_points`), `sslmode`, `sslrootcert` | `PostgresStore` (feature `postgres`) |
+/// | `mongodb://…` or `mongodb+srv://…`: the path's database (default `cdc`), optional `collection=` (default `resume_points`) | `MongoStore` (feature `mongodb`) |
+///
+/// The parameters named here are taken out before the rest of the URL goes to the
+/// backend's own client, which parses it. Network stores connect lazily or at once as
+/// their constructors do (PostgreSQL connects and creates its tables here).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the problem (an unknown scheme, a backend whose
+/// feature is off, a malformed URL: credentials never shown); the backend's error when it
+/// cannot be reached at once.
+pub async fn open(url: &str) -> Result<Stores> {
+    let scheme = url.split_once(':').map_or("", |(s, _)| s);
+    match scheme {
+        "memory" => Ok(both(stores::MemoryStore::new())),
+        "file" => {
+            #[cfg(feature = "file")]
+            {
+                let rest = &url["file:".len()..];
+                let dir = rest.strip_prefix("//").unwrap_or(rest);
+                if dir.is_empty() {
+                    return Err(bad(
+                        "`file:` needs a directory, as in `file:./resume-points`",
+                    ));
+                }
+                Ok(both(stores::FileStore::new(dir)?))
+            }
+            #[cfg(not(feature = "file"))]
+            Err(not_built("file", "file"))
+        }
+        "redis" | "rediss" => {
+            #[cfg(feature = "redis")]
+            {
+                let (url, prefix) = take_param(url, "prefix")?;
+                let prefix = prefix.unwrap_or_else(|| "cdc:".to_owned());
+                Ok(both(stores::RedisStore::new(&url, prefix)?))
+            }
+            #[cfg(not(feature = "redis"))]
+            Err(not_built(scheme, "redis"))
+        }
+        "postgres" | "postgresql" => {
+            #[cfg(feature = "postgres")]
+            {
+                let (url, table) = take_param(url, "table")?;
+                let table =
+                    table.unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
+                Ok(both(stores::PostgresStore::connect(&url, &table).await?))
+            }
+            #[cfg(not(feature = "postgres"))]
+            Err(not_built(scheme, "postgres"))
+        }
+        "mongodb" | "mongodb+srv" => {
+            #[cfg(feature = "mongodb")]
+            {
+                let (url, coll) = take_param(url, "collection")?;
+                let coll = coll.unwrap_or_else(|| "resume_points".to_owned());
+                let db = cdc_mongo::mongodb::options::ConnectionString::parse(url.replacen(
+                    "mongodb+srv://",
+                    "mongodb://",
+                    1,
+                ))
+                .ok()
+                .and_then(|c| c.default_database)
+                .unwrap_or_else(|| "cdc".to_owned());
+                let client = cdc_mongo::connect(&url, std::time::Duration::from_secs(10))
+                    .await
+                    .map_err(|e| bad(format!("MongoDB store: {e}")))?;
+                Ok(both(stores::MongoStore::new(&client, &db, &coll)))
+            }
+            #[cfg(not(feature = "mongodb"))]
+            Err(not_built(scheme, "mongodb"))
+        }
+        _ => Err(bad(format!(
+            "unknown scheme {:?}: use memory:, file:, redis://, postgres:// or mongodb://",
+            scheme
+        ))),
+    }
+}
+
+#[cfg_attr(
+    not(any(feature = "redis", feature = "postgres", feature = "mongodb")),
+    allow(dead_code)
+)]
+/// Takes the query parameter `name` out of a URL: the URL without it, and its value
+/// (percent-decoded).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when the value is not valid percent-encoded UTF-8.
+pub(crate) fn take_param(url: &str, name: &str) -> Result<(String, Option<String>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let (fragment_free, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let mut value = None;
+    let mut kept = Vec::new();
+    for pair in fragment_free.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((key, v)) if key == name => {
+                value = Some(percent_decode(v).ok_or_else(|| {
+                    bad(format!(
+                        "the `{name}` parameter is not valid percent-encoded UTF-8"
+                    ))
+                })?);
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    Ok((out, value))
+}
+
+#[cfg_attr(
+    not(any(feature = "redis", feature = "postgres", feature = "mongodb")),
+    allow(dead_code)
+)]
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run by `cargo xtask ci` without default features too, so each left-out backend is
+    /// checked to be named with its feature.
+    #[tokio::test]
+    async fn a_backend_left_out_is_named_with_its_feature() {
+        let cases = [
+            ("file:/tmp/x", "file", cfg!(feature = "file")),
+            ("redis://127.0.0.1:1", "redis", cfg!(feature = "redis")),
+            (
+                "postgres://u@127.0.0.1:1/db",
+                "postgres",
+                cfg!(feature = "postgres"),
+            ),
+            (
+                "mongodb://127.0.0.1:1/",
+                "mongodb",
+                cfg!(feature = "mongodb"),
+            ),
+        ];
+        for (url, feature, built) in cases {
+            if built {
+                continue;
+            }
+            let err = open(url).await.unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("the `{feature}` feature of cdc-processor")),
+                "{err}"
+            );
+        }
+        assert!(open("memory:").await.is_ok());
+    }
+
+    #[test]
+    fn parameters_are_taken_out() {
+        let (url, v) = take_param("redis://h:1/0?prefix=a%3Ab&x=1", "prefix").unwrap();
+        assert_eq!(
+            (url.as_str(), v.as_deref()),
+            ("redis://h:1/0?x=1", Some("a:b"))
+        );
+        let (url, v) = take_param("postgres://h/db?table=t", "table").unwrap();
+        assert_eq!((url.as_str(), v.as_deref()), ("postgres://h/db", Some("t")));
+        let (url, v) = take_param("postgres://h/db", "table").unwrap();
+        assert_eq!((url.as_str(), v), ("postgres://h/db", None));
+        assert!(take_param("x://h?table=%ZZ", "table").is_err());
+    }
+}
