@@ -232,7 +232,7 @@ fn layering() -> Result<(), String> {
     check_tree_lacks(
         "cdc-resume",
         &["file"],
-        &["mongodb", "redis", "tokio-postgres"],
+        &["mongodb", "redis", "tokio-postgres", "rustls"],
     )
 }
 

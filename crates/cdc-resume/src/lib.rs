@@ -29,7 +29,7 @@ pub use memory::MemoryStore;
 mod redact;
 
 /// Percent-decodes `s`; `None` when it is not valid percent-encoded UTF-8.
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -64,6 +64,8 @@ mod redis;
 #[cfg(feature = "redis")]
 pub use crate::redis::RedisStore;
 
+#[cfg(feature = "postgres")]
+mod pg_tls;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "postgres")]

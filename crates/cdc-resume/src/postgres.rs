@@ -20,6 +20,8 @@ pub struct PostgresStore {
     table: String,
     /// `<table>_dead_letters`.
     letters: String,
+    /// The TLS connector when the connection string requires TLS.
+    tls: Option<crate::pg_tls::RustlsConnect>,
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
@@ -29,6 +31,13 @@ impl std::fmt::Debug for PostgresStore {
             .field("server", &self.shown)
             .field("table", &self.table)
             .finish()
+    }
+}
+
+/// Drives a connection until it closes, logging why.
+async fn watch<F: Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::warn!(error = %e, "PostgreSQL resume store connection closed");
     }
 }
 
@@ -67,9 +76,24 @@ impl PostgresStore {
                 ),
             });
         }
+        let shown_original = crate::redact::postgres(config);
+        let wanted = crate::pg_tls::wanted(config).map_err(|reason| Error::InvalidArgument {
+            name: "config",
+            reason: format!("{shown_original}: {reason}"),
+        })?;
+        let tls = wanted
+            .tls
+            .as_ref()
+            .map(|root| crate::pg_tls::RustlsConnect::new(root.as_deref()))
+            .transpose()
+            .map_err(|reason| Error::InvalidArgument {
+                name: "config",
+                reason: format!("{shown_original}: {reason}"),
+            })?;
         let store = Self {
-            config: config.to_owned(),
-            shown: crate::redact::postgres(config),
+            shown: crate::redact::postgres(&wanted.config),
+            config: wanted.config,
+            tls,
             table: table.to_owned(),
             letters,
             client: tokio::sync::Mutex::new(None),
@@ -121,20 +145,32 @@ impl PostgresStore {
     async fn client(&self, stream: &str) -> Result<tokio::sync::MappedMutexGuard<'_, Client>> {
         let mut slot = self.client.lock().await;
         if slot.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) =
-                tokio_postgres::connect(&self.config, NoTls)
-                    .await
-                    .map_err(|e| {
-                        Error::store(
-                            stream,
-                            std::io::Error::other(format!("{}: {e}", self.shown)),
-                        )
-                    })?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %e, "PostgreSQL resume store connection closed");
+            let fail = |e: tokio_postgres::Error| {
+                // The driver's message and its cause (a TLS refusal says why).
+                let cause = std::error::Error::source(&e)
+                    .map(|c| format!(": {c}"))
+                    .unwrap_or_default();
+                Error::store(
+                    stream,
+                    std::io::Error::other(format!("{}: {e}{cause}", self.shown)),
+                )
+            };
+            let client = match &self.tls {
+                None => {
+                    let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
+                        .await
+                        .map_err(fail)?;
+                    tokio::spawn(watch(connection));
+                    client
                 }
-            });
+                Some(tls) => {
+                    let (client, connection) = tokio_postgres::connect(&self.config, tls.clone())
+                        .await
+                        .map_err(fail)?;
+                    tokio::spawn(watch(connection));
+                    client
+                }
+            };
             *slot = Some(client);
         }
         tokio::sync::MutexGuard::try_map(slot, Option::as_mut)

@@ -465,8 +465,74 @@ async fn postgres_store() {
     assert_eq!(store.load("sink").await.unwrap(), Some(point(7, 0)));
 
     client
-        .batch_execute(&format!("DROP TABLE {table}; DROP TABLE {table}_sink"))
+        .batch_execute(&format!(
+            "DROP TABLE {table}; DROP TABLE {table}_sink; DROP TABLE {table}_dead_letters"
+        ))
         .await
         .unwrap();
     let _ = Duration::ZERO;
+}
+
+/// `sslmode=require` connects over TLS (rustls) and verifies the server's certificate:
+/// the local server's self-signed certificate is trusted only through `sslrootcert`.
+#[tokio::test]
+async fn postgres_store_over_tls() {
+    let cert = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    if !std::path::Path::new(cert).exists() {
+        return unreachable_backend(
+            "postgres over TLS",
+            &format!("no server certificate at {cert}"),
+        );
+    }
+    let table = unique("cdc_tls").replace('-', "_");
+    let app = unique("cdc-tls-test");
+    let url = format!(
+        "postgres://postgres@localhost:5432/test?sslmode=require&sslrootcert={cert}&application_name={app}"
+    );
+    let store = match PostgresStore::connect(&url, &table).await {
+        Ok(s) => s,
+        Err(e) => return unreachable_backend("postgres over TLS", &e.to_string()),
+    };
+    store.save("tls", &point(3, 0)).await.unwrap();
+    assert_eq!(store.load("tls").await.unwrap(), Some(point(3, 0)));
+    // The server says the store's session is encrypted.
+    let (client, conn) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE s.ssl AND a.application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(0),
+        1,
+        "the store's session is not over TLS"
+    );
+    // Without the root certificate the server's self-signed one is refused, and the
+    // error says so.
+    let err = PostgresStore::connect(
+        "postgres://postgres@localhost:5432/test?sslmode=verify-full",
+        &table,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+    let err = PostgresStore::connect(
+        "postgres://postgres@localhost:5432/test?sslmode=require&sslrootcert=/nonexistent.pem",
+        &table,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent.pem"), "{err}");
+    client
+        .batch_execute(&format!(
+            "DROP TABLE {table}; DROP TABLE {table}_dead_letters"
+        ))
+        .await
+        .unwrap();
 }
