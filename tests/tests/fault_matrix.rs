@@ -249,6 +249,7 @@ async fn fatal_faults_stop_at_once_with_the_point_unchanged() {
             .source_options(SourceOptions::default().max_await_time(Duration::from_millis(50)))
             .build()
             .unwrap();
+        let mut published = p.on_start_err();
         let task = run(&p, case.delivered.clone());
         wait_open(&p, &mut case).await;
         case.writer.changes(5).await;
@@ -272,6 +273,29 @@ async fn fatal_faults_stop_at_once_with_the_point_unchanged() {
             .unwrap()
             .unwrap_err();
         assert_eq!(err.kind(), kind, "code {code}: {err}");
+        // What `on_start_err` publishes is the error itself: its typed cause still holds
+        // the driver's error, with the server's code and labels.
+        let shared = published.try_recv().unwrap();
+        let driver = match &*shared {
+            cdc_processor::Error::Cdc(inner) => match inner
+                .cause()
+                .and_then(|c| c.downcast_ref::<cdc_mongo::Error>())
+            {
+                Some(cdc_mongo::Error::Driver { source, .. }) => source.clone(),
+                other => panic!("code {code}: not a driver error: {other:?}"),
+            },
+            other => panic!("code {code}: {other:?}"),
+        };
+        assert_eq!(cdc_mongo::server_code(&driver), Some(code));
+        // Not a copy: the very cause the caller of `start` got.
+        let cause = |e: &cdc_processor::Error| match e {
+            cdc_processor::Error::Cdc(inner) => inner.cause().map(|c| c as *const _ as *const u8),
+            _ => None,
+        };
+        assert!(
+            cause(&err).is_some() && cause(&err) == cause(&shared),
+            "code {code}"
+        );
         assert_eq!(
             p.stats().restarts,
             0,

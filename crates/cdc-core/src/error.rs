@@ -5,6 +5,10 @@ use crate::{ClusterTime, OperationType};
 /// Any error that can cross a crate boundary as a source: driver, store or handler errors.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// A cause shared by the copies of one error (an error published to several listeners
+/// is the same error, with the same typed cause, not a flattened copy).
+pub type SharedError = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// `Result` with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -36,7 +40,10 @@ impl ErrorKind {
 }
 
 /// Errors of the pure layer, and the common currency of the source and store traits.
-#[derive(Debug, thiserror::Error)]
+///
+/// Cloning shares the cause: a clone keeps the kind and the typed cause (reach it with
+/// [`Error::cause`] to downcast, for example to `cdc_mongo::Error` for a server code).
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A change event document lacked a required field or held one of the wrong type.
@@ -54,7 +61,7 @@ pub enum Error {
         kind: ErrorKind,
         /// The driver's error.
         #[source]
-        source: BoxError,
+        source: SharedError,
     },
     /// The resume store failed to read or write the point of `stream`.
     #[error("resume store failed for stream `{stream}`: {source}")]
@@ -63,7 +70,7 @@ pub enum Error {
         stream: String,
         /// The backend's error.
         #[source]
-        source: BoxError,
+        source: SharedError,
     },
     /// A stored point could not be decoded.
     #[error("corrupt resume point for stream `{stream}` at {location}: {reason}")]
@@ -106,7 +113,7 @@ pub enum Error {
         attempts: u32,
         /// The handler's error.
         #[source]
-        source: BoxError,
+        source: SharedError,
     },
     /// An argument was out of its range.
     #[error("invalid argument `{name}`: {reason}")]
@@ -126,7 +133,18 @@ impl Error {
     pub fn source(kind: ErrorKind, source: impl Into<BoxError>) -> Self {
         Self::Source {
             kind,
-            source: source.into(),
+            source: SharedError::from(source.into()),
+        }
+    }
+
+    /// The typed cause of a source, store or handler error, to downcast:
+    /// `err.cause().and_then(|c| c.downcast_ref::<cdc_mongo::Error>())`.
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            Self::Source { source, .. }
+            | Self::Store { source, .. }
+            | Self::Handler { source, .. } => Some(&**source),
+            _ => None,
         }
     }
 
@@ -134,7 +152,7 @@ impl Error {
     pub fn store(stream: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Self::Store {
             stream: stream.into(),
-            source: source.into(),
+            source: SharedError::from(source.into()),
         }
     }
 

@@ -47,7 +47,7 @@ mod token;
 pub use checkpoint::{CheckpointPolicy, Checkpointer, Seq};
 pub use dead_letter::{DeadLetter, DeadLetterStore, error_chain};
 pub use dispatch::{DispatchChain, Dispatcher, FnDispatcher};
-pub use error::{BoxError, Error, ErrorKind, Result};
+pub use error::{BoxError, Error, ErrorKind, Result, SharedError};
 pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
 pub use namespace::{Namespace, OperationType};
 pub use point::{ResumePoint, StartPosition};

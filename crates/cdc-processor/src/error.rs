@@ -5,8 +5,9 @@ use cdc_core::ErrorKind;
 /// `Result` with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Why a processor stopped or could not be built.
-#[derive(Debug, thiserror::Error)]
+/// Why a processor stopped or could not be built. A clone is the same error: the same
+/// kind and the same typed cause (see `cdc_core::Error::cause`).
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The source, the store, a handler or the protocol failed; the kind says which.

@@ -120,7 +120,7 @@ pub(crate) fn handler_error(
         document_id: event.document_id_string(),
         token: Some(event.token.clone()),
         attempts,
-        source,
+        source: source.into(),
     }
 }
 

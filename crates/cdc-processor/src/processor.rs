@@ -142,7 +142,9 @@ impl DocumentProcessor {
     }
 
     /// Receives every error that ended a start (a broadcast: it never blocks the processor,
-    /// and nothing happens when nobody listens; a slow receiver skips what it missed).
+    /// and nothing happens when nobody listens; a slow receiver skips what it missed). Each
+    /// is the error itself, with its kind and typed cause (a driver error's server code
+    /// and labels through `cdc_core::Error::cause`), not a flattened copy.
     pub fn on_start_err(&self) -> broadcast::Receiver<Arc<Error>> {
         self.inner.errors.subscribe()
     }
@@ -206,26 +208,8 @@ impl DocumentProcessor {
         self.inner.running.store(false, Ordering::Release);
         if let Err(e) = &result {
             self.stats_mut().last_error = Some(e.to_string());
-            let _ = self.inner.errors.send(Arc::new(clone_error(e)));
+            let _ = self.inner.errors.send(Arc::new(e.clone()));
         }
         result
-    }
-}
-
-/// Errors are published to many subscribers; the published copy keeps the kind and the
-/// message chain.
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::AlreadyRunning(s) => Error::AlreadyRunning(s.clone()),
-        Error::Stopped(s) => Error::Stopped(s.clone()),
-        Error::Invalidated(s) => Error::Invalidated(s.clone()),
-        Error::Config(s) => Error::Config(s.clone()),
-        Error::StoreTimeout { stream, timeout } => Error::StoreTimeout {
-            stream: stream.clone(),
-            timeout: *timeout,
-        },
-        // The message already carries its causes (every error of the workspace shows its
-        // source in its own message).
-        Error::Cdc(inner) => Error::Cdc(cdc_core::Error::source(inner.kind(), inner.to_string())),
     }
 }
