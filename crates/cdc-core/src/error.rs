@@ -94,6 +94,22 @@ pub enum Error {
         /// The cluster time of the refused point.
         attempted: ClusterTime,
     },
+    /// The stored point is later than the deployment's newest operation: it comes from
+    /// another deployment or from before a restore, and opening on it would wait for
+    /// that time to come.
+    #[error(
+        "the stored point of stream `{stream}` at {location} ({stored}) is ahead of the deployment's newest operation ({deployment}): it comes from another deployment or a restored backup; delete it, or start from an explicit position, to start over"
+    )]
+    PointAhead {
+        /// The stream.
+        stream: String,
+        /// Where the point lives.
+        location: String,
+        /// The stored point's cluster time.
+        stored: ClusterTime,
+        /// The deployment's newest operation time.
+        deployment: ClusterTime,
+    },
     /// A handler returned an error for an event (after the retries its policy allows).
     #[error(
         "handler failed on the {operation} event at {cluster_time}{}{}: {source}",
@@ -164,6 +180,7 @@ impl Error {
             Self::Handler { .. } => ErrorKind::Handler,
             Self::MalformedEvent { .. }
             | Self::CorruptPoint { .. }
+            | Self::PointAhead { .. }
             | Self::Regression { .. }
             | Self::InvalidArgument { .. }
             | Self::Protocol(_) => ErrorKind::Fatal,

@@ -19,6 +19,15 @@ pub trait ChangeSource: Send + Sync {
 
     /// A short description for logs (the watched namespace), without credentials.
     fn describe(&self) -> String;
+
+    /// The deployment's newest operation time, when the source can tell (`None` by
+    /// default). A stored point later than it cannot come from this deployment's log.
+    ///
+    /// # Errors
+    /// A classified [`crate::Error::Source`].
+    async fn cluster_time(&self) -> Result<Option<ClusterTime>> {
+        Ok(None)
+    }
 }
 
 /// An open change stream.

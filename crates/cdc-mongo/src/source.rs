@@ -258,6 +258,21 @@ impl ChangeSource for MongoSource {
         }
     }
 
+    async fn cluster_time(&self) -> cdc_core::Result<Option<cdc_core::ClusterTime>> {
+        let client = &self.inner.client;
+        let mut session = client
+            .start_session()
+            .await
+            .map_err(|e| Error::driver("start a session", e))?;
+        client
+            .database("admin")
+            .run_command(doc! { "ping": 1 })
+            .session(&mut session)
+            .await
+            .map_err(|e| Error::driver("ping", e))?;
+        Ok(session.operation_time().map(cdc_core::ClusterTime::from))
+    }
+
     fn describe(&self) -> String {
         self.inner.scope.to_string()
     }

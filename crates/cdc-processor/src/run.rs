@@ -101,6 +101,21 @@ impl DocumentProcessor {
         let stored = self.store_call(s.store.load(&s.stream_id)).await?;
         if let Some(point) = &stored {
             validate_stored(point, &s.stream_id, &s.store.describe())?;
+            let newest = tokio::select! {
+                t = s.source.cluster_time() => t?,
+                () = self.inner.cancel.cancelled() => return Ok(()),
+            };
+            if let Some(newest) = newest
+                && point.cluster_time > newest
+            {
+                return Err(cdc_core::Error::PointAhead {
+                    stream: s.stream_id.clone(),
+                    location: s.store.describe(),
+                    stored: point.cluster_time,
+                    deployment: newest,
+                }
+                .into());
+            }
         }
         self.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
         self.inner.poison.load_parked().await?;

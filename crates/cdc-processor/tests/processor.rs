@@ -982,3 +982,51 @@ async fn a_stored_point_the_log_never_held_is_a_typed_error() {
     assert!(rec.ids().is_empty());
     env.deployment.shutdown().await;
 }
+
+/// A stored point later than the deployment's newest operation (a point from another
+/// cluster, or saved before the deployment was restored from a backup) is a typed,
+/// non-retryable error at start naming the stream and both times, not a silent wait for
+/// that time to come.
+#[tokio::test]
+async fn a_stored_point_ahead_of_the_deployment_is_a_typed_error() {
+    let env = Env::new("p_a_stored_point_ahead_of_the_deployment").await;
+    let mut watch = env.coll().watch().await.unwrap();
+    env.coll().insert_one(doc! { "_id": 1 }).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), futures_next(&mut watch))
+        .await
+        .unwrap();
+    let real: ClusterTime = seen.cluster_time.unwrap().into();
+    // The same token, with a cluster time an hour ahead (within a day of the clock, so
+    // not refused as corrupt): only the deployment can tell it is wrong.
+    let ahead = ClusterTime::new(real.time + 3600, 1);
+    let point = cdc_core::ResumePoint::for_event(
+        cdc_mongo::from_driver_token(&seen.id).unwrap(),
+        ahead,
+        cdc_core::OperationType::Insert,
+        bson::DateTime::now(),
+    );
+    env.store.save(&env.stream(), &point).await.unwrap();
+    let rec = Recorder::default();
+    let p = env.builder().build().unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), p.start(rec.clone()))
+        .await
+        .expect("a typed error, not a wait")
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Cdc(cdc_core::Error::PointAhead { stored, deployment, .. })
+                if *stored == ahead && *deployment >= real && *deployment < ahead
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains(&env.stream()), "{err}");
+    // A point the deployment did reach starts as usual.
+    let p = env.builder().stream_id("fine").build().unwrap();
+    let task = spawn(&p, rec.clone());
+    ready(&env, &rec).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    env.deployment.shutdown().await;
+}
