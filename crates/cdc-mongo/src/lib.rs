@@ -8,8 +8,9 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use cdc_core::{ChangeSource, StartPosition};
+//! use cdc_core::StartPosition;
 //! use cdc_mongo::{MongoSource, Scope, SourceOptions, FullDocument, connect};
+//! use futures_util::StreamExt;
 //!
 //! let client = connect("mongodb://127.0.0.1:27017/?replicaSet=rs0", Duration::from_secs(10)).await?;
 //! let source = MongoSource::new(
@@ -17,22 +18,25 @@
 //!     Scope::collection("shop", "orders"),
 //!     SourceOptions::default().full_document(FullDocument::UpdateLookup),
 //! );
-//! let mut cursor = source.open(&StartPosition::Now).await?;
-//! // `Ok(None)` is an empty round trip (the cursor's resume token may have moved), not
-//! // the end: the stream ends only when the server closes it (an invalidate).
-//! while !cursor.is_closed() {
-//!     if let Some(event) = cursor.next().await? {
-//!         println!("{} {:?}", event.operation_type, event.document_id());
-//!     }
+//! // Ends only when the server closes the stream (an invalidate) or on an error.
+//! let mut events = source.stream(&StartPosition::Now).await?;
+//! while let Some(event) = events.next().await {
+//!     let event = event?;
+//!     println!("{} {:?}", event.operation_type, event.document_id());
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! `events.with_idle()` also yields a `Change::Idle` for each round trip that brought no
+//! event (with the resume token, which moves on a quiet stream). The same code runs
+//! against mongo-sim in `tests/event_stream.rs`.
 
 mod admin;
 mod error;
 mod options;
 mod source;
 mod split;
+mod stream;
 
 pub use admin::{connect, enable_pre_post_images, record_pre_images};
 pub use error::{Error, Result, classify, redact_uri, server_code};
@@ -40,6 +44,7 @@ pub use options::{
     BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions,
 };
 pub use source::{MongoCursor, MongoSource, from_driver_token, to_driver_token};
+pub use stream::{Change, EventStream, IdleStream};
 
 /// Re-export of the driver this crate is built on.
 pub use mongodb;

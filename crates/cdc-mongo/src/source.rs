@@ -228,6 +228,17 @@ fn position_time(position: &StartPosition) -> Option<cdc_core::ClusterTime> {
     }
 }
 
+impl MongoSource {
+    /// Opens the change stream at `position` as a `futures` `Stream` of events (see
+    /// [`crate::EventStream`]).
+    ///
+    /// # Errors
+    /// As [`ChangeSource::open`].
+    pub async fn stream(&self, position: &StartPosition) -> cdc_core::Result<crate::EventStream> {
+        Ok(crate::EventStream::new(self.open(position).await?))
+    }
+}
+
 #[async_trait]
 impl ChangeSource for MongoSource {
     async fn open(&self, position: &StartPosition) -> cdc_core::Result<Box<dyn ChangeCursor>> {
