@@ -553,3 +553,44 @@ async fn a_dead_letter_policy_needs_a_store_and_the_api_says_so() {
     assert!(err.to_string().contains("no dead-letter store"), "{err}");
     env.deployment.shutdown().await;
 }
+
+/// A handler that panics under `start_with_retry` ends it with a handler error carrying
+/// the panic message, and leaves the processor able to start again (not "already
+/// running").
+#[tokio::test]
+async fn a_panic_under_start_with_retry_is_an_error_and_the_processor_starts_again() {
+    let env = Env::new("poison_panic_retry").await;
+    let h = Handler::default();
+    h.panic_on.lock().unwrap().push((1, 0));
+    let p = env
+        .builder(HandlerErrorPolicy::stop().retries(1))
+        .build()
+        .unwrap();
+    let (p2, h2) = (p.clone(), h.clone());
+    let task = tokio::spawn(async move {
+        p2.start_with_retry(cdc_processor::default_backoff(), h2)
+            .await
+    });
+    opened(&p).await;
+    env.write(1, 0).await;
+    let err = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Handler);
+    assert!(
+        err.to_string()
+            .contains("the handler panicked: cannot take (1, 0)"),
+        "{err}"
+    );
+    h.panic_on.lock().unwrap().clear();
+    let task = spawn(&p, &h);
+    until("the event, handled on the next start", || {
+        h.seen() == [(1, 0)]
+    })
+    .await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    env.deployment.shutdown().await;
+}

@@ -220,3 +220,56 @@ async fn a_deployment_stream_sees_none_of_its_stores_writes() {
     assert_eq!(p.dead_letter_count().await.unwrap(), 1);
     deployment.shutdown().await;
 }
+
+/// A store on a wrong port: `start` fails with an error that says which store, where,
+/// and why (the client's own message), and no password.
+#[tokio::test]
+async fn a_store_on_a_wrong_port_says_where_and_why() {
+    let deployment = mongo_sim::TestDeployment::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(deployment.uri())
+        .await
+        .unwrap();
+    // Redis connects at the first call: the processor's start reports it.
+    let opened = stores::open("redis://:hunter2@127.0.0.1:1/0")
+        .await
+        .unwrap();
+    let p = DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("wrong_port", "orders")
+        .store(opened.points)
+        .build()
+        .unwrap();
+    let mut published = p.on_start_err();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        p.start(FnDispatcher(
+            |_: &ChangeEvent, _: Option<BoxError>| -> Result<(), BoxError> { Ok(()) },
+        )),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    for text in [
+        err.to_string(),
+        published.recv().await.unwrap().to_string(),
+        p.stats().last_error.unwrap(),
+    ] {
+        assert!(
+            text.contains("resume store failed for stream `wrong_port.orders`"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+    assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("redis://:***@127.0.0.1:1/0"), "{text}");
+    assert!(text.to_lowercase().contains("refused"), "{text}");
+    // PostgreSQL connects when opened: the error says where and why.
+    let err = stores::open("postgres://u:hunter2@127.0.0.1:1/test?connect_timeout=2")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("postgres://u:***@127.0.0.1:1/test"), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    deployment.shutdown().await;
+}

@@ -116,7 +116,7 @@ impl RedisStore {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| Error::store(stream, e))?;
+            .map_err(|e| self.named(stream, &e))?;
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -137,7 +137,15 @@ impl RedisStore {
         {
             *self.conn.lock().await = None;
         }
-        Error::store(stream, e)
+        self.named(stream, &e)
+    }
+
+    /// A store error naming the server (password hidden) and the client's message.
+    fn named(&self, stream: &str, e: &redis::RedisError) -> Error {
+        Error::store(
+            stream,
+            std::io::Error::other(format!("{}: {e}", self.shown)),
+        )
     }
 }
 
