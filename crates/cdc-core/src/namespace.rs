@@ -75,6 +75,9 @@ pub enum OperationType {
     DropIndexes,
     /// Collection options changed (expanded events).
     Modify,
+    /// Not a change: a document as a snapshot read it, before the stream takes over (its
+    /// full document and key are set).
+    Snapshot,
     /// Any other type, as the server spelled it.
     Other(String),
 }
@@ -95,6 +98,7 @@ impl OperationType {
             Self::CreateIndexes => "createIndexes",
             Self::DropIndexes => "dropIndexes",
             Self::Modify => "modify",
+            Self::Snapshot => "snapshot",
             Self::Other(s) => s,
         }
     }
@@ -114,6 +118,7 @@ impl OperationType {
             "createIndexes" => Self::CreateIndexes,
             "dropIndexes" => Self::DropIndexes,
             "modify" => Self::Modify,
+            "snapshot" => Self::Snapshot,
             other => Self::Other(other.to_owned()),
         }
     }

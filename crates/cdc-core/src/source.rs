@@ -52,6 +52,12 @@ pub trait ChangeCursor: Send {
     /// out of the oplog and the source was configured to restart from now.
     fn take_gap(&mut self) -> Option<HistoryGap>;
 
+    /// Whether the source has nothing more to deliver, for good (a snapshot-only source
+    /// after its scan): the processor then saves its last point and stops.
+    fn is_finished(&self) -> bool {
+        false
+    }
+
     /// Closes the server-side cursor.
     async fn close(self: Box<Self>);
 }

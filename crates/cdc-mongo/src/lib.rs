@@ -34,6 +34,7 @@
 mod admin;
 mod error;
 mod options;
+mod snapshot;
 mod source;
 mod split;
 mod stream;
@@ -43,6 +44,7 @@ pub use error::{Error, Result, classify, redact_uri, server_code};
 pub use options::{
     BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions,
 };
+pub use snapshot::SnapshotMode;
 pub use source::{MongoCursor, MongoSource, from_driver_token, to_driver_token};
 pub use stream::{Change, EventStream, IdleStream};
 

@@ -137,6 +137,12 @@ pub struct SourceOptions {
     /// Whether to append `$changeStreamSplitLargeEvent` (MongoDB 7.0, 6.0.9): events over
     /// 16 MiB then arrive as fragments, which the cursor reassembles into one event.
     pub split_large_events: bool,
+    /// Whether existing documents are read first (see [`crate::SnapshotMode`]).
+    pub snapshot: crate::SnapshotMode,
+    /// How many chunks of a snapshot are read at once (1: one cursor over the collection).
+    pub snapshot_parallelism: usize,
+    /// Documents per snapshot chunk (and the batch size of snapshot reads).
+    pub snapshot_chunk_docs: usize,
 }
 
 impl Default for SourceOptions {
@@ -154,6 +160,9 @@ impl Default for SourceOptions {
             show_expanded_events: false,
             pre_image_policy: PreImagePolicy::Fail,
             history_lost_policy: HistoryLostPolicy::Fail,
+            snapshot: crate::SnapshotMode::Never,
+            snapshot_parallelism: 1,
+            snapshot_chunk_docs: 1000,
             split_large_events: false,
         }
     }
@@ -210,6 +219,22 @@ impl SourceOptions {
     #[must_use]
     pub fn batch_size(mut self, n: u32) -> Self {
         self.batch_size = Some(n);
+        self
+    }
+
+    /// Reads the existing documents first (see [`crate::SnapshotMode`]).
+    #[must_use]
+    pub fn snapshot(mut self, mode: crate::SnapshotMode) -> Self {
+        self.snapshot = mode;
+        self
+    }
+
+    /// Reads a snapshot in chunks of `chunk_docs` documents, `parallelism` at once (the
+    /// chunks are handed over in `_id` order).
+    #[must_use]
+    pub fn snapshot_parallelism(mut self, parallelism: usize, chunk_docs: usize) -> Self {
+        self.snapshot_parallelism = parallelism.max(1);
+        self.snapshot_chunk_docs = chunk_docs.max(1);
         self
     }
 

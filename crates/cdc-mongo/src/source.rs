@@ -36,10 +36,10 @@ pub fn to_driver_token(token: &ResumeToken) -> Option<DriverToken> {
     bson::deserialize_from_slice(token.as_bytes()).ok()
 }
 
-struct Inner {
-    client: Client,
-    scope: Scope,
-    options: SourceOptions,
+pub(crate) struct Inner {
+    pub(crate) client: Client,
+    pub(crate) scope: Scope,
+    pub(crate) options: SourceOptions,
     /// Set once a missing pre-image made the source fall back to `Off`.
     pre_images_off: AtomicBool,
     fallbacks: AtomicU64,
@@ -131,7 +131,10 @@ impl Inner {
         stages
     }
 
-    async fn open_stream(&self, position: &StartPosition) -> Result<ChangeStream<RawDocumentBuf>> {
+    pub(crate) async fn open_stream(
+        &self,
+        position: &StartPosition,
+    ) -> Result<ChangeStream<RawDocumentBuf>> {
         let o = &self.options;
         let full_document = match o.full_document {
             FullDocument::Default => None,
@@ -239,34 +242,47 @@ impl MongoSource {
     }
 }
 
+/// Opens the change stream at `position`, under the source's pre-image and history-lost
+/// policies.
+pub(crate) async fn open_cursor(
+    inner: &Arc<Inner>,
+    position: &StartPosition,
+) -> cdc_core::Result<Box<dyn ChangeCursor>> {
+    loop {
+        match inner.open_stream(position).await {
+            Ok(stream) => {
+                return Ok(Box::new(MongoCursor::new(stream, inner, position)));
+            }
+            Err(e)
+                if e.kind() == ErrorKind::PreImageMissing && inner.fall_back_from_pre_images() =>
+            {
+                continue;
+            }
+            Err(e)
+                if e.kind() == ErrorKind::HistoryLost
+                    && inner.options.history_lost_policy == HistoryLostPolicy::RestartFromNow =>
+            {
+                let stream = inner.open_stream(&StartPosition::Now).await?;
+                let mut cursor = MongoCursor::new(stream, inner, &StartPosition::Now);
+                cursor.record_gap(position_time(position));
+                return Ok(Box::new(cursor));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 #[async_trait]
 impl ChangeSource for MongoSource {
     async fn open(&self, position: &StartPosition) -> cdc_core::Result<Box<dyn ChangeCursor>> {
         let inner = &self.inner;
-        loop {
-            match inner.open_stream(position).await {
-                Ok(stream) => {
-                    return Ok(Box::new(MongoCursor::new(stream, inner, position)));
-                }
-                Err(e)
-                    if e.kind() == ErrorKind::PreImageMissing
-                        && inner.fall_back_from_pre_images() =>
-                {
-                    continue;
-                }
-                Err(e)
-                    if e.kind() == ErrorKind::HistoryLost
-                        && inner.options.history_lost_policy
-                            == HistoryLostPolicy::RestartFromNow =>
-                {
-                    let stream = inner.open_stream(&StartPosition::Now).await?;
-                    let mut cursor = MongoCursor::new(stream, inner, &StartPosition::Now);
-                    cursor.record_gap(position_time(position));
-                    return Ok(Box::new(cursor));
-                }
-                Err(e) => return Err(e.into()),
-            }
+        if let Some(snapshot) = crate::snapshot::SnapshotPosition::of(position) {
+            return Ok(crate::snapshot::resume(inner, snapshot?));
         }
+        if *position == StartPosition::Now && inner.options.snapshot != crate::SnapshotMode::Never {
+            return crate::snapshot::start(inner).await;
+        }
+        open_cursor(inner, position).await
     }
 
     async fn cluster_time(&self) -> cdc_core::Result<Option<cdc_core::ClusterTime>> {

@@ -220,6 +220,25 @@ impl Builder {
         self
     }
 
+    /// Reads the documents that already exist before streaming (default: never). With
+    /// [`cdc_mongo::SnapshotMode::Initial`], a stream whose store holds no point first
+    /// delivers every document of the collection as a `snapshot` event, then the changes
+    /// made since the snapshot began, with no gap (the algorithm and its limits:
+    /// `docs/SEMANTICS.md`). An explicit [`Builder::start_position`] skips the snapshot.
+    #[must_use]
+    pub fn snapshot(mut self, mode: cdc_mongo::SnapshotMode) -> Self {
+        self.options = self.options.snapshot(mode);
+        self
+    }
+
+    /// Reads a snapshot in chunks of `chunk_docs` documents, `parallelism` chunks at once
+    /// (default 1 and 1,000: one cursor).
+    #[must_use]
+    pub fn snapshot_parallelism(mut self, parallelism: usize, chunk_docs: usize) -> Self {
+        self.options = self.options.snapshot_parallelism(parallelism, chunk_docs);
+        self
+    }
+
     /// What happens when the handler fails (or panics) on an event: retried in process,
     /// then stop (the default: 3 retries from 100 ms, then stop), skip or dead-letter. See
     /// [`crate::HandlerErrorPolicy`] and `docs/SEMANTICS.md`.

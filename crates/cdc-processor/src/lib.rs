@@ -80,7 +80,8 @@ pub use bson;
 /// errors), for the same reason.
 pub use cdc_mongo::mongodb;
 pub use cdc_mongo::{
-    BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions, connect,
+    BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SnapshotMode,
+    SourceOptions, connect,
 };
 
 /// The resume stores, re-exported behind the same features as `cdc-resume`.

@@ -17,6 +17,9 @@ pub(crate) enum Item {
     Tick,
     Gap(HistoryGap),
     Closed,
+    /// The source has nothing more, for good (a snapshot-only source after its scan), with
+    /// the position a later start continues from.
+    Finished(Option<ResumeToken>),
     Failed(cdc_core::Error),
 }
 
@@ -120,6 +123,7 @@ pub(crate) async fn read_ahead(
                 (Item::Event(Box::new(e), Some(permit)), false)
             }
             Ok(None) if cursor.is_closed() => (Item::Closed, true),
+            Ok(None) if cursor.is_finished() => (Item::Finished(cursor.resume_token()), true),
             Ok(None) => {
                 // An empty round trip: the position matters only when it moved.
                 let token = cursor.resume_token();

@@ -31,6 +31,9 @@ pub(crate) enum Outcome {
     Stopped,
     Invalidated,
     Closed,
+    /// The source has nothing more (a snapshot-only source after its scan), with the
+    /// position a later start continues from.
+    Finished(Option<ResumeToken>),
 }
 
 impl DocumentProcessor {
@@ -181,6 +184,26 @@ impl DocumentProcessor {
                     tracing::info!("stopped");
                     return Ok(());
                 }
+                Ok(Outcome::Finished(position)) => {
+                    self.flush(&mut cp).await?;
+                    // Everything handled: a later start continues from where the source
+                    // says (after a snapshot: the stream's position taken before it).
+                    if let Some(token) = position
+                        && cp.unsaved_events() == 0
+                    {
+                        let time = token
+                            .cluster_time_hint()
+                            .or(cp.persisted().map(|p| p.cluster_time))
+                            .unwrap_or_default();
+                        self.save(
+                            &mut cp,
+                            ResumePoint::post_batch(token, time, bson::DateTime::now()),
+                        )
+                        .await?;
+                    }
+                    tracing::info!("the source has nothing more (snapshot only): stopped");
+                    return Ok(());
+                }
                 Ok(Outcome::Invalidated) if s.invalidate == InvalidatePolicy::Stop => {
                     self.flush(&mut cp).await?;
                     return Err(Error::Invalidated(s.stream_id.clone()));
@@ -296,6 +319,7 @@ impl DocumentProcessor {
                 tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
                 self.stats_mut().last_gap = Some(gap);
             }
+            Item::Finished(position) => return Ok(Step::End(Outcome::Finished(position))),
             Item::Closed => {
                 return Ok(Step::End(if *invalidated {
                     Outcome::Invalidated
@@ -455,6 +479,10 @@ impl DocumentProcessor {
                 }));
             }
             Item::Failed(e) => return Err(e.into()),
+            Item::Finished(position) => {
+                self.drain(lanes, cp).await?;
+                return Ok(Some(Outcome::Finished(position)));
+            }
             Item::Idle(token) => {
                 let now = Instant::now();
                 let due = match token {

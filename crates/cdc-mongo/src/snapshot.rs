@@ -1,0 +1,416 @@
+//! Snapshots: the documents that exist first, then the stream, with no gap.
+//!
+//! The algorithm ("scan after a position"): before reading anything, the change stream is
+//! opened at "now" and its resume token `P` is taken. The collection is then read in `_id`
+//! order (in chunks read by `parallelism` readers, handed over in order), each document as
+//! a `snapshot` event whose token records `P` and the document's `_id`. After the last
+//! document the stream continues after `P`. Every document that exists at `P` is read by
+//! the scan unless it is deleted first, and then its delete comes from the stream; every
+//! change after `P` comes from the stream: no gap. All snapshot events come before all
+//! stream events, so no snapshot image is ever delivered after a stream event.
+//!
+//! Limits: a change made between `P` and the moment its document was read is delivered
+//! again by the stream after the snapshot (so a key may see an older image after its
+//! snapshot image; applying events in order still ends with the collection's content), and
+//! the scan must finish within the oplog's window, or the stream cannot continue after `P`
+//! (`ChangeStreamHistoryLost`).
+//!
+//! A snapshot is resumable through the ordinary checkpoints: the stored point of a stream
+//! mid-snapshot is a snapshot token (`P`, the collection, the last `_id` handled), and
+//! opening at it continues the scan after that `_id`.
+
+use std::sync::Arc;
+
+use bson::{Bson, Document, RawBsonRef, RawDocumentBuf, doc};
+use cdc_core::{ChangeCursor, ChangeEvent, ClusterTime, HistoryGap, ResumeToken, StartPosition};
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{Error, options::Scope, source::Inner};
+
+/// When the processor reads the existing documents before streaming.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SnapshotMode {
+    /// Never: only changes from the start position on (the Go package's behaviour).
+    #[default]
+    Never,
+    /// When the store holds no point: the existing documents, then the stream.
+    Initial,
+    /// As `Initial`, then stop (the stored point then continues the stream later).
+    InitialOnly,
+}
+
+/// The position of a snapshot: where the stream continues, and the last `_id` read.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SnapshotPosition {
+    /// The stream's token taken before the scan.
+    start: ResumeToken,
+    start_time: ClusterTime,
+    coll: String,
+    /// The last `_id` handed over; `None` before the first.
+    after: Option<Bson>,
+}
+
+const FIELD: &str = "_snapshot";
+
+impl SnapshotPosition {
+    /// The snapshot position a stored token holds, if it is one.
+    pub(crate) fn of(position: &StartPosition) -> Option<cdc_core::Result<Self>> {
+        let token = position.token()?;
+        let raw = token.as_raw();
+        let Ok(Some(RawBsonRef::Document(snap))) = raw.get(FIELD) else {
+            return None;
+        };
+        Some(Self::decode(snap))
+    }
+
+    fn decode(snap: &bson::RawDocument) -> cdc_core::Result<Self> {
+        let bad = |what: &str| cdc_core::Error::MalformedEvent {
+            field: "_id._snapshot",
+            problem: what.to_owned(),
+        };
+        let start = match snap.get("start") {
+            Ok(Some(RawBsonRef::Document(d))) => ResumeToken::copied(d),
+            _ => return Err(bad("no `start` token")),
+        };
+        let start_time = match snap.get("startTime") {
+            Ok(Some(RawBsonRef::Timestamp(ts))) => ClusterTime::from(ts),
+            _ => return Err(bad("no `startTime`")),
+        };
+        let coll = match snap.get("coll") {
+            Ok(Some(RawBsonRef::String(s))) => s.to_owned(),
+            _ => return Err(bad("no `coll`")),
+        };
+        let after = match snap.get("after") {
+            Ok(Some(v)) => Some(Bson::try_from(v).map_err(|e| bad(&e.to_string()))?),
+            Ok(None) => None,
+            Err(e) => return Err(bad(&e.to_string())),
+        };
+        Ok(Self {
+            start,
+            start_time,
+            coll,
+            after,
+        })
+    }
+
+    fn token(&self) -> ResumeToken {
+        let mut snap = doc! {
+            "start": self.start.to_document().unwrap_or_default(),
+            "startTime": self.start_time.to_timestamp(),
+            "coll": &self.coll,
+        };
+        if let Some(after) = &self.after {
+            snap.insert("after", after.clone());
+        }
+        // A document of plain values: it always encodes.
+        ResumeToken::from_document(&doc! { FIELD: snap }).unwrap_or_else(|_| self.start.clone())
+    }
+}
+
+/// Starts a snapshot: takes the stream's position first, then scans.
+pub(crate) async fn start(inner: &Arc<Inner>) -> cdc_core::Result<Box<dyn ChangeCursor>> {
+    let Scope::Collection { coll, .. } = &inner.scope else {
+        return Err(cdc_core::Error::InvalidArgument {
+            name: "snapshot",
+            reason: format!("snapshots read one collection; {} is not one", inner.scope),
+        });
+    };
+    let stream = inner.open_stream(&StartPosition::Now).await?;
+    let start = stream
+        .resume_token()
+        .as_ref()
+        .and_then(crate::source::from_driver_token)
+        .ok_or_else(|| {
+            cdc_core::Error::source(
+                cdc_core::ErrorKind::Fatal,
+                "the server gave no resume token when the stream opened: a snapshot cannot mark where the stream continues",
+            )
+        })?;
+    drop(stream);
+    let start_time = start.cluster_time_hint().unwrap_or_default();
+    let position = SnapshotPosition {
+        start,
+        start_time,
+        coll: coll.clone(),
+        after: None,
+    };
+    tracing::info!(coll = %coll, "snapshot: the stream's position is taken; reading the collection");
+    Ok(Box::new(SnapshotCursor::new(inner, position)))
+}
+
+/// Continues a snapshot from a stored position.
+pub(crate) fn resume(inner: &Arc<Inner>, position: SnapshotPosition) -> Box<dyn ChangeCursor> {
+    tracing::info!(coll = %position.coll, after = ?position.after, "snapshot: continuing after the last document handled");
+    Box::new(SnapshotCursor::new(inner, position))
+}
+
+/// Reads the snapshot, then the stream.
+struct SnapshotCursor {
+    inner: Arc<Inner>,
+    position: SnapshotPosition,
+    rows: mpsc::Receiver<cdc_core::Result<RawDocumentBuf>>,
+    reader: JoinHandle<()>,
+    tail: Option<Box<dyn ChangeCursor>>,
+    finished: bool,
+}
+
+impl SnapshotCursor {
+    fn new(inner: &Arc<Inner>, position: SnapshotPosition) -> Self {
+        let (tx, rows) = mpsc::channel(inner.options.snapshot_chunk_docs.max(1));
+        let reader = tokio::spawn(scan(Arc::clone(inner), position.clone(), tx));
+        Self {
+            inner: Arc::clone(inner),
+            position,
+            rows,
+            reader,
+            tail: None,
+            finished: false,
+        }
+    }
+
+    fn event(&mut self, doc: &RawDocumentBuf) -> cdc_core::Result<ChangeEvent> {
+        let id = match doc.get("_id") {
+            Ok(Some(id)) => id,
+            _ => {
+                return Err(cdc_core::Error::MalformedEvent {
+                    field: "fullDocument._id",
+                    problem: "a document without `_id`".into(),
+                });
+            }
+        };
+        let id_owned = Bson::try_from(id).map_err(|e| cdc_core::Error::MalformedEvent {
+            field: "fullDocument._id",
+            problem: e.to_string(),
+        })?;
+        self.position.after = Some(id_owned.clone());
+        let token = self.position.token();
+        let Scope::Collection { db, coll } = &self.inner.scope else {
+            return Err(cdc_core::Error::Protocol(
+                "a snapshot of a non-collection scope".into(),
+            ));
+        };
+        let mut raw = RawDocumentBuf::new();
+        raw.append(bson::cstr!("_id"), token.as_raw().to_owned());
+        raw.append(bson::cstr!("operationType"), "snapshot");
+        raw.append(
+            bson::cstr!("clusterTime"),
+            self.position.start_time.to_timestamp(),
+        );
+        let ns = RawDocumentBuf::try_from(&doc! { "db": db, "coll": coll }).map_err(|e| {
+            cdc_core::Error::Protocol(format!("the namespace does not encode: {e}"))
+        })?;
+        raw.append(bson::cstr!("ns"), ns);
+        let key = RawDocumentBuf::try_from(&doc! { "_id": id_owned }).map_err(|e| {
+            cdc_core::Error::MalformedEvent {
+                field: "fullDocument._id",
+                problem: e.to_string(),
+            }
+        })?;
+        raw.append(bson::cstr!("documentKey"), key);
+        raw.append(bson::cstr!("fullDocument"), doc.clone());
+        ChangeEvent::from_raw_buf(raw)
+    }
+}
+
+#[async_trait::async_trait]
+impl ChangeCursor for SnapshotCursor {
+    async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
+        if let Some(tail) = &mut self.tail {
+            return tail.next().await;
+        }
+        if self.finished {
+            return Ok(None);
+        }
+        match self.rows.recv().await {
+            Some(Ok(doc)) => self.event(&doc).map(Some),
+            Some(Err(e)) => Err(e),
+            None => {
+                tracing::info!(coll = %self.position.coll, "snapshot: every document read");
+                if self.inner.options.snapshot == SnapshotMode::InitialOnly {
+                    self.finished = true;
+                    return Ok(None);
+                }
+                let after = StartPosition::ResumeAfter(self.position.start.clone());
+                self.tail = Some(crate::source::open_cursor(&self.inner, &after).await?);
+                Ok(None)
+            }
+        }
+    }
+
+    fn resume_token(&self) -> Option<ResumeToken> {
+        match &self.tail {
+            Some(tail) => tail.resume_token(),
+            // Every document read: the stream continues after the position taken first.
+            None if self.finished => Some(self.position.start.clone()),
+            None => Some(self.position.token()),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tail.as_ref().is_some_and(|t| t.is_closed())
+    }
+
+    fn take_gap(&mut self) -> Option<HistoryGap> {
+        self.tail.as_mut().and_then(|t| t.take_gap())
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    async fn close(mut self: Box<Self>) {
+        self.reader.abort();
+        if let Some(tail) = self.tail.take() {
+            tail.close().await;
+        }
+    }
+}
+
+impl Drop for SnapshotCursor {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Reads the documents after `position.after` in `_id` order into `tx`: one cursor, or,
+/// with parallelism, chunks of `snapshot_chunk_docs` read concurrently and handed over in
+/// order.
+async fn scan(
+    inner: Arc<Inner>,
+    position: SnapshotPosition,
+    tx: mpsc::Sender<cdc_core::Result<RawDocumentBuf>>,
+) {
+    if let Err(e) = scan_into(&inner, &position, &tx).await {
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+async fn scan_into(
+    inner: &Arc<Inner>,
+    position: &SnapshotPosition,
+    tx: &mpsc::Sender<cdc_core::Result<RawDocumentBuf>>,
+) -> cdc_core::Result<()> {
+    let Scope::Collection { db, coll } = &inner.scope else {
+        return Ok(());
+    };
+    let coll = inner.client.database(db).collection::<RawDocumentBuf>(coll);
+    let o = &inner.options;
+    let chunk = o.snapshot_chunk_docs.max(1);
+    let after_filter = |after: &Option<Bson>| match after {
+        Some(a) => doc! { "_id": { "$gt": a.clone() } },
+        None => Document::new(),
+    };
+    let driver = |e| Error::driver("read the snapshot", e);
+    if o.snapshot_parallelism <= 1 {
+        let mut cursor = coll
+            .find(after_filter(&position.after))
+            .sort(doc! { "_id": 1 })
+            .batch_size(u32::try_from(chunk).unwrap_or(u32::MAX))
+            .await
+            .map_err(driver)?;
+        let started = std::time::Instant::now();
+        let mut read: u64 = 0;
+        while let Some(doc) = cursor.try_next().await.map_err(driver)? {
+            if tx.send(Ok(doc)).await.is_err() {
+                return Ok(());
+            }
+            read += 1;
+            if read.is_multiple_of(100_000) {
+                progress(read, None, started);
+            }
+        }
+        progress(read, None, started);
+        return Ok(());
+    }
+    // Chunk bounds from a scan of the keys alone: every `chunk`-th `_id` (MongoDB's
+    // `splitVector` needs privileges a change-stream user seldom has).
+    let mut keys = coll
+        .clone_with_type::<Document>()
+        .find(after_filter(&position.after))
+        .sort(doc! { "_id": 1 })
+        .projection(doc! { "_id": 1 })
+        .batch_size(10_000)
+        .await
+        .map_err(driver)?;
+    let mut bounds: Vec<Bson> = Vec::new();
+    let mut n = 0_usize;
+    while let Some(key) = keys.try_next().await.map_err(driver)? {
+        n += 1;
+        if n.is_multiple_of(chunk)
+            && let Some(id) = key.get("_id")
+        {
+            bounds.push(id.clone());
+        }
+    }
+    let mut ranges: Vec<(Option<Bson>, Option<Bson>)> = Vec::with_capacity(bounds.len() + 1);
+    let mut low = position.after.clone();
+    for b in bounds {
+        ranges.push((low, Some(b.clone())));
+        low = Some(b);
+    }
+    ranges.push((low, None));
+    let total = ranges.len();
+    let started = std::time::Instant::now();
+    let mut read: u64 = 0;
+    let reads = futures_util::stream::iter(ranges.into_iter().map(|(low, high)| {
+        let coll = coll.clone();
+        async move {
+            let mut filter = match &low {
+                Some(l) => doc! { "_id": { "$gt": l.clone() } },
+                None => doc! {},
+            };
+            if let Some(h) = high {
+                let id = filter
+                    .get_document_mut("_id")
+                    .map(std::mem::take)
+                    .unwrap_or_default();
+                let mut range = id;
+                range.insert("$lte", h);
+                filter.insert("_id", range);
+            }
+            let cursor = coll
+                .find(filter)
+                .sort(doc! { "_id": 1 })
+                .batch_size(u32::try_from(chunk).unwrap_or(u32::MAX))
+                .await?;
+            cursor.try_collect::<Vec<RawDocumentBuf>>().await
+        }
+    }))
+    .buffered(o.snapshot_parallelism);
+    futures_util::pin_mut!(reads);
+    let mut done = 0;
+    while let Some(docs) = reads.next().await {
+        for doc in docs.map_err(driver)? {
+            if tx.send(Ok(doc)).await.is_err() {
+                return Ok(());
+            }
+            read += 1;
+        }
+        done += 1;
+        if done % 100 == 0 || done == total {
+            progress(read, Some((done, total)), started);
+        }
+    }
+    Ok(())
+}
+
+/// Logs how far a snapshot's reading got (documents handed over, chunks, rate).
+fn progress(read: u64, chunks: Option<(usize, usize)>, started: std::time::Instant) {
+    let rate = read as f64 / started.elapsed().as_secs_f64().max(1e-3);
+    match chunks {
+        Some((done, total)) => tracing::info!(
+            documents = read,
+            chunks_done = done,
+            chunks_total = total,
+            per_second = rate.round(),
+            "snapshot: reading"
+        ),
+        None => tracing::info!(
+            documents = read,
+            per_second = rate.round(),
+            "snapshot: reading"
+        ),
+    }
+}

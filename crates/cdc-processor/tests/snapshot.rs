@@ -1,0 +1,363 @@
+//! Snapshots end to end, through the driver against mongo-sim: the existing documents
+//! first, then the stream with no gap, so a replica built from the events equals the
+//! collection; a snapshot stopped midway continues where it stopped; initial-only stops
+//! after the scan and a later start streams from before it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bson::{Bson, Document, doc};
+use cdc_processor::{
+    BoxError, ChangeEvent, CheckpointPolicy, DocumentProcessor, FnDispatcher, FullDocument,
+    OperationType, SnapshotMode, stores::MemoryStore,
+};
+use mongo_sim::TestDeployment;
+use mongodb::{Client, Collection};
+
+type Log = Arc<Mutex<Vec<(OperationType, i64, Option<Document>)>>>;
+
+/// Records `(operation, _id, full document)` of every event, in delivery order.
+fn recorder(
+    log: &Log,
+) -> FnDispatcher<impl Fn(&ChangeEvent, Option<BoxError>) -> Result<(), BoxError> + use<>> {
+    let log = Arc::clone(log);
+    FnDispatcher(move |e: &ChangeEvent, _: Option<BoxError>| {
+        let id = match e.document_id() {
+            Some(Bson::Int64(n)) => n,
+            Some(Bson::Int32(n)) => i64::from(n),
+            _ => return Ok(()),
+        };
+        let full = e.full_document_parsed()?;
+        log.lock()
+            .unwrap()
+            .push((e.operation_type.clone(), id, full));
+        Ok(())
+    })
+}
+
+/// The collection as the events say it is, applied in delivery order.
+fn replica(log: &Log) -> BTreeMap<i64, Document> {
+    let mut out = BTreeMap::new();
+    for (op, id, full) in log.lock().unwrap().iter() {
+        match op {
+            OperationType::Delete => {
+                out.remove(id);
+            }
+            // An update whose document was deleted since has none: its delete follows.
+            _ => {
+                if let Some(d) = full {
+                    out.insert(*id, d.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn contents(coll: &Collection<Document>) -> BTreeMap<i64, Document> {
+    let mut cursor = coll.find(doc! {}).await.unwrap();
+    let mut out = BTreeMap::new();
+    while cursor.advance().await.unwrap() {
+        let d = cursor.deserialize_current().unwrap();
+        out.insert(d.get_i64("_id").unwrap(), d);
+    }
+    out
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct Env {
+    deployment: TestDeployment,
+    client: Client,
+    db: String,
+}
+
+impl Env {
+    async fn new(db: &str, existing: i64) -> Self {
+        let deployment = TestDeployment::start().await.unwrap();
+        let client = Client::with_uri_str(deployment.uri()).await.unwrap();
+        client.database(db).drop().await.unwrap();
+        let env = Self {
+            deployment,
+            client,
+            db: db.to_owned(),
+        };
+        let docs: Vec<Document> = (0..existing)
+            .map(|i| doc! { "_id": i, "v": 0_i64, "pad": "x".repeat(100) })
+            .collect();
+        for chunk in docs.chunks(1000) {
+            env.coll().insert_many(chunk.to_vec()).await.unwrap();
+        }
+        env
+    }
+
+    fn coll(&self) -> Collection<Document> {
+        self.client.database(&self.db).collection("items")
+    }
+
+    fn builder(&self, store: &Arc<MemoryStore>) -> cdc_processor::Builder {
+        DocumentProcessor::builder()
+            .client(self.client.clone())
+            .collection(self.db.clone(), "items")
+            .store(store.clone())
+            .full_document(FullDocument::UpdateLookup)
+    }
+
+    /// Updates, deletes and inserts while the processor reads.
+    async fn write_meanwhile(&self, existing: i64, rounds: i64) {
+        let coll = self.coll();
+        for r in 0..rounds {
+            let id = (r * 37) % existing;
+            coll.update_one(doc! { "_id": id }, doc! { "$inc": { "v": 1_i64 } })
+                .await
+                .unwrap();
+            if r % 5 == 0 {
+                coll.delete_one(doc! { "_id": (r * 53 + 11) % existing })
+                    .await
+                    .unwrap();
+            }
+            if r % 7 == 0 {
+                coll.insert_one(doc! { "_id": existing + r, "v": 0_i64 })
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Writes a marker and waits until the processor delivered it: everything written
+    /// before it has been delivered too.
+    async fn caught_up(&self, log: &Log, marker: i64) {
+        self.coll()
+            .insert_one(doc! { "_id": marker, "v": -1_i64 })
+            .await
+            .unwrap();
+        let seen = Arc::clone(log);
+        until("the marker", move || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .any(|(op, id, _)| *op == OperationType::Insert && *id == marker)
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn existing_documents_first_then_the_stream_and_the_replica_equals_the_collection() {
+    let existing = 3000;
+    // One cursor; chunks read four at a time; and chunks with 8 lanes.
+    for (parallelism, chunk, lanes) in [(1, 1000, 1), (4, 100, 1), (4, 250, 8)] {
+        let env = Env::new("snap_replica", existing).await;
+        let store = Arc::new(MemoryStore::new());
+        let log: Log = Arc::default();
+        let p = env
+            .builder(&store)
+            .snapshot(SnapshotMode::Initial)
+            .snapshot_parallelism(parallelism, chunk)
+            .concurrency(lanes)
+            .build()
+            .unwrap();
+        let (p2, handler) = (p.clone(), recorder(&log));
+        let task = tokio::spawn(async move { p2.start(handler).await });
+        env.write_meanwhile(existing, 300).await;
+        env.caught_up(&log, 1_000_000).await;
+        p.stop();
+        task.await.unwrap().unwrap();
+
+        let case = format!("parallelism {parallelism}, chunks {chunk}, lanes {lanes}");
+        assert_eq!(replica(&log), contents(&env.coll()).await, "{case}");
+        let entries = log.lock().unwrap().clone();
+        // Every document that existed was delivered by the snapshot or deleted by the
+        // stream; snapshot events come in `_id` order (sequentially), and, per key,
+        // before any stream event of that key.
+        let snapshot_ids: Vec<i64> = entries
+            .iter()
+            .filter(|(op, ..)| *op == OperationType::Snapshot)
+            .map(|(_, id, _)| *id)
+            .collect();
+        assert!(
+            snapshot_ids.len() as i64 >= existing - 60,
+            "{case}: {}",
+            snapshot_ids.len()
+        );
+        if lanes == 1 {
+            assert!(
+                snapshot_ids.windows(2).all(|w| w[0] < w[1]),
+                "{case}: in _id order"
+            );
+            let first_change = entries
+                .iter()
+                .position(|(op, ..)| *op != OperationType::Snapshot)
+                .unwrap();
+            assert!(
+                entries[first_change..]
+                    .iter()
+                    .all(|(op, ..)| *op != OperationType::Snapshot),
+                "{case}: every snapshot event before every stream event"
+            );
+        }
+        let mut stream_seen = std::collections::HashSet::new();
+        for (op, id, _) in &entries {
+            if *op == OperationType::Snapshot {
+                assert!(
+                    !stream_seen.contains(id),
+                    "{case}: key {id}: snapshot after a change"
+                );
+            } else {
+                stream_seen.insert(*id);
+            }
+        }
+        assert_eq!(
+            p.stats()
+                .events_by_type
+                .get("snapshot")
+                .copied()
+                .unwrap_or(0),
+            snapshot_ids.len() as u64,
+            "{case}: counted"
+        );
+        env.deployment.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_stopped_midway_continues_where_it_stopped() {
+    let existing = 2000;
+    let env = Env::new("snap_resume", existing).await;
+    let store = Arc::new(MemoryStore::new());
+    let first: Log = Arc::default();
+    let p = env
+        .builder(&store)
+        .snapshot(SnapshotMode::Initial)
+        .checkpoint(CheckpointPolicy::every_event())
+        .build()
+        .unwrap();
+    let stop = p.stop_handle();
+    let seen = Arc::clone(&first);
+    let handler = FnDispatcher(move |e: &ChangeEvent, _: Option<BoxError>| {
+        let mut log = seen.lock().unwrap();
+        log.push((
+            e.operation_type.clone(),
+            e.document_id().and_then(|b| b.as_i64()).unwrap_or(-1),
+            None,
+        ));
+        if log.len() == 700 {
+            stop.stop();
+        }
+        Ok(())
+    });
+    p.start(handler).await.unwrap();
+    let delivered_first = first.lock().unwrap().len();
+    assert!((700..=701).contains(&delivered_first), "{delivered_first}");
+    // Changes while no consumer runs: the stream delivers them after the snapshot.
+    env.coll()
+        .insert_one(doc! { "_id": 5000_i64, "v": 0_i64 })
+        .await
+        .unwrap();
+    env.coll()
+        .delete_one(doc! { "_id": 1999_i64 })
+        .await
+        .unwrap();
+
+    let second: Log = Arc::default();
+    let q = env
+        .builder(&store)
+        .snapshot(SnapshotMode::Initial)
+        .checkpoint(CheckpointPolicy::every_event())
+        .build()
+        .unwrap();
+    let (q2, handler) = (q.clone(), recorder(&second));
+    let task = tokio::spawn(async move { q2.start(handler).await });
+    env.caught_up(&second, 1_000_000).await;
+    q.stop();
+    task.await.unwrap().unwrap();
+    let second = second.lock().unwrap().clone();
+    let snap: Vec<i64> = second
+        .iter()
+        .filter(|(op, ..)| *op == OperationType::Snapshot)
+        .map(|(_, id, _)| *id)
+        .collect();
+    // It continued after the last document handled (at most one repeat under
+    // every_event), not from the start.
+    let first_ids: Vec<i64> = first.lock().unwrap().iter().map(|(_, id, _)| *id).collect();
+    let last_first = *first_ids.last().unwrap();
+    assert!(
+        snap[0] >= last_first && snap[0] <= last_first + 1,
+        "{} after {last_first}",
+        snap[0]
+    );
+    let mut all: Vec<i64> = first_ids.into_iter().chain(snap.iter().copied()).collect();
+    all.sort_unstable();
+    all.dedup();
+    // Every document that existed when the snapshot began is there, except 1999, deleted
+    // before the scan reached it (its delete comes from the stream); documents inserted
+    // since are read by the scan when their `_id` lies ahead of it.
+    let expected: Vec<i64> = (0..existing - 1).collect();
+    assert_eq!(&all[..expected.len()], expected.as_slice());
+    assert!(!snap.contains(&1999));
+    assert!(
+        second.iter().any(|(_, id, _)| *id == 5000),
+        "the insert made meanwhile"
+    );
+    assert!(
+        second
+            .iter()
+            .any(|(op, id, _)| *op == OperationType::Delete && *id == 1999)
+    );
+    env.deployment.shutdown().await;
+}
+
+#[tokio::test]
+async fn initial_only_stops_after_the_scan_and_a_later_start_streams_from_before_it() {
+    let existing = 500;
+    let env = Env::new("snap_initial_only", existing).await;
+    let store = Arc::new(MemoryStore::new());
+    let log: Log = Arc::default();
+    let p = env
+        .builder(&store)
+        .snapshot(SnapshotMode::InitialOnly)
+        .build()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), p.start(recorder(&log)))
+        .await
+        .expect("initial-only ends by itself")
+        .unwrap();
+    assert_eq!(log.lock().unwrap().len() as i64, existing);
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .all(|(op, ..)| *op == OperationType::Snapshot)
+    );
+    env.coll()
+        .update_one(doc! { "_id": 7_i64 }, doc! { "$set": { "v": 9_i64 } })
+        .await
+        .unwrap();
+    // A later start (without snapshots) continues the stream from before the scan.
+    let later: Log = Arc::default();
+    let q = env.builder(&store).build().unwrap();
+    let (q2, handler) = (q.clone(), recorder(&later));
+    let task = tokio::spawn(async move { q2.start(handler).await });
+    env.caught_up(&later, 1_000_000).await;
+    q.stop();
+    task.await.unwrap().unwrap();
+    let later = later.lock().unwrap().clone();
+    assert!(later.iter().all(|(op, ..)| *op != OperationType::Snapshot));
+    assert!(later.iter().any(|(op, id, d)| *op == OperationType::Update
+        && *id == 7
+        && d.as_ref().and_then(|d| d.get_i64("v").ok()) == Some(9)));
+    env.deployment.shutdown().await;
+}
