@@ -39,6 +39,11 @@ pub enum SnapshotMode {
     Initial,
     /// As `Initial`, then stop (the stored point then continues the stream later).
     InitialOnly,
+    /// As `Initial`, and again whenever the stream's position has aged out of the oplog
+    /// (`ChangeStreamHistoryLost`): the documents are read anew, then the stream continues
+    /// from a position taken before that read, so nothing the lost history held is
+    /// missing from what a consumer ends with.
+    WhenNeeded,
 }
 
 /// The position of a snapshot: where the stream continues, and the last `_id` read.
@@ -111,11 +116,16 @@ impl SnapshotPosition {
 
 /// Starts a snapshot: takes the stream's position first, then scans.
 pub(crate) async fn start(inner: &Arc<Inner>) -> cdc_core::Result<Box<dyn ChangeCursor>> {
-    let Scope::Collection { coll, .. } = &inner.scope else {
-        return Err(cdc_core::Error::InvalidArgument {
-            name: "snapshot",
-            reason: format!("snapshots read one collection; {} is not one", inner.scope),
-        });
+    let coll = match &inner.scope {
+        Scope::Collection { coll, .. } => coll.clone(),
+        // Collections are read in name order, from the first.
+        Scope::Database(_) => String::new(),
+        Scope::Deployment => {
+            return Err(cdc_core::Error::InvalidArgument {
+                name: "snapshot",
+                reason: "snapshots read a collection or a database, not a whole deployment".into(),
+            });
+        }
     };
     let stream = inner.open_stream(&StartPosition::Now).await?;
     let start = stream
@@ -133,10 +143,10 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> cdc_core::Result<Box<dyn Change
     let position = SnapshotPosition {
         start,
         start_time,
-        coll: coll.clone(),
+        coll,
         after: None,
     };
-    tracing::info!(coll = %coll, "snapshot: the stream's position is taken; reading the collection");
+    tracing::info!(scope = %inner.scope, "snapshot: the stream's position is taken; reading the documents");
     Ok(Box::new(SnapshotCursor::new(inner, position)))
 }
 
@@ -150,7 +160,7 @@ pub(crate) fn resume(inner: &Arc<Inner>, position: SnapshotPosition) -> Box<dyn 
 struct SnapshotCursor {
     inner: Arc<Inner>,
     position: SnapshotPosition,
-    rows: mpsc::Receiver<cdc_core::Result<RawDocumentBuf>>,
+    rows: mpsc::Receiver<cdc_core::Result<(String, RawDocumentBuf)>>,
     reader: JoinHandle<()>,
     tail: Option<Box<dyn ChangeCursor>>,
     finished: bool,
@@ -170,7 +180,7 @@ impl SnapshotCursor {
         }
     }
 
-    fn event(&mut self, doc: &RawDocumentBuf) -> cdc_core::Result<ChangeEvent> {
+    fn event(&mut self, coll: String, doc: &RawDocumentBuf) -> cdc_core::Result<ChangeEvent> {
         let id = match doc.get("_id") {
             Ok(Some(id)) => id,
             _ => {
@@ -185,12 +195,14 @@ impl SnapshotCursor {
             problem: e.to_string(),
         })?;
         self.position.after = Some(id_owned.clone());
+        self.position.coll = coll;
         let token = self.position.token();
-        let Scope::Collection { db, coll } = &self.inner.scope else {
+        let (Scope::Collection { db, .. } | Scope::Database(db)) = &self.inner.scope else {
             return Err(cdc_core::Error::Protocol(
-                "a snapshot of a non-collection scope".into(),
+                "a snapshot of a deployment".into(),
             ));
         };
+        let coll = &self.position.coll;
         let mut raw = RawDocumentBuf::new();
         raw.append(bson::cstr!("_id"), token.as_raw().to_owned());
         raw.append(bson::cstr!("operationType"), "snapshot");
@@ -224,10 +236,10 @@ impl ChangeCursor for SnapshotCursor {
             return Ok(None);
         }
         match self.rows.recv().await {
-            Some(Ok(doc)) => self.event(&doc).map(Some),
+            Some(Ok((coll, doc))) => self.event(coll, &doc).map(Some),
             Some(Err(e)) => Err(e),
             None => {
-                tracing::info!(coll = %self.position.coll, "snapshot: every document read");
+                tracing::info!(scope = %self.inner.scope, "snapshot: every document read");
                 if self.inner.options.snapshot == SnapshotMode::InitialOnly {
                     self.finished = true;
                     return Ok(None);
@@ -280,22 +292,69 @@ impl Drop for SnapshotCursor {
 async fn scan(
     inner: Arc<Inner>,
     position: SnapshotPosition,
-    tx: mpsc::Sender<cdc_core::Result<RawDocumentBuf>>,
+    tx: mpsc::Sender<cdc_core::Result<(String, RawDocumentBuf)>>,
 ) {
-    if let Err(e) = scan_into(&inner, &position, &tx).await {
+    if let Err(e) = scan_all(&inner, position, &tx).await {
         let _ = tx.send(Err(e)).await;
     }
 }
 
-async fn scan_into(
+/// Reads the collection, or each collection of the database in name order from the one
+/// the position names (system collections and views left out).
+async fn scan_all(
     inner: &Arc<Inner>,
-    position: &SnapshotPosition,
-    tx: &mpsc::Sender<cdc_core::Result<RawDocumentBuf>>,
+    position: SnapshotPosition,
+    tx: &mpsc::Sender<cdc_core::Result<(String, RawDocumentBuf)>>,
 ) -> cdc_core::Result<()> {
-    let Scope::Collection { db, coll } = &inner.scope else {
-        return Ok(());
+    let (db, colls) = match &inner.scope {
+        Scope::Collection { db, coll } => (db.clone(), vec![coll.clone()]),
+        Scope::Database(db) => {
+            let names = inner
+                .client
+                .database(db)
+                .list_collection_names()
+                .filter(doc! { "type": "collection" })
+                .await
+                .map_err(|e| Error::driver("list the collections", e))?;
+            let mut names: Vec<String> = names
+                .into_iter()
+                .filter(|n| !n.starts_with("system."))
+                .collect();
+            names.sort();
+            (db.clone(), names)
+        }
+        Scope::Deployment => return Ok(()),
     };
-    let coll = inner.client.database(db).collection::<RawDocumentBuf>(coll);
+    for coll in colls {
+        if coll < position.coll {
+            continue;
+        }
+        let after = if coll == position.coll {
+            position.after.clone()
+        } else {
+            None
+        };
+        if !scan_collection(inner, &db, &coll, after, tx).await? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the documents of `db.coll` after `after` in `_id` order into `tx`: one cursor,
+/// or, with parallelism, chunks of `snapshot_chunk_docs` read concurrently and handed
+/// over in order. `false` when the receiver is gone.
+async fn scan_collection(
+    inner: &Arc<Inner>,
+    db: &str,
+    coll_name: &str,
+    after: Option<Bson>,
+    tx: &mpsc::Sender<cdc_core::Result<(String, RawDocumentBuf)>>,
+) -> cdc_core::Result<bool> {
+    let coll = inner
+        .client
+        .database(db)
+        .collection::<RawDocumentBuf>(coll_name);
     let o = &inner.options;
     let chunk = o.snapshot_chunk_docs.max(1);
     let after_filter = |after: &Option<Bson>| match after {
@@ -303,9 +362,10 @@ async fn scan_into(
         None => Document::new(),
     };
     let driver = |e| Error::driver("read the snapshot", e);
+    let send = |doc: RawDocumentBuf| tx.send(Ok((coll_name.to_owned(), doc)));
     if o.snapshot_parallelism <= 1 {
         let mut cursor = coll
-            .find(after_filter(&position.after))
+            .find(after_filter(&after))
             .sort(doc! { "_id": 1 })
             .batch_size(u32::try_from(chunk).unwrap_or(u32::MAX))
             .await
@@ -313,8 +373,8 @@ async fn scan_into(
         let started = std::time::Instant::now();
         let mut read: u64 = 0;
         while let Some(doc) = cursor.try_next().await.map_err(driver)? {
-            if tx.send(Ok(doc)).await.is_err() {
-                return Ok(());
+            if send(doc).await.is_err() {
+                return Ok(false);
             }
             read += 1;
             if read.is_multiple_of(100_000) {
@@ -322,13 +382,13 @@ async fn scan_into(
             }
         }
         progress(read, None, started);
-        return Ok(());
+        return Ok(true);
     }
     // Chunk bounds from a scan of the keys alone: every `chunk`-th `_id` (MongoDB's
     // `splitVector` needs privileges a change-stream user seldom has).
     let mut keys = coll
         .clone_with_type::<Document>()
-        .find(after_filter(&position.after))
+        .find(after_filter(&after))
         .sort(doc! { "_id": 1 })
         .projection(doc! { "_id": 1 })
         .batch_size(10_000)
@@ -345,7 +405,7 @@ async fn scan_into(
         }
     }
     let mut ranges: Vec<(Option<Bson>, Option<Bson>)> = Vec::with_capacity(bounds.len() + 1);
-    let mut low = position.after.clone();
+    let mut low = after;
     for b in bounds {
         ranges.push((low, Some(b.clone())));
         low = Some(b);
@@ -357,19 +417,18 @@ async fn scan_into(
     let reads = futures_util::stream::iter(ranges.into_iter().map(|(low, high)| {
         let coll = coll.clone();
         async move {
-            let mut filter = match &low {
-                Some(l) => doc! { "_id": { "$gt": l.clone() } },
-                None => doc! {},
-            };
-            if let Some(h) = high {
-                let id = filter
-                    .get_document_mut("_id")
-                    .map(std::mem::take)
-                    .unwrap_or_default();
-                let mut range = id;
-                range.insert("$lte", h);
-                filter.insert("_id", range);
+            let mut range = Document::new();
+            if let Some(l) = low {
+                range.insert("$gt", l);
             }
+            if let Some(h) = high {
+                range.insert("$lte", h);
+            }
+            let filter = if range.is_empty() {
+                Document::new()
+            } else {
+                doc! { "_id": range }
+            };
             let cursor = coll
                 .find(filter)
                 .sort(doc! { "_id": 1 })
@@ -383,8 +442,8 @@ async fn scan_into(
     let mut done = 0;
     while let Some(docs) = reads.next().await {
         for doc in docs.map_err(driver)? {
-            if tx.send(Ok(doc)).await.is_err() {
-                return Ok(());
+            if send(doc).await.is_err() {
+                return Ok(false);
             }
             read += 1;
         }
@@ -393,7 +452,7 @@ async fn scan_into(
             progress(read, Some((done, total)), started);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Logs how far a snapshot's reading got (documents handed over, chunks, rate).

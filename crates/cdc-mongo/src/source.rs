@@ -282,7 +282,16 @@ impl ChangeSource for MongoSource {
         if *position == StartPosition::Now && inner.options.snapshot != crate::SnapshotMode::Never {
             return crate::snapshot::start(inner).await;
         }
-        open_cursor(inner, position).await
+        match open_cursor(inner, position).await {
+            Err(e)
+                if e.kind() == ErrorKind::HistoryLost
+                    && inner.options.snapshot == crate::SnapshotMode::WhenNeeded =>
+            {
+                tracing::error!(error = %e, "the stream's position aged out of the oplog: reading the documents anew (snapshot when needed)");
+                crate::snapshot::start(inner).await
+            }
+            other => other,
+        }
     }
 
     async fn cluster_time(&self) -> cdc_core::Result<Option<cdc_core::ClusterTime>> {

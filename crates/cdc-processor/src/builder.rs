@@ -361,6 +361,7 @@ impl Builder {
                 "the handler-error policy records dead letters but there is no dead-letter store: call .dead_letters(…)".into(),
             ));
         }
+        let resnapshot = self.options.snapshot == cdc_mongo::SnapshotMode::WhenNeeded;
         let (source, default_id): (Arc<dyn ChangeSource>, String) =
             match (self.source, self.client, self.scope) {
                 (Some(source), _, _) => {
@@ -402,6 +403,7 @@ impl Builder {
             invalidate: self.invalidate,
             store_timeout: self.store_timeout,
             prefetch: self.prefetch,
+            resnapshot,
             on_handler_error: self.on_handler_error,
             dead_letters: self.dead_letters,
             concurrency: self.concurrency,

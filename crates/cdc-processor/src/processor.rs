@@ -48,6 +48,8 @@ pub(crate) struct Settings {
     pub(crate) batch: crate::context::BatchLimits,
     /// How long handlers in flight may take after `stop()` before they are cancelled.
     pub(crate) stop_timeout: Option<std::time::Duration>,
+    /// Read the documents anew when the stream's history is lost (snapshot when needed).
+    pub(crate) resnapshot: bool,
     /// Where to start when the store holds no point (`None`: now).
     pub(crate) initial_position: Option<cdc_core::StartPosition>,
 }

@@ -215,6 +215,15 @@ impl DocumentProcessor {
                     self.stats_mut().reopens += 1;
                     tracing::info!(?position, "the stream was closed by the server: reopening");
                 }
+                Err(e) if e.kind() == ErrorKind::HistoryLost && s.resnapshot => {
+                    // What was handled is saved; the documents are read anew, then the
+                    // stream continues from a position taken before that read.
+                    self.flush(&mut cp).await?;
+                    cp.reset_outstanding();
+                    position = StartPosition::Now;
+                    self.stats_mut().reopens += 1;
+                    tracing::error!(error = %e, "the stream's history is lost: reading the documents anew (snapshot when needed)");
+                }
                 Err(e) => {
                     if let Err(flush) = self.flush(&mut cp).await {
                         tracing::warn!(error = %flush, "the final checkpoint after a failure could not be written");

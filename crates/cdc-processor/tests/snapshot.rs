@@ -117,9 +117,9 @@ impl Env {
     }
 
     /// Updates, deletes and inserts while the processor reads.
-    async fn write_meanwhile(&self, existing: i64, rounds: i64) {
+    async fn write_meanwhile(&self, existing: i64, rounds: std::ops::Range<i64>) {
         let coll = self.coll();
-        for r in 0..rounds {
+        for r in rounds {
             let id = (r * 37) % existing;
             coll.update_one(doc! { "_id": id }, doc! { "$inc": { "v": 1_i64 } })
                 .await
@@ -172,7 +172,7 @@ async fn existing_documents_first_then_the_stream_and_the_replica_equals_the_col
             .unwrap();
         let (p2, handler) = (p.clone(), recorder(&log));
         let task = tokio::spawn(async move { p2.start(handler).await });
-        env.write_meanwhile(existing, 300).await;
+        env.write_meanwhile(existing, 0..300).await;
         env.caught_up(&log, 1_000_000).await;
         p.stop();
         task.await.unwrap().unwrap();
@@ -359,5 +359,141 @@ async fn initial_only_stops_after_the_scan_and_a_later_start_streams_from_before
     assert!(later.iter().any(|(op, id, d)| *op == OperationType::Update
         && *id == 7
         && d.as_ref().and_then(|d| d.get_i64("v").ok()) == Some(9)));
+    env.deployment.shutdown().await;
+}
+
+/// When the stored position has aged out of the oplog, `WhenNeeded` reads the documents
+/// anew and continues from a position taken before that read: the replica built from
+/// that run alone equals the collection.
+#[tokio::test]
+async fn when_needed_reads_the_documents_anew_after_history_is_lost() {
+    let existing = 300;
+    let env = Env::new("snap_when_needed", existing).await;
+    let Some(sim) = env.deployment.sim() else {
+        eprintln!(
+            "SKIPPED when_needed_reads_the_documents_anew_after_history_is_lost: needs mongo-sim's oplog control"
+        );
+        return;
+    };
+    let store = Arc::new(MemoryStore::new());
+    let first: Log = Arc::default();
+    let p = env.builder(&store).build().unwrap();
+    let (p2, handler) = (p.clone(), recorder(&first));
+    let task = tokio::spawn(async move { p2.start(handler).await });
+    let opened = p.clone();
+    until("the stream to open", move || {
+        opened.stats().checkpoints >= 1
+    })
+    .await;
+    env.caught_up(&first, 900_000).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    // Meanwhile more changes than the oplog keeps.
+    env.write_meanwhile(existing, 0..60).await;
+    sim.set_oplog_capacity(5);
+    let log: Log = Arc::default();
+    let q = env
+        .builder(&store)
+        .snapshot(SnapshotMode::WhenNeeded)
+        .build()
+        .unwrap();
+    let (q2, handler) = (q.clone(), recorder(&log));
+    let task = tokio::spawn(async move { q2.start(handler).await });
+    let seen = Arc::clone(&log);
+    until("the snapshot", move || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(op, ..)| *op == OperationType::Snapshot)
+    })
+    .await;
+    sim.set_oplog_capacity(1_000_000);
+    env.write_meanwhile(existing, 60..100).await;
+    env.caught_up(&log, 1_000_000).await;
+    q.stop();
+    task.await.unwrap().unwrap();
+    assert_eq!(replica(&log), contents(&env.coll()).await);
+    env.deployment.shutdown().await;
+}
+
+/// A database scope reads every collection (in name order), then streams them all.
+#[tokio::test]
+async fn a_database_snapshot_reads_every_collection_then_streams() {
+    let env = Env::new("snap_database", 0).await;
+    let db = env.client.database(&env.db);
+    for name in ["alpha", "beta", "gamma"] {
+        let docs: Vec<Document> = (0..200_i64)
+            .map(|i| doc! { "_id": i, "v": 0_i64 })
+            .collect();
+        db.collection::<Document>(name)
+            .insert_many(docs)
+            .await
+            .unwrap();
+    }
+    let log: Arc<Mutex<Vec<(String, OperationType, i64)>>> = Arc::default();
+    let seen = Arc::clone(&log);
+    let handler = FnDispatcher(move |e: &ChangeEvent, _: Option<BoxError>| {
+        let coll =
+            e.ns.as_ref()
+                .and_then(|n| n.coll.clone())
+                .unwrap_or_default();
+        let id = e.document_id().and_then(|b| b.as_i64()).unwrap_or(-1);
+        seen.lock()
+            .unwrap()
+            .push((coll, e.operation_type.clone(), id));
+        Ok(())
+    });
+    let store = Arc::new(MemoryStore::new());
+    let p = DocumentProcessor::builder()
+        .client(env.client.clone())
+        .database(env.db.clone())
+        .store(store)
+        .snapshot(SnapshotMode::Initial)
+        .snapshot_parallelism(2, 50)
+        .build()
+        .unwrap();
+    let p2 = p.clone();
+    let task = tokio::spawn(async move { p2.start(handler).await });
+    let read = Arc::clone(&log);
+    until("the snapshot of the three collections", move || {
+        read.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, op, _)| *op == OperationType::Snapshot)
+            .count()
+            >= 600
+    })
+    .await;
+    db.collection::<Document>("beta")
+        .insert_one(doc! { "_id": 1000_i64, "v": 0_i64 })
+        .await
+        .unwrap();
+    let done = Arc::clone(&log);
+    until("the new document of beta, after the snapshot", move || {
+        done.lock()
+            .unwrap()
+            .iter()
+            .any(|(c, op, id)| c == "beta" && *op == OperationType::Insert && *id == 1000)
+    })
+    .await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    let log = log.lock().unwrap().clone();
+    let order: Vec<&str> = log
+        .iter()
+        .filter(|(_, op, _)| *op == OperationType::Snapshot)
+        .map(|(c, ..)| c.as_str())
+        .collect();
+    let mut names = order.clone();
+    names.dedup();
+    assert_eq!(
+        names,
+        ["alpha", "beta", "gamma"],
+        "collections in name order"
+    );
+    for name in ["alpha", "gamma"] {
+        assert_eq!(order.iter().filter(|c| **c == name).count(), 200, "{name}");
+    }
+    assert_eq!(order.iter().filter(|c| **c == "beta").count(), 200);
     env.deployment.shutdown().await;
 }
