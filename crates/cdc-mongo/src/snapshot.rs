@@ -160,10 +160,16 @@ pub(crate) fn resume(inner: &Arc<Inner>, position: SnapshotPosition) -> Box<dyn 
 struct SnapshotCursor {
     inner: Arc<Inner>,
     position: SnapshotPosition,
-    rows: mpsc::Receiver<cdc_core::Result<(String, RawDocumentBuf)>>,
+    rows: mpsc::Receiver<cdc_core::Result<(Arc<str>, RawDocumentBuf)>>,
     reader: JoinHandle<()>,
     tail: Option<Box<dyn ChangeCursor>>,
     finished: bool,
+    /// The start token's bytes, copied into every snapshot token.
+    start_raw: RawDocumentBuf,
+    /// The namespace of the collection being read, encoded once.
+    ns: Option<(Arc<str>, RawDocumentBuf)>,
+    /// The token of the last event handed over.
+    last: Option<ResumeToken>,
 }
 
 impl SnapshotCursor {
@@ -172,15 +178,19 @@ impl SnapshotCursor {
         let reader = tokio::spawn(scan(Arc::clone(inner), position.clone(), tx));
         Self {
             inner: Arc::clone(inner),
+            start_raw: position.start.as_raw().to_owned(),
             position,
             rows,
             reader,
             tail: None,
             finished: false,
+            ns: None,
+            last: None,
         }
     }
 
-    fn event(&mut self, coll: String, doc: &RawDocumentBuf) -> cdc_core::Result<ChangeEvent> {
+    /// The snapshot event of `doc` of `coll`: built from raw bytes, with no decoding.
+    fn event(&mut self, coll: Arc<str>, doc: &RawDocumentBuf) -> cdc_core::Result<ChangeEvent> {
         let id = match doc.get("_id") {
             Ok(Some(id)) => id,
             _ => {
@@ -190,39 +200,45 @@ impl SnapshotCursor {
                 });
             }
         };
-        let id_owned = Bson::try_from(id).map_err(|e| cdc_core::Error::MalformedEvent {
-            field: "fullDocument._id",
-            problem: e.to_string(),
-        })?;
-        self.position.after = Some(id_owned.clone());
-        self.position.coll = coll;
-        let token = self.position.token();
-        let (Scope::Collection { db, .. } | Scope::Database(db)) = &self.inner.scope else {
-            return Err(cdc_core::Error::Protocol(
-                "a snapshot of a deployment".into(),
-            ));
-        };
-        let coll = &self.position.coll;
+        if self.ns.as_ref().is_none_or(|(c, _)| *c != coll) {
+            let (Scope::Collection { db, .. } | Scope::Database(db)) = &self.inner.scope else {
+                return Err(cdc_core::Error::Protocol(
+                    "a snapshot of a deployment".into(),
+                ));
+            };
+            let mut ns = RawDocumentBuf::new();
+            ns.append(bson::cstr!("db"), db.as_str());
+            ns.append(bson::cstr!("coll"), &*coll);
+            self.ns = Some((Arc::clone(&coll), ns));
+        }
+        let mut snap = RawDocumentBuf::new();
+        snap.append(bson::cstr!("start"), self.start_raw.as_ref());
+        snap.append(
+            bson::cstr!("startTime"),
+            self.position.start_time.to_timestamp(),
+        );
+        snap.append(bson::cstr!("coll"), &*coll);
+        snap.append(bson::cstr!("after"), id);
+        let mut token = RawDocumentBuf::new();
+        // The literal is `FIELD`.
+        token.append(bson::cstr!("_snapshot"), snap);
+        let mut key = RawDocumentBuf::new();
+        key.append(bson::cstr!("_id"), id);
         let mut raw = RawDocumentBuf::new();
-        raw.append(bson::cstr!("_id"), token.as_raw().to_owned());
+        raw.append(bson::cstr!("_id"), token.as_ref());
         raw.append(bson::cstr!("operationType"), "snapshot");
         raw.append(
             bson::cstr!("clusterTime"),
             self.position.start_time.to_timestamp(),
         );
-        let ns = RawDocumentBuf::try_from(&doc! { "db": db, "coll": coll }).map_err(|e| {
-            cdc_core::Error::Protocol(format!("the namespace does not encode: {e}"))
-        })?;
-        raw.append(bson::cstr!("ns"), ns);
-        let key = RawDocumentBuf::try_from(&doc! { "_id": id_owned }).map_err(|e| {
-            cdc_core::Error::MalformedEvent {
-                field: "fullDocument._id",
-                problem: e.to_string(),
-            }
-        })?;
+        if let Some((_, ns)) = &self.ns {
+            raw.append(bson::cstr!("ns"), ns.as_ref());
+        }
         raw.append(bson::cstr!("documentKey"), key);
-        raw.append(bson::cstr!("fullDocument"), doc.clone());
-        ChangeEvent::from_raw_buf(raw)
+        raw.append(bson::cstr!("fullDocument"), doc.as_ref());
+        let event = ChangeEvent::from_raw_buf(raw)?;
+        self.last = Some(event.token.clone());
+        Ok(event)
     }
 }
 
@@ -256,7 +272,7 @@ impl ChangeCursor for SnapshotCursor {
             Some(tail) => tail.resume_token(),
             // Every document read: the stream continues after the position taken first.
             None if self.finished => Some(self.position.start.clone()),
-            None => Some(self.position.token()),
+            None => self.last.clone().or_else(|| Some(self.position.token())),
         }
     }
 
@@ -292,7 +308,7 @@ impl Drop for SnapshotCursor {
 async fn scan(
     inner: Arc<Inner>,
     position: SnapshotPosition,
-    tx: mpsc::Sender<cdc_core::Result<(String, RawDocumentBuf)>>,
+    tx: mpsc::Sender<cdc_core::Result<(Arc<str>, RawDocumentBuf)>>,
 ) {
     if let Err(e) = scan_all(&inner, position, &tx).await {
         let _ = tx.send(Err(e)).await;
@@ -304,7 +320,7 @@ async fn scan(
 async fn scan_all(
     inner: &Arc<Inner>,
     position: SnapshotPosition,
-    tx: &mpsc::Sender<cdc_core::Result<(String, RawDocumentBuf)>>,
+    tx: &mpsc::Sender<cdc_core::Result<(Arc<str>, RawDocumentBuf)>>,
 ) -> cdc_core::Result<()> {
     let (db, colls) = match &inner.scope {
         Scope::Collection { db, coll } => (db.clone(), vec![coll.clone()]),
@@ -349,7 +365,7 @@ async fn scan_collection(
     db: &str,
     coll_name: &str,
     after: Option<Bson>,
-    tx: &mpsc::Sender<cdc_core::Result<(String, RawDocumentBuf)>>,
+    tx: &mpsc::Sender<cdc_core::Result<(Arc<str>, RawDocumentBuf)>>,
 ) -> cdc_core::Result<bool> {
     let coll = inner
         .client
@@ -362,7 +378,8 @@ async fn scan_collection(
         None => Document::new(),
     };
     let driver = |e| Error::driver("read the snapshot", e);
-    let send = |doc: RawDocumentBuf| tx.send(Ok((coll_name.to_owned(), doc)));
+    let name: Arc<str> = Arc::from(coll_name);
+    let send = |doc: RawDocumentBuf| tx.send(Ok((Arc::clone(&name), doc)));
     if o.snapshot_parallelism <= 1 {
         let mut cursor = coll
             .find(after_filter(&after))
@@ -384,8 +401,21 @@ async fn scan_collection(
         progress(read, None, started);
         return Ok(true);
     }
-    // Chunk bounds from a scan of the keys alone: every `chunk`-th `_id` (MongoDB's
-    // `splitVector` needs privileges a change-stream user seldom has).
+    // Chunk bounds from a scan of the keys alone (MongoDB's `splitVector` needs
+    // privileges a change-stream user seldom has): every `chunk`-th `_id`, with `chunk`
+    // grown so there are at most 16 chunks per reader (each chunk is one query).
+    let readers = o.snapshot_parallelism;
+    let count = coll
+        .count_documents(after_filter(&after))
+        .await
+        .map_err(driver)?;
+    let chunk = chunk
+        .max(
+            usize::try_from(count)
+                .unwrap_or(usize::MAX)
+                .div_ceil(readers * 16),
+        )
+        .max(1);
     let mut keys = coll
         .clone_with_type::<Document>()
         .find(after_filter(&after))
@@ -396,12 +426,12 @@ async fn scan_collection(
         .map_err(driver)?;
     let mut bounds: Vec<Bson> = Vec::new();
     let mut n = 0_usize;
-    while let Some(key) = keys.try_next().await.map_err(driver)? {
+    while let Some(mut key) = keys.try_next().await.map_err(driver)? {
         n += 1;
         if n.is_multiple_of(chunk)
-            && let Some(id) = key.get("_id")
+            && let Some(id) = key.remove("_id")
         {
-            bounds.push(id.clone());
+            bounds.push(id);
         }
     }
     let mut ranges: Vec<(Option<Bson>, Option<Bson>)> = Vec::with_capacity(bounds.len() + 1);
@@ -414,9 +444,16 @@ async fn scan_collection(
     let total = ranges.len();
     let started = std::time::Instant::now();
     let mut read: u64 = 0;
-    let reads = futures_util::stream::iter(ranges.into_iter().map(|(low, high)| {
+    // Each chunk is read by a task of its own into a small bounded channel; chunks are
+    // handed over in order, so at most `readers` chunks are read ahead, each holding at
+    // most one batch in memory.
+    let batch = u32::try_from(o.snapshot_chunk_docs.max(1)).unwrap_or(u32::MAX);
+    let readers_ahead = futures_util::stream::iter(ranges.into_iter().map(|(low, high)| {
         let coll = coll.clone();
-        async move {
+        let (chunk_tx, chunk_rx) = mpsc::channel::<mongodb::error::Result<RawDocumentBuf>>(
+            usize::try_from(batch).unwrap_or(1024).clamp(1, 1024),
+        );
+        let task = tokio::spawn(async move {
             let mut range = Document::new();
             if let Some(l) = low {
                 range.insert("$gt", l);
@@ -432,17 +469,40 @@ async fn scan_collection(
             let cursor = coll
                 .find(filter)
                 .sort(doc! { "_id": 1 })
-                .batch_size(u32::try_from(chunk).unwrap_or(u32::MAX))
-                .await?;
-            cursor.try_collect::<Vec<RawDocumentBuf>>().await
-        }
+                .batch_size(batch)
+                .await;
+            let mut cursor = match cursor {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = chunk_tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            loop {
+                match cursor.try_next().await {
+                    Ok(Some(doc)) => {
+                        if chunk_tx.send(Ok(doc)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = chunk_tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        async move { (chunk_rx, task) }
     }))
-    .buffered(o.snapshot_parallelism);
-    futures_util::pin_mut!(reads);
+    .buffered(readers);
+    futures_util::pin_mut!(readers_ahead);
     let mut done = 0;
-    while let Some(docs) = reads.next().await {
-        for doc in docs.map_err(driver)? {
-            if send(doc).await.is_err() {
+    while let Some((mut chunk_rx, task)) = readers_ahead.next().await {
+        // The reader ends with its task, when this side stops listening.
+        let _reader = AbortOnDrop(task);
+        while let Some(doc) = chunk_rx.recv().await {
+            if send(doc.map_err(driver)?).await.is_err() {
                 return Ok(false);
             }
             read += 1;
@@ -453,6 +513,15 @@ async fn scan_collection(
         }
     }
     Ok(true)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Logs how far a snapshot's reading got (documents handed over, chunks, rate).

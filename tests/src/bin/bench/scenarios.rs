@@ -464,6 +464,9 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
         )
         .await?;
     let split = args.iter().any(|a| a == "--split");
+    let snapshot = value("--snapshot")
+        .map(|v| v.parse::<usize>())
+        .transpose()?;
     let delay = value("--delay-ms")
         .map(|v| v.parse::<u64>())
         .transpose()?
@@ -474,8 +477,8 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
     let mut builder = DocumentProcessor::builder()
         .client(client)
         .collection("bench", coll)
-        .stream_id(stream_id)
-        .store(store);
+        .stream_id(stream_id.clone())
+        .store(store.clone());
     if split {
         // Both images of a large document: events over 16 MiB, split and reassembled.
         builder = builder.source_options(
@@ -487,6 +490,13 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
     }
     if let Some(mib) = max_buffered {
         builder = builder.max_buffered_bytes(mib * 1024 * 1024);
+    }
+    if let Some(readers) = snapshot {
+        // Read the collection, then stop: no stored point, so it starts with the scan.
+        store.delete(&stream_id).await?;
+        builder = builder
+            .snapshot(cdc_processor::SnapshotMode::InitialOnly)
+            .snapshot_parallelism(readers, 1000);
     }
     let p = builder.build()?;
     let count = Count {
@@ -615,6 +625,67 @@ async fn large_documents_memory(
     .await;
     coll.drop().await?;
     peak_mib(&words?)
+}
+
+/// Snapshot rate against a raw `find` scan of the same `docs` documents of ~400 B (same
+/// batch size, same run): the raw scan's documents/s, and per reader count the snapshot's
+/// documents/s and the consumer's peak RSS (a child process).
+async fn snapshot_rates(
+    uri: &str,
+    client: &Client,
+    docs: u64,
+) -> Result<(f64, Vec<(usize, f64, f64)>), BoxError> {
+    use futures_util::TryStreamExt;
+    let coll_name = "snapshot";
+    let coll = client.database("bench").collection::<Document>(coll_name);
+    let _ = coll.drop().await;
+    let pad = "x".repeat(360);
+    let mut next = 0_u64;
+    while next < docs {
+        let n = (docs - next).min(10_000);
+        coll.insert_many(
+            (next..next + n).map(|i| doc! { "_id": i as i64, "n": i as i64, "pad": pad.as_str() }),
+        )
+        .await?;
+        next += n;
+    }
+    let t0 = Instant::now();
+    let mut cursor = client
+        .database("bench")
+        .collection::<bson::RawDocumentBuf>(coll_name)
+        .find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .batch_size(1000)
+        .await?;
+    let mut seen = 0_u64;
+    while cursor.try_next().await?.is_some() {
+        seen += 1;
+    }
+    let raw = seen as f64 / t0.elapsed().as_secs_f64();
+    let token = crate::hex(head_point(&coll).await?.token.as_bytes());
+    let mut rates = Vec::new();
+    for readers in [1_usize, 4] {
+        let words = consumer_child(
+            &[
+                "--uri",
+                uri,
+                "--coll",
+                coll_name,
+                "--events",
+                &docs.to_string(),
+                "--snapshot",
+                &readers.to_string(),
+                "--token",
+                &token,
+            ],
+            None,
+        )
+        .await?;
+        let elapsed: f64 = words.get(3).ok_or("no elapsed")?.parse()?;
+        rates.push((readers, docs as f64 / elapsed, peak_mib(&words)?));
+    }
+    coll.drop().await?;
+    Ok((raw, rates))
 }
 
 /// Runs the `consume` child with `args` (and `env`), returning the words it printed:
@@ -1033,6 +1104,42 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
             vec![fixed],
         ));
     }
+    if want("13") {
+        let docs = std::env::var("CDC_BENCH_SNAPSHOT_DOCS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000_u64);
+        let (raw, rates) = snapshot_rates(&uri, &client, docs).await?;
+        rows.push(row(
+            "13a",
+            format!("raw find scan of {docs} documents, batches of 1000"),
+            "docs/s",
+            vec![raw],
+        ));
+        for (readers, rate, peak) in &rates {
+            rows.push(row(
+                format!("13-{readers}"),
+                format!(
+                    "snapshot of {docs} documents, {readers} reader{}",
+                    if *readers == 1 { "" } else { "s" }
+                ),
+                "docs/s",
+                vec![*rate],
+            ));
+            rows.push(row(
+                format!("13m-{readers}"),
+                format!(
+                    "peak consumer RSS during that snapshot, {readers} reader{}",
+                    if *readers == 1 { "" } else { "s" }
+                ),
+                "MiB",
+                vec![*peak],
+            ));
+        }
+        if let Some((_, best, _)) = rates.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
+            println!("snapshot ÷ raw find scan: {:.2}x", best / raw);
+        }
+    }
     if want("11") {
         let (event, peak) = split_memory(&uri, &client, 12).await?;
         println!(
@@ -1141,7 +1248,7 @@ fn report(rows: &[Row], events: usize, rounds: usize) -> Result<(), BoxError> {
         json_rows.push(json!({ "id": r.id, "scenario": r.name, "unit": r.unit, "median": r.median, "min": r.min, "max": r.max }));
     }
     let targets = format!(
-        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {}× (medians), {}× (paired rounds); scenario 4 ≥ 10× scenario 6: {}×; p99 < 10 ms: {} ms; peak memory < 64 MiB and flat: {} → {} MiB; fresh token ≥ 10× faster: {}×; idle writes ≤ 1/min: {}/min; split event peak RSS < 4× the event: {}×; concurrency 64 ÷ sequential ≥ 40×: {}×; batch handler ≥ 0.5× scenario 1: {}×; peak RSS with 1 MiB documents ≤ 96 MiB: {} MiB.\n",
+        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {}× (medians), {}× (paired rounds); scenario 4 ≥ 10× scenario 6: {}×; p99 < 10 ms: {} ms; peak memory < 64 MiB and flat: {} → {} MiB; fresh token ≥ 10× faster: {}×; idle writes ≤ 1/min: {}/min; split event peak RSS < 4× the event: {}×; concurrency 64 ÷ sequential ≥ 40×: {}×; batch handler ≥ 0.5× scenario 1: {}×; peak RSS with 1 MiB documents ≤ 96 MiB: {} MiB; snapshot ÷ raw find scan ≥ 0.8×: {}×; snapshot peak RSS ≤ 64 MiB: {} MiB.\n",
         shown(get("2") / ceiling, 2),
         shown(get("2/1"), 2),
         shown(get("4") / go, 1),
@@ -1154,6 +1261,8 @@ fn report(rows: &[Row], events: usize, rounds: usize) -> Result<(), BoxError> {
         shown(get("12-64") / get("12a"), 1),
         shown(get("12b") / ceiling, 2),
         shown(get("12c"), 1),
+        shown(get("13-4").max(get("13-1")) / get("13a"), 2),
+        shown(get("13m-4").max(get("13m-1")), 1),
     );
     md.push_str(&targets);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
