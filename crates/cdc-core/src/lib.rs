@@ -52,7 +52,7 @@ pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
 pub use namespace::{Namespace, OperationType};
 pub use point::{ResumePoint, StartPosition};
 pub use redact::redact_secrets;
-pub use source::{ChangeCursor, ChangeSource, HistoryGap};
+pub use source::{ChangeCursor, ChangeSource, HistoryGap, SnapshotProgress};
 pub use store::{ResumeStore, check_forward, validate_stream_id};
 pub use token::{ClusterTime, ResumeToken};
 

@@ -28,6 +28,29 @@ pub trait ChangeSource: Send + Sync {
     async fn cluster_time(&self) -> Result<Option<ClusterTime>> {
         Ok(None)
     }
+
+    /// How far the source's current snapshot got, if it ever read one.
+    fn snapshot_progress(&self) -> Option<SnapshotProgress> {
+        None
+    }
+}
+
+/// How far a snapshot's reading got.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SnapshotProgress {
+    /// Documents read and handed over.
+    pub documents: u64,
+    /// Chunks read (parallel reading), of `chunks_total`.
+    pub chunks_done: u64,
+    /// Chunks of the collection being read (0 when it is read by one cursor).
+    pub chunks_total: u64,
+    /// Collections finished (a database snapshot).
+    pub collections_done: u64,
+    /// Whether every document has been read.
+    pub finished: bool,
+    /// Documents per second since the snapshot began.
+    pub per_second: u64,
 }
 
 /// An open change stream.

@@ -59,6 +59,49 @@ pub(crate) struct SnapshotPosition {
 
 const FIELD: &str = "_snapshot";
 
+/// The latest snapshot's progress, shared by its reader and the source.
+#[derive(Debug, Default)]
+pub(crate) struct Progress(
+    std::sync::Mutex<Option<(cdc_core::SnapshotProgress, std::time::Instant)>>,
+);
+
+impl Progress {
+    fn update(&self, f: impl FnOnce(&mut cdc_core::SnapshotProgress)) {
+        // Plain counters: a poisoned lock still guards consistent numbers.
+        let mut slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (progress, started) = slot.get_or_insert_with(|| {
+            (
+                cdc_core::SnapshotProgress::default(),
+                std::time::Instant::now(),
+            )
+        });
+        f(progress);
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        progress.per_second = (progress.documents as f64 / secs) as u64;
+    }
+
+    fn restart(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((
+            cdc_core::SnapshotProgress::default(),
+            std::time::Instant::now(),
+        ));
+    }
+
+    pub(crate) fn get(&self) -> Option<cdc_core::SnapshotProgress> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|(p, _)| p.clone())
+    }
+}
+
 impl SnapshotPosition {
     /// The snapshot position a stored token holds, if it is one.
     pub(crate) fn of(position: &StartPosition) -> Option<cdc_core::Result<Self>> {
@@ -174,6 +217,7 @@ struct SnapshotCursor {
 
 impl SnapshotCursor {
     fn new(inner: &Arc<Inner>, position: SnapshotPosition) -> Self {
+        inner.snapshot.restart();
         let (tx, rows) = mpsc::channel(inner.options.snapshot_chunk_docs.max(1));
         let reader = tokio::spawn(scan(Arc::clone(inner), position.clone(), tx));
         Self {
@@ -256,6 +300,7 @@ impl ChangeCursor for SnapshotCursor {
             Some(Err(e)) => Err(e),
             None => {
                 tracing::info!(scope = %self.inner.scope, "snapshot: every document read");
+                self.inner.snapshot.update(|p| p.finished = true);
                 if self.inner.options.snapshot == SnapshotMode::InitialOnly {
                     self.finished = true;
                     return Ok(None);
@@ -353,6 +398,7 @@ async fn scan_all(
         if !scan_collection(inner, &db, &coll, after, tx).await? {
             break;
         }
+        inner.snapshot.update(|p| p.collections_done += 1);
     }
     Ok(())
 }
@@ -394,6 +440,7 @@ async fn scan_collection(
                 return Ok(false);
             }
             read += 1;
+            inner.snapshot.update(|p| p.documents += 1);
             if read.is_multiple_of(100_000) {
                 progress(read, None, started);
             }
@@ -442,6 +489,9 @@ async fn scan_collection(
     }
     ranges.push((low, None));
     let total = ranges.len();
+    inner.snapshot.update(|p| {
+        p.chunks_total += total as u64;
+    });
     let started = std::time::Instant::now();
     let mut read: u64 = 0;
     // Each chunk is read by a task of its own into a small bounded channel; chunks are
@@ -506,8 +556,10 @@ async fn scan_collection(
                 return Ok(false);
             }
             read += 1;
+            inner.snapshot.update(|p| p.documents += 1);
         }
         done += 1;
+        inner.snapshot.update(|p| p.chunks_done += 1);
         if done % 100 == 0 || done == total {
             progress(read, Some((done, total)), started);
         }

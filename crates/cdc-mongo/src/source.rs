@@ -42,6 +42,8 @@ pub(crate) struct Inner {
     pub(crate) options: SourceOptions,
     /// Set once a missing pre-image made the source fall back to `Off`.
     pre_images_off: AtomicBool,
+    /// The progress of the latest snapshot.
+    pub(crate) snapshot: crate::snapshot::Progress,
     fallbacks: AtomicU64,
 }
 
@@ -73,6 +75,7 @@ impl MongoSource {
                 scope,
                 options,
                 pre_images_off: AtomicBool::new(false),
+                snapshot: crate::snapshot::Progress::default(),
                 fallbacks: AtomicU64::new(0),
             }),
         }
@@ -307,6 +310,10 @@ impl ChangeSource for MongoSource {
             .await
             .map_err(|e| Error::driver("ping", e))?;
         Ok(session.operation_time().map(cdc_core::ClusterTime::from))
+    }
+
+    fn snapshot_progress(&self) -> Option<cdc_core::SnapshotProgress> {
+        self.inner.snapshot.get()
     }
 
     fn describe(&self) -> String {

@@ -132,7 +132,9 @@ impl DocumentProcessor {
 
     /// A snapshot of the processor's counters and positions.
     pub fn stats(&self) -> Stats {
-        self.stats_mut().clone()
+        let mut stats = self.stats_mut().clone();
+        stats.snapshot = self.inner.settings.source.snapshot_progress();
+        stats
     }
 
     pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {

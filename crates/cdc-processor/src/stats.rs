@@ -34,4 +34,6 @@ pub struct Stats {
     pub last_error: Option<String>,
     /// The last history gap skipped (under the restart-from-now policy).
     pub last_gap: Option<HistoryGap>,
+    /// How far the latest snapshot's reading got (documents, chunks, rate), if one ran.
+    pub snapshot: Option<cdc_core::SnapshotProgress>,
 }
