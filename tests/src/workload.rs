@@ -4,7 +4,7 @@
 use bson::Bson;
 use cdc_core::{ChangeEvent, OperationType};
 
-/// `(document id, "v<version>" or "deleted")` for an insert, update or delete of a
+/// `(document id, "v<version>" or "deleted")` for an insert, update, delete or snapshot of a
 /// workload document (integer `_id`, integer `version`); `None` for any other event.
 pub fn change_of(event: &ChangeEvent) -> Option<(i64, String)> {
     let id = match event.document_id()? {
@@ -13,7 +13,8 @@ pub fn change_of(event: &ChangeEvent) -> Option<(i64, String)> {
         _ => return None,
     };
     let change = match event.operation_type {
-        OperationType::Insert => {
+        // A snapshot event carries the document as the snapshot read it.
+        OperationType::Insert | OperationType::Snapshot => {
             format!("v{}", event.full_document()?.get_i64("version").ok()?)
         }
         OperationType::Update => format!(

@@ -41,7 +41,7 @@ commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
   demo [--uri URI] [--seconds S] [--rate R]
                   the main job on the embedded default, killed and resumed midway
-  soak [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P]
+  soak [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot]
                   SIGKILL the consumer K times (default 100), then verify nothing was lost
                   (with lanes: per-key order and whole transactions too)
   integration [--uri URI]
@@ -199,6 +199,12 @@ fn ci() -> Result<(), String> {
         "10".to_owned(),
         "--concurrency".to_owned(),
         "16".to_owned(),
+    ])?;
+    // Killed mid-snapshot and mid-stream: the replica must equal the collection.
+    soak(&[
+        "--kills".to_owned(),
+        "5".to_owned(),
+        "--snapshot".to_owned(),
     ])?;
     // Killed while dead-lettering: 3% of the changes are refused by the handler.
     soak(&[
