@@ -51,7 +51,7 @@ pub use error::{BoxError, Error, ErrorKind, Result, SharedError};
 pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
 pub use namespace::{Namespace, OperationType};
 pub use point::{ResumePoint, StartPosition};
-pub use redact::redact_secrets;
+pub use redact::{percent_decode, percent_decode_lossy, redact_secrets};
 pub use source::{ChangeCursor, ChangeSource, HistoryGap, SnapshotProgress};
 pub use store::{ResumeStore, check_forward, validate_stream_id};
 pub use token::{ClusterTime, ResumeToken};

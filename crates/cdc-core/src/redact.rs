@@ -52,7 +52,26 @@ fn percent_encode(secret: &str, upper: bool) -> String {
     out
 }
 
-fn percent_decode_lossy(text: &str) -> String {
+/// Percent-decodes `text`: `None` when an escape is malformed or the bytes are not UTF-8.
+pub fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            out.push(u8::from_str_radix(text.get(i + 1..i + 3)?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Percent-decodes what can be decoded: a malformed escape stays as written, and bytes
+/// that are not UTF-8 become U+FFFD.
+pub fn percent_decode_lossy(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -194,31 +194,11 @@ pub(crate) fn uri_secrets(uri: &str) -> Option<Vec<String>> {
             if let Some((key, value)) = pair.split_once('=')
                 && key.eq_ignore_ascii_case("tlsCertificateKeyFilePassword")
             {
-                secrets.push(crate::error::percent_decode_lossy(value));
+                secrets.push(cdc_core::percent_decode_lossy(value));
             }
         }
     }
     Some(secrets)
-}
-
-fn percent_decode_lossy(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(b) = text
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A MongoDB URI fit to show: each secret the driver's parser finds in it (password,
@@ -315,7 +295,7 @@ mod properties {
             ];
             for form in forms {
                 let shown = super::redact_uri(&form);
-                let decoded = super::percent_decode_lossy(&shown);
+                let decoded = cdc_core::percent_decode_lossy(&shown);
                 prop_assert!(
                     !shown.contains(&secret) && !shown.contains(&e) && !decoded.contains(&secret),
                     "{form} -> {shown}"

@@ -162,7 +162,7 @@ pub(crate) fn take_param(url: &str, name: &str) -> Result<(String, Option<String
     for pair in fragment_free.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some((key, v)) if key == name => {
-                value = Some(percent_decode(v).ok_or_else(|| {
+                value = Some(cdc_core::percent_decode(v).ok_or_else(|| {
                     bad(format!(
                         "the `{name}` parameter is not valid percent-encoded UTF-8"
                     ))
@@ -181,30 +181,6 @@ pub(crate) fn take_param(url: &str, name: &str) -> Result<(String, Option<String
         out.push_str(f);
     }
     Ok((out, value))
-}
-
-#[cfg_attr(
-    not(any(feature = "redis", feature = "postgres", feature = "mongodb")),
-    allow(dead_code)
-)]
-pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -105,6 +105,17 @@ impl FileStore {
             .join(format!("{}.dead-letters.jsonl", file_stem(stream)))
     }
 
+    /// A temporary file for a new version of one of `stream`'s files (removed at start
+    /// when a crash left it behind).
+    fn tmp_path(&self, stream: &str) -> PathBuf {
+        self.dir.join(format!(
+            "{}.json.tmp-{}-{}",
+            file_stem(stream),
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
     fn lock_of(&self, stream: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(locks.entry(stream.to_owned()).or_default())
@@ -189,12 +200,7 @@ impl ResumeStore for FileStore {
         let lock = self.lock_of(stream);
         let _guard = lock.lock().await;
         let path = self.path_of(stream);
-        let tmp = self.dir.join(format!(
-            "{}.json.tmp-{}-{}",
-            file_stem(stream),
-            std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
-        ));
+        let tmp = self.tmp_path(stream);
         let dir = self.dir.clone();
         let owned = stream.to_owned();
         let point = point.clone();
@@ -353,12 +359,7 @@ impl DeadLetterStore for FileStore {
         let lock = self.lock_of(&format!("{stream}\u{0}dead-letters"));
         let _guard = lock.lock().await;
         let path = self.dead_letters_path(stream);
-        let tmp = self.dir.join(format!(
-            "{}.json.tmp-{}-{}",
-            file_stem(stream),
-            std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
-        ));
+        let tmp = self.tmp_path(stream);
         let dir = self.dir.clone();
         let (owned, id) = (stream.to_owned(), id.to_owned());
         blocking(stream, move || {

@@ -28,24 +28,6 @@ pub use memory::MemoryStore;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod redact;
 
-/// Percent-decodes `s`; `None` when it is not valid percent-encoded UTF-8.
-#[cfg(any(feature = "redis", feature = "postgres"))]
-pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            out.push(u8::from_str_radix(s.get(i + 1..i + 3)?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(any(feature = "file", feature = "redis"))]
 mod record;
 

@@ -40,14 +40,7 @@ pub(crate) fn decode(bytes: &[u8], stream: &str, location: &str) -> Result<Resum
     let token_bytes = unhex(token_hex).ok_or_else(|| corrupt("`token` is not hex".into()))?;
     let token = ResumeToken::from_bytes(token_bytes)
         .map_err(|e| corrupt(format!("`token` is not BSON: {e}")))?;
-    let part = |name: &str| {
-        v.get("clusterTime")
-            .and_then(|c| c.get(name))
-            .and_then(Value::as_u64)
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| corrupt(format!("`clusterTime.{name}` is missing or out of range")))
-    };
-    let cluster_time = ClusterTime::new(part("time")?, part("increment")?);
+    let cluster_time = cluster_time_of(&v).map_err(corrupt)?;
     let operation_type = match v.get("operationType") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(OperationType::parse(s)),
@@ -101,13 +94,7 @@ pub(crate) fn decode_letter(bytes: &[u8], stream: &str, location: &str) -> Resul
     };
     let token = ResumeToken::from_bytes(bytes_of("token")?)
         .map_err(|e| corrupt(format!("`token` is not BSON: {e}")))?;
-    let part = |name: &str| {
-        v.get("clusterTime")
-            .and_then(|c| c.get(name))
-            .and_then(Value::as_u64)
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| corrupt(format!("`clusterTime.{name}` is missing or out of range")))
-    };
+
     let errors = match v.get("errors") {
         Some(Value::Array(items)) => items
             .iter()
@@ -120,7 +107,7 @@ pub(crate) fn decode_letter(bytes: &[u8], stream: &str, location: &str) -> Resul
         stream: text("stream")?.to_owned(),
         id: text("id")?.to_owned(),
         token,
-        cluster_time: ClusterTime::new(part("time")?, part("increment")?),
+        cluster_time: cluster_time_of(&v).map_err(corrupt)?,
         event: bytes_of("event")?,
         errors,
         attempts: v
@@ -135,6 +122,18 @@ pub(crate) fn decode_letter(bytes: &[u8], stream: &str, location: &str) -> Resul
         ),
         parked: v.get("parked").and_then(Value::as_bool).unwrap_or(false),
     })
+}
+
+/// The `clusterTime: { time, increment }` of a record; the error says which part is off.
+fn cluster_time_of(v: &Value) -> std::result::Result<ClusterTime, String> {
+    let part = |name: &str| {
+        v.get("clusterTime")
+            .and_then(|c| c.get(name))
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| format!("`clusterTime.{name}` is missing or out of range"))
+    };
+    Ok(ClusterTime::new(part("time")?, part("increment")?))
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

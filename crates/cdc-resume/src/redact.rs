@@ -27,7 +27,7 @@ fn query_values(url: &str, names: &[&str]) -> Vec<String> {
         .split('&')
         .filter_map(|pair| pair.split_once('='))
         .filter(|(key, _)| names.iter().any(|n| key.eq_ignore_ascii_case(n)))
-        .map(|(_, value)| crate::percent_decode(value).unwrap_or_else(|| value.to_owned()))
+        .map(|(_, value)| cdc_core::percent_decode(value).unwrap_or_else(|| value.to_owned()))
         .collect()
 }
 
@@ -117,7 +117,7 @@ mod properties {
     }
 
     fn leaks(shown: &str, secret: &str) -> bool {
-        let decoded = crate::percent_decode(shown).unwrap_or_default();
+        let decoded = cdc_core::percent_decode(shown).unwrap_or_default();
         shown.contains(secret) || shown.contains(&encode(secret)) || decoded.contains(secret)
     }
 
