@@ -61,7 +61,8 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, fate: &Fate) {
+    /// Counts what the policy did with one event.
+    pub(crate) fn add(&mut self, fate: &Fate) {
         match fate {
             Fate::Skipped => self.skipped += 1,
             Fate::DeadLettered => self.dead_lettered += 1,
@@ -180,11 +181,8 @@ pub(crate) async fn handle(
                 match handle_batch(&**h, &[unit], ctx, poison).await {
                     Ok(Some(())) => {}
                     Ok(None) => return Outcome::Abandoned,
-                    Err(e) => match give_up_units(&[unit], e, poison, Tally::default()).await {
-                        Outcome::Handled(t) => {
-                            tally.skipped += t.skipped;
-                            tally.dead_lettered += t.dead_lettered;
-                        }
+                    Err(e) => match give_up_units(&[unit], e, poison, tally).await {
+                        Outcome::Handled(t) => tally = t,
                         other => return other,
                     },
                 }

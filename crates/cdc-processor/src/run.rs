@@ -291,17 +291,13 @@ impl DocumentProcessor {
                     }
                 };
                 match fate {
-                    Fate::Handled => {}
-                    Fate::Skipped => self.tally(Tally {
-                        skipped: 1,
-                        dead_lettered: 0,
-                    }),
-                    Fate::DeadLettered => self.tally(Tally {
-                        skipped: 0,
-                        dead_lettered: 1,
-                    }),
                     Fate::Abandoned => return Ok(Step::End(Outcome::Stopped)),
                     Fate::Failed(e) => return Err(e.into()),
+                    fate => {
+                        let mut tally = Tally::default();
+                        tally.add(&fate);
+                        self.tally(tally);
+                    }
                 }
                 drop(bytes);
                 let now = Instant::now();
