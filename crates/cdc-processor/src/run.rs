@@ -308,22 +308,10 @@ impl DocumentProcessor {
                 *invalidated |= event.operation_type == OperationType::Invalidate;
                 return Ok(Step::Next(now));
             }
-            Item::Idle(token) => {
-                let now = Instant::now();
-                let due = match token {
-                    Some(t) => cp.idle(t, now, bson::DateTime::now()),
-                    None => cp.tick(now),
-                };
-                if let Some(point) = due {
-                    self.save(cp, point).await?;
-                }
-            }
+            Item::Idle(token) => self.idle(token, cp).await?,
             // Time passed: the tick after every item covers it.
             Item::Tick => {}
-            Item::Gap(gap) => {
-                tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
-                self.stats_mut().last_gap = Some(gap);
-            }
+            Item::Gap(gap) => self.gap(gap),
             Item::Finished(position) => return Ok(Step::End(Outcome::Finished(position))),
             Item::Closed => {
                 return Ok(Step::End(if *invalidated {
@@ -488,25 +476,13 @@ impl DocumentProcessor {
                 self.drain(lanes, cp).await?;
                 return Ok(Some(Outcome::Finished(position)));
             }
-            Item::Idle(token) => {
-                let now = Instant::now();
-                let due = match token {
-                    Some(t) => cp.idle(t, now, bson::DateTime::now()),
-                    None => cp.tick(now),
-                };
-                if let Some(point) = due {
-                    self.save(cp, point).await?;
-                }
-            }
+            Item::Idle(token) => self.idle(token, cp).await?,
             Item::Tick => {
                 if let Some(point) = cp.tick(Instant::now()) {
                     self.save(cp, point).await?;
                 }
             }
-            Item::Gap(gap) => {
-                tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
-                self.stats_mut().last_gap = Some(gap);
-            }
+            Item::Gap(gap) => self.gap(gap),
             Item::Event(..) => {}
         }
         Ok(None)
@@ -620,6 +596,25 @@ impl DocumentProcessor {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// An empty round trip: saves its token (or what is due) when the protocol says so.
+    async fn idle(&self, token: Option<ResumeToken>, cp: &mut Checkpointer) -> Result<()> {
+        let now = Instant::now();
+        let due = match token {
+            Some(t) => cp.idle(t, now, bson::DateTime::now()),
+            None => cp.tick(now),
+        };
+        match due {
+            Some(point) => self.save(cp, point).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A history gap the source skipped (restart-from-now policy): logged and kept.
+    fn gap(&self, gap: cdc_core::HistoryGap) {
+        tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
+        self.stats_mut().last_gap = Some(gap);
     }
 
     /// Counts events the handler-error policy skipped or dead-lettered.
