@@ -39,7 +39,8 @@ pub trait ChangeSource: Send + Sync {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SnapshotProgress {
-    /// Documents read and handed over.
+    /// Documents read and handed over (counted in steps of 1,024, or a chunk at a time,
+    /// and exactly once the snapshot is read).
     pub documents: u64,
     /// Chunks read (parallel reading), of `chunks_total`.
     pub chunks_done: u64,

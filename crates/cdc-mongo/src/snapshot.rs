@@ -59,6 +59,10 @@ pub(crate) struct SnapshotPosition {
 
 const FIELD: &str = "_snapshot";
 
+/// Documents counted into the shared progress at once by a one-cursor read (a chunked
+/// read counts a chunk at once): the lock is not taken per document.
+const PROGRESS_STEP: u64 = 1024;
+
 /// The latest snapshot's progress, shared by its reader and the source.
 #[derive(Debug, Default)]
 pub(crate) struct Progress(
@@ -440,11 +444,16 @@ async fn scan_collection(
                 return Ok(false);
             }
             read += 1;
-            inner.snapshot.update(|p| p.documents += 1);
+            if read.is_multiple_of(PROGRESS_STEP) {
+                inner.snapshot.update(|p| p.documents += PROGRESS_STEP);
+            }
             if read.is_multiple_of(100_000) {
                 progress(read, None, started);
             }
         }
+        inner
+            .snapshot
+            .update(|p| p.documents += read % PROGRESS_STEP);
         progress(read, None, started);
         return Ok(true);
     }
@@ -551,15 +560,19 @@ async fn scan_collection(
     while let Some((mut chunk_rx, task)) = readers_ahead.next().await {
         // The reader ends with its task, when this side stops listening.
         let _reader = AbortOnDrop(task);
+        let mut in_chunk: u64 = 0;
         while let Some(doc) = chunk_rx.recv().await {
             if send(doc.map_err(driver)?).await.is_err() {
                 return Ok(false);
             }
-            read += 1;
-            inner.snapshot.update(|p| p.documents += 1);
+            in_chunk += 1;
         }
+        read += in_chunk;
         done += 1;
-        inner.snapshot.update(|p| p.chunks_done += 1);
+        inner.snapshot.update(|p| {
+            p.documents += in_chunk;
+            p.chunks_done += 1;
+        });
         if done % 100 == 0 || done == total {
             progress(read, Some((done, total)), started);
         }
