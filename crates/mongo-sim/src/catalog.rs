@@ -33,6 +33,8 @@ pub(crate) struct Collection {
     pub(crate) docs: BTreeMap<u64, Document>,
     /// `_id` key → record id; the unique `_id` index.
     pub(crate) ids: HashMap<Vec<u8>, u64>,
+    /// The same index in `_id` order (MongoDB's comparison order), for range scans.
+    pub(crate) order: BTreeMap<IdOrd, u64>,
     next_rid: u64,
     /// Secondary index specifications (recorded, not used for queries).
     pub(crate) indexes: Vec<Document>,
@@ -55,6 +57,7 @@ impl Collection {
             uuid,
             docs: BTreeMap::new(),
             ids: HashMap::new(),
+            order: BTreeMap::new(),
             next_rid: 1,
             indexes: Vec::new(),
             images: false,
@@ -78,6 +81,7 @@ impl Collection {
         let rid = self.next_rid;
         self.next_rid += 1;
         self.ids.insert(key, rid);
+        self.order.insert(IdOrd(id), rid);
         self.docs.insert(rid, doc);
         self.version += 1;
         Ok(())
@@ -94,6 +98,7 @@ impl Collection {
         let doc = self.docs.remove(&rid)?;
         if let Some(id) = doc.get("_id") {
             self.ids.remove(&id_key(id));
+            self.order.remove(&IdOrd(id.clone()));
         }
         self.version += 1;
         Some(doc)
@@ -102,6 +107,34 @@ impl Collection {
     /// The document with this `_id`.
     pub(crate) fn by_id(&self, id: &Bson) -> Option<&Document> {
         self.ids.get(&id_key(id)).and_then(|rid| self.docs.get(rid))
+    }
+}
+
+/// An `_id` ordered as MongoDB compares values (`1` and `1.0` are one key, as in the
+/// unique index).
+#[derive(Clone, Debug)]
+pub(crate) struct IdOrd(pub(crate) Bson);
+
+impl PartialEq for IdOrd {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for IdOrd {}
+
+impl PartialOrd for IdOrd {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for IdOrd {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Values MongoDB's order calls equal but the unique index tells apart (two
+        // `DBPointer`s, say) are ordered by their index keys: a total order.
+        crate::value::compare(&self.0, &other.0)
+            .then_with(|| id_key(&self.0).cmp(&id_key(&other.0)))
     }
 }
 

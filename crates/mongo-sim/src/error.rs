@@ -31,6 +31,7 @@ pub mod code {
     pub const COMMAND_NOT_FOUND: i32 = 59;
     pub const IMMUTABLE_FIELD: i32 = 66;
     pub const INVALID_OPTIONS: i32 = 72;
+    pub const SNAPSHOT_TOO_OLD: i32 = 239;
     pub const INVALID_NAMESPACE: i32 = 73;
     pub const WRITE_CONFLICT: i32 = 112;
     pub const INVALID_PIPELINE_OPERATOR: i32 = 168;

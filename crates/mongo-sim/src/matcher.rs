@@ -2,11 +2,12 @@
 //! `$in $nin $exists $and $or $nor $not`. An unsupported operator is an error (BadValue),
 //! never a silent match or non-match.
 
-use std::cmp::Ordering;
+use std::{cmp::Ordering, ops::Bound};
 
 use bson::{Bson, Document};
 
 use crate::{
+    catalog::IdOrd,
     error::{CmdError, CmdResult},
     value::{compare, equal, query_values, type_rank},
 };
@@ -289,5 +290,99 @@ mod depth_tests {
         let err = Filter::parse(&nest(MAX_TREE_DEPTH + 1)).unwrap_err();
         assert_eq!(err.code, crate::error::code::BAD_VALUE);
         assert!(err.message.contains("maximum query tree depth"), "{err}");
+    }
+}
+
+/// The `_id` range a filter confines its matches to, in MongoDB's value order: a superset
+/// of the matches (the filter is still applied to each), so an index scan of the range
+/// finds every match. `None` when the range is empty.
+pub(crate) fn id_range(filter: &Filter) -> Option<(Bound<IdOrd>, Bound<IdOrd>)> {
+    let mut range = (Bound::Unbounded, Bound::Unbounded);
+    narrow_filter(filter, &mut range);
+    let empty = match (&range.0, &range.1) {
+        (Bound::Included(l), Bound::Included(h)) => l > h,
+        (Bound::Included(l) | Bound::Excluded(l), Bound::Included(h) | Bound::Excluded(h)) => {
+            l >= h
+        }
+        _ => false,
+    };
+    (!empty).then_some(range)
+}
+
+type IdRange = (Bound<IdOrd>, Bound<IdOrd>);
+
+fn narrow_filter(filter: &Filter, range: &mut IdRange) {
+    match filter {
+        Filter::And(clauses) => clauses.iter().for_each(|c| narrow_filter(c, range)),
+        Filter::Field(path, cond) if path == "_id" => narrow_cond(cond, range),
+        _ => {}
+    }
+}
+
+fn narrow_cond(cond: &Cond, range: &mut IdRange) {
+    let key = |v: &Bson| IdOrd(v.clone());
+    match cond {
+        Cond::All(conds) => conds.iter().for_each(|c| narrow_cond(c, range)),
+        // Plain scalars only: a regular expression or a document of operators matches by
+        // other rules.
+        Cond::Eq(v)
+            if matches!(
+                v,
+                Bson::Int32(_)
+                    | Bson::Int64(_)
+                    | Bson::Double(_)
+                    | Bson::String(_)
+                    | Bson::ObjectId(_)
+                    | Bson::DateTime(_)
+            ) =>
+        {
+            raise_low(range, Bound::Included(key(v)));
+            lower_high(range, Bound::Included(key(v)));
+        }
+        Cond::Cmp(Ordering::Greater, or_equal, v) => raise_low(
+            range,
+            if *or_equal {
+                Bound::Included(key(v))
+            } else {
+                Bound::Excluded(key(v))
+            },
+        ),
+        Cond::Cmp(Ordering::Less, or_equal, v) => lower_high(
+            range,
+            if *or_equal {
+                Bound::Included(key(v))
+            } else {
+                Bound::Excluded(key(v))
+            },
+        ),
+        _ => {}
+    }
+}
+
+/// Keeps the higher of two lower bounds.
+fn raise_low(range: &mut IdRange, low: Bound<IdOrd>) {
+    let higher = match (&range.0, &low) {
+        (Bound::Unbounded, _) => true,
+        (_, Bound::Unbounded) => false,
+        (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
+            b > a || (b == a && matches!(low, Bound::Excluded(_)))
+        }
+    };
+    if higher {
+        range.0 = low;
+    }
+}
+
+/// Keeps the lower of two upper bounds.
+fn lower_high(range: &mut IdRange, high: Bound<IdOrd>) {
+    let lower = match (&range.1, &high) {
+        (Bound::Unbounded, _) => true,
+        (_, Bound::Unbounded) => false,
+        (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
+            b < a || (b == a && matches!(high, Bound::Excluded(_)))
+        }
+    };
+    if lower {
+        range.1 = high;
     }
 }

@@ -8,7 +8,7 @@ use crate::{
     catalog::Collection,
     changestream::to_raw,
     error::{CmdError, CmdResult, code},
-    matcher::Filter,
+    matcher::{Filter, id_range},
     oplog::Op,
     pipeline::{Context, Projection, parse_pipeline, run as run_pipeline, sort_documents},
     state::{State, Txn},
@@ -450,24 +450,50 @@ pub(crate) fn find(state: &mut State, txn: Option<&Txn>, db: &str, cmd: &Documen
     let projection = get_doc(cmd, "projection")?
         .map(Projection::parse)
         .transpose()?;
-    let mut docs: Vec<Document> = match read_coll(state, txn, db, name) {
-        Some(c) => c
-            .docs
-            .values()
-            .filter(|d| filter.matches(d))
-            .cloned()
-            .collect(),
-        None => Vec::new(),
-    };
-    if let Some(sort) = get_doc(cmd, "sort")? {
-        sort_documents(&mut docs, sort)?;
-    }
+    let sort = get_doc(cmd, "sort")?;
     let skip = get_count(cmd, "skip")?.unwrap_or(0);
     let limit = get_usize(cmd, "limit")?.unwrap_or(0);
+    let take = if limit == 0 {
+        usize::MAX
+    } else {
+        limit.unsigned_abs() as usize
+    };
+    let mut docs: Vec<Document> = match (read_coll(state, txn, db, name), sort.and_then(id_order)) {
+        // Sorted by `_id` alone: a scan of the `_id` index over the filter's range, which
+        // stops at the limit.
+        (Some(c), Some(ascending)) => match id_range(&filter) {
+            Some(range) => {
+                let rids = c.order.range(range).map(|(_, rid)| rid);
+                let rids: Box<dyn Iterator<Item = &u64>> = if ascending {
+                    Box::new(rids)
+                } else {
+                    Box::new(rids.rev())
+                };
+                rids.filter_map(|rid| c.docs.get(rid))
+                    .filter(|d| filter.matches(d))
+                    .skip(skip)
+                    .take(take)
+                    .cloned()
+                    .collect()
+            }
+            None => Vec::new(),
+        },
+        (Some(c), None) => {
+            let mut docs: Vec<Document> = c
+                .docs
+                .values()
+                .filter(|d| filter.matches(d))
+                .cloned()
+                .collect();
+            if let Some(sort) = sort {
+                sort_documents(&mut docs, sort)?;
+            }
+            docs.into_iter().skip(skip).take(take).collect()
+        }
+        (None, _) => Vec::new(),
+    };
     let mut single = truthy(cmd.get("singleBatch"));
-    let mut docs: Vec<Document> = docs.into_iter().skip(skip).collect();
     if limit != 0 {
-        docs.truncate(limit.unsigned_abs() as usize);
         single |= limit < 0;
     }
     if let Some(p) = &projection {
@@ -481,6 +507,20 @@ pub(crate) fn find(state: &mut State, txn: Option<&Txn>, db: &str, cmd: &Documen
         batch,
         single,
     ))
+}
+
+/// `Some(ascending)` when a sort specification is `{ _id: 1 }` or `{ _id: -1 }`.
+fn id_order(sort: &Document) -> Option<bool> {
+    if sort.len() != 1 {
+        return None;
+    }
+    match sort.get("_id")? {
+        Bson::Int32(1) | Bson::Int64(1) => Some(true),
+        Bson::Int32(-1) | Bson::Int64(-1) => Some(false),
+        Bson::Double(d) if *d == 1.0 => Some(true),
+        Bson::Double(d) if *d == -1.0 => Some(false),
+        _ => None,
+    }
 }
 
 /// `count`.

@@ -7,6 +7,7 @@ mod crud;
 mod cursors;
 mod ddl;
 mod failpoints;
+mod read_concern;
 mod txn;
 mod writer;
 
@@ -180,7 +181,16 @@ pub(crate) fn run(
     }
     let entered = enter_txn(state, cmd)?;
     let Some((key, mut txn)) = entered else {
-        return match name {
+        let read_at = if matches!(name, "find" | "aggregate" | "count" | "distinct") {
+            let coll = match cmd.get(name) {
+                Some(Bson::String(c)) => Some(c.as_str()),
+                _ => None,
+            };
+            read_concern::snapshot_time(state, name, db, coll, cmd)?
+        } else {
+            None
+        };
+        let reply = match name {
             "insert" => raw(insert(state, None, db, cmd)),
             "update" => raw(update(state, None, db, cmd)),
             "delete" => raw(delete(state, None, db, cmd)),
@@ -193,6 +203,10 @@ pub(crate) fn run(
                 code::NO_SUCH_TRANSACTION,
                 format!("{name} needs a transaction (autocommit: false)"),
             )),
+        };
+        return match read_at {
+            Some(at) => read_concern::with_read_time(reply?, at),
+            None => reply,
         };
     };
     let result = match name {

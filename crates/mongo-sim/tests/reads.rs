@@ -1,0 +1,217 @@
+//! Reads: `_id` range scans (the ordered `_id` index) agree with filtering everything,
+//! and `readConcern` levels and snapshot reads answer as MongoDB does, through the real
+//! driver.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bson::{Bson, Document, doc};
+use futures_util::TryStreamExt;
+use mongo_sim::MongoSim;
+use mongodb::{Client, error::ErrorKind};
+use proptest::prelude::*;
+
+async fn setup() -> (MongoSim, Client) {
+    let sim = MongoSim::start().await.unwrap();
+    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    (sim, client)
+}
+
+fn code_of(err: &mongodb::error::Error) -> i32 {
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => c.code,
+        other => panic!("not a command error: {other:?}"),
+    }
+}
+
+/// `_id`s of mixed types, as MongoDB orders them: numbers (of three types), strings,
+/// ObjectIds.
+fn ids() -> Vec<Bson> {
+    let mut ids: Vec<Bson> = (0..40).map(|n| Bson::Int32(n * 3)).collect();
+    ids.extend((0..20).map(|n| Bson::Int64(i64::from(n) * 3 + 1)));
+    ids.extend((0..20).map(|n| Bson::Double(f64::from(n) * 3.0 + 2.5)));
+    ids.extend((0..20).map(|n| Bson::String(format!("k{n:02}"))));
+    ids.extend((0..5).map(|n| Bson::ObjectId(bson::oid::ObjectId::from_bytes([n; 12]))));
+    ids
+}
+
+#[test]
+fn id_range_scans_agree_with_sorting_everything() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_sim, client) = rt.block_on(setup());
+    let coll = client.database("reads").collection::<Document>("ranges");
+    rt.block_on(async {
+        // Inserted in a scrambled order, so natural order is not `_id` order.
+        let mut all = ids();
+        all.reverse();
+        all.rotate_left(37);
+        let docs: Vec<Document> = all
+            .iter()
+            .map(|id| doc! { "_id": id.clone(), "v": 1 })
+            .collect();
+        coll.insert_many(docs).await.unwrap();
+        // A few deleted, so the index follows removals.
+        coll.delete_many(doc! { "_id": { "$in": [3, 4_i64, "k03"] } })
+            .await
+            .unwrap();
+    });
+    let bound = prop_oneof![
+        (0..130_i32).prop_map(Bson::Int32),
+        (0..130_i64).prop_map(Bson::Int64),
+        (0.0..130.0_f64).prop_map(Bson::Double),
+        (0..25_u8).prop_map(|n| Bson::String(format!("k{n:02}"))),
+    ];
+    let op = prop_oneof![
+        Just("$gt"),
+        Just("$gte"),
+        Just("$lt"),
+        Just("$lte"),
+        Just("$eq")
+    ];
+    let spec = (
+        proptest::collection::vec((op, bound), 0..3),
+        any::<bool>(),
+        0..5_i64,
+        0..8_i64,
+    );
+    proptest!(ProptestConfig::with_cases(64), |((conds, ascending, skip, limit) in spec)| {
+        let mut range = Document::new();
+        for (op, b) in conds {
+            range.insert(op, b);
+        }
+        let filter = if range.is_empty() { doc! {} } else { doc! { "_id": range } };
+        let dir = if ascending { 1 } else { -1 };
+        let (indexed, whole): (Vec<Document>, Vec<Document>) = rt.block_on(async {
+            // By the index: sorted by `_id` alone.
+            let indexed: Vec<Document> = coll
+                .find(filter.clone())
+                .sort(doc! { "_id": dir })
+                .skip(u64::try_from(skip).unwrap())
+                .limit(limit)
+                .batch_size(3)
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            // By filtering everything and sorting on two keys (no index path).
+            let mut whole: Vec<Document> = coll
+                .find(filter.clone())
+                .sort(doc! { "_id": dir, "v": 1 })
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            let skip = usize::try_from(skip).unwrap();
+            whole = whole.into_iter().skip(skip).collect();
+            if limit > 0 {
+                whole.truncate(usize::try_from(limit).unwrap());
+            }
+            (indexed, whole)
+        });
+        prop_assert_eq!(indexed, whole, "filter {}", filter);
+    });
+}
+
+#[tokio::test]
+async fn snapshot_reads_tell_their_time_and_refuse_what_the_simulator_cannot_read() {
+    let (_sim, client) = setup().await;
+    let db = client.database("reads");
+    let coll = db.collection::<Document>("snap");
+    coll.insert_many((0..10).map(|i| doc! { "_id": i }))
+        .await
+        .unwrap();
+
+    // A snapshot session: the first read fixes the time, later reads of the session use it.
+    let mut session = client.start_session().snapshot(true).await.unwrap();
+    let mut cursor = coll
+        .find(doc! {})
+        .batch_size(4)
+        .session(&mut session)
+        .await
+        .unwrap();
+    let at = session
+        .snapshot_time()
+        .expect("the server told the snapshot's time");
+    let mut n = 0;
+    while cursor
+        .next(&mut session)
+        .await
+        .transpose()
+        .unwrap()
+        .is_some()
+    {
+        n += 1;
+    }
+    assert_eq!(n, 10);
+    // Another collection changes: the snapshot can still be read at `at`.
+    db.collection::<Document>("other")
+        .insert_one(doc! { "x": 1 })
+        .await
+        .unwrap();
+    let again: Vec<Document> = coll
+        .find(doc! { "_id": { "$lt": 3 } })
+        .session(&mut session)
+        .await
+        .unwrap()
+        .stream(&mut session)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 3);
+    assert_eq!(session.snapshot_time(), Some(at));
+    // This collection changes: the simulator keeps no older versions, so reading at `at`
+    // is refused as a server refuses a time older than its history.
+    coll.insert_one(doc! { "_id": 10 }).await.unwrap();
+    let err = coll.find(doc! {}).session(&mut session).await.unwrap_err();
+    assert_eq!(code_of(&err), 239, "{err}");
+
+    // distinct answers with its time at the top.
+    let reply = db
+        .run_command(
+            doc! { "distinct": "snap", "key": "_id", "readConcern": { "level": "snapshot" } },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(reply.get("atClusterTime"), Some(Bson::Timestamp(_))),
+        "{reply}"
+    );
+    // A time in the future, a level that does not exist, a command that takes no
+    // snapshot, and atClusterTime without snapshot are refused with the server's codes.
+    let future = bson::Timestamp {
+        time: u32::MAX,
+        increment: 1,
+    };
+    let cases = [
+        (
+            doc! { "find": "snap", "readConcern": { "level": "snapshot", "atClusterTime": future } },
+            72,
+        ),
+        (
+            doc! { "find": "snap", "readConcern": { "level": "sometimes" } },
+            9,
+        ),
+        (
+            doc! { "count": "snap", "readConcern": { "level": "snapshot" } },
+            72,
+        ),
+        (
+            doc! { "find": "snap", "readConcern": { "level": "majority", "atClusterTime": at } },
+            72,
+        ),
+        (doc! { "find": "snap", "readConcern": "majority" }, 14),
+    ];
+    for (cmd, code) in cases {
+        let err = db.run_command(cmd.clone()).await.unwrap_err();
+        assert_eq!(code_of(&err), code, "{cmd}: {err}");
+    }
+    // Ordinary levels read as before.
+    for level in ["local", "majority", "available", "linearizable"] {
+        let reply = db
+            .run_command(doc! { "find": "snap", "readConcern": { "level": level } })
+            .await
+            .unwrap();
+        let cursor = reply.get_document("cursor").unwrap();
+        assert!(!cursor.contains_key("atClusterTime"), "{level}: {reply}");
+    }
+}
