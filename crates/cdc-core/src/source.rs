@@ -46,6 +46,9 @@ pub struct SnapshotProgress {
     pub chunks_done: u64,
     /// Chunks of the collection being read (0 when it is read by one cursor).
     pub chunks_total: u64,
+    /// Documents read again because a change to them came through the stream before
+    /// their turn: the image read first was older than that change.
+    pub reread: u64,
     /// Collections finished (a database snapshot).
     pub collections_done: u64,
     /// Whether every document has been read.

@@ -24,6 +24,14 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// The database watched, unless the whole deployment is.
+    pub fn db(&self) -> Option<&str> {
+        match self {
+            Self::Collection { db, .. } | Self::Database(db) => Some(db),
+            Self::Deployment => None,
+        }
+    }
+
     /// One collection.
     pub fn collection(db: impl Into<String>, coll: impl Into<String>) -> Self {
         Self::Collection {

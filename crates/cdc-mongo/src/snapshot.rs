@@ -1,29 +1,45 @@
-//! Snapshots: the documents that exist first, then the stream, with no gap.
+//! Snapshots: the documents that exist first, then the stream, with no gap and no stale
+//! overwrite.
 //!
-//! The algorithm ("scan after a position"): before reading anything, the change stream is
-//! opened at "now" and its resume token `P` is taken. The collection is then read in `_id`
-//! order (in chunks read by `parallelism` readers, handed over in order), each document as
-//! a `snapshot` event whose token records `P` and the document's `_id`. After the last
-//! document the stream continues after `P`. Every document that exists at `P` is read by
-//! the scan unless it is deleted first, and then its delete comes from the stream; every
-//! change after `P` comes from the stream: no gap. All snapshot events come before all
-//! stream events, so no snapshot image is ever delivered after a stream event.
+//! The algorithm ("chunks at their read time", after DBLog's watermarks): before reading
+//! anything, the change stream's position `P` is taken. The collection is then read in
+//! `_id` order in chunks, each a snapshot read (`readConcern: snapshot`) whose cluster time
+//! `T` the server tells. The stream is read alongside, from `P`, and its events are handed
+//! over as they come, except that a chunk's documents take their place in the order exactly
+//! at `T`: they are handed over once every stream event up to `T` has been, and before any
+//! later one. A document so handed over is the document as it was at that point of the
+//! order, so for every key a consumer applying events in delivery order sees its versions
+//! in the order they were made, and ends with the collection's content.
 //!
-//! Limits: a change made between `P` and the moment its document was read is delivered
-//! again by the stream after the snapshot (so a key may see an older image after its
-//! snapshot image; applying events in order still ends with the collection's content), and
-//! the scan must finish within the oplog's window, or the stream cannot continue after `P`
-//! (`ChangeStreamHistoryLost`).
+//! When the stream has already gone past a chunk's time (a document read again, below,
+//! made it wait for a later time), a document of the chunk whose key had a stream event
+//! after `T` is older than what was handed over: it is read again on its own, at a time
+//! no earlier than the stream's position, and handed over at that time (or left out if it
+//! was deleted by then; its delete comes from the stream). Chunks are opened one after
+//! the other, each after the one before told its time, so chunk times never go backwards
+//! (if they do, after a failover, the cursor fails with a transient error and the
+//! processor continues from its stored point).
 //!
-//! A snapshot is resumable through the ordinary checkpoints: the stored point of a stream
-//! mid-snapshot is a snapshot token (`P`, the collection, the last `_id` handled), and
-//! opening at it continues the scan after that `_id`.
+//! Every document that exists at `P` is in some chunk unless it is deleted before its
+//! chunk is read, and then its delete comes from the stream; every change after `P` comes
+//! from the stream: no gap.
+//!
+//! A snapshot is resumable through the ordinary checkpoints: every event handed over
+//! during it carries a snapshot token (the stream's position, the collection, the last
+//! `_id` handed over; a stream event also keeps its own `_data`), and opening at one
+//! continues the stream after that position and the reading after that `_id`.
+//!
+//! Limits: the stream must stay within the oplog's window while the snapshot is read
+//! (`ChangeStreamHistoryLost` otherwise, which `WhenNeeded` answers with a new snapshot);
+//! one chunk must be read within the server's snapshot history window
+//! (`minSnapshotHistoryWindowInSeconds`, 300 s by default; `SnapshotTooOld` otherwise);
+//! snapshot reads need MongoDB 5.0 or later.
 
 use std::sync::Arc;
 
 use bson::{Bson, Document, RawBsonRef, RawDocumentBuf, doc};
 use cdc_core::{ChangeCursor, ChangeEvent, ClusterTime, HistoryGap, ResumeToken, StartPosition};
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{Error, options::Scope, source::Inner};
@@ -49,8 +65,10 @@ pub enum SnapshotMode {
 /// The position of a snapshot: where the stream continues, and the last `_id` read.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct SnapshotPosition {
-    /// The stream's token taken before the scan.
+    /// Where the stream continues: the token taken before the reading began, or the last
+    /// stream position handed over since.
     start: ResumeToken,
+    /// The cluster time of `start`.
     start_time: ClusterTime,
     coll: String,
     /// The last `_id` handed over; `None` before the first.
@@ -58,10 +76,6 @@ pub(crate) struct SnapshotPosition {
 }
 
 const FIELD: &str = "_snapshot";
-
-/// Documents counted into the shared progress at once by a one-cursor read (a chunked
-/// read counts a chunk at once): the lock is not taken per document.
-const PROGRESS_STEP: u64 = 1024;
 
 /// The latest snapshot's progress, shared by its reader and the source.
 #[derive(Debug, Default)]
@@ -146,22 +160,9 @@ impl SnapshotPosition {
             after,
         })
     }
-
-    fn token(&self) -> ResumeToken {
-        let mut snap = doc! {
-            "start": self.start.to_document().unwrap_or_default(),
-            "startTime": self.start_time.to_timestamp(),
-            "coll": &self.coll,
-        };
-        if let Some(after) = &self.after {
-            snap.insert("after", after.clone());
-        }
-        // A document of plain values: it always encodes.
-        ResumeToken::from_document(&doc! { FIELD: snap }).unwrap_or_else(|_| self.start.clone())
-    }
 }
 
-/// Starts a snapshot: takes the stream's position first, then scans.
+/// Starts a snapshot: takes the stream's position first, then reads.
 pub(crate) async fn start(inner: &Arc<Inner>) -> cdc_core::Result<Box<dyn ChangeCursor>> {
     let coll = match &inner.scope {
         Scope::Collection { coll, .. } => coll.clone(),
@@ -203,42 +204,174 @@ pub(crate) fn resume(inner: &Arc<Inner>, position: SnapshotPosition) -> Box<dyn 
     Box::new(SnapshotCursor::new(inner, position))
 }
 
-/// Reads the snapshot, then the stream.
+/// Documents of one collection read at one cluster time, in `_id` order.
+struct Chunk {
+    coll: Arc<str>,
+    /// The cluster time the documents were read at (a snapshot read's `atClusterTime`).
+    time: ClusterTime,
+    rows: mpsc::Receiver<cdc_core::Result<RawDocumentBuf>>,
+    /// The task reading the rest of the chunk, if one does; it ends with the chunk.
+    _reader: Option<AbortOnDrop>,
+}
+
+/// A document key of a snapshotted namespace: the collection and the `_id`'s bytes (its
+/// BSON type and value).
+type Key = (Arc<str>, Vec<u8>);
+
+fn key_of(coll: &Arc<str>, id: RawBsonRef<'_>) -> Key {
+    let mut bytes = vec![id.element_type() as u8];
+    let mut one = RawDocumentBuf::new();
+    one.append(bson::cstr!("v"), id);
+    bytes.extend_from_slice(one.as_bytes());
+    (Arc::clone(coll), bytes)
+}
+
+/// The keys of the stream events handed over during the snapshot, with their cluster
+/// times, kept until no chunk read before them is left to hand over.
+#[derive(Debug, Default)]
+struct Changed {
+    order: std::collections::VecDeque<(ClusterTime, Key)>,
+    latest: std::collections::HashMap<Key, ClusterTime>,
+}
+
+impl Changed {
+    fn record(&mut self, time: ClusterTime, key: Key) {
+        self.latest.insert(key.clone(), time);
+        self.order.push_back((time, key));
+    }
+
+    /// Whether a stream event of `key` later than `time` was handed over.
+    fn after(&self, key: &Key, time: ClusterTime) -> bool {
+        self.latest.get(key).is_some_and(|&t| t > time)
+    }
+
+    /// Forgets the events at or before `time`.
+    fn forget_through(&mut self, time: ClusterTime) {
+        while let Some((t, _)) = self.order.front() {
+            if *t > time {
+                break;
+            }
+            if let Some((t, key)) = self.order.pop_front()
+                && self.latest.get(&key) == Some(&t)
+            {
+                self.latest.remove(&key);
+            }
+        }
+    }
+}
+
+/// What one pull of the stream gave.
+enum Pulled {
+    /// An event, handed over.
+    Event(Box<ChangeEvent>),
+    /// An event later than the time waited for, held back: everything up to that time
+    /// has been handed over.
+    Held,
+    /// A round trip without events.
+    Idle,
+}
+
+/// Reads the snapshot interleaved with the stream (see the module documentation).
 struct SnapshotCursor {
     inner: Arc<Inner>,
-    position: SnapshotPosition,
-    rows: mpsc::Receiver<cdc_core::Result<(Arc<str>, RawDocumentBuf)>>,
+    /// Where the stream continues: the last stream event handed over, or the latest
+    /// post-batch token after a round trip without events.
+    stream_pos: ResumeToken,
+    /// The cluster time of `stream_pos`: every stream event up to it has been handed over.
+    stream_time: ClusterTime,
+    /// The stream, opened after `stream_pos` at the first need.
+    stream: Option<Box<dyn ChangeCursor>>,
+    /// A stream event later than the time a chunk waits for.
+    held: Option<ChangeEvent>,
+    chunks: mpsc::Receiver<cdc_core::Result<Chunk>>,
     reader: JoinHandle<()>,
-    tail: Option<Box<dyn ChangeCursor>>,
+    /// The chunk being handed over, and whether the stream has reached its time.
+    head: Option<(Chunk, bool)>,
+    /// The time of the chunk handed over last: chunk times never go backwards.
+    last_chunk: ClusterTime,
+    /// A document read again at a later time (`None`: deleted by then), handed over once
+    /// the stream reaches that time.
+    again: Option<(ClusterTime, Option<RawDocumentBuf>)>,
+    changed: Changed,
+    /// The collection being read and the last `_id` handed over in it.
+    coll: Arc<str>,
+    after: Option<bson::RawBson>,
+    scan_done: bool,
+    /// The stream is handed over as it is: the snapshot has been read.
+    tail: bool,
     finished: bool,
-    /// The start token's bytes, copied into every snapshot token.
-    start_raw: RawDocumentBuf,
     /// The namespace of the collection being read, encoded once.
     ns: Option<(Arc<str>, RawDocumentBuf)>,
-    /// The token of the last event handed over.
-    last: Option<ResumeToken>,
 }
 
 impl SnapshotCursor {
     fn new(inner: &Arc<Inner>, position: SnapshotPosition) -> Self {
         inner.snapshot.restart();
-        let (tx, rows) = mpsc::channel(inner.options.snapshot_chunk_docs.max(1));
+        let (tx, chunks) = mpsc::channel(inner.options.snapshot_parallelism.max(1));
         let reader = tokio::spawn(scan(Arc::clone(inner), position.clone(), tx));
+        Self::with_reader(inner, position, chunks, reader)
+    }
+
+    /// A cursor handing over the chunks `chunks` brings, read by `reader`.
+    fn with_reader(
+        inner: &Arc<Inner>,
+        position: SnapshotPosition,
+        chunks: mpsc::Receiver<cdc_core::Result<Chunk>>,
+        reader: JoinHandle<()>,
+    ) -> Self {
+        let after = position
+            .after
+            .as_ref()
+            .and_then(|a| bson::RawBson::try_from(a.clone()).ok());
         Self {
             inner: Arc::clone(inner),
-            start_raw: position.start.as_raw().to_owned(),
-            position,
-            rows,
+            stream_time: position.start_time,
+            stream_pos: position.start,
+            stream: None,
+            held: None,
+            chunks,
             reader,
-            tail: None,
+            head: None,
+            last_chunk: ClusterTime::default(),
+            again: None,
+            changed: Changed::default(),
+            coll: Arc::from(position.coll),
+            after,
+            scan_done: false,
+            tail: false,
             finished: false,
             ns: None,
-            last: None,
         }
     }
 
-    /// The snapshot event of `doc` of `coll`: built from raw bytes, with no decoding.
-    fn event(&mut self, coll: Arc<str>, doc: &RawDocumentBuf) -> cdc_core::Result<ChangeEvent> {
+    /// The token of a position during the snapshot: where the stream continues, and the
+    /// last `_id` handed over. `data` (a stream event's own `_data`) keeps the event's
+    /// identity and order.
+    fn position_token(
+        &self,
+        stream_pos: &ResumeToken,
+        time: ClusterTime,
+        data: Option<&str>,
+    ) -> cdc_core::Result<ResumeToken> {
+        let mut snap = RawDocumentBuf::new();
+        snap.append(bson::cstr!("start"), stream_pos.as_raw());
+        snap.append(bson::cstr!("startTime"), time.to_timestamp());
+        snap.append(bson::cstr!("coll"), &*self.coll);
+        if let Some(after) = &self.after {
+            snap.append(bson::cstr!("after"), after.clone());
+        }
+        let mut token = RawDocumentBuf::new();
+        if let Some(data) = data {
+            token.append(bson::cstr!("_data"), data);
+        }
+        // The literal is `FIELD`.
+        token.append(bson::cstr!("_snapshot"), snap);
+        Ok(ResumeToken::from_raw(token))
+    }
+
+    /// The snapshot event of `doc` of the collection being read: built from raw bytes,
+    /// with no decoding.
+    fn row(&mut self, doc: &RawDocumentBuf) -> cdc_core::Result<ChangeEvent> {
         let id = match doc.get("_id") {
             Ok(Some(id)) => id,
             _ => {
@@ -248,7 +381,7 @@ impl SnapshotCursor {
                 });
             }
         };
-        if self.ns.as_ref().is_none_or(|(c, _)| *c != coll) {
+        if self.ns.as_ref().is_none_or(|(c, _)| *c != self.coll) {
             let (Scope::Collection { db, .. } | Scope::Database(db)) = &self.inner.scope else {
                 return Err(cdc_core::Error::Protocol(
                     "a snapshot of a deployment".into(),
@@ -256,81 +389,238 @@ impl SnapshotCursor {
             };
             let mut ns = RawDocumentBuf::new();
             ns.append(bson::cstr!("db"), db.as_str());
-            ns.append(bson::cstr!("coll"), &*coll);
-            self.ns = Some((Arc::clone(&coll), ns));
+            ns.append(bson::cstr!("coll"), &*self.coll);
+            self.ns = Some((Arc::clone(&self.coll), ns));
         }
-        let mut snap = RawDocumentBuf::new();
-        snap.append(bson::cstr!("start"), self.start_raw.as_ref());
-        snap.append(
-            bson::cstr!("startTime"),
-            self.position.start_time.to_timestamp(),
-        );
-        snap.append(bson::cstr!("coll"), &*coll);
-        snap.append(bson::cstr!("after"), id);
-        let mut token = RawDocumentBuf::new();
-        // The literal is `FIELD`.
-        token.append(bson::cstr!("_snapshot"), snap);
+        self.after = Some(bson::RawBson::from(id));
+        let token = self.position_token(&self.stream_pos, self.stream_time, None)?;
         let mut key = RawDocumentBuf::new();
         key.append(bson::cstr!("_id"), id);
         let mut raw = RawDocumentBuf::new();
-        raw.append(bson::cstr!("_id"), token.as_ref());
+        raw.append(bson::cstr!("_id"), token.as_raw());
         raw.append(bson::cstr!("operationType"), "snapshot");
-        raw.append(
-            bson::cstr!("clusterTime"),
-            self.position.start_time.to_timestamp(),
-        );
+        raw.append(bson::cstr!("clusterTime"), self.stream_time.to_timestamp());
         if let Some((_, ns)) = &self.ns {
             raw.append(bson::cstr!("ns"), ns.as_ref());
         }
         raw.append(bson::cstr!("documentKey"), key);
         raw.append(bson::cstr!("fullDocument"), doc.as_ref());
-        let event = ChangeEvent::from_raw_buf(raw)?;
-        self.last = Some(event.token.clone());
+        ChangeEvent::from_raw_buf(raw)
+    }
+
+    /// Takes the next stream event (the held one first). One later than `until` is held
+    /// back; the others are handed over, their keys recorded, their tokens marking the
+    /// snapshot's position too.
+    async fn pull(&mut self, until: ClusterTime) -> cdc_core::Result<Pulled> {
+        let event = match self.held.take() {
+            Some(event) => event,
+            None => {
+                let stream = match &mut self.stream {
+                    Some(stream) => stream,
+                    None => {
+                        let after = StartPosition::ResumeAfter(self.stream_pos.clone());
+                        self.stream
+                            .insert(crate::source::open_cursor(&self.inner, &after).await?)
+                    }
+                };
+                match stream.next().await? {
+                    Some(event) => event,
+                    None => {
+                        if let Some(token) = stream.resume_token() {
+                            if let Some(time) = token.cluster_time_hint() {
+                                self.stream_time = self.stream_time.max(time);
+                            }
+                            self.stream_pos = token;
+                        }
+                        return Ok(Pulled::Idle);
+                    }
+                }
+            }
+        };
+        if event.cluster_time > until {
+            self.held = Some(event);
+            return Ok(Pulled::Held);
+        }
+        Ok(Pulled::Event(Box::new(self.hand_over(event)?)))
+    }
+
+    /// A stream event handed over during the snapshot: its key recorded, its token
+    /// carrying the snapshot's position.
+    fn hand_over(&mut self, mut event: ChangeEvent) -> cdc_core::Result<ChangeEvent> {
+        if let (Some(ns), Some(id)) = (&event.ns, event.document_id_raw())
+            && self.inner.scope.db() == Some(ns.db.as_str())
+            && let Some(coll) = &ns.coll
+        {
+            let coll: Arc<str> = if *self.coll == **coll {
+                Arc::clone(&self.coll)
+            } else {
+                Arc::from(coll.as_str())
+            };
+            self.changed.record(event.cluster_time, key_of(&coll, id));
+        }
+        self.stream_pos = event.token.clone();
+        self.stream_time = self.stream_time.max(event.cluster_time);
+        event.token = self.position_token(&event.token, event.cluster_time, event.token.data())?;
         Ok(event)
+    }
+
+    /// Reads `id` of the collection being read again, at a time no earlier than the
+    /// stream's position.
+    async fn read_again(&mut self, id: Bson) -> cdc_core::Result<()> {
+        let db = self.inner.scope.db().unwrap_or_default();
+        let coll = self
+            .inner
+            .client
+            .database(db)
+            .collection::<RawDocumentBuf>(&self.coll);
+        let (time, mut session, mut cursor) =
+            open_read(&self.inner, &coll, doc! { "_id": id }, Some(1), 1).await?;
+        let doc = cursor
+            .next(&mut session)
+            .await
+            .transpose()
+            .map_err(|e| Error::driver("read the snapshot", e))?;
+        self.inner.snapshot.update(|p| p.reread += 1);
+        self.again = Some((time, doc));
+        Ok(())
     }
 }
 
 #[async_trait::async_trait]
 impl ChangeCursor for SnapshotCursor {
     async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
-        if let Some(tail) = &mut self.tail {
-            return tail.next().await;
-        }
-        if self.finished {
-            return Ok(None);
-        }
-        match self.rows.recv().await {
-            Some(Ok((coll, doc))) => self.event(coll, &doc).map(Some),
-            Some(Err(e)) => Err(e),
-            None => {
+        loop {
+            if self.tail {
+                if let Some(event) = self.held.take() {
+                    return Ok(Some(event));
+                }
+                let stream = match &mut self.stream {
+                    Some(stream) => stream,
+                    None => {
+                        let after = StartPosition::ResumeAfter(self.stream_pos.clone());
+                        self.stream
+                            .insert(crate::source::open_cursor(&self.inner, &after).await?)
+                    }
+                };
+                return stream.next().await;
+            }
+            if self.scan_done {
                 tracing::info!(scope = %self.inner.scope, "snapshot: every document read");
                 self.inner.snapshot.update(|p| p.finished = true);
                 if self.inner.options.snapshot == SnapshotMode::InitialOnly {
                     self.finished = true;
                     return Ok(None);
                 }
-                let after = StartPosition::ResumeAfter(self.position.start.clone());
-                self.tail = Some(crate::source::open_cursor(&self.inner, &after).await?);
-                Ok(None)
+                self.tail = true;
+                continue;
+            }
+            // Documents wait until every stream event up to their read time has been
+            // handed over, and no later one has: then they take their place in the order.
+            let waiting = match (&self.again, &self.head) {
+                (Some((time, _)), _) => Some(*time),
+                (None, Some((chunk, false))) => Some(chunk.time),
+                _ => None,
+            };
+            if let Some(until) = waiting {
+                let reached = self.stream_time >= until
+                    || self.held.as_ref().is_some_and(|e| e.cluster_time > until)
+                    || self.stream.as_ref().is_some_and(|s| s.is_closed());
+                if !reached {
+                    match self.pull(until).await? {
+                        Pulled::Event(event) => return Ok(Some(*event)),
+                        Pulled::Held => {}
+                        Pulled::Idle => return Ok(None),
+                    }
+                    continue;
+                }
+                if let Some((_, ready)) = &mut self.head {
+                    *ready = true;
+                }
+            }
+            if let Some((_, doc)) = self.again.take() {
+                match doc {
+                    Some(doc) => return self.row(&doc).map(Some),
+                    // Deleted since: its delete comes from the stream.
+                    None => continue,
+                }
+            }
+            if let Some((chunk, _)) = &mut self.head {
+                let time = chunk.time;
+                match chunk.rows.recv().await {
+                    Some(Ok(doc)) => {
+                        let id = doc.get("_id").ok().flatten().ok_or_else(|| {
+                            cdc_core::Error::MalformedEvent {
+                                field: "fullDocument._id",
+                                problem: "a document without `_id`".into(),
+                            }
+                        })?;
+                        if self.changed.after(&key_of(&self.coll, id), time) {
+                            // A change read after this document was handed over: the
+                            // document as read is older than it. Read it again, now.
+                            let id = Bson::try_from(id).map_err(|e| {
+                                cdc_core::Error::MalformedEvent {
+                                    field: "fullDocument._id",
+                                    problem: e.to_string(),
+                                }
+                            })?;
+                            self.read_again(id).await?;
+                            continue;
+                        }
+                        return self.row(&doc).map(Some);
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        self.changed.forget_through(time);
+                        self.head = None;
+                        continue;
+                    }
+                }
+            }
+            match self.chunks.recv().await {
+                Some(Ok(chunk)) => {
+                    if chunk.time < self.last_chunk {
+                        return Err(cdc_core::Error::source(
+                            cdc_core::ErrorKind::Transient,
+                            format!(
+                                "a snapshot read at {} came after one at {}: read times went backwards (a failover?); reading again from the last stored point",
+                                chunk.time, self.last_chunk
+                            ),
+                        ));
+                    }
+                    self.last_chunk = chunk.time;
+                    if *chunk.coll != *self.coll {
+                        self.coll = Arc::clone(&chunk.coll);
+                        self.after = None;
+                    }
+                    self.head = Some((chunk, false));
+                }
+                Some(Err(e)) => return Err(e),
+                None => self.scan_done = true,
             }
         }
     }
 
     fn resume_token(&self) -> Option<ResumeToken> {
-        match &self.tail {
-            Some(tail) => tail.resume_token(),
-            // Every document read: the stream continues after the position taken first.
-            None if self.finished => Some(self.position.start.clone()),
-            None => self.last.clone().or_else(|| Some(self.position.token())),
+        if self.finished || (self.tail && self.held.is_some()) {
+            return Some(self.stream_pos.clone());
         }
+        if self.tail {
+            return self
+                .stream
+                .as_ref()
+                .and_then(|s| s.resume_token())
+                .or_else(|| Some(self.stream_pos.clone()));
+        }
+        self.position_token(&self.stream_pos, self.stream_time, None)
+            .ok()
     }
 
     fn is_closed(&self) -> bool {
-        self.tail.as_ref().is_some_and(|t| t.is_closed())
+        self.tail && self.held.is_none() && self.stream.as_ref().is_some_and(|t| t.is_closed())
     }
 
     fn take_gap(&mut self) -> Option<HistoryGap> {
-        self.tail.as_mut().and_then(|t| t.take_gap())
+        self.stream.as_mut().and_then(|t| t.take_gap())
     }
 
     fn is_finished(&self) -> bool {
@@ -339,8 +629,8 @@ impl ChangeCursor for SnapshotCursor {
 
     async fn close(mut self: Box<Self>) {
         self.reader.abort();
-        if let Some(tail) = self.tail.take() {
-            tail.close().await;
+        if let Some(stream) = self.stream.take() {
+            stream.close().await;
         }
     }
 }
@@ -351,13 +641,45 @@ impl Drop for SnapshotCursor {
     }
 }
 
-/// Reads the documents after `position.after` in `_id` order into `tx`: one cursor, or,
-/// with parallelism, chunks of `snapshot_chunk_docs` read concurrently and handed over in
-/// order.
+/// Opens a snapshot read (`readConcern: snapshot`) of `filter` in `_id` order: the
+/// cluster time it reads at, the session and the cursor.
+async fn open_read(
+    inner: &Inner,
+    coll: &mongodb::Collection<RawDocumentBuf>,
+    filter: Document,
+    limit: Option<i64>,
+    batch: u32,
+) -> cdc_core::Result<(
+    ClusterTime,
+    mongodb::ClientSession,
+    mongodb::SessionCursor<RawDocumentBuf>,
+)> {
+    let driver = |e| Error::driver("read the snapshot", e);
+    let mut session = inner
+        .client
+        .start_session()
+        .snapshot(true)
+        .await
+        .map_err(driver)?;
+    let mut find = coll.find(filter).sort(doc! { "_id": 1 }).batch_size(batch);
+    if let Some(limit) = limit {
+        find = find.limit(limit);
+    }
+    let cursor = find.session(&mut session).await.map_err(driver)?;
+    let time = session.snapshot_time().ok_or_else(|| {
+        cdc_core::Error::source(
+            cdc_core::ErrorKind::Fatal,
+            "the server did not tell the cluster time of a snapshot read (snapshots need MongoDB 5.0 or later)",
+        )
+    })?;
+    Ok((ClusterTime::from(time), session, cursor))
+}
+
+/// Reads the documents after `position.after` in `_id` order as chunks into `tx`.
 async fn scan(
     inner: Arc<Inner>,
     position: SnapshotPosition,
-    tx: mpsc::Sender<cdc_core::Result<(Arc<str>, RawDocumentBuf)>>,
+    tx: mpsc::Sender<cdc_core::Result<Chunk>>,
 ) {
     if let Err(e) = scan_all(&inner, position, &tx).await {
         let _ = tx.send(Err(e)).await;
@@ -369,7 +691,7 @@ async fn scan(
 async fn scan_all(
     inner: &Arc<Inner>,
     position: SnapshotPosition,
-    tx: &mpsc::Sender<cdc_core::Result<(Arc<str>, RawDocumentBuf)>>,
+    tx: &mpsc::Sender<cdc_core::Result<Chunk>>,
 ) -> cdc_core::Result<()> {
     let (db, colls) = match &inner.scope {
         Scope::Collection { db, coll } => (db.clone(), vec![coll.clone()]),
@@ -407,55 +729,83 @@ async fn scan_all(
     Ok(())
 }
 
-/// Reads the documents of `db.coll` after `after` in `_id` order into `tx`: one cursor,
-/// or, with parallelism, chunks of `snapshot_chunk_docs` read concurrently and handed
-/// over in order. `false` when the receiver is gone.
+/// Reads the documents of `db.coll` after `after` in `_id` order into `tx`, as chunks
+/// each read at one cluster time: one after the other (each `snapshot_chunk_docs`
+/// documents after the last one read) or, with parallelism, ranges of `_id` read
+/// concurrently, each opened after the one before has told its time, so chunk times never
+/// go backwards. `false` when the receiver is gone.
 async fn scan_collection(
     inner: &Arc<Inner>,
     db: &str,
     coll_name: &str,
     after: Option<Bson>,
-    tx: &mpsc::Sender<cdc_core::Result<(Arc<str>, RawDocumentBuf)>>,
+    tx: &mpsc::Sender<cdc_core::Result<Chunk>>,
 ) -> cdc_core::Result<bool> {
     let coll = inner
         .client
         .database(db)
         .collection::<RawDocumentBuf>(coll_name);
     let o = &inner.options;
-    let chunk = o.snapshot_chunk_docs.max(1);
+    let chunk_docs = o.snapshot_chunk_docs.max(1);
+    let batch = u32::try_from(chunk_docs).unwrap_or(u32::MAX);
     let after_filter = |after: &Option<Bson>| match after {
         Some(a) => doc! { "_id": { "$gt": a.clone() } },
         None => Document::new(),
     };
     let driver = |e| Error::driver("read the snapshot", e);
     let name: Arc<str> = Arc::from(coll_name);
-    let send = |doc: RawDocumentBuf| tx.send(Ok((Arc::clone(&name), doc)));
+    let started = std::time::Instant::now();
     if o.snapshot_parallelism <= 1 {
-        let mut cursor = coll
-            .find(after_filter(&after))
-            .sort(doc! { "_id": 1 })
-            .batch_size(u32::try_from(chunk).unwrap_or(u32::MAX))
-            .await
-            .map_err(driver)?;
-        let started = std::time::Instant::now();
+        let mut after = after;
         let mut read: u64 = 0;
-        while let Some(doc) = cursor.try_next().await.map_err(driver)? {
-            if send(doc).await.is_err() {
+        let limit = i64::try_from(chunk_docs).unwrap_or(i64::MAX);
+        loop {
+            let (time, mut session, mut cursor) =
+                open_read(inner, &coll, after_filter(&after), Some(limit), batch).await?;
+            let (rows_tx, rows) = mpsc::channel(chunk_docs.min(4096));
+            // This task reads the chunk itself (the next chunk starts after its last
+            // `_id`); the hand-over side reads `rows` when its turn comes.
+            let chunk = Chunk {
+                coll: Arc::clone(&name),
+                time,
+                rows,
+                _reader: None,
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
                 return Ok(false);
             }
-            read += 1;
-            if read.is_multiple_of(PROGRESS_STEP) {
-                inner.snapshot.update(|p| p.documents += PROGRESS_STEP);
+            let mut in_chunk = 0_usize;
+            let mut last = None;
+            while let Some(doc) = cursor.next(&mut session).await {
+                let doc = doc.map_err(driver)?;
+                last = doc.get("_id").ok().flatten().map(bson::RawBson::from);
+                if rows_tx.send(Ok(doc)).await.is_err() {
+                    return Ok(false);
+                }
+                in_chunk += 1;
             }
-            if read.is_multiple_of(100_000) {
+            drop(rows_tx);
+            read += in_chunk as u64;
+            inner.snapshot.update(|p| {
+                p.documents += in_chunk as u64;
+                p.chunks_done += 1;
+            });
+            if read.is_multiple_of(100 * chunk_docs as u64) || in_chunk < chunk_docs {
                 progress(read, None, started);
             }
+            match last {
+                Some(id) if in_chunk >= chunk_docs => {
+                    after =
+                        Some(
+                            Bson::try_from(id).map_err(|e| cdc_core::Error::MalformedEvent {
+                                field: "fullDocument._id",
+                                problem: e.to_string(),
+                            })?,
+                        );
+                }
+                _ => return Ok(true),
+            }
         }
-        inner
-            .snapshot
-            .update(|p| p.documents += read % PROGRESS_STEP);
-        progress(read, None, started);
-        return Ok(true);
     }
     // Chunk bounds from a scan of the keys alone (MongoDB's `splitVector` needs
     // privileges a change-stream user seldom has): every `chunk`-th `_id`, with `chunk`
@@ -465,7 +815,7 @@ async fn scan_collection(
         .count_documents(after_filter(&after))
         .await
         .map_err(driver)?;
-    let chunk = chunk
+    let chunk = chunk_docs
         .max(
             usize::try_from(count)
                 .unwrap_or(usize::MAX)
@@ -501,80 +851,53 @@ async fn scan_collection(
     inner.snapshot.update(|p| {
         p.chunks_total += total as u64;
     });
-    let started = std::time::Instant::now();
-    let mut read: u64 = 0;
-    // Each chunk is read by a task of its own into a small bounded channel; chunks are
-    // handed over in order, so at most `readers` chunks are read ahead, each holding at
-    // most one batch in memory.
-    let batch = u32::try_from(o.snapshot_chunk_docs.max(1)).unwrap_or(u32::MAX);
-    let readers_ahead = futures_util::stream::iter(ranges.into_iter().map(|(low, high)| {
-        let coll = coll.clone();
-        let (chunk_tx, chunk_rx) = mpsc::channel::<mongodb::error::Result<RawDocumentBuf>>(
-            usize::try_from(batch).unwrap_or(1024).clamp(1, 1024),
-        );
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for (done, (low, high)) in ranges.into_iter().enumerate() {
+        let mut range = Document::new();
+        if let Some(l) = low {
+            range.insert("$gt", l);
+        }
+        if let Some(h) = high {
+            range.insert("$lte", h);
+        }
+        let filter = if range.is_empty() {
+            Document::new()
+        } else {
+            doc! { "_id": range }
+        };
+        // Opened here, one after the other: each chunk's time is told before the next
+        // chunk is opened. The rest of it is read by a task of its own, concurrently.
+        let (time, mut session, mut cursor) = open_read(inner, &coll, filter, None, batch).await?;
+        let (rows_tx, rows) = mpsc::channel(chunk_docs.clamp(1, 1024));
+        let progress_of = Arc::clone(inner);
+        let read = Arc::clone(&read);
         let task = tokio::spawn(async move {
-            let mut range = Document::new();
-            if let Some(l) = low {
-                range.insert("$gt", l);
-            }
-            if let Some(h) = high {
-                range.insert("$lte", h);
-            }
-            let filter = if range.is_empty() {
-                Document::new()
-            } else {
-                doc! { "_id": range }
-            };
-            let cursor = coll
-                .find(filter)
-                .sort(doc! { "_id": 1 })
-                .batch_size(batch)
-                .await;
-            let mut cursor = match cursor {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = chunk_tx.send(Err(e)).await;
+            let mut in_chunk = 0_u64;
+            while let Some(doc) = cursor.next(&mut session).await {
+                let doc = doc.map_err(|e| Error::driver("read the snapshot", e).into());
+                let failed = doc.is_err();
+                if rows_tx.send(doc).await.is_err() || failed {
                     return;
                 }
-            };
-            loop {
-                match cursor.try_next().await {
-                    Ok(Some(doc)) => {
-                        if chunk_tx.send(Ok(doc)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = chunk_tx.send(Err(e)).await;
-                        return;
-                    }
-                }
+                in_chunk += 1;
+            }
+            let read = read.fetch_add(in_chunk, std::sync::atomic::Ordering::Relaxed) + in_chunk;
+            progress_of.snapshot.update(|p| {
+                p.documents += in_chunk;
+                p.chunks_done += 1;
+            });
+            if (done + 1) % 100 == 0 || done + 1 == total {
+                progress(read, Some((done + 1, total)), started);
             }
         });
-        async move { (chunk_rx, task) }
-    }))
-    .buffered(readers);
-    futures_util::pin_mut!(readers_ahead);
-    let mut done = 0;
-    while let Some((mut chunk_rx, task)) = readers_ahead.next().await {
-        // The reader ends with its task, when this side stops listening.
-        let _reader = AbortOnDrop(task);
-        let mut in_chunk: u64 = 0;
-        while let Some(doc) = chunk_rx.recv().await {
-            if send(doc.map_err(driver)?).await.is_err() {
-                return Ok(false);
-            }
-            in_chunk += 1;
-        }
-        read += in_chunk;
-        done += 1;
-        inner.snapshot.update(|p| {
-            p.documents += in_chunk;
-            p.chunks_done += 1;
-        });
-        if done % 100 == 0 || done == total {
-            progress(read, Some((done, total)), started);
+        let chunk = Chunk {
+            coll: Arc::clone(&name),
+            time,
+            rows,
+            _reader: Some(AbortOnDrop(task)),
+        };
+        if tx.send(Ok(chunk)).await.is_err() {
+            return Ok(false);
         }
     }
     Ok(true)
@@ -589,7 +912,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Logs how far a snapshot's reading got (documents handed over, chunks, rate).
+/// Logs how far a snapshot's reading got (documents read, chunks, rate).
 fn progress(read: u64, chunks: Option<(usize, usize)>, started: std::time::Instant) {
     let rate = read as f64 / started.elapsed().as_secs_f64().max(1e-3);
     match chunks {
@@ -605,5 +928,256 @@ fn progress(read: u64, chunks: Option<(usize, usize)>, started: std::time::Insta
             per_second = rate.round(),
             "snapshot: reading"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::{MongoSource, SourceOptions};
+
+    /// A stream of given events, then round trips without events whose post-batch token
+    /// is `pbrt`.
+    struct Scripted {
+        events: VecDeque<ChangeEvent>,
+        last: Option<ResumeToken>,
+        pbrt: ResumeToken,
+    }
+
+    #[async_trait::async_trait]
+    impl ChangeCursor for Scripted {
+        async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
+            let event = self.events.pop_front();
+            self.last = Some(
+                event
+                    .as_ref()
+                    .map_or_else(|| self.pbrt.clone(), |e| e.token.clone()),
+            );
+            Ok(event)
+        }
+        fn resume_token(&self) -> Option<ResumeToken> {
+            self.last.clone()
+        }
+        fn is_closed(&self) -> bool {
+            false
+        }
+        fn take_gap(&mut self) -> Option<HistoryGap> {
+            None
+        }
+        async fn close(self: Box<Self>) {}
+    }
+
+    fn token(time: u32) -> ResumeToken {
+        ResumeToken::from_document(&doc! { "_data": format!("82{time:08X}00000001") }).unwrap()
+    }
+
+    /// An update of `id` to version `v` at cluster time `time`.
+    fn update(time: u32, id: i64, v: i64) -> ChangeEvent {
+        let raw = RawDocumentBuf::try_from(&doc! {
+            "_id": { "_data": format!("82{time:08X}00000001") },
+            "operationType": "update",
+            "clusterTime": bson::Timestamp { time, increment: 1 },
+            "ns": { "db": "d", "coll": "c" },
+            "documentKey": { "_id": id },
+            "updateDescription": { "updatedFields": { "v": v }, "removedFields": [] },
+        })
+        .unwrap();
+        ChangeEvent::from_raw_buf(raw).unwrap()
+    }
+
+    /// A chunk of `docs` read at `time`.
+    fn chunk(time: u32, docs: &[Document]) -> Chunk {
+        let (tx, rows) = mpsc::channel(docs.len().max(1));
+        for d in docs {
+            tx.try_send(Ok(RawDocumentBuf::try_from(d).unwrap()))
+                .unwrap();
+        }
+        Chunk {
+            coll: Arc::from("c"),
+            time: ClusterTime::new(time, 1),
+            rows,
+            _reader: None,
+        }
+    }
+
+    fn cursor(uri: &str, chunks: Vec<Chunk>, events: Vec<ChangeEvent>) -> SnapshotCursor {
+        let client = mongodb::Client::with_uri_str(uri);
+        let client = futures_util::FutureExt::now_or_never(client)
+            .expect("parsing a URI without SRV does not wait")
+            .unwrap();
+        let options = SourceOptions {
+            snapshot: SnapshotMode::Initial,
+            ..SourceOptions::default()
+        };
+        let source = MongoSource::new(client, Scope::collection("d", "c"), options);
+        let (tx, rx) = mpsc::channel(chunks.len().max(1));
+        for c in chunks {
+            tx.try_send(Ok(c)).unwrap();
+        }
+        let position = SnapshotPosition {
+            start: token(1),
+            start_time: ClusterTime::new(1, 1),
+            coll: "c".into(),
+            after: None,
+        };
+        let mut cursor =
+            SnapshotCursor::with_reader(&source.inner, position, rx, tokio::spawn(async {}));
+        cursor.stream = Some(Box::new(Scripted {
+            events: events.into(),
+            last: None,
+            pbrt: token(u32::MAX - 1),
+        }));
+        cursor
+    }
+
+    /// `(operation, _id, version)` of what the cursor hands over until the snapshot is
+    /// read and the stream idle.
+    async fn drain(cursor: &mut SnapshotCursor) -> Vec<(String, i64, i64)> {
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            match cursor.next().await.unwrap() {
+                Some(e) => {
+                    let id = e.document_id().and_then(|b| b.as_i64()).unwrap();
+                    let v = match e.operation_type {
+                        cdc_core::OperationType::Update => e
+                            .update_description()
+                            .unwrap()
+                            .unwrap()
+                            .updated_fields
+                            .get_i64("v")
+                            .unwrap(),
+                        _ => e
+                            .full_document_parsed()
+                            .unwrap()
+                            .unwrap()
+                            .get_i64("v")
+                            .unwrap(),
+                    };
+                    out.push((e.operation_type.to_string(), id, v));
+                }
+                None if cursor.tail => return out,
+                None => {}
+            }
+        }
+        panic!("the cursor did not settle: {out:?}");
+    }
+
+    /// Documents read at 10 take their place at 10: after the change at 5, before the
+    /// change at 15 (held back while they are handed over).
+    #[tokio::test]
+    async fn documents_take_their_place_at_their_read_time() {
+        let mut c = cursor(
+            "mongodb://127.0.0.1:9/",
+            vec![chunk(
+                10,
+                &[
+                    doc! { "_id": 1_i64, "v": 1_i64 },
+                    doc! { "_id": 2_i64, "v": 0_i64 },
+                ],
+            )],
+            vec![update(5, 1, 1), update(15, 1, 2), update(16, 2, 1)],
+        );
+        let out = drain(&mut c).await;
+        let expected = [
+            ("update", 1, 1),
+            ("snapshot", 1, 1),
+            ("snapshot", 2, 0),
+            ("update", 1, 2),
+            ("update", 2, 1),
+        ]
+        .map(|(op, id, v)| (op.to_owned(), id, v));
+        assert_eq!(out, expected);
+    }
+
+    /// Every event handed over during the snapshot marks where the stream continues and
+    /// the last `_id` handed over; a stream event keeps its own `_data`.
+    #[tokio::test]
+    async fn tokens_during_the_snapshot_carry_both_positions() {
+        let mut c = cursor(
+            "mongodb://127.0.0.1:9/",
+            vec![
+                chunk(10, &[doc! { "_id": 1_i64, "v": 1_i64 }]),
+                chunk(20, &[doc! { "_id": 2_i64, "v": 0_i64 }]),
+            ],
+            vec![update(12, 1, 2), update(25, 2, 1)],
+        );
+        let row = c.next().await.unwrap().unwrap();
+        let at = SnapshotPosition::of(&StartPosition::ResumeAfter(row.token.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!((at.after, at.start), (Some(Bson::Int64(1)), token(1)));
+        let change = c.next().await.unwrap().unwrap();
+        assert_eq!(
+            change.token.data(),
+            Some(format!("82{:08X}00000001", 12).as_str())
+        );
+        let at = SnapshotPosition::of(&StartPosition::ResumeAfter(change.token.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!((at.after, at.start), (Some(Bson::Int64(1)), token(12)));
+        let row = c.next().await.unwrap().unwrap();
+        let at = SnapshotPosition::of(&StartPosition::ResumeAfter(row.token.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!((at.after, at.start), (Some(Bson::Int64(2)), token(12)));
+        // The snapshot is read: the change held back comes with its own token.
+        let change = c.next().await.unwrap().unwrap();
+        assert_eq!(change.token, token(25));
+    }
+
+    /// Chunk times going backwards cannot be placed: a transient error, so the processor
+    /// continues from its stored point.
+    #[tokio::test]
+    async fn chunk_times_going_backwards_are_refused() {
+        let mut c = cursor(
+            "mongodb://127.0.0.1:9/",
+            vec![
+                chunk(20, &[doc! { "_id": 1_i64, "v": 1_i64 }]),
+                chunk(10, &[doc! { "_id": 2_i64, "v": 0_i64 }]),
+            ],
+            vec![],
+        );
+        let mut err = None;
+        for _ in 0..10 {
+            if let Err(e) = c.next().await {
+                err = Some(e);
+                break;
+            }
+        }
+        let err = err.expect("refused");
+        assert_eq!(err.kind(), cdc_core::ErrorKind::Transient, "{err}");
+    }
+
+    /// A document whose key had a stream event after its chunk's time was handed over is
+    /// read again, at a later time, and that image is handed over instead.
+    #[tokio::test]
+    async fn a_document_passed_by_a_change_is_read_again() {
+        let sim = mongo_sim::MongoSim::start().await.unwrap();
+        let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+        client
+            .database("d")
+            .collection::<Document>("c")
+            .insert_one(doc! { "_id": 1_i64, "v": 7_i64 })
+            .await
+            .unwrap();
+        let mut c = cursor(
+            &sim.uri(),
+            vec![chunk(10, &[doc! { "_id": 1_i64, "v": 3_i64 }])],
+            vec![],
+        );
+        // A change to 1 at 12 was handed over before the chunk read at 10 came.
+        let handed = c.hand_over(update(12, 1, 7)).unwrap();
+        assert!(handed.token.as_raw().get("_snapshot").unwrap().is_some());
+        let out = drain(&mut c).await;
+        assert_eq!(out, [("snapshot".to_owned(), 1, 7)]);
+        assert_eq!(source_progress(&c).reread, 1);
+    }
+
+    fn source_progress(c: &SnapshotCursor) -> cdc_core::SnapshotProgress {
+        c.inner.snapshot.get().unwrap()
     }
 }

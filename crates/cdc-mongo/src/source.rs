@@ -53,7 +53,7 @@ pub(crate) struct Inner {
 /// classified [`cdc_core::Error::Source`].
 #[derive(Clone)]
 pub struct MongoSource {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for MongoSource {

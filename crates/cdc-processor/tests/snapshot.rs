@@ -12,15 +12,17 @@ use std::{
 
 use bson::{Bson, Document, doc};
 use cdc_processor::{
-    BoxError, ChangeEvent, CheckpointPolicy, DocumentProcessor, FnDispatcher, FullDocument,
-    OperationType, SnapshotMode, stores::MemoryStore,
+    BoxError, ChangeEvent, CheckpointPolicy, Dispatcher, DocumentProcessor, FnDispatcher,
+    FullDocument, OperationType, SnapshotMode, stores::MemoryStore,
 };
 use mongo_sim::TestDeployment;
 use mongodb::{Client, Collection};
 
-type Log = Arc<Mutex<Vec<(OperationType, i64, Option<Document>)>>>;
+type Log = Arc<Mutex<Vec<(OperationType, i64, Option<Document>, Option<i64>)>>>;
 
-/// Records `(operation, _id, full document)` of every event, in delivery order.
+/// Records `(operation, _id, full document, version)` of every event, in delivery order.
+/// The version `v` is the event's own: a snapshot's or an insert's document, an update's
+/// `updatedFields` (a looked-up full document may be newer than its update).
 fn recorder(
     log: &Log,
 ) -> FnDispatcher<impl Fn(&ChangeEvent, Option<BoxError>) -> Result<(), BoxError> + use<>> {
@@ -32,17 +34,42 @@ fn recorder(
             _ => return Ok(()),
         };
         let full = e.full_document_parsed()?;
+        let version = match e.operation_type {
+            OperationType::Update => e
+                .update_description()?
+                .and_then(|u| u.updated_fields.get_i64("v").ok()),
+            _ => full.as_ref().and_then(|d| d.get_i64("v").ok()),
+        };
         log.lock()
             .unwrap()
-            .push((e.operation_type.clone(), id, full));
+            .push((e.operation_type.clone(), id, full, version));
         Ok(())
     })
+}
+
+/// A recorder that takes a millisecond every fourth snapshot event: the snapshot is
+/// read while the writer writes, so stream events and snapshot images meet.
+struct Unhurried<D>(D, std::sync::atomic::AtomicU64);
+
+#[async_trait::async_trait]
+impl<D: Dispatcher> Dispatcher for Unhurried<D> {
+    async fn dispatch(&self, e: &ChangeEvent, previous: Option<BoxError>) -> Result<(), BoxError> {
+        if e.operation_type == OperationType::Snapshot
+            && self
+                .1
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(4)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.0.dispatch(e, previous).await
+    }
 }
 
 /// The collection as the events say it is, applied in delivery order.
 fn replica(log: &Log) -> BTreeMap<i64, Document> {
     let mut out = BTreeMap::new();
-    for (op, id, full) in log.lock().unwrap().iter() {
+    for (op, id, full, _) in log.lock().unwrap().iter() {
         match op {
             OperationType::Delete => {
                 out.remove(id);
@@ -137,6 +164,18 @@ impl Env {
         }
     }
 
+    /// Waits until the processor's snapshot is read, then as `caught_up` (stream events
+    /// are handed over while a snapshot is read, so a marker alone does not tell the
+    /// snapshot is done).
+    async fn snapshot_caught_up(&self, p: &DocumentProcessor, log: &Log, marker: i64) {
+        let read = p.clone();
+        until("the snapshot to be read", move || {
+            read.stats().snapshot.is_some_and(|s| s.finished)
+        })
+        .await;
+        self.caught_up(log, marker).await;
+    }
+
     /// Writes a marker and waits until the processor delivered it: everything written
     /// before it has been delivered too.
     async fn caught_up(&self, log: &Log, marker: i64) {
@@ -149,7 +188,7 @@ impl Env {
             seen.lock()
                 .unwrap()
                 .iter()
-                .any(|(op, id, _)| *op == OperationType::Insert && *id == marker)
+                .any(|(op, id, ..)| *op == OperationType::Insert && *id == marker)
         })
         .await;
     }
@@ -170,10 +209,10 @@ async fn existing_documents_first_then_the_stream_and_the_replica_equals_the_col
             .concurrency(lanes)
             .build()
             .unwrap();
-        let (p2, handler) = (p.clone(), recorder(&log));
+        let (p2, handler) = (p.clone(), Unhurried(recorder(&log), Default::default()));
         let task = tokio::spawn(async move { p2.start(handler).await });
         env.write_meanwhile(existing, 0..300).await;
-        env.caught_up(&log, 1_000_000).await;
+        env.snapshot_caught_up(&p, &log, 1_000_000).await;
         p.stop();
         task.await.unwrap().unwrap();
 
@@ -186,7 +225,7 @@ async fn existing_documents_first_then_the_stream_and_the_replica_equals_the_col
         let snapshot_ids: Vec<i64> = entries
             .iter()
             .filter(|(op, ..)| *op == OperationType::Snapshot)
-            .map(|(_, id, _)| *id)
+            .map(|(_, id, ..)| *id)
             .collect();
         assert!(
             snapshot_ids.len() as i64 >= existing - 60,
@@ -198,28 +237,39 @@ async fn existing_documents_first_then_the_stream_and_the_replica_equals_the_col
                 snapshot_ids.windows(2).all(|w| w[0] < w[1]),
                 "{case}: in _id order"
             );
-            let first_change = entries
-                .iter()
-                .position(|(op, ..)| *op != OperationType::Snapshot)
-                .unwrap();
-            assert!(
-                entries[first_change..]
-                    .iter()
-                    .all(|(op, ..)| *op != OperationType::Snapshot),
-                "{case}: every snapshot event before every stream event"
-            );
         }
-        let mut stream_seen = std::collections::HashSet::new();
-        for (op, id, _) in &entries {
-            if *op == OperationType::Snapshot {
+        // No stale overwrite: per key, the versions arrive in the order they were made
+        // (snapshot images and stream events interleave, each at its place).
+        let mut latest: BTreeMap<i64, i64> = BTreeMap::new();
+        for (op, id, _, version) in &entries {
+            if let Some(v) = version {
+                let before = latest.insert(*id, *v).unwrap_or(i64::MIN);
                 assert!(
-                    !stream_seen.contains(id),
-                    "{case}: key {id}: snapshot after a change"
+                    *v >= before,
+                    "{case}: key {id}: version {v} ({op:?}) after version {before}"
                 );
-            } else {
-                stream_seen.insert(*id);
             }
         }
+        let progress = p.stats().snapshot.unwrap();
+        assert!(progress.finished, "{case}");
+        // The writer wrote while the snapshot was read: stream events came between
+        // snapshot images.
+        let last_image = entries
+            .iter()
+            .rposition(|(op, ..)| *op == OperationType::Snapshot)
+            .unwrap();
+        let interleaved = entries[..last_image]
+            .iter()
+            .filter(|(op, ..)| *op != OperationType::Snapshot)
+            .count();
+        eprintln!(
+            "{case}: {interleaved} stream events among the snapshot images, {} documents read again",
+            progress.reread
+        );
+        assert!(
+            interleaved > 0,
+            "{case}: the writer did not meet the snapshot"
+        );
         assert_eq!(
             p.stats()
                 .events_by_type
@@ -253,6 +303,7 @@ async fn a_snapshot_stopped_midway_continues_where_it_stopped() {
             e.operation_type.clone(),
             e.document_id().and_then(|b| b.as_i64()).unwrap_or(-1),
             None,
+            None,
         ));
         if log.len() == 700 {
             stop.stop();
@@ -281,18 +332,23 @@ async fn a_snapshot_stopped_midway_continues_where_it_stopped() {
         .unwrap();
     let (q2, handler) = (q.clone(), recorder(&second));
     let task = tokio::spawn(async move { q2.start(handler).await });
-    env.caught_up(&second, 1_000_000).await;
+    env.snapshot_caught_up(&q, &second, 1_000_000).await;
     q.stop();
     task.await.unwrap().unwrap();
     let second = second.lock().unwrap().clone();
     let snap: Vec<i64> = second
         .iter()
         .filter(|(op, ..)| *op == OperationType::Snapshot)
-        .map(|(_, id, _)| *id)
+        .map(|(_, id, ..)| *id)
         .collect();
     // It continued after the last document handled (at most one repeat under
     // every_event), not from the start.
-    let first_ids: Vec<i64> = first.lock().unwrap().iter().map(|(_, id, _)| *id).collect();
+    let first_ids: Vec<i64> = first
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, id, ..)| *id)
+        .collect();
     let last_first = *first_ids.last().unwrap();
     assert!(
         snap[0] >= last_first && snap[0] <= last_first + 1,
@@ -309,13 +365,13 @@ async fn a_snapshot_stopped_midway_continues_where_it_stopped() {
     assert_eq!(&all[..expected.len()], expected.as_slice());
     assert!(!snap.contains(&1999));
     assert!(
-        second.iter().any(|(_, id, _)| *id == 5000),
+        second.iter().any(|(_, id, ..)| *id == 5000),
         "the insert made meanwhile"
     );
     assert!(
         second
             .iter()
-            .any(|(op, id, _)| *op == OperationType::Delete && *id == 1999)
+            .any(|(op, id, ..)| *op == OperationType::Delete && *id == 1999)
     );
     env.deployment.shutdown().await;
 }
@@ -356,9 +412,13 @@ async fn initial_only_stops_after_the_scan_and_a_later_start_streams_from_before
     task.await.unwrap().unwrap();
     let later = later.lock().unwrap().clone();
     assert!(later.iter().all(|(op, ..)| *op != OperationType::Snapshot));
-    assert!(later.iter().any(|(op, id, d)| *op == OperationType::Update
-        && *id == 7
-        && d.as_ref().and_then(|d| d.get_i64("v").ok()) == Some(9)));
+    assert!(
+        later
+            .iter()
+            .any(|(op, id, d, _)| *op == OperationType::Update
+                && *id == 7
+                && d.as_ref().and_then(|d| d.get_i64("v").ok()) == Some(9))
+    );
     env.deployment.shutdown().await;
 }
 
@@ -409,7 +469,7 @@ async fn when_needed_reads_the_documents_anew_after_history_is_lost() {
     .await;
     sim.set_oplog_capacity(1_000_000);
     env.write_meanwhile(existing, 60..100).await;
-    env.caught_up(&log, 1_000_000).await;
+    env.snapshot_caught_up(&q, &log, 1_000_000).await;
     q.stop();
     task.await.unwrap().unwrap();
     assert_eq!(replica(&log), contents(&env.coll()).await);
