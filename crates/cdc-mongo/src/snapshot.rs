@@ -807,39 +807,14 @@ async fn scan_collection(
             }
         }
     }
-    // Chunk bounds from a scan of the keys alone (MongoDB's `splitVector` needs
-    // privileges a change-stream user seldom has): every `chunk`-th `_id`, with `chunk`
-    // grown so there are at most 16 chunks per reader (each chunk is one query).
     let readers = o.snapshot_parallelism;
-    let count = coll
-        .count_documents(after_filter(&after))
-        .await
-        .map_err(driver)?;
-    let chunk = chunk_docs
-        .max(
-            usize::try_from(count)
-                .unwrap_or(usize::MAX)
-                .div_ceil(readers * 16),
-        )
-        .max(1);
-    let mut keys = coll
-        .clone_with_type::<Document>()
-        .find(after_filter(&after))
-        .sort(doc! { "_id": 1 })
-        .projection(doc! { "_id": 1 })
-        .batch_size(10_000)
-        .await
-        .map_err(driver)?;
-    let mut bounds: Vec<Bson> = Vec::new();
-    let mut n = 0_usize;
-    while let Some(mut key) = keys.try_next().await.map_err(driver)? {
-        n += 1;
-        if n.is_multiple_of(chunk)
-            && let Some(id) = key.remove("_id")
-        {
-            bounds.push(id);
+    let bounds = match split_vector(inner, db, coll_name, &after, chunk_docs, readers).await {
+        Ok(bounds) => bounds,
+        Err(e) => {
+            tracing::info!(error = %e, "snapshot: splitVector refused; split points from a scan of the keys");
+            scan_split_points(&coll, &after, chunk_docs, readers).await?
         }
-    }
+    };
     let mut ranges: Vec<(Option<Bson>, Option<Bson>)> = Vec::with_capacity(bounds.len() + 1);
     let mut low = after;
     for b in bounds {
@@ -901,6 +876,109 @@ async fn scan_collection(
         }
     }
     Ok(true)
+}
+
+/// Split points from MongoDB's `splitVector` along the `_id` index (sized from
+/// `collStats`): about `chunk_docs` documents per chunk, grown so there are at most 16
+/// chunks per reader. Needs the `splitVector` privilege (`clusterManager`, or a custom
+/// role) and a replica set member; the caller falls back to a scan of the keys.
+async fn split_vector(
+    inner: &Inner,
+    db: &str,
+    coll: &str,
+    after: &Option<Bson>,
+    chunk_docs: usize,
+    readers: usize,
+) -> Result<Vec<Bson>, Error> {
+    let database = inner.client.database(db);
+    let stats = database
+        .run_command(doc! { "collStats": coll })
+        .await
+        .map_err(|e| Error::driver("read the collection's size", e))?;
+    let number = |field: &str| match stats.get(field) {
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Double(n)) => *n as i64,
+        _ => 0,
+    };
+    let (size, count) = (number("size"), number("count"));
+    if count == 0 || size == 0 {
+        return Ok(Vec::new());
+    }
+    let per_chunk = i64::try_from(chunk_docs)
+        .unwrap_or(i64::MAX)
+        .max(count / i64::try_from(readers * 16).unwrap_or(i64::MAX).max(1))
+        .max(1);
+    // `maxChunkSizeBytes` at the collection's size lets `maxChunkObjects` decide (the
+    // server splits at half the size, or at `maxChunkObjects` if fewer).
+    let mut cmd = doc! {
+        "splitVector": format!("{db}.{coll}"),
+        "keyPattern": { "_id": 1 },
+        "maxChunkSizeBytes": size,
+        "maxChunkObjects": per_chunk,
+    };
+    if let Some(after) = after {
+        cmd.insert("min", doc! { "_id": after.clone() });
+    }
+    let reply = database
+        .run_command(cmd)
+        .await
+        .map_err(|e| Error::driver("find split points (splitVector)", e))?;
+    let keys = reply
+        .get_array("splitKeys")
+        .map_err(|e| Error::Unsupported {
+            feature: "splitVector",
+            code: 0,
+            message: format!("an answer without splitKeys: {e}"),
+        })?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| k.as_document().and_then(|k| k.get("_id")).cloned())
+        // `min` is inclusive there; the first chunk here starts after `after`.
+        .filter(|k| Some(k) != after.as_ref())
+        .collect())
+}
+
+/// Split points from a scan of the keys alone: every `chunk`-th `_id` after `after`, with
+/// `chunk` grown so there are at most 16 chunks per reader.
+async fn scan_split_points(
+    coll: &mongodb::Collection<RawDocumentBuf>,
+    after: &Option<Bson>,
+    chunk_docs: usize,
+    readers: usize,
+) -> cdc_core::Result<Vec<Bson>> {
+    let driver = |e| Error::driver("find split points", e);
+    let filter = match after {
+        Some(a) => doc! { "_id": { "$gt": a.clone() } },
+        None => Document::new(),
+    };
+    let count = coll.count_documents(filter.clone()).await.map_err(driver)?;
+    let chunk = chunk_docs
+        .max(
+            usize::try_from(count)
+                .unwrap_or(usize::MAX)
+                .div_ceil(readers * 16),
+        )
+        .max(1);
+    let mut keys = coll
+        .clone_with_type::<Document>()
+        .find(filter)
+        .sort(doc! { "_id": 1 })
+        .projection(doc! { "_id": 1 })
+        .batch_size(10_000)
+        .await
+        .map_err(driver)?;
+    let mut bounds: Vec<Bson> = Vec::new();
+    let mut n = 0_usize;
+    while let Some(mut key) = keys.try_next().await.map_err(driver)? {
+        n += 1;
+        if n.is_multiple_of(chunk)
+            && let Some(id) = key.remove("_id")
+        {
+            bounds.push(id);
+        }
+    }
+    Ok(bounds)
 }
 
 /// Aborts a task when dropped.

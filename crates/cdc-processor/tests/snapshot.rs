@@ -200,6 +200,19 @@ async fn existing_documents_first_then_the_stream_and_the_replica_equals_the_col
     // One cursor; chunks read four at a time; and chunks with 8 lanes.
     for (parallelism, chunk, lanes) in [(1, 1000, 1), (4, 100, 1), (4, 250, 8)] {
         let env = Env::new("snap_replica", existing).await;
+        if lanes > 1 {
+            // Split points from a scan of the keys when `splitVector` is refused (a user
+            // without the privilege).
+            env.client
+                .database("admin")
+                .run_command(doc! {
+                    "configureFailPoint": "failCommand",
+                    "mode": "alwaysOn",
+                    "data": { "failCommands": ["splitVector"], "errorCode": 13 },
+                })
+                .await
+                .unwrap();
+        }
         let store = Arc::new(MemoryStore::new());
         let log: Log = Arc::default();
         let p = env
@@ -252,6 +265,12 @@ async fn existing_documents_first_then_the_stream_and_the_replica_equals_the_col
         }
         let progress = p.stats().snapshot.unwrap();
         assert!(progress.finished, "{case}");
+        if parallelism > 1 {
+            assert!(
+                progress.chunks_total > 4 && progress.chunks_done == progress.chunks_total,
+                "{case}: {progress:?}"
+            );
+        }
         // The writer wrote while the snapshot was read: stream events came between
         // snapshot images.
         let last_image = entries

@@ -215,3 +215,79 @@ async fn snapshot_reads_tell_their_time_and_refuse_what_the_simulator_cannot_rea
         assert!(!cursor.contains_key("atClusterTime"), "{level}: {reply}");
     }
 }
+
+#[tokio::test]
+async fn split_vector_splits_the_id_index_as_the_server_does() {
+    let (_sim, client) = setup().await;
+    let db = client.database("reads");
+    let coll = db.collection::<Document>("split");
+    // Inserted out of `_id` order.
+    coll.insert_many(
+        (0..1000_i64).map(|i| doc! { "_id": (i * 7919) % 1000, "pad": "x".repeat(50) }),
+    )
+    .await
+    .unwrap();
+    let size = db
+        .run_command(doc! { "collStats": "split" })
+        .await
+        .unwrap()
+        .get_i64("size")
+        .unwrap();
+    let split = |extra: Document| {
+        let mut cmd = doc! { "splitVector": "reads.split", "keyPattern": { "_id": 1 } };
+        cmd.extend(extra);
+        let db = db.clone();
+        async move { db.run_command(cmd).await }
+    };
+    let keys = |reply: Document| -> Vec<i64> {
+        reply
+            .get_array("splitKeys")
+            .unwrap()
+            .iter()
+            .map(|k| k.as_document().unwrap().get_i64("_id").unwrap())
+            .collect()
+    };
+    // At most 100 documents per chunk: a split point after every 101 keys.
+    let points = keys(
+        split(doc! { "maxChunkSizeBytes": size, "maxChunkObjects": 100 })
+            .await
+            .unwrap(),
+    );
+    assert_eq!(points, (1..10).map(|k| k * 101).collect::<Vec<_>>());
+    // By size alone: half of the maximum per chunk.
+    let points = keys(split(doc! { "maxChunkSizeBytes": size / 4 }).await.unwrap());
+    assert!((6..=9).contains(&points.len()), "{points:?}");
+    assert!(points.windows(2).all(|w| w[0] < w[1]));
+    // Within bounds, capped in number.
+    let points = keys(
+        split(doc! { "maxChunkSizeBytes": size, "maxChunkObjects": 100, "min": { "_id": 500_i64 }, "max": { "_id": 900_i64 }, "maxSplitPoints": 2 })
+            .await
+            .unwrap(),
+    );
+    assert_eq!(points, [601, 702]);
+    // A collection smaller than one chunk has no split points.
+    assert!(keys(split(doc! { "maxChunkSizeBytes": size + 1 }).await.unwrap()).is_empty());
+    // Refusals with the server's codes.
+    let cases = [
+        (
+            doc! { "splitVector": "reads.split", "keyPattern": { "pad": 1 }, "maxChunkSize": 1 },
+            27,
+        ),
+        (
+            doc! { "splitVector": "reads.split", "keyPattern": { "_id": 1 } },
+            2,
+        ),
+        (
+            doc! { "splitVector": "reads.nothing", "keyPattern": { "_id": 1 }, "maxChunkSize": 1 },
+            26,
+        ),
+        (
+            doc! { "splitVector": "nodot", "keyPattern": { "_id": 1 }, "maxChunkSize": 1 },
+            73,
+        ),
+    ];
+    for (cmd, code) in cases {
+        let err = db.run_command(cmd.clone()).await.unwrap_err();
+        assert_eq!(code_of(&err), code, "{cmd}: {err}");
+    }
+}

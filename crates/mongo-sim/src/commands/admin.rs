@@ -1,5 +1,6 @@
 //! Commands about the server itself: the handshake, build and status information.
 
+use crate::catalog::IdOrd;
 use bson::{Bson, Document, doc, oid::ObjectId};
 
 use super::*;
@@ -504,4 +505,121 @@ pub(crate) fn get_log(state: &State, cmd: &Document) -> CmdResult {
             format!("No log named '{other}'"),
         )),
     }
+}
+
+/// `splitVector` (an internal command drivers' tools use to split a collection for
+/// parallel reads): split points along the `_id` index so each range holds about
+/// `maxChunkObjects` documents or half of `maxChunkSize(Bytes)`, as the server computes
+/// them. Only the `_id` index exists here: another key pattern is IndexNotFound.
+pub(crate) fn split_vector(state: &State, cmd: &Document) -> CmdResult {
+    let ns = match cmd.get("splitVector") {
+        Some(Bson::String(ns)) => ns.as_str(),
+        _ => return Err(CmdError::type_mismatch("splitVector", "string")),
+    };
+    let Some((db, name)) = ns.split_once('.') else {
+        return Err(CmdError::new(
+            code::INVALID_NAMESPACE,
+            format!("Invalid namespace specified '{ns}'"),
+        ));
+    };
+    let pattern = match cmd.get("keyPattern") {
+        Some(Bson::Document(p)) => p,
+        _ => return Err(CmdError::type_mismatch("keyPattern", "object")),
+    };
+    let by_id = pattern.len() == 1
+        && matches!(pattern.get("_id"), Some(Bson::Int32(1) | Bson::Int64(1)))
+        || matches!(pattern.get("_id"), Some(Bson::Double(d)) if *d == 1.0 && pattern.len() == 1);
+    if !by_id {
+        return Err(CmdError::new(
+            code::INDEX_NOT_FOUND,
+            format!("couldn't find index over splitting key {pattern}"),
+        ));
+    }
+    let number = |field: &str| -> CmdResult<Option<i64>> {
+        match cmd.get(field) {
+            None | Some(Bson::Null) => Ok(None),
+            Some(Bson::Int32(n)) => Ok(Some(i64::from(*n))),
+            Some(Bson::Int64(n)) => Ok(Some(*n)),
+            Some(Bson::Double(n)) => Ok(Some(*n as i64)),
+            Some(_) => Err(CmdError::type_mismatch(field, "number")),
+        }
+    };
+    let force = cmd
+        .get("force")
+        .is_some_and(|f| !matches!(f, Bson::Boolean(false) | Bson::Null));
+    let max_bytes = match (number("maxChunkSizeBytes")?, number("maxChunkSize")?) {
+        (Some(b), _) => Some(b),
+        (None, Some(mb)) => Some(mb.saturating_mul(1024 * 1024)),
+        (None, None) => None,
+    };
+    if max_bytes.is_none() && !force {
+        return Err(CmdError::bad_value(
+            "need to specify the desired max chunk size (maxChunkSize or maxChunkSizeBytes)",
+        ));
+    }
+    let max_objects = number("maxChunkObjects")?.filter(|n| *n > 0);
+    let max_points = number("maxSplitPoints")?.filter(|n| *n > 0);
+    let Some(c) = state.dbs.get(db).and_then(|d| d.get(name)) else {
+        return Err(CmdError::new(code::NAMESPACE_NOT_FOUND, "ns not found"));
+    };
+    let bound = |field: &str| -> CmdResult<std::ops::Bound<IdOrd>> {
+        match cmd.get(field) {
+            None => Ok(std::ops::Bound::Unbounded),
+            Some(Bson::Document(d)) if d.is_empty() => Ok(std::ops::Bound::Unbounded),
+            Some(Bson::Document(d)) => match d.get("_id") {
+                Some(Bson::MinKey | Bson::MaxKey) => Ok(std::ops::Bound::Unbounded),
+                Some(v) => Ok(if field == "min" {
+                    std::ops::Bound::Included(IdOrd(v.clone()))
+                } else {
+                    std::ops::Bound::Excluded(IdOrd(v.clone()))
+                }),
+                None => Err(CmdError::bad_value(format!(
+                    "{field} must be a prefix of the key pattern"
+                ))),
+            },
+            Some(_) => Err(CmdError::type_mismatch(field, "object")),
+        }
+    };
+    let range = (bound("min")?, bound("max")?);
+    if let (std::ops::Bound::Included(l), std::ops::Bound::Excluded(h)) = (&range.0, &range.1)
+        && l >= h
+    {
+        return Ok(doc! { "splitKeys": [], "ok": 1.0 });
+    }
+    let records = count(c.docs.len());
+    let size: i64 = c.docs.values().map(bson_size).sum();
+    let keys: Vec<&IdOrd> = c.order.range(range).map(|(k, _)| k).collect();
+    let mut split_keys: Vec<Bson> = Vec::new();
+    if force {
+        // One split point, at the middle of the range.
+        if keys.len() > 1 {
+            split_keys.push(Bson::Document(
+                doc! { "_id": keys[keys.len() / 2].0.clone() },
+            ));
+        }
+        return Ok(doc! { "splitKeys": split_keys, "ok": 1.0 });
+    }
+    let max_bytes = max_bytes.unwrap_or(i64::MAX);
+    if records == 0 || size < max_bytes {
+        return Ok(doc! { "splitKeys": split_keys, "ok": 1.0 });
+    }
+    let average = (size / records).max(1);
+    let mut per_chunk = max_bytes / (2 * average);
+    if let Some(objects) = max_objects
+        && objects < per_chunk
+    {
+        per_chunk = objects;
+    }
+    let mut in_chunk = 0_i64;
+    for key in keys {
+        if in_chunk > per_chunk {
+            split_keys.push(Bson::Document(doc! { "_id": key.0.clone() }));
+            in_chunk = 0;
+            if max_points.is_some_and(|m| count(split_keys.len()) >= m) {
+                break;
+            }
+        }
+        in_chunk += 1;
+    }
+    Ok(doc! { "splitKeys": split_keys, "ok": 1.0 })
 }

@@ -140,6 +140,7 @@ pub(crate) fn run(
         "currentOp" => return raw(admin_only(db, name).and_then(|()| current_op(state, ctx, cmd))),
         "dbStats" => return raw(Ok(db_stats(state, db))),
         "collStats" => return raw(coll_stats(state, db, cmd)),
+        "splitVector" => return raw(split_vector(state, cmd)),
         "connectionStatus" => return raw(Ok(connection_status(cmd))),
         "getLog" => return raw(admin_only(db, name).and_then(|()| get_log(state, cmd))),
         "ping" | "endSessions" | "killAllSessions" | "killSessions" | "refreshSessions" => {
