@@ -52,7 +52,7 @@ pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
 pub use namespace::{Namespace, OperationType};
 pub use point::{ResumePoint, StartPosition};
 pub use redact::{percent_decode, percent_decode_lossy, redact_secrets};
-pub use source::{ChangeCursor, ChangeSource, HistoryGap, SnapshotProgress};
+pub use source::{ChangeCursor, ChangeSource, HistoryGap, SnapshotProgress, SnapshotRequest};
 pub use store::{ResumeStore, check_forward, validate_stream_id};
 pub use token::{ClusterTime, ResumeToken};
 

@@ -33,18 +33,66 @@ pub trait ChangeSource: Send + Sync {
     fn snapshot_progress(&self) -> Option<SnapshotProgress> {
         None
     }
+
+    /// Reads documents again while `cursor` streams (an incremental snapshot): the cursor
+    /// returned hands over `cursor`'s stream with the documents `request` names
+    /// interleaved, under the same guarantees as an initial snapshot. On refusal, the
+    /// error and `cursor` unchanged. By default every request is refused.
+    async fn snapshot_while_streaming(
+        &self,
+        cursor: Box<dyn ChangeCursor>,
+        request: &SnapshotRequest,
+    ) -> std::result::Result<Box<dyn ChangeCursor>, (Box<dyn ChangeCursor>, crate::Error)> {
+        let _ = request;
+        let reason = format!("{} cannot read documents while streaming", self.describe());
+        Err((
+            cursor,
+            crate::Error::InvalidArgument {
+                name: "snapshot request",
+                reason,
+            },
+        ))
+    }
+}
+
+/// Documents to read again while streaming (an incremental snapshot).
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct SnapshotRequest {
+    /// The collection to read: `None` for the source's collection (or every collection of
+    /// its database).
+    pub collection: Option<String>,
+    /// Which documents: a query filter (empty: all of them).
+    pub filter: bson::Document,
+}
+
+impl SnapshotRequest {
+    /// The documents matching `filter` (empty: all of them).
+    pub fn new(filter: bson::Document) -> Self {
+        Self {
+            collection: None,
+            filter,
+        }
+    }
+
+    /// Of the collection `name` (of a database source).
+    #[must_use]
+    pub fn collection(mut self, name: impl Into<String>) -> Self {
+        self.collection = Some(name.into());
+        self
+    }
 }
 
 /// How far a snapshot's reading got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SnapshotProgress {
-    /// Documents read and handed over (counted in steps of 1,024, or a chunk at a time,
-    /// and exactly once the snapshot is read).
+    /// Documents read (counted a chunk at a time).
     pub documents: u64,
-    /// Chunks read (parallel reading), of `chunks_total`.
+    /// Chunks read.
     pub chunks_done: u64,
-    /// Chunks of the collection being read (0 when it is read by one cursor).
+    /// Chunks of the collection being read, when known in advance (parallel reading; 0
+    /// when chunks are read one after the other until the collection ends).
     pub chunks_total: u64,
     /// Documents read again because a change to them came through the stream before
     /// their turn: the image read first was older than that change.
@@ -78,6 +126,11 @@ pub trait ChangeCursor: Send {
     /// A history gap this cursor skipped, once: set when the requested position had aged
     /// out of the oplog and the source was configured to restart from now.
     fn take_gap(&mut self) -> Option<HistoryGap>;
+
+    /// Whether the cursor is reading a snapshot (not yet every document handed over).
+    fn is_snapshotting(&self) -> bool {
+        false
+    }
 
     /// Whether the source has nothing more to deliver, for good (a snapshot-only source
     /// after its scan): the processor then saves its last point and stops.

@@ -73,6 +73,11 @@ pub(crate) struct SnapshotPosition {
     coll: String,
     /// The last `_id` handed over; `None` before the first.
     after: Option<Bson>,
+    /// For a snapshot requested while streaming: which documents (`None`: an initial
+    /// snapshot, of every document).
+    filter: Option<Document>,
+    /// Only the collection `coll` (of a database source), not every collection after it.
+    single: bool,
 }
 
 const FIELD: &str = "_snapshot";
@@ -153,11 +158,21 @@ impl SnapshotPosition {
             Ok(None) => None,
             Err(e) => return Err(bad(&e.to_string())),
         };
+        let filter = match snap.get("filter") {
+            Ok(Some(RawBsonRef::Document(d))) => {
+                Some(Document::try_from(d).map_err(|e| bad(&e.to_string()))?)
+            }
+            Ok(None) => None,
+            _ => return Err(bad("`filter` is not a document")),
+        };
+        let single = matches!(snap.get("single"), Ok(Some(RawBsonRef::Boolean(true))));
         Ok(Self {
             start,
             start_time,
             coll,
             after,
+            filter,
+            single,
         })
     }
 }
@@ -193,9 +208,95 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> cdc_core::Result<Box<dyn Change
         start_time,
         coll,
         after: None,
+        filter: None,
+        single: false,
     };
     tracing::info!(scope = %inner.scope, "snapshot: the stream's position is taken; reading the documents");
     Ok(Box::new(SnapshotCursor::new(inner, position)))
+}
+
+/// Reads the documents `request` names while `stream` goes on (an incremental snapshot):
+/// the same hand-over as an initial snapshot, from the stream's current position.
+pub(crate) async fn incremental(
+    inner: &Arc<Inner>,
+    stream: Box<dyn ChangeCursor>,
+    request: &cdc_core::SnapshotRequest,
+) -> Result<Box<dyn ChangeCursor>, (Box<dyn ChangeCursor>, cdc_core::Error)> {
+    let refuse = |reason: String| cdc_core::Error::InvalidArgument {
+        name: "snapshot request",
+        reason,
+    };
+    let (db, coll, single) = match (&inner.scope, &request.collection) {
+        (Scope::Collection { db, coll }, None) => (db, coll.clone(), false),
+        (Scope::Collection { db, coll }, Some(c)) if c == coll => (db, coll.clone(), false),
+        (Scope::Database(db), Some(c)) => (db, c.clone(), true),
+        (Scope::Database(db), None) => (db, String::new(), false),
+        (scope, Some(c)) => {
+            return Err((
+                stream,
+                refuse(format!(
+                    "collection `{c}` is not watched by this source ({scope})"
+                )),
+            ));
+        }
+        (Scope::Deployment, None) => {
+            return Err((
+                stream,
+                refuse("snapshots read a collection or a database, not a whole deployment".into()),
+            ));
+        }
+    };
+    if stream.is_snapshotting() {
+        return Err((
+            stream,
+            refuse("a snapshot is being read; request another once it is read".into()),
+        ));
+    }
+    let Some(start) = stream.resume_token() else {
+        return Err((
+            stream,
+            refuse("the stream has no position yet; request again once it has one".into()),
+        ));
+    };
+    // A filter the server refuses would fail every read, and every restart from a point
+    // carrying it: it is tried first.
+    let database = inner.client.database(db);
+    let probed = if coll.is_empty() {
+        match database.list_collection_names().await {
+            Ok(mut names) => {
+                names.retain(|n| !n.starts_with("system."));
+                names.sort();
+                names.into_iter().next()
+            }
+            Err(e) => return Err((stream, Error::driver("list the collections", e).into())),
+        }
+    } else {
+        Some(coll.clone())
+    };
+    if let Some(probed) = probed
+        && let Err(e) = database
+            .collection::<RawDocumentBuf>(&probed)
+            .find(request.filter.clone())
+            .limit(1)
+            .await
+    {
+        return Err((
+            stream,
+            Error::driver("check the snapshot's filter", e).into(),
+        ));
+    }
+    let position = SnapshotPosition {
+        start_time: start.cluster_time_hint().unwrap_or_default(),
+        start,
+        coll,
+        after: None,
+        filter: Some(request.filter.clone()),
+        single,
+    };
+    tracing::info!(scope = %inner.scope, collection = %position.coll, filter = %request.filter, "snapshot requested while streaming: reading the documents");
+    let mut cursor = SnapshotCursor::new(inner, position);
+    cursor.stream = Some(stream);
+    Ok(Box::new(cursor))
 }
 
 /// Continues a snapshot from a stored position.
@@ -302,6 +403,10 @@ struct SnapshotCursor {
     finished: bool,
     /// The namespace of the collection being read, encoded once.
     ns: Option<(Arc<str>, RawDocumentBuf)>,
+    /// A requested snapshot's filter, as its tokens carry it; `None` for an initial one.
+    filter: Option<RawDocumentBuf>,
+    /// Only one collection of a database is read.
+    single: bool,
 }
 
 impl SnapshotCursor {
@@ -323,7 +428,13 @@ impl SnapshotCursor {
             .after
             .as_ref()
             .and_then(|a| bson::RawBson::try_from(a.clone()).ok());
+        let filter = position
+            .filter
+            .as_ref()
+            .and_then(|f| RawDocumentBuf::try_from(f).ok());
         Self {
+            filter,
+            single: position.single,
             inner: Arc::clone(inner),
             stream_time: position.start_time,
             stream_pos: position.start,
@@ -359,6 +470,12 @@ impl SnapshotCursor {
         snap.append(bson::cstr!("coll"), &*self.coll);
         if let Some(after) = &self.after {
             snap.append(bson::cstr!("after"), after.clone());
+        }
+        if let Some(filter) = &self.filter {
+            snap.append(bson::cstr!("filter"), filter.as_ref());
+        }
+        if self.single {
+            snap.append(bson::cstr!("single"), true);
         }
         let mut token = RawDocumentBuf::new();
         if let Some(data) = data {
@@ -507,7 +624,9 @@ impl ChangeCursor for SnapshotCursor {
             if self.scan_done {
                 tracing::info!(scope = %self.inner.scope, "snapshot: every document read");
                 self.inner.snapshot.update(|p| p.finished = true);
-                if self.inner.options.snapshot == SnapshotMode::InitialOnly {
+                // A snapshot requested while streaming goes on streaming.
+                if self.inner.options.snapshot == SnapshotMode::InitialOnly && self.filter.is_none()
+                {
                     self.finished = true;
                     return Ok(None);
                 }
@@ -627,6 +746,10 @@ impl ChangeCursor for SnapshotCursor {
         self.finished
     }
 
+    fn is_snapshotting(&self) -> bool {
+        !self.tail && !self.finished
+    }
+
     async fn close(mut self: Box<Self>) {
         self.reader.abort();
         if let Some(stream) = self.stream.take() {
@@ -713,7 +836,7 @@ async fn scan_all(
         Scope::Deployment => return Ok(()),
     };
     for coll in colls {
-        if coll < position.coll {
+        if coll < position.coll || (position.single && coll != position.coll) {
             continue;
         }
         let after = if coll == position.coll {
@@ -721,7 +844,7 @@ async fn scan_all(
         } else {
             None
         };
-        if !scan_collection(inner, &db, &coll, after, tx).await? {
+        if !scan_collection(inner, &db, &coll, after, position.filter.as_ref(), tx).await? {
             break;
         }
         inner.snapshot.update(|p| p.collections_done += 1);
@@ -739,6 +862,7 @@ async fn scan_collection(
     db: &str,
     coll_name: &str,
     after: Option<Bson>,
+    filter: Option<&Document>,
     tx: &mpsc::Sender<cdc_core::Result<Chunk>>,
 ) -> cdc_core::Result<bool> {
     let coll = inner
@@ -748,9 +872,17 @@ async fn scan_collection(
     let o = &inner.options;
     let chunk_docs = o.snapshot_chunk_docs.max(1);
     let batch = u32::try_from(chunk_docs).unwrap_or(u32::MAX);
-    let after_filter = |after: &Option<Bson>| match after {
-        Some(a) => doc! { "_id": { "$gt": a.clone() } },
-        None => Document::new(),
+    // The requested documents within an `_id` range.
+    let within = |range: Document| match filter {
+        Some(f) if !f.is_empty() && !range.is_empty() => doc! { "$and": [f.clone(), range] },
+        Some(f) if !f.is_empty() => f.clone(),
+        _ => range,
+    };
+    let after_filter = |after: &Option<Bson>| {
+        within(match after {
+            Some(a) => doc! { "_id": { "$gt": a.clone() } },
+            None => Document::new(),
+        })
     };
     let driver = |e| Error::driver("read the snapshot", e);
     let name: Arc<str> = Arc::from(coll_name);
@@ -835,11 +967,11 @@ async fn scan_collection(
         if let Some(h) = high {
             range.insert("$lte", h);
         }
-        let filter = if range.is_empty() {
+        let filter = within(if range.is_empty() {
             Document::new()
         } else {
             doc! { "_id": range }
-        };
+        });
         // Opened here, one after the other: each chunk's time is told before the next
         // chunk is opened. The rest of it is read by a task of its own, concurrently.
         let (time, mut session, mut cursor) = open_read(inner, &coll, filter, None, batch).await?;
@@ -1101,6 +1233,8 @@ mod tests {
             start_time: ClusterTime::new(1, 1),
             coll: "c".into(),
             after: None,
+            filter: None,
+            single: false,
         };
         let mut cursor =
             SnapshotCursor::with_reader(&source.inner, position, rx, tokio::spawn(async {}));

@@ -316,6 +316,14 @@ impl ChangeSource for MongoSource {
         self.inner.snapshot.get()
     }
 
+    async fn snapshot_while_streaming(
+        &self,
+        cursor: Box<dyn ChangeCursor>,
+        request: &cdc_core::SnapshotRequest,
+    ) -> Result<Box<dyn ChangeCursor>, (Box<dyn ChangeCursor>, cdc_core::Error)> {
+        crate::snapshot::incremental(&self.inner, cursor, request).await
+    }
+
     fn describe(&self) -> String {
         self.inner.scope.to_string()
     }

@@ -26,6 +26,10 @@ pub enum Error {
     /// another to run again.
     #[error("the processor for stream `{0}` was stopped; build a new one to run again")]
     Stopped(String),
+    /// A call that needs a running processor (a snapshot request) came while it was not
+    /// running.
+    #[error("the processor for stream `{0}` is not running")]
+    NotRunning(String),
     /// The builder was given an inconsistent configuration.
     #[error("invalid processor configuration: {0}")]
     Config(String),
@@ -45,9 +49,11 @@ impl Error {
         match self {
             Self::Cdc(e) => e.kind(),
             Self::StoreTimeout { .. } => ErrorKind::Store,
-            Self::AlreadyRunning(_) | Self::Stopped(_) | Self::Invalidated(_) | Self::Config(_) => {
-                ErrorKind::Fatal
-            }
+            Self::AlreadyRunning(_)
+            | Self::NotRunning(_)
+            | Self::Stopped(_)
+            | Self::Invalidated(_)
+            | Self::Config(_) => ErrorKind::Fatal,
         }
     }
 

@@ -70,7 +70,7 @@ pub use stats::Stats;
 pub use cdc_core::{
     BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DeadLetter, DeadLetterStore,
     DispatchChain, Dispatcher, ErrorKind, FnDispatcher, HistoryGap, Namespace, OperationType,
-    ResumePoint, ResumeStore, ResumeToken, StartPosition,
+    ResumePoint, ResumeStore, ResumeToken, SnapshotProgress, SnapshotRequest, StartPosition,
 };
 
 /// The `bson` crate this one is built with: use it rather than a `bson` of your own, so

@@ -64,6 +64,8 @@ pub(crate) struct Inner {
     pub(crate) attempts: std::sync::atomic::AtomicU32,
     /// The handler-error policy with its dead-letter store and parked keys.
     pub(crate) poison: Arc<crate::poison::Poison>,
+    /// Snapshots requested while streaming, waiting for the reader.
+    pub(crate) requests: Arc<crate::reader::Requests>,
 }
 
 /// Watches a collection, database or deployment and hands every change to a handler,
@@ -116,6 +118,7 @@ impl DocumentProcessor {
                 stats: Mutex::new(Stats::default()),
                 attempts: std::sync::atomic::AtomicU32::new(0),
                 poison,
+                requests: Arc::new(crate::reader::Requests::new()),
             }),
         }
     }
@@ -167,6 +170,33 @@ impl DocumentProcessor {
         self.inner.cancel.cancel();
     }
 
+    /// Reads documents again while the stream goes on (an incremental snapshot): the
+    /// documents `request` names are handed over as `snapshot` events, interleaved with
+    /// the stream's changes under the same promises as an initial snapshot (each document
+    /// at its read time, so no key's versions go backwards; no change missed), and a
+    /// restart continues the reading where it stopped. Returns once the reader has taken
+    /// the request (within one round trip of the stream); `Stats::snapshot` then shows its
+    /// progress.
+    ///
+    /// # Errors
+    /// [`Error::NotRunning`] when the processor is not running (or stops before taking the
+    /// request); a refusal ([`cdc_core::Error::InvalidArgument`]) while another snapshot
+    /// is being read, for a collection the source does not watch, for a source that cannot
+    /// read documents, or a filter the server refuses.
+    pub async fn request_snapshot(&self, request: cdc_core::SnapshotRequest) -> Result<()> {
+        if !self.inner.running.load(Ordering::Acquire) {
+            return Err(Error::NotRunning(self.stream_id().to_owned()));
+        }
+        let answer = self.inner.requests.send(request);
+        tokio::select! {
+            answer = answer => match answer {
+                Ok(answer) => answer.map_err(Error::Cdc),
+                Err(_) => Err(Error::NotRunning(self.stream_id().to_owned())),
+            },
+            () = self.inner.cancel.cancelled() => Err(Error::NotRunning(self.stream_id().to_owned())),
+        }
+    }
+
     /// Runs until stopped or failed.
     ///
     /// # Errors
@@ -210,6 +240,15 @@ impl DocumentProcessor {
         self.inner.attempts.fetch_add(1, Ordering::Relaxed);
         let result = self.run(handler).instrument(span).await;
         self.inner.running.store(false, Ordering::Release);
+        self.inner
+            .requests
+            .refuse_all(&cdc_core::Error::InvalidArgument {
+                name: "snapshot request",
+                reason: format!(
+                    "the processor for stream `{}` stopped before taking it",
+                    self.stream_id()
+                ),
+            });
         if let Err(e) = &result {
             self.stats_mut().last_error = Some(e.to_string());
             let _ = self.inner.errors.send(Arc::new(e.clone()));

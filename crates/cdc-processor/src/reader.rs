@@ -4,8 +4,8 @@
 
 use std::{future::Future, sync::Arc};
 
-use cdc_core::{ChangeCursor, ChangeEvent, HistoryGap, ResumeToken};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use cdc_core::{ChangeCursor, ChangeEvent, ChangeSource, HistoryGap, ResumeToken, SnapshotRequest};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 pub(crate) enum Item {
     /// Boxed: an event is large, and items are moved and batched in `Vec`s. The permit is
@@ -21,6 +21,86 @@ pub(crate) enum Item {
     /// the position a later start continues from.
     Finished(Option<ResumeToken>),
     Failed(cdc_core::Error),
+}
+
+/// A snapshot request and where its answer goes.
+pub(crate) struct Pending {
+    pub(crate) request: SnapshotRequest,
+    pub(crate) reply: oneshot::Sender<cdc_core::Result<()>>,
+}
+
+/// Snapshot requests waiting for the reader, the task that holds the cursor: it takes
+/// them between two events and hands its cursor to the source, which returns the cursor
+/// that reads the documents alongside the stream.
+pub(crate) struct Requests {
+    tx: mpsc::UnboundedSender<Pending>,
+    rx: std::sync::Mutex<mpsc::UnboundedReceiver<Pending>>,
+    /// Set when a request was sent: the reader looks at the queue only then.
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+impl Requests {
+    pub(crate) fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            tx,
+            rx: std::sync::Mutex::new(rx),
+            waiting: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Queues a request; the answer comes on the returned receiver.
+    pub(crate) fn send(&self, request: SnapshotRequest) -> oneshot::Receiver<cdc_core::Result<()>> {
+        let (reply, answer) = oneshot::channel();
+        // The receiver lives as long as `self`: sending cannot fail.
+        let _ = self.tx.send(Pending { request, reply });
+        self.waiting
+            .store(true, std::sync::atomic::Ordering::Release);
+        answer
+    }
+
+    fn take(&self) -> Option<Pending> {
+        self.rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .try_recv()
+            .ok()
+    }
+
+    /// Answers every waiting request with `error` (the processor stopped).
+    pub(crate) fn refuse_all(&self, error: &cdc_core::Error) {
+        while let Some(p) = self.take() {
+            let _ = p.reply.send(Err(error.clone()));
+        }
+    }
+
+    /// Hands `cursor` to `source` for each waiting request; the cursor to read on.
+    async fn serve(
+        &self,
+        source: &dyn ChangeSource,
+        mut cursor: Box<dyn ChangeCursor>,
+    ) -> Box<dyn ChangeCursor> {
+        if !self
+            .waiting
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return cursor;
+        }
+        while let Some(p) = self.take() {
+            cursor = match source.snapshot_while_streaming(cursor, &p.request).await {
+                Ok(cursor) => {
+                    let _ = p.reply.send(Ok(()));
+                    cursor
+                }
+                Err((cursor, e)) => {
+                    tracing::warn!(error = %e, "snapshot request refused");
+                    let _ = p.reply.send(Err(e));
+                    cursor
+                }
+            };
+        }
+        cursor
+    }
 }
 
 /// The most events the reader hands to the consumer at once: handing over batches rather
@@ -77,10 +157,14 @@ pub(crate) async fn read_ahead(
     tx: mpsc::Sender<Vec<Item>>,
     handoff: usize,
     budget: Budget,
+    requests: Option<(Arc<dyn ChangeSource>, Arc<Requests>)>,
 ) {
     let mut batch = Vec::with_capacity(handoff);
     let mut idle_token: Option<ResumeToken> = None;
     loop {
+        if let Some((source, requests)) = &requests {
+            cursor = requests.serve(&**source, cursor).await;
+        }
         if let Some(gap) = cursor.take_gap() {
             batch.push(Item::Gap(gap));
         }
@@ -218,7 +302,7 @@ mod tests {
         // Room for three events (and a channel that could hold far more).
         let budget = Budget::new(3 * (size + 200));
         let (tx, mut rx) = mpsc::channel(1000);
-        let reader = tokio::spawn(read_ahead(cursor, tx, 256, budget));
+        let reader = tokio::spawn(read_ahead(cursor, tx, 256, budget, None));
         let mut held: Vec<Vec<Item>> = Vec::new();
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -252,7 +336,7 @@ mod tests {
             reads: Arc::clone(&reads),
         });
         let (tx, mut rx) = mpsc::channel(1000);
-        let reader = tokio::spawn(read_ahead(cursor, tx, 256, Budget::new(1_000)));
+        let reader = tokio::spawn(read_ahead(cursor, tx, 256, Budget::new(1_000), None));
         let first = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
             .await
             .unwrap()

@@ -141,7 +141,16 @@ impl DocumentProcessor {
             let handoff = s.prefetch.clamp(1, HANDOFF);
             let (tx, mut rx) = mpsc::channel((s.prefetch / handoff).max(1));
             let budget = Budget::new(s.max_buffered_bytes);
-            let reader = tokio::spawn(read_ahead(cursor, tx, handoff, budget));
+            let reader = tokio::spawn(read_ahead(
+                cursor,
+                tx,
+                handoff,
+                budget,
+                Some((
+                    std::sync::Arc::clone(&s.source),
+                    std::sync::Arc::clone(&self.inner.requests),
+                )),
+            ));
             let outcome = match handler {
                 Handler::Event(h) if s.concurrency <= 1 && s.keep_transactions != Some(true) => {
                     self.consume(&mut rx, &mut cp, &**h).await

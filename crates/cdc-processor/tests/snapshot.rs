@@ -576,3 +576,181 @@ async fn a_database_snapshot_reads_every_collection_then_streams() {
     assert_eq!(order.iter().filter(|c| **c == "beta").count(), 200);
     env.deployment.shutdown().await;
 }
+
+/// Marks the documents whose `_id` is even as `tier: gold`.
+async fn gild_even(env: &Env, existing: i64) {
+    let even: Vec<i64> = (0..existing).filter(|i| i % 2 == 0).collect();
+    env.coll()
+        .update_many(
+            doc! { "_id": { "$in": even } },
+            doc! { "$set": { "tier": "gold" } },
+        )
+        .await
+        .unwrap();
+}
+
+/// A snapshot requested while streaming reads the documents its filter names, each at
+/// its place among the changes the writer makes meanwhile (no key's versions go
+/// backwards); a second request while it reads, a collection not watched, a filter the
+/// server refuses and a processor not running are refused.
+#[tokio::test]
+async fn a_snapshot_requested_while_streaming_reads_the_filtered_documents() {
+    let existing = 6000;
+    let env = Env::new("snap_request", existing).await;
+    gild_even(&env, existing).await;
+    let store = Arc::new(MemoryStore::new());
+    let log: Log = Arc::default();
+    let p = env.builder(&store).build().unwrap();
+    let gold = || cdc_processor::SnapshotRequest::new(doc! { "tier": "gold" });
+    let not_running = p.request_snapshot(gold()).await.unwrap_err();
+    assert!(
+        matches!(not_running, cdc_processor::Error::NotRunning(_)),
+        "{not_running}"
+    );
+    let (p2, handler) = (p.clone(), Unhurried(recorder(&log), Default::default()));
+    let task = tokio::spawn(async move { p2.start(handler).await });
+    let opened = p.clone();
+    until("the stream to open", move || {
+        opened.stats().checkpoints >= 1
+    })
+    .await;
+
+    p.request_snapshot(gold()).await.unwrap();
+    let again = p.request_snapshot(gold()).await.unwrap_err();
+    assert!(again.to_string().contains("being read"), "{again}");
+    let elsewhere = p
+        .request_snapshot(gold().collection("other"))
+        .await
+        .unwrap_err();
+    assert!(elsewhere.to_string().contains("not watched"), "{elsewhere}");
+    env.write_meanwhile(existing, 0..300).await;
+    env.snapshot_caught_up(&p, &log, 1_000_000).await;
+    let bad = p
+        .request_snapshot(cdc_processor::SnapshotRequest::new(doc! { "$bogus": 1 }))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("filter"), "{bad}");
+    p.stop();
+    task.await.unwrap().unwrap();
+
+    let entries = log.lock().unwrap().clone();
+    let images: Vec<i64> = entries
+        .iter()
+        .filter(|(op, ..)| *op == OperationType::Snapshot)
+        .map(|(_, id, ..)| *id)
+        .collect();
+    // Only gold documents, in `_id` order; every gold document that exists now was read.
+    assert!(images.iter().all(|id| id % 2 == 0 && *id < existing));
+    assert!(images.windows(2).all(|w| w[0] < w[1]));
+    let now = contents(&env.coll()).await;
+    let gold_now: Vec<i64> = now
+        .iter()
+        .filter(|(_, d)| d.get_str("tier").ok() == Some("gold"))
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(gold_now.iter().all(|id| images.contains(id)));
+    assert!(images.len() > 2500, "{}", images.len());
+    // No stale overwrite: per key, versions in the order they were made.
+    let mut latest: BTreeMap<i64, i64> = BTreeMap::new();
+    for (op, id, _, version) in &entries {
+        if let Some(v) = version {
+            let before = latest.insert(*id, *v).unwrap_or(i64::MIN);
+            assert!(
+                *v >= before,
+                "key {id}: version {v} ({op:?}) after {before}"
+            );
+        }
+    }
+    // Changes came during the reading too.
+    let last_image = entries
+        .iter()
+        .rposition(|(op, ..)| *op == OperationType::Snapshot)
+        .unwrap();
+    assert!(
+        entries[..last_image]
+            .iter()
+            .any(|(op, ..)| *op != OperationType::Snapshot)
+    );
+    env.deployment.shutdown().await;
+}
+
+/// A snapshot requested while streaming and stopped midway continues where it stopped
+/// at the next start, with the same filter (it is part of the stored point).
+#[tokio::test]
+async fn a_requested_snapshot_stopped_midway_continues_with_its_filter() {
+    let existing = 2000;
+    let env = Env::new("snap_request_resume", existing).await;
+    gild_even(&env, existing).await;
+    let store = Arc::new(MemoryStore::new());
+    let first: Log = Arc::default();
+    let p = env
+        .builder(&store)
+        .checkpoint(CheckpointPolicy::every_event())
+        .build()
+        .unwrap();
+    let stop = p.stop_handle();
+    let seen = Arc::clone(&first);
+    let handler = FnDispatcher(move |e: &ChangeEvent, _: Option<BoxError>| {
+        let mut log = seen.lock().unwrap();
+        if e.operation_type == OperationType::Snapshot {
+            log.push((
+                e.operation_type.clone(),
+                e.document_id().and_then(|b| b.as_i64()).unwrap_or(-1),
+                None,
+                None,
+            ));
+            if log.len() == 300 {
+                stop.stop();
+            }
+        }
+        Ok(())
+    });
+    let p2 = p.clone();
+    let task = tokio::spawn(async move { p2.start(handler).await });
+    let opened = p.clone();
+    until("the stream to open", move || {
+        opened.stats().checkpoints >= 1
+    })
+    .await;
+    p.request_snapshot(cdc_processor::SnapshotRequest::new(doc! { "tier": "gold" }))
+        .await
+        .unwrap();
+    task.await.unwrap().unwrap();
+    let first_ids: Vec<i64> = first
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, id, ..)| *id)
+        .collect();
+    assert!((300..=301).contains(&first_ids.len()));
+
+    let second: Log = Arc::default();
+    let q = env.builder(&store).build().unwrap();
+    let (q2, handler) = (q.clone(), recorder(&second));
+    let task = tokio::spawn(async move { q2.start(handler).await });
+    env.snapshot_caught_up(&q, &second, 1_000_000).await;
+    q.stop();
+    task.await.unwrap().unwrap();
+    let images: Vec<i64> = second
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(op, ..)| *op == OperationType::Snapshot)
+        .map(|(_, id, ..)| *id)
+        .collect();
+    let last_first = *first_ids.last().unwrap();
+    assert!(
+        images[0] >= last_first && images[0] <= last_first + 2,
+        "{} after {last_first}",
+        images[0]
+    );
+    assert!(images.iter().all(|id| id % 2 == 0), "the filter held");
+    let mut all: Vec<i64> = first_ids.into_iter().chain(images).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        all,
+        (0..existing).filter(|i| i % 2 == 0).collect::<Vec<_>>()
+    );
+    env.deployment.shutdown().await;
+}
