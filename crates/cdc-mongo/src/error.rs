@@ -111,6 +111,8 @@ const TRANSIENT_CODES: &[i32] = &[
     189,   // PrimarySteppedDown
     216,   // ElectionInProgress
     234,   // RetryChangeStream
+    239,   // SnapshotTooOld: a snapshot read outlived the history window; read anew
+    246,   // SnapshotUnavailable: the snapshot is not yet available
     262,   // ExceededTimeLimit
     9001,  // SocketException
     10107, // NotWritablePrimary

@@ -147,9 +147,10 @@ pub struct SourceOptions {
     pub split_large_events: bool,
     /// Whether existing documents are read first (see [`crate::SnapshotMode`]).
     pub snapshot: crate::SnapshotMode,
-    /// How many chunks of a snapshot are read at once (1: one cursor over the collection).
+    /// How many chunks of a snapshot are read at once (1: chunks of `snapshot_chunk_docs`
+    /// one after the other; more: `_id` ranges from `splitVector` read concurrently).
     pub snapshot_parallelism: usize,
-    /// Documents per snapshot chunk (and the batch size of snapshot reads).
+    /// Documents per snapshot chunk (at least; and the batch size of snapshot reads).
     pub snapshot_chunk_docs: usize,
 }
 
@@ -237,8 +238,8 @@ impl SourceOptions {
         self
     }
 
-    /// Reads a snapshot in chunks of `chunk_docs` documents, `parallelism` at once (the
-    /// chunks are handed over in `_id` order).
+    /// Reads a snapshot in chunks of `chunk_docs` documents, `parallelism` at once (each
+    /// chunk a snapshot read, handed over in `_id` order at its read time).
     #[must_use]
     pub fn snapshot_parallelism(mut self, parallelism: usize, chunk_docs: usize) -> Self {
         self.snapshot_parallelism = parallelism.max(1);

@@ -467,6 +467,8 @@ async fn every_listed_code_is_classified() {
         ),
         (10107, &[], ErrorKind::Transient),
         (216, &[], ErrorKind::Transient),
+        (239, &[], ErrorKind::Transient),
+        (246, &[], ErrorKind::Transient),
         (91, &["ResumableChangeStreamError"], ErrorKind::Transient),
         (11000, &["RetryableWriteError"], ErrorKind::Transient),
         (13, &[], ErrorKind::Fatal),

@@ -232,7 +232,8 @@ impl Builder {
     }
 
     /// Reads a snapshot in chunks of `chunk_docs` documents, `parallelism` chunks at once
-    /// (default 1 and 1,000: one cursor).
+    /// (default 1 and 1,000: chunks of 1,000 one after the other; with more readers,
+    /// ranges from `splitVector` of at least `chunk_docs`, at most 16 per reader).
     #[must_use]
     pub fn snapshot_parallelism(mut self, parallelism: usize, chunk_docs: usize) -> Self {
         self.options = self.options.snapshot_parallelism(parallelism, chunk_docs);
