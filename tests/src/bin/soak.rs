@@ -11,7 +11,9 @@
 //!   a change as delivered when it is in the log or in the dead letters (never both). With
 //!   `--snapshot [--preload N]` N documents (100,000) exist before the consumer starts,
 //!   which snapshots them while the writer goes on; the verifier rebuilds the collection
-//!   from what the consumer delivered and compares it with the collection's content.
+//!   from what the consumer delivered, compares it with the collection's content, and
+//!   counts versions of a key that arrived after a newer one (both must be nothing); 20
+//!   kills unless `--kills` says otherwise (100 otherwise).
 //! - `cdc-soak writer --uri U --rate R --log F --stop-file S`: changes documents at rate R
 //!   with majority write concern, logging every acknowledged change, until S exists.
 //! - `cdc-soak consumer --uri U --store DIR --log F`: a DocumentProcessor with the file
@@ -323,6 +325,16 @@ async fn verify_snapshot(
     consumer.wait()?;
     let delivered_log = parse(&std::fs::read_to_string(delivered)?)?;
     let equal = replica == content;
+    // Keys whose last state the replica lacks: missing, stale, or still present after
+    // their delete.
+    let lost = content
+        .iter()
+        .filter(|(id, v)| replica.get(id) != Some(v))
+        .count()
+        + replica
+            .keys()
+            .filter(|id| !content.contains_key(id))
+            .count();
     if equal {
         println!(
             "\nreplica equals collection: yes ({} documents)",
@@ -363,6 +375,7 @@ async fn verify_snapshot(
             }
         }
     }
+    println!("lost {lost} (keys whose last state the replica lacks)");
     println!("versions arriving after a newer one of their key: {backwards}");
     println!(
         "soak: {kills} kills in {:.0} s",
@@ -406,8 +419,10 @@ fn count_lines(path: &Path) -> usize {
 }
 
 async fn run(args: &[String]) -> Result<bool, BoxError> {
-    let kills: usize = value(args, "--kills").map_or(Ok(100), |v| v.parse())?;
     let snapshot = args.iter().any(|a| a == "--snapshot");
+    // The full run: 100 kills, or 20 across a snapshot and the stream after it.
+    let kills: usize =
+        value(args, "--kills").map_or(Ok(if snapshot { 20 } else { 100 }), |v| v.parse())?;
     // With a snapshot, more writes land while it reads (and after).
     let rate: u64 =
         value(args, "--rate").map_or(Ok(if snapshot { 500 } else { 200 }), |v| v.parse())?;
