@@ -28,6 +28,9 @@ pub enum ErrorKind {
     Store,
     /// A user handler returned an error.
     Handler,
+    /// Another instance holds the stream's lease now: this one stops handling and waits
+    /// as a standby (a retry loop tries to acquire the lease again).
+    Fenced,
     /// Not worth retrying: authorization, bad pipeline, corrupt data, misuse.
     Fatal,
 }
@@ -35,7 +38,7 @@ pub enum ErrorKind {
 impl ErrorKind {
     /// Whether a retry loop should try again after a backoff.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::Transient | Self::Store)
+        matches!(self, Self::Transient | Self::Store | Self::Fenced)
     }
 }
 
@@ -131,6 +134,20 @@ pub enum Error {
         #[source]
         source: SharedError,
     },
+    /// A write or renewal under a lease was refused: a newer holder exists (or the lease
+    /// expired), so this instance must stop handling the stream.
+    #[error(
+        "stream `{stream}`: the lease with fencing token {token} is no longer held{}",
+        newest.map(|n| format!(" (newest token {n})")).unwrap_or_default()
+    )]
+    Fenced {
+        /// The stream.
+        stream: String,
+        /// The refused token.
+        token: u64,
+        /// The newest token the store has seen, when it has one.
+        newest: Option<u64>,
+    },
     /// An argument was out of its range.
     #[error("invalid argument `{name}`: {reason}")]
     InvalidArgument {
@@ -178,6 +195,7 @@ impl Error {
             Self::Source { kind, .. } => *kind,
             Self::Store { .. } => ErrorKind::Store,
             Self::Handler { .. } => ErrorKind::Handler,
+            Self::Fenced { .. } => ErrorKind::Fenced,
             Self::MalformedEvent { .. }
             | Self::CorruptPoint { .. }
             | Self::PointAhead { .. }

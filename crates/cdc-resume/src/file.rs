@@ -13,8 +13,8 @@ use std::{
 
 use async_trait::async_trait;
 use cdc_core::{
-    DeadLetter, DeadLetterStore, Error, Result, ResumePoint, ResumeStore, check_forward,
-    validate_stream_id,
+    DeadLetter, DeadLetterStore, Error, Lease, LeaseRecord, LeaseStore, Result, ResumePoint,
+    ResumeStore, check_forward, validate_stream_id,
 };
 
 use crate::record;
@@ -23,8 +23,9 @@ use crate::record;
 ///
 /// A save writes a temporary file (mode 0600), fsyncs it, renames it over the old one and
 /// fsyncs the directory: a crash at any moment leaves the old point or the new one, never
-/// a torn file. Saves of one stream are serialized within the process; one process per
-/// directory is expected (leases arrive later).
+/// a torn file. Saves of one stream are serialized within the process. Leases (for the
+/// processes of one host) live in `<dir>/<stream>.lease`, changed under an exclusive OS
+/// file lock on `<dir>/<stream>.lease.lock`, which fenced saves hold too.
 #[derive(Debug)]
 pub struct FileStore {
     dir: PathBuf,
@@ -116,6 +117,15 @@ impl FileStore {
         ))
     }
 
+    /// The file holding `stream`'s lease record.
+    pub fn lease_path(&self, stream: &str) -> PathBuf {
+        self.dir.join(format!("{}.lease", file_stem(stream)))
+    }
+
+    fn lease_lock_path(&self, stream: &str) -> PathBuf {
+        self.dir.join(format!("{}.lease.lock", file_stem(stream)))
+    }
+
     fn lock_of(&self, stream: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(locks.entry(stream.to_owned()).or_default())
@@ -166,6 +176,88 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Replaces the point in `path` (through `tmp`) if it moves forward.
+fn write_point(
+    path: &Path,
+    tmp: &Path,
+    dir: &Path,
+    stream: &str,
+    point: &ResumePoint,
+) -> Result<()> {
+    let stored = read_point(path, stream)?;
+    check_forward(stream, stored.as_ref(), point)?;
+    replace_file(path, tmp, dir, record::encode(point).as_bytes())
+        .map_err(|e| Error::store(stream, e))
+}
+
+/// Writes `body` to `tmp`, fsyncs it, renames it over `path` and fsyncs the directory.
+fn replace_file(path: &Path, tmp: &Path, dir: &Path, body: &[u8]) -> std::io::Result<()> {
+    let written = (|| {
+        let mut file = create_private_file(tmp)?;
+        file.write_all(body)?;
+        file.sync_all()?;
+        fs::rename(tmp, path)?;
+        sync_dir(dir)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    written
+}
+
+/// Runs `f` holding an exclusive OS lock on `lock_path` (processes of one host exclude
+/// each other; the lock goes with the file handle, also if the process dies).
+fn with_file_lock<T>(lock_path: &Path, stream: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path)
+        .map_err(|e| Error::store(stream, e))?;
+    file.lock().map_err(|e| Error::store(stream, e))?;
+    let out = f();
+    let _ = file.unlock();
+    out
+}
+
+fn read_lease(path: &Path, stream: &str) -> Result<Option<LeaseRecord>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::store(stream, e)),
+    };
+    let corrupt = |reason: String| Error::CorruptPoint {
+        stream: stream.to_owned(),
+        location: path.display().to_string(),
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("lease record: {e}")))?;
+    match (
+        value.get("owner").and_then(serde_json::Value::as_str),
+        value.get("token").and_then(serde_json::Value::as_u64),
+        value.get("expiresAtMs").and_then(serde_json::Value::as_i64),
+    ) {
+        (Some(owner), Some(token), Some(expires_at_ms)) => Ok(Some(LeaseRecord {
+            owner: owner.to_owned(),
+            token,
+            expires_at_ms,
+        })),
+        _ => Err(corrupt(
+            "lease record without owner, token or expiresAtMs".into(),
+        )),
+    }
+}
+
+fn encode_lease(record: &LeaseRecord) -> String {
+    serde_json::json!({
+        "owner": record.owner,
+        "token": record.token,
+        "expiresAtMs": record.expires_at_ms,
+    })
+    .to_string()
+}
+
 fn read_point(path: &Path, stream: &str) -> Result<Option<ResumePoint>> {
     match fs::read(path) {
         Ok(bytes) => record::decode(&bytes, stream, &path.display().to_string()).map(Some),
@@ -205,21 +297,7 @@ impl ResumeStore for FileStore {
         let owned = stream.to_owned();
         let point = point.clone();
         blocking(stream, move || {
-            let io = |e: std::io::Error| Error::store(owned.clone(), e);
-            let stored = read_point(&path, &owned)?;
-            check_forward(&owned, stored.as_ref(), &point)?;
-            let body = record::encode(&point);
-            let written = (|| {
-                let mut file = create_private_file(&tmp)?;
-                file.write_all(body.as_bytes())?;
-                file.sync_all()?;
-                fs::rename(&tmp, &path)?;
-                sync_dir(&dir)
-            })();
-            if written.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            written.map_err(io)
+            write_point(&path, &tmp, &dir, &owned, &point)
         })
         .await
     }
@@ -287,6 +365,14 @@ fn read_letters(path: &Path, stream: &str) -> Result<Vec<DeadLetter>> {
         .collect()
 }
 
+/// Records a letter's line once: a letter whose id is recorded stays as it is.
+fn record_letter(path: &Path, dir: &Path, stream: &str, line: &str, id: &str) -> Result<()> {
+    if read_letters(path, stream)?.iter().any(|l| l.id == id) {
+        return Ok(());
+    }
+    append_letter(path, dir, line).map_err(|e| Error::store(stream, e))
+}
+
 /// Appends one line and fsyncs it; a torn last line left by a crash is cut off first.
 fn append_letter(path: &Path, dir: &Path, line: &str) -> std::io::Result<()> {
     let existed = path.exists();
@@ -328,10 +414,7 @@ impl DeadLetterStore for FileStore {
         let line = record::encode_letter(letter);
         let id = letter.id.clone();
         blocking(&stream.clone(), move || {
-            if read_letters(&path, &stream)?.iter().any(|l| l.id == id) {
-                return Ok(());
-            }
-            append_letter(&path, &dir, &line).map_err(|e| Error::store(stream, e))
+            record_letter(&path, &dir, &stream, &line, &id)
         })
         .await
     }
@@ -407,5 +490,148 @@ mod tests {
             assert!(!stem.contains('/') && !stem.starts_with('.'), "{stem}");
             assert_eq!(stream_of(&stem).as_deref(), Some(s));
         }
+    }
+}
+
+/// Leases for the processes of one host: each change of a lease record, and each fenced
+/// save or letter, runs under an exclusive OS file lock; the clock is this host's.
+#[async_trait]
+impl LeaseStore for FileStore {
+    async fn acquire(
+        &self,
+        stream: &str,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let (lock, path, tmp, dir) = self.lease_files(stream);
+        let (stream, owner) = (stream.to_owned(), owner.to_owned());
+        blocking(&stream.clone(), move || {
+            with_file_lock(&lock, &stream, || {
+                let current = read_lease(&path, &stream)?;
+                let Some(record) =
+                    LeaseRecord::acquire(current.as_ref(), &owner, crate::memory::now_ms(), ttl)
+                else {
+                    return Ok(None);
+                };
+                if current.as_ref() != Some(&record) {
+                    replace_file(&path, &tmp, &dir, encode_lease(&record).as_bytes())
+                        .map_err(|e| Error::store(stream.clone(), e))?;
+                }
+                Ok(Some(record.lease(&stream)))
+            })
+        })
+        .await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: std::time::Duration) -> Result<Lease> {
+        let (lock, path, tmp, dir) = self.lease_files(&lease.stream);
+        let lease = lease.clone();
+        blocking(&lease.stream.clone(), move || {
+            with_file_lock(&lock, &lease.stream, || {
+                let now = crate::memory::now_ms();
+                match read_lease(&path, &lease.stream)? {
+                    Some(mut record) if record.is_held_by(&lease, now) => {
+                        record.expires_at_ms = now.saturating_add(cdc_core::ttl_ms(ttl));
+                        replace_file(&path, &tmp, &dir, encode_lease(&record).as_bytes())
+                            .map_err(|e| Error::store(lease.stream.clone(), e))?;
+                        Ok(record.lease(&lease.stream))
+                    }
+                    other => Err(LeaseRecord::fenced(other.as_ref(), &lease)),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let (lock, path, tmp, dir) = self.lease_files(&lease.stream);
+        let lease = lease.clone();
+        blocking(&lease.stream.clone(), move || {
+            with_file_lock(&lock, &lease.stream, || {
+                let now = crate::memory::now_ms();
+                if let Some(mut record) = read_lease(&path, &lease.stream)?
+                    && record.is_held_by(&lease, now)
+                {
+                    record.expires_at_ms = now;
+                    replace_file(&path, &tmp, &dir, encode_lease(&record).as_bytes())
+                        .map_err(|e| Error::store(lease.stream.clone(), e))?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn holder(&self, stream: &str) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let path = self.lease_path(stream);
+        let stream = stream.to_owned();
+        blocking(&stream.clone(), move || {
+            let now = crate::memory::now_ms();
+            Ok(read_lease(&path, &stream)?
+                .filter(|r| r.is_live(now))
+                .map(|r| r.lease(&stream)))
+        })
+        .await
+    }
+
+    async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
+        validate_stream_id(&lease.stream)?;
+        let (lock, lease_path, _, dir) = self.lease_files(&lease.stream);
+        let path = self.path_of(&lease.stream);
+        let tmp = self.tmp_path(&lease.stream);
+        let (lease, point) = (lease.clone(), point.clone());
+        let in_process = self.lock_of(&lease.stream);
+        let _guard = in_process.lock().await;
+        blocking(&lease.stream.clone(), move || {
+            with_file_lock(&lock, &lease.stream, || {
+                match read_lease(&lease_path, &lease.stream)? {
+                    Some(record) if record.admits(&lease) => {
+                        write_point(&path, &tmp, &dir, &lease.stream, &point)
+                    }
+                    other => Err(LeaseRecord::fenced(other.as_ref(), &lease)),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn record_fenced(&self, lease: &Lease, letter: &DeadLetter) -> Result<()> {
+        lease.covers(letter)?;
+        let (lock, lease_path, _, dir) = self.lease_files(&lease.stream);
+        let path = self.dead_letters_path(&lease.stream);
+        let line = record::encode_letter(letter);
+        let id = letter.id.clone();
+        let lease = lease.clone();
+        let in_process = self.lock_of(&format!("{}\u{0}dead-letters", lease.stream));
+        let _guard = in_process.lock().await;
+        blocking(&lease.stream.clone(), move || {
+            with_file_lock(&lock, &lease.stream, || {
+                match read_lease(&lease_path, &lease.stream)? {
+                    Some(record) if record.admits(&lease) => {
+                        record_letter(&path, &dir, &lease.stream, &line, &id)
+                    }
+                    other => Err(LeaseRecord::fenced(other.as_ref(), &lease)),
+                }
+            })
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        ResumeStore::describe(self)
+    }
+}
+
+impl FileStore {
+    /// The lock file, the lease file, a temporary file for it, and the directory.
+    fn lease_files(&self, stream: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+        (
+            self.lease_lock_path(stream),
+            self.lease_path(stream),
+            self.tmp_path(stream),
+            self.dir.clone(),
+        )
     }
 }

@@ -7,8 +7,8 @@ use std::{
 
 use async_trait::async_trait;
 use cdc_core::{
-    DeadLetter, DeadLetterStore, Result, ResumePoint, ResumeStore, check_forward,
-    validate_stream_id,
+    DeadLetter, DeadLetterStore, Lease, LeaseRecord, LeaseStore, Result, ResumePoint, ResumeStore,
+    check_forward, validate_stream_id,
 };
 
 /// Keeps points (and dead letters) in memory: lost when the process ends.
@@ -17,6 +17,13 @@ pub struct MemoryStore {
     points: Mutex<BTreeMap<String, ResumePoint>>,
     /// Dead letters by stream, then id.
     letters: Mutex<BTreeMap<String, BTreeMap<String, DeadLetter>>>,
+    /// Lease records by stream.
+    leases: Mutex<BTreeMap<String, LeaseRecord>>,
+}
+
+/// Now by this process's clock, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    bson::DateTime::now().timestamp_millis()
 }
 
 impl MemoryStore {
@@ -29,6 +36,20 @@ impl MemoryStore {
         // The map is only ever replaced whole under the lock, so a poisoned lock still
         // guards a consistent map.
         self.points.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a letter once: a letter whose id is recorded stays as it is.
+    fn insert_letter(&self, letter: &DeadLetter) {
+        self.letters()
+            .entry(letter.stream.clone())
+            .or_default()
+            .entry(letter.id.clone())
+            .or_insert_with(|| letter.clone());
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LeaseRecord>> {
+        // Records are replaced whole under the lock.
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn letters(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, DeadLetter>>> {
@@ -71,11 +92,7 @@ impl ResumeStore for MemoryStore {
 impl DeadLetterStore for MemoryStore {
     async fn record(&self, letter: &DeadLetter) -> Result<()> {
         validate_stream_id(&letter.stream)?;
-        self.letters()
-            .entry(letter.stream.clone())
-            .or_default()
-            .entry(letter.id.clone())
-            .or_insert_with(|| letter.clone());
+        self.insert_letter(letter);
         Ok(())
     }
 
@@ -102,6 +119,89 @@ impl DeadLetterStore for MemoryStore {
             .letters()
             .get_mut(stream)
             .is_some_and(|m| m.remove(id).is_some()))
+    }
+
+    fn describe(&self) -> String {
+        "memory".to_owned()
+    }
+}
+
+#[async_trait]
+impl LeaseStore for MemoryStore {
+    async fn acquire(
+        &self,
+        stream: &str,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let mut leases = self.leases();
+        let Some(record) = LeaseRecord::acquire(leases.get(stream), owner, now_ms(), ttl) else {
+            return Ok(None);
+        };
+        let lease = record.lease(stream);
+        leases.insert(stream.to_owned(), record);
+        Ok(Some(lease))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: std::time::Duration) -> Result<Lease> {
+        let mut leases = self.leases();
+        let now = now_ms();
+        match leases.get_mut(&lease.stream) {
+            Some(record) if record.is_held_by(lease, now) => {
+                record.expires_at_ms = now.saturating_add(cdc_core::ttl_ms(ttl));
+                Ok(record.lease(&lease.stream))
+            }
+            other => Err(LeaseRecord::fenced(other.as_deref(), lease)),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let mut leases = self.leases();
+        let now = now_ms();
+        if let Some(record) = leases.get_mut(&lease.stream)
+            && record.is_held_by(lease, now)
+        {
+            record.expires_at_ms = now;
+        }
+        Ok(())
+    }
+
+    async fn holder(&self, stream: &str) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let now = now_ms();
+        Ok(self
+            .leases()
+            .get(stream)
+            .filter(|r| r.is_live(now))
+            .map(|r| r.lease(stream)))
+    }
+
+    async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
+        validate_stream_id(&lease.stream)?;
+        // The lease lock is held across the save: no holder can change in between.
+        let leases = self.leases();
+        match leases.get(&lease.stream) {
+            Some(record) if record.admits(lease) => {
+                let mut points = self.points();
+                check_forward(&lease.stream, points.get(&lease.stream), point)?;
+                points.insert(lease.stream.clone(), point.clone());
+                Ok(())
+            }
+            other => Err(LeaseRecord::fenced(other, lease)),
+        }
+    }
+
+    async fn record_fenced(&self, lease: &Lease, letter: &DeadLetter) -> Result<()> {
+        lease.covers(letter)?;
+        let leases = self.leases();
+        match leases.get(&lease.stream) {
+            Some(record) if record.admits(lease) => {
+                self.insert_letter(letter);
+                Ok(())
+            }
+            other => Err(LeaseRecord::fenced(other, lease)),
+        }
     }
 
     fn describe(&self) -> String {
