@@ -479,20 +479,6 @@ impl DeadLetterStore for FileStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_names_round_trip() {
-        for s in ["orders", "a/b", "..", ".hidden", "ünï cödé", "x%y"] {
-            let stem = file_stem(s);
-            assert!(!stem.contains('/') && !stem.starts_with('.'), "{stem}");
-            assert_eq!(stream_of(&stem).as_deref(), Some(s));
-        }
-    }
-}
-
 /// Leases for the processes of one host: each change of a lease record, and each fenced
 /// save or letter, runs under an exclusive OS file lock; the clock is this host's.
 #[async_trait]
@@ -633,5 +619,19 @@ impl FileStore {
             self.tmp_path(stream),
             self.dir.clone(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip() {
+        for s in ["orders", "a/b", "..", ".hidden", "ünï cödé", "x%y"] {
+            let stem = file_stem(s);
+            assert!(!stem.contains('/') && !stem.starts_with('.'), "{stem}");
+            assert_eq!(stream_of(&stem).as_deref(), Some(s));
+        }
     }
 }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cdc_core::{
-    ClusterTime, DeadLetter, DeadLetterStore, Error, Result, ResumePoint, ResumeStore,
-    validate_stream_id,
+    ClusterTime, DeadLetter, DeadLetterStore, Error, Lease, LeaseStore, Result, ResumePoint,
+    ResumeStore, validate_stream_id,
 };
 use redis::{AsyncCommands, AsyncConnectionConfig, Client, aio::MultiplexedConnection};
 
@@ -46,6 +46,62 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 ";
 
+/// Redis's clock in milliseconds, for the lease scripts (the store's clock decides
+/// expiry, never the clients').
+const NOW_MS: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// Takes a lease (KEYS[1] the lease hash; ARGV owner, TTL in ms): the rules of
+/// `cdc_core::LeaseRecord::acquire`.
+const ACQUIRE_SCRIPT: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'token', 'expires')
+local owner, token, expires = cur[1], tonumber(cur[2]), tonumber(cur[3])
+if owner and expires and expires > now then
+  if owner ~= ARGV[1] then return {'held'} end
+else
+  token = (token or 0) + 1
+end
+local exp = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token, 'expires', exp)
+return {'ok', string.format('%d', token), string.format('%d', exp)}
+";
+
+/// Renews (ARGV[4] = 'renew', a TTL in ARGV[3]) or releases (ARGV[4] = 'release') a lease
+/// held by owner ARGV[1] with token ARGV[2].
+const KEEP_SCRIPT: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'token', 'expires')
+local held = cur[1] == ARGV[1] and cur[2] == ARGV[2] and (tonumber(cur[3]) or 0) > now
+if not held then return {'fenced', cur[2] or ''} end
+local exp = now
+if ARGV[4] == 'renew' then exp = now + tonumber(ARGV[3]) end
+redis.call('HSET', KEYS[1], 'expires', exp)
+return {'ok', string.format('%d', exp)}
+";
+
+/// The live holder of a lease.
+const HOLDER_SCRIPT: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'token', 'expires')
+if cur[1] and (tonumber(cur[3]) or 0) > now then return {'held', cur[1], cur[2], cur[3]} end
+return {'none'}
+";
+
+/// The fencing check before a fenced write: the lease at KEYS[#KEYS] must be held with
+/// owner ARGV[#ARGV - 1] and token ARGV[#ARGV] (the newest token).
+const FENCE_CHECK: &str = r"
+local lease = redis.call('HMGET', KEYS[#KEYS], 'owner', 'token')
+if lease[1] ~= ARGV[#ARGV - 1] or lease[2] ~= ARGV[#ARGV] then return {'fenced', lease[2] or ''} end
+";
+
+/// Records a dead letter once, under the fencing check.
+const RECORD_FENCED_SCRIPT: &str = r"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'ok'} end
+local entry = redis.call('XADD', KEYS[1], '*', 'letter', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+return {'ok'}
+";
+
 /// Between a stream's key and the suffix of its dead-letter keys: a control character, so
 /// no stream id (which may hold none) makes a key that collides with them.
 const LETTERS_SEPARATOR: char = '\u{1f}';
@@ -59,6 +115,9 @@ pub struct RedisStore {
     shown: String,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     script: redis::Script,
+    /// The lease scripts: acquire, keep (renew or release), holder, fenced save, fenced
+    /// dead letter.
+    lease_scripts: [redis::Script; 5],
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -88,6 +147,13 @@ impl RedisStore {
             shown,
             conn: tokio::sync::Mutex::new(None),
             script: redis::Script::new(SAVE_SCRIPT),
+            lease_scripts: [
+                redis::Script::new(&format!("{NOW_MS}{ACQUIRE_SCRIPT}")),
+                redis::Script::new(&format!("{NOW_MS}{KEEP_SCRIPT}")),
+                redis::Script::new(&format!("{NOW_MS}{HOLDER_SCRIPT}")),
+                redis::Script::new(&format!("{FENCE_CHECK}{SAVE_SCRIPT}")),
+                redis::Script::new(&format!("{FENCE_CHECK}{RECORD_FENCED_SCRIPT}")),
+            ],
         })
     }
 
@@ -179,37 +245,7 @@ impl ResumeStore for RedisStore {
             Ok(r) => r,
             Err(e) => return Err(self.fail(stream, e).await),
         };
-        let location = || format!("{} key {}", self.shown, self.key(stream));
-        match reply.first().map(String::as_str) {
-            Some("ok") => Ok(()),
-            Some("older") => {
-                let part = |i: usize| {
-                    reply
-                        .get(i)
-                        .and_then(|s| s.parse::<u32>().ok())
-                        .unwrap_or(0)
-                };
-                Err(Error::Regression {
-                    stream: stream.to_owned(),
-                    stored: ClusterTime::new(part(1), part(2)),
-                    attempted: point.cluster_time,
-                })
-            }
-            Some("wrongtype") => Err(Error::CorruptPoint {
-                stream: stream.to_owned(),
-                location: location(),
-                reason: format!(
-                    "the key holds a {}",
-                    reply.get(1).map_or("value of another type", String::as_str)
-                ),
-            }),
-            _ => Err(Error::CorruptPoint {
-                stream: stream.to_owned(),
-                location: location(),
-                reason: "the stored value is not a resume point record; delete it to start over"
-                    .into(),
-            }),
-        }
+        self.saved(stream, point, &reply)
     }
 
     async fn delete(&self, stream: &str) -> Result<()> {
@@ -353,6 +389,219 @@ fn glob_escape(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+impl RedisStore {
+    /// The outcome of a save script's reply.
+    fn saved(&self, stream: &str, point: &ResumePoint, reply: &[String]) -> Result<()> {
+        let location = || format!("{} key {}", self.shown, self.key(stream));
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(()),
+            Some("older") => {
+                let part = |i: usize| {
+                    reply
+                        .get(i)
+                        .and_then(|s| s.parse::<u32>().ok())
+                        .unwrap_or(0)
+                };
+                Err(Error::Regression {
+                    stream: stream.to_owned(),
+                    stored: ClusterTime::new(part(1), part(2)),
+                    attempted: point.cluster_time,
+                })
+            }
+            Some("wrongtype") => Err(Error::CorruptPoint {
+                stream: stream.to_owned(),
+                location: location(),
+                reason: format!(
+                    "the key holds a {}",
+                    reply.get(1).map_or("value of another type", String::as_str)
+                ),
+            }),
+            _ => Err(Error::CorruptPoint {
+                stream: stream.to_owned(),
+                location: location(),
+                reason: "the stored value is not a resume point record; delete it to start over"
+                    .into(),
+            }),
+        }
+    }
+
+    fn lease_key(&self, stream: &str) -> String {
+        format!("{}{LETTERS_SEPARATOR}lease", self.key(stream))
+    }
+
+    /// Runs lease script `i` on `keys` with `args`.
+    async fn lease_script(
+        &self,
+        stream: &str,
+        i: usize,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Vec<String>> {
+        let mut conn = self.connection(stream).await?;
+        let mut call = self.lease_scripts[i].prepare_invoke();
+        for k in keys {
+            call.key(k);
+        }
+        for a in args {
+            call.arg(a);
+        }
+        match call.invoke_async(&mut conn).await {
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(self.fail(stream, e).await),
+        }
+    }
+}
+
+fn number<T: std::str::FromStr>(reply: &[String], i: usize, stream: &str) -> Result<T> {
+    reply.get(i).and_then(|v| v.parse().ok()).ok_or_else(|| {
+        Error::store(
+            stream,
+            std::io::Error::other(format!("unexpected reply from a lease script: {reply:?}")),
+        )
+    })
+}
+
+fn fenced(lease: &Lease, reply: &[String]) -> Error {
+    Error::Fenced {
+        stream: lease.stream.clone(),
+        token: lease.token,
+        newest: reply.get(1).and_then(|t| t.parse().ok()),
+    }
+}
+
+/// Leases in a hash at `<prefix><stream>\x1flease` (owner, token, expiry in ms), changed
+/// by Lua scripts on Redis's clock; fenced saves and letters check it in the same script.
+#[async_trait]
+impl LeaseStore for RedisStore {
+    async fn acquire(&self, stream: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let reply = self
+            .lease_script(
+                stream,
+                0,
+                &[self.lease_key(stream)],
+                &[owner.to_owned(), cdc_core::ttl_ms(ttl).to_string()],
+            )
+            .await?;
+        if reply.first().map(String::as_str) != Some("ok") {
+            return Ok(None);
+        }
+        Ok(Some(Lease::new(
+            stream,
+            owner,
+            number(&reply, 1, stream)?,
+            number(&reply, 2, stream)?,
+        )))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let reply = self
+            .lease_script(
+                &lease.stream,
+                1,
+                &[self.lease_key(&lease.stream)],
+                &[
+                    lease.owner.clone(),
+                    lease.token.to_string(),
+                    cdc_core::ttl_ms(ttl).to_string(),
+                    "renew".to_owned(),
+                ],
+            )
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(Lease::new(
+                lease.stream.clone(),
+                lease.owner.clone(),
+                lease.token,
+                number(&reply, 1, &lease.stream)?,
+            )),
+            _ => Err(fenced(lease, &reply)),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.lease_script(
+            &lease.stream,
+            1,
+            &[self.lease_key(&lease.stream)],
+            &[
+                lease.owner.clone(),
+                lease.token.to_string(),
+                "0".to_owned(),
+                "release".to_owned(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn holder(&self, stream: &str) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let reply = self
+            .lease_script(stream, 2, &[self.lease_key(stream)], &[])
+            .await?;
+        if reply.first().map(String::as_str) != Some("held") {
+            return Ok(None);
+        }
+        Ok(Some(Lease::new(
+            stream,
+            reply.get(1).cloned().unwrap_or_default(),
+            number(&reply, 2, stream)?,
+            number(&reply, 3, stream)?,
+        )))
+    }
+
+    async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
+        let stream = &lease.stream;
+        validate_stream_id(stream)?;
+        let reply = self
+            .lease_script(
+                stream,
+                3,
+                &[self.key(stream), self.lease_key(stream)],
+                &[
+                    record::encode(point),
+                    point.cluster_time.time.to_string(),
+                    point.cluster_time.increment.to_string(),
+                    lease.owner.clone(),
+                    lease.token.to_string(),
+                ],
+            )
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("fenced") => Err(fenced(lease, &reply)),
+            _ => self.saved(stream, point, &reply),
+        }
+    }
+
+    async fn record_fenced(&self, lease: &Lease, letter: &DeadLetter) -> Result<()> {
+        lease.covers(letter)?;
+        let stream = &lease.stream;
+        let (entries, ids) = self.letter_keys(stream);
+        let reply = self
+            .lease_script(
+                stream,
+                4,
+                &[entries, ids, self.lease_key(stream)],
+                &[
+                    letter.id.clone(),
+                    record::encode_letter(letter),
+                    lease.owner.clone(),
+                    lease.token.to_string(),
+                ],
+            )
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(()),
+            _ => Err(fenced(lease, &reply)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        ResumeStore::describe(self)
+    }
 }
 
 #[cfg(test)]

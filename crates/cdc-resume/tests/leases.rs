@@ -196,3 +196,16 @@ async fn file_leases() {
     assert_eq!(other.holder("shared").await.unwrap(), Some(lease));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[tokio::test]
+async fn redis_leases() {
+    let url = std::env::var("CDC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let store = Arc::new(RedisStore::new(&url, format!("{}:", unique("cdc-lease"))).unwrap());
+    if let Err(e) = store.list_streams().await {
+        return unreachable_backend("redis", &e.to_string());
+    }
+    suite("redis", store.clone()).await;
+    // Lease keys are not streams with points.
+    let streams = store.list_streams().await.unwrap();
+    assert_eq!(streams.len(), 1, "{streams:?}");
+}
