@@ -3,8 +3,8 @@
 use async_trait::async_trait;
 use bson::DateTime;
 use cdc_core::{
-    ClusterTime, DeadLetter, DeadLetterStore, Error, OperationType, Result, ResumePoint,
-    ResumeStore, ResumeToken, validate_stream_id,
+    ClusterTime, DeadLetter, DeadLetterStore, Error, Lease, LeaseStore, OperationType, Result,
+    ResumePoint, ResumeStore, ResumeToken, validate_stream_id,
 };
 use tokio_postgres::{Client, GenericClient, NoTls};
 
@@ -20,6 +20,8 @@ pub struct PostgresStore {
     table: String,
     /// `<table>_dead_letters`.
     letters: String,
+    /// `<table>_leases`: one row per stream (owner, token, expiry by the server's clock).
+    leases: String,
     /// The TLS connector when the connection string requires TLS.
     tls: Option<crate::pg_tls::RustlsConnect>,
     client: tokio::sync::Mutex<Option<Client>>,
@@ -95,6 +97,7 @@ impl PostgresStore {
             config: wanted.config,
             tls,
             table: table.to_owned(),
+            leases: format!("{table}_leases"),
             letters,
             client: tokio::sync::Mutex::new(None),
         };
@@ -119,8 +122,14 @@ impl PostgresStore {
                 recorded_at_ms BIGINT NOT NULL,
                 parked BOOLEAN NOT NULL,
                 PRIMARY KEY (stream_id, letter_id)
+            );
+            CREATE TABLE IF NOT EXISTS {} (
+                stream_id TEXT PRIMARY KEY,
+                owner TEXT NOT NULL,
+                token BIGINT NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
             )",
-            store.table, store.letters
+            store.table, store.letters, store.leases
         );
         {
             let client = store.client("*").await?;
@@ -436,6 +445,260 @@ impl DeadLetterStore for PostgresStore {
 
     fn describe(&self) -> String {
         format!("postgres:{} table {}", self.shown, self.letters)
+    }
+}
+
+/// Milliseconds since the Unix epoch of a `timestamptz` column, in SQL.
+fn millis(column: &str) -> String {
+    format!("(extract(epoch from {column}) * 1000)::bigint")
+}
+
+impl PostgresStore {
+    /// The lease table.
+    pub fn leases_table(&self) -> &str {
+        &self.leases
+    }
+
+    /// The newest token of `stream`'s lease, for a `Fenced` error.
+    async fn newest_token(&self, client: &Client, stream: &str) -> Result<Option<u64>> {
+        let sql = format!("SELECT token FROM {} WHERE stream_id = $1", self.leases);
+        let row = client
+            .query_opt(&sql, &[&stream])
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        Ok(row
+            .and_then(|r| r.try_get::<_, i64>(0).ok())
+            .and_then(|t| u64::try_from(t).ok()))
+    }
+
+    /// Whether `lease` is the newest on its stream (a fenced write may go on).
+    async fn admits(&self, client: &Client, lease: &Lease) -> Result<bool> {
+        let sql = format!(
+            "SELECT 1 FROM {} WHERE stream_id = $1 AND owner = $2 AND token = $3",
+            self.leases
+        );
+        let row = client
+            .query_opt(&sql, &[&lease.stream, &lease.owner, &token_of(lease)])
+            .await
+            .map_err(|e| Error::store(lease.stream.as_str(), e))?;
+        Ok(row.is_some())
+    }
+
+    async fn fenced(&self, client: &Client, lease: &Lease) -> Error {
+        match self.newest_token(client, &lease.stream).await {
+            Ok(newest) => Error::Fenced {
+                stream: lease.stream.clone(),
+                token: lease.token,
+                newest,
+            },
+            Err(e) => e,
+        }
+    }
+}
+
+fn token_of(lease: &Lease) -> i64 {
+    i64::try_from(lease.token).unwrap_or(i64::MAX)
+}
+
+fn lease_of(stream: &str, owner: &str, row: &tokio_postgres::Row) -> Result<Lease> {
+    let token: i64 = row.try_get(0).map_err(|e| Error::store(stream, e))?;
+    let expires: i64 = row.try_get(1).map_err(|e| Error::store(stream, e))?;
+    Ok(Lease::new(
+        stream,
+        owner,
+        u64::try_from(token).unwrap_or_default(),
+        expires,
+    ))
+}
+
+/// Leases in `<table>_leases`, one row per stream, changed by single statements on the
+/// server's clock (`clock_timestamp()`); a fenced save or letter is one statement whose
+/// insert reads the lease row `FOR SHARE`, so a takeover and the write are ordered.
+#[async_trait]
+impl LeaseStore for PostgresStore {
+    async fn acquire(
+        &self,
+        stream: &str,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let sql = format!(
+            "INSERT INTO {l} AS l (stream_id, owner, token, expires_at)
+             VALUES ($1, $2, 1, clock_timestamp() + $3::bigint * interval '1 millisecond')
+             ON CONFLICT (stream_id) DO UPDATE SET
+                token = CASE WHEN l.expires_at > clock_timestamp() THEN l.token ELSE l.token + 1 END,
+                owner = EXCLUDED.owner,
+                expires_at = EXCLUDED.expires_at
+             WHERE l.expires_at <= clock_timestamp() OR l.owner = EXCLUDED.owner
+             RETURNING token, {ms}",
+            l = self.leases,
+            ms = millis("expires_at"),
+        );
+        let row = client
+            .query_opt(&sql, &[&stream, &owner, &cdc_core::ttl_ms(ttl)])
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        row.map(|r| lease_of(stream, owner, &r)).transpose()
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: std::time::Duration) -> Result<Lease> {
+        let client = self.client(&lease.stream).await?;
+        let sql = format!(
+            "UPDATE {} SET expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond'
+             WHERE stream_id = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp()
+             RETURNING token, {}",
+            self.leases,
+            millis("expires_at")
+        );
+        let row = client
+            .query_opt(
+                &sql,
+                &[
+                    &lease.stream,
+                    &lease.owner,
+                    &token_of(lease),
+                    &cdc_core::ttl_ms(ttl),
+                ],
+            )
+            .await
+            .map_err(|e| Error::store(lease.stream.as_str(), e))?;
+        match row {
+            Some(r) => lease_of(&lease.stream, &lease.owner, &r),
+            None => Err(self.fenced(&client, lease).await),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let client = self.client(&lease.stream).await?;
+        let sql = format!(
+            "UPDATE {} SET expires_at = clock_timestamp()
+             WHERE stream_id = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp()",
+            self.leases
+        );
+        client
+            .execute(&sql, &[&lease.stream, &lease.owner, &token_of(lease)])
+            .await
+            .map_err(|e| Error::store(lease.stream.as_str(), e))?;
+        Ok(())
+    }
+
+    async fn holder(&self, stream: &str) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let sql = format!(
+            "SELECT token, {}, owner FROM {} WHERE stream_id = $1 AND expires_at > clock_timestamp()",
+            millis("expires_at"),
+            self.leases
+        );
+        let row = client
+            .query_opt(&sql, &[&stream])
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        let Some(row) = row else { return Ok(None) };
+        let owner: String = row.try_get(2).map_err(|e| Error::store(stream, e))?;
+        lease_of(stream, &owner, &row).map(Some)
+    }
+
+    async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
+        let stream = lease.stream.as_str();
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let op = point.operation_type.as_ref().map(OperationType::as_str);
+        let sql = format!(
+            "WITH lease AS (
+                SELECT 1 FROM {l} WHERE stream_id = $1 AND owner = $7 AND token = $8 FOR SHARE
+             )
+             INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)
+             SELECT $1::text, $2::bytea, $3::bigint, $4::bigint, $5::text, $6::bigint FROM lease
+             ON CONFLICT (stream_id) DO UPDATE SET
+                token = EXCLUDED.token, ct_time = EXCLUDED.ct_time, ct_increment = EXCLUDED.ct_increment,
+                operation_type = EXCLUDED.operation_type, saved_at_ms = EXCLUDED.saved_at_ms
+             WHERE ({t}.ct_time, {t}.ct_increment) <= (EXCLUDED.ct_time, EXCLUDED.ct_increment)",
+            l = self.leases,
+            t = self.table
+        );
+        let n = client
+            .execute(
+                &sql,
+                &[
+                    &stream,
+                    &point.token.as_bytes(),
+                    &i64::from(point.cluster_time.time),
+                    &i64::from(point.cluster_time.increment),
+                    &op,
+                    &point.saved_at.timestamp_millis(),
+                    &lease.owner,
+                    &token_of(lease),
+                ],
+            )
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        if n == 1 {
+            return Ok(());
+        }
+        if !self.admits(&client, lease).await? {
+            return Err(self.fenced(&client, lease).await);
+        }
+        let stored = self
+            .load_with(&*client, stream)
+            .await?
+            .map(|p| p.cluster_time)
+            .unwrap_or_default();
+        Err(Error::Regression {
+            stream: stream.to_owned(),
+            stored,
+            attempted: point.cluster_time,
+        })
+    }
+
+    async fn record_fenced(&self, lease: &Lease, letter: &DeadLetter) -> Result<()> {
+        lease.covers(letter)?;
+        let stream = lease.stream.as_str();
+        validate_stream_id(stream)?;
+        let client = self.client(stream).await?;
+        let sql = format!(
+            "WITH lease AS (
+                SELECT 1 FROM {l} WHERE stream_id = $1 AND owner = $11 AND token = $12 FOR SHARE
+             )
+             INSERT INTO {d} (stream_id, letter_id, token, ct_time, ct_increment, event, errors,
+                attempts, recorded_at_ms, parked)
+             SELECT $1::text, $2::text, $3::bytea, $4::bigint, $5::bigint, $6::bytea, $7::text[],
+                $8::bigint, $9::bigint, $10::boolean FROM lease
+             ON CONFLICT (stream_id, letter_id) DO NOTHING",
+            l = self.leases,
+            d = self.letters
+        );
+        let n = client
+            .execute(
+                &sql,
+                &[
+                    &stream,
+                    &letter.id,
+                    &letter.token.as_bytes(),
+                    &i64::from(letter.cluster_time.time),
+                    &i64::from(letter.cluster_time.increment),
+                    &letter.event,
+                    &letter.errors,
+                    &i64::from(letter.attempts),
+                    &letter.recorded_at.timestamp_millis(),
+                    &letter.parked,
+                    &lease.owner,
+                    &token_of(lease),
+                ],
+            )
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        // Nothing inserted: recorded before (fine), or fenced off.
+        if n == 0 && !self.admits(&client, lease).await? {
+            return Err(self.fenced(&client, lease).await);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        ResumeStore::describe(self)
     }
 }
 

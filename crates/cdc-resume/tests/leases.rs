@@ -142,8 +142,21 @@ async fn suite(name: &str, store: Arc<dyn Backend>) {
         "{name}"
     );
 
+    // The same owner after expiry is a new holder: its old token is fenced off too (a
+    // paused incarnation of it cannot write).
+    let c2 = {
+        tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+        store.acquire(s, "c", TTL).await.unwrap().expect("expired")
+    };
+    assert!(c2.token > c.token, "{name}");
+    assert!(
+        fenced(&store.save_fenced(&c, &point(14)).await.unwrap_err()),
+        "{name}"
+    );
+    store.save_fenced(&c2, &point(14)).await.unwrap();
+
     // Tokens strictly increase over many holders.
-    let mut last = c.token;
+    let mut last = c2.token;
     for i in 0..5 {
         let holder = store.holder(s).await.unwrap().unwrap();
         let lease = cdc_core::Lease::new(s, holder.owner, holder.token, holder.expires_at_ms);
@@ -208,4 +221,28 @@ async fn redis_leases() {
     // Lease keys are not streams with points.
     let streams = store.list_streams().await.unwrap();
     assert_eq!(streams.len(), 1, "{streams:?}");
+}
+
+#[tokio::test]
+async fn postgres_leases() {
+    let url = std::env::var("CDC_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let table = unique("cdc_lease").replace('-', "_");
+    let store = match PostgresStore::connect(&url, &table).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => return unreachable_backend("postgres", &e.to_string()),
+    };
+    suite("postgres", store.clone()).await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "DROP TABLE {table}; DROP TABLE {}; DROP TABLE {}",
+            store.dead_letters_table(),
+            store.leases_table()
+        ))
+        .await
+        .unwrap();
 }
