@@ -4,10 +4,10 @@
 use async_trait::async_trait;
 use bson::{Bson, Document, RawDocumentBuf, doc};
 use cdc_core::{
-    ClusterTime, DeadLetter, DeadLetterStore, Error, OperationType, Result, ResumePoint,
-    ResumeStore, ResumeToken, validate_stream_id,
+    ClusterTime, DeadLetter, DeadLetterStore, Error, Lease, LeaseRecord, LeaseStore, OperationType,
+    Result, ResumePoint, ResumeStore, ResumeToken, validate_stream_id,
 };
-use mongodb::{Client, ClientSession, Collection, error::ErrorKind as DriverKind};
+use mongodb::{Client, ClientSession, Collection, Database, error::ErrorKind as DriverKind};
 
 /// Keeps `{ _id: <stream>, token, clusterTime, operationType, savedAt }` documents.
 ///
@@ -20,6 +20,8 @@ pub struct MongoStore {
     /// Dead letters: `{ _id: { stream, id }, stream, id, token, clusterTime, event, errors,
     /// attempts, recordedAt, parked }` in `<coll>_dead_letters`.
     letters: Collection<RawDocumentBuf>,
+    /// The database, for the server's clock and transactions.
+    database: Database,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -37,6 +39,7 @@ impl MongoStore {
         Self {
             coll: db.collection(coll),
             letters: db.collection(&format!("{coll}_dead_letters")),
+            database: db,
         }
     }
 
@@ -99,6 +102,25 @@ impl MongoStore {
             recorded_at,
             parked: matches!(raw.get("parked"), Ok(Some(bson::RawBsonRef::Boolean(true)))),
         })
+    }
+
+    /// A dead letter's document (without `_id`).
+    fn letter_body(letter: &DeadLetter) -> Document {
+        let binary = |bytes: &[u8]| bson::Binary {
+            subtype: bson::spec::BinarySubtype::Generic,
+            bytes: bytes.to_vec(),
+        };
+        doc! {
+            "stream": &letter.stream,
+            "id": &letter.id,
+            "token": binary(letter.token.as_bytes()),
+            "clusterTime": letter.cluster_time.to_timestamp(),
+            "event": binary(&letter.event),
+            "errors": &letter.errors,
+            "attempts": i64::from(letter.attempts),
+            "recordedAt": letter.recorded_at,
+            "parked": letter.parked,
+        }
     }
 
     fn location(&self, stream: &str) -> String {
@@ -228,7 +250,11 @@ impl ResumeStore for MongoStore {
             .find_one(doc! { "_id": stream })
             .await
             .map_err(|e| Error::store(stream, e))?;
-        found.map(|raw| self.decode(stream, &raw)).transpose()
+        // A document holding only a lease has no point yet.
+        found
+            .filter(|raw| !matches!(raw.get("token"), Ok(None)) || lease_record(raw).is_none())
+            .map(|raw| self.decode(stream, &raw))
+            .transpose()
     }
 
     async fn save(&self, stream: &str, point: &ResumePoint) -> Result<()> {
@@ -242,8 +268,16 @@ impl ResumeStore for MongoStore {
 
     async fn delete(&self, stream: &str) -> Result<()> {
         validate_stream_id(stream)?;
+        // The point goes; a lease stays (its tokens keep growing).
         self.coll
-            .delete_one(doc! { "_id": stream })
+            .delete_one(doc! { "_id": stream, "lease": { "$exists": false } })
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        self.coll
+            .update_one(
+                doc! { "_id": stream },
+                doc! { "$unset": { "token": "", "clusterTime": "", "savedAt": "", "operationType": "" } },
+            )
             .await
             .map_err(|e| Error::store(stream, e))?;
         Ok(())
@@ -253,7 +287,7 @@ impl ResumeStore for MongoStore {
         let mut cursor = self
             .coll
             .clone_with_type::<Document>()
-            .find(doc! {})
+            .find(doc! { "token": { "$exists": true } })
             .projection(doc! { "_id": 1 })
             .await
             .map_err(|e| Error::store("*", e))?;
@@ -285,21 +319,7 @@ impl DeadLetterStore for MongoStore {
     async fn record(&self, letter: &DeadLetter) -> Result<()> {
         let stream = &letter.stream;
         validate_stream_id(stream)?;
-        let binary = |bytes: &[u8]| bson::Binary {
-            subtype: bson::spec::BinarySubtype::Generic,
-            bytes: bytes.to_vec(),
-        };
-        let body = doc! {
-            "stream": stream,
-            "id": &letter.id,
-            "token": binary(letter.token.as_bytes()),
-            "clusterTime": letter.cluster_time.to_timestamp(),
-            "event": binary(&letter.event),
-            "errors": &letter.errors,
-            "attempts": i64::from(letter.attempts),
-            "recordedAt": letter.recorded_at,
-            "parked": letter.parked,
-        };
+        let body = Self::letter_body(letter);
         // Written with majority acknowledgement: a letter must survive a failover, since
         // the stream moves past its event once it is recorded.
         self.letters
@@ -366,5 +386,269 @@ impl DeadLetterStore for MongoStore {
     fn namespace(&self) -> Option<cdc_core::Namespace> {
         let ns = self.letters.namespace();
         Some(cdc_core::Namespace::collection(ns.db, ns.coll))
+    }
+}
+
+/// The lease of a stream in its document (`lease: { owner, token, expires }`).
+fn lease_record(raw: &RawDocumentBuf) -> Option<LeaseRecord> {
+    let lease = match raw.get("lease") {
+        Ok(Some(bson::RawBsonRef::Document(d))) => d,
+        _ => return None,
+    };
+    let owner = lease.get_str("owner").ok()?.to_owned();
+    let token = match lease.get("token").ok()?? {
+        bson::RawBsonRef::Int64(t) => u64::try_from(t).ok()?,
+        bson::RawBsonRef::Int32(t) => u64::try_from(t).ok()?,
+        _ => return None,
+    };
+    let expires_at_ms = lease.get_datetime("expires").ok()?.timestamp_millis();
+    Some(LeaseRecord {
+        owner,
+        token,
+        expires_at_ms,
+    })
+}
+
+fn lease_doc(record: &LeaseRecord) -> Document {
+    doc! {
+        "owner": &record.owner,
+        "token": i64::try_from(record.token).unwrap_or(i64::MAX),
+        "expires": bson::DateTime::from_millis(record.expires_at_ms),
+    }
+}
+
+/// The filter matching a stream's document while `lease` is its newest lease.
+fn held_filter(lease: &Lease) -> Document {
+    doc! {
+        "_id": &lease.stream,
+        "lease.owner": &lease.owner,
+        "lease.token": i64::try_from(lease.token).unwrap_or(i64::MAX),
+    }
+}
+
+fn is_duplicate(e: &mongodb::error::Error) -> bool {
+    matches!(e.kind.as_ref(), DriverKind::Write(mongodb::error::WriteFailure::WriteError(w)) if w.code == 11000)
+        || matches!(e.kind.as_ref(), DriverKind::Command(c) if c.code == 11000)
+}
+
+impl MongoStore {
+    /// The server's clock (`hello`'s `localTime`), in milliseconds: leases expire by the
+    /// store's clock, read just before each lease operation.
+    async fn server_now(&self, stream: &str) -> Result<i64> {
+        let hello = self
+            .database
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        hello
+            .get_datetime("localTime")
+            .map(|t| t.timestamp_millis())
+            .map_err(|e| Error::store(stream, e))
+    }
+
+    /// The stream's document (point and lease), if any.
+    async fn stream_doc(&self, stream: &str) -> Result<Option<RawDocumentBuf>> {
+        self.coll
+            .find_one(doc! { "_id": stream })
+            .await
+            .map_err(|e| Error::store(stream, e))
+    }
+
+    async fn fenced(&self, lease: &Lease) -> Error {
+        match self.stream_doc(&lease.stream).await {
+            Ok(doc) => LeaseRecord::fenced(doc.as_ref().and_then(lease_record).as_ref(), lease),
+            Err(e) => e,
+        }
+    }
+}
+
+/// Leases in each stream's own document (`lease: { owner, token, expires }`), so a fenced
+/// save is one conditional update of that document; a lease changes by compare-and-set
+/// on the lease as read, with expiry by the server's clock (`hello.localTime`). A fenced
+/// dead letter is recorded in a transaction that also writes the lease, so a takeover
+/// conflicts with it.
+#[async_trait]
+impl LeaseStore for MongoStore {
+    async fn acquire(
+        &self,
+        stream: &str,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        // A compare-and-set on the lease as read; a race lost to another acquirer is read
+        // again (a few times: each loss means someone else got it).
+        for _ in 0..8 {
+            let now = self.server_now(stream).await?;
+            let current = self
+                .stream_doc(stream)
+                .await?
+                .as_ref()
+                .and_then(lease_record);
+            let Some(next) = LeaseRecord::acquire(current.as_ref(), owner, now, ttl) else {
+                return Ok(None);
+            };
+            let filter = match &current {
+                Some(c) => doc! {
+                    "_id": stream,
+                    "lease.owner": &c.owner,
+                    "lease.token": i64::try_from(c.token).unwrap_or(i64::MAX),
+                    "lease.expires": bson::DateTime::from_millis(c.expires_at_ms),
+                },
+                None => doc! { "_id": stream, "lease": { "$exists": false } },
+            };
+            let done = self
+                .coll
+                .update_one(filter, doc! { "$set": { "lease": lease_doc(&next) } })
+                .upsert(current.is_none())
+                .await;
+            match done {
+                Ok(r) if r.matched_count == 1 || r.upserted_id.is_some() => {
+                    return Ok(Some(next.lease(stream)));
+                }
+                Ok(_) => {}
+                Err(e) if is_duplicate(&e) => {}
+                Err(e) => return Err(Error::store(stream, e)),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: std::time::Duration) -> Result<Lease> {
+        let now = self.server_now(&lease.stream).await?;
+        let mut filter = held_filter(lease);
+        filter.insert(
+            "lease.expires",
+            doc! { "$gt": bson::DateTime::from_millis(now) },
+        );
+        let expires = now.saturating_add(cdc_core::ttl_ms(ttl));
+        let r = self
+            .coll
+            .update_one(
+                filter,
+                doc! { "$set": { "lease.expires": bson::DateTime::from_millis(expires) } },
+            )
+            .await
+            .map_err(|e| Error::store(lease.stream.as_str(), e))?;
+        if r.matched_count == 1 {
+            return Ok(Lease::new(
+                lease.stream.clone(),
+                lease.owner.clone(),
+                lease.token,
+                expires,
+            ));
+        }
+        Err(self.fenced(lease).await)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let now = self.server_now(&lease.stream).await?;
+        let mut filter = held_filter(lease);
+        filter.insert(
+            "lease.expires",
+            doc! { "$gt": bson::DateTime::from_millis(now) },
+        );
+        self.coll
+            .update_one(
+                filter,
+                doc! { "$set": { "lease.expires": bson::DateTime::from_millis(now) } },
+            )
+            .await
+            .map_err(|e| Error::store(lease.stream.as_str(), e))?;
+        Ok(())
+    }
+
+    async fn holder(&self, stream: &str) -> Result<Option<Lease>> {
+        validate_stream_id(stream)?;
+        let now = self.server_now(stream).await?;
+        Ok(self
+            .stream_doc(stream)
+            .await?
+            .as_ref()
+            .and_then(lease_record)
+            .filter(|r| r.is_live(now))
+            .map(|r| r.lease(stream)))
+    }
+
+    async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
+        let stream = lease.stream.as_str();
+        validate_stream_id(stream)?;
+        let (mut filter, update) = Self::save_parts(stream, point)?;
+        filter.extend(held_filter(lease));
+        let r = self
+            .coll
+            .update_one(filter, update)
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        if r.matched_count == 1 {
+            return Ok(());
+        }
+        match self
+            .stream_doc(stream)
+            .await?
+            .as_ref()
+            .map(|d| (lease_record(d), d))
+        {
+            Some((Some(record), doc)) if record.admits(lease) => {
+                let stored = self.decode(stream, doc)?;
+                Err(Error::Regression {
+                    stream: stream.to_owned(),
+                    stored: stored.cluster_time,
+                    attempted: point.cluster_time,
+                })
+            }
+            other => Err(LeaseRecord::fenced(
+                other.and_then(|(r, _)| r).as_ref(),
+                lease,
+            )),
+        }
+    }
+
+    async fn record_fenced(&self, lease: &Lease, letter: &DeadLetter) -> Result<()> {
+        lease.covers(letter)?;
+        let stream = lease.stream.as_str();
+        validate_stream_id(stream)?;
+        let client = self.database.client();
+        let mut session = client
+            .start_session()
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        session
+            .start_transaction()
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        // Writing the lease in the transaction makes a concurrent takeover conflict with
+        // it: one of the two fails and is retried.
+        let held = self
+            .coll
+            .update_one(
+                held_filter(lease),
+                doc! { "$set": { "lease.lastWrite": bson::DateTime::now() } },
+            )
+            .session(&mut session)
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        if held.matched_count == 0 {
+            let _ = session.abort_transaction().await;
+            return Err(self.fenced(lease).await);
+        }
+        self.letters
+            .clone_with_type::<Document>()
+            .update_one(
+                doc! { "_id": { "stream": stream, "id": &letter.id } },
+                doc! { "$setOnInsert": Self::letter_body(letter) },
+            )
+            .upsert(true)
+            .session(&mut session)
+            .await
+            .map_err(|e| Error::store(stream, e))?;
+        session
+            .commit_transaction()
+            .await
+            .map_err(|e| Error::store(stream, e))
+    }
+
+    fn describe(&self) -> String {
+        ResumeStore::describe(self)
     }
 }

@@ -246,3 +246,34 @@ async fn postgres_leases() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn mongodb_leases() {
+    let deployment = mongo_sim::TestDeployment::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(deployment.uri())
+        .await
+        .unwrap();
+    let db = unique("lease").replace('-', "_");
+    let store = Arc::new(MongoStore::new(&client, &db, "points"));
+    suite("mongodb", store.clone()).await;
+    // A stream with a lease and no point yet has no point, and is not listed.
+    let fresh = store.acquire("fresh", "x", TTL).await.unwrap().unwrap();
+    assert_eq!(store.load("fresh").await.unwrap(), None);
+    assert!(
+        !store
+            .list_streams()
+            .await
+            .unwrap()
+            .contains(&"fresh".to_owned())
+    );
+    // Deleting a point keeps the lease, so tokens keep growing.
+    store.save_fenced(&fresh, &point(1)).await.unwrap();
+    store.delete("fresh").await.unwrap();
+    assert_eq!(store.load("fresh").await.unwrap(), None);
+    assert_eq!(
+        store.holder("fresh").await.unwrap().map(|l| l.token),
+        Some(fresh.token)
+    );
+    let _ = client.database(&db).drop().await;
+    deployment.shutdown().await;
+}
