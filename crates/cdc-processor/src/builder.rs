@@ -44,6 +44,10 @@ pub struct Builder {
     source: Option<Arc<dyn ChangeSource>>,
     options: SourceOptions,
     store: Option<Arc<dyn ResumeStore>>,
+    lease: Option<(Arc<dyn cdc_core::LeaseStore>, Duration)>,
+    /// The leased store as a dead-letter store: letters are fenced there.
+    leased_letters: Option<Arc<dyn cdc_core::DeadLetterStore>>,
+    owner: Option<String>,
     stream_id: Option<String>,
     suffix: String,
     policy: CheckpointPolicy,
@@ -78,6 +82,9 @@ impl Default for Builder {
             source: None,
             options: default_source_options(),
             store: None,
+            lease: None,
+            leased_letters: None,
+            owner: None,
             stream_id: None,
             suffix: String::new(),
             policy: CheckpointPolicy::default(),
@@ -171,6 +178,30 @@ impl Builder {
     #[must_use]
     pub fn store(mut self, store: Arc<dyn ResumeStore>) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Keeps the point in `store` and handles the stream only while holding its lease
+    /// there (TTL `ttl`): one active instance per stream id, the others standing by. Every
+    /// save carries the lease's fencing token, so an instance that lost the lease (paused
+    /// past its TTL) cannot move the point; it stops handling at once and stands by again
+    /// under `start_with_retry`. `stop()` releases the lease. See `docs/SEMANTICS.md`.
+    #[must_use]
+    pub fn leased_store<S>(mut self, store: Arc<S>, ttl: Duration) -> Self
+    where
+        S: ResumeStore + cdc_core::LeaseStore + cdc_core::DeadLetterStore + 'static,
+    {
+        self.store = Some(store.clone());
+        self.leased_letters = Some(store.clone());
+        self.lease = Some((store, ttl));
+        self
+    }
+
+    /// The owner id this instance holds leases under (default: host, process id and
+    /// start time, unique per incarnation). Two instances must never share one.
+    #[must_use]
+    pub fn owner(mut self, id: impl Into<String>) -> Self {
+        self.owner = Some(id.into());
         self
     }
 
@@ -355,14 +386,38 @@ impl Builder {
         let store = self
             .store
             .ok_or_else(|| Error::Config("no resume store: call .store(…)".into()))?;
-        if self.on_handler_error.then() == crate::AfterRetries::DeadLetter
-            && self.dead_letters.is_none()
+        // With a leased store, dead letters go to that store, fenced like the points.
+        let dead_letters = match (self.leased_letters, self.dead_letters) {
+            (Some(leased), Some(given))
+                if !std::ptr::addr_eq(Arc::as_ptr(&leased), Arc::as_ptr(&given)) =>
+            {
+                return Err(Error::Config(
+                    "with a leased store, dead letters are recorded in that store (fenced by the lease): leave .dead_letters(…) out or give it the same store".into(),
+                ));
+            }
+            (Some(leased), _) => Some(leased),
+            (None, given) => given,
+        };
+        if self.on_handler_error.then() == crate::AfterRetries::DeadLetter && dead_letters.is_none()
         {
             return Err(Error::Config(
                 "the handler-error policy records dead letters but there is no dead-letter store: call .dead_letters(…)".into(),
             ));
         }
         let resnapshot = self.options.snapshot == cdc_mongo::SnapshotMode::WhenNeeded;
+        let lease = match self.lease {
+            Some((_, ttl)) if ttl < Duration::from_millis(30) => {
+                return Err(Error::Config(format!(
+                    "a lease TTL of {ttl:?} is too short: renewals come every third of it"
+                )));
+            }
+            Some((store, ttl)) => Some(crate::lease::LeaseSettings {
+                store,
+                ttl,
+                owner: self.owner.unwrap_or_else(crate::lease::default_owner),
+            }),
+            None => None,
+        };
         let (source, default_id): (Arc<dyn ChangeSource>, String) =
             match (self.source, self.client, self.scope) {
                 (Some(source), _, _) => {
@@ -374,7 +429,7 @@ impl Builder {
                     let mut options = self.options;
                     let own = [
                         store.namespace(),
-                        self.dead_letters.as_ref().and_then(|d| d.namespace()),
+                        dead_letters.as_ref().and_then(|d| d.namespace()),
                     ];
                     if let Some(stage) = exclude_own(&scope, &own) {
                         options.pipeline.insert(0, stage);
@@ -406,13 +461,14 @@ impl Builder {
             prefetch: self.prefetch,
             resnapshot,
             on_handler_error: self.on_handler_error,
-            dead_letters: self.dead_letters,
+            dead_letters,
             concurrency: self.concurrency,
             keep_transactions: self.keep_transactions,
             max_buffered_bytes: self.max_buffered_bytes,
             batch: self.batch,
             stop_timeout: self.stop_timeout,
             initial_position: self.initial_position,
+            lease,
         }))
     }
 }

@@ -358,10 +358,20 @@ impl Lanes {
     }
 
     /// Closes the queues and waits for the lanes to end.
-    pub(crate) async fn shutdown(self) {
-        drop(self.senders);
-        for task in self.tasks {
+    pub(crate) async fn shutdown(mut self) {
+        self.senders.clear();
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
+        }
+    }
+}
+
+/// Lanes dropped without a shutdown (the run was dropped: its lease was lost) cancel their
+/// handlers at once; nothing they were handling is acknowledged.
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }

@@ -45,6 +45,7 @@ mod dead_letters;
 mod error;
 mod handler;
 mod lanes;
+mod lease;
 mod poison;
 mod processor;
 mod reader;

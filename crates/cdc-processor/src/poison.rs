@@ -150,6 +150,8 @@ pub(crate) struct Poison {
     /// of their first letter: events of the key from there on are parked (one before it
     /// is a repeat after a restart, handled before the key was parked).
     parked: Mutex<HashMap<Vec<u8>, Position>>,
+    /// With a leased store: letters are recorded fenced by the lease held now.
+    fence: Option<(Arc<dyn cdc_core::LeaseStore>, Arc<crate::lease::Held>)>,
 }
 
 impl std::fmt::Debug for Poison {
@@ -166,6 +168,7 @@ impl Poison {
         letters: Option<Arc<dyn DeadLetterStore>>,
         stream: String,
         store_timeout: Duration,
+        fence: Option<(Arc<dyn cdc_core::LeaseStore>, Arc<crate::lease::Held>)>,
     ) -> Self {
         Self {
             policy,
@@ -173,6 +176,7 @@ impl Poison {
             stream,
             store_timeout,
             parked: Mutex::new(HashMap::new()),
+            fence,
         }
     }
 
@@ -248,7 +252,18 @@ impl Poison {
             Ok(l) => l,
             Err(e) => return Fate::Failed(e),
         };
-        if let Err(e) = self.timed(store.record(&letter)).await {
+        let recorded = match &self.fence {
+            Some((leases, held)) => match held.get() {
+                Some(lease) => self.timed(leases.record_fenced(&lease, &letter)).await,
+                None => Err(cdc_core::Error::Fenced {
+                    stream: self.stream.clone(),
+                    token: 0,
+                    newest: None,
+                }),
+            },
+            None => self.timed(store.record(&letter)).await,
+        };
+        if let Err(e) = recorded {
             return Fate::Failed(e);
         }
         if self.policy.parks_keys()

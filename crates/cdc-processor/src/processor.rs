@@ -52,6 +52,8 @@ pub(crate) struct Settings {
     pub(crate) resnapshot: bool,
     /// Where to start when the store holds no point (`None`: now).
     pub(crate) initial_position: Option<cdc_core::StartPosition>,
+    /// The lease to hold while handling, if any.
+    pub(crate) lease: Option<crate::lease::LeaseSettings>,
 }
 
 pub(crate) struct Inner {
@@ -66,6 +68,8 @@ pub(crate) struct Inner {
     pub(crate) poison: Arc<crate::poison::Poison>,
     /// Snapshots requested while streaming, waiting for the reader.
     pub(crate) requests: Arc<crate::reader::Requests>,
+    /// The lease held now (with a leased store).
+    pub(crate) held: Arc<crate::lease::Held>,
 }
 
 /// Watches a collection, database or deployment and hands every change to a handler,
@@ -103,11 +107,16 @@ impl StopHandle {
 impl DocumentProcessor {
     pub(crate) fn from_settings(settings: Settings) -> Self {
         let (errors, _) = broadcast::channel(64);
+        let held = Arc::new(crate::lease::Held::default());
         let poison = Arc::new(crate::poison::Poison::new(
             settings.on_handler_error.clone(),
             settings.dead_letters.clone(),
             settings.stream_id.clone(),
             settings.store_timeout,
+            settings
+                .lease
+                .as_ref()
+                .map(|l| (Arc::clone(&l.store), Arc::clone(&held))),
         ));
         Self {
             inner: Arc::new(Inner {
@@ -119,6 +128,7 @@ impl DocumentProcessor {
                 attempts: std::sync::atomic::AtomicU32::new(0),
                 poison,
                 requests: Arc::new(crate::reader::Requests::new()),
+                held,
             }),
         }
     }
@@ -238,7 +248,10 @@ impl DocumentProcessor {
         }
         let span = tracing::info_span!("cdc", stream = %self.stream_id());
         self.inner.attempts.fetch_add(1, Ordering::Relaxed);
-        let result = self.run(handler).instrument(span).await;
+        let result = match &self.inner.settings.lease {
+            Some(lease) => self.run_leased(lease, handler).instrument(span).await,
+            None => self.run(handler).instrument(span).await,
+        };
         self.inner.running.store(false, Ordering::Release);
         self.inner
             .requests

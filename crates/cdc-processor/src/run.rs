@@ -51,7 +51,19 @@ impl DocumentProcessor {
     async fn save(&self, cp: &mut Checkpointer, mut point: ResumePoint) -> Result<()> {
         let s = &self.inner.settings;
         point.saved_at = bson::DateTime::now();
-        self.store_call(s.store.save(&s.stream_id, &point)).await?;
+        match (&s.lease, self.inner.held.get()) {
+            (Some(l), Some(lease)) => self.store_call(l.store.save_fenced(&lease, &point)).await?,
+            // Leased but not held: a run never gets here without the lease.
+            (Some(_), None) => {
+                return Err(cdc_core::Error::Fenced {
+                    stream: s.stream_id.clone(),
+                    token: 0,
+                    newest: None,
+                }
+                .into());
+            }
+            (None, _) => self.store_call(s.store.save(&s.stream_id, &point)).await?,
+        }
         cp.confirm(&point, Instant::now());
         let mut stats = self.stats_mut();
         stats.checkpoints += 1;

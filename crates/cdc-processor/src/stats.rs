@@ -36,4 +36,10 @@ pub struct Stats {
     pub last_gap: Option<HistoryGap>,
     /// How far the latest snapshot's reading got (documents, chunks, rate), if one ran.
     pub snapshot: Option<cdc_core::SnapshotProgress>,
+    /// The fencing token of the lease this instance holds now (with a leased store).
+    pub lease_token: Option<u64>,
+    /// Whether this instance stands by while another holds the lease.
+    pub standby: bool,
+    /// Times this instance acquired the lease.
+    pub leases_acquired: u64,
 }
