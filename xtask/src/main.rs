@@ -41,7 +41,7 @@ commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
   demo [--uri URI] [--seconds S] [--rate R]
                   the main job on the embedded default, killed and resumed midway
-  soak [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot]
+  soak [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot] [--standby N]
                   SIGKILL the consumer K times (default 100), then verify nothing was lost
                   (with lanes: per-key order and whole transactions too)
   integration [--uri URI]
@@ -205,6 +205,13 @@ fn ci() -> Result<(), String> {
         "--kills".to_owned(),
         "5".to_owned(),
         "--snapshot".to_owned(),
+    ])?;
+    // Three consumers on one stream with a leased store: the holder killed, then paused.
+    soak(&[
+        "--kills".to_owned(),
+        "5".to_owned(),
+        "--standby".to_owned(),
+        "2".to_owned(),
     ])?;
     // Killed while dead-lettering: 3% of the changes are refused by the handler.
     soak(&[

@@ -14,6 +14,10 @@
 //!   from what the consumer delivered, compares it with the collection's content, and
 //!   counts versions of a key that arrived after a newer one (both must be nothing); 20
 //!   kills unless `--kills` says otherwise (100 otherwise).
+//! - `cdc-soak run --standby N [--kills K] [--ttl MS]`: N + 1 consumers on one stream
+//!   with a leased file store; the holder is SIGKILLed K times (20), then paused past its
+//!   TTL and resumed; prints the verifier's line, `overlapping holders: n` and
+//!   `failover p50 … ms, max … ms (ttl … ms)`.
 //! - `cdc-soak writer --uri U --rate R --log F --stop-file S`: changes documents at rate R
 //!   with majority write concern, logging every acknowledged change, until S exists.
 //! - `cdc-soak consumer --uri U --store DIR --log F`: a DocumentProcessor with the file
@@ -33,8 +37,8 @@ use std::{
 
 use async_trait::async_trait;
 use bson::{Document, doc};
-use cdc_core::DeadLetterStore;
 use cdc_core::{BoxError, ChangeEvent, Dispatcher};
+use cdc_core::{DeadLetterStore, ResumeStore};
 use cdc_processor::{
     CheckpointPolicy, DocumentProcessor, HandlerErrorPolicy, default_backoff, stores::FileStore,
 };
@@ -62,7 +66,7 @@ async fn main() -> std::process::ExitCode {
         Some("writer") => writer(&args[1..]).await.map(|()| true),
         Some("consumer") => consumer(&args[1..]).await.map(|()| true),
         _ => Err(
-            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot [--preload N]] | writer … | consumer …".into(),
+            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot [--preload N]] [--standby N [--ttl MS]] | writer … | consumer …".into(),
         ),
     };
     match result {
@@ -193,8 +197,9 @@ fn poisoned(id: i64, change: &str, percent: u64) -> bool {
 }
 
 /// Appends each delivered change to the log and fsyncs before acknowledging; refuses the
-/// poisoned ones.
-struct DeliveryLog(Mutex<std::fs::File>, u64);
+/// poisoned ones; with a times file, appends the time (ms since the epoch) of each change
+/// handled there too (not fsynced: a killed process's writes survive it).
+struct DeliveryLog(Mutex<std::fs::File>, u64, Option<Mutex<std::fs::File>>);
 
 #[async_trait]
 impl Dispatcher for DeliveryLog {
@@ -216,6 +221,13 @@ impl Dispatcher for DeliveryLog {
         // One write call per line: a kill cannot leave half of it behind.
         file.write_all(format!("{id} {change}\n").as_bytes())?;
         file.sync_data()?;
+        if let Some(times) = &self.2 {
+            let now = bson::DateTime::now().timestamp_millis();
+            times
+                .lock()
+                .map_err(|_| "times poisoned")?
+                .write_all(format!("{now}\n").as_bytes())?;
+        }
         Ok(())
     }
 }
@@ -251,10 +263,25 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
                 .park_keys(true),
         );
     }
+    // With a lease: one active consumer among several, the others standing by.
+    builder = match value(args, "--lease") {
+        Some(ms) => builder
+            .leased_store(store, Duration::from_millis(ms.parse()?))
+            .owner(need(args, "--owner")?),
+        None => builder.store(store),
+    };
+    let times = match value(args, "--times") {
+        Some(path) => Some(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        )),
+        None => None,
+    };
     let processor = builder
         .client(client)
         .collection("soak", "docs")
-        .store(store)
         .checkpoint(CheckpointPolicy::batched(
             BATCH,
             Duration::from_millis(500),
@@ -263,7 +290,10 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
         .keep_transactions(args.iter().any(|a| a == "--transactions"))
         .build()?;
     processor
-        .start_with_retry(default_backoff(), DeliveryLog(Mutex::new(log), poison))
+        .start_with_retry(
+            default_backoff(),
+            DeliveryLog(Mutex::new(log), poison, times),
+        )
         .await?;
     Ok(())
 }
@@ -419,6 +449,9 @@ fn count_lines(path: &Path) -> usize {
 }
 
 async fn run(args: &[String]) -> Result<bool, BoxError> {
+    if let Some(n) = value(args, "--standby") {
+        return run_standby(args, n.parse()?).await;
+    }
     let snapshot = args.iter().any(|a| a == "--snapshot");
     // The full run: 100 kills, or 20 across a snapshot and the stream after it.
     let kills: usize =
@@ -630,5 +663,362 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     if let Some(sim) = sim {
         sim.shutdown().await;
     }
+    Ok(ok)
+}
+
+/// The consumers of a standby run: one process per slot, its owner id naming the slot and
+/// the incarnation.
+struct Slots {
+    work: PathBuf,
+    args: Vec<String>,
+    ttl_ms: u64,
+    procs: Vec<(String, Child)>,
+    incarnations: usize,
+}
+
+/// A run that ends early (an error) leaves no consumer behind.
+impl Drop for Slots {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.procs {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Slots {
+    fn spawn(&mut self, slot: usize) -> Result<(String, Child), BoxError> {
+        self.incarnations += 1;
+        let owner = format!("slot{slot}-{}", self.incarnations);
+        let times = self.work.join(format!("times-{owner}.log"));
+        let ttl = self.ttl_ms.to_string();
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend([
+            "--lease",
+            &ttl,
+            "--owner",
+            &owner,
+            "--times",
+            times.to_str().ok_or("path")?,
+        ]);
+        Ok((owner.clone(), spawn_self(&args)?))
+    }
+
+    /// Times (ms) at which each incarnation handled events, by owner.
+    fn times(&self) -> Result<Vec<(String, Vec<i64>)>, BoxError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.work)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if let Some(owner) = name
+                .strip_prefix("times-")
+                .and_then(|n| n.strip_suffix(".log"))
+            {
+                let times = std::fs::read_to_string(&path)?
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect();
+                out.push((owner.to_owned(), times));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first time an owner other than `but` handled an event after `after` (ms).
+    fn first_after(&self, after: i64, but: &str) -> Result<Option<i64>, BoxError> {
+        Ok(self
+            .times()?
+            .into_iter()
+            .filter(|(o, _)| o != but)
+            .filter_map(|(_, t)| t.into_iter().find(|&t| t > after))
+            .min())
+    }
+}
+
+fn now_ms() -> i64 {
+    bson::DateTime::now().timestamp_millis()
+}
+
+fn signal(child: &Child, sig: &str) -> Result<(), BoxError> {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()?;
+    if !status.success() {
+        return Err(format!("kill {sig} failed").into());
+    }
+    Ok(())
+}
+
+/// `--standby N`: N + 1 consumers on one stream with a leased file store; the active one is
+/// SIGKILLed `kills` times (and started again as a standby), then paused (SIGSTOP) past
+/// its TTL and resumed. Prints the verifier's line, `overlapping holders: n` (pairs of
+/// incarnations that handled events at overlapping times for longer than the TTL),
+/// `failover p50 … ms, max … ms (ttl … ms)` and what the paused holder did once resumed.
+async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError> {
+    let kills: usize = value(args, "--kills").map_or(Ok(20), |v| v.parse())?;
+    let ttl_ms: u64 = value(args, "--ttl").map_or(Ok(1000), |v| v.parse())?;
+    let rate: u64 = value(args, "--rate").map_or(Ok(200), |v| v.parse())?;
+    let sim = mongo_sim::MongoSim::start().await?;
+    let uri = sim.uri();
+    let work = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/soak-standby");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let (written, delivered, store_dir, stop_file) = (
+        work.join("written.log"),
+        work.join("delivered.log"),
+        work.join("store"),
+        work.join("stop-writer"),
+    );
+    {
+        let client = mongodb::Client::with_uri_str(&uri).await?;
+        collection(&client).drop().await?;
+    }
+    let started = Instant::now();
+    println!(
+        "soak: {} consumers on one stream ({standbys} standing by), lease TTL {ttl_ms} ms, {kills} SIGKILLs of the holder then one SIGSTOP past the TTL, writer at {rate} changes/s, logs in {}",
+        standbys + 1,
+        work.display()
+    );
+    let path = |p: &Path| p.to_str().map(str::to_owned).ok_or("path");
+    let mut slots = Slots {
+        work: work.clone(),
+        args: vec![
+            "consumer".into(),
+            "--uri".into(),
+            uri.clone(),
+            "--store".into(),
+            path(&store_dir)?,
+            "--log".into(),
+            path(&delivered)?,
+        ],
+        ttl_ms,
+        procs: Vec::new(),
+        incarnations: 0,
+    };
+    for slot in 0..=standbys {
+        let p = slots.spawn(slot)?;
+        slots.procs.push(p);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let rate_arg = rate.to_string();
+    let mut writer = KillOnDrop(spawn_self(&[
+        "writer",
+        "--uri",
+        &uri,
+        "--rate",
+        &rate_arg,
+        "--log",
+        &path(&written)?,
+        "--stop-file",
+        &path(&stop_file)?,
+    ])?);
+    let store = FileStore::new(&store_dir)?;
+    let holder = || async {
+        let stream = store.list_streams().await?.into_iter().next();
+        Ok::<_, BoxError>(match stream {
+            Some(s) => cdc_core::LeaseStore::holder(&store, &s).await?,
+            None => None,
+        })
+    };
+    // The stored point, sampled all along: it must never move backwards.
+    let backwards = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (store_dir, backwards) = (store_dir.clone(), Arc::clone(&backwards));
+        tokio::spawn(async move {
+            let Ok(store) = FileStore::new(&store_dir) else {
+                return;
+            };
+            let mut last = None;
+            loop {
+                if let Ok(Some(stream)) = store.list_streams().await.map(|s| s.into_iter().next())
+                    && let Ok(Some(point)) = store.load(&stream).await
+                {
+                    if last.is_some_and(|l| point.cluster_time < l) {
+                        backwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    last = Some(point.cluster_time);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut rng = started.elapsed().as_nanos() as u64 | 1;
+    let mut failovers: Vec<i64> = Vec::new();
+    let active = |slots: &Slots, owner: &str| slots.procs.iter().position(|(o, _)| o == owner);
+    for k in 0..kills {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(300 + rng % 1200)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let slot = loop {
+            if let Some(h) = holder().await?
+                && let Some(slot) = active(&slots, &h.owner)
+            {
+                break slot;
+            }
+            if Instant::now() > deadline {
+                return Err("no consumer took the lease within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (owner, mut child) = slots.procs.swap_remove(slot);
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        let killed = now_ms();
+        let p = slots.spawn(slot)?;
+        slots.procs.push(p);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(first) = slots.first_after(killed, &owner)? {
+                failovers.push(first - killed);
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("nobody handled an event within 30 s of a kill".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if (k + 1) % 10 == 0 {
+            println!(
+                "  {} kills, {} written, {} delivered",
+                k + 1,
+                count_lines(&written),
+                count_lines(&delivered)
+            );
+        }
+        if let Some(status) = writer.0.try_wait()? {
+            return Err(format!("the writer exited early: {status}").into());
+        }
+    }
+    // A zombie: the holder is paused past its TTL, a standby takes over, the paused one
+    // resumes.
+    let zombie = loop {
+        if let Some(h) = holder().await?
+            && let Some(slot) = active(&slots, &h.owner)
+        {
+            break slot;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let zombie_owner = slots.procs[zombie].0.clone();
+    signal(&slots.procs[zombie].1, "-STOP")?;
+    let paused = now_ms();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slots.first_after(paused, &zombie_owner)?.is_none() {
+        if Instant::now() > deadline {
+            return Err("nobody took over from the paused holder within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(ttl_ms)).await;
+    let resumed = now_ms();
+    signal(&slots.procs[zombie].1, "-CONT")?;
+    tokio::time::sleep(Duration::from_millis(3 * ttl_ms)).await;
+    let zombie_times: Vec<i64> = slots
+        .times()?
+        .into_iter()
+        .filter(|(o, _)| *o == zombie_owner)
+        .flat_map(|(_, t)| t)
+        .filter(|&t| t >= resumed)
+        .collect();
+    let zombie_span = zombie_times.last().map_or(0, |&t| t - resumed);
+
+    std::fs::write(&stop_file, b"stop")?;
+    writer.0.wait()?;
+    let written_log = parse(&std::fs::read_to_string(&written)?)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let delivered_log = parse(&std::fs::read_to_string(&delivered).unwrap_or_default())?;
+        if verify(&written_log, &delivered_log, usize::MAX).lost == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (_, mut child) in slots.procs.drain(..) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    sampler.abort();
+    let delivered_log = parse(&std::fs::read_to_string(&delivered)?)?;
+    // Repeats: a checkpoint batch per kill, and the zombie's.
+    let verdict = verify(&written_log, &delivered_log, (kills + 1) * BATCH as usize);
+    // Overlaps: pairs of handling sessions of different incarnations (an incarnation's
+    // events split where it handled nothing for longer than the TTL: it stood by, or was
+    // paused) that intersect for longer than the TTL.
+    let ttl = i64::try_from(ttl_ms).unwrap_or(i64::MAX);
+    let mut intervals: Vec<(String, i64, i64)> = Vec::new();
+    for (owner, times) in slots.times()? {
+        let mut session: Option<(i64, i64)> = None;
+        for t in times {
+            session = match session {
+                Some((first, last)) if t - last <= ttl => Some((first, t)),
+                Some((first, last)) => {
+                    intervals.push((owner.clone(), first, last));
+                    Some((t, t))
+                }
+                None => Some((t, t)),
+            };
+        }
+        if let Some((first, last)) = session {
+            intervals.push((owner, first, last));
+        }
+    }
+    let mut overlapping = 0;
+    for (i, a) in intervals.iter().enumerate() {
+        for b in intervals[i + 1..].iter().filter(|b| b.0 != a.0) {
+            let overlap = a.2.min(b.2) - a.1.max(b.1);
+            if overlap > ttl {
+                println!(
+                    "overlap: {} and {} handled at the same time for {overlap} ms",
+                    a.0, b.0
+                );
+                overlapping += 1;
+            }
+        }
+    }
+    failovers.sort_unstable();
+    let p50 = failovers.get(failovers.len() / 2).copied().unwrap_or(0);
+    let max = failovers.last().copied().unwrap_or(0);
+    let backwards = backwards.load(std::sync::atomic::Ordering::Relaxed);
+    println!("\nverifier: {verdict}");
+    println!("overlapping holders: {overlapping}");
+    println!("failover p50 {p50} ms, max {max} ms (ttl {ttl_ms} ms)");
+    println!(
+        "paused holder: handled {} events in the {zombie_span} ms after it resumed (renewal interval {} ms); the stored point moved backwards {backwards} times",
+        zombie_times.len(),
+        ttl_ms / 3
+    );
+    println!(
+        "soak: {kills} kills in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let ok = verdict.holds()
+        && overlapping == 0
+        && backwards == 0
+        && zombie_span <= i64::try_from(ttl_ms).unwrap_or(i64::MAX)
+        && p50 <= i64::try_from(ttl_ms + 1000).unwrap_or(i64::MAX);
+    println!(
+        "soak: {}",
+        if ok {
+            "every promise held"
+        } else {
+            "A PROMISE WAS BROKEN"
+        }
+    );
+    sim.shutdown().await;
     Ok(ok)
 }
