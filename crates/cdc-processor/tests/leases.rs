@@ -40,6 +40,16 @@ fn recorder(
     })
 }
 
+/// Waits until every id of `written` was handled by someone.
+async fn all_handled(log: &Log, written: &[i64]) {
+    let (seen, all) = (Arc::clone(log), written.to_vec());
+    until("every write handled", move || {
+        let got: BTreeSet<i64> = seen.lock().unwrap().iter().map(|(_, id, _)| *id).collect();
+        all.iter().all(|id| got.contains(id))
+    })
+    .await;
+}
+
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !cond() {
@@ -265,13 +275,7 @@ async fn one_instance_handles_the_stream_and_standbys_take_over() {
     written.extend(env.write(30).await);
     let c = env.processor("c");
     let task_c = env.run(&c, "c", &log);
-    let seen = Arc::clone(&log);
-    let all = written.clone();
-    until("every write handled", move || {
-        let got: BTreeSet<i64> = seen.lock().unwrap().iter().map(|(_, id, _)| *id).collect();
-        all.iter().all(|id| got.contains(id))
-    })
-    .await;
+    all_handled(&log, &written).await;
     c.stop();
     task_c.await.unwrap().unwrap();
     let log = log.lock().unwrap().clone();
@@ -311,23 +315,11 @@ async fn a_holder_whose_renewals_stall_stops_before_its_successor_starts() {
     })
     .await;
     written.extend(env.write(20).await);
-    let seen = Arc::clone(&log);
-    let all = written.clone();
-    until("every write handled", move || {
-        let got: BTreeSet<i64> = seen.lock().unwrap().iter().map(|(_, id, _)| *id).collect();
-        all.iter().all(|id| got.contains(id))
-    })
-    .await;
+    all_handled(&log, &written).await;
     // A resumes: it stands by (its old lease is fenced off), never handling again.
     env.store.frozen.store(false, Ordering::SeqCst);
     written.extend(env.write(10).await);
-    let seen = Arc::clone(&log);
-    let all = written.clone();
-    until("every write handled", move || {
-        let got: BTreeSet<i64> = seen.lock().unwrap().iter().map(|(_, id, _)| *id).collect();
-        all.iter().all(|id| got.contains(id))
-    })
-    .await;
+    all_handled(&log, &written).await;
     tokio::time::sleep(TTL).await;
     assert!(a.stats().standby, "a stands by again: {:?}", a.stats());
     assert!(

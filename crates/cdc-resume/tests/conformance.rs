@@ -4,6 +4,10 @@
 //! test; elsewhere the test prints that it was skipped and why.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{postgres_url, redis_url, unique, unreachable_backend};
+
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bson::{Binary, doc, spec::BinarySubtype};
@@ -23,14 +27,6 @@ struct Backend {
     failing: Option<Arc<dyn ResumeStore>>,
 }
 
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
 /// A token with several fields and types, so byte-exactness is really tested.
 fn token(n: u32) -> ResumeToken {
     ResumeToken::from_document(&doc! {
@@ -48,15 +44,6 @@ fn point(t: u32, inc: u32) -> ResumePoint {
         OperationType::Update,
         bson::DateTime::from_millis(1_700_000_000_000 + i64::from(t)),
     )
-}
-
-fn unreachable_backend(name: &str, why: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{name} is unreachable under CI=true: {why}");
-    }
-    eprintln!(
-        "SKIPPED {name} conformance: the server is unreachable ({why}); set CI=true to make this a failure"
-    );
 }
 
 async fn suite(b: Backend) {
@@ -323,22 +310,13 @@ async fn mongodb_store_saves_inside_a_transaction() {
     deployment.shutdown().await;
 }
 
-fn redis_url() -> String {
-    std::env::var("CDC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn postgres_url() -> String {
-    std::env::var("CDC_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 #[tokio::test]
 async fn redis_store() {
     let url = redis_url();
     let prefix = format!("{}:", unique("cdc-test"));
     let store = Arc::new(RedisStore::new(&url, prefix.clone()).unwrap());
     if let Err(e) = store.list_streams().await {
-        return unreachable_backend("redis", &e.to_string());
+        return unreachable_backend("conformance", "redis", &e.to_string());
     }
     let client = redis::Client::open(url.as_str()).unwrap();
     let corrupt: Corrupter = Box::new(move |stream: String| {
@@ -404,7 +382,7 @@ async fn postgres_store() {
     let table = unique("cdc_conf").replace('-', "_");
     let store = match PostgresStore::connect(&url, &table).await {
         Ok(s) => Arc::new(s),
-        Err(e) => return unreachable_backend("postgres", &e.to_string()),
+        Err(e) => return unreachable_backend("conformance", "postgres", &e.to_string()),
     };
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
@@ -480,6 +458,7 @@ async fn postgres_store_over_tls() {
     let cert = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
     if !std::path::Path::new(cert).exists() {
         return unreachable_backend(
+            "conformance",
             "postgres over TLS",
             &format!("no server certificate at {cert}"),
         );
@@ -491,7 +470,7 @@ async fn postgres_store_over_tls() {
     );
     let store = match PostgresStore::connect(&url, &table).await {
         Ok(s) => s,
-        Err(e) => return unreachable_backend("postgres over TLS", &e.to_string()),
+        Err(e) => return unreachable_backend("conformance", "postgres over TLS", &e.to_string()),
     };
     store.save("tls", &point(3, 0)).await.unwrap();
     assert_eq!(store.load("tls").await.unwrap(), Some(point(3, 0)));

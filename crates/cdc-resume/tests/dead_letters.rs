@@ -3,26 +3,15 @@
 //! from a fresh mongo-sim. When `CI=true` an unreachable backend fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{postgres_url, redis_url, unique, unreachable_backend};
+
 use std::sync::Arc;
 
 use bson::{Binary, Decimal128, doc, spec::BinarySubtype};
 use cdc_core::{ChangeEvent, DeadLetter, DeadLetterStore, ErrorKind, ResumeStore};
 use cdc_resume::{FileStore, MemoryStore, MongoStore, PostgresStore, RedisStore};
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-fn unreachable_backend(name: &str, why: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{name} is unreachable under CI=true: {why}");
-    }
-    eprintln!("SKIPPED {name} dead letters: the server is unreachable ({why})");
-}
 
 /// An event whose bytes hold many BSON types (so byte-exactness is really tested), at
 /// cluster time `t`, with the token `_data` `data`.
@@ -271,10 +260,10 @@ async fn mongodb_dead_letters() {
 
 #[tokio::test]
 async fn redis_dead_letters() {
-    let url = std::env::var("CDC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = redis_url();
     let store = Arc::new(RedisStore::new(&url, format!("{}:", unique("cdc-dl"))).unwrap());
     if let Err(e) = store.list_streams().await {
-        return unreachable_backend("redis", &e.to_string());
+        return unreachable_backend("dead letters", "redis", &e.to_string());
     }
     suite("redis", store.clone()).await;
     // The dead-letter keys are not streams with points.
@@ -288,12 +277,11 @@ async fn redis_dead_letters() {
 
 #[tokio::test]
 async fn postgres_dead_letters() {
-    let url = std::env::var("CDC_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = postgres_url();
     let table = unique("cdc_dl").replace('-', "_");
     let store = match PostgresStore::connect(&url, &table).await {
         Ok(s) => Arc::new(s),
-        Err(e) => return unreachable_backend("postgres", &e.to_string()),
+        Err(e) => return unreachable_backend("dead letters", "postgres", &e.to_string()),
     };
     suite("postgres", store.clone()).await;
     let long = "t".repeat(55);

@@ -6,6 +6,10 @@
 //! `CI=true` an unreachable backend fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{postgres_url, redis_url, unique, unreachable_backend};
+
 use std::{sync::Arc, time::Duration};
 
 use bson::doc;
@@ -18,21 +22,6 @@ use cdc_resume::{FileStore, MemoryStore, MongoStore, PostgresStore, RedisStore};
 /// A store with points, dead letters and leases.
 trait Backend: ResumeStore + DeadLetterStore + LeaseStore {}
 impl<T: ResumeStore + DeadLetterStore + LeaseStore> Backend for T {}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-fn unreachable_backend(name: &str, why: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{name} is unreachable under CI=true: {why}");
-    }
-    eprintln!("SKIPPED {name} leases: the server is unreachable ({why})");
-}
 
 fn point(t: u32) -> ResumePoint {
     let token =
@@ -212,10 +201,10 @@ async fn file_leases() {
 
 #[tokio::test]
 async fn redis_leases() {
-    let url = std::env::var("CDC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = redis_url();
     let store = Arc::new(RedisStore::new(&url, format!("{}:", unique("cdc-lease"))).unwrap());
     if let Err(e) = store.list_streams().await {
-        return unreachable_backend("redis", &e.to_string());
+        return unreachable_backend("leases", "redis", &e.to_string());
     }
     suite("redis", store.clone()).await;
     // Lease keys are not streams with points.
@@ -225,12 +214,11 @@ async fn redis_leases() {
 
 #[tokio::test]
 async fn postgres_leases() {
-    let url = std::env::var("CDC_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = postgres_url();
     let table = unique("cdc_lease").replace('-', "_");
     let store = match PostgresStore::connect(&url, &table).await {
         Ok(s) => Arc::new(s),
-        Err(e) => return unreachable_backend("postgres", &e.to_string()),
+        Err(e) => return unreachable_backend("leases", "postgres", &e.to_string()),
     };
     suite("postgres", store.clone()).await;
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
