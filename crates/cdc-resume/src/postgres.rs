@@ -186,10 +186,28 @@ impl PostgresStore {
             .map_err(|_| Error::store(stream, std::io::Error::other("no PostgreSQL connection")))
     }
 
-    fn upsert_sql(&self) -> String {
+    /// The conditional upsert of a point ($1–$6); fenced, it inserts only while the lease
+    /// of owner $7 with token $8 is the newest (reading the lease row `FOR SHARE`).
+    fn upsert_sql(&self, fenced: bool) -> String {
+        let source = if fenced {
+            format!(
+                "WITH lease AS (
+                    SELECT 1 FROM {l} WHERE stream_id = $1 AND owner = $7 AND token = $8 FOR SHARE
+                 )
+                 INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)
+                 SELECT $1::text, $2::bytea, $3::bigint, $4::bigint, $5::text, $6::bigint FROM lease",
+                l = self.leases,
+                t = self.table
+            )
+        } else {
+            format!(
+                "INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                t = self.table
+            )
+        };
         format!(
-            "INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            "{source}
              ON CONFLICT (stream_id) DO UPDATE SET
                 token = EXCLUDED.token, ct_time = EXCLUDED.ct_time, ct_increment = EXCLUDED.ct_increment,
                 operation_type = EXCLUDED.operation_type, saved_at_ms = EXCLUDED.saved_at_ms
@@ -197,6 +215,51 @@ impl PostgresStore {
                AND {t}.ct_time BETWEEN 0 AND 4294967295 AND {t}.ct_increment BETWEEN 0 AND 4294967295",
             t = self.table
         )
+    }
+
+    /// Runs the upsert of `point` (fenced by `fence`); the rows written.
+    async fn upsert(
+        &self,
+        client: &impl GenericClient,
+        stream: &str,
+        point: &ResumePoint,
+        fence: Option<&Lease>,
+    ) -> Result<u64> {
+        let op = point.operation_type.as_ref().map(OperationType::as_str);
+        let (token, time, increment, saved) = (
+            point.token.as_bytes(),
+            i64::from(point.cluster_time.time),
+            i64::from(point.cluster_time.increment),
+            point.saved_at.timestamp_millis(),
+        );
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&stream, &token, &time, &increment, &op, &saved];
+        let fence_token = fence.map(token_of);
+        if let (Some(lease), Some(t)) = (fence, fence_token.as_ref()) {
+            params.push(&lease.owner);
+            params.push(t);
+        }
+        client
+            .execute(&self.upsert_sql(fence.is_some()), &params)
+            .await
+            .map_err(|e| Error::store(stream, e))
+    }
+
+    /// The error of a save that wrote nothing: the stored point is newer.
+    async fn regression(
+        &self,
+        client: &impl GenericClient,
+        stream: &str,
+        point: &ResumePoint,
+    ) -> Error {
+        match self.load_with(client, stream).await {
+            Ok(stored) => Error::Regression {
+                stream: stream.to_owned(),
+                stored: stored.map(|p| p.cluster_time).unwrap_or_default(),
+                attempted: point.cluster_time,
+            },
+            Err(e) => e,
+        }
     }
 
     /// Saves through the caller's client or open transaction: the checkpoint commits or
@@ -211,34 +274,10 @@ impl PostgresStore {
         point: &ResumePoint,
     ) -> Result<()> {
         validate_stream_id(stream)?;
-        let op = point.operation_type.as_ref().map(OperationType::as_str);
-        let n = client
-            .execute(
-                &self.upsert_sql(),
-                &[
-                    &stream,
-                    &point.token.as_bytes(),
-                    &i64::from(point.cluster_time.time),
-                    &i64::from(point.cluster_time.increment),
-                    &op,
-                    &point.saved_at.timestamp_millis(),
-                ],
-            )
-            .await
-            .map_err(|e| Error::store(stream, e))?;
-        if n == 1 {
+        if self.upsert(client, stream, point, None).await? == 1 {
             return Ok(());
         }
-        let stored = self
-            .load_with(client, stream)
-            .await?
-            .map(|p| p.cluster_time)
-            .unwrap_or_default();
-        Err(Error::Regression {
-            stream: stream.to_owned(),
-            stored,
-            attempted: point.cluster_time,
-        })
+        Err(self.regression(client, stream, point).await)
     }
 
     async fn load_with(
@@ -328,34 +367,9 @@ impl ResumeStore for PostgresStore {
 #[async_trait]
 impl DeadLetterStore for PostgresStore {
     async fn record(&self, letter: &DeadLetter) -> Result<()> {
-        let stream = &letter.stream;
-        validate_stream_id(stream)?;
-        let client = self.client(stream).await?;
-        let sql = format!(
-            "INSERT INTO {} (stream_id, letter_id, token, ct_time, ct_increment, event, errors,
-                attempts, recorded_at_ms, parked)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             ON CONFLICT (stream_id, letter_id) DO NOTHING",
-            self.letters
-        );
-        client
-            .execute(
-                &sql,
-                &[
-                    stream,
-                    &letter.id,
-                    &letter.token.as_bytes(),
-                    &i64::from(letter.cluster_time.time),
-                    &i64::from(letter.cluster_time.increment),
-                    &letter.event,
-                    &letter.errors,
-                    &i64::from(letter.attempts),
-                    &letter.recorded_at.timestamp_millis(),
-                    &letter.parked,
-                ],
-            )
-            .await
-            .map_err(|e| Error::store(stream.as_str(), e))?;
+        validate_stream_id(&letter.stream)?;
+        let client = self.client(&letter.stream).await?;
+        self.insert_letter(&client, letter, None).await?;
         Ok(())
     }
 
@@ -445,6 +459,68 @@ impl DeadLetterStore for PostgresStore {
 
     fn describe(&self) -> String {
         format!("postgres:{} table {}", self.shown, self.letters)
+    }
+}
+
+impl PostgresStore {
+    /// Inserts a dead letter once (a letter whose id is recorded stays as it is); with a
+    /// lease, only while it is the newest (the insert reads the lease row `FOR SHARE`).
+    /// The rows inserted.
+    async fn insert_letter(
+        &self,
+        client: &Client,
+        letter: &DeadLetter,
+        fence: Option<&Lease>,
+    ) -> Result<u64> {
+        let columns = "stream_id, letter_id, token, ct_time, ct_increment, event, errors,
+                attempts, recorded_at_ms, parked";
+        let sql = match fence {
+            None => format!(
+                "INSERT INTO {d} ({columns})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (stream_id, letter_id) DO NOTHING",
+                d = self.letters
+            ),
+            Some(_) => format!(
+                "WITH lease AS (
+                    SELECT 1 FROM {l} WHERE stream_id = $1 AND owner = $11 AND token = $12 FOR SHARE
+                 )
+                 INSERT INTO {d} ({columns})
+                 SELECT $1::text, $2::text, $3::bytea, $4::bigint, $5::bigint, $6::bytea, $7::text[],
+                    $8::bigint, $9::bigint, $10::boolean FROM lease
+                 ON CONFLICT (stream_id, letter_id) DO NOTHING",
+                l = self.leases,
+                d = self.letters
+            ),
+        };
+        let (token, time, increment, attempts, recorded) = (
+            letter.token.as_bytes(),
+            i64::from(letter.cluster_time.time),
+            i64::from(letter.cluster_time.increment),
+            i64::from(letter.attempts),
+            letter.recorded_at.timestamp_millis(),
+        );
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &letter.stream,
+            &letter.id,
+            &token,
+            &time,
+            &increment,
+            &letter.event,
+            &letter.errors,
+            &attempts,
+            &recorded,
+            &letter.parked,
+        ];
+        let fence_token = fence.map(token_of);
+        if let (Some(lease), Some(t)) = (fence, fence_token.as_ref()) {
+            params.push(&lease.owner);
+            params.push(t);
+        }
+        client
+            .execute(&sql, &params)
+            .await
+            .map_err(|e| Error::store(letter.stream.as_str(), e))
     }
 }
 
@@ -605,91 +681,20 @@ impl LeaseStore for PostgresStore {
         let stream = lease.stream.as_str();
         validate_stream_id(stream)?;
         let client = self.client(stream).await?;
-        let op = point.operation_type.as_ref().map(OperationType::as_str);
-        let sql = format!(
-            "WITH lease AS (
-                SELECT 1 FROM {l} WHERE stream_id = $1 AND owner = $7 AND token = $8 FOR SHARE
-             )
-             INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)
-             SELECT $1::text, $2::bytea, $3::bigint, $4::bigint, $5::text, $6::bigint FROM lease
-             ON CONFLICT (stream_id) DO UPDATE SET
-                token = EXCLUDED.token, ct_time = EXCLUDED.ct_time, ct_increment = EXCLUDED.ct_increment,
-                operation_type = EXCLUDED.operation_type, saved_at_ms = EXCLUDED.saved_at_ms
-             WHERE ({t}.ct_time, {t}.ct_increment) <= (EXCLUDED.ct_time, EXCLUDED.ct_increment)",
-            l = self.leases,
-            t = self.table
-        );
-        let n = client
-            .execute(
-                &sql,
-                &[
-                    &stream,
-                    &point.token.as_bytes(),
-                    &i64::from(point.cluster_time.time),
-                    &i64::from(point.cluster_time.increment),
-                    &op,
-                    &point.saved_at.timestamp_millis(),
-                    &lease.owner,
-                    &token_of(lease),
-                ],
-            )
-            .await
-            .map_err(|e| Error::store(stream, e))?;
-        if n == 1 {
+        if self.upsert(&*client, stream, point, Some(lease)).await? == 1 {
             return Ok(());
         }
         if !self.admits(&client, lease).await? {
             return Err(self.fenced(&client, lease).await);
         }
-        let stored = self
-            .load_with(&*client, stream)
-            .await?
-            .map(|p| p.cluster_time)
-            .unwrap_or_default();
-        Err(Error::Regression {
-            stream: stream.to_owned(),
-            stored,
-            attempted: point.cluster_time,
-        })
+        Err(self.regression(&*client, stream, point).await)
     }
 
     async fn record_fenced(&self, lease: &Lease, letter: &DeadLetter) -> Result<()> {
         lease.covers(letter)?;
-        let stream = lease.stream.as_str();
-        validate_stream_id(stream)?;
-        let client = self.client(stream).await?;
-        let sql = format!(
-            "WITH lease AS (
-                SELECT 1 FROM {l} WHERE stream_id = $1 AND owner = $11 AND token = $12 FOR SHARE
-             )
-             INSERT INTO {d} (stream_id, letter_id, token, ct_time, ct_increment, event, errors,
-                attempts, recorded_at_ms, parked)
-             SELECT $1::text, $2::text, $3::bytea, $4::bigint, $5::bigint, $6::bytea, $7::text[],
-                $8::bigint, $9::bigint, $10::boolean FROM lease
-             ON CONFLICT (stream_id, letter_id) DO NOTHING",
-            l = self.leases,
-            d = self.letters
-        );
-        let n = client
-            .execute(
-                &sql,
-                &[
-                    &stream,
-                    &letter.id,
-                    &letter.token.as_bytes(),
-                    &i64::from(letter.cluster_time.time),
-                    &i64::from(letter.cluster_time.increment),
-                    &letter.event,
-                    &letter.errors,
-                    &i64::from(letter.attempts),
-                    &letter.recorded_at.timestamp_millis(),
-                    &letter.parked,
-                    &lease.owner,
-                    &token_of(lease),
-                ],
-            )
-            .await
-            .map_err(|e| Error::store(stream, e))?;
+        validate_stream_id(&lease.stream)?;
+        let client = self.client(&lease.stream).await?;
+        let n = self.insert_letter(&client, letter, Some(lease)).await?;
         // Nothing inserted: recorded before (fine), or fenced off.
         if n == 0 && !self.admits(&client, lease).await? {
             return Err(self.fenced(&client, lease).await);
