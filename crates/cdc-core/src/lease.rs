@@ -184,6 +184,13 @@ pub trait LeaseStore: Send + Sync {
     /// [`Error::Store`] when the backend fails.
     async fn holder(&self, stream: &str) -> Result<Option<Lease>>;
 
+    /// The live leases of the streams whose id starts with `prefix` (a group's members,
+    /// or its streams), in stream id order.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the backend fails.
+    async fn leases(&self, prefix: &str) -> Result<Vec<Lease>>;
+
     /// Saves `point` for the lease's stream only if `lease`'s token is the newest (the
     /// forward rule of [`crate::ResumeStore::save`] applies too).
     ///

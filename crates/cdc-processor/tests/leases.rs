@@ -125,6 +125,9 @@ impl LeaseStore for Pausable {
     async fn holder(&self, s: &str) -> cdc_core::Result<Option<Lease>> {
         self.inner.holder(s).await
     }
+    async fn leases(&self, prefix: &str) -> cdc_core::Result<Vec<Lease>> {
+        self.inner.leases(prefix).await
+    }
     async fn save_fenced(&self, lease: &Lease, p: &ResumePoint) -> cdc_core::Result<()> {
         self.inner.save_fenced(lease, p).await?;
         self.saved.lock().unwrap().push(p.clone());

@@ -562,6 +562,33 @@ impl LeaseStore for FileStore {
         .await
     }
 
+    async fn leases(&self, prefix: &str) -> Result<Vec<Lease>> {
+        let dir = self.dir.clone();
+        let prefix = prefix.to_owned();
+        blocking("*", move || {
+            let now = crate::memory::now_ms();
+            let mut out = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(|e| Error::store("*", e))? {
+                let path = entry.map_err(|e| Error::store("*", e))?.path();
+                let Some(stream) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".lease"))
+                    .and_then(stream_of)
+                    .filter(|s| s.starts_with(&prefix))
+                else {
+                    continue;
+                };
+                if let Some(record) = read_lease(&path, &stream)?.filter(|r| r.is_live(now)) {
+                    out.push(record.lease(&stream));
+                }
+            }
+            out.sort_by(|a, b| a.stream.cmp(&b.stream));
+            Ok(out)
+        })
+        .await
+    }
+
     async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
         validate_stream_id(&lease.stream)?;
         let (lock, lease_path, _, dir) = self.lease_files(&lease.stream);

@@ -177,6 +177,17 @@ impl LeaseStore for MemoryStore {
             .map(|r| r.lease(stream)))
     }
 
+    async fn leases(&self, prefix: &str) -> Result<Vec<Lease>> {
+        let now = now_ms();
+        Ok(self
+            .leases()
+            .range(prefix.to_owned()..)
+            .take_while(|(s, _)| s.starts_with(prefix))
+            .filter(|(_, r)| r.is_live(now))
+            .map(|(s, r)| r.lease(s))
+            .collect())
+    }
+
     async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
         validate_stream_id(&lease.stream)?;
         // The lease lock is held across the save: no holder can change in between.

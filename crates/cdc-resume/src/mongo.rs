@@ -570,6 +570,33 @@ impl LeaseStore for MongoStore {
             .map(|r| r.lease(stream)))
     }
 
+    async fn leases(&self, prefix: &str) -> Result<Vec<Lease>> {
+        let now = self.server_now("*").await?;
+        let mut cursor = self
+            .coll
+            .find(doc! {
+                "_id": { "$gte": prefix },
+                "lease.expires": { "$gt": bson::DateTime::from_millis(now) },
+            })
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(|e| Error::store("*", e))?;
+        let mut out = Vec::new();
+        while cursor.advance().await.map_err(|e| Error::store("*", e))? {
+            let raw = cursor.current();
+            let Ok(stream) = raw.get_str("_id") else {
+                continue;
+            };
+            if !stream.starts_with(prefix) {
+                break;
+            }
+            if let Some(record) = lease_record(&raw.to_owned()) {
+                out.push(record.lease(stream));
+            }
+        }
+        Ok(out)
+    }
+
     async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
         let stream = lease.stream.as_str();
         validate_stream_id(stream)?;

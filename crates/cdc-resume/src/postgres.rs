@@ -677,6 +677,28 @@ impl LeaseStore for PostgresStore {
         lease_of(stream, &owner, &row).map(Some)
     }
 
+    async fn leases(&self, prefix: &str) -> Result<Vec<Lease>> {
+        let client = self.client("*").await?;
+        let sql = format!(
+            "SELECT token, {}, owner, stream_id FROM {}
+             WHERE left(stream_id, length($1)) = $1 AND expires_at > clock_timestamp()
+             ORDER BY stream_id COLLATE \"C\"",
+            millis("expires_at"),
+            self.leases
+        );
+        let rows = client
+            .query(&sql, &[&prefix])
+            .await
+            .map_err(|e| Error::store("*", e))?;
+        rows.iter()
+            .map(|row| {
+                let owner: String = row.try_get(2).map_err(|e| Error::store("*", e))?;
+                let stream: String = row.try_get(3).map_err(|e| Error::store("*", e))?;
+                lease_of(&stream, &owner, row)
+            })
+            .collect()
+    }
+
     async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
         let stream = lease.stream.as_str();
         validate_stream_id(stream)?;

@@ -553,6 +553,50 @@ impl LeaseStore for RedisStore {
         )))
     }
 
+    async fn leases(&self, prefix: &str) -> Result<Vec<Lease>> {
+        let mut conn = self.connection("*").await?;
+        let pattern = format!(
+            "{}*{LETTERS_SEPARATOR}lease",
+            glob_escape(&format!("{}{prefix}", self.prefix))
+        );
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let result: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await;
+            let (next, found) = match result {
+                Ok(r) => r,
+                Err(e) => return Err(self.fail("*", e).await),
+            };
+            keys.extend(found);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(stream) = key
+                .strip_prefix(&self.prefix)
+                .and_then(|k| k.strip_suffix(&format!("{LETTERS_SEPARATOR}lease")))
+            else {
+                continue;
+            };
+            if let Some(lease) = self.holder(stream).await? {
+                out.push(lease);
+            }
+        }
+        Ok(out)
+    }
+
     async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
         let stream = &lease.stream;
         validate_stream_id(stream)?;

@@ -175,6 +175,31 @@ async fn suite(name: &str, store: Arc<dyn Backend>) {
         store.acquire(&other, "z", TTL).await.unwrap().is_some(),
         "{name}"
     );
+
+    // The live leases under a prefix, in stream order (a group's members).
+    let group = unique(&format!("{name}-group"));
+    let (m2, m1, outside) = (
+        format!("{group}/m/2"),
+        format!("{group}/m/1"),
+        format!("{group}/x"),
+    );
+    let l2 = store.acquire(&m2, "two", TTL).await.unwrap().unwrap();
+    store.acquire(&m1, "one", TTL).await.unwrap().unwrap();
+    store.acquire(&outside, "x", TTL).await.unwrap().unwrap();
+    let listed = store.leases(&format!("{group}/m/")).await.unwrap();
+    let owners: Vec<&str> = listed.iter().map(|l| l.owner.as_str()).collect();
+    assert_eq!(owners, ["one", "two"], "{name}");
+    store.release(&l2).await.unwrap();
+    let listed = store.leases(&format!("{group}/m/")).await.unwrap();
+    assert_eq!(listed.len(), 1, "{name}: a released lease is not live");
+    assert!(
+        store
+            .leases(&format!("{group}/none/"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "{name}"
+    );
 }
 
 #[tokio::test]
