@@ -43,6 +43,7 @@ mod builder;
 mod context;
 mod dead_letters;
 mod error;
+mod group;
 mod handler;
 mod lanes;
 mod lease;
@@ -60,6 +61,7 @@ pub use builder::{
 pub use context::{Batch, BatchDispatcher, HandlerContext, TransactionPosition};
 pub use dead_letters::ReplayReport;
 pub use error::{Error, Result};
+pub use group::{Group, HandlerFactory, ProcessorFactory};
 pub use handler::{
     CollectionWatcher, JsonWatcher, Typed, TypedWatcher, raw_to_json_bytes, to_json_bytes,
 };
