@@ -188,7 +188,13 @@ impl DocumentProcessor {
                     let outcome = self
                         .consume_lanes(&mut rx, &mut cp, handler, &mut lanes, keep)
                         .await;
-                    lanes.shutdown().await;
+                    if matches!(&outcome, Err(e) if e.kind() == ErrorKind::Fenced) {
+                        // Another instance holds the lease now: the handlers in flight are
+                        // cancelled at once (dropping the lanes aborts them).
+                        drop(lanes);
+                    } else {
+                        lanes.shutdown().await;
+                    }
                     outcome
                 }
             };

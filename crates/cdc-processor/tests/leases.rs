@@ -67,6 +67,8 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 struct Pausable {
     inner: cdc_processor::stores::MemoryStore,
     frozen: AtomicBool,
+    /// Saves and renewals are refused as if a newer holder existed.
+    fence_saves: AtomicBool,
     saved: Mutex<Vec<ResumePoint>>,
 }
 
@@ -114,6 +116,13 @@ impl LeaseStore for Pausable {
         self.inner.acquire(s, o, ttl).await
     }
     async fn renew(&self, lease: &Lease, ttl: Duration) -> cdc_core::Result<Lease> {
+        if self.fence_saves.load(Ordering::SeqCst) {
+            return Err(cdc_core::Error::Fenced {
+                stream: lease.stream.clone(),
+                token: lease.token,
+                newest: Some(lease.token + 1),
+            });
+        }
         while self.frozen.load(Ordering::SeqCst) && lease.owner == "a" {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -129,6 +138,13 @@ impl LeaseStore for Pausable {
         self.inner.leases(prefix).await
     }
     async fn save_fenced(&self, lease: &Lease, p: &ResumePoint) -> cdc_core::Result<()> {
+        if self.fence_saves.load(Ordering::SeqCst) {
+            return Err(cdc_core::Error::Fenced {
+                stream: lease.stream.clone(),
+                token: lease.token,
+                newest: Some(lease.token + 1),
+            });
+        }
         self.inner.save_fenced(lease, p).await?;
         self.saved.lock().unwrap().push(p.clone());
         Ok(())
@@ -364,5 +380,68 @@ async fn a_leased_store_takes_the_dead_letters_too() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("too short"), "{err}");
+    env.deployment.shutdown().await;
+}
+
+/// A lease taken over (renewals and saves refused) with lanes: the handlers still in
+/// flight are cancelled at once, not waited for, and the instance stands by.
+#[tokio::test]
+async fn a_lost_lease_cancels_the_handlers_in_flight() {
+    let env = Env::new().await;
+    let finished = Arc::new(AtomicBool::new(false));
+    let p = DocumentProcessor::builder()
+        .client(env.client.clone())
+        .collection("leased", "items")
+        .stream_id("leased-items")
+        .leased_store(Arc::clone(&env.store), TTL)
+        .owner("a")
+        .concurrency(4)
+        .checkpoint(CheckpointPolicy::every_event())
+        .build()
+        .unwrap();
+    let slow = Arc::clone(&finished);
+    struct Slow(Arc<AtomicBool>);
+    #[async_trait]
+    impl cdc_core::Dispatcher for Slow {
+        async fn dispatch(&self, e: &ChangeEvent, _: Option<BoxError>) -> Result<(), BoxError> {
+            if e.document_id().and_then(|b| b.as_i64()) == Some(0) {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                self.0.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+    }
+    let task = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            p.start_with_retry(cdc_processor::default_backoff(), Slow(slow))
+                .await
+        })
+    };
+    let held = p.clone();
+    until("a to hold the lease and open its stream", move || {
+        held.stats().lease_token.is_some() && held.stats().checkpoints >= 1
+    })
+    .await;
+    // Document 0 is being handled (for 1.5 s) when the lease is taken over.
+    env.write(1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    env.store.fence_saves.store(true, Ordering::SeqCst);
+    env.write(5).await;
+    let stood = p.clone();
+    until("a to stand by", move || stood.stats().lease_token.is_none()).await;
+    // Past the time the handler would have taken: it never finished.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !finished.load(Ordering::SeqCst),
+        "the slow handler was cancelled"
+    );
+    assert!(
+        p.stats()
+            .last_error
+            .is_some_and(|e| e.contains("no longer held"))
+    );
+    p.stop();
+    task.await.unwrap().unwrap();
     env.deployment.shutdown().await;
 }
