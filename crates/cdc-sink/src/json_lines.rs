@@ -1,0 +1,157 @@
+//! [`JsonLines`]: one change per line, as relaxed Extended JSON.
+
+use std::{
+    io::Write,
+    sync::{Mutex, PoisonError},
+};
+
+use async_trait::async_trait;
+use cdc_core::{BoxError, ChangeEvent};
+use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
+
+/// Writes each change of a batch as one line of relaxed Extended JSON (the event as the
+/// server sent it, token and all) and flushes before the batch is acknowledged: a change
+/// is acknowledged only once the writer took it. A write error (a closed pipe) fails the
+/// batch, which the processor's handler-error policy then answers.
+#[derive(Debug)]
+pub struct JsonLines<W> {
+    out: Mutex<W>,
+}
+
+impl JsonLines<std::io::Stdout> {
+    /// Lines on the process's standard output.
+    pub fn stdout() -> Self {
+        Self::new(std::io::stdout())
+    }
+}
+
+impl<W: Write + Send> JsonLines<W> {
+    /// Lines on `out`.
+    pub fn new(out: W) -> Self {
+        Self {
+            out: Mutex::new(out),
+        }
+    }
+
+    /// The writer back.
+    pub fn into_inner(self) -> W {
+        self.out
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes `events`, one line each, and flushes.
+    ///
+    /// # Errors
+    /// An event built without its raw document (it has nothing to print), or the writer's
+    /// error.
+    pub fn write_events<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a ChangeEvent>,
+    ) -> Result<(), BoxError> {
+        let mut lines = Vec::new();
+        for event in events {
+            let raw = event
+                .raw()
+                .ok_or("an event without its raw document cannot be written as JSON")?;
+            let doc = bson::Document::try_from(raw)?;
+            serde_json::to_writer(
+                &mut lines,
+                &bson::Bson::Document(doc).into_relaxed_extjson(),
+            )?;
+            lines.push(b'\n');
+        }
+        // A writer that panicked mid-line leaves at worst a torn line behind; the lock
+        // itself stays usable.
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        out.write_all(&lines)?;
+        out.flush()?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<W: Write + Send> BatchDispatcher for JsonLines<W> {
+    async fn dispatch_batch(
+        &self,
+        batch: &Batch<'_>,
+        _ctx: &HandlerContext,
+    ) -> Result<(), BoxError> {
+        self.write_events(batch.events().iter().copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use bson::doc;
+
+    use super::*;
+
+    #[test]
+    fn one_line_per_change_as_relaxed_extended_json() {
+        let event = |id: i64| {
+            ChangeEvent::from_document(&doc! {
+                "_id": { "_data": format!("82{id:08X}00000001") },
+                "operationType": "insert",
+                "clusterTime": bson::Timestamp { time: 7, increment: 1 },
+                "ns": { "db": "d", "coll": "c" },
+                "documentKey": { "_id": id },
+                "fullDocument": { "_id": id, "at": bson::DateTime::from_millis(0), "n": 1.5 },
+            })
+            .unwrap()
+        };
+        let (a, b) = (event(1), event(2));
+        let sink = JsonLines::new(Vec::new());
+        sink.write_events([&a, &b]).unwrap();
+        let text = String::from_utf8(sink.into_inner()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["operationType"], "insert");
+        assert_eq!(lines[1]["fullDocument"]["_id"], 2);
+        assert_eq!(lines[0]["fullDocument"]["n"], 1.5);
+        // Relaxed: numbers plain, dates and timestamps in their wrappers.
+        assert!(lines[0]["fullDocument"]["at"]["$date"].is_string());
+        assert_eq!(lines[0]["clusterTime"]["$timestamp"]["t"], 7);
+        assert_eq!(lines[0]["_id"]["_data"], "820000000100000001");
+    }
+
+    #[test]
+    fn an_event_without_its_raw_document_is_an_error() {
+        let event = ChangeEvent::new(
+            cdc_core::ResumeToken::from_document(&doc! { "_data": "82" }).unwrap(),
+            cdc_core::OperationType::Insert,
+            cdc_core::ClusterTime::new(1, 1),
+        );
+        let sink = JsonLines::new(Vec::new());
+        let err = sink.write_events([&event]).unwrap_err();
+        assert!(err.to_string().contains("raw document"), "{err}");
+        assert!(sink.into_inner().is_empty(), "nothing half-written");
+    }
+
+    /// A writer that fails (a closed pipe) fails the batch.
+    #[test]
+    fn a_failing_writer_fails_the_batch() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let event = ChangeEvent::from_document(&doc! {
+            "_id": { "_data": "82" },
+            "operationType": "drop",
+            "clusterTime": bson::Timestamp { time: 1, increment: 1 },
+        })
+        .unwrap();
+        let err = JsonLines::new(Closed).write_events([&event]).unwrap_err();
+        assert!(err.to_string().contains("pipe"), "{err}");
+    }
+}

@@ -1,0 +1,108 @@
+//! The JSON-lines sink under a processor, through the driver against mongo-sim: every
+//! change of the collection arrives as one line, in order, before it is acknowledged.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bson::doc;
+use cdc_processor::{CheckpointPolicy, DocumentProcessor, stores::MemoryStore};
+use cdc_sink::JsonLines;
+
+/// A writer whose bytes the test reads.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn lines(&self) -> Vec<serde_json::Value> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn every_change_arrives_as_one_line_in_order() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let p = DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("sink", "items")
+        .store(store.clone())
+        .checkpoint(CheckpointPolicy::every_event())
+        .build()
+        .unwrap();
+    let out = Shared::default();
+    let task = {
+        let (p, sink) = (p.clone(), JsonLines::new(out.clone()));
+        tokio::spawn(async move { p.start_batches(sink).await })
+    };
+    let opened = p.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while opened.stats().checkpoints < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let coll = client
+        .database("sink")
+        .collection::<bson::Document>("items");
+    for i in 0..20_i64 {
+        coll.insert_one(doc! { "_id": i, "v": i * 10 })
+            .await
+            .unwrap();
+    }
+    coll.update_one(doc! { "_id": 3_i64 }, doc! { "$set": { "v": -1_i64 } })
+        .await
+        .unwrap();
+    coll.delete_one(doc! { "_id": 4_i64 }).await.unwrap();
+    while out.lines().len() < 22 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lines: {}",
+            out.lines().len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.stop();
+    task.await.unwrap().unwrap();
+    let lines = out.lines();
+    let ids: Vec<i64> = lines
+        .iter()
+        .take(20)
+        .map(|l| l["documentKey"]["_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (0..20).collect::<Vec<_>>());
+    assert_eq!(lines[20]["operationType"], "update");
+    assert_eq!(lines[20]["updateDescription"]["updatedFields"]["v"], -1);
+    assert_eq!(lines[21]["operationType"], "delete");
+    // Acknowledged only once written: the stored point is the last line's token.
+    let point = cdc_core::ResumeStore::load(&*store, p.stream_id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        point.token.data(),
+        lines[21]["_id"]["_data"].as_str(),
+        "the point is the last line's"
+    );
+    sim.shutdown().await;
+}
