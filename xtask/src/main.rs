@@ -246,7 +246,9 @@ fn layering() -> Result<(), String> {
         "cdc-resume",
         &["file"],
         &["mongodb", "redis", "tokio-postgres", "rustls"],
-    )
+    )?;
+    // A sink's client comes with its feature only.
+    check_tree_lacks("cdc-sink", &[], &["tokio-postgres", "redis"])
 }
 
 fn check_tree_lacks(package: &str, features: &[&str], banned: &[&str]) -> Result<(), String> {

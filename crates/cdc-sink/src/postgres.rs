@@ -1,0 +1,196 @@
+//! [`PostgresSink`]: one table per collection, upserts and deletes in one transaction per
+//! batch, optionally with the checkpoint in that same transaction.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use async_trait::async_trait;
+use cdc_core::{BoxError, ChangeEvent, OperationType};
+use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
+use cdc_resume::PostgresStore;
+use tokio_postgres::Client;
+
+/// Writes each collection's documents into a table `<prefix><collection>` (`id` the
+/// document's `_id` as canonical Extended JSON, `doc` the document as `jsonb`, and the
+/// cluster time of the change that wrote it): inserts, replaces and updates upsert the
+/// full document, deletes delete, one transaction per batch. A row only ever moves
+/// forward in cluster time, so a batch delivered again after a crash changes nothing.
+///
+/// With [`PostgresSink::checkpoint_with`], the batch's last point is saved in the same
+/// transaction: the table's effects and the checkpoint commit together (exactly once
+/// across crashes). That needs batches in stream order: a processor with `concurrency(1)`.
+///
+/// Updates need their full document: configure the processor with
+/// `full_document(FullDocument::UpdateLookup)` (or post-images).
+pub struct PostgresSink {
+    client: tokio::sync::Mutex<Client>,
+    prefix: String,
+    checkpoint: Option<(Arc<PostgresStore>, String)>,
+    created: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for PostgresSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSink")
+            .field("prefix", &self.prefix)
+            .field("checkpoint", &self.checkpoint.as_ref().map(|(_, s)| s))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresSink {
+    /// A sink writing through `client` into tables named `<prefix><collection>`.
+    pub fn new(client: Client, prefix: impl Into<String>) -> Self {
+        Self {
+            client: tokio::sync::Mutex::new(client),
+            prefix: prefix.into(),
+            checkpoint: None,
+            created: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Saves the point of stream `stream` in `store` (which must live in the same
+    /// database) in each batch's transaction.
+    #[must_use]
+    pub fn checkpoint_with(mut self, store: Arc<PostgresStore>, stream: impl Into<String>) -> Self {
+        self.checkpoint = Some((store, stream.into()));
+        self
+    }
+
+    /// The quoted table name of `coll`.
+    fn table(&self, coll: &str) -> Result<String, BoxError> {
+        let name = format!("{}{coll}", self.prefix);
+        if name.is_empty() || name.len() > 63 || name.contains('\0') {
+            return Err(format!(
+                "table name {name:?} for collection {coll:?} does not fit PostgreSQL's 63 bytes"
+            )
+            .into());
+        }
+        Ok(format!("\"{}\"", name.replace('"', "\"\"")))
+    }
+
+    /// Writes `events` (in stream order) in one transaction, with the checkpoint if asked.
+    ///
+    /// # Errors
+    /// An update without its full document, a table name that does not fit, or the
+    /// database's error (the transaction is rolled back: nothing of the batch is written).
+    pub async fn write_events<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a ChangeEvent>,
+    ) -> Result<(), BoxError> {
+        let events: Vec<&ChangeEvent> = events.into_iter().collect();
+        let mut client = self.client.lock().await;
+        let tx = client.transaction().await?;
+        for event in &events {
+            let Some(coll) = event.ns.as_ref().and_then(|n| n.coll.as_deref()) else {
+                continue;
+            };
+            let Some(id) = event.document_id() else {
+                continue;
+            };
+            let table = self.table(coll)?;
+            let created = self
+                .created
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&table);
+            if !created {
+                tx.batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {table} (
+                        id TEXT PRIMARY KEY,
+                        doc JSONB NOT NULL,
+                        ct_time BIGINT NOT NULL,
+                        ct_increment BIGINT NOT NULL
+                    )"
+                ))
+                .await?;
+            }
+            let key = id.into_canonical_extjson().to_string();
+            let (time, increment) = (
+                i64::from(event.cluster_time.time),
+                i64::from(event.cluster_time.increment),
+            );
+            match event.operation_type {
+                OperationType::Insert
+                | OperationType::Replace
+                | OperationType::Update
+                | OperationType::Snapshot => {
+                    let doc = event.full_document().ok_or_else(|| {
+                        format!(
+                            "the {} event of {key} in {coll} has no full document: the PostgreSQL sink needs full_document(UpdateLookup) or post-images",
+                            event.operation_type
+                        )
+                    })?;
+                    let json =
+                        bson::Bson::Document(bson::Document::try_from(doc)?).into_relaxed_extjson();
+                    tx.execute(
+                        &format!(
+                            "INSERT INTO {table} AS t (id, doc, ct_time, ct_increment)
+                             VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc,
+                                ct_time = EXCLUDED.ct_time, ct_increment = EXCLUDED.ct_increment
+                             WHERE (t.ct_time, t.ct_increment) <= (EXCLUDED.ct_time, EXCLUDED.ct_increment)"
+                        ),
+                        &[&key, &json, &time, &increment],
+                    )
+                    .await?;
+                }
+                OperationType::Delete => {
+                    tx.execute(
+                        &format!(
+                            "DELETE FROM {table} WHERE id = $1 AND (ct_time, ct_increment) <= ($2, $3)"
+                        ),
+                        &[&key, &time, &increment],
+                    )
+                    .await?;
+                }
+                _ => {}
+            }
+        }
+        if let (Some((store, stream)), Some(last)) = (&self.checkpoint, events.last()) {
+            match store
+                .save_in(&tx, stream, &last.resume_point(bson::DateTime::now()))
+                .await
+            {
+                Ok(()) => {}
+                // The stored point is past this batch: it was committed before, with its
+                // rows (a batch delivered again); writing it again would change nothing.
+                Err(cdc_core::Error::Regression { .. }) => {
+                    tx.rollback().await?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.commit().await?;
+        for event in &events {
+            if let Some(coll) = event.ns.as_ref().and_then(|n| n.coll.as_deref())
+                && let Ok(table) = self.table(coll)
+            {
+                self.created
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(table);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BatchDispatcher for PostgresSink {
+    async fn dispatch_batch(
+        &self,
+        batch: &Batch<'_>,
+        ctx: &HandlerContext,
+    ) -> Result<(), BoxError> {
+        if self.checkpoint.is_some() && ctx.lane().is_some_and(|l| l > 0) {
+            return Err(
+                "the PostgreSQL sink saves checkpoints in its transactions, which needs batches in stream order: build the processor with concurrency(1)".into(),
+            );
+        }
+        self.write_events(batch.events().iter().copied()).await
+    }
+}
