@@ -32,6 +32,7 @@ pub struct HandlerContext {
     cancel: CancellationToken,
     stop_timeout: Option<std::time::Duration>,
     transaction: Option<TransactionPosition>,
+    lease: Option<cdc_core::Lease>,
 }
 
 tokio::task_local! {
@@ -52,7 +53,28 @@ impl HandlerContext {
             cancel,
             stop_timeout,
             transaction: None,
+            lease: None,
         }
+    }
+
+    /// The context with the lease the run holds.
+    pub(crate) fn with_lease(self, lease: Option<cdc_core::Lease>) -> Self {
+        Self { lease, ..self }
+    }
+
+    /// The context of a call on `lane`.
+    pub(crate) fn on_lane(&self, lane: usize) -> Self {
+        Self {
+            lane: Some(lane),
+            ..self.clone()
+        }
+    }
+
+    /// The lease this run holds, with a leased store (its owner and fencing token stay the
+    /// same for the whole run): a sink that saves checkpoints of its own fences them with
+    /// it.
+    pub fn lease(&self) -> Option<&cdc_core::Lease> {
+        self.lease.as_ref()
     }
 
     pub(crate) fn with_call(&self, call: u32) -> Self {

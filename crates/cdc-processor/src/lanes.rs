@@ -12,7 +12,6 @@ use tokio::{
     sync::{OwnedSemaphorePermit, mpsc},
     task::JoinHandle,
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     context::{Batch, BatchDispatcher, BatchLimits, HandlerContext, TransactionPosition},
@@ -300,9 +299,7 @@ impl Lanes {
         n: usize,
         queue: usize,
         handler: &Handler,
-        attempt: u32,
-        cancel: &CancellationToken,
-        stop_timeout: Option<std::time::Duration>,
+        base: &HandlerContext,
         poison: &Arc<Poison>,
     ) -> Self {
         let (done_tx, done) = mpsc::unbounded_channel();
@@ -311,7 +308,7 @@ impl Lanes {
         for lane in 0..n {
             let (tx, rx) = mpsc::channel(queue.max(1));
             senders.push(tx);
-            let ctx = HandlerContext::new(Some(lane), attempt, cancel.clone(), stop_timeout);
+            let ctx = base.on_lane(lane);
             tasks.push(tokio::spawn(run_lane(
                 rx,
                 done_tx.clone(),

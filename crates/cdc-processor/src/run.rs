@@ -168,10 +168,6 @@ impl DocumentProcessor {
                     self.consume(&mut rx, &mut cp, &**h).await
                 }
                 _ => {
-                    let attempt = self
-                        .inner
-                        .attempts
-                        .load(std::sync::atomic::Ordering::Relaxed);
                     // Enough queued per lane to keep it busy; the protocol's bound and the
                     // byte budget limit what is in flight overall.
                     let queue = (s.prefetch / s.concurrency.max(1)).clamp(1, 64);
@@ -179,9 +175,7 @@ impl DocumentProcessor {
                         s.concurrency.max(1),
                         queue,
                         handler,
-                        attempt,
-                        &self.inner.cancel,
-                        s.stop_timeout,
+                        &self.context(None),
                         &self.inner.poison,
                     );
                     let keep = s.keep_transactions.unwrap_or(s.concurrency > 1);
@@ -386,6 +380,7 @@ impl DocumentProcessor {
             self.inner.cancel.clone(),
             self.inner.settings.stop_timeout,
         )
+        .with_lease(self.inner.held.get())
     }
 
     /// The run loop with lanes (or a batch handler): routes each event to the lane of its

@@ -31,6 +31,11 @@ fn recorder(
 ) -> FnDispatcher<impl Fn(&ChangeEvent, Option<BoxError>) -> Result<(), BoxError> + use<>> {
     let (owner, log) = (owner.to_owned(), Arc::clone(log));
     FnDispatcher(move |e: &ChangeEvent, _| {
+        // The handler sees the lease its run holds (a sink fences its own writes with it).
+        let ctx = cdc_processor::HandlerContext::current().ok_or("no handler context")?;
+        if ctx.lease().is_none_or(|l| l.owner != owner) {
+            return Err(format!("the handler of {owner} sees the lease {:?}", ctx.lease()).into());
+        }
         if let Some(id) = e.document_id().and_then(|b| b.as_i64()) {
             log.lock()
                 .unwrap()

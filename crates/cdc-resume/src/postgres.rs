@@ -280,6 +280,29 @@ impl PostgresStore {
         Err(self.regression(client, stream, point).await)
     }
 
+    /// As [`PostgresStore::save_in`], fenced by `lease` (as
+    /// [`LeaseStore::save_fenced`]): a sink committing its rows and the checkpoint in one
+    /// transaction under a lease.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::save_fenced`].
+    pub async fn save_in_fenced(
+        &self,
+        client: &impl GenericClient,
+        lease: &Lease,
+        point: &ResumePoint,
+    ) -> Result<()> {
+        let stream = lease.stream.as_str();
+        validate_stream_id(stream)?;
+        if self.upsert(client, stream, point, Some(lease)).await? == 1 {
+            return Ok(());
+        }
+        if !self.admits(client, lease).await? {
+            return Err(self.fenced(client, lease).await);
+        }
+        Err(self.regression(client, stream, point).await)
+    }
+
     async fn load_with(
         &self,
         client: &impl GenericClient,
@@ -536,7 +559,7 @@ impl PostgresStore {
     }
 
     /// The newest token of `stream`'s lease, for a `Fenced` error.
-    async fn newest_token(&self, client: &Client, stream: &str) -> Result<Option<u64>> {
+    async fn newest_token(&self, client: &impl GenericClient, stream: &str) -> Result<Option<u64>> {
         let sql = format!("SELECT token FROM {} WHERE stream_id = $1", self.leases);
         let row = client
             .query_opt(&sql, &[&stream])
@@ -548,7 +571,7 @@ impl PostgresStore {
     }
 
     /// Whether `lease` is the newest on its stream (a fenced write may go on).
-    async fn admits(&self, client: &Client, lease: &Lease) -> Result<bool> {
+    async fn admits(&self, client: &impl GenericClient, lease: &Lease) -> Result<bool> {
         let sql = format!(
             "SELECT 1 FROM {} WHERE stream_id = $1 AND owner = $2 AND token = $3",
             self.leases
@@ -560,7 +583,7 @@ impl PostgresStore {
         Ok(row.is_some())
     }
 
-    async fn fenced(&self, client: &Client, lease: &Lease) -> Error {
+    async fn fenced(&self, client: &impl GenericClient, lease: &Lease) -> Error {
         match self.newest_token(client, &lease.stream).await {
             Ok(newest) => Error::Fenced {
                 stream: lease.stream.clone(),
@@ -642,7 +665,7 @@ impl LeaseStore for PostgresStore {
             .map_err(|e| Error::store(lease.stream.as_str(), e))?;
         match row {
             Some(r) => lease_of(&lease.stream, &lease.owner, &r),
-            None => Err(self.fenced(&client, lease).await),
+            None => Err(self.fenced(&*client, lease).await),
         }
     }
 
@@ -700,16 +723,9 @@ impl LeaseStore for PostgresStore {
     }
 
     async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
-        let stream = lease.stream.as_str();
-        validate_stream_id(stream)?;
-        let client = self.client(stream).await?;
-        if self.upsert(&*client, stream, point, Some(lease)).await? == 1 {
-            return Ok(());
-        }
-        if !self.admits(&client, lease).await? {
-            return Err(self.fenced(&client, lease).await);
-        }
-        Err(self.regression(&*client, stream, point).await)
+        validate_stream_id(&lease.stream)?;
+        let client = self.client(&lease.stream).await?;
+        self.save_in_fenced(&*client, lease, point).await
     }
 
     async fn record_fenced(&self, lease: &Lease, letter: &DeadLetter) -> Result<()> {
@@ -718,8 +734,8 @@ impl LeaseStore for PostgresStore {
         let client = self.client(&lease.stream).await?;
         let n = self.insert_letter(&client, letter, Some(lease)).await?;
         // Nothing inserted: recorded before (fine), or fenced off.
-        if n == 0 && !self.admits(&client, lease).await? {
-            return Err(self.fenced(&client, lease).await);
+        if n == 0 && !self.admits(&*client, lease).await? {
+            return Err(self.fenced(&*client, lease).await);
         }
         Ok(())
     }

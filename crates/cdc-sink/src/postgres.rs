@@ -7,7 +7,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use cdc_core::{BoxError, ChangeEvent, OperationType};
+use cdc_core::{BoxError, ChangeEvent, Lease, OperationType};
 use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
 use cdc_resume::PostgresStore;
 use tokio_postgres::Client;
@@ -80,7 +80,28 @@ impl PostgresSink {
         &self,
         events: impl IntoIterator<Item = &'a ChangeEvent>,
     ) -> Result<(), BoxError> {
-        let events: Vec<&ChangeEvent> = events.into_iter().collect();
+        self.write(events.into_iter().collect(), None).await
+    }
+
+    /// As [`PostgresSink::write_events`], with the checkpoint fenced by `lease` (a
+    /// processor with a leased `PostgresStore` hands its lease to its handlers): once
+    /// another instance holds the stream, nothing of the batch commits.
+    ///
+    /// # Errors
+    /// As [`PostgresSink::write_events`]; `Fenced` when `lease` is no longer the newest.
+    pub async fn write_events_fenced<'a>(
+        &self,
+        lease: &Lease,
+        events: impl IntoIterator<Item = &'a ChangeEvent>,
+    ) -> Result<(), BoxError> {
+        self.write(events.into_iter().collect(), Some(lease)).await
+    }
+
+    async fn write(
+        &self,
+        events: Vec<&ChangeEvent>,
+        lease: Option<&Lease>,
+    ) -> Result<(), BoxError> {
         let mut client = self.client.lock().await;
         let tx = client.transaction().await?;
         for event in &events {
@@ -150,10 +171,21 @@ impl PostgresSink {
             }
         }
         if let (Some((store, stream)), Some(last)) = (&self.checkpoint, events.last()) {
-            match store
-                .save_in(&tx, stream, &last.resume_point(bson::DateTime::now()))
-                .await
-            {
+            let point = last.resume_point(bson::DateTime::now());
+            let saved = match lease {
+                Some(lease) if lease.stream == *stream => {
+                    store.save_in_fenced(&tx, lease, &point).await
+                }
+                Some(lease) => {
+                    return Err(format!(
+                        "the sink checkpoints stream `{stream}` but runs under the lease of `{}`",
+                        lease.stream
+                    )
+                    .into());
+                }
+                None => store.save_in(&tx, stream, &point).await,
+            };
+            match saved {
                 Ok(()) => {}
                 // The stored point is past this batch: it was committed before, with its
                 // rows (a batch delivered again); writing it again would change nothing.
@@ -191,6 +223,6 @@ impl BatchDispatcher for PostgresSink {
                 "the PostgreSQL sink saves checkpoints in its transactions, which needs batches in stream order: build the processor with concurrency(1)".into(),
             );
         }
-        self.write_events(batch.events().iter().copied()).await
+        self.write(batch.events().to_vec(), ctx.lease()).await
     }
 }

@@ -179,6 +179,53 @@ async fn the_table_equals_the_collection_and_the_checkpoint_commits_with_it() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("UpdateLookup"), "{err}");
+    // Under a lease: the checkpoint is fenced, and once another instance holds the
+    // stream nothing of a batch commits.
+    use cdc_core::LeaseStore;
+    let fenced_stream = format!("fenced-{tag}");
+    let a = store
+        .acquire(&fenced_stream, "a", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
+    let fenced_sink = PostgresSink::new(connect().await.unwrap(), prefix.clone())
+        .checkpoint_with(store.clone(), fenced_stream.clone());
+    let event = |t: u32, v: i64| {
+        cdc_core::ChangeEvent::from_document(&doc! {
+            "_id": { "_data": format!("82{t:08X}00000001") },
+            "operationType": "insert",
+            "clusterTime": bson::Timestamp { time: t, increment: 1 },
+            "ns": { "db": "shop", "coll": "fenced" },
+            "documentKey": { "_id": 1_i64 },
+            "fullDocument": { "_id": 1_i64, "v": v },
+        })
+        .unwrap()
+    };
+    fenced_sink
+        .write_events_fenced(&a, [&event(10, 1)])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store
+        .acquire(&fenced_stream, "b", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let err = fenced_sink
+        .write_events_fenced(&a, [&event(11, 2)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no longer held"), "{err}");
+    let fenced_table = format!("{prefix}fenced");
+    assert_eq!(
+        table(&check, &fenced_table).await,
+        BTreeMap::from([(1, 1)]),
+        "nothing of the fenced batch committed"
+    );
+    check
+        .batch_execute(&format!("DROP TABLE \"{fenced_table}\""))
+        .await
+        .unwrap();
     check
         .batch_execute(&format!(
             "DROP TABLE \"{name}\"; DROP TABLE {t}; DROP TABLE {t}_dead_letters; DROP TABLE {t}_leases",
