@@ -262,6 +262,8 @@ impl DocumentProcessor {
         handler: &dyn Dispatcher,
     ) -> Result<Outcome> {
         let mut invalidated = false;
+        // The same for every call of the run (its attempt, stop token, lease).
+        let ctx = self.context(Some(0));
         loop {
             let batch = tokio::select! {
                 biased;
@@ -276,7 +278,7 @@ impl DocumentProcessor {
                 if self.inner.cancel.is_cancelled() {
                     return Ok(Outcome::Stopped);
                 }
-                let now = match self.step(item, cp, handler, &mut invalidated).await? {
+                let now = match self.step(item, cp, handler, &ctx, &mut invalidated).await? {
                     Step::Next(now) => now,
                     Step::End(outcome) => return Ok(outcome),
                 };
@@ -293,6 +295,7 @@ impl DocumentProcessor {
         item: Item,
         cp: &mut Checkpointer,
         handler: &dyn Dispatcher,
+        ctx: &HandlerContext,
         invalidated: &mut bool,
     ) -> Result<Step> {
         match item {
@@ -302,10 +305,9 @@ impl DocumentProcessor {
                 }
                 // `saved_at` is stamped when the point is saved.
                 let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
-                let ctx = self.context(Some(0));
                 let poison = &self.inner.poison;
                 let fate = tokio::select! {
-                    fate = poison.handle_event(handler, &event, &ctx) => fate,
+                    fate = poison.handle_event(handler, &event, ctx) => fate,
                     () = ctx.stop_deadline() => {
                         tracing::warn!("the handler did not finish within the stop timeout: cancelled, its event comes again");
                         return Ok(Step::End(Outcome::Stopped));
