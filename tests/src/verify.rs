@@ -240,6 +240,44 @@ pub fn verify(
     }
 }
 
+/// One owner's handling session: `(owner, first ms, last ms)`.
+pub type Session = (String, i64, i64);
+
+/// Each owner's handling times (ms, in the order handled) split into sessions where the
+/// owner handled nothing for longer than `gap` ms (it stood by, or was paused).
+pub fn sessions(owners: impl IntoIterator<Item = (String, Vec<i64>)>, gap: i64) -> Vec<Session> {
+    let mut out = Vec::new();
+    for (owner, times) in owners {
+        let mut current: Option<(i64, i64)> = None;
+        for t in times {
+            current = match current {
+                Some((first, last)) if t - last <= gap => Some((first, t)),
+                Some((first, last)) => {
+                    out.push((owner.clone(), first, last));
+                    Some((t, t))
+                }
+                None => Some((t, t)),
+            };
+        }
+        if let Some((first, last)) = current {
+            out.push((owner, first, last));
+        }
+    }
+    out
+}
+
+/// Every pair of sessions of different owners with how long they overlap, in ms (negative:
+/// that far apart; zero: they touch).
+pub fn session_overlaps(sessions: &[Session]) -> Vec<(&Session, &Session, i64)> {
+    let mut out = Vec::new();
+    for (i, a) in sessions.iter().enumerate() {
+        for b in sessions[i + 1..].iter().filter(|b| b.0 != a.0) {
+            out.push((a, b, a.2.min(b.2) - a.1.max(b.1)));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +337,25 @@ mod tests {
             parse("1 v1\n7\n2 v1\n").is_err(),
             "torn lines only before a marker"
         );
+    }
+
+    #[test]
+    fn sessions_split_at_gaps_and_overlaps_are_measured() {
+        let owners = vec![
+            ("a".to_owned(), vec![0, 10, 20, 500, 510]),
+            ("b".to_owned(), vec![15, 30, 300]),
+        ];
+        let s = sessions(owners, 100);
+        assert_eq!(
+            s,
+            [
+                ("a".to_owned(), 0, 20),
+                ("a".to_owned(), 500, 510),
+                ("b".to_owned(), 15, 30),
+                ("b".to_owned(), 300, 300),
+            ]
+        );
+        let overlaps: Vec<i64> = session_overlaps(&s).iter().map(|o| o.2).collect();
+        assert_eq!(overlaps, [5, -280, -470, -200]);
     }
 }

@@ -14,7 +14,10 @@ use std::{
 use bson::doc;
 use cdc_core::{DeadLetterStore, LeaseStore, ResumeStore};
 use cdc_processor::{BoxError, ChangeEvent, CheckpointPolicy, DocumentProcessor, FnDispatcher};
-use cdc_tests::proxy::{FaultProxy, Mode};
+use cdc_tests::{
+    proxy::{FaultProxy, Mode},
+    verify::{session_overlaps, sessions},
+};
 use mongo_sim::MongoSim;
 
 const TTL: Duration = Duration::from_millis(600);
@@ -180,30 +183,20 @@ where
         // nothing for a TTL) never intersect.
         let log = log.lock().unwrap().clone();
         let ttl = i64::try_from(TTL.as_millis()).unwrap();
-        let mut sessions: Vec<(String, i64, i64)> = Vec::new();
-        for owner in ["a", "b"] {
-            let mut current: Option<(i64, i64)> = None;
-            for (_, _, t) in log.iter().filter(|(o, ..)| o == owner) {
-                current = match current {
-                    Some((first, last)) if t - last <= ttl => Some((first, *t)),
-                    Some(s) => {
-                        sessions.push((owner.to_owned(), s.0, s.1));
-                        Some((*t, *t))
-                    }
-                    None => Some((*t, *t)),
-                };
-            }
-            if let Some(s) = current {
-                sessions.push((owner.to_owned(), s.0, s.1));
-            }
-        }
-        for (i, x) in sessions.iter().enumerate() {
-            for y in sessions[i + 1..].iter().filter(|y| y.0 != x.0) {
-                assert!(
-                    x.2.min(y.2) < x.1.max(y.1),
-                    "{case}: {x:?} and {y:?} handled at the same time"
-                );
-            }
+        let owners = ["a", "b"].map(|owner| {
+            let times = log
+                .iter()
+                .filter(|(o, ..)| o == owner)
+                .map(|(_, _, t)| *t)
+                .collect();
+            (owner.to_owned(), times)
+        });
+        let handled = sessions(owners, ttl);
+        for (x, y, overlap) in session_overlaps(&handled) {
+            assert!(
+                overlap < 0,
+                "{case}: {x:?} and {y:?} handled at the same time"
+            );
         }
         let _ = ResumeStore::delete(&*store, &stream).await;
         sim.shutdown().await;

@@ -525,6 +525,19 @@ impl SnapshotCursor {
         ChangeEvent::from_raw_buf(raw)
     }
 
+    /// The stream, opened after `stream_pos` at the first need.
+    async fn stream(&mut self) -> cdc_core::Result<&mut Box<dyn ChangeCursor>> {
+        if self.stream.is_none() {
+            let after = StartPosition::ResumeAfter(self.stream_pos.clone());
+            let opened = crate::source::open_cursor(&self.inner, &after).await?;
+            return Ok(self.stream.insert(opened));
+        }
+        // Just checked: the stream is open.
+        self.stream
+            .as_mut()
+            .ok_or_else(|| cdc_core::Error::Protocol("the snapshot's stream is not open".into()))
+    }
+
     /// Takes the next stream event (the held one first). One later than `until` is held
     /// back; the others are handed over, their keys recorded, their tokens marking the
     /// snapshot's position too.
@@ -532,14 +545,7 @@ impl SnapshotCursor {
         let event = match self.held.take() {
             Some(event) => event,
             None => {
-                let stream = match &mut self.stream {
-                    Some(stream) => stream,
-                    None => {
-                        let after = StartPosition::ResumeAfter(self.stream_pos.clone());
-                        self.stream
-                            .insert(crate::source::open_cursor(&self.inner, &after).await?)
-                    }
-                };
+                let stream = self.stream().await?;
                 match stream.next().await? {
                     Some(event) => event,
                     None => {
@@ -611,14 +617,7 @@ impl ChangeCursor for SnapshotCursor {
                 if let Some(event) = self.held.take() {
                     return Ok(Some(event));
                 }
-                let stream = match &mut self.stream {
-                    Some(stream) => stream,
-                    None => {
-                        let after = StartPosition::ResumeAfter(self.stream_pos.clone());
-                        self.stream
-                            .insert(crate::source::open_cursor(&self.inner, &after).await?)
-                    }
-                };
+                let stream = self.stream().await?;
                 return stream.next().await;
             }
             if self.scan_done {

@@ -155,9 +155,7 @@ impl MongoStore {
         point: &ResumePoint,
         e: mongodb::error::Error,
     ) -> Error {
-        let duplicate = matches!(e.kind.as_ref(), DriverKind::Write(mongodb::error::WriteFailure::WriteError(w)) if w.code == 11000)
-            || matches!(e.kind.as_ref(), DriverKind::Command(c) if c.code == 11000);
-        if duplicate {
+        if is_duplicate(&e) {
             // The upsert found no document it may replace: the stored point is newer, or
             // its cluster time cannot be read.
             match self.load(stream).await {

@@ -259,36 +259,18 @@ impl ResumeStore for RedisStore {
     }
 
     async fn list_streams(&self) -> Result<Vec<String>> {
-        let mut conn = self.connection("*").await?;
-        let mut cursor: u64 = 0;
-        let mut streams = Vec::new();
-        loop {
-            let result: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}*", glob_escape(&self.prefix)))
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await;
-            let (next, keys) = match result {
-                Ok(r) => r,
-                Err(e) => return Err(self.fail("*", e).await),
-            };
-            // Dead-letter keys carry a control character no stream id may hold.
-            streams.extend(keys.into_iter().filter_map(|k| {
+        let keys = self
+            .scan(&format!("{}*", glob_escape(&self.prefix)))
+            .await?;
+        // Dead-letter and lease keys carry a control character no stream id may hold.
+        Ok(keys
+            .iter()
+            .filter_map(|k| {
                 k.strip_prefix(&self.prefix)
                     .filter(|s| !s.contains(LETTERS_SEPARATOR))
                     .map(str::to_owned)
-            }));
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        streams.sort();
-        streams.dedup();
-        Ok(streams)
+            })
+            .collect())
     }
 
     fn describe(&self) -> String {
@@ -427,6 +409,35 @@ impl RedisStore {
         }
     }
 
+    /// The keys matching `pattern`, sorted, each once (SCAN may repeat one).
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut conn = self.connection("*").await?;
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let result: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await;
+            let (next, found) = match result {
+                Ok(r) => r,
+                Err(e) => return Err(self.fail("*", e).await),
+            };
+            keys.extend(found);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
     fn lease_key(&self, stream: &str) -> String {
         format!("{}{LETTERS_SEPARATOR}lease", self.key(stream))
     }
@@ -554,34 +565,11 @@ impl LeaseStore for RedisStore {
     }
 
     async fn leases(&self, prefix: &str) -> Result<Vec<Lease>> {
-        let mut conn = self.connection("*").await?;
         let pattern = format!(
             "{}*{LETTERS_SEPARATOR}lease",
             glob_escape(&format!("{}{prefix}", self.prefix))
         );
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let result: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await;
-            let (next, found) = match result {
-                Ok(r) => r,
-                Err(e) => return Err(self.fail("*", e).await),
-            };
-            keys.extend(found);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        keys.sort();
-        keys.dedup();
+        let keys = self.scan(&pattern).await?;
         let mut out = Vec::new();
         for key in keys {
             let Some(stream) = key

@@ -137,7 +137,7 @@ fn parse_token(token: &Bson) -> CmdResult<Position> {
 }
 
 /// `(time, increment)`, for ordering timestamps.
-fn ts_key(ts: Timestamp) -> (u32, u32) {
+pub(crate) fn ts_key(ts: Timestamp) -> (u32, u32) {
     (ts.time, ts.increment)
 }
 

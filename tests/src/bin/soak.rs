@@ -42,7 +42,7 @@ use cdc_core::{DeadLetterStore, ResumeStore};
 use cdc_processor::{
     CheckpointPolicy, DocumentProcessor, HandlerErrorPolicy, default_backoff, stores::FileStore,
 };
-use cdc_tests::verify::{parse, verify, verify_transactions};
+use cdc_tests::verify::{parse, session_overlaps, sessions, verify, verify_transactions};
 
 /// The consumer's checkpoint batch: also the per-kill bound on repeats.
 const BATCH: u32 = 100;
@@ -960,34 +960,15 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
     // events split where it handled nothing for longer than the TTL: it stood by, or was
     // paused) that intersect for longer than the TTL.
     let ttl = i64::try_from(ttl_ms).unwrap_or(i64::MAX);
-    let mut intervals: Vec<(String, i64, i64)> = Vec::new();
-    for (owner, times) in slots.times()? {
-        let mut session: Option<(i64, i64)> = None;
-        for t in times {
-            session = match session {
-                Some((first, last)) if t - last <= ttl => Some((first, t)),
-                Some((first, last)) => {
-                    intervals.push((owner.clone(), first, last));
-                    Some((t, t))
-                }
-                None => Some((t, t)),
-            };
-        }
-        if let Some((first, last)) = session {
-            intervals.push((owner, first, last));
-        }
-    }
+    let handled = sessions(slots.times()?, ttl);
     let mut overlapping = 0;
-    for (i, a) in intervals.iter().enumerate() {
-        for b in intervals[i + 1..].iter().filter(|b| b.0 != a.0) {
-            let overlap = a.2.min(b.2) - a.1.max(b.1);
-            if overlap > ttl {
-                println!(
-                    "overlap: {} and {} handled at the same time for {overlap} ms",
-                    a.0, b.0
-                );
-                overlapping += 1;
-            }
+    for (a, b, overlap) in session_overlaps(&handled) {
+        if overlap > ttl {
+            println!(
+                "overlap: {} and {} handled at the same time for {overlap} ms",
+                a.0, b.0
+            );
+            overlapping += 1;
         }
     }
     failovers.sort_unstable();

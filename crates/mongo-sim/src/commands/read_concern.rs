@@ -80,7 +80,7 @@ pub(crate) fn snapshot_time(
     let Some(at) = at else {
         return Ok(Some(now));
     };
-    let key = |t: Timestamp| (t.time, t.increment);
+    let key = crate::changestream::ts_key;
     if key(at) > key(now) {
         return Err(CmdError::new(
             code::INVALID_OPTIONS,
