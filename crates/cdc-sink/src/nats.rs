@@ -1,0 +1,583 @@
+//! [`NatsSink`]: every change as one message on NATS JetStream, de-duplicated by an id
+//! derived from the stream and the change's resume token.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, message::PublishMessage as Publish};
+use async_trait::async_trait;
+use cdc_core::{BoxError, ChangeEvent};
+use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
+
+/// How a change is put into a message's body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Body {
+    /// The event as relaxed Extended JSON (numbers plain), as `JsonLines` writes it.
+    #[default]
+    RelaxedJson,
+    /// The event as canonical Extended JSON (every type kept).
+    CanonicalJson,
+    /// The event's raw BSON bytes, as the server sent them.
+    Bson,
+}
+
+impl std::str::FromStr for Body {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "relaxed" | "json" => Ok(Self::RelaxedJson),
+            "canonical" => Ok(Self::CanonicalJson),
+            "bson" => Ok(Self::Bson),
+            other => Err(format!(
+                "unknown body format `{other}`: expected `relaxed`, `canonical` or `bson`"
+            )),
+        }
+    }
+}
+
+/// One piece of a subject template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Db,
+    Coll,
+    Op,
+    Stream,
+}
+
+/// A subject template such as `cdc.{db}.{coll}.{op}`: placeholders `{db}`, `{coll}`,
+/// `{op}` (the operation type) and `{stream}` (the stream id). A value that cannot stand
+/// in a subject token (dots, spaces, `*`, `>`) has those characters replaced by `_`; a
+/// missing one (the collection of a `dropDatabase`) is `_`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectTemplate {
+    pieces: Vec<Piece>,
+    source: String,
+}
+
+impl SubjectTemplate {
+    /// Parses `template`.
+    ///
+    /// # Errors
+    /// A message naming what is wrong: an unknown placeholder, an unclosed brace, an
+    /// empty token, a wildcard or whitespace.
+    pub fn parse(template: &str) -> Result<Self, String> {
+        let bad = |why: String| format!("subject template `{template}`: {why}");
+        if template.is_empty() {
+            return Err(bad("is empty".into()));
+        }
+        if template.split('.').any(str::is_empty) {
+            return Err(bad(
+                "has an empty token (a leading, trailing or double `.`)".into(),
+            ));
+        }
+        let mut pieces = Vec::new();
+        let mut rest = template;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                Some(i) if rest.as_bytes()[i] == b'}' => {
+                    return Err(bad("has a `}` without its `{`".into()));
+                }
+                Some(i) => {
+                    if i > 0 {
+                        pieces.push(Piece::Text(rest[..i].to_owned()));
+                    }
+                    let after = &rest[i + 1..];
+                    let end = after
+                        .find('}')
+                        .ok_or_else(|| bad("has a `{` without its `}`".into()))?;
+                    pieces.push(match &after[..end] {
+                        "db" => Piece::Db,
+                        "coll" => Piece::Coll,
+                        "op" => Piece::Op,
+                        "stream" => Piece::Stream,
+                        other => {
+                            return Err(bad(format!(
+                                "unknown placeholder `{{{other}}}` (known: {{db}}, {{coll}}, {{op}}, {{stream}})"
+                            )));
+                        }
+                    });
+                    rest = &after[end + 1..];
+                }
+                None => {
+                    pieces.push(Piece::Text(rest.to_owned()));
+                    rest = "";
+                }
+            }
+        }
+        for piece in &pieces {
+            if let Piece::Text(text) = piece
+                && let Some(c) = text.chars().find(|c| !subject_char(*c))
+            {
+                return Err(bad(format!(
+                    "holds {c:?}, which a NATS subject cannot (wildcards and whitespace are not allowed)"
+                )));
+            }
+        }
+        Ok(Self {
+            pieces,
+            source: template.to_owned(),
+        })
+    }
+
+    /// The subject of `event` published under stream id `stream`.
+    pub fn render(&self, event: &ChangeEvent, stream: &str) -> String {
+        let ns = event.ns.as_ref();
+        let mut out = String::with_capacity(self.source.len() + 32);
+        for piece in &self.pieces {
+            let value = match piece {
+                Piece::Text(text) => {
+                    out.push_str(text);
+                    continue;
+                }
+                Piece::Db => ns.map(|n| n.db.as_str()),
+                Piece::Coll => ns.and_then(|n| n.coll.as_deref()),
+                Piece::Op => Some(event.operation_type.as_str()),
+                Piece::Stream => Some(stream),
+            };
+            push_token(&mut out, value.unwrap_or(""));
+        }
+        out
+    }
+
+    /// The subjects this template can produce, as a JetStream subject filter: each token
+    /// with a placeholder becomes `*` (`cdc.{db}.{coll}.{op}` → `cdc.*.*.*`).
+    pub fn filter(&self) -> String {
+        self.source
+            .split('.')
+            .map(|token| if token.contains('{') { "*" } else { token })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+}
+
+impl fmt::Display for SubjectTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+fn subject_char(c: char) -> bool {
+    !(c.is_whitespace() || c.is_control() || c == '*' || c == '>')
+}
+
+/// Appends `value` as (part of) one subject token.
+fn push_token(out: &mut String, value: &str) {
+    if value.is_empty() {
+        out.push('_');
+        return;
+    }
+    out.extend(
+        value
+            .chars()
+            .map(|c| if subject_char(c) && c != '.' { c } else { '_' }),
+    );
+}
+
+/// The `Nats-Msg-Id` of `event` under stream id `stream`: the stream id and the token's
+/// `_data` (unique per change and the same every time the change is delivered). A
+/// snapshot row (its token has no `_data`) is named by the snapshot's start, its
+/// collection and its `_id`'s bytes: the same when the row is read again after a crash.
+pub fn message_id(stream: &str, event: &ChangeEvent) -> String {
+    if let Some(data) = event.token.data() {
+        return format!("{stream}:{data}");
+    }
+    let start = event
+        .token
+        .as_raw()
+        .get_document("_snapshot")
+        .ok()
+        .and_then(|s| s.get_timestamp("startTime").ok());
+    let coll = event
+        .ns
+        .as_ref()
+        .and_then(|n| n.coll.as_deref())
+        .unwrap_or("");
+    let key = event.document_key().map_or(&[][..], |k| k.as_bytes());
+    let mut id = String::with_capacity(stream.len() + coll.len() + 2 * key.len() + 32);
+    id.push_str(stream);
+    id.push_str(":snapshot:");
+    if let Some(t) = start {
+        id.push_str(&format!("{}.{}", t.time, t.increment));
+    }
+    id.push(':');
+    id.push_str(coll);
+    id.push(':');
+    for b in key {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+/// The warning for a JetStream stream whose de-duplication window is too short for the
+/// checkpoint interval: after a crash the changes since the last stored point are
+/// published again, up to `checkpoint_every` (plus the time to restart, `restart`) after
+/// their first publication; JetStream drops them only within its window.
+pub fn dedup_window_warning(
+    window: Duration,
+    checkpoint_every: Duration,
+    restart: Duration,
+) -> Option<String> {
+    let needed = checkpoint_every + restart;
+    (window < needed).then(|| {
+        format!(
+            "the JetStream stream's duplicate window ({} s) is shorter than the checkpoint interval plus restart time ({} s): changes published again after a crash may be stored twice; raise `duplicate_window` or checkpoint more often",
+            window.as_secs_f64(),
+            needed.as_secs_f64()
+        )
+    })
+}
+
+/// What a [`NatsSink`] has published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NatsCounters {
+    /// Messages JetStream acknowledged as stored.
+    pub stored: u64,
+    /// Messages JetStream acknowledged as duplicates it dropped (changes published again
+    /// after a crash or a retried batch).
+    pub duplicates: u64,
+}
+
+/// Publishes each change as one message to NATS JetStream: the subject from a
+/// [`SubjectTemplate`], headers `Cdc-Operation`, `Cdc-Namespace`, `Cdc-Cluster-Time`
+/// (`<seconds>.<increment>`), `Cdc-Document-Key` (relaxed Extended JSON) and
+/// `Nats-Msg-Id` ([`message_id`]), the body as [`Body`] says. Publishes are pipelined
+/// (up to [`NatsSink::window`] acknowledgements in flight); a batch succeeds only when
+/// JetStream acknowledged every one of its messages, so a change is acknowledged to the
+/// processor only once it is stored. A batch published again (a retry, or a restart from
+/// an older point) is dropped by JetStream's de-duplication within the stream's
+/// duplicate window.
+pub struct NatsSink {
+    js: jetstream::Context,
+    stream_id: String,
+    subject: SubjectTemplate,
+    body: Body,
+    window: usize,
+    stored: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+impl fmt::Debug for NatsSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSink")
+            .field("stream_id", &self.stream_id)
+            .field("subject", &self.subject.source)
+            .field("body", &self.body)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default subject template.
+pub const DEFAULT_SUBJECT: &str = "cdc.{db}.{coll}.{op}";
+
+impl NatsSink {
+    /// A sink publishing through `client` the changes of stream `stream_id` (the
+    /// processor's stream id; it prefixes every message id), on subjects
+    /// [`DEFAULT_SUBJECT`], bodies as relaxed Extended JSON, 256 acknowledgements in
+    /// flight.
+    pub fn new(client: async_nats::Client, stream_id: impl Into<String>) -> Self {
+        Self {
+            js: jetstream::new(client),
+            stream_id: stream_id.into(),
+            subject: SubjectTemplate {
+                pieces: vec![
+                    Piece::Text("cdc.".into()),
+                    Piece::Db,
+                    Piece::Text(".".into()),
+                    Piece::Coll,
+                    Piece::Text(".".into()),
+                    Piece::Op,
+                ],
+                source: DEFAULT_SUBJECT.into(),
+            },
+            body: Body::default(),
+            window: 256,
+            stored: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+        }
+    }
+
+    /// Subjects from `template`.
+    #[must_use]
+    pub fn subject(mut self, template: SubjectTemplate) -> Self {
+        self.subject = template;
+        self
+    }
+
+    /// Bodies as `body` says.
+    #[must_use]
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// At most `window` (at least 1) acknowledgements in flight.
+    #[must_use]
+    pub fn window(mut self, window: usize) -> Self {
+        self.window = window.max(1);
+        self
+    }
+
+    /// The subject template.
+    pub fn subject_template(&self) -> &SubjectTemplate {
+        &self.subject
+    }
+
+    /// What was published so far.
+    pub fn counters(&self) -> NatsCounters {
+        NatsCounters {
+            stored: self.stored.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Makes sure JetStream stream `name` exists and takes this sink's subjects: creates
+    /// it (subjects [`SubjectTemplate::filter`], file storage, `duplicate_window`) when
+    /// `create` and it does not exist. Returns the stream's duplicate window.
+    ///
+    /// # Errors
+    /// The stream does not exist and `create` is false, or JetStream's error.
+    pub async fn ensure_stream(
+        &self,
+        name: &str,
+        create: bool,
+        duplicate_window: Duration,
+    ) -> Result<Duration, BoxError> {
+        let mut stream = match self.js.get_stream(name).await {
+            Ok(stream) => stream,
+            Err(e)
+                if create
+                    && matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
+                        if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                self.js
+                    .create_stream(jetstream::stream::Config {
+                        name: name.to_owned(),
+                        subjects: vec![self.subject.filter()],
+                        duplicate_window,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| format!("creating JetStream stream `{name}`: {e}"))?
+            }
+            Err(e) => {
+                return Err(format!(
+                    "JetStream stream `{name}`: {e}{}",
+                    if create {
+                        ""
+                    } else {
+                        " (set `create_stream = true` to create it)"
+                    }
+                )
+                .into());
+            }
+        };
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| format!("JetStream stream `{name}`: {e}"))?;
+        Ok(info.config.duplicate_window)
+    }
+
+    /// The message of `event`.
+    fn message(&self, event: &ChangeEvent) -> Result<(String, Publish), BoxError> {
+        let raw = event
+            .raw()
+            .ok_or("an event without its raw document cannot be published")?;
+        let payload: Vec<u8> = match self.body {
+            Body::Bson => raw.as_bytes().to_vec(),
+            Body::RelaxedJson | Body::CanonicalJson => {
+                let doc = bson::Bson::Document(bson::Document::try_from(raw)?);
+                let json = if self.body == Body::RelaxedJson {
+                    doc.into_relaxed_extjson()
+                } else {
+                    doc.into_canonical_extjson()
+                };
+                serde_json::to_vec(&json)?
+            }
+        };
+        let mut publish = Publish::build()
+            .payload(payload.into())
+            .message_id(message_id(&self.stream_id, event))
+            .header("Cdc-Operation", event.operation_type.as_str())
+            .header(
+                "Cdc-Cluster-Time",
+                format!(
+                    "{}.{}",
+                    event.cluster_time.time, event.cluster_time.increment
+                ),
+            );
+        if let Some(ns) = &event.ns {
+            publish = publish.header("Cdc-Namespace", ns.to_string());
+        }
+        if let Some(key) = event.document_key() {
+            let key = bson::Bson::Document(bson::Document::try_from(key)?).into_relaxed_extjson();
+            publish = publish.header("Cdc-Document-Key", key.to_string());
+        }
+        Ok((self.subject.render(event, &self.stream_id), publish))
+    }
+
+    /// Publishes `events` in order, pipelined, and waits until JetStream acknowledged
+    /// every one.
+    ///
+    /// # Errors
+    /// An event without its raw document, a publish JetStream refused or did not
+    /// acknowledge in time (the caller publishes the batch again; what was stored is
+    /// dropped as a duplicate then).
+    pub async fn publish_events(&self, events: &[&ChangeEvent]) -> Result<(), BoxError> {
+        let mut in_flight = VecDeque::with_capacity(self.window);
+        for event in events.iter().copied() {
+            let (subject, publish) = self.message(event)?;
+            if in_flight.len() >= self.window
+                && let Some(ack) = in_flight.pop_front()
+            {
+                self.settle(ack).await?;
+            }
+            let ack = self
+                .js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| format!("publishing to JetStream: {e}"))?;
+            in_flight.push_back(ack);
+        }
+        while let Some(ack) = in_flight.pop_front() {
+            self.settle(ack).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle(&self, ack: jetstream::context::PublishAckFuture) -> Result<(), BoxError> {
+        let ack = ack
+            .await
+            .map_err(|e| format!("JetStream did not acknowledge a publish: {e}"))?;
+        if ack.duplicate {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stored.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BatchDispatcher for NatsSink {
+    async fn dispatch_batch(
+        &self,
+        batch: &Batch<'_>,
+        _ctx: &HandlerContext,
+    ) -> Result<(), BoxError> {
+        self.publish_events(batch.events()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use bson::doc;
+
+    use super::*;
+
+    fn event(ns: bson::Document, op: &str, data: Option<&str>) -> ChangeEvent {
+        let mut d = doc! {
+            "_id": match data { Some(d) => doc! { "_data": d }, None => doc! {
+                "_snapshot": { "start": { "_data": "82AA" }, "startTime": bson::Timestamp { time: 9, increment: 2 }, "coll": "c" }
+            } },
+            "operationType": op,
+            "clusterTime": bson::Timestamp { time: 7, increment: 1 },
+            "ns": ns,
+        };
+        d.insert("documentKey", doc! { "_id": 5 });
+        ChangeEvent::from_document(&d).unwrap()
+    }
+
+    #[test]
+    fn templates_render_and_filter() {
+        let t = SubjectTemplate::parse("cdc.{db}.{coll}.{op}").unwrap();
+        let e = event(
+            doc! { "db": "shop", "coll": "orders.2024" },
+            "insert",
+            Some("82"),
+        );
+        assert_eq!(t.render(&e, "s"), "cdc.shop.orders_2024.insert");
+        assert_eq!(t.filter(), "cdc.*.*.*");
+        let e = event(doc! { "db": "shop" }, "dropDatabase", Some("82"));
+        assert_eq!(t.render(&e, "s"), "cdc.shop._.dropDatabase");
+        let t = SubjectTemplate::parse("x.{stream}-{op}").unwrap();
+        assert_eq!(t.render(&e, "a b"), "x.a_b-dropDatabase");
+        assert_eq!(t.filter(), "x.*");
+    }
+
+    #[test]
+    fn bad_templates_say_what_is_wrong() {
+        for (template, says) in [
+            ("", "empty"),
+            ("cdc..x", "empty token"),
+            ("cdc.", "empty token"),
+            ("cdc.{database}", "unknown placeholder `{database}`"),
+            ("cdc.{db", "without its `}`"),
+            ("cdc.db}", "without its `{`"),
+            ("cdc.*", "'*'"),
+            ("cdc.>", "'>'"),
+            ("cdc. x", "' '"),
+        ] {
+            let err = SubjectTemplate::parse(template).unwrap_err();
+            assert!(err.contains(says), "{template:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn message_ids_are_stable_per_change() {
+        let a = event(doc! { "db": "d", "coll": "c" }, "insert", Some("82AB"));
+        assert_eq!(message_id("s1", &a), "s1:82AB");
+        let row = event(doc! { "db": "d", "coll": "c" }, "snapshot", None);
+        let id = message_id("s1", &row);
+        assert!(id.starts_with("s1:snapshot:9.2:c:"), "{id}");
+        // The same row read again (another chunk time) keeps its id; another key does not.
+        assert_eq!(id, message_id("s1", &row));
+        let mut other = doc! {};
+        other.insert(
+            "_id",
+            doc! { "_snapshot": { "startTime": bson::Timestamp { time: 9, increment: 2 } } },
+        );
+        other.insert("operationType", "snapshot");
+        other.insert(
+            "clusterTime",
+            bson::Timestamp {
+                time: 8,
+                increment: 1,
+            },
+        );
+        other.insert("ns", doc! { "db": "d", "coll": "c" });
+        other.insert("documentKey", doc! { "_id": 6 });
+        let other = ChangeEvent::from_document(&other).unwrap();
+        assert_ne!(id, message_id("s1", &other));
+    }
+
+    #[test]
+    fn a_short_duplicate_window_is_reported() {
+        let s = Duration::from_secs;
+        assert!(dedup_window_warning(s(120), s(5), s(60)).is_none());
+        let warning = dedup_window_warning(s(10), s(5), s(60)).unwrap();
+        assert!(
+            warning.contains("10 s") && warning.contains("65 s"),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn body_formats_parse() {
+        assert_eq!("bson".parse::<Body>().unwrap(), Body::Bson);
+        assert_eq!("canonical".parse::<Body>().unwrap(), Body::CanonicalJson);
+        assert!("xml".parse::<Body>().unwrap_err().contains("`xml`"));
+    }
+}

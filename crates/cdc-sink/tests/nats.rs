@@ -1,0 +1,225 @@
+//! The NATS JetStream sink under a processor, through the driver against mongo-sim and the
+//! local NATS server (`CDC_NATS_URL`, default `nats://127.0.0.1:4222`): every change
+//! arrives once with its headers and id, a batch published again is dropped as duplicates,
+//! and a missing stream is an error unless the sink may create it. Under `CI=true` an
+//! unreachable NATS fails the test.
+#![cfg(feature = "nats")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, consumer::pull};
+use bson::doc;
+use cdc_processor::{ChangeEvent, DocumentProcessor, stores::MemoryStore};
+use cdc_sink::{Body, NatsSink, SubjectTemplate, async_nats};
+use futures_util::StreamExt;
+
+fn url() -> String {
+    std::env::var("CDC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+async fn connect() -> Option<async_nats::Client> {
+    match async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect(url())
+        .await
+    {
+        Ok(client) => Some(client),
+        Err(e) => {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "NATS is unreachable under CI=true: {e}"
+            );
+            eprintln!("SKIPPED: NATS unreachable ({e})");
+            None
+        }
+    }
+}
+
+fn tag() -> String {
+    format!(
+        "{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
+
+/// Every message of JetStream stream `name`, in order.
+async fn messages(js: &jetstream::Context, name: &str) -> Vec<jetstream::Message> {
+    let stream = js.get_stream(name).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(500)
+            .expires(Duration::from_millis(300))
+            .messages()
+            .await
+            .unwrap();
+        let before = out.len();
+        while let Some(m) = batch.next().await {
+            out.push(m.unwrap());
+        }
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_change_once_with_headers_and_a_repeat_is_dropped() {
+    let Some(nats) = connect().await else { return };
+    let tag = tag();
+    let name = format!("CDC_TEST_{tag}");
+    let prefix = format!("t{tag}");
+    let js = jetstream::new(nats.clone());
+    let sink = Arc::new(
+        NatsSink::new(nats.clone(), "s1")
+            .subject(SubjectTemplate::parse(&format!("{prefix}.{{db}}.{{coll}}.{{op}}")).unwrap())
+            .window(8),
+    );
+    // A stream that does not exist is an error naming it, unless the sink may create it.
+    let err = sink
+        .ensure_stream(&name, false, Duration::from_secs(120))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&name), "{err}");
+    let window = sink
+        .ensure_stream(&name, true, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(window, Duration::from_secs(120));
+
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let p = DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("shop", "items")
+        .store(Arc::new(MemoryStore::new()))
+        .stream_id("s1")
+        .max_batch_events(7)
+        .build()
+        .unwrap();
+    let task = {
+        let (p, sink) = (p.clone(), Arc::clone(&sink));
+        tokio::spawn(async move { p.start_batches(sink).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while p.stats().checkpoints < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let coll = client
+        .database("shop")
+        .collection::<bson::Document>("items");
+    for i in 0..40_i64 {
+        coll.insert_one(doc! { "_id": i, "v": 0_i64 })
+            .await
+            .unwrap();
+    }
+    coll.update_one(doc! { "_id": 3 }, doc! { "$set": { "v": 1 } })
+        .await
+        .unwrap();
+    coll.delete_one(doc! { "_id": 4 }).await.unwrap();
+    while sink.counters().stored < 42 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            sink.counters()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.stop();
+    task.await.unwrap().unwrap();
+
+    let got = messages(&js, &name).await;
+    assert_eq!(got.len(), 42, "every change exactly once");
+    let first = &got[0];
+    assert_eq!(
+        first.subject.as_str(),
+        format!("{prefix}.shop.items.insert")
+    );
+    let headers = first.headers.as_ref().unwrap();
+    assert_eq!(headers.get("Cdc-Operation").unwrap().as_str(), "insert");
+    assert_eq!(headers.get("Cdc-Namespace").unwrap().as_str(), "shop.items");
+    assert_eq!(
+        headers.get("Cdc-Document-Key").unwrap().as_str(),
+        r#"{"_id":0}"#
+    );
+    let ct = headers.get("Cdc-Cluster-Time").unwrap().as_str().to_owned();
+    assert!(
+        ct.split_once('.')
+            .is_some_and(|(t, _)| t.parse::<u32>().unwrap() > 0),
+        "{ct}"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(
+        body["fullDocument"],
+        serde_json::json!({ "_id": 0, "v": 0 })
+    );
+    let id = headers.get("Nats-Msg-Id").unwrap().as_str();
+    assert_eq!(id, format!("s1:{}", body["_id"]["_data"].as_str().unwrap()));
+    assert_eq!(
+        got.last().unwrap().subject.as_str(),
+        format!("{prefix}.shop.items.delete")
+    );
+
+    // The same changes published again (a restart from an older point): all duplicates.
+    let events: Vec<ChangeEvent> = got
+        .iter()
+        .map(|m| {
+            let json: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            let bson = bson::Bson::try_from(json).unwrap();
+            ChangeEvent::from_document(bson.as_document().unwrap()).unwrap()
+        })
+        .collect();
+    let refs: Vec<&ChangeEvent> = events.iter().collect();
+    sink.publish_events(&refs).await.unwrap();
+    assert_eq!(sink.counters().duplicates, 42, "{:?}", sink.counters());
+    assert_eq!(messages(&js, &name).await.len(), 42);
+
+    // Raw BSON bodies carry the event's bytes.
+    let bson_sink = NatsSink::new(nats.clone(), "s2")
+        .subject(SubjectTemplate::parse(&format!("{prefix}.{{db}}.{{coll}}.{{op}}")).unwrap())
+        .body(Body::Bson);
+    bson_sink.publish_events(&refs[..1]).await.unwrap();
+    let got = messages(&js, &name).await;
+    let raw = bson::RawDocument::from_bytes(&got.last().unwrap().payload).unwrap();
+    assert_eq!(raw.get_str("operationType").unwrap(), "insert");
+
+    js.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_publish_nobody_stores_fails_the_batch() {
+    let Some(nats) = connect().await else { return };
+    // No stream takes these subjects: JetStream answers "no responders", and the batch
+    // fails instead of being acknowledged.
+    let sink = NatsSink::new(nats, "s1")
+        .subject(SubjectTemplate::parse(&format!("nostream{}.{{op}}", tag())).unwrap());
+    let event = ChangeEvent::from_document(&doc! {
+        "_id": { "_data": "82AB" },
+        "operationType": "insert",
+        "clusterTime": bson::Timestamp { time: 1, increment: 1 },
+        "ns": { "db": "d", "coll": "c" },
+        "documentKey": { "_id": 1 },
+        "fullDocument": { "_id": 1 },
+    })
+    .unwrap();
+    let err = sink.publish_events(&[&event]).await.unwrap_err();
+    assert!(err.to_string().contains("JetStream"), "{err}");
+    assert_eq!(sink.counters().stored, 0);
+}
