@@ -197,6 +197,16 @@ impl Builder {
         self
     }
 
+    /// [`Builder::leased_store`] with a store opened by URL ([`crate::stores::open`]):
+    /// points, dead letters and leases of its one backend.
+    #[must_use]
+    pub fn leased_stores(mut self, stores: &crate::stores::Stores, ttl: Duration) -> Self {
+        self.store = Some(Arc::clone(&stores.points));
+        self.leased_letters = Some(Arc::clone(&stores.dead_letters));
+        self.lease = Some((Arc::clone(&stores.leases), ttl));
+        self
+    }
+
     /// The owner id this instance holds leases under (default: host, process id and
     /// start time, unique per incarnation). Two instances must never share one.
     #[must_use]

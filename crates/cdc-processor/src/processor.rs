@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     pub(crate) requests: Arc<crate::reader::Requests>,
     /// The lease held now (with a leased store).
     pub(crate) held: Arc<crate::lease::Held>,
+    /// What the cursor reader saw.
+    pub(crate) progress: Arc<crate::reader::Progress>,
 }
 
 /// Watches a collection, database or deployment and hands every change to a handler,
@@ -129,6 +131,7 @@ impl DocumentProcessor {
                 poison,
                 requests: Arc::new(crate::reader::Requests::new()),
                 held,
+                progress: Arc::default(),
             }),
         }
     }
@@ -147,6 +150,10 @@ impl DocumentProcessor {
     pub fn stats(&self) -> Stats {
         let mut stats = self.stats_mut().clone();
         stats.snapshot = self.inner.settings.source.snapshot_progress();
+        let progress = &self.inner.progress;
+        stats.read_events = progress.read.load(std::sync::atomic::Ordering::Relaxed);
+        stats.source_time = progress.source_time();
+        stats.stream_open = progress.open.load(std::sync::atomic::Ordering::Relaxed);
         stats
     }
 

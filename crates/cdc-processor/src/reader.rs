@@ -2,9 +2,17 @@
 //! has buffered to the run loop in batches. Where an event waits before it is handled:
 //! in the driver's buffer, then in the channel this task fills.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
 
-use cdc_core::{ChangeCursor, ChangeEvent, ChangeSource, HistoryGap, ResumeToken, SnapshotRequest};
+use cdc_core::{
+    ChangeCursor, ChangeEvent, ChangeSource, ClusterTime, HistoryGap, ResumeToken, SnapshotRequest,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 pub(crate) enum Item {
@@ -149,6 +157,33 @@ impl Budget {
     }
 }
 
+/// What the reader saw, shared with [`crate::Stats`]: events read from the cursor, the
+/// newest cluster time the stream reported (an event's, or an idle round trip's
+/// position), and whether a stream is open now.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub(crate) read: AtomicU64,
+    /// `time << 32 | increment`; 0 for none yet.
+    pub(crate) source_time: AtomicU64,
+    pub(crate) open: AtomicBool,
+}
+
+impl Progress {
+    fn saw(&self, time: Option<ClusterTime>) {
+        if let Some(t) = time {
+            let packed = (u64::from(t.time) << 32) | u64::from(t.increment);
+            self.source_time.fetch_max(packed, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn source_time(&self) -> Option<ClusterTime> {
+        let packed = self.source_time.load(Ordering::Relaxed);
+        // The halves of a u64 fit their u32s.
+        #[allow(clippy::cast_possible_truncation)]
+        (packed != 0).then(|| ClusterTime::new((packed >> 32) as u32, packed as u32))
+    }
+}
+
 /// Reads ahead of the handler: the cursor fetches the next batch while the handler works.
 /// Events already buffered by the driver are handed over together (up to `handoff`); the
 /// batch in hand goes out before the reader waits on the server or on the byte budget.
@@ -158,7 +193,9 @@ pub(crate) async fn read_ahead(
     handoff: usize,
     budget: Budget,
     requests: Option<(Arc<dyn ChangeSource>, Arc<Requests>)>,
+    progress: Arc<Progress>,
 ) {
+    progress.open.store(true, Ordering::Relaxed);
     let mut batch = Vec::with_capacity(handoff);
     let mut idle_token: Option<ResumeToken> = None;
     loop {
@@ -185,6 +222,8 @@ pub(crate) async fn read_ahead(
         };
         let (item, last) = match next {
             Ok(Some(e)) => {
+                progress.read.fetch_add(1, Ordering::Relaxed);
+                progress.saw(Some(e.cluster_time));
                 let share = budget.share(&e);
                 let permit = match Arc::clone(&budget.bytes).try_acquire_many_owned(share) {
                     Ok(permit) => permit,
@@ -211,6 +250,7 @@ pub(crate) async fn read_ahead(
             Ok(None) => {
                 // An empty round trip: the position matters only when it moved.
                 let token = cursor.resume_token();
+                progress.saw(token.as_ref().and_then(ResumeToken::cluster_time_hint));
                 if token.is_some() && token == idle_token {
                     (Item::Tick, false)
                 } else {
@@ -230,6 +270,7 @@ pub(crate) async fn read_ahead(
             break;
         }
     }
+    progress.open.store(false, Ordering::Relaxed);
     cursor.close().await;
 }
 
@@ -302,7 +343,7 @@ mod tests {
         // Room for three events (and a channel that could hold far more).
         let budget = Budget::new(3 * (size + 200));
         let (tx, mut rx) = mpsc::channel(1000);
-        let reader = tokio::spawn(read_ahead(cursor, tx, 256, budget, None));
+        let reader = tokio::spawn(read_ahead(cursor, tx, 256, budget, None, Arc::default()));
         let mut held: Vec<Vec<Item>> = Vec::new();
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -336,7 +377,14 @@ mod tests {
             reads: Arc::clone(&reads),
         });
         let (tx, mut rx) = mpsc::channel(1000);
-        let reader = tokio::spawn(read_ahead(cursor, tx, 256, Budget::new(1_000), None));
+        let reader = tokio::spawn(read_ahead(
+            cursor,
+            tx,
+            256,
+            Budget::new(1_000),
+            None,
+            Arc::default(),
+        ));
         let first = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
             .await
             .unwrap()

@@ -68,6 +68,7 @@ impl DocumentProcessor {
         let mut stats = self.stats_mut();
         stats.checkpoints += 1;
         stats.last_checkpoint = Some(point.cluster_time);
+        stats.last_checkpoint_at = Some(std::time::SystemTime::now());
         stats.checkpoint_lag_events = u64::from(cp.unsaved_events());
         stats.checkpoint_lag_seconds = stats.last_cluster_time.map_or(0, |t| {
             u64::from(t.time.saturating_sub(point.cluster_time.time))
@@ -162,6 +163,7 @@ impl DocumentProcessor {
                     std::sync::Arc::clone(&s.source),
                     std::sync::Arc::clone(&self.inner.requests),
                 )),
+                std::sync::Arc::clone(&self.inner.progress),
             ));
             let outcome = match handler {
                 Handler::Event(h) if s.concurrency <= 1 && s.keep_transactions != Some(true) => {

@@ -18,6 +18,8 @@ pub struct Stats {
     pub last_checkpoint: Option<ClusterTime>,
     /// Points saved.
     pub checkpoints: u64,
+    /// When this process saved the newest point.
+    pub last_checkpoint_at: Option<std::time::SystemTime>,
     /// Handled events not yet covered by a saved point.
     pub checkpoint_lag_events: u64,
     /// Seconds between the newest handled event and the newest saved point.
@@ -42,4 +44,24 @@ pub struct Stats {
     pub standby: bool,
     /// Times this instance acquired the lease.
     pub leases_acquired: u64,
+    /// Events read from the stream (handled or not yet; events read again after a restart
+    /// count again).
+    pub read_events: u64,
+    /// The newest cluster time the stream reported: an event's, or the position of an
+    /// empty round trip (the server's time while nothing changes). With
+    /// [`Stats::last_cluster_time`] it gives the lag: [`Stats::lag_seconds`].
+    pub source_time: Option<ClusterTime>,
+    /// Whether a change stream is open now.
+    pub stream_open: bool,
+}
+
+impl Stats {
+    /// Seconds the newest handled change is behind the newest position the stream
+    /// reported (0 when caught up, or when nothing was reported yet).
+    pub fn lag_seconds(&self) -> u64 {
+        match (self.source_time, self.last_cluster_time) {
+            (Some(source), Some(handled)) => u64::from(source.time.saturating_sub(handled.time)),
+            _ => 0,
+        }
+    }
 }

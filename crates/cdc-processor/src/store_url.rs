@@ -2,16 +2,18 @@
 
 use std::sync::Arc;
 
-use cdc_core::{DeadLetterStore, Error, Result, ResumeStore};
+use cdc_core::{DeadLetterStore, Error, LeaseStore, Result, ResumeStore};
 use cdc_resume as stores;
 
-/// A store opened by [`open`]: one backend serving both traits.
+/// A store opened by [`open`]: one backend serving the three traits.
 #[derive(Clone)]
 pub struct Stores {
     /// Where resume points live.
     pub points: Arc<dyn ResumeStore>,
     /// Where dead letters live (the same backend).
     pub dead_letters: Arc<dyn DeadLetterStore>,
+    /// Where leases live (the same backend): see `Builder::leased_stores`.
+    pub leases: Arc<dyn LeaseStore>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -23,11 +25,12 @@ impl std::fmt::Debug for Stores {
     }
 }
 
-fn both<S: ResumeStore + DeadLetterStore + 'static>(store: S) -> Stores {
+fn both<S: ResumeStore + DeadLetterStore + LeaseStore + 'static>(store: S) -> Stores {
     let store = Arc::new(store);
     Stores {
         points: store.clone(),
-        dead_letters: store,
+        dead_letters: store.clone(),
+        leases: store,
     }
 }
 

@@ -1,0 +1,1114 @@
+//! The configuration: a TOML file, then environment variables, then `--set` flags, read
+//! into one typed [`Config`] and checked as a whole. Every error is one line naming the
+//! key; secrets (URLs with credentials) never appear in errors or `Debug` output.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// A configuration error: one line naming the key (or the file position) and what is
+/// wrong.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ConfigError(pub(crate) String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(text: impl Into<String>) -> ConfigError {
+    ConfigError(text.into())
+}
+
+/// A value that may hold credentials: shown redacted.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// `url` with any password (`user:password@`) and secret query parameters replaced by
+/// `***`, for showing.
+pub(crate) fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let (authority_end, _) = rest
+        .char_indices()
+        .find(|(_, c)| matches!(c, '/' | '?' | '#'))
+        .unwrap_or((rest.len(), ' '));
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => format!("***@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _))
+                        if ["password", "pass", "token", "secret", "sslkey", "auth"]
+                            .iter()
+                            .any(|s| k.to_ascii_lowercase().contains(s)) =>
+                    {
+                        format!("{k}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    match scheme {
+        Some(s) => format!("{s}://{authority}{tail}"),
+        None => format!("{authority}{tail}"),
+    }
+}
+
+/// The secrets a URL holds: the password of `user:password@` (or a lone token before
+/// `@`) and the values of secret-looking query parameters, percent-decoded too.
+pub(crate) fn url_secrets(url: &str) -> Vec<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let mut out = Vec::new();
+    if let Some((user, _)) = rest[..end].rsplit_once('@') {
+        out.push(user.split_once(':').map_or(user, |(_, p)| p).to_owned());
+    }
+    if let Some((_, query)) = url.split_once('?') {
+        for pair in query.split('&') {
+            if let Some((k, v)) = pair.split_once('=')
+                && ["password", "pass", "token", "secret", "sslkey", "auth"]
+                    .iter()
+                    .any(|s| k.to_ascii_lowercase().contains(s))
+            {
+                out.push(v.to_owned());
+            }
+        }
+    }
+    let decoded: Vec<String> = out
+        .iter()
+        .filter_map(|s| cdc_core::percent_decode(s))
+        .collect();
+    out.extend(decoded);
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// `text` (an error a client gave for `url`) with the URL's secrets taken out.
+pub(crate) fn scrub(text: &str, url: &str) -> String {
+    let secrets = url_secrets(url);
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    cdc_core::redact_secrets(text, &secrets)
+        .unwrap_or_else(|| "(the message is hidden: it holds a secret of the URL)".to_owned())
+}
+
+/// The whole configuration, as read.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) source: Source,
+    #[serde(default)]
+    pub(crate) processing: Processing,
+    #[serde(default)]
+    pub(crate) checkpoint: Checkpoint,
+    #[serde(default)]
+    pub(crate) store: Store,
+    #[serde(default)]
+    pub(crate) dead_letters: DeadLetters,
+    #[serde(default)]
+    pub(crate) snapshot: Snapshot,
+    pub(crate) lease: Option<Lease>,
+    pub(crate) sink: Sink,
+    #[serde(default)]
+    pub(crate) metrics: Metrics,
+    #[serde(default)]
+    pub(crate) log: Log,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Source {
+    pub(crate) uri: Option<Secret>,
+    pub(crate) uri_file: Option<PathBuf>,
+    pub(crate) database: Option<String>,
+    pub(crate) collection: Option<String>,
+    #[serde(default)]
+    pub(crate) deployment: bool,
+    pub(crate) stream_id: Option<String>,
+    #[serde(default)]
+    pub(crate) full_document: FullDocumentMode,
+    #[serde(default)]
+    pub(crate) before_change: BeforeChangeMode,
+    pub(crate) operation_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub(crate) pipeline: Vec<toml::Table>,
+    #[serde(default)]
+    pub(crate) show_expanded_events: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum FullDocumentMode {
+    Default,
+    #[default]
+    UpdateLookup,
+    WhenAvailable,
+    Required,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum BeforeChangeMode {
+    Off,
+    #[default]
+    WhenAvailable,
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Processing {
+    pub(crate) concurrency: usize,
+    pub(crate) max_batch_events: usize,
+    pub(crate) max_batch_bytes: usize,
+    pub(crate) max_batch_wait_ms: u64,
+    pub(crate) max_buffered_bytes: usize,
+}
+
+impl Default for Processing {
+    fn default() -> Self {
+        Self {
+            concurrency: 1,
+            max_batch_events: 500,
+            max_batch_bytes: 4 << 20,
+            max_batch_wait_ms: 20,
+            max_buffered_bytes: cdc_processor::DEFAULT_MAX_BUFFERED_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Checkpoint {
+    pub(crate) every_events: u32,
+    pub(crate) every_ms: u64,
+}
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Self {
+            every_events: 1000,
+            every_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Store {
+    pub(crate) url: Option<Secret>,
+    pub(crate) url_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum OnError {
+    #[default]
+    Stop,
+    Skip,
+    DeadLetter,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct DeadLetters {
+    pub(crate) on_error: OnError,
+    pub(crate) retries: u32,
+    pub(crate) park_keys: bool,
+}
+
+impl Default for DeadLetters {
+    fn default() -> Self {
+        Self {
+            on_error: OnError::Stop,
+            retries: 3,
+            park_keys: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum SnapshotModeCfg {
+    #[default]
+    Never,
+    Initial,
+    InitialOnly,
+    WhenNeeded,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Snapshot {
+    pub(crate) mode: SnapshotModeCfg,
+    pub(crate) parallelism: usize,
+    pub(crate) chunk_docs: usize,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            mode: SnapshotModeCfg::Never,
+            parallelism: 1,
+            chunk_docs: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Lease {
+    pub(crate) ttl_ms: u64,
+    pub(crate) owner: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum SinkKind {
+    Stdout,
+    Nats,
+    Postgres,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Sink {
+    #[serde(rename = "type")]
+    pub(crate) kind: SinkKind,
+    pub(crate) nats: Option<NatsSinkCfg>,
+    pub(crate) postgres: Option<PostgresSinkCfg>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct NatsSinkCfg {
+    pub(crate) url: Secret,
+    pub(crate) url_file: Option<PathBuf>,
+    pub(crate) subject: String,
+    pub(crate) body: String,
+    pub(crate) stream: String,
+    pub(crate) create_stream: bool,
+    pub(crate) duplicate_window_s: u64,
+    pub(crate) window: usize,
+}
+
+impl Default for NatsSinkCfg {
+    fn default() -> Self {
+        Self {
+            url: Secret("nats://127.0.0.1:4222".into()),
+            url_file: None,
+            subject: cdc_sink::DEFAULT_SUBJECT.into(),
+            body: "relaxed".into(),
+            stream: "CDC".into(),
+            create_stream: false,
+            duplicate_window_s: 120,
+            window: 256,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PostgresSinkCfg {
+    pub(crate) url: Option<Secret>,
+    pub(crate) url_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) table_prefix: String,
+    pub(crate) points_table: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Metrics {
+    pub(crate) addr: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Log {
+    pub(crate) format: LogFormat,
+    pub(crate) level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The environment variables that override keys: `CDC_<SECTION>__<KEY>` (path segments
+/// joined by `__`, upper case), as in `CDC_SOURCE__URI` or `CDC_SINK__NATS__URL`.
+pub(crate) const ENV_PREFIX: &str = "CDC_";
+
+/// An override: a dotted key path and its value as written.
+#[derive(Clone, Debug)]
+pub(crate) struct Override {
+    pub(crate) key: String,
+    pub(crate) value: String,
+    /// Where it came from, for errors (`CDC_SOURCE__URI`, `--set`).
+    pub(crate) origin: String,
+}
+
+/// The overrides the environment holds.
+pub(crate) fn env_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Vec<Override> {
+    let mut out: Vec<Override> = vars
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            rest.contains("__").then(|| Override {
+                key: rest
+                    .split("__")
+                    .map(str::to_ascii_lowercase)
+                    .collect::<Vec<_>>()
+                    .join("."),
+                value,
+                origin: name.clone(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.origin.cmp(&b.origin));
+    out
+}
+
+/// A `--set key=value` flag.
+pub(crate) fn flag_override(text: &str) -> Result<Override, ConfigError> {
+    let (key, value) = text.split_once('=').ok_or_else(|| {
+        err(format!(
+            "--set {text:?}: expected key=value, as in --set processing.concurrency=8"
+        ))
+    })?;
+    Ok(Override {
+        key: key.trim().to_owned(),
+        value: value.to_owned(),
+        origin: "--set".into(),
+    })
+}
+
+/// The TOML value of an override: integers, floats, booleans and arrays or inline
+/// tables as TOML reads them; anything else a string (quote a string that looks like a
+/// number: `'"123"'`).
+fn override_value(text: &str) -> toml::Value {
+    let trimmed = text.trim();
+    if let Ok(v) = trimmed.parse::<i64>() {
+        return toml::Value::Integer(v);
+    }
+    match trimmed {
+        "true" => return toml::Value::Boolean(true),
+        "false" => return toml::Value::Boolean(false),
+        _ => {}
+    }
+    if trimmed.starts_with(['[', '{', '"', '\''])
+        && let Ok(table) = format!("v = {trimmed}").parse::<toml::Table>()
+        && let Some(v) = table.get("v")
+    {
+        return v.clone();
+    }
+    toml::Value::String(text.to_owned())
+}
+
+fn apply(table: &mut toml::Table, o: &Override) -> Result<(), ConfigError> {
+    let parts: Vec<&str> = o.key.split('.').collect();
+    if o.key.is_empty() || parts.iter().any(|p| p.is_empty()) {
+        return Err(err(format!(
+            "{}: the key {:?} is not a dotted key path",
+            o.origin, o.key
+        )));
+    }
+    let mut at = table;
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            at.insert((*part).to_owned(), override_value(&o.value));
+            return Ok(());
+        }
+        let entry = at
+            .entry((*part).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(err(format!(
+                    "{}: `{}` is a value, not a section, so `{}` cannot be set",
+                    o.origin,
+                    parts[..=i].join("."),
+                    o.key
+                )));
+            }
+        };
+    }
+    Ok(())
+}
+
+/// The line and column of byte `at` in `text`.
+fn position(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, col)
+}
+
+/// Reads the configuration from `text` (the file's content, named `name` in errors) with
+/// `overrides` applied in order, and checks it.
+pub(crate) fn load(text: &str, name: &str, overrides: &[Override]) -> Result<Config, ConfigError> {
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let message = e.message().trim().replace('\n', " ");
+        match e.span() {
+            Some(span) => {
+                let (line, col) = position(text, span.start);
+                err(format!("{name}:{line}:{col}: {message}"))
+            }
+            None => err(format!("{name}: {message}")),
+        }
+    })?;
+    for o in overrides {
+        apply(&mut table, o)?;
+    }
+    for section in [
+        "source",
+        "processing",
+        "checkpoint",
+        "store",
+        "dead_letters",
+        "snapshot",
+        "lease",
+        "sink",
+        "metrics",
+        "log",
+    ] {
+        if table.get(section).is_some_and(|v| !v.is_table()) {
+            return Err(err(format!(
+                "`{section}` must be a table (a `[{section}]` section)"
+            )));
+        }
+    }
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.trim().replace('\n', " ");
+            // serde's "in `section`" suffix repeats the path.
+            let inner = match inner.rsplit_once(" in `") {
+                Some((head, _)) => head.to_owned(),
+                None => inner,
+            };
+            if let Some(rest) = inner.strip_prefix("unknown field `")
+                && let Some((_, expected)) = rest.split_once('`')
+            {
+                return err(format!(
+                    "unknown key `{path}`:{}",
+                    expected.trim_start_matches(',')
+                ));
+            }
+            if let Some(rest) = inner.strip_prefix("missing field `")
+                && let Some((field, _)) = rest.split_once('`')
+            {
+                let key = if path == "." {
+                    field.to_owned()
+                } else {
+                    format!("{path}.{field}")
+                };
+                return err(format!("missing key `{key}`"));
+            }
+            if path == "." {
+                err(inner)
+            } else {
+                err(format!("`{path}`: {inner}"))
+            }
+        })?;
+    config.check()?;
+    Ok(config)
+}
+
+/// Reads a secret from its key or its file key (never both); `None` when neither is set.
+pub(crate) fn secret(
+    value: Option<&Secret>,
+    file: Option<&PathBuf>,
+    key: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(err(format!(
+            "`{key}` and `{key}_file` are both set: give one"
+        ))),
+        (Some(v), None) => Ok(Some(v.clone())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|s| Some(Secret(s.trim().to_owned())))
+            .map_err(|e| err(format!("`{key}_file` {}: {e}", path.display()))),
+        (None, None) => Ok(None),
+    }
+}
+
+impl Config {
+    /// Checks what the types alone do not: required keys, ranges and combinations.
+    fn check(&self) -> Result<(), ConfigError> {
+        let s = &self.source;
+        if s.uri.is_none() && s.uri_file.is_none() {
+            return Err(err(
+                "missing key `source.uri` (or `source.uri_file`; the environment: CDC_SOURCE__URI)",
+            ));
+        }
+        secret(s.uri.as_ref(), None, "source.uri")?;
+        if s.uri.is_some() && s.uri_file.is_some() {
+            return Err(err(
+                "`source.uri` and `source.uri_file` are both set: give one",
+            ));
+        }
+        match (s.deployment, &s.database, &s.collection) {
+            (true, None, None) | (false, Some(_), _) => {}
+            (true, _, _) => {
+                return Err(err(
+                    "`source.deployment` watches everything: leave `source.database` and `source.collection` out",
+                ));
+            }
+            (false, None, Some(_)) => {
+                return Err(err("`source.collection` needs `source.database`"));
+            }
+            (false, None, None) => {
+                return Err(err(
+                    "the source watches nothing: set `source.database` (and `source.collection`), or `source.deployment = true`",
+                ));
+            }
+        }
+        for (key, name) in [
+            ("source.database", &s.database),
+            ("source.collection", &s.collection),
+        ] {
+            if name
+                .as_deref()
+                .is_some_and(|n| n.is_empty() || n.contains('\0'))
+            {
+                return Err(err(format!("`{key}` is empty or holds a NUL byte")));
+            }
+        }
+        if s.stream_id.as_deref().is_some_and(str::is_empty) {
+            return Err(err("`source.stream_id` is empty"));
+        }
+        if let Some(types) = &s.operation_types {
+            for t in types {
+                if matches!(
+                    cdc_processor::OperationType::parse(t),
+                    cdc_processor::OperationType::Other(_)
+                ) {
+                    return Err(err(format!(
+                        "`source.operation_types`: unknown operation type {t:?}"
+                    )));
+                }
+            }
+        }
+        for (i, stage) in s.pipeline.iter().enumerate() {
+            if stage.len() != 1 || !stage.keys().all(|k| k.starts_with('$')) {
+                return Err(err(format!(
+                    "`source.pipeline[{i}]`: a stage is a table with one `$` key, as in {{ \"$match\" = {{ … }} }}"
+                )));
+            }
+        }
+        let p = &self.processing;
+        for (key, v) in [
+            ("processing.concurrency", p.concurrency),
+            ("processing.max_batch_events", p.max_batch_events),
+            ("processing.max_batch_bytes", p.max_batch_bytes),
+            ("processing.max_buffered_bytes", p.max_buffered_bytes),
+            ("snapshot.parallelism", self.snapshot.parallelism),
+            ("snapshot.chunk_docs", self.snapshot.chunk_docs),
+        ] {
+            if v == 0 {
+                return Err(err(format!("`{key}` must be at least 1")));
+            }
+        }
+        if p.concurrency > 4096 {
+            return Err(err("`processing.concurrency` is at most 4096"));
+        }
+        if self.checkpoint.every_events == 0 || self.checkpoint.every_ms == 0 {
+            return Err(err(
+                "`checkpoint.every_events` and `checkpoint.every_ms` must be at least 1",
+            ));
+        }
+        if let Some(lease) = &self.lease {
+            if lease.ttl_ms < 30 {
+                return Err(err("`lease.ttl_ms` must be at least 30"));
+            }
+            if lease.owner.as_deref().is_some_and(str::is_empty) {
+                return Err(err("`lease.owner` is empty"));
+            }
+        }
+        secret(self.store.url.as_ref(), None, "store.url")?;
+        if self.store.url.is_some() && self.store.url_file.is_some() {
+            return Err(err(
+                "`store.url` and `store.url_file` are both set: give one",
+            ));
+        }
+        if self.dead_letters.on_error == OnError::DeadLetter
+            && self
+                .store
+                .url
+                .as_ref()
+                .is_some_and(|u| u.0.starts_with("memory:"))
+        {
+            return Err(err(
+                "`dead_letters.on_error = \"dead-letter\"` with a `memory:` store loses the letters at exit: use a lasting store",
+            ));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(err("`log.level` is empty"));
+        }
+        match self.sink.kind {
+            SinkKind::Stdout => {}
+            SinkKind::Nats => {
+                let n = self
+                    .sink
+                    .nats
+                    .as_ref()
+                    .map_or_else(NatsSinkCfg::default, |n| NatsSinkCfg {
+                        url: n.url.clone(),
+                        url_file: n.url_file.clone(),
+                        subject: n.subject.clone(),
+                        body: n.body.clone(),
+                        stream: n.stream.clone(),
+                        create_stream: n.create_stream,
+                        duplicate_window_s: n.duplicate_window_s,
+                        window: n.window,
+                    });
+                cdc_sink::SubjectTemplate::parse(&n.subject)
+                    .map_err(|e| err(format!("`sink.nats.subject`: {e}")))?;
+                n.body
+                    .parse::<cdc_sink::Body>()
+                    .map_err(|e| err(format!("`sink.nats.body`: {e}")))?;
+                if n.stream.is_empty()
+                    || n.stream
+                        .contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+                {
+                    return Err(err(format!(
+                        "`sink.nats.stream` {:?} is not a JetStream stream name (no dots, wildcards or spaces)",
+                        n.stream
+                    )));
+                }
+                if n.window == 0 || n.duplicate_window_s == 0 {
+                    return Err(err(
+                        "`sink.nats.window` and `sink.nats.duplicate_window_s` must be at least 1",
+                    ));
+                }
+            }
+            SinkKind::Postgres => {
+                let pg = self.sink.postgres.as_ref().ok_or_else(|| {
+                    err("`sink.type = \"postgres\"` needs a `[sink.postgres]` section with `url`")
+                })?;
+                if pg.url.is_none() && pg.url_file.is_none() {
+                    return Err(err(
+                        "missing key `sink.postgres.url` (or `sink.postgres.url_file`)",
+                    ));
+                }
+                if self.store.url.is_some() || self.store.url_file.is_some() {
+                    return Err(err(
+                        "`store.url`: the postgres sink keeps the resume point in its own database, in the same transaction as the rows; leave `store.url` out",
+                    ));
+                }
+                if p.concurrency != 1 {
+                    return Err(err(
+                        "`processing.concurrency`: the postgres sink saves the checkpoint in its transactions, which needs batches in stream order: 1",
+                    ));
+                }
+                if self.source.full_document == FullDocumentMode::Default {
+                    return Err(err(
+                        "`source.full_document`: the postgres sink writes whole documents, so updates need `updateLookup`, `whenAvailable` or `required`",
+                    ));
+                }
+            }
+        }
+        if self.sink.kind != SinkKind::Nats && self.sink.nats.is_some() {
+            return Err(err("`[sink.nats]` is set but `sink.type` is not \"nats\""));
+        }
+        if self.sink.kind != SinkKind::Postgres && self.sink.postgres.is_some() {
+            return Err(err(
+                "`[sink.postgres]` is set but `sink.type` is not \"postgres\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The NATS sink's settings (defaults when the section is left out).
+    pub(crate) fn nats(&self) -> NatsSinkCfg {
+        self.sink
+            .nats
+            .as_ref()
+            .map_or_else(NatsSinkCfg::default, |n| NatsSinkCfg {
+                url: n.url.clone(),
+                url_file: n.url_file.clone(),
+                subject: n.subject.clone(),
+                body: n.body.clone(),
+                stream: n.stream.clone(),
+                create_stream: n.create_stream,
+                duplicate_window_s: n.duplicate_window_s,
+                window: n.window,
+            })
+    }
+
+    /// The checkpoint interval.
+    pub(crate) fn checkpoint_interval(&self) -> Duration {
+        Duration::from_millis(self.checkpoint.every_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const GOOD: &str = r#"
+[source]
+uri = "mongodb://u:pw@127.0.0.1:27017/?replicaSet=rs0"
+database = "shop"
+collection = "orders"
+full_document = "updateLookup"
+
+[sink]
+type = "nats"
+
+[sink.nats]
+subject = "cdc.{db}.{coll}.{op}"
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_defaults() {
+        let c = load(GOOD, "cdc.toml", &[]).unwrap();
+        assert_eq!(c.processing.concurrency, 1);
+        assert_eq!(c.sink.kind, SinkKind::Nats);
+        assert_eq!(c.nats().stream, "CDC");
+        assert_eq!(c.source.full_document, FullDocumentMode::UpdateLookup);
+    }
+
+    #[test]
+    fn the_environment_and_flags_override_the_file_in_that_order() {
+        let env = env_overrides([
+            ("CDC_PROCESSING__CONCURRENCY".to_owned(), "8".to_owned()),
+            ("CDC_SINK__NATS__STREAM".to_owned(), "FROMENV".to_owned()),
+            // Not ours: no `__`.
+            ("CDC_POSTGRES_URL".to_owned(), "x".to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+        ]);
+        assert_eq!(env.len(), 2);
+        let mut all = env;
+        all.push(flag_override("sink.nats.stream=FROMFLAG").unwrap());
+        let c = load(GOOD, "cdc.toml", &all).unwrap();
+        assert_eq!(c.processing.concurrency, 8);
+        assert_eq!(c.nats().stream, "FROMFLAG");
+    }
+
+    #[test]
+    fn secrets_are_never_shown() {
+        let c = load(GOOD, "cdc.toml", &[]).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw"), "{shown}");
+        assert!(shown.contains("u:***@127.0.0.1"), "{shown}");
+        assert_eq!(
+            redact_url("postgres://a:b@h/db?sslmode=require&password=x"),
+            "postgres://a:***@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(redact_url("nats://tok@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("file:./x"), "file:./x");
+        assert_eq!(
+            scrub("auth failed for s%40cret and s@cret", "nats://u:s%40cret@h"),
+            "auth failed for *** and ***"
+        );
+    }
+
+    /// Every malformed or hostile configuration gives one line naming the key (or the
+    /// file position) — no panic, nothing secret in it.
+    #[test]
+    fn malformed_configs_give_one_clear_line() {
+        let base = |extra: &str| format!("{GOOD}\n{extra}");
+        let cases: Vec<(String, Vec<Override>, &str)> = vec![
+            (
+                base("[processing]\nconcurency = 4"),
+                vec![],
+                "unknown key `processing.concurency`",
+            ),
+            (base("bogus = 1"), vec![], "unknown key `sink.nats.bogus`"),
+            (format!("bogus = 1\n{GOOD}"), vec![], "unknown key `bogus`"),
+            (
+                base("[processing]\nconcurrency = -1"),
+                vec![],
+                "`processing.concurrency`",
+            ),
+            (
+                base("[processing]\nconcurrency = \"many\""),
+                vec![],
+                "`processing.concurrency`",
+            ),
+            (
+                base("[processing]\nconcurrency = 0"),
+                vec![],
+                "`processing.concurrency` must be at least 1",
+            ),
+            (
+                base("[processing]\nconcurrency = 99999"),
+                vec![],
+                "at most 4096",
+            ),
+            (
+                base("[processing]\nmax_buffered_bytes = 18446744073709551616"),
+                vec![],
+                "cdc.toml:",
+            ),
+            (
+                GOOD.replace("updateLookup", "sometimes"),
+                vec![],
+                "`source.full_document`",
+            ),
+            (
+                GOOD.replace("type = \"nats\"", "type = \"kafka\""),
+                vec![],
+                "`sink.type`",
+            ),
+            (
+                GOOD.replace("{op}", "{operation}"),
+                vec![],
+                "`sink.nats.subject`",
+            ),
+            (
+                GOOD.replace("cdc.{db}", "cdc.>.{db}"),
+                vec![],
+                "`sink.nats.subject`",
+            ),
+            (
+                GOOD.replace("[sink]\ntype = \"nats\"", "[sink]"),
+                vec![],
+                "missing key `sink.type`",
+            ),
+            (
+                GOOD.replace("database = \"shop\"\n", ""),
+                vec![],
+                "`source.collection` needs `source.database`",
+            ),
+            (
+                GOOD.replace("uri = ", "uri_ = "),
+                vec![],
+                "unknown key `source.uri_`",
+            ),
+            (
+                GOOD.replace(
+                    "uri = \"mongodb://u:pw@127.0.0.1:27017/?replicaSet=rs0\"\n",
+                    "",
+                ),
+                vec![],
+                "missing key `source.uri`",
+            ),
+            (
+                base("[lease]\nttl_ms = 5"),
+                vec![],
+                "`lease.ttl_ms` must be at least 30",
+            ),
+            (
+                base("[lease]\nowner = \"a\""),
+                vec![],
+                "missing key `lease.ttl_ms`",
+            ),
+            (
+                base("[metrics]\naddr = \"not an address\""),
+                vec![],
+                "`metrics.addr`",
+            ),
+            (base("[log]\nformat = \"xml\""), vec![], "`log.format`"),
+            (
+                base("[snapshot]\nmode = \"always\""),
+                vec![],
+                "`snapshot.mode`",
+            ),
+            (
+                base("[dead_letters]\non_error = \"ignore\""),
+                vec![],
+                "`dead_letters.on_error`",
+            ),
+            (
+                base("[sink.postgres]\nurl = \"postgres://h/db\""),
+                vec![],
+                "`[sink.postgres]` is set",
+            ),
+            (
+                GOOD.replace("type = \"nats\"", "type = \"postgres\""),
+                vec![],
+                "`[sink.postgres]`",
+            ),
+            ("[source\nuri = 1".into(), vec![], "cdc.toml:1:"),
+            ("source = 5\n".into(), vec![], "`source` must be a table"),
+            ("\u{0}\u{1}\u{2}".into(), vec![], "cdc.toml:"),
+            (
+                "[[source]]\nuri = \"x\"".into(),
+                vec![],
+                "`source` must be a table",
+            ),
+            (
+                GOOD.into(),
+                vec![flag_override("processing.concurrency=abc").unwrap()],
+                "`processing.concurrency`",
+            ),
+            (
+                GOOD.into(),
+                vec![flag_override("source.uri.deeper=1").unwrap()],
+                "`source.uri` is a value",
+            ),
+            (
+                GOOD.into(),
+                vec![flag_override("..=1").unwrap()],
+                "not a dotted key path",
+            ),
+            (
+                base("[source.pipeline]\nx = 1"),
+                vec![],
+                "`source.pipeline`",
+            ),
+            (
+                GOOD.replace(
+                    "collection = \"orders\"",
+                    "collection = \"orders\"\npipeline = [{ a = 1 }]",
+                ),
+                vec![],
+                "`source.pipeline[0]`",
+            ),
+            (
+                GOOD.replace(
+                    "collection = \"orders\"",
+                    "collection = \"orders\"\noperation_types = [\"insertt\"]",
+                ),
+                vec![],
+                "unknown operation type \"insertt\"",
+            ),
+            (
+                GOOD.replace(
+                    "collection = \"orders\"",
+                    "collection = \"orders\"\ndeployment = true",
+                ),
+                vec![],
+                "`source.deployment`",
+            ),
+            (
+                GOOD.replace("database = \"shop\"", "database = \"\""),
+                vec![],
+                "`source.database` is empty",
+            ),
+            (
+                GOOD.replace("[sink.nats]", "[sink.nats]\nstream = \"a.b\""),
+                vec![],
+                "`sink.nats.stream`",
+            ),
+            (
+                GOOD.replace("[sink.nats]", "[sink.nats]\nbody = \"xml\""),
+                vec![],
+                "`sink.nats.body`",
+            ),
+            (
+                GOOD.replace("[sink.nats]", "[sink.nats]\nwindow = 0"),
+                vec![],
+                "`sink.nats.window`",
+            ),
+            (
+                base("[store]\nurl = \"memory:\"\nurl_file = \"/x\""),
+                vec![],
+                "both set",
+            ),
+            (
+                base("[store]\nurl = \"memory:\"\n[dead_letters]\non_error = \"dead-letter\""),
+                vec![],
+                "`memory:` store",
+            ),
+            (
+                base("[checkpoint]\nevery_ms = 0"),
+                vec![],
+                "`checkpoint.every_ms`",
+            ),
+        ];
+        for (text, overrides, says) in cases {
+            let e = load(&text, "cdc.toml", &overrides).unwrap_err().0;
+            println!("{e}");
+            assert!(
+                e.contains(says),
+                "expected {says:?} in: {e}\n--- config:\n{text}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+            assert!(!e.contains("pw@"), "no secret: {e}");
+        }
+    }
+
+    #[test]
+    fn a_postgres_sink_needs_its_combination() {
+        let pg = GOOD
+            .replace("type = \"nats\"", "type = \"postgres\"")
+            .replace(
+                "[sink.nats]\nsubject = \"cdc.{db}.{coll}.{op}\"",
+                "[sink.postgres]\nurl = \"postgres://h/db\"",
+            );
+        load(&pg, "f", &[]).unwrap();
+        let e = load(
+            &pg,
+            "f",
+            &[flag_override("processing.concurrency=4").unwrap()],
+        )
+        .unwrap_err();
+        assert!(e.0.contains("`processing.concurrency`"), "{e}");
+        let e = load(&pg, "f", &[flag_override("store.url=redis://h").unwrap()]).unwrap_err();
+        assert!(e.0.contains("`store.url`"), "{e}");
+        let e = load(&pg.replace("updateLookup", "default"), "f", &[]).unwrap_err();
+        assert!(e.0.contains("`source.full_document`"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Hostile input anywhere: arbitrary text, the good file cut or spliced with junk,
+        /// arbitrary overrides. Never a panic; an error is one line and shows no secret.
+        #[test]
+        fn no_input_panics_and_errors_stay_one_line(
+            junk in "\\PC{0,64}",
+            at in 0..GOOD.len(),
+            key in "[a-z_.]{0,24}",
+            value in "\\PC{0,16}",
+        ) {
+            let cut = GOOD.get(..at).unwrap_or(GOOD);
+            let spliced = format!("{cut}{junk}{}", GOOD.get(at..).unwrap_or(""));
+            for (text, overrides) in [
+                (junk.clone(), vec![]),
+                (cut.to_owned(), vec![]),
+                (spliced, vec![]),
+                (GOOD.to_owned(), vec![Override { key: key.clone(), value: value.clone(), origin: "--set".into() }]),
+            ] {
+                if let Err(e) = load(&text, "cdc.toml", &overrides) {
+                    proptest::prop_assert!(!e.0.contains('\n'), "{}", e.0);
+                    proptest::prop_assert!(!e.0.contains(":pw@"), "{}", e.0);
+                }
+            }
+        }
+    }
+}

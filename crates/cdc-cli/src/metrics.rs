@@ -1,0 +1,371 @@
+//! Prometheus metrics at `/metrics` (the `prometheus-client` crate's text format) and
+//! health at `/healthz` (alive) and `/readyz` (stream open, lease held, sink reachable),
+//! served by a small HTTP/1.1 responder on the metrics address.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use cdc_processor::{DocumentProcessor, Stats};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::run::CliSink;
+
+/// What the sink wrapper and the sampler record.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    latency: Histogram,
+    sink_failures: Counter,
+    nats_stored: AtomicU64,
+    nats_duplicates: AtomicU64,
+    /// When the process started (the checkpoint age before the first checkpoint).
+    started: std::time::SystemTime,
+    /// Events handled per second over the last sampling interval (as f64 bits).
+    rate: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        Self {
+            // 1 ms to ~16 s.
+            latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            sink_failures: Counter::default(),
+            nats_stored: AtomicU64::new(0),
+            nats_duplicates: AtomicU64::new(0),
+            started: std::time::SystemTime::now(),
+            rate: AtomicU64::new(0),
+        }
+    }
+
+    /// One batch handed to the sink: how long it took and whether it was taken.
+    pub(crate) fn sink_batch(&self, took: Duration, ok: bool) {
+        self.latency.observe(took.as_secs_f64());
+        if !ok {
+            self.sink_failures.inc();
+        }
+    }
+
+    pub(crate) fn nats_counters(&self, stored: u64, duplicates: u64) {
+        self.nats_stored.store(stored, Ordering::Relaxed);
+        self.nats_duplicates.store(duplicates, Ordering::Relaxed);
+    }
+
+    /// Seconds since the newest checkpoint (since start when none yet).
+    fn checkpoint_age(&self, stats: &Stats) -> f64 {
+        stats
+            .last_checkpoint_at
+            .unwrap_or(self.started)
+            .elapsed()
+            .map_or(0.0, |d| d.as_secs_f64())
+    }
+}
+
+/// Reads the processor's stats at each scrape.
+#[derive(Debug)]
+struct StatsCollector {
+    processor: DocumentProcessor,
+    metrics: Arc<Metrics>,
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(m)
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(m)
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.processor.stats();
+        let e = &mut encoder;
+        {
+            let mut family = e.encode_descriptor(
+                "cdc_events",
+                "Changes handled by the sink, by operation type",
+                None,
+                MetricType::Counter,
+            )?;
+            for (op, n) in &s.events_by_type {
+                let labels = [("operation", op.as_str())];
+                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let rate = f64::from_bits(self.metrics.rate.load(Ordering::Relaxed));
+        gauge(
+            e,
+            "cdc_events_per_second",
+            "Changes handled per second (5 s sampling)",
+            rate,
+        )?;
+        gauge(
+            e,
+            "cdc_lag_seconds",
+            "Seconds the newest handled change is behind the newest position the stream reported",
+            s.lag_seconds() as f64,
+        )?;
+        gauge(
+            e,
+            "cdc_lag_events",
+            "Changes read from the stream and not handled yet",
+            s.read_events
+                .saturating_sub(s.events + s.skipped_events + s.dead_letters) as f64,
+        )?;
+        gauge(
+            e,
+            "cdc_checkpoint_age_seconds",
+            "Seconds since the newest checkpoint was saved (since start before the first)",
+            self.metrics.checkpoint_age(&s),
+        )?;
+        gauge(
+            e,
+            "cdc_checkpoint_lag_events",
+            "Handled changes the newest checkpoint does not cover yet",
+            s.checkpoint_lag_events as f64,
+        )?;
+        counter(e, "cdc_checkpoints", "Checkpoints saved", s.checkpoints)?;
+        counter(
+            e,
+            "cdc_restarts",
+            "Runs that failed and were started again",
+            s.restarts,
+        )?;
+        counter(
+            e,
+            "cdc_dead_letters",
+            "Changes recorded as dead letters by this process",
+            s.dead_letters,
+        )?;
+        counter(
+            e,
+            "cdc_skipped_events",
+            "Changes the sink kept failing on, skipped",
+            s.skipped_events,
+        )?;
+        gauge(
+            e,
+            "cdc_stream_open",
+            "1 while a change stream is open",
+            f64::from(u8::from(s.stream_open)),
+        )?;
+        gauge(
+            e,
+            "cdc_lease_held",
+            "1 while this process holds the stream's lease (or runs without leases)",
+            f64::from(u8::from(!s.standby && s.stream_open)),
+        )?;
+        gauge(
+            e,
+            "cdc_lease_standby",
+            "1 while another process holds the lease",
+            f64::from(u8::from(s.standby)),
+        )?;
+        counter(
+            e,
+            "cdc_leases_acquired",
+            "Times this process acquired the lease",
+            s.leases_acquired,
+        )?;
+        if let Some(snap) = &s.snapshot {
+            gauge(
+                e,
+                "cdc_snapshot_documents",
+                "Documents the snapshot read",
+                snap.documents as f64,
+            )?;
+            gauge(
+                e,
+                "cdc_snapshot_chunks_done",
+                "Snapshot chunks read",
+                snap.chunks_done as f64,
+            )?;
+            gauge(
+                e,
+                "cdc_snapshot_chunks_total",
+                "Snapshot chunks planned (0: unknown)",
+                snap.chunks_total as f64,
+            )?;
+            gauge(
+                e,
+                "cdc_snapshot_finished",
+                "1 once the snapshot finished",
+                f64::from(u8::from(snap.finished)),
+            )?;
+        }
+        counter(
+            e,
+            "cdc_nats_stored",
+            "Messages JetStream stored",
+            self.metrics.nats_stored.load(Ordering::Relaxed),
+        )?;
+        counter(
+            e,
+            "cdc_nats_duplicates",
+            "Messages JetStream dropped as duplicates (changes published again)",
+            self.metrics.nats_duplicates.load(Ordering::Relaxed),
+        )?;
+        Ok(())
+    }
+}
+
+/// The registry: the sink's latency and failures, and the processor's stats per scrape.
+fn registry(metrics: &Arc<Metrics>, processor: &DocumentProcessor) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "cdc_sink_batch_seconds",
+        "Time to hand one batch to the sink (a publish acknowledged, a transaction committed)",
+        metrics.latency.clone(),
+    );
+    registry.register(
+        "cdc_sink_failures",
+        "Batches the sink failed to take",
+        metrics.sink_failures.clone(),
+    );
+    registry.register_collector(Box::new(StatsCollector {
+        processor: processor.clone(),
+        metrics: Arc::clone(metrics),
+    }));
+    registry
+}
+
+/// Why `/readyz` says no, if it does.
+fn not_ready(stats: &Stats, sink: &CliSink, leased: bool) -> Option<String> {
+    let mut why = Vec::new();
+    if !stats.stream_open {
+        why.push("no change stream open");
+    }
+    if leased && (stats.standby || stats.lease_token.is_none()) {
+        why.push("the lease is not held (standing by)");
+    }
+    if !sink.reachable() {
+        why.push("the sink is not reachable (its last batch failed or it is disconnected)");
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// Serves until the process ends.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    processor: DocumentProcessor,
+    sink: Arc<CliSink>,
+    leased: bool,
+) {
+    let registry = Arc::new(registry(&metrics, &processor));
+    {
+        let (metrics, processor) = (Arc::clone(&metrics), processor.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut last = (Instant::now(), processor.stats().events);
+            loop {
+                tick.tick().await;
+                let events = processor.stats().events;
+                let rate = (events - last.1.min(events)) as f64 / last.0.elapsed().as_secs_f64();
+                metrics.rate.store(rate.to_bits(), Ordering::Relaxed);
+                last = (Instant::now(), events);
+            }
+        });
+    }
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (registry, processor, sink) =
+            (Arc::clone(&registry), processor.clone(), Arc::clone(&sink));
+        tokio::spawn(async move {
+            let mut buf = vec![0_u8; 4096];
+            let mut len = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = conn.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buf[..len]);
+            let mut words = request.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let path = path.split('?').next().unwrap_or("");
+            let (status, kind, body) = match (method, path) {
+                ("GET", "/metrics") => {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (
+                            "200 OK",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            text,
+                        ),
+                        Err(_) => (
+                            "500 Internal Server Error",
+                            "text/plain",
+                            "encoding failed\n".into(),
+                        ),
+                    }
+                }
+                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".into()),
+                ("GET", "/readyz") => match not_ready(&processor.stats(), &sink, leased) {
+                    None => ("200 OK", "text/plain", "ready\n".into()),
+                    Some(why) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("not ready: {why}\n"),
+                    ),
+                },
+                ("GET", _) => (
+                    "404 Not Found",
+                    "text/plain",
+                    "try /metrics, /healthz or /readyz\n".into(),
+                ),
+                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}

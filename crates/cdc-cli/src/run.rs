@@ -1,0 +1,549 @@
+//! `cdc check` and `cdc run`: the processor, the store and the sink built from the
+//! configuration.
+
+use std::{
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use cdc_processor::{
+    Batch, BatchDispatcher, BoxError, ChangeEvent, CheckpointPolicy, Dispatcher, DocumentProcessor,
+    HandlerContext, HandlerErrorPolicy, bson, mongodb::Client, stores,
+};
+use cdc_sink::{JsonLines, NatsSink, PostgresSink, async_nats};
+
+use crate::{
+    config::{self, Config, OnError, SinkKind, SnapshotModeCfg, redact_url, secret},
+    metrics::Metrics,
+};
+
+/// Sets up `tracing` as `log` says.
+pub(crate) fn init_logs(log: &config::Log) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.level).map_err(|e| e.to_string())?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let set = match log.format {
+        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Json => builder.json().try_init(),
+    };
+    set.map_err(|e| e.to_string())
+}
+
+/// The source's URI (a secret).
+fn source_uri(cfg: &Config) -> Result<String, BoxError> {
+    secret(
+        cfg.source.uri.as_ref(),
+        cfg.source.uri_file.as_ref(),
+        "source.uri",
+    )?
+    .map(|s| s.0)
+    .ok_or_else(|| "missing key `source.uri`".into())
+}
+
+/// The store URL: `store.url`, or `file:./cdc-state`.
+fn store_url(cfg: &Config) -> Result<String, BoxError> {
+    Ok(secret(
+        cfg.store.url.as_ref(),
+        cfg.store.url_file.as_ref(),
+        "store.url",
+    )?
+    .map_or_else(|| "file:./cdc-state".to_owned(), |s| s.0))
+}
+
+fn postgres_url(cfg: &Config) -> Result<String, BoxError> {
+    let pg = cfg
+        .sink
+        .postgres
+        .as_ref()
+        .ok_or("`sink.type = \"postgres\"` needs `[sink.postgres]`")?;
+    secret(pg.url.as_ref(), pg.url_file.as_ref(), "sink.postgres.url")?
+        .map(|s| s.0)
+        .ok_or_else(|| "missing key `sink.postgres.url`".into())
+}
+
+fn nats_url(cfg: &Config) -> Result<String, BoxError> {
+    let n = cfg.nats();
+    let given = cfg.sink.nats.as_ref().map(|n| &n.url);
+    Ok(secret(given, n.url_file.as_ref(), "sink.nats.url")?.map_or(n.url.0, |s| s.0))
+}
+
+pub(crate) async fn connect_source(cfg: &Config) -> Result<Client, BoxError> {
+    let uri = source_uri(cfg)?;
+    Ok(cdc_processor::connect(&uri, Duration::from_secs(10)).await?)
+}
+
+pub(crate) async fn connect_nats(url: &str) -> Result<async_nats::Client, BoxError> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .name("cdc")
+        .connect(url)
+        .await
+        .map_err(|e| {
+            format!(
+                "NATS {}: {}",
+                redact_url(url),
+                config::scrub(&e.to_string(), url)
+            )
+            .into()
+        })
+}
+
+pub(crate) async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, BoxError> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| {
+            format!(
+                "PostgreSQL {}: {}",
+                redact_url(url),
+                config::scrub(&e.to_string(), url)
+            )
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "the PostgreSQL sink's connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The store: by URL, or the PostgreSQL sink's own database.
+pub(crate) async fn open_store(cfg: &Config) -> Result<stores::Stores, BoxError> {
+    if cfg.sink.kind == SinkKind::Postgres {
+        let url = postgres_url(cfg)?;
+        let table = cfg
+            .sink
+            .postgres
+            .as_ref()
+            .and_then(|p| p.points_table.clone())
+            .unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
+        let mut with_table = url.clone();
+        with_table.push(if url.contains('?') { '&' } else { '?' });
+        with_table.push_str("table=");
+        with_table.push_str(&table);
+        return Ok(stores::open(&with_table).await?);
+    }
+    Ok(stores::open(&store_url(cfg)?).await?)
+}
+
+/// The builder for the configured stream (everything but the store).
+pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Builder, BoxError> {
+    let s = &cfg.source;
+    let mut options = cdc_processor::default_source_options()
+        .full_document(match s.full_document {
+            config::FullDocumentMode::Default => cdc_processor::FullDocument::Default,
+            config::FullDocumentMode::UpdateLookup => cdc_processor::FullDocument::UpdateLookup,
+            config::FullDocumentMode::WhenAvailable => cdc_processor::FullDocument::WhenAvailable,
+            config::FullDocumentMode::Required => cdc_processor::FullDocument::Required,
+        })
+        .before_change(match s.before_change {
+            config::BeforeChangeMode::Off => cdc_processor::BeforeChange::Off,
+            config::BeforeChangeMode::WhenAvailable => cdc_processor::BeforeChange::WhenAvailable,
+            config::BeforeChangeMode::Required => cdc_processor::BeforeChange::Required,
+        });
+    if let Some(types) = &s.operation_types {
+        options.operation_types = Some(
+            types
+                .iter()
+                .map(|t| cdc_processor::OperationType::parse(t))
+                .collect(),
+        );
+    }
+    for stage in &s.pipeline {
+        let json = serde_json::to_value(stage)?;
+        match bson::Bson::try_from(json)? {
+            bson::Bson::Document(d) => options.pipeline.push(d),
+            other => return Err(format!("a pipeline stage is not a document: {other}").into()),
+        }
+    }
+    options.show_expanded_events = s.show_expanded_events;
+    let mut b = DocumentProcessor::builder().client(client);
+    b = match (&s.database, &s.collection) {
+        (Some(db), Some(coll)) => b.collection(db, coll),
+        (Some(db), None) => b.database(db),
+        _ => b.deployment(),
+    };
+    b = b.source_options(options);
+    if let Some(id) = &s.stream_id {
+        b = b.stream_id(id);
+    }
+    let p = &cfg.processing;
+    b = b
+        .checkpoint(CheckpointPolicy::batched(
+            cfg.checkpoint.every_events,
+            cfg.checkpoint_interval(),
+        )?)
+        .concurrency(p.concurrency)
+        .max_batch_events(p.max_batch_events)
+        .max_batch_bytes(p.max_batch_bytes)
+        .max_batch_wait(Duration::from_millis(p.max_batch_wait_ms))
+        .max_buffered_bytes(p.max_buffered_bytes)
+        .snapshot(match cfg.snapshot.mode {
+            SnapshotModeCfg::Never => cdc_processor::SnapshotMode::Never,
+            SnapshotModeCfg::Initial => cdc_processor::SnapshotMode::Initial,
+            SnapshotModeCfg::InitialOnly => cdc_processor::SnapshotMode::InitialOnly,
+            SnapshotModeCfg::WhenNeeded => cdc_processor::SnapshotMode::WhenNeeded,
+        })
+        .snapshot_parallelism(cfg.snapshot.parallelism, cfg.snapshot.chunk_docs);
+    let d = &cfg.dead_letters;
+    let policy = match d.on_error {
+        OnError::Stop => HandlerErrorPolicy::stop(),
+        OnError::Skip => HandlerErrorPolicy::skip(),
+        OnError::DeadLetter => HandlerErrorPolicy::dead_letter(),
+    }
+    .retries(d.retries)
+    .park_keys(d.park_keys);
+    b = b.on_handler_error(policy);
+    if let Some(lease) = &cfg.lease
+        && let Some(owner) = &lease.owner
+    {
+        b = b.owner(owner);
+    }
+    Ok(b)
+}
+
+/// The configured sink.
+pub(crate) enum SinkImpl {
+    Stdout(JsonLines<std::io::Stdout>),
+    Nats(NatsSink, async_nats::Client),
+    Postgres(PostgresSink),
+}
+
+/// The sink under the processor, timed and watched for the metrics and `/readyz`.
+pub(crate) struct CliSink {
+    inner: SinkImpl,
+    metrics: Arc<Metrics>,
+    failing: AtomicBool,
+}
+
+impl std::fmt::Debug for CliSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.inner {
+            SinkImpl::Stdout(_) => "CliSink(stdout)",
+            SinkImpl::Nats(..) => "CliSink(nats)",
+            SinkImpl::Postgres(_) => "CliSink(postgres)",
+        })
+    }
+}
+
+impl CliSink {
+    async fn put(
+        &self,
+        events: &[&ChangeEvent],
+        ctx: Option<&HandlerContext>,
+    ) -> Result<(), BoxError> {
+        let started = Instant::now();
+        let result = match &self.inner {
+            SinkImpl::Stdout(s) => s.write_events(events.iter().copied()),
+            SinkImpl::Nats(s, _) => s.publish_events(events).await,
+            SinkImpl::Postgres(s) => match ctx.and_then(HandlerContext::lease) {
+                Some(lease) => s.write_events_fenced(lease, events.iter().copied()).await,
+                None => s.write_events(events.iter().copied()).await,
+            },
+        };
+        self.metrics.sink_batch(started.elapsed(), result.is_ok());
+        self.failing.store(result.is_err(), Ordering::Relaxed);
+        if let SinkImpl::Nats(s, _) = &self.inner {
+            let c = s.counters();
+            self.metrics.nats_counters(c.stored, c.duplicates);
+        }
+        result
+    }
+
+    /// Whether the sink took its last batch and (NATS) is connected.
+    pub(crate) fn reachable(&self) -> bool {
+        if self.failing.load(Ordering::Relaxed) {
+            return false;
+        }
+        match &self.inner {
+            SinkImpl::Nats(_, client) => {
+                client.connection_state() == async_nats::connection::State::Connected
+            }
+            _ => true,
+        }
+    }
+}
+
+#[async_trait]
+impl BatchDispatcher for CliSink {
+    async fn dispatch_batch(
+        &self,
+        batch: &Batch<'_>,
+        ctx: &HandlerContext,
+    ) -> Result<(), BoxError> {
+        self.put(batch.events(), Some(ctx)).await
+    }
+}
+
+/// One event at a time (dead-letter replay).
+#[async_trait]
+impl Dispatcher for CliSink {
+    async fn dispatch(
+        &self,
+        event: &ChangeEvent,
+        previous: Option<BoxError>,
+    ) -> Result<(), BoxError> {
+        if let Some(e) = previous {
+            return Err(e);
+        }
+        self.put(&[event], None).await
+    }
+}
+
+/// Builds the sink. `checkpoint`: the PostgreSQL sink saves the point of stream
+/// `stream_id` in its transactions (not for a replay of dead letters, whose old events
+/// are behind the stored point).
+pub(crate) async fn build_sink(
+    cfg: &Config,
+    stream_id: &str,
+    checkpoint: bool,
+    metrics: Arc<Metrics>,
+) -> Result<CliSink, BoxError> {
+    let inner = match cfg.sink.kind {
+        SinkKind::Stdout => SinkImpl::Stdout(JsonLines::stdout()),
+        SinkKind::Nats => {
+            let n = cfg.nats();
+            let client = connect_nats(&nats_url(cfg)?).await?;
+            let sink = NatsSink::new(client.clone(), stream_id)
+                .subject(cdc_sink::SubjectTemplate::parse(&n.subject)?)
+                .body(n.body.parse()?)
+                .window(n.window);
+            let window = sink
+                .ensure_stream(
+                    &n.stream,
+                    n.create_stream,
+                    Duration::from_secs(n.duplicate_window_s),
+                )
+                .await?;
+            let restart = cfg.lease.as_ref().map_or(Duration::from_secs(30), |l| {
+                Duration::from_secs(30) + Duration::from_millis(l.ttl_ms)
+            });
+            if let Some(warning) =
+                cdc_sink::dedup_window_warning(window, cfg.checkpoint_interval(), restart)
+            {
+                tracing::warn!("{warning}");
+            }
+            SinkImpl::Nats(sink, client)
+        }
+        SinkKind::Postgres => {
+            let url = postgres_url(cfg)?;
+            let pg = cfg.sink.postgres.as_ref().ok_or("no [sink.postgres]")?;
+            let client = connect_postgres(&url).await?;
+            let mut sink = PostgresSink::new(client, pg.table_prefix.clone());
+            if checkpoint {
+                let table = pg
+                    .points_table
+                    .clone()
+                    .unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
+                let store = Arc::new(stores::PostgresStore::connect(&url, &table).await?);
+                sink = sink.checkpoint_with(store, stream_id);
+            }
+            SinkImpl::Postgres(sink)
+        }
+    };
+    Ok(CliSink {
+        inner,
+        metrics,
+        failing: AtomicBool::new(false),
+    })
+}
+
+/// The processor with its store (leased when configured).
+pub(crate) async fn build_processor(cfg: &Config) -> Result<DocumentProcessor, BoxError> {
+    let client = connect_source(cfg).await?;
+    let stores = open_store(cfg).await?;
+    let mut b = builder(cfg, client)?;
+    b = match &cfg.lease {
+        Some(lease) => b.leased_stores(&stores, Duration::from_millis(lease.ttl_ms)),
+        None => b
+            .store(stores.points.clone())
+            .dead_letters(stores.dead_letters.clone()),
+    };
+    Ok(b.build()?)
+}
+
+/// `cdc check`.
+pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
+    println!("ok    configuration");
+    let mut failed = false;
+    let mut report = |what: &str, result: Result<String, BoxError>| match result {
+        Ok(detail) => println!("ok    {what}: {detail}"),
+        Err(e) => {
+            failed = true;
+            println!("FAIL  {what}: {e}");
+        }
+    };
+    let uri = source_uri(cfg)?;
+    let source = async {
+        let client = connect_source(cfg).await?;
+        let hello = client
+            .database("admin")
+            .run_command(bson::doc! { "hello": 1 })
+            .await?;
+        let set = hello.get_str("setName").map_err(
+            |_| "not a replica set member (change streams need a replica set or a sharded cluster)",
+        )?;
+        Ok::<_, BoxError>(format!("replica set {set}"))
+    }
+    .await;
+    report(&format!("source {}", redact_url(&uri)), source);
+    let store_name = match cfg.sink.kind {
+        SinkKind::Postgres => "store (the PostgreSQL sink's database)".to_owned(),
+        _ => format!("store {}", redact_url(&store_url(cfg)?)),
+    };
+    let store = async {
+        let stores = open_store(cfg).await?;
+        let streams = stores.points.list_streams().await?;
+        Ok::<_, BoxError>(format!("{} stream(s) stored", streams.len()))
+    }
+    .await;
+    report(&store_name, store);
+    let sink = async {
+        match cfg.sink.kind {
+            SinkKind::Stdout => Ok("standard output".to_owned()),
+            SinkKind::Nats => {
+                let n = cfg.nats();
+                let client = connect_nats(&nats_url(cfg)?).await?;
+                let sink = NatsSink::new(client, "check");
+                match sink
+                    .ensure_stream(&n.stream, false, Duration::from_secs(n.duplicate_window_s))
+                    .await
+                {
+                    Ok(window) => Ok(format!(
+                        "JetStream stream {} (duplicate window {} s){}",
+                        n.stream,
+                        window.as_secs(),
+                        cdc_sink::dedup_window_warning(
+                            window,
+                            cfg.checkpoint_interval(),
+                            Duration::from_secs(30)
+                        )
+                        .map(|w| format!("; warning: {w}"))
+                        .unwrap_or_default()
+                    )),
+                    Err(_) if n.create_stream => Ok(format!(
+                        "connected; JetStream stream {} will be created at `cdc run`",
+                        n.stream
+                    )),
+                    Err(e) => Err(e),
+                }
+            }
+            SinkKind::Postgres => {
+                let client = connect_postgres(&postgres_url(cfg)?).await?;
+                let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+                Ok(format!("PostgreSQL {version}"))
+            }
+        }
+    }
+    .await;
+    let sink_name = match cfg.sink.kind {
+        SinkKind::Stdout => "sink stdout".to_owned(),
+        SinkKind::Nats => format!("sink nats {}", redact_url(&nats_url(cfg)?)),
+        SinkKind::Postgres => format!("sink postgres {}", redact_url(&postgres_url(cfg)?)),
+    };
+    report(&sink_name, sink);
+    if let Some(addr) = cfg.metrics.addr {
+        let bind = tokio::net::TcpListener::bind(addr)
+            .await
+            .map(|_| "free".to_owned())
+            .map_err(|e| format!("cannot listen: {e}").into());
+        report(&format!("metrics address {addr}"), bind);
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `cdc run`: until SIGTERM or Ctrl-C, then a graceful stop.
+pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
+    let processor = build_processor(&cfg).await?;
+    let metrics = Arc::new(Metrics::new());
+    let sink = Arc::new(build_sink(&cfg, processor.stream_id(), true, Arc::clone(&metrics)).await?);
+    let leased = cfg.lease.is_some();
+    if let Some(addr) = cfg.metrics.addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("`metrics.addr` {addr}: cannot listen: {e}"))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&metrics),
+            processor.clone(),
+            Arc::clone(&sink),
+            leased,
+        ));
+    }
+    tracing::info!(stream = %processor.stream_id(), sink = ?sink, "starting");
+    let mut task = {
+        let (p, sink) = (processor.clone(), Arc::clone(&sink));
+        tokio::spawn(async move {
+            p.start_batches_with_retry(cdc_processor::default_backoff(), sink)
+                .await
+        })
+    };
+    let mut progress = tokio::time::interval(Duration::from_secs(10));
+    progress.tick().await;
+    let mut last = (Instant::now(), 0_u64);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            () = shutdown_signal() => {
+                tracing::info!("stopping: finishing what is in flight, saving the checkpoint");
+                processor.stop();
+                break (&mut task).await;
+            }
+            _ = progress.tick() => {
+                let stats = processor.stats();
+                let rate = (stats.events - last.1) as f64 / last.0.elapsed().as_secs_f64();
+                last = (Instant::now(), stats.events);
+                tracing::info!(
+                    events = stats.events,
+                    per_second = rate.round(),
+                    lag_seconds = stats.lag_seconds(),
+                    checkpoints = stats.checkpoints,
+                    standby = stats.standby,
+                    "progress"
+                );
+            }
+        }
+    };
+    match outcome {
+        Ok(Ok(())) => {
+            tracing::info!(events = processor.stats().events, "stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Err(e)) => Err(format!("stopped on an error: {e}").into()),
+        Err(e) => Err(format!("the processor task failed: {e}").into()),
+    }
+}
+
+/// SIGTERM or Ctrl-C (SIGINT).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,351 @@
+//! The `cdc` program as users run it: a config file, mongo-sim as the source, the
+//! binary in a child process. Run, metrics and health, SIGTERM with a final checkpoint,
+//! resume, status, check, dead letters, help.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use bson::doc;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+};
+
+const CDC: &str = env!("CARGO_BIN_EXE_cdc");
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cdc-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_config(dir: &Path, uri: &str, extra: &str) -> PathBuf {
+    let path = dir.join("cdc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nuri = \"{uri}\"\ndatabase = \"shop\"\ncollection = \"orders\"\n\n[store]\nurl = \"file:{}\"\n\n{extra}",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+fn cdc(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(CDC);
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn output(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = cdc(config, args).output().await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn terminate(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Reads `n` lines of the child's stdout (30 s at most).
+async fn lines(
+    reader: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let line = tokio::time::timeout(Duration::from_secs(30), reader.next_line())
+            .await
+            .expect("a line within 30 s")
+            .unwrap()
+            .expect("the program ended early");
+        out.push(serde_json::from_str(&line).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn run_serves_metrics_stops_on_sigterm_and_resumes() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let coll = client
+        .database("shop")
+        .collection::<bson::Document>("orders");
+    let d = dir("run");
+    let port = free_port();
+    let config = write_config(&d, &sim.uri(), "[sink]\ntype = \"stdout\"\n");
+
+    let mut child = cdc(
+        &config,
+        &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    )
+    .spawn()
+    .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Ready once the stream is open.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Ok(mut conn)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            drop(conn.shutdown().await);
+            if http_get(port, "/readyz").await.0 == 200 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http_get(port, "/healthz").await, (200, "ok\n".to_owned()));
+    for i in 0..10_i64 {
+        coll.insert_one(doc! { "_id": i, "v": i }).await.unwrap();
+    }
+    coll.delete_one(doc! { "_id": 3 }).await.unwrap();
+    let got = lines(&mut out, 11).await;
+    assert_eq!(got[0]["fullDocument"]["_id"], 0);
+    assert_eq!(got[10]["operationType"], "delete");
+    let (status, metrics) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("cdc_events_total{operation=\"insert\"} 10"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cdc_events_total{operation=\"delete\"} 1"));
+    assert!(metrics.contains("cdc_stream_open 1"), "{metrics}");
+    assert!(metrics.contains("cdc_sink_batch_seconds_count"));
+    assert_eq!(http_get(port, "/nope").await.0, 404);
+
+    terminate(&child);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // Stopped: status shows the point; changes made meanwhile come on the next run, and
+    // nothing before them again.
+    let (code, text, err) = output(&config, &["status"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("stream shop.orders (configured)"), "{text}");
+    assert!(text.contains("dead letters 0"), "{text}");
+    assert!(text.contains("behind the source"), "{text}");
+    let (code, json, _) = output(&config, &["status", "--json"]).await;
+    assert_eq!(code, 0);
+    let entry: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["stream"], "shop.orders");
+    assert!(entry["point"]["cluster_time"]["t"].as_u64().unwrap() > 0);
+
+    coll.insert_one(doc! { "_id": 100 }).await.unwrap();
+    let mut child = cdc(&config, &["run"]).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let got = lines(&mut out, 1).await;
+    assert_eq!(
+        got[0]["fullDocument"]["_id"], 100,
+        "resumed after the last one"
+    );
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn check_says_what_is_wrong_and_never_shows_secrets() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let d = dir("check");
+    let config = write_config(&d, &sim.uri(), "[sink]\ntype = \"stdout\"\n");
+    let (code, text, err) = output(&config, &["check"]).await;
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("ok    source"), "{text}");
+    assert!(text.contains("replica set"), "{text}");
+
+    // An unreachable sink: exit 1, the line names it; the password is not shown.
+    let config = write_config(
+        &d,
+        &sim.uri(),
+        "[sink]\ntype = \"nats\"\n[sink.nats]\nurl = \"nats://u:hunter2@127.0.0.1:1\"\n",
+    );
+    let (code, text, err) = output(&config, &["check"]).await;
+    assert_eq!(code, 1, "{text}{err}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL  sink nats nats://u:***@127.0.0.1:1")),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2") && !err.contains("hunter2"));
+
+    // A configuration error: exit 2, one line naming the key.
+    let config = write_config(&d, &sim.uri(), "[sink]\ntype = \"stdout\"\nwindow = 3\n");
+    let (code, _, err) = output(&config, &["check"]).await;
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("unknown key `sink.window`"), "{err}");
+    // The environment overrides the file (and names the key when wrong).
+    let mut cmd = cdc(&config, &["check"]);
+    cmd.env("CDC_PROCESSING__CONCURRENCY", "lots");
+    let out = cmd.output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`processing.concurrency`"));
+    // A missing file.
+    let (code, _, err) = output(&d.join("nope.toml"), &["check"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("nope.toml"), "{err}");
+}
+
+/// A sink that fails (stdout closed) under `on_error = "dead-letter"`: the changes become
+/// dead letters; `list` shows them, `replay` hands them to a working sink and removes
+/// them, `delete` deletes.
+#[tokio::test]
+async fn dead_letters_are_listed_replayed_and_deleted() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let coll = client
+        .database("shop")
+        .collection::<bson::Document>("orders");
+    let d = dir("letters");
+    let port = free_port();
+    let config = write_config(
+        &d,
+        &sim.uri(),
+        "[dead_letters]\non_error = \"dead-letter\"\nretries = 0\n\n[sink]\ntype = \"stdout\"\n",
+    );
+    let mut child = cdc(
+        &config,
+        &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    )
+    .spawn()
+    .unwrap();
+    drop(child.stdout.take()); // writes fail: a closed pipe
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            drop(conn.shutdown().await);
+            if http_get(port, "/metrics")
+                .await
+                .1
+                .contains("cdc_stream_open 1")
+            {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..3_i64 {
+        coll.insert_one(doc! { "_id": i }).await.unwrap();
+    }
+    loop {
+        let (_, metrics) = http_get(port, "/metrics").await;
+        if metrics.contains("cdc_dead_letters_total 3") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+
+    let (code, text, err) = output(&config, &["dead-letters", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.contains("insert") && text.contains("pipe"), "{text}");
+    let first_id = text.split_whitespace().next().unwrap().to_owned();
+    let (code, text, _) = output(&config, &["dead-letters", "delete", &first_id]).await;
+    assert_eq!(code, 0);
+    assert!(text.contains(&format!("deleted {first_id}")));
+    let (code, text, err) = output(&config, &["dead-letters", "replay"]).await;
+    assert_eq!(code, 0, "{err}");
+    let mut printed = text.lines();
+    let replayed: Vec<serde_json::Value> = printed
+        .by_ref()
+        .take(2)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replayed[0]["fullDocument"]["_id"], 1);
+    assert_eq!(replayed[1]["fullDocument"]["_id"], 2);
+    assert!(text.contains("replayed 2 | failed again 0"), "{text}");
+    let (_, text, _) = output(&config, &["dead-letters", "list"]).await;
+    assert!(text.contains("no dead letters"), "{text}");
+}
+
+#[tokio::test]
+async fn every_command_has_complete_help() {
+    for args in [
+        vec!["--help"],
+        vec!["check", "--help"],
+        vec!["run", "--help"],
+        vec!["status", "--help"],
+        vec!["dead-letters", "--help"],
+        vec!["dead-letters", "list", "--help"],
+        vec!["dead-letters", "replay", "--help"],
+        vec!["dead-letters", "delete", "--help"],
+    ] {
+        let out = Command::new(CDC).args(&args).output().await.unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Every option and command is described: on its line, or (long help) on the
+        // lines below it, indented further.
+        let all: Vec<&str> = text.lines().collect();
+        for (i, line) in all.iter().enumerate() {
+            let indent = line.len() - line.trim_start().len();
+            let t = line.trim_start();
+            let entry = (1..=6).contains(&indent)
+                && (t.starts_with('-')
+                    || (!t.is_empty() && text[..text.find(line).unwrap()].contains("Commands:")));
+            if !entry {
+                continue;
+            }
+            let same_line = t.split("  ").filter(|s| !s.trim().is_empty()).count() >= 2;
+            let below = all.get(i + 1).is_some_and(|next| {
+                next.len() - next.trim_start().len() > indent && !next.trim().is_empty()
+            });
+            assert!(same_line || below, "{args:?}: undescribed: {line}\n{text}");
+        }
+    }
+}
