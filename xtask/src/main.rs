@@ -41,9 +41,10 @@ commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
   demo [--uri URI] [--seconds S] [--rate R]
                   the main job on the embedded default, killed and resumed midway
-  soak [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot] [--standby N]
+  soak [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot] [--standby N] [--sink nats|postgres]
                   SIGKILL the consumer K times (default 100), then verify nothing was lost
-                  (with lanes: per-key order and whole transactions too)
+                  (with lanes: per-key order and whole transactions too; with --sink: the
+                  `cdc` program is the consumer and the sink is checked: exactly once)
   integration [--uri URI]
                   the end-to-end suites against mongo-sim (or the replica set at URI)
   bench sim       change events per second from mongo-sim to the driver (release build)
@@ -82,6 +83,12 @@ fn cdc_tests_bin(bin: &str, release: bool) -> Command {
 
 /// Runs the kill -9 soak.
 fn soak(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--sink") {
+        // The consumer is the `cdc` program, found beside the soak program.
+        let mut build = cargo();
+        build.args(["build", "--quiet", "-p", "cdc-cli"]);
+        run("build cdc", build)?;
+    }
     let mut cmd = cdc_tests_bin("cdc-soak", false);
     cmd.arg("run").args(args);
     run("soak", cmd)
@@ -154,7 +161,45 @@ fn conformance(args: &[String]) -> Result<(), String> {
     run("conformance", cmd)
 }
 
+/// The services CI tests against, with the command that starts one that stopped (CI
+/// starts nothing itself).
+const SERVICES: [(&str, &str, &str); 3] = [
+    (
+        "PostgreSQL",
+        "127.0.0.1:5432",
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    ),
+    (
+        "Redis",
+        "127.0.0.1:6379",
+        "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no",
+    ),
+    (
+        "NATS (JetStream)",
+        "127.0.0.1:4222",
+        "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server",
+    ),
+];
+
+/// Fails at once, naming the service, when one CI needs does not answer.
+fn services() -> Result<(), String> {
+    println!("\n== services");
+    for (name, addr, start) in SERVICES {
+        let reachable = addr.parse().is_ok_and(|a| {
+            std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(3)).is_ok()
+        });
+        if !reachable {
+            return Err(format!(
+                "{name} does not answer on {addr}: CI tests against it and starts nothing itself. Start it with: {start}"
+            ));
+        }
+        println!("{name} answers on {addr}");
+    }
+    Ok(())
+}
+
 fn ci() -> Result<(), String> {
+    services()?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--check"]);
     run("rustfmt", fmt)?;
@@ -223,6 +268,16 @@ fn ci() -> Result<(), String> {
         "3".to_owned(),
     ])?;
 
+    // The `cdc` program killed while moving changes into each sink.
+    for sink in ["nats", "postgres"] {
+        soak(&[
+            "--kills".to_owned(),
+            "5".to_owned(),
+            "--sink".to_owned(),
+            sink.to_owned(),
+        ])?;
+    }
+
     let spec = default_spec_dir();
     if spec.is_dir() {
         conformance(&[])?;
@@ -247,8 +302,13 @@ fn layering() -> Result<(), String> {
         &["file"],
         &["mongodb", "redis", "tokio-postgres", "rustls"],
     )?;
-    // A sink's client comes with its feature only.
-    check_tree_lacks("cdc-sink", &[], &["tokio-postgres", "redis"])
+    // A sink's client comes with its feature only, and the processor pulls in none.
+    check_tree_lacks("cdc-sink", &[], &["tokio-postgres", "redis", "async-nats"])?;
+    check_tree_lacks(
+        "cdc-processor",
+        &[],
+        &["async-nats", "prometheus-client", "clap"],
+    )
 }
 
 fn check_tree_lacks(package: &str, features: &[&str], banned: &[&str]) -> Result<(), String> {

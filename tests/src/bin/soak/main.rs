@@ -18,6 +18,11 @@
 //!   with a leased file store; the holder is SIGKILLed K times (20), then paused past its
 //!   TTL and resumed; prints the verifier's line, `overlapping holders: n` and
 //!   `failover p50 … ms, max … ms (ttl … ms)`.
+//! - `cdc-soak run --sink nats|postgres [--kills K]`: the `cdc` program (built beside this
+//!   one) as the consumer, moving the changes into NATS JetStream or PostgreSQL, SIGKILLed
+//!   K times (20); then the sink is checked against the writer's log (NATS: every change
+//!   exactly once) or the collection (PostgreSQL: the table equals it): `sink <name>: lost
+//!   n | duplicates n | checked n`.
 //! - `cdc-soak writer --uri U --rate R --log F --stop-file S`: changes documents at rate R
 //!   with majority write concern, logging every acknowledged change, until S exists.
 //! - `cdc-soak consumer --uri U --store DIR --log F`: a DocumentProcessor with the file
@@ -25,6 +30,8 @@
 
 // A command-line program: printing its figures is its job.
 #![allow(clippy::print_stdout)]
+
+mod sink;
 
 use std::{
     collections::HashMap,
@@ -66,7 +73,7 @@ async fn main() -> std::process::ExitCode {
         Some("writer") => writer(&args[1..]).await.map(|()| true),
         Some("consumer") => consumer(&args[1..]).await.map(|()| true),
         _ => Err(
-            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot [--preload N]] [--standby N [--ttl MS]] | writer … | consumer …".into(),
+            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot [--preload N]] [--standby N [--ttl MS]] [--sink nats|postgres] | writer … | consumer …".into(),
         ),
     };
     match result {
@@ -451,6 +458,9 @@ fn count_lines(path: &Path) -> usize {
 async fn run(args: &[String]) -> Result<bool, BoxError> {
     if let Some(n) = value(args, "--standby") {
         return run_standby(args, n.parse()?).await;
+    }
+    if let Some(kind) = value(args, "--sink") {
+        return sink::run(args, &kind).await;
     }
     let snapshot = args.iter().any(|a| a == "--snapshot");
     // The full run: 100 kills, or 20 across a snapshot and the stream after it.
