@@ -333,14 +333,13 @@ pub(crate) async fn build_sink(
         SinkKind::Postgres => {
             let url = postgres_url(cfg)?;
             let pg = cfg.sink.postgres.as_ref().ok_or("no [sink.postgres]")?;
-            let client = connect_postgres(&url).await?;
-            let mut sink = PostgresSink::new(client, pg.table_prefix.clone());
+            let table = pg
+                .points_table
+                .clone()
+                .unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
+            let store = Arc::new(stores::PostgresStore::connect(&url, &table).await?);
+            let mut sink = PostgresSink::reconnecting(Arc::clone(&store), pg.table_prefix.clone());
             if checkpoint {
-                let table = pg
-                    .points_table
-                    .clone()
-                    .unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
-                let store = Arc::new(stores::PostgresStore::connect(&url, &table).await?);
                 sink = sink.checkpoint_with(store, stream_id);
             }
             SinkImpl::Postgres(sink)

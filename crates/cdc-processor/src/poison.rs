@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use cdc_core::{BoxError, ChangeEvent, ClusterTime, DeadLetter, DeadLetterStore, Dispatcher};
+use cdc_core::{
+    BoxError, ChangeEvent, ClusterTime, DeadLetter, DeadLetterStore, Dispatcher, ErrorKind,
+};
 
 /// Where an event lies in the stream: its cluster time, then its letter id.
 type Position = (ClusterTime, String);
@@ -312,6 +314,12 @@ impl Poison {
 
     /// Calls `call` until it succeeds or the retries run out (`Err` with the last error
     /// and the number of calls made); `Ok(None)` when the processor is stopping.
+    ///
+    /// A handler error that is a [`cdc_core::Error`] of kind `Transient` or `Store` says
+    /// the handler's downstream is unavailable (a sink's server down or unreachable), not
+    /// that the event is bad: such failures do not count against the retries. The call is
+    /// repeated, with the policy's backoff, until it succeeds or the processor stops, so
+    /// an outage neither skips nor dead-letters anything.
     pub(crate) async fn retrying<F, Fut>(
         &self,
         ctx: &HandlerContext,
@@ -322,19 +330,39 @@ impl Poison {
         Fut: Future<Output = Result<(), BoxError>>,
     {
         let mut n = 1;
+        let mut counted = 1;
+        let mut outage = 0_u32;
         loop {
             let this = ctx.with_call(n);
             match catch_panic(this.clone().scope(call(this))).await {
-                Ok(()) => return Ok(Some(())),
-                Err(e) if n > self.policy.retries => return Err((e, n)),
+                Ok(()) => {
+                    if outage > 0 {
+                        tracing::info!(calls = n, "the handler's downstream is back");
+                    }
+                    return Ok(Some(()));
+                }
+                Err(e) if is_outage(&e) => {
+                    outage += 1;
+                    let delay = self.policy.delay(outage);
+                    if outage == 1 || outage.is_power_of_two() {
+                        tracing::warn!(error = %e, call = n, ?delay, "the handler's downstream is unavailable: calling again until it returns (not counted against the retries)");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = ctx.stopping() => return Ok(None),
+                    }
+                    n += 1;
+                }
+                Err(e) if counted > self.policy.retries => return Err((e, n)),
                 Err(e) => {
-                    let delay = self.policy.delay(n);
+                    let delay = self.policy.delay(counted);
                     tracing::warn!(error = %e, call = n, ?delay, "the handler failed: calling it again after a pause");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = ctx.stopping() => return Ok(None),
                     }
                     n += 1;
+                    counted += 1;
                 }
             }
         }
@@ -361,9 +389,52 @@ impl Poison {
     }
 }
 
+/// Whether a handler error says its downstream is unavailable (see [`Poison::retrying`]).
+fn is_outage(error: &BoxError) -> bool {
+    error
+        .downcast_ref::<cdc_core::Error>()
+        .is_some_and(|e| matches!(e.kind(), ErrorKind::Transient | ErrorKind::Store))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unavailable downstream (a `Transient` error) is waited out however long it
+    /// lasts; a plain error gets the policy's retries, then gives up.
+    #[tokio::test]
+    async fn an_outage_is_waited_out_and_a_bad_event_is_not() {
+        let poison = Poison::new(
+            HandlerErrorPolicy::stop()
+                .retries(1)
+                .backoff(Duration::from_millis(1), Duration::from_millis(2)),
+            None,
+            "s".into(),
+            Duration::from_secs(1),
+            None,
+        );
+        let ctx = HandlerContext::new(None, 1, tokio_util::sync::CancellationToken::new(), None);
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let outcome = poison
+            .retrying(&ctx, |_| {
+                let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n < 10 {
+                        let down = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+                        Err(cdc_core::Error::source(ErrorKind::Transient, down).into())
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await;
+        assert!(matches!(outcome, Ok(Some(()))));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 11);
+        let outcome = poison
+            .retrying(&ctx, |_| async { Err::<(), BoxError>("bad event".into()) })
+            .await;
+        assert!(matches!(outcome, Err((_, 2))), "one call and one retry");
+    }
 
     #[test]
     fn the_backoff_doubles_up_to_its_bound() {

@@ -154,36 +154,49 @@ impl PostgresStore {
     async fn client(&self, stream: &str) -> Result<tokio::sync::MappedMutexGuard<'_, Client>> {
         let mut slot = self.client.lock().await;
         if slot.as_ref().is_none_or(Client::is_closed) {
-            let fail = |e: tokio_postgres::Error| {
-                // The driver's message and its cause (a TLS refusal says why).
-                let cause = std::error::Error::source(&e)
-                    .map(|c| format!(": {c}"))
-                    .unwrap_or_default();
-                Error::store(
-                    stream,
-                    std::io::Error::other(format!("{}: {e}{cause}", self.shown)),
-                )
-            };
-            let client = match &self.tls {
-                None => {
-                    let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
-                        .await
-                        .map_err(fail)?;
-                    tokio::spawn(watch(connection));
-                    client
-                }
-                Some(tls) => {
-                    let (client, connection) = tokio_postgres::connect(&self.config, tls.clone())
-                        .await
-                        .map_err(fail)?;
-                    tokio::spawn(watch(connection));
-                    client
-                }
-            };
-            *slot = Some(client);
+            *slot = Some(self.open(stream).await?);
         }
         tokio::sync::MutexGuard::try_map(slot, Option::as_mut)
             .map_err(|_| Error::store(stream, std::io::Error::other("no PostgreSQL connection")))
+    }
+
+    /// A new connection to the store's database, with the store's settings (TLS too): for
+    /// a writer that saves points in its own transactions ([`PostgresStore::save_in`]),
+    /// such as a sink, and reconnects when its connection is lost.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the server cannot be reached (credentials never shown).
+    pub async fn open_client(&self) -> Result<Client> {
+        self.open("*").await
+    }
+
+    async fn open(&self, stream: &str) -> Result<Client> {
+        let fail = |e: tokio_postgres::Error| {
+            // The driver's message and its cause (a TLS refusal says why).
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            Error::store(
+                stream,
+                std::io::Error::other(format!("{}: {e}{cause}", self.shown)),
+            )
+        };
+        Ok(match &self.tls {
+            None => {
+                let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
+                    .await
+                    .map_err(fail)?;
+                tokio::spawn(watch(connection));
+                client
+            }
+            Some(tls) => {
+                let (client, connection) = tokio_postgres::connect(&self.config, tls.clone())
+                    .await
+                    .map_err(fail)?;
+                tokio::spawn(watch(connection));
+                client
+            }
+        })
     }
 
     /// The conditional upsert of a point ($1–$6); fenced, it inserts only while the lease

@@ -326,6 +326,14 @@ impl NatsSink {
         self
     }
 
+    /// How long to wait for JetStream to acknowledge a publish (default 5 s) before the
+    /// batch fails as an outage and is published again.
+    #[must_use]
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.js.set_timeout(timeout);
+        self
+    }
+
     /// The subject template.
     pub fn subject_template(&self) -> &SubjectTemplate {
         &self.subject
@@ -446,7 +454,7 @@ impl NatsSink {
                 .js
                 .send_publish(subject, publish)
                 .await
-                .map_err(|e| format!("publishing to JetStream: {e}"))?;
+                .map_err(|e| unavailable(format!("publishing to JetStream: {e}")))?;
             in_flight.push_back(ack);
         }
         while let Some(ack) = in_flight.pop_front() {
@@ -458,7 +466,7 @@ impl NatsSink {
     async fn settle(&self, ack: jetstream::context::PublishAckFuture) -> Result<(), BoxError> {
         let ack = ack
             .await
-            .map_err(|e| format!("JetStream did not acknowledge a publish: {e}"))?;
+            .map_err(|e| unavailable(format!("JetStream did not acknowledge a publish: {e}")))?;
         if ack.duplicate {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -466,6 +474,13 @@ impl NatsSink {
         }
         Ok(())
     }
+}
+
+/// A failure of NATS rather than of the change (a timeout, a lost connection, no
+/// stream answering): `Transient`, so the processor waits it out instead of giving up on
+/// the change (see `HandlerErrorPolicy`).
+fn unavailable(text: String) -> BoxError {
+    cdc_core::Error::source(cdc_core::ErrorKind::Transient, text).into()
 }
 
 #[async_trait]

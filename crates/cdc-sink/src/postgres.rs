@@ -25,7 +25,10 @@ use tokio_postgres::Client;
 /// Updates need their full document: configure the processor with
 /// `full_document(FullDocument::UpdateLookup)` (or post-images).
 pub struct PostgresSink {
-    client: tokio::sync::Mutex<Client>,
+    /// The connection; `None` until (re)opened through `reconnect`.
+    client: tokio::sync::Mutex<Option<Client>>,
+    /// Where a lost connection is opened again (a sink built on a given client has none).
+    reconnect: Option<Arc<PostgresStore>>,
     prefix: String,
     checkpoint: Option<(Arc<PostgresStore>, String)>,
     created: Mutex<HashSet<String>>,
@@ -41,10 +44,26 @@ impl std::fmt::Debug for PostgresSink {
 }
 
 impl PostgresSink {
-    /// A sink writing through `client` into tables named `<prefix><collection>`.
+    /// A sink writing through `client` into tables named `<prefix><collection>`. When
+    /// that connection is lost, every later batch fails: prefer
+    /// [`PostgresSink::reconnecting`].
     pub fn new(client: Client, prefix: impl Into<String>) -> Self {
         Self {
-            client: tokio::sync::Mutex::new(client),
+            client: tokio::sync::Mutex::new(Some(client)),
+            reconnect: None,
+            prefix: prefix.into(),
+            checkpoint: None,
+            created: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// A sink writing into tables named `<prefix><collection>` in the database of
+    /// `store`, through its own connection ([`PostgresStore::open_client`]), opened at the
+    /// first batch and again whenever it was lost (a restarted or unreachable server).
+    pub fn reconnecting(store: Arc<PostgresStore>, prefix: impl Into<String>) -> Self {
+        Self {
+            client: tokio::sync::Mutex::new(None),
+            reconnect: Some(store),
             prefix: prefix.into(),
             checkpoint: None,
             created: Mutex::new(HashSet::new()),
@@ -102,7 +121,31 @@ impl PostgresSink {
         events: Vec<&ChangeEvent>,
         lease: Option<&Lease>,
     ) -> Result<(), BoxError> {
-        let mut client = self.client.lock().await;
+        self.write_inner(events, lease).await.map_err(classify)
+    }
+
+    async fn write_inner(
+        &self,
+        events: Vec<&ChangeEvent>,
+        lease: Option<&Lease>,
+    ) -> Result<(), BoxError> {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            let Some(store) = &self.reconnect else {
+                return Err(
+                    "the PostgreSQL sink's connection is closed, and a sink built on a given client cannot reconnect (build it with PostgresSink::reconnecting)".into(),
+                );
+            };
+            // The created tables may be gone with a restored server: check again.
+            self.created
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+            *slot = Some(store.open_client().await?);
+        }
+        let Some(client) = slot.as_mut() else {
+            return Err("no PostgreSQL connection".into());
+        };
         let tx = client.transaction().await?;
         for event in &events {
             let Some(coll) = event.ns.as_ref().and_then(|n| n.coll.as_deref()) else {
@@ -208,6 +251,30 @@ impl PostgresSink {
             }
         }
         Ok(())
+    }
+}
+
+/// A failure of PostgreSQL rather than of the change — the connection lost or refused,
+/// a server shutting down, too many connections, a serialization failure or deadlock —
+/// becomes `Transient`, so the processor waits it out instead of giving up on the
+/// change; an error about the data (a value PostgreSQL refuses) stays as it is.
+fn classify(error: BoxError) -> BoxError {
+    let Some(pg) = error.downcast_ref::<tokio_postgres::Error>() else {
+        return error;
+    };
+    let outage = match pg.code() {
+        None => true,
+        Some(code) => {
+            let code = code.code();
+            ["08", "40", "53", "57P", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }
+    };
+    if outage {
+        cdc_core::Error::source(cdc_core::ErrorKind::Transient, error).into()
+    } else {
+        error
     }
 }
 
