@@ -4,7 +4,7 @@
 //! out (nothing skipped or dead-lettered, no operator action); the checkpoint never passes
 //! a change the sink did not take; afterwards the sink holds every change (NATS: exactly
 //! once; PostgreSQL: the table equals the collection).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::{sync::Arc, time::Duration};
 
