@@ -2,7 +2,7 @@
 //! batch, optionally with the checkpoint in that same transaction.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, PoisonError},
 };
 
@@ -11,6 +11,14 @@ use cdc_core::{BoxError, ChangeEvent, Lease, OperationType};
 use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
 use cdc_resume::PostgresStore;
 use tokio_postgres::Client;
+
+/// A document's last change in a batch.
+enum Change {
+    /// The full document as relaxed Extended JSON, at its cluster time.
+    Upsert(serde_json::Value, (i64, i64)),
+    /// A delete at its cluster time.
+    Delete((i64, i64)),
+}
 
 /// Writes each collection's documents into a table `<prefix><collection>` (`id` the
 /// document's `_id` as canonical Extended JSON, `doc` the document as `jsonb`, and the
@@ -147,6 +155,10 @@ impl PostgresSink {
             return Err("no PostgreSQL connection".into());
         };
         let tx = client.transaction().await?;
+        // The batch's last change per document and table: rows only move forward, so the
+        // last state is what the table must hold; one statement per table and kind then
+        // writes them all (a statement may not touch one row twice).
+        let mut tables: Vec<(String, HashMap<String, Change>)> = Vec::new();
         for event in &events {
             let Some(coll) = event.ns.as_ref().and_then(|n| n.coll.as_deref()) else {
                 continue;
@@ -155,11 +167,46 @@ impl PostgresSink {
                 continue;
             };
             let table = self.table(coll)?;
+            let key = id.into_canonical_extjson().to_string();
+            let at = (
+                i64::from(event.cluster_time.time),
+                i64::from(event.cluster_time.increment),
+            );
+            let change = match event.operation_type {
+                OperationType::Insert
+                | OperationType::Replace
+                | OperationType::Update
+                | OperationType::Snapshot => {
+                    let doc = event.full_document().ok_or_else(|| {
+                        format!(
+                            "the {} event of {key} in {coll} has no full document: the PostgreSQL sink needs full_document(UpdateLookup) or post-images",
+                            event.operation_type
+                        )
+                    })?;
+                    Change::Upsert(
+                        bson::Bson::Document(bson::Document::try_from(doc)?).into_relaxed_extjson(),
+                        at,
+                    )
+                }
+                OperationType::Delete => Change::Delete(at),
+                _ => continue,
+            };
+            let rows = match tables.iter_mut().position(|(t, _)| *t == table) {
+                Some(i) => &mut tables[i].1,
+                None => {
+                    tables.push((table, HashMap::new()));
+                    let last = tables.len() - 1;
+                    &mut tables[last].1
+                }
+            };
+            rows.insert(key, change);
+        }
+        for (table, rows) in &tables {
             let created = self
                 .created
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .contains(&table);
+                .contains(table);
             if !created {
                 tx.batch_execute(&format!(
                     "CREATE TABLE IF NOT EXISTS {table} (
@@ -171,46 +218,46 @@ impl PostgresSink {
                 ))
                 .await?;
             }
-            let key = id.into_canonical_extjson().to_string();
-            let (time, increment) = (
-                i64::from(event.cluster_time.time),
-                i64::from(event.cluster_time.increment),
-            );
-            match event.operation_type {
-                OperationType::Insert
-                | OperationType::Replace
-                | OperationType::Update
-                | OperationType::Snapshot => {
-                    let doc = event.full_document().ok_or_else(|| {
-                        format!(
-                            "the {} event of {key} in {coll} has no full document: the PostgreSQL sink needs full_document(UpdateLookup) or post-images",
-                            event.operation_type
-                        )
-                    })?;
-                    let json =
-                        bson::Bson::Document(bson::Document::try_from(doc)?).into_relaxed_extjson();
-                    tx.execute(
-                        &format!(
-                            "INSERT INTO {table} AS t (id, doc, ct_time, ct_increment)
-                             VALUES ($1, $2, $3, $4)
-                             ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc,
-                                ct_time = EXCLUDED.ct_time, ct_increment = EXCLUDED.ct_increment
-                             WHERE (t.ct_time, t.ct_increment) <= (EXCLUDED.ct_time, EXCLUDED.ct_increment)"
-                        ),
-                        &[&key, &json, &time, &increment],
-                    )
-                    .await?;
+            let (mut up_ids, mut up_docs, mut up_t, mut up_i) = (vec![], vec![], vec![], vec![]);
+            let (mut del_ids, mut del_t, mut del_i) = (vec![], vec![], vec![]);
+            for (key, change) in rows {
+                match change {
+                    Change::Upsert(doc, (t, i)) => {
+                        up_ids.push(key.as_str());
+                        up_docs.push(doc);
+                        up_t.push(*t);
+                        up_i.push(*i);
+                    }
+                    Change::Delete((t, i)) => {
+                        del_ids.push(key.as_str());
+                        del_t.push(*t);
+                        del_i.push(*i);
+                    }
                 }
-                OperationType::Delete => {
-                    tx.execute(
-                        &format!(
-                            "DELETE FROM {table} WHERE id = $1 AND (ct_time, ct_increment) <= ($2, $3)"
-                        ),
-                        &[&key, &time, &increment],
-                    )
-                    .await?;
-                }
-                _ => {}
+            }
+            if !up_ids.is_empty() {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {table} AS t (id, doc, ct_time, ct_increment)
+                         SELECT * FROM unnest($1::text[], $2::jsonb[], $3::bigint[], $4::bigint[])
+                         ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc,
+                            ct_time = EXCLUDED.ct_time, ct_increment = EXCLUDED.ct_increment
+                         WHERE (t.ct_time, t.ct_increment) <= (EXCLUDED.ct_time, EXCLUDED.ct_increment)"
+                    ),
+                    &[&up_ids, &up_docs, &up_t, &up_i],
+                )
+                .await?;
+            }
+            if !del_ids.is_empty() {
+                tx.execute(
+                    &format!(
+                        "DELETE FROM {table} AS t
+                         USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS d(id, ct_time, ct_increment)
+                         WHERE t.id = d.id AND (t.ct_time, t.ct_increment) <= (d.ct_time, d.ct_increment)"
+                    ),
+                    &[&del_ids, &del_t, &del_i],
+                )
+                .await?;
             }
         }
         if let (Some((store, stream)), Some(last)) = (&self.checkpoint, events.last()) {

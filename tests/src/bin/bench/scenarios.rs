@@ -579,6 +579,82 @@ async fn handler_rate(
     Ok(rate)
 }
 
+/// Events per second from the stream through a real sink (`nats`: JetStream on the local
+/// NATS server; `postgres`: a table in the local PostgreSQL with the checkpoint in each
+/// transaction), batches of up to 500 events as `cdc` runs them.
+async fn sink_rate(client: &Client, kind: &str, events: usize) -> Result<f64, BoxError> {
+    use cdc_sink::{NatsSink, PostgresSink, SubjectTemplate, async_nats};
+    let name = format!("sink_{kind}");
+    let coll = client.database("bench").collection::<Document>(&name);
+    let _ = coll.drop().await;
+    let start = head_point(&coll).await?;
+    preload(&coll, events, 0).await?;
+    let stream_id = format!("bench.{name}");
+    let pid = std::process::id();
+    let stream_name = format!("BENCH_{pid}");
+    let table_prefix = format!("bench_{pid}_");
+    let points_table = format!("bench_points_{pid}");
+    let pg_url = std::env::var("CDC_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let nats_url = std::env::var("CDC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let builder = DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("bench", &name)
+        .stream_id(&stream_id)
+        .max_batch_events(500);
+    let (p, task, js) = match kind {
+        "nats" => {
+            let nats = async_nats::connect(&nats_url).await?;
+            let sink = NatsSink::new(nats.clone(), &stream_id).subject(SubjectTemplate::parse(
+                &format!("bench{pid}.{{coll}}.{{op}}"),
+            )?);
+            sink.ensure_stream(&stream_name, true, Duration::from_secs(120))
+                .await?;
+            let store = Arc::new(MemoryStore::new());
+            store.save(&stream_id, &start).await?;
+            let p = builder.store(store).build()?;
+            let runner = p.clone();
+            let task = tokio::spawn(async move { runner.start_batches(sink).await });
+            (p, task, Some(async_nats::jetstream::new(nats)))
+        }
+        _ => {
+            let store = Arc::new(
+                cdc_processor::stores::PostgresStore::connect(&pg_url, &points_table).await?,
+            );
+            store.save(&stream_id, &start).await?;
+            let sink = PostgresSink::reconnecting(Arc::clone(&store), table_prefix.clone())
+                .checkpoint_with(Arc::clone(&store), &stream_id);
+            let p = builder.store(store).build()?;
+            let runner = p.clone();
+            let task = tokio::spawn(async move { runner.start_batches(sink).await });
+            (p, task, None)
+        }
+    };
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(900);
+    while (p.stats().events as usize) < events {
+        if Instant::now() > deadline || task.is_finished() {
+            return Err(format!("the {kind} sink stalled: {:?}", p.stats().last_error).into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = events as f64 / t0.elapsed().as_secs_f64();
+    p.stop();
+    task.await??;
+    coll.drop().await?;
+    if let Some(js) = js {
+        js.delete_stream(&stream_name).await?;
+    } else {
+        let (pg, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        pg.batch_execute(&format!(
+            "DROP TABLE IF EXISTS \"{table_prefix}{name}\"; DROP TABLE IF EXISTS {points_table}; DROP TABLE IF EXISTS {points_table}_leases; DROP TABLE IF EXISTS {points_table}_dead_letters"
+        ))
+        .await?;
+    }
+    Ok(rate)
+}
+
 /// Peak consumer RSS while `docs` documents of 1 MiB pass a handler slower than the
 /// stream, with the byte budget at `budget_mib`.
 async fn large_documents_memory(
@@ -1140,6 +1216,34 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
             println!("snapshot ÷ raw find scan: {:.2}x", best / raw);
         }
     }
+    if want("14") {
+        let ceiling = rows.iter().find(|r| r.id == "1").map(|r| r.median);
+        for (id, kind, label) in [
+            ("14a", "nats", "NATS JetStream"),
+            ("14b", "postgres", "PostgreSQL"),
+        ] {
+            let rate = sink_rate(&client, kind, events).await?;
+            match ceiling {
+                Some(c) => println!("{kind} sink ÷ scenario 1: {:.2}x", rate / c),
+                None => println!(
+                    "{kind} sink: {rate:.0} events/s (run scenario 1 too for the ratio: --only 1,14)"
+                ),
+            }
+            rows.push(row(
+                id,
+                format!(
+                    "through the {label} sink (batches of 500{})",
+                    if kind == "postgres" {
+                        ", checkpoint in each transaction"
+                    } else {
+                        ", acknowledged by JetStream"
+                    }
+                ),
+                "events/s",
+                vec![rate],
+            ));
+        }
+    }
     if want("11") {
         let (event, peak) = split_memory(&uri, &client, 12).await?;
         println!(
@@ -1248,7 +1352,7 @@ fn report(rows: &[Row], events: usize, rounds: usize) -> Result<(), BoxError> {
         json_rows.push(json!({ "id": r.id, "scenario": r.name, "unit": r.unit, "median": r.median, "min": r.min, "max": r.max }));
     }
     let targets = format!(
-        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {}× (medians), {}× (paired rounds); scenario 4 ≥ 10× scenario 6: {}×; p99 < 10 ms: {} ms; peak memory < 64 MiB and flat: {} → {} MiB; fresh token ≥ 10× faster: {}×; idle writes ≤ 1/min: {}/min; split event peak RSS < 4× the event: {}×; concurrency 64 ÷ sequential ≥ 40×: {}×; batch handler ≥ 0.5× scenario 1: {}×; peak RSS with 1 MiB documents ≤ 96 MiB: {} MiB; snapshot ÷ raw find scan ≥ 0.8×: {}×; snapshot peak RSS ≤ 64 MiB: {} MiB.\n",
+        "\nTargets: scenario 2 ≥ 0.9× scenario 1: {}× (medians), {}× (paired rounds); scenario 4 ≥ 10× scenario 6: {}×; p99 < 10 ms: {} ms; peak memory < 64 MiB and flat: {} → {} MiB; fresh token ≥ 10× faster: {}×; idle writes ≤ 1/min: {}/min; split event peak RSS < 4× the event: {}×; concurrency 64 ÷ sequential ≥ 40×: {}×; batch handler ≥ 0.5× scenario 1: {}×; peak RSS with 1 MiB documents ≤ 96 MiB: {} MiB; snapshot ÷ raw find scan ≥ 0.8×: {}×; snapshot peak RSS ≤ 64 MiB: {} MiB; NATS sink ≥ 0.3× scenario 1: {}×.\n",
         shown(get("2") / ceiling, 2),
         shown(get("2/1"), 2),
         shown(get("4") / go, 1),
@@ -1263,6 +1367,7 @@ fn report(rows: &[Row], events: usize, rounds: usize) -> Result<(), BoxError> {
         shown(get("12c"), 1),
         shown(get("13-4").max(get("13-1")) / get("13a"), 2),
         shown(get("13m-4").max(get("13m-1")), 1),
+        shown(get("14a") / ceiling, 2),
     );
     md.push_str(&targets);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
