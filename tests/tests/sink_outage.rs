@@ -299,6 +299,7 @@ async fn postgres_away_mid_run() {
         .client(client.clone())
         .collection("shop", "items")
         .store(direct_store)
+        .handler_checkpoints(true)
         .stream_id("outage")
         .on_handler_error(HandlerErrorPolicy::stop().retries(1))
         .checkpoint(CheckpointPolicy::batched(20, Duration::from_millis(100)).unwrap())

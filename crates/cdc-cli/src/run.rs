@@ -199,6 +199,8 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
     .retries(d.retries)
     .park_keys(d.park_keys);
     b = b.on_handler_error(policy);
+    // The PostgreSQL sink saves the point in its transactions, ahead of the processor.
+    b = b.handler_checkpoints(cfg.sink.kind == SinkKind::Postgres);
     if let Some(lease) = &cfg.lease
         && let Some(owner) = &lease.owner
     {
@@ -369,6 +371,22 @@ pub(crate) async fn build_processor(cfg: &Config) -> Result<DocumentProcessor, B
 /// `cdc check`.
 pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
     println!("ok    configuration");
+    for (section, set, used) in [
+        (
+            "[sink.nats]",
+            cfg.sink.nats.is_some(),
+            cfg.sink.kind == SinkKind::Nats,
+        ),
+        (
+            "[sink.postgres]",
+            cfg.sink.postgres.is_some(),
+            cfg.sink.kind == SinkKind::Postgres,
+        ),
+    ] {
+        if set && !used {
+            println!("note  {section} is set, but `sink.type` names another sink: it is not used");
+        }
+    }
     let mut failed = false;
     let mut report = |what: &str, result: Result<String, BoxError>| match result {
         Ok(detail) => println!("ok    {what}: {detail}"),

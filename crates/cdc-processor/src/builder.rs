@@ -58,6 +58,7 @@ pub struct Builder {
     dead_letters: Option<Arc<dyn cdc_core::DeadLetterStore>>,
     concurrency: usize,
     keep_transactions: Option<bool>,
+    handler_checkpoints: bool,
     max_buffered_bytes: usize,
     batch: BatchLimits,
     stop_timeout: Option<Duration>,
@@ -95,6 +96,7 @@ impl Default for Builder {
             dead_letters: None,
             concurrency: 1,
             keep_transactions: None,
+            handler_checkpoints: false,
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             batch: BatchLimits::default(),
             stop_timeout: Some(DEFAULT_STOP_TIMEOUT),
@@ -326,6 +328,17 @@ impl Builder {
         self
     }
 
+    /// Says that the handler saves points of this stream itself, in its own transactions
+    /// with its effects (`cdc_sink::PostgresSink::checkpoint_with`). A save of the
+    /// processor's then finding the store already past it, at an event this run handed
+    /// out, is the handler's doing and is accepted; otherwise (off, the default) it is a
+    /// `Regression` error, the sign of a second instance on the stream.
+    #[must_use]
+    pub fn handler_checkpoints(mut self, on: bool) -> Self {
+        self.handler_checkpoints = on;
+        self
+    }
+
     /// The most raw bytes of events read from the stream and not yet handled (default
     /// 64 MiB), on top of the event-count bound of [`Builder::prefetch`]: the reader stops
     /// pulling from the cursor while over it. A single event larger than the bound is
@@ -474,6 +487,7 @@ impl Builder {
             dead_letters,
             concurrency: self.concurrency,
             keep_transactions: self.keep_transactions,
+            handler_checkpoints: self.handler_checkpoints,
             max_buffered_bytes: self.max_buffered_bytes,
             batch: self.batch,
             stop_timeout: self.stop_timeout,

@@ -30,6 +30,8 @@ pub enum InvalidatePolicy {
 
 pub(crate) struct Settings {
     pub(crate) stream_id: String,
+    /// The handler saves points itself (see `Builder::handler_checkpoints`).
+    pub(crate) handler_checkpoints: bool,
     pub(crate) source: Arc<dyn ChangeSource>,
     pub(crate) store: Arc<dyn ResumeStore>,
     pub(crate) policy: CheckpointPolicy,

@@ -66,11 +66,12 @@ impl DocumentProcessor {
         };
         match saved {
             Ok(()) => {}
-            // The stored point is past this one, at an event this run handed out: the
-            // handler saved it itself, in its own transaction with its effects (a sink's
+            // The stored point is past this one, at an event this run handed out, and
+            // the handler saves points: it saved it itself, in its own transaction with its effects (a sink's
             // exactly-once checkpoint). This point is covered; nothing moves backwards.
             Err(Error::Cdc(cdc_core::Error::Regression { stored, .. }))
-                if cp.latest_time().is_some_and(|latest| stored <= latest) =>
+                if s.handler_checkpoints
+                    && cp.latest_time().is_some_and(|latest| stored <= latest) =>
             {
                 tracing::debug!(?stored, attempted = ?point.cluster_time, "the handler saved a later point itself");
             }

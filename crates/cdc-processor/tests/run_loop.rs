@@ -429,6 +429,57 @@ async fn a_store_refusal_ends_the_run_and_nothing_is_retried() {
     assert_eq!(p.stats().restarts, 0, "a refusal is not retried");
 }
 
+/// A handler that saves points itself (a sink's checkpoint in its own transaction) leaves
+/// the store ahead of the processor's saves. With `handler_checkpoints`, a refusal whose
+/// stored point is at an event the run handed out is accepted and the run goes on; a
+/// stored point beyond anything handed out is still refused (another instance).
+#[tokio::test]
+async fn a_point_the_handler_saved_itself_is_not_a_regression() {
+    for (stored, handler_saves, accepted) in [
+        (1001, true, true),
+        (5000, true, false),
+        (1001, false, false),
+    ] {
+        let cursor = scripted(vec![Step::Event(Box::new(insert(1))), Step::Quiet], None);
+        let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
+        let mut store = MockStore::new();
+        store.expect_load().returning(|_| Ok(Some(stored_at(0))));
+        store.expect_save().returning(move |stream, p| {
+            Err(cdc_core::Error::Regression {
+                stream: stream.to_owned(),
+                stored: ClusterTime::new(stored, 1),
+                attempted: p.cluster_time,
+            })
+        });
+        store.expect_describe().returning(|| "store ahead".into());
+        let p = DocumentProcessor::builder()
+            .source(Arc::new(source))
+            .stream_id("s")
+            .store(Arc::new(store))
+            .checkpoint(CheckpointPolicy::every_event())
+            .handler_checkpoints(handler_saves)
+            .build()
+            .unwrap();
+        let task = spawn_accepting(&p);
+        if accepted {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while p.stats().checkpoints < 1 {
+                assert!(tokio::time::Instant::now() < deadline, "never confirmed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            p.stop();
+            task.await.unwrap().unwrap();
+        } else {
+            let err = task.await.unwrap().unwrap_err();
+            assert_eq!(
+                err.kind(),
+                ErrorKind::Fatal,
+                "{stored} {handler_saves}: {err}"
+            );
+        }
+    }
+}
+
 /// Handles every event at once except the first, which it holds until released.
 #[derive(Clone)]
 struct HoldFirst {

@@ -28,7 +28,8 @@ enum Change {
 ///
 /// With [`PostgresSink::checkpoint_with`], the batch's last point is saved in the same
 /// transaction: the table's effects and the checkpoint commit together (exactly once
-/// across crashes). That needs batches in stream order: a processor with `concurrency(1)`.
+/// across crashes). That needs batches in stream order: a processor with `concurrency(1)`,
+/// and `handler_checkpoints(true)` (the store is then ahead of the processor's own saves).
 ///
 /// Updates need their full document: configure the processor with
 /// `full_document(FullDocument::UpdateLookup)` (or post-images).

@@ -73,6 +73,7 @@ async fn the_table_equals_the_collection_and_the_checkpoint_commits_with_it() {
         .client(client.clone())
         .collection("shop", "items")
         .store(store.clone())
+        .handler_checkpoints(true)
         .full_document(FullDocument::UpdateLookup)
         .checkpoint(CheckpointPolicy::batched(1000, Duration::from_secs(60)).unwrap())
         .build()

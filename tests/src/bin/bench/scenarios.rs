@@ -624,7 +624,7 @@ async fn sink_rate(client: &Client, kind: &str, events: usize) -> Result<f64, Bo
             store.save(&stream_id, &start).await?;
             let sink = PostgresSink::reconnecting(Arc::clone(&store), table_prefix.clone())
                 .checkpoint_with(Arc::clone(&store), &stream_id);
-            let p = builder.store(store).build()?;
+            let p = builder.store(store).handler_checkpoints(true).build()?;
             let runner = p.clone();
             let task = tokio::spawn(async move { runner.start_batches(sink).await });
             (p, task, None)
