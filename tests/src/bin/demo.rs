@@ -11,7 +11,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::Write,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -173,11 +172,17 @@ async fn run() -> Result<bool, BoxError> {
                         l.written.push(c);
                     }
                 }
-                Err(e) => eprintln!("\nwrite failed (not counted as written): {e}"),
+                Err(e) => eprintln!("write failed (not counted as written): {e}"),
             }
         }
     });
 
+    // Drawn on a terminal only: in a log or a pipe the bar stays quiet.
+    let bar = indicatif::ProgressBar::new(1).with_style(
+        indicatif::ProgressStyle::with_template("  [{bar:30}] {msg}")
+            .map_err(|e| format!("progress template: {e}"))?
+            .progress_chars("█▓░"),
+    );
     let started = Instant::now();
     let kill_at = Duration::from_secs(seconds / 2);
     let mut killed = false;
@@ -190,9 +195,12 @@ async fn run() -> Result<bool, BoxError> {
             task.abort();
             let _ = (&mut task).await;
             killed = true;
-            print!(
-                "\n  ✖ processor killed (no stop, no final checkpoint); starting a new one on the same store\n"
-            );
+            let note = "  ✖ processor killed (no stop, no final checkpoint); starting a new one on the same store";
+            if bar.is_hidden() {
+                println!("{note}");
+            } else {
+                bar.println(note);
+            }
             tokio::time::sleep(Duration::from_millis(700)).await;
             let p2 = build(client.clone())?;
             let handler = ledger.clone();
@@ -227,23 +235,20 @@ async fn run() -> Result<bool, BoxError> {
             .stats()
             .last_checkpoint
             .map_or_else(|| "-".to_owned(), |t| t.to_string());
-        let width = 30;
-        let filled = (covered * width).checked_div(written).unwrap_or(0);
-        print!(
-            "\r  [{}{}] written {written:>6}  delivered {delivered:>6}  checkpoint {checkpoint:<24}",
-            "█".repeat(filled),
-            "░".repeat(width - filled)
-        );
-        let _ = std::io::stdout().flush();
+        bar.set_length(written.max(1) as u64);
+        bar.set_position(covered as u64);
+        bar.set_message(format!(
+            "written {written:>6}  delivered {delivered:>6}  checkpoint {checkpoint}"
+        ));
         if writer.is_finished() && covered == written && killed {
             break;
         }
         if started.elapsed() > Duration::from_secs(seconds + 60) {
-            println!("\n  gave up waiting for the processor to catch up");
+            bar.abandon_with_message("gave up waiting for the processor to catch up");
             break;
         }
     }
-    println!();
+    bar.finish();
     if let Some(p) = &second {
         p.stop();
     }
