@@ -480,6 +480,9 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
 
 /// `cdc run`: until SIGTERM or Ctrl-C, then a graceful stop.
 pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
+    // Listening from the start: a SIGTERM while connecting stops as soon as the run starts.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
     let processor = build_processor(&cfg).await?;
     let metrics = Arc::new(Metrics::new());
     let sink = Arc::new(build_sink(&cfg, processor.stream_id(), true, Arc::clone(&metrics)).await?);
@@ -511,7 +514,7 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
     let outcome = loop {
         tokio::select! {
             r = &mut task => break r,
-            () = shutdown_signal() => {
+            () = &mut shutdown => {
                 tracing::info!("stopping: finishing what is in flight, saving the checkpoint");
                 processor.stop();
                 break (&mut task).await;
@@ -541,26 +544,32 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
     }
 }
 
-/// SIGTERM or Ctrl-C (SIGINT).
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C (SIGINT). On Unix both handlers are installed when this is called,
+/// before the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
+                (term, int) => {
+                    let e = term.err().or(int.err());
+                    tracing::warn!(error = ?e, "cannot listen for SIGTERM or SIGINT; Ctrl-C only");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
-    {
+    async {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -340,15 +340,17 @@ impl Builder {
     }
 
     /// The most raw bytes of events read from the stream and not yet handled (default
-    /// 64 MiB), on top of the event-count bound of [`Builder::prefetch`]: the reader stops
-    /// pulling from the cursor while over it. A single event larger than the bound is
-    /// still delivered, alone.
+    /// 64 MiB), on top of the event-count bound of [`Builder::prefetch`]. The bound covers
+    /// the driver's buffered server batch (up to 16 MiB) too: the reader stops pulling
+    /// from the cursor while what it holds is over the bound less one such batch (but at
+    /// least half the bound). A single event larger than that is still delivered, alone.
     ///
-    /// The process's resident memory is this bound, plus the driver's one buffered server
-    /// batch (up to 16 MiB), plus the allocator's own overhead: with large documents
-    /// glibc's malloc keeps freed buffers in per-thread arenas (measured: 148 MiB peak for
-    /// a 64 MiB bound with 1 MiB documents, 92–99 MiB with `MALLOC_MMAP_THRESHOLD_=131072`);
-    /// jemalloc or mimalloc, or that setting, keep it close to the bound.
+    /// The process's resident memory is about this bound plus its baseline (~14 MiB) and
+    /// the allocator's overhead. With large documents glibc's malloc keeps freed buffers
+    /// in per-thread arenas (measured with 1 MiB documents and a 64 MiB bound: about
+    /// 150 MiB of RSS); with `MALLOC_MMAP_THRESHOLD_=131072 MALLOC_ARENA_MAX=2` in the
+    /// environment (what the `cdc` program sets for itself), or jemalloc or mimalloc, it
+    /// stays close to the bound (README, benchmark row 12d).
     #[must_use]
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
         self.max_buffered_bytes = bytes.max(1);

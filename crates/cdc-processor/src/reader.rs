@@ -157,6 +157,19 @@ impl Budget {
     }
 }
 
+/// The most one server batch of a change stream holds (the wire's message bound): the
+/// driver keeps one such batch buffered beside what the reader holds.
+const DRIVER_BATCH: usize = 16 << 20;
+
+/// The reader's share of `max_buffered_bytes`: the bound less one driver batch (so events
+/// buffered by the driver and by the reader together stay within it), but never less than
+/// half of it.
+pub(crate) fn read_ahead_bytes(max_buffered_bytes: usize) -> usize {
+    max_buffered_bytes
+        .saturating_sub(DRIVER_BATCH)
+        .max(max_buffered_bytes / 2)
+}
+
 /// What the reader saw, shared with [`crate::Stats`]: events read from the cursor, the
 /// newest cluster time the stream reported (an event's, or an idle round trip's
 /// position), and whether a stream is open now.
@@ -277,6 +290,13 @@ pub(crate) async fn read_ahead(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn the_reader_leaves_room_for_one_driver_batch() {
+        assert_eq!(super::read_ahead_bytes(64 << 20), 48 << 20);
+        assert_eq!(super::read_ahead_bytes(20 << 20), 10 << 20);
+        assert_eq!(super::read_ahead_bytes(0), 0);
+    }
 
     use async_trait::async_trait;
     use bson::rawdoc;

@@ -166,7 +166,7 @@ impl DocumentProcessor {
             // About `prefetch` events in flight: handoffs of up to HANDOFF events each.
             let handoff = s.prefetch.clamp(1, HANDOFF);
             let (tx, mut rx) = mpsc::channel((s.prefetch / handoff).max(1));
-            let budget = Budget::new(s.max_buffered_bytes);
+            let budget = Budget::new(crate::reader::read_ahead_bytes(s.max_buffered_bytes));
             let reader = tokio::spawn(read_ahead(
                 cursor,
                 tx,
