@@ -314,6 +314,88 @@ async fn dead_letters_are_listed_replayed_and_deleted() {
     assert!(text.contains("no dead letters"), "{text}");
 }
 
+/// Two `cdc run` with `[lease]` on one stream: one is ready and handles, the other stands
+/// by (not ready); `status` names the holder; killed, the holder is replaced by the
+/// standby, which goes on from the stored point.
+#[tokio::test]
+async fn two_instances_with_a_lease_one_handles_the_other_takes_over() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let coll = client
+        .database("shop")
+        .collection::<bson::Document>("orders");
+    let d = dir("lease");
+    let config = write_config(
+        &d,
+        &sim.uri(),
+        "[lease]\nttl_ms = 600\n\n[sink]\ntype = \"stdout\"\n",
+    );
+    let ports = [free_port(), free_port()];
+    let mut children = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let mut child = cdc(
+            &config,
+            &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
+        )
+        .env("CDC_LEASE__OWNER", format!("instance-{i}"))
+        .spawn()
+        .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap()).lines();
+        children.push((child, out));
+    }
+    let ready = |port: u16| async move {
+        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(mut c) => {
+                drop(c.shutdown().await);
+                http_get(port, "/readyz").await
+            }
+            Err(_) => (0, String::new()),
+        }
+    };
+    // Exactly one becomes ready; the other says why not.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let holder = loop {
+        let a = ready(ports[0]).await;
+        let b = ready(ports[1]).await;
+        match (a.0, b.0) {
+            (200, 503) if b.1.contains("lease") => break 0,
+            (503, 200) if a.1.contains("lease") => break 1,
+            _ => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{a:?} {b:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (code, text, _) = output(&config, &["status"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        text.contains(&format!("held by instance-{holder}")),
+        "{text}"
+    );
+    coll.insert_one(doc! { "_id": 1 }).await.unwrap();
+    let got = lines(&mut children[holder].1, 1).await;
+    assert_eq!(got[0]["fullDocument"]["_id"], 1);
+
+    // The holder dies; the standby takes the stream and goes on after `_id` 1.
+    children[holder].0.kill().await.unwrap();
+    let other = 1 - holder;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ready(ports[other]).await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    coll.insert_one(doc! { "_id": 2 }).await.unwrap();
+    let got = lines(&mut children[other].1, 1).await;
+    assert!(
+        got[0]["fullDocument"]["_id"] == 1 || got[0]["fullDocument"]["_id"] == 2,
+        "{got:?}"
+    );
+    terminate(&children[other].0);
+    assert!(children[other].0.wait().await.unwrap().success());
+}
+
 /// `cdc` runs with glibc's malloc tuned (it executes itself again with the settings, as
 /// the same process), unless told not to or given its own settings.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

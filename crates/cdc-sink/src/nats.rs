@@ -454,7 +454,7 @@ impl NatsSink {
                 .js
                 .send_publish(subject, publish)
                 .await
-                .map_err(|e| unavailable(format!("publishing to JetStream: {e}")))?;
+                .map_err(|e| classify(e.kind(), format!("publishing to JetStream: {e}")))?;
             in_flight.push_back(ack);
         }
         while let Some(ack) = in_flight.pop_front() {
@@ -466,7 +466,7 @@ impl NatsSink {
     async fn settle(&self, ack: jetstream::context::PublishAckFuture) -> Result<(), BoxError> {
         let ack = ack
             .await
-            .map_err(|e| unavailable(format!("JetStream did not acknowledge a publish: {e}")))?;
+            .map_err(|e| classify(e.kind(), format!("JetStream did not take a publish: {e}")))?;
         if ack.duplicate {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -476,11 +476,27 @@ impl NatsSink {
     }
 }
 
-/// A failure of NATS rather than of the change (a timeout, a lost connection, no
-/// stream answering): `Transient`, so the processor waits it out instead of giving up on
-/// the change (see `HandlerErrorPolicy`).
-fn unavailable(text: String) -> BoxError {
-    cdc_core::Error::source(cdc_core::ErrorKind::Transient, text).into()
+/// Whether a publish failed because of NATS rather than of the change: a timeout, a lost
+/// connection, no stream answering (JetStream restarting), too many acknowledgements
+/// pending. A message over the server's payload limit, or one JetStream refused, is the
+/// change's own failure.
+fn is_outage(kind: &jetstream::context::PublishErrorKind) -> bool {
+    use jetstream::context::PublishErrorKind as K;
+    matches!(
+        kind,
+        K::TimedOut | K::BrokenPipe | K::StreamNotFound | K::MaxAckPending
+    )
+}
+
+/// An outage becomes `Transient`, so the processor waits it out instead of giving up on
+/// the change (see `HandlerErrorPolicy`); any other failure goes to the handler-error
+/// policy.
+fn classify(kind: jetstream::context::PublishErrorKind, text: String) -> BoxError {
+    if is_outage(&kind) {
+        cdc_core::Error::source(cdc_core::ErrorKind::Transient, text).into()
+    } else {
+        text.into()
+    }
 }
 
 #[async_trait]
@@ -587,6 +603,28 @@ mod tests {
             warning.contains("10 s") && warning.contains("65 s"),
             "{warning}"
         );
+    }
+
+    #[test]
+    fn an_outage_is_told_from_a_bad_change() {
+        use jetstream::context::PublishErrorKind as K;
+        for kind in [
+            K::TimedOut,
+            K::BrokenPipe,
+            K::StreamNotFound,
+            K::MaxAckPending,
+        ] {
+            let e = classify(kind, "x".into());
+            let core = e.downcast_ref::<cdc_core::Error>().unwrap();
+            assert_eq!(core.kind(), cdc_core::ErrorKind::Transient);
+        }
+        for kind in [K::MaxPayloadExceeded, K::Other, K::WrongLastSequence] {
+            assert!(
+                classify(kind, "x".into())
+                    .downcast_ref::<cdc_core::Error>()
+                    .is_none()
+            );
+        }
     }
 
     #[test]

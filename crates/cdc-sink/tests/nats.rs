@@ -223,3 +223,63 @@ async fn a_publish_nobody_stores_fails_the_batch() {
     assert!(err.to_string().contains("JetStream"), "{err}");
     assert_eq!(sink.counters().stored, 0);
 }
+
+/// A change too large for NATS (over the server's payload limit) is the change's own
+/// failure, not an outage: the handler-error policy takes it (here into the dead letters)
+/// and the changes after it are published.
+#[tokio::test]
+async fn a_change_over_the_payload_limit_is_dead_lettered_not_waited_on() {
+    let Some(nats) = connect().await else { return };
+    let tag = tag();
+    let name = format!("CDC_BIG_{tag}");
+    let js = jetstream::new(nats.clone());
+    let sink = Arc::new(
+        NatsSink::new(nats.clone(), "big")
+            .subject(SubjectTemplate::parse(&format!("big{tag}.{{op}}")).unwrap()),
+    );
+    sink.ensure_stream(&name, true, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let limit = usize::try_from(nats.server_info().max_payload).unwrap();
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let p = DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("shop", "big")
+        .store(store.clone())
+        .dead_letters(store)
+        .on_handler_error(cdc_processor::HandlerErrorPolicy::dead_letter().retries(0))
+        .build()
+        .unwrap();
+    let task = {
+        let (p, sink) = (p.clone(), Arc::clone(&sink));
+        tokio::spawn(async move { p.start_batches(sink).await })
+    };
+    while !p.stats().stream_open {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let coll = client.database("shop").collection::<bson::Document>("big");
+    coll.insert_one(doc! { "_id": 1, "pad": "x".repeat(limit + 1024) })
+        .await
+        .unwrap();
+    coll.insert_one(doc! { "_id": 2 }).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sink.counters().stored < 1 || p.stats().dead_letters < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", p.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.stop();
+    task.await.unwrap().unwrap();
+    let letters = p.dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0].errors.iter().any(|e| e.contains("payload")),
+        "{:?}",
+        letters[0].errors
+    );
+    let got = messages(&js, &name).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].subject.as_str(), format!("big{tag}.insert"));
+    js.delete_stream(&name).await.unwrap();
+}
