@@ -240,7 +240,7 @@ async fn a_change_over_the_payload_limit_is_dead_lettered_not_waited_on() {
     sink.ensure_stream(&name, true, Duration::from_secs(60))
         .await
         .unwrap();
-    let limit = usize::try_from(nats.server_info().max_payload).unwrap();
+    let limit = nats.server_info().max_payload;
     let sim = mongo_sim::MongoSim::start().await.unwrap();
     let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
     let store = Arc::new(MemoryStore::new());
