@@ -16,7 +16,6 @@ use cdc_sink::{
     async_nats::{self, jetstream},
 };
 use cdc_tests::proxy::{FaultProxy, Mode};
-use futures_util::StreamExt;
 use mongo_sim::MongoSim;
 
 fn tag() -> String {
@@ -73,28 +72,11 @@ where
 
 /// `(cluster time, Nats-Msg-Id, JetStream sequence)` of every message.
 async fn nats_messages(js: &jetstream::Context, stream: &str) -> Vec<((u32, u32), String, u64)> {
-    let consumer = js
-        .get_stream(stream)
+    cdc_tests::nats::all_messages(js, stream)
         .await
         .unwrap()
-        .create_consumer(jetstream::consumer::pull::Config {
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_millis(300))
-            .messages()
-            .await
-            .unwrap();
-        let before = out.len();
-        while let Some(m) = batch.next().await {
-            let m = m.unwrap();
+        .iter()
+        .map(|m| {
             let h = m.headers.as_ref().unwrap();
             let (t, i) = h
                 .get("Cdc-Cluster-Time")
@@ -102,16 +84,13 @@ async fn nats_messages(js: &jetstream::Context, stream: &str) -> Vec<((u32, u32)
                 .as_str()
                 .split_once('.')
                 .unwrap();
-            out.push((
+            (
                 (t.parse().unwrap(), i.parse().unwrap()),
                 h.get("Nats-Msg-Id").unwrap().to_string(),
                 m.info().unwrap().stream_sequence,
-            ));
-        }
-        if out.len() == before {
-            return out;
-        }
-    }
+            )
+        })
+        .collect()
 }
 
 #[tokio::test]

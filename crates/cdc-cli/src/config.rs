@@ -302,7 +302,7 @@ pub(crate) struct Sink {
     pub(crate) postgres: Option<PostgresSinkCfg>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct NatsSinkCfg {
     pub(crate) url: Secret,
@@ -689,20 +689,7 @@ impl Config {
         match self.sink.kind {
             SinkKind::Stdout => {}
             SinkKind::Nats => {
-                let n = self
-                    .sink
-                    .nats
-                    .as_ref()
-                    .map_or_else(NatsSinkCfg::default, |n| NatsSinkCfg {
-                        url: n.url.clone(),
-                        url_file: n.url_file.clone(),
-                        subject: n.subject.clone(),
-                        body: n.body.clone(),
-                        stream: n.stream.clone(),
-                        create_stream: n.create_stream,
-                        duplicate_window_s: n.duplicate_window_s,
-                        window: n.window,
-                    });
+                let n = self.nats();
                 cdc_sink::SubjectTemplate::parse(&n.subject)
                     .map_err(|e| err(format!("`sink.nats.subject`: {e}")))?;
                 n.body
@@ -754,19 +741,7 @@ impl Config {
 
     /// The NATS sink's settings (defaults when the section is left out).
     pub(crate) fn nats(&self) -> NatsSinkCfg {
-        self.sink
-            .nats
-            .as_ref()
-            .map_or_else(NatsSinkCfg::default, |n| NatsSinkCfg {
-                url: n.url.clone(),
-                url_file: n.url_file.clone(),
-                subject: n.subject.clone(),
-                body: n.body.clone(),
-                stream: n.stream.clone(),
-                create_stream: n.create_stream,
-                duplicate_window_s: n.duplicate_window_s,
-                window: n.window,
-            })
+        self.sink.nats.clone().unwrap_or_default()
     }
 
     /// The checkpoint interval.

@@ -17,11 +17,7 @@ use std::{
 };
 
 use cdc_core::{BoxError, ChangeEvent};
-use cdc_sink::async_nats::{
-    self,
-    jetstream::{self, consumer::pull},
-};
-use futures_util::StreamExt;
+use cdc_sink::async_nats::{self, jetstream};
 
 use super::{collection_content, count_lines, spawn_self, value};
 
@@ -65,42 +61,20 @@ async fn nats_changes(
     js: &jetstream::Context,
     stream: &str,
 ) -> Result<HashMap<(String, String), usize>, BoxError> {
-    let consumer = js
-        .get_stream(stream)
-        .await?
-        .create_consumer(pull::Config {
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
     let mut out: HashMap<(String, String), usize> = HashMap::new();
-    loop {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_millis(500))
-            .messages()
-            .await?;
-        let mut got = 0;
-        while let Some(m) = batch.next().await {
-            let m = m.map_err(|e| format!("fetching: {e}"))?;
-            got += 1;
-            let json: serde_json::Value = serde_json::from_slice(&m.payload)?;
-            let doc = match bson::Bson::try_from(json)? {
-                bson::Bson::Document(d) => d,
-                other => return Err(format!("a message body is not a document: {other}").into()),
-            };
-            let key = cdc_tests::workload::change_of(&ChangeEvent::from_document(&doc)?)
-                .map_or_else(
-                    || ("?".to_owned(), format!("{doc}")),
-                    |(id, change)| (id.to_string(), change),
-                );
-            *out.entry(key).or_default() += 1;
-        }
-        if got == 0 {
-            return Ok(out);
-        }
+    for m in cdc_tests::nats::all_messages(js, stream).await? {
+        let json: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        let doc = match bson::Bson::try_from(json)? {
+            bson::Bson::Document(d) => d,
+            other => return Err(format!("a message body is not a document: {other}").into()),
+        };
+        let key = cdc_tests::workload::change_of(&ChangeEvent::from_document(&doc)?).map_or_else(
+            || ("?".to_owned(), format!("{doc}")),
+            |(id, change)| (id.to_string(), change),
+        );
+        *out.entry(key).or_default() += 1;
     }
+    Ok(out)
 }
 
 async fn pg_table(
