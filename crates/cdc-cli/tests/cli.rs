@@ -152,8 +152,17 @@ async fn run_serves_metrics_stops_on_sigterm_and_resumes() {
     let got = lines(&mut out, 11).await;
     assert_eq!(got[0]["fullDocument"]["_id"], 0);
     assert_eq!(got[10]["operationType"], "delete");
-    let (status, metrics) = http_get(port, "/metrics").await;
-    assert_eq!(status, 200);
+    // The lines are out as soon as the batch is written; the counters follow when the
+    // batch is acknowledged.
+    let metrics = loop {
+        let (status, metrics) = http_get(port, "/metrics").await;
+        assert_eq!(status, 200);
+        if metrics.contains("cdc_events_total{operation=\"delete\"} 1") {
+            break metrics;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         metrics.contains("cdc_events_total{operation=\"insert\"} 10"),
         "{metrics}"
