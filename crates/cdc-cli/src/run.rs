@@ -340,7 +340,8 @@ pub(crate) async fn build_sink(
                 .clone()
                 .unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
             let store = Arc::new(stores::PostgresStore::connect(&url, &table).await?);
-            let mut sink = PostgresSink::reconnecting(Arc::clone(&store), pg.table_prefix.clone());
+            let mut sink = PostgresSink::reconnecting(Arc::clone(&store), pg.table_prefix.clone())
+                .update_lookup(cfg.source.full_document == config::FullDocumentMode::UpdateLookup);
             if checkpoint {
                 sink = sink.checkpoint_with(store, stream_id);
             }

@@ -41,6 +41,8 @@ pub struct PostgresSink {
     prefix: String,
     checkpoint: Option<(Arc<PostgresStore>, String)>,
     created: Mutex<HashSet<String>>,
+    /// The stream's full documents come from `updateLookup`.
+    update_lookup: bool,
 }
 
 impl std::fmt::Debug for PostgresSink {
@@ -63,6 +65,7 @@ impl PostgresSink {
             prefix: prefix.into(),
             checkpoint: None,
             created: Mutex::new(HashSet::new()),
+            update_lookup: false,
         }
     }
 
@@ -76,7 +79,19 @@ impl PostgresSink {
             prefix: prefix.into(),
             checkpoint: None,
             created: Mutex::new(HashSet::new()),
+            update_lookup: false,
         }
+    }
+
+    /// Says the stream's full documents come from `updateLookup`
+    /// (`FullDocument::UpdateLookup`): an update whose looked-up document is `null` is of
+    /// a document deleted since (its delete follows in the stream), and changes nothing.
+    /// Otherwise (the default, and with post-images) such an update is an error: the
+    /// document it wrote is unknown.
+    #[must_use]
+    pub fn update_lookup(mut self, on: bool) -> Self {
+        self.update_lookup = on;
+        self
     }
 
     /// Saves the point of stream `stream` in `store` (which must live in the same
@@ -178,12 +193,24 @@ impl PostgresSink {
                 | OperationType::Replace
                 | OperationType::Update
                 | OperationType::Snapshot => {
-                    let doc = event.full_document().ok_or_else(|| {
-                        format!(
-                            "the {} event of {key} in {coll} has no full document: the PostgreSQL sink needs full_document(UpdateLookup) or post-images",
-                            event.operation_type
-                        )
-                    })?;
+                    let looked_up_gone = self.update_lookup
+                        && event.operation_type == OperationType::Update
+                        && event
+                            .raw()
+                            .and_then(|r| r.get("fullDocument").ok().flatten())
+                            .is_some_and(|d| matches!(d, bson::RawBsonRef::Null));
+                    let doc = match event.full_document() {
+                        Some(doc) => doc,
+                        // Deleted after this update, before the lookup: its delete follows.
+                        None if looked_up_gone => continue,
+                        None => {
+                            return Err(format!(
+                                "the {} event of {key} in {coll} has no full document: the PostgreSQL sink needs full_document(UpdateLookup) or post-images",
+                                event.operation_type
+                            )
+                            .into());
+                        }
+                    };
                     Change::Upsert(
                         bson::Bson::Document(bson::Document::try_from(doc)?).into_relaxed_extjson(),
                         at,

@@ -236,3 +236,54 @@ async fn the_table_equals_the_collection_and_the_checkpoint_commits_with_it() {
         .unwrap();
     sim.shutdown().await;
 }
+
+/// With `updateLookup`, an update whose document was deleted before the lookup comes with
+/// `fullDocument: null`: it changes nothing (its delete follows). Without the sink being
+/// told so, such an update is an error (its document is unknown).
+#[tokio::test]
+async fn an_update_looked_up_after_a_delete_changes_nothing() {
+    let Some(check) = connect().await else { return };
+    let Some(sink_client) = connect().await else {
+        return;
+    };
+    let Some(strict_client) = connect().await else {
+        return;
+    };
+    let prefix = format!(
+        "lookup_{}_{}_",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let event = |t: u32, op: &str, full: Option<bson::Bson>| {
+        let mut d = doc! {
+            "_id": { "_data": format!("82{t:08X}00000001") },
+            "operationType": op,
+            "clusterTime": bson::Timestamp { time: t, increment: 1 },
+            "ns": { "db": "d", "coll": "c" },
+            "documentKey": { "_id": 1_i64 },
+        };
+        if let Some(full) = full {
+            d.insert("fullDocument", full);
+        }
+        cdc_core::ChangeEvent::from_document(&d).unwrap()
+    };
+    let insert = event(10, "insert", Some(doc! { "_id": 1_i64, "v": 1_i64 }.into()));
+    let gone = event(11, "update", Some(bson::Bson::Null));
+    let sink = PostgresSink::new(sink_client, prefix.clone()).update_lookup(true);
+    sink.write_events([&insert, &gone]).await.unwrap();
+    let name = format!("{prefix}c");
+    assert_eq!(table(&check, &name).await, BTreeMap::from([(1, 1)]));
+    let strict = PostgresSink::new(strict_client, prefix.clone());
+    let err = strict.write_events([&gone]).await.unwrap_err();
+    assert!(err.to_string().contains("no full document"), "{err}");
+    // A missing field (the stream asked for no full documents) is an error either way.
+    let bare = event(12, "update", None);
+    assert!(sink.write_events([&bare]).await.is_err());
+    check
+        .batch_execute(&format!("DROP TABLE IF EXISTS \"{name}\""))
+        .await
+        .unwrap();
+}
