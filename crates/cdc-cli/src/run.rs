@@ -112,23 +112,36 @@ pub(crate) async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client
     Ok(client)
 }
 
-/// The store: by URL, or the PostgreSQL sink's own database.
-pub(crate) async fn open_store(cfg: &Config) -> Result<stores::Stores, BoxError> {
+/// The store as opened: by URL, or the PostgreSQL sink's own database (then also as the
+/// `PostgresStore` the sink writes its checkpoints and rows through).
+pub(crate) struct Opened {
+    pub(crate) stores: stores::Stores,
+    postgres: Option<Arc<stores::PostgresStore>>,
+}
+
+/// Opens the configured store.
+pub(crate) async fn open_store(cfg: &Config) -> Result<Opened, BoxError> {
     if cfg.sink.kind == SinkKind::Postgres {
-        let url = postgres_url(cfg)?;
         let table = cfg
             .sink
             .postgres
             .as_ref()
             .and_then(|p| p.points_table.clone())
             .unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
-        let mut with_table = url.clone();
-        with_table.push(if url.contains('?') { '&' } else { '?' });
-        with_table.push_str("table=");
-        with_table.push_str(&table);
-        return Ok(stores::open(&with_table).await?);
+        let store = Arc::new(stores::PostgresStore::connect(&postgres_url(cfg)?, &table).await?);
+        return Ok(Opened {
+            stores: stores::Stores {
+                points: store.clone(),
+                dead_letters: store.clone(),
+                leases: store.clone(),
+            },
+            postgres: Some(store),
+        });
     }
-    Ok(stores::open(&store_url(cfg)?).await?)
+    Ok(Opened {
+        stores: stores::open(&store_url(cfg)?).await?,
+        postgres: None,
+    })
 }
 
 /// The builder for the configured stream (everything but the store).
@@ -302,6 +315,7 @@ impl Dispatcher for CliSink {
 /// are behind the stored point).
 pub(crate) async fn build_sink(
     cfg: &Config,
+    opened: &Opened,
     stream_id: &str,
     checkpoint: bool,
     metrics: Arc<Metrics>,
@@ -333,13 +347,11 @@ pub(crate) async fn build_sink(
             SinkImpl::Nats(sink, client)
         }
         SinkKind::Postgres => {
-            let url = postgres_url(cfg)?;
             let pg = cfg.sink.postgres.as_ref().ok_or("no [sink.postgres]")?;
-            let table = pg
-                .points_table
+            let store = opened
+                .postgres
                 .clone()
-                .unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
-            let store = Arc::new(stores::PostgresStore::connect(&url, &table).await?);
+                .ok_or("the PostgreSQL sink's store was not opened")?;
             let mut sink = PostgresSink::reconnecting(Arc::clone(&store), pg.table_prefix.clone())
                 .update_lookup(cfg.source.full_document == config::FullDocumentMode::UpdateLookup);
             if checkpoint {
@@ -355,18 +367,19 @@ pub(crate) async fn build_sink(
     })
 }
 
-/// The processor with its store (leased when configured).
-pub(crate) async fn build_processor(cfg: &Config) -> Result<DocumentProcessor, BoxError> {
+/// The processor with its store (leased when configured), and the store as opened.
+pub(crate) async fn build_processor(cfg: &Config) -> Result<(DocumentProcessor, Opened), BoxError> {
     let client = connect_source(cfg).await?;
-    let stores = open_store(cfg).await?;
+    let opened = open_store(cfg).await?;
+    let stores = &opened.stores;
     let mut b = builder(cfg, client)?;
     b = match &cfg.lease {
-        Some(lease) => b.leased_stores(&stores, Duration::from_millis(lease.ttl_ms)),
+        Some(lease) => b.leased_stores(stores, Duration::from_millis(lease.ttl_ms)),
         None => b
             .store(stores.points.clone())
             .dead_letters(stores.dead_letters.clone()),
     };
-    Ok(b.build()?)
+    Ok((b.build()?, opened))
 }
 
 /// `cdc check`.
@@ -415,8 +428,8 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
         _ => format!("store {}", redact_url(&store_url(cfg)?)),
     };
     let store = async {
-        let stores = open_store(cfg).await?;
-        let streams = stores.points.list_streams().await?;
+        let opened = open_store(cfg).await?;
+        let streams = opened.stores.points.list_streams().await?;
         Ok::<_, BoxError>(format!("{} stream(s) stored", streams.len()))
     }
     .await;
@@ -484,9 +497,18 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
     // Listening from the start: a SIGTERM while connecting stops as soon as the run starts.
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let processor = build_processor(&cfg).await?;
+    let (processor, opened) = build_processor(&cfg).await?;
     let metrics = Arc::new(Metrics::new());
-    let sink = Arc::new(build_sink(&cfg, processor.stream_id(), true, Arc::clone(&metrics)).await?);
+    let sink = Arc::new(
+        build_sink(
+            &cfg,
+            &opened,
+            processor.stream_id(),
+            true,
+            Arc::clone(&metrics),
+        )
+        .await?,
+    );
     let leased = cfg.lease.is_some();
     if let Some(addr) = cfg.metrics.addr {
         let listener = tokio::net::TcpListener::bind(addr)

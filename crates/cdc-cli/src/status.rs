@@ -9,9 +9,7 @@ use crate::{config::Config, metrics::Metrics, run};
 
 /// A processor for the configured stream that never connects until used (its id, its
 /// dead letters); the store as configured.
-async fn offline_processor(
-    cfg: &Config,
-) -> Result<(DocumentProcessor, cdc_processor::stores::Stores), BoxError> {
+async fn offline_processor(cfg: &Config) -> Result<(DocumentProcessor, run::Opened), BoxError> {
     let uri = crate::config::secret(
         cfg.source.uri.as_ref(),
         cfg.source.uri_file.as_ref(),
@@ -26,12 +24,12 @@ async fn offline_processor(
                 crate::config::scrub(&e.to_string(), &uri.0)
             )
         })?;
-    let stores = run::open_store(cfg).await?;
+    let opened = run::open_store(cfg).await?;
     let processor = run::builder(cfg, client)?
-        .store(stores.points.clone())
-        .dead_letters(stores.dead_letters.clone())
+        .store(opened.stores.points.clone())
+        .dead_letters(opened.stores.dead_letters.clone())
         .build()?;
-    Ok((processor, stores))
+    Ok((processor, opened))
 }
 
 fn time_text(t: ClusterTime) -> String {
@@ -62,7 +60,8 @@ fn snapshot_text(point: &ResumePoint) -> Option<String> {
 
 /// `cdc status`.
 pub(crate) async fn status(cfg: &Config, json: bool) -> Result<ExitCode, BoxError> {
-    let (processor, stores) = offline_processor(cfg).await?;
+    let (processor, opened) = offline_processor(cfg).await?;
+    let stores = &opened.stores;
     let mine = processor.stream_id().to_owned();
     let newest = async {
         let client = run::connect_source(cfg).await?;
@@ -232,8 +231,15 @@ impl ChangeEventExt for cdc_processor::ChangeEvent {
 
 /// `cdc dead-letters replay`.
 pub(crate) async fn replay_letters(cfg: &Config) -> Result<ExitCode, BoxError> {
-    let (processor, _) = offline_processor(cfg).await?;
-    let sink = run::build_sink(cfg, processor.stream_id(), false, Arc::new(Metrics::new())).await?;
+    let (processor, opened) = offline_processor(cfg).await?;
+    let sink = run::build_sink(
+        cfg,
+        &opened,
+        processor.stream_id(),
+        false,
+        Arc::new(Metrics::new()),
+    )
+    .await?;
     let report = processor.replay_dead_letters(sink).await?;
     println!(
         "replayed {} | failed again {} | held behind a failed one {}",
