@@ -449,6 +449,31 @@ fn spawn_self(args: &[&str]) -> Result<Child, BoxError> {
         .spawn()?)
 }
 
+/// Starts the writer process: changes at `rate` per second, logged to `log`, until
+/// `stop_file` exists; `extra` adds its options (`--transactions`, `--preload N`).
+fn spawn_writer(
+    uri: &str,
+    rate: u64,
+    log: &Path,
+    stop_file: &Path,
+    extra: &[&str],
+) -> Result<Child, BoxError> {
+    let rate = rate.to_string();
+    let mut args = vec![
+        "writer",
+        "--uri",
+        uri,
+        "--rate",
+        &rate,
+        "--log",
+        log.to_str().ok_or("path")?,
+        "--stop-file",
+        stop_file.to_str().ok_or("path")?,
+    ];
+    args.extend_from_slice(extra);
+    spawn_self(&args)
+}
+
 fn count_lines(path: &Path) -> usize {
     std::fs::read_to_string(path)
         .map(|t| t.lines().count())
@@ -537,7 +562,6 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     if transactions {
         consumer_args.push("--transactions");
     }
-    let rate_arg = rate.to_string();
     let preloaded = PathBuf::from(format!("{}.preloaded", written.display()));
     let mut consumer = if snapshot {
         None
@@ -546,25 +570,15 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
         tokio::time::sleep(Duration::from_millis(800)).await;
         Some(c)
     };
-    let mut writer_args = vec![
-        "writer",
-        "--uri",
-        &uri,
-        "--rate",
-        &rate_arg,
-        "--log",
-        written.to_str().ok_or("path")?,
-        "--stop-file",
-        stop_file.to_str().ok_or("path")?,
-    ];
+    let mut writer_extra = Vec::new();
     if transactions {
-        writer_args.push("--transactions");
+        writer_extra.push("--transactions");
     }
     if snapshot {
-        writer_args.push("--preload");
-        writer_args.push(&preload);
+        writer_extra.push("--preload");
+        writer_extra.push(&preload);
     }
-    let mut writer = spawn_self(&writer_args)?;
+    let mut writer = spawn_writer(&uri, rate, &written, &stop_file, &writer_extra)?;
     let mut consumer = match consumer.take() {
         Some(c) => c,
         None => {
@@ -823,18 +837,7 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
         slots.procs.push(p);
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let rate_arg = rate.to_string();
-    let mut writer = KillOnDrop(spawn_self(&[
-        "writer",
-        "--uri",
-        &uri,
-        "--rate",
-        &rate_arg,
-        "--log",
-        &path(&written)?,
-        "--stop-file",
-        &path(&stop_file)?,
-    ])?);
+    let mut writer = KillOnDrop(spawn_writer(&uri, rate, &written, &stop_file, &[])?);
     let store = FileStore::new(&store_dir)?;
     let holder = || async {
         let stream = store.list_streams().await?.into_iter().next();

@@ -19,7 +19,7 @@ use std::{
 use cdc_core::{BoxError, ChangeEvent};
 use cdc_sink::async_nats::{self, jetstream};
 
-use super::{collection_content, count_lines, spawn_self, value};
+use super::{collection_content, count_lines, value};
 
 /// The `cdc` program built beside this one (`cargo xtask soak` builds it first).
 fn cdc_program() -> Result<PathBuf, BoxError> {
@@ -180,19 +180,8 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
     );
     let mut consumer = spawn_cdc(&cdc, &config, &cdc_log)?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let rate_arg = rate.to_string();
-    let writer_args = [
-        "writer",
-        "--uri",
-        &uri,
-        "--rate",
-        &rate_arg,
-        "--log",
-        written.to_str().ok_or("path")?,
-        "--stop-file",
-        stop_file.to_str().ok_or("path")?,
-    ];
-    let mut writer = spawn_self(&writer_args)?;
+    // Killed if this run ends early (an error): no writer is left behind.
+    let mut writer = super::KillOnDrop(super::spawn_writer(&uri, rate, &written, &stop_file, &[])?);
     let mut rng = started.elapsed().as_nanos() as u64 | 1;
     for k in 0..kills {
         rng ^= rng << 13;
@@ -205,7 +194,7 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         if (k + 1) % 5 == 0 {
             println!("  {} kills, {} written", k + 1, count_lines(&written));
         }
-        if let Some(status) = writer.try_wait()? {
+        if let Some(status) = writer.0.try_wait()? {
             return Err(format!("the writer exited early: {status}").into());
         }
         if let Some(status) = consumer.try_wait()? {
@@ -217,7 +206,7 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         }
     }
     std::fs::write(&stop_file, b"stop")?;
-    writer.wait()?;
+    writer.0.wait()?;
     let written_log = cdc_tests::verify::parse(&std::fs::read_to_string(&written)?)?;
     let content = collection_content(&uri).await?;
 
