@@ -52,6 +52,47 @@ fn writer(
     })
 }
 
+/// The processor of both tests: stream `outage` of `shop.items`, small batches and
+/// checkpoints, and a handler-error policy that stops after one retry (so an outage
+/// taken for a bad event would end the run).
+fn processor(
+    client: &mongodb::Client,
+    store: Arc<dyn cdc_core::ResumeStore>,
+    handler_checkpoints: bool,
+) -> DocumentProcessor {
+    DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("shop", "items")
+        .store(store)
+        .handler_checkpoints(handler_checkpoints)
+        .stream_id("outage")
+        .on_handler_error(HandlerErrorPolicy::stop().retries(1))
+        .checkpoint(CheckpointPolicy::batched(20, Duration::from_millis(100)).unwrap())
+        .max_batch_events(20)
+        .build()
+        .unwrap()
+}
+
+/// Runs `p` with `sink` under the retry loop; returns once its stream is open.
+async fn start<S>(
+    p: &DocumentProcessor,
+    sink: Arc<S>,
+) -> tokio::task::JoinHandle<cdc_processor::Result<()>>
+where
+    S: cdc_processor::BatchDispatcher + 'static,
+{
+    let runner = p.clone();
+    let task = tokio::spawn(async move {
+        runner
+            .start_batches_with_retry(cdc_processor::default_backoff(), sink)
+            .await
+    });
+    while !p.stats().stream_open {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task
+}
+
 /// Pass, refuse, stall, then pass with every connection cut, `phase` each; calls
 /// `sample` every 50 ms meanwhile.
 async fn outage<F, Fut>(proxy: &FaultProxy, phase: Duration, mut sample: F)
@@ -135,27 +176,8 @@ async fn nats_away_mid_run() {
         .database("shop")
         .collection::<bson::Document>("items");
     let store = Arc::new(MemoryStore::new());
-    let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("shop", "items")
-        .store(store.clone())
-        .stream_id("outage")
-        // A bad event would stop the run: the outage must not look like one.
-        .on_handler_error(HandlerErrorPolicy::stop().retries(1))
-        .checkpoint(CheckpointPolicy::batched(20, Duration::from_millis(100)).unwrap())
-        .max_batch_events(20)
-        .build()
-        .unwrap();
-    let task = {
-        let (p, sink) = (p.clone(), Arc::clone(&sink));
-        tokio::spawn(async move {
-            p.start_batches_with_retry(cdc_processor::default_backoff(), sink)
-                .await
-        })
-    };
-    while !p.stats().stream_open {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let p = processor(&client, store.clone(), false);
+    let task = start(&p, Arc::clone(&sink)).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let w = writer(coll.clone(), stop.clone());
     // (stored point, last sequence JetStream had right after it was read).
@@ -274,31 +296,12 @@ async fn postgres_away_mid_run() {
     let coll = client
         .database("shop")
         .collection::<bson::Document>("items");
-    let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("shop", "items")
-        .store(direct_store)
-        .handler_checkpoints(true)
-        .stream_id("outage")
-        .on_handler_error(HandlerErrorPolicy::stop().retries(1))
-        .checkpoint(CheckpointPolicy::batched(20, Duration::from_millis(100)).unwrap())
-        .max_batch_events(20)
-        .build()
-        .unwrap();
+    let p = processor(&client, direct_store, true);
     let sink = Arc::new(
         PostgresSink::reconnecting(store.clone(), prefix.clone())
             .checkpoint_with(store.clone(), "outage"),
     );
-    let task = {
-        let (p, sink) = (p.clone(), Arc::clone(&sink));
-        tokio::spawn(async move {
-            p.start_batches_with_retry(cdc_processor::default_backoff(), sink)
-                .await
-        })
-    };
-    while !p.stats().stream_open {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let task = start(&p, sink).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let w = writer(coll.clone(), stop.clone());
     outage(&proxy, Duration::from_millis(1500), || async {}).await;
