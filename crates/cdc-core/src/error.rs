@@ -75,6 +75,19 @@ pub enum Error {
         #[source]
         source: SharedError,
     },
+    /// The resume store cannot be used for `stream` in a way no retry cures (a
+    /// directory where the point's file belongs, a name the file system refuses, no
+    /// permission): the run ends instead of restarting forever.
+    #[error("resume store unusable for stream `{stream}` at {location}: {source}")]
+    StoreUnusable {
+        /// The stream whose state was being read or written.
+        stream: String,
+        /// Where (a path, a key, a table).
+        location: String,
+        /// The backend's error.
+        #[source]
+        source: SharedError,
+    },
     /// A stored point could not be decoded.
     #[error("corrupt resume point for stream `{stream}` at {location}: {reason}")]
     CorruptPoint {
@@ -84,6 +97,22 @@ pub enum Error {
         location: String,
         /// What was wrong with it.
         reason: String,
+    },
+    /// The point stored for `stream` belongs to another stream (copied from another
+    /// stream's file or key, or taken from another namespace): opening on it would start
+    /// at another stream's position and skip or repeat changes.
+    #[error(
+        "the resume point of stream `{stream}` at {location} is not this stream's: it was taken from {found}, this stream is {expected}; restore the right point or delete it to start over"
+    )]
+    ForeignPoint {
+        /// The stream being loaded.
+        stream: String,
+        /// Where the point lives.
+        location: String,
+        /// What the point says it was taken from.
+        found: String,
+        /// What this stream is.
+        expected: String,
     },
     /// A save would have moved the stored point backwards.
     #[error(
@@ -176,6 +205,7 @@ impl Error {
         match self {
             Self::Source { source, .. }
             | Self::Store { source, .. }
+            | Self::StoreUnusable { source, .. }
             | Self::Handler { source, .. } => Some(&**source),
             _ => None,
         }
@@ -198,6 +228,8 @@ impl Error {
             Self::Fenced { .. } => ErrorKind::Fenced,
             Self::MalformedEvent { .. }
             | Self::CorruptPoint { .. }
+            | Self::ForeignPoint { .. }
+            | Self::StoreUnusable { .. }
             | Self::PointAhead { .. }
             | Self::Regression { .. }
             | Self::InvalidArgument { .. }

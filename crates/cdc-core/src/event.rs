@@ -372,6 +372,7 @@ impl ChangeEvent {
             cluster_time: self.cluster_time,
             operation_type: Some(self.operation_type.clone()),
             saved_at,
+            origin: None,
         }
     }
 }

@@ -23,6 +23,14 @@ pub struct ResumePoint {
     /// When the point was created (milliseconds since the Unix epoch in serialized form).
     #[serde(with = "millis")]
     pub saved_at: bson::DateTime,
+    /// What the point was taken from: the watched namespace as the source names it
+    /// ([`crate::ChangeSource::origin`], `shop.orders`, `shop.*`, `*.*`), set by the
+    /// processor when it saves. A point loaded for a stream of another origin is refused
+    /// ([`crate::Error::ForeignPoint`]): a token of another stream would open this one at
+    /// the wrong place and skip or repeat changes. `None` in points saved before origins
+    /// were kept (accepted, and stamped at the next save).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl ResumePoint {
@@ -38,6 +46,7 @@ impl ResumePoint {
             cluster_time,
             operation_type: Some(operation_type),
             saved_at,
+            origin: None,
         }
     }
 
@@ -52,6 +61,31 @@ impl ResumePoint {
             cluster_time,
             operation_type: None,
             saved_at,
+            origin: None,
+        }
+    }
+
+    /// The same point, bound to `origin` (see [`ResumePoint::origin`]).
+    #[must_use]
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = Some(origin.into());
+        self
+    }
+
+    /// Checks that a point loaded for `stream` (from `location`) was taken from
+    /// `expected`; a point without an origin (saved by an older version) passes.
+    ///
+    /// # Errors
+    /// [`crate::Error::ForeignPoint`] naming the stream, the place and both origins.
+    pub fn check_origin(&self, stream: &str, location: &str, expected: &str) -> crate::Result<()> {
+        match &self.origin {
+            Some(found) if found != expected => Err(crate::Error::ForeignPoint {
+                stream: stream.to_owned(),
+                location: location.to_owned(),
+                found: format!("a stream over {found}"),
+                expected: format!("a stream over {expected}"),
+            }),
+            _ => Ok(()),
         }
     }
 

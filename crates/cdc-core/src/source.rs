@@ -20,6 +20,13 @@ pub trait ChangeSource: Send + Sync {
     /// A short description for logs (the watched namespace), without credentials.
     fn describe(&self) -> String;
 
+    /// What points taken from this source are bound to (the watched namespace:
+    /// `shop.orders`, `shop.*`, `*.*`); a stored point of another origin is refused
+    /// ([`crate::Error::ForeignPoint`]). `None` (the default) binds nothing.
+    fn origin(&self) -> Option<String> {
+        None
+    }
+
     /// The deployment's newest operation time, when the source can tell (`None` by
     /// default). A stored point later than it cannot come from this deployment's log.
     ///

@@ -327,6 +327,10 @@ impl ChangeSource for MongoSource {
     fn describe(&self) -> String {
         self.inner.scope.to_string()
     }
+
+    fn origin(&self) -> Option<String> {
+        Some(self.inner.scope.to_string())
+    }
 }
 
 /// An open stream of a [`MongoSource`].

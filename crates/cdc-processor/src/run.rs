@@ -51,6 +51,9 @@ impl DocumentProcessor {
     async fn save(&self, cp: &mut Checkpointer, mut point: ResumePoint) -> Result<()> {
         let s = &self.inner.settings;
         point.saved_at = bson::DateTime::now();
+        if let Some(origin) = s.source.origin() {
+            point.origin = Some(origin);
+        }
         let saved = match (&s.lease, self.inner.held.get()) {
             (Some(l), Some(lease)) => self.store_call(l.store.save_fenced(&lease, &point)).await,
             // Leased but not held: a run never gets here without the lease.
@@ -130,6 +133,9 @@ impl DocumentProcessor {
         let stored = self.store_call(s.store.load(&s.stream_id)).await?;
         if let Some(point) = &stored {
             validate_stored(point, &s.stream_id, &s.store.describe())?;
+            if let Some(origin) = s.source.origin() {
+                point.check_origin(&s.stream_id, &s.store.describe(), &origin)?;
+            }
             let newest = tokio::select! {
                 t = s.source.cluster_time() => t?,
                 () = self.inner.cancel.cancelled() => return Ok(()),

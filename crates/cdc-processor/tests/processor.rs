@@ -987,6 +987,67 @@ async fn a_stored_point_the_log_never_held_is_a_typed_error() {
 /// cluster, or saved before the deployment was restored from a backup) is a typed,
 /// non-retryable error at start naming the stream and both times, not a silent wait for
 /// that time to come.
+/// A point names what it was taken from: a stream id pointed at another collection
+/// (or a point copied from another stream's) is refused, typed, before the stream opens;
+/// nothing starts from another stream's position.
+#[tokio::test]
+async fn a_point_of_another_namespace_is_refused() {
+    let env = Env::new("p_a_point_of_another_namespace").await;
+    let rec = Recorder::default();
+    let p = env.builder().stream_id("shared").build().unwrap();
+    let task = spawn(&p, rec.clone());
+    ready(&env, &rec).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    let stored = env.store.load("shared").await.unwrap().unwrap();
+    assert_eq!(
+        stored.origin.as_deref(),
+        Some("p_a_point_of_another_namespace.items")
+    );
+    // The same stream id over another collection.
+    let other = DocumentProcessor::builder()
+        .client(env.client.clone())
+        .collection(env.db.clone(), "others")
+        .store(env.store.clone())
+        .stream_id("shared")
+        .build()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), other.start(rec.clone()))
+        .await
+        .expect("a typed error, not a wait")
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Cdc(cdc_core::Error::ForeignPoint { .. })),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    let text = err.to_string();
+    assert!(
+        text.contains("`shared`") && text.contains("p_a_point_of_another_namespace.items"),
+        "{text}"
+    );
+    // A point saved before origins were kept loads as it did.
+    let mut legacy = stored.clone();
+    legacy.origin = None;
+    env.store.delete("legacy").await.unwrap();
+    env.store.save("legacy", &legacy).await.unwrap();
+    let p = env.builder().stream_id("legacy").build().unwrap();
+    let task = spawn(&p, rec.clone());
+    ready(&env, &rec).await;
+    p.stop();
+    task.await.unwrap().unwrap();
+    assert!(
+        env.store
+            .load("legacy")
+            .await
+            .unwrap()
+            .unwrap()
+            .origin
+            .is_some()
+    );
+    env.deployment.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_stored_point_ahead_of_the_deployment_is_a_typed_error() {
     let env = Env::new("p_a_stored_point_ahead_of_the_deployment").await;

@@ -46,6 +46,28 @@ fn file_stem(stream: &str) -> String {
     out
 }
 
+/// The longest name a stream's files add to its stem: `.json.tmp-<pid>-<counter>`.
+const LONGEST_SUFFIX: usize = ".json.tmp-".len() + 10 + 1 + 20;
+
+/// The longest file name the file systems we run on take.
+const NAME_MAX: usize = 255;
+
+/// See [`FileStore::check_stream_id`].
+fn check_stream(stream: &str) -> Result<()> {
+    validate_stream_id(stream)?;
+    let stem = file_stem(stream).len();
+    if stem + LONGEST_SUFFIX > NAME_MAX {
+        return Err(Error::InvalidArgument {
+            name: "stream",
+            reason: format!(
+                "the file store keeps a stream in files named after it, and names may be at most {NAME_MAX} bytes: this id takes {stem} bytes encoded, at most {} fit: {stream:?}",
+                NAME_MAX - LONGEST_SUFFIX
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn stream_of(stem: &str) -> Option<String> {
     let bytes = stem.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -88,6 +110,17 @@ impl FileStore {
             locks: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
         })
+    }
+
+    /// Checks a stream id for this store: [`validate_stream_id`], and its files' names
+    /// fit in 255 bytes (an id is encoded into file names, bytes other than
+    /// `[A-Za-z0-9_.-]` taking three), so a long id is refused where it is named, not by
+    /// the file system at every save. Every call of the store checks it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the problem.
+    pub fn check_stream_id(stream: &str) -> Result<()> {
+        check_stream(stream)
     }
 
     /// The directory.
@@ -186,8 +219,8 @@ fn write_point(
 ) -> Result<()> {
     let stored = read_point(path, stream)?;
     check_forward(stream, stored.as_ref(), point)?;
-    replace_file(path, tmp, dir, record::encode(point).as_bytes())
-        .map_err(|e| Error::store(stream, e))
+    replace_file(path, tmp, dir, record::encode(stream, point).as_bytes())
+        .map_err(|e| fs_error(stream, path, e))
 }
 
 /// Writes `body` to `tmp`, fsyncs it, renames it over `path` and fsyncs the directory.
@@ -220,11 +253,106 @@ fn with_file_lock<T>(lock_path: &Path, stream: &str, f: impl FnOnce() -> Result<
     out
 }
 
-fn read_lease(path: &Path, stream: &str) -> Result<Option<LeaseRecord>> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
+/// What a state file's type is when it is not a regular file.
+fn odd_type(file_type: fs::FileType) -> Option<&'static str> {
+    #[cfg(unix)]
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_file() {
+        return None;
+    }
+    Some(if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else {
+        #[cfg(unix)]
+        {
+            if file_type.is_fifo() {
+                "a FIFO"
+            } else if file_type.is_socket() {
+                "a socket"
+            } else {
+                "a device"
+            }
+        }
+        #[cfg(not(unix))]
+        "not a file"
+    })
+}
+
+/// Reads one of `stream`'s state files: `None` only when nothing is at `path`. Anything
+/// there that is not a regular file (a symbolic link, even a dangling one, a directory, a
+/// FIFO) is an error naming the path, never "nothing stored": reading through it could
+/// load another stream's state, block, or lose the stored point. Opened without following
+/// links and without blocking, and checked again once open.
+fn read_state_file(path: &Path, stream: &str) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let not_regular = |what: &str| Error::CorruptPoint {
+        stream: stream.to_owned(),
+        location: path.display().to_string(),
+        reason: format!(
+            "it is {what}, not a regular file; state is never read through one (put the file itself there, or remove it to start over)"
+        ),
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if let Some(what) = odd_type(meta.file_type()) {
+                return Err(not_regular(what));
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::store(stream, e)),
+        Err(e) => return Err(fs_error(stream, path, e)),
+    }
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let mut file = match options.open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // O_NOFOLLOW on a link that replaced the file since the check: ELOOP.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(not_regular("a symbolic link"));
+        }
+        Err(e) => return Err(fs_error(stream, path, e)),
+    };
+    let meta = file.metadata().map_err(|e| fs_error(stream, path, e))?;
+    if let Some(what) = odd_type(meta.file_type()) {
+        return Err(not_regular(what));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes)
+        .map_err(|e| fs_error(stream, path, e))?;
+    Ok(Some(bytes))
+}
+
+/// A file-system failure of `stream`'s state at `path`. Failures a retry cannot cure (a
+/// directory where a file belongs, a name the file system refuses, no permission, a
+/// read-only file system) are [`Error::StoreUnusable`], which ends a run instead of
+/// restarting it forever; others are [`Error::Store`] (retried).
+fn fs_error(stream: &str, path: &Path, e: std::io::Error) -> Error {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::IsADirectory
+        | K::NotADirectory
+        | K::InvalidFilename
+        | K::PermissionDenied
+        | K::ReadOnlyFilesystem
+        | K::InvalidInput => Error::StoreUnusable {
+            stream: stream.to_owned(),
+            location: path.display().to_string(),
+            source: std::sync::Arc::new(e),
+        },
+        _ => Error::store(stream, e),
+    }
+}
+
+fn read_lease(path: &Path, stream: &str) -> Result<Option<LeaseRecord>> {
+    let Some(bytes) = read_state_file(path, stream)? else {
+        return Ok(None);
     };
     let corrupt = |reason: String| Error::CorruptPoint {
         stream: stream.to_owned(),
@@ -259,11 +387,9 @@ fn encode_lease(record: &LeaseRecord) -> String {
 }
 
 fn read_point(path: &Path, stream: &str) -> Result<Option<ResumePoint>> {
-    match fs::read(path) {
-        Ok(bytes) => record::decode(&bytes, stream, &path.display().to_string()).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::store(stream, e)),
-    }
+    read_state_file(path, stream)?
+        .map(|bytes| record::decode(&bytes, stream, &path.display().to_string()))
+        .transpose()
 }
 
 async fn blocking<T: Send + 'static>(
@@ -281,14 +407,14 @@ async fn blocking<T: Send + 'static>(
 #[async_trait]
 impl ResumeStore for FileStore {
     async fn load(&self, stream: &str) -> Result<Option<ResumePoint>> {
-        validate_stream_id(stream)?;
+        check_stream(stream)?;
         let path = self.path_of(stream);
         let owned = stream.to_owned();
         blocking(stream, move || read_point(&path, &owned)).await
     }
 
     async fn save(&self, stream: &str, point: &ResumePoint) -> Result<()> {
-        validate_stream_id(stream)?;
+        check_stream(stream)?;
         let lock = self.lock_of(stream);
         let _guard = lock.lock().await;
         let path = self.path_of(stream);
@@ -303,7 +429,7 @@ impl ResumeStore for FileStore {
     }
 
     async fn delete(&self, stream: &str) -> Result<()> {
-        validate_stream_id(stream)?;
+        check_stream(stream)?;
         let lock = self.lock_of(stream);
         let _guard = lock.lock().await;
         let path = self.path_of(stream);
@@ -348,10 +474,8 @@ impl ResumeStore for FileStore {
 /// crash cut short (its `record` never returned `Ok`): it is left out. Any other line that
 /// does not decode is an error naming the file.
 fn read_letters(path: &Path, stream: &str) -> Result<Vec<DeadLetter>> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::store(stream, e)),
+    let Some(bytes) = read_state_file(path, stream)? else {
+        return Ok(Vec::new());
     };
     let complete = bytes
         .iter()
@@ -406,7 +530,7 @@ fn append_letter(path: &Path, dir: &Path, line: &str) -> std::io::Result<()> {
 impl DeadLetterStore for FileStore {
     async fn record(&self, letter: &DeadLetter) -> Result<()> {
         let stream = letter.stream.clone();
-        validate_stream_id(&stream)?;
+        check_stream(&stream)?;
         let lock = self.lock_of(&format!("{stream}\u{0}dead-letters"));
         let _guard = lock.lock().await;
         let path = self.dead_letters_path(&stream);
@@ -420,7 +544,7 @@ impl DeadLetterStore for FileStore {
     }
 
     async fn list(&self, stream: &str, limit: usize) -> Result<Vec<DeadLetter>> {
-        validate_stream_id(stream)?;
+        check_stream(stream)?;
         let path = self.dead_letters_path(stream);
         let owned = stream.to_owned();
         let mut letters = blocking(stream, move || read_letters(&path, &owned)).await?;
@@ -430,7 +554,7 @@ impl DeadLetterStore for FileStore {
     }
 
     async fn count(&self, stream: &str) -> Result<u64> {
-        validate_stream_id(stream)?;
+        check_stream(stream)?;
         let path = self.dead_letters_path(stream);
         let owned = stream.to_owned();
         let letters = blocking(stream, move || read_letters(&path, &owned)).await?;
@@ -438,7 +562,7 @@ impl DeadLetterStore for FileStore {
     }
 
     async fn remove(&self, stream: &str, id: &str) -> Result<bool> {
-        validate_stream_id(stream)?;
+        check_stream(stream)?;
         let lock = self.lock_of(&format!("{stream}\u{0}dead-letters"));
         let _guard = lock.lock().await;
         let path = self.dead_letters_path(stream);
@@ -489,7 +613,7 @@ impl LeaseStore for FileStore {
         owner: &str,
         ttl: std::time::Duration,
     ) -> Result<Option<Lease>> {
-        validate_stream_id(stream)?;
+        check_stream(stream)?;
         let (lock, path, tmp, dir) = self.lease_files(stream);
         let (stream, owner) = (stream.to_owned(), owner.to_owned());
         blocking(&stream.clone(), move || {
@@ -550,7 +674,7 @@ impl LeaseStore for FileStore {
     }
 
     async fn holder(&self, stream: &str) -> Result<Option<Lease>> {
-        validate_stream_id(stream)?;
+        check_stream(stream)?;
         let path = self.lease_path(stream);
         let stream = stream.to_owned();
         blocking(&stream.clone(), move || {
@@ -590,7 +714,7 @@ impl LeaseStore for FileStore {
     }
 
     async fn save_fenced(&self, lease: &Lease, point: &ResumePoint) -> Result<()> {
-        validate_stream_id(&lease.stream)?;
+        check_stream(&lease.stream)?;
         let (lock, lease_path, _, dir) = self.lease_files(&lease.stream);
         let path = self.path_of(&lease.stream);
         let tmp = self.tmp_path(&lease.stream);

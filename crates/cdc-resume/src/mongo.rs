@@ -139,6 +139,10 @@ impl MongoStore {
             "$or": [ { "clusterTime": { "$exists": false } }, { "clusterTime": { "$lte": ts } } ],
         };
         let mut set = doc! { "token": token, "clusterTime": ts, "savedAt": point.saved_at };
+        // A point without an origin (a sink's own checkpoint) keeps the stored one.
+        if let Some(origin) = &point.origin {
+            set.insert("origin", origin.as_str());
+        }
         let update = match &point.operation_type {
             Some(op) => {
                 set.insert("operationType", op.as_str());
@@ -233,8 +237,14 @@ impl MongoStore {
             Ok(Some(bson::RawBsonRef::String(s))) => Some(OperationType::parse(s)),
             _ => return Err(corrupt("`operationType` should be a string".into())),
         };
+        let origin = match raw.get("origin") {
+            Ok(None) => None,
+            Ok(Some(bson::RawBsonRef::String(s))) => Some(s.to_owned()),
+            _ => return Err(corrupt("`origin` should be a string".into())),
+        };
         let mut point = ResumePoint::post_batch(token, cluster_time, saved_at);
         point.operation_type = operation_type;
+        point.origin = origin;
         Ok(point)
     }
 }

@@ -108,8 +108,10 @@ impl PostgresStore {
                 ct_time BIGINT NOT NULL,
                 ct_increment BIGINT NOT NULL,
                 operation_type TEXT,
-                saved_at_ms BIGINT NOT NULL
+                saved_at_ms BIGINT NOT NULL,
+                origin TEXT
             );
+            ALTER TABLE {} ADD COLUMN IF NOT EXISTS origin TEXT;
             CREATE TABLE IF NOT EXISTS {} (
                 stream_id TEXT NOT NULL,
                 letter_id TEXT NOT NULL,
@@ -129,7 +131,7 @@ impl PostgresStore {
                 token BIGINT NOT NULL,
                 expires_at TIMESTAMPTZ NOT NULL
             )",
-            store.table, store.letters, store.leases
+            store.table, store.table, store.letters, store.leases
         );
         {
             let client = store.client("*").await?;
@@ -199,23 +201,24 @@ impl PostgresStore {
         })
     }
 
-    /// The conditional upsert of a point ($1–$6); fenced, it inserts only while the lease
-    /// of owner $7 with token $8 is the newest (reading the lease row `FOR SHARE`).
+    /// The conditional upsert of a point ($1–$7; a point without an origin, a sink's own
+    /// checkpoint, keeps the stored one); fenced, it inserts only while the lease of owner
+    /// $8 with token $9 is the newest (reading the lease row `FOR SHARE`).
     fn upsert_sql(&self, fenced: bool) -> String {
         let source = if fenced {
             format!(
                 "WITH lease AS (
-                    SELECT 1 FROM {l} WHERE stream_id = $1 AND owner = $7 AND token = $8 FOR SHARE
+                    SELECT 1 FROM {l} WHERE stream_id = $1 AND owner = $8 AND token = $9 FOR SHARE
                  )
-                 INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)
-                 SELECT $1::text, $2::bytea, $3::bigint, $4::bigint, $5::text, $6::bigint FROM lease",
+                 INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms, origin)
+                 SELECT $1::text, $2::bytea, $3::bigint, $4::bigint, $5::text, $6::bigint, $7::text FROM lease",
                 l = self.leases,
                 t = self.table
             )
         } else {
             format!(
-                "INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO {t} (stream_id, token, ct_time, ct_increment, operation_type, saved_at_ms, origin)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 t = self.table
             )
         };
@@ -223,7 +226,8 @@ impl PostgresStore {
             "{source}
              ON CONFLICT (stream_id) DO UPDATE SET
                 token = EXCLUDED.token, ct_time = EXCLUDED.ct_time, ct_increment = EXCLUDED.ct_increment,
-                operation_type = EXCLUDED.operation_type, saved_at_ms = EXCLUDED.saved_at_ms
+                operation_type = EXCLUDED.operation_type, saved_at_ms = EXCLUDED.saved_at_ms,
+                origin = COALESCE(EXCLUDED.origin, {t}.origin)
              WHERE ({t}.ct_time, {t}.ct_increment) <= (EXCLUDED.ct_time, EXCLUDED.ct_increment)
                AND {t}.ct_time BETWEEN 0 AND 4294967295 AND {t}.ct_increment BETWEEN 0 AND 4294967295",
             t = self.table
@@ -245,8 +249,15 @@ impl PostgresStore {
             i64::from(point.cluster_time.increment),
             point.saved_at.timestamp_millis(),
         );
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&stream, &token, &time, &increment, &op, &saved];
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &stream,
+            &token,
+            &time,
+            &increment,
+            &op,
+            &saved,
+            &point.origin,
+        ];
         let fence_token = fence.map(token_of);
         if let (Some(lease), Some(t)) = (fence, fence_token.as_ref()) {
             params.push(&lease.owner);
@@ -322,7 +333,7 @@ impl PostgresStore {
         stream: &str,
     ) -> Result<Option<ResumePoint>> {
         let sql = format!(
-            "SELECT token, ct_time, ct_increment, operation_type, saved_at_ms FROM {} WHERE stream_id = $1",
+            "SELECT token, ct_time, ct_increment, operation_type, saved_at_ms, origin FROM {} WHERE stream_id = $1",
             self.table
         );
         let row = client
@@ -351,9 +362,13 @@ impl PostgresStore {
         let saved_at: i64 = row
             .try_get(4)
             .map_err(|e| corrupt(format!("saved_at_ms: {e}")))?;
+        let origin: Option<String> = row
+            .try_get(5)
+            .map_err(|e| corrupt(format!("origin: {e}")))?;
         let mut point =
             ResumePoint::post_batch(token, cluster_time, DateTime::from_millis(saved_at));
         point.operation_type = op.as_deref().map(OperationType::parse);
+        point.origin = origin;
         Ok(Some(point))
     }
 }

@@ -5,10 +5,12 @@ use bson::DateTime;
 use cdc_core::{ClusterTime, DeadLetter, Error, OperationType, Result, ResumePoint, ResumeToken};
 use serde_json::{Value, json};
 
-/// Encodes a point as one JSON object.
-pub(crate) fn encode(point: &ResumePoint) -> String {
+/// Encodes `stream`'s point as one JSON object. The record names its stream, so a record
+/// copied to another stream's file or key is refused when loaded.
+pub(crate) fn encode(stream: &str, point: &ResumePoint) -> String {
     let mut v = json!({
         "version": 1,
+        "stream": stream,
         "token": hex(point.token.as_bytes()),
         "clusterTime": { "time": point.cluster_time.time, "increment": point.cluster_time.increment },
         "savedAt": point.saved_at.timestamp_millis(),
@@ -19,10 +21,15 @@ pub(crate) fn encode(point: &ResumePoint) -> String {
     if let Some(op) = &point.operation_type {
         v["operationType"] = Value::String(op.as_str().to_owned());
     }
+    if let Some(origin) = &point.origin {
+        v["origin"] = Value::String(origin.clone());
+    }
     v.to_string()
 }
 
-/// Decodes a record; anything off is [`Error::CorruptPoint`] naming the stream and place.
+/// Decodes `stream`'s record; anything off is [`Error::CorruptPoint`] naming the stream and
+/// place, a record naming another stream [`Error::ForeignPoint`]. A record without a
+/// `stream` (written before records named it) is taken as this stream's.
 pub(crate) fn decode(bytes: &[u8], stream: &str, location: &str) -> Result<ResumePoint> {
     let corrupt = |reason: String| Error::CorruptPoint {
         stream: stream.to_owned(),
@@ -33,6 +40,24 @@ pub(crate) fn decode(bytes: &[u8], stream: &str, location: &str) -> Result<Resum
     if v.get("version").and_then(Value::as_u64) != Some(1) {
         return Err(corrupt("missing or unknown `version`".into()));
     }
+    match v.get("stream") {
+        None => {}
+        Some(Value::String(owner)) if owner == stream => {}
+        Some(Value::String(owner)) => {
+            return Err(Error::ForeignPoint {
+                stream: stream.to_owned(),
+                location: location.to_owned(),
+                found: format!("stream `{owner}`"),
+                expected: format!("stream `{stream}`"),
+            });
+        }
+        Some(_) => return Err(corrupt("`stream` is not a string".into())),
+    }
+    let origin = match v.get("origin") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(corrupt("`origin` is not a string".into())),
+    };
     let token_hex = v
         .get("token")
         .and_then(Value::as_str)
@@ -52,6 +77,7 @@ pub(crate) fn decode(bytes: &[u8], stream: &str, location: &str) -> Result<Resum
         .ok_or_else(|| corrupt("`savedAt` is missing".into()))?;
     let mut point = ResumePoint::post_batch(token, cluster_time, DateTime::from_millis(saved_at));
     point.operation_type = operation_type;
+    point.origin = origin;
     Ok(point)
 }
 
@@ -170,9 +196,17 @@ mod tests {
             OperationType::Insert,
             DateTime::from_millis(77),
         );
-        let text = encode(&point);
+        let point = point.with_origin("shop.orders");
+        let text = encode("s", &point);
         let back = decode(text.as_bytes(), "s", "here").unwrap();
         assert_eq!(back, point);
+        // Copied to another stream's place: refused, naming both.
+        let err = decode(text.as_bytes(), "t", "/x/t.json").unwrap_err();
+        assert!(matches!(err, Error::ForeignPoint { .. }), "{err}");
+        assert!(
+            err.to_string().contains("`s`") && err.to_string().contains("/x/t.json"),
+            "{err}"
+        );
         assert_eq!(back.token.as_bytes(), point.token.as_bytes());
         let err = decode(b"{nope", "s", "/x/s.json").unwrap_err();
         assert!(

@@ -236,7 +236,7 @@ impl ResumeStore for RedisStore {
         let reply: Vec<String> = match self
             .script
             .key(self.key(stream))
-            .arg(record::encode(point))
+            .arg(record::encode(stream, point))
             .arg(point.cluster_time.time)
             .arg(point.cluster_time.increment)
             .invoke_async(&mut conn)
@@ -594,7 +594,7 @@ impl LeaseStore for RedisStore {
                 3,
                 &[self.key(stream), self.lease_key(stream)],
                 &[
-                    record::encode(point),
+                    record::encode(stream, point),
                     point.cluster_time.time.to_string(),
                     point.cluster_time.increment.to_string(),
                     lease.owner.clone(),

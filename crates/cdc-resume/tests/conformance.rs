@@ -23,8 +23,10 @@ struct Backend {
     store: Arc<dyn ResumeStore>,
     /// Writes an undecodable record for a stream, where the backend can hold one.
     corrupt: Option<Corrupter>,
-    /// The same kind of store pointed at something that fails.
-    failing: Option<Arc<dyn ResumeStore>>,
+    /// The same kind of store pointed at something that fails, and how its load fails:
+    /// [`ErrorKind::Store`] (retried) for a server away, [`ErrorKind::Fatal`]
+    /// ([`Error::StoreUnusable`]) for a file store whose directory is a file.
+    failing: Option<(Arc<dyn ResumeStore>, ErrorKind)>,
 }
 
 /// A token with several fields and types, so byte-exactness is really tested.
@@ -79,6 +81,13 @@ async fn suite(b: Backend) {
     );
     store.save(&s1, &idle).await.unwrap();
     assert_eq!(store.load(&s1).await.unwrap().unwrap(), idle, "{}", b.name);
+
+    // The origin (what the point was taken from) round-trips.
+    let bound = point(10, 1).with_origin("shop.orders");
+    store.save(&s1, &bound).await.unwrap();
+    assert_eq!(store.load(&s1).await.unwrap().unwrap(), bound, "{}", b.name);
+    store.delete(&s1).await.unwrap();
+    store.save(&s1, &idle).await.unwrap();
 
     // Isolation.
     store.save(&s2, &point(3, 0)).await.unwrap();
@@ -177,9 +186,16 @@ async fn suite(b: Backend) {
     }
 
     // A failing backend is an error, never "no point".
-    if let Some(failing) = &b.failing {
+    if let Some((failing, kind)) = &b.failing {
         let err = failing.load("any").await.unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Store, "{}: {err}", b.name);
+        assert_eq!(err.kind(), *kind, "{}: {err}", b.name);
+        if *kind == ErrorKind::Fatal {
+            assert!(
+                matches!(err, Error::StoreUnusable { .. }),
+                "{}: {err}",
+                b.name
+            );
+        }
         assert!(failing.save("any", &point(1, 0)).await.is_err());
         assert!(failing.list_streams().await.is_err());
     }
@@ -214,7 +230,7 @@ async fn file_store() {
         name: "file",
         store: store.clone(),
         corrupt: Some(corrupt),
-        failing: Some(Arc::new(failing)),
+        failing: Some((Arc::new(failing), ErrorKind::Fatal)),
     })
     .await;
 
@@ -229,7 +245,88 @@ async fn file_store() {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
+    hostile_state_files(&store).await;
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Whatever sits at a stream's point path, the store never reads "no point" unless
+/// nothing is there: a link (dangling, or to another stream's file), a directory, a FIFO
+/// are errors naming the path (and end a run instead of restarting it); a file copied from
+/// another stream is refused as that stream's.
+async fn hostile_state_files(store: &FileStore) {
+    let dir = store.dir().to_path_buf();
+    store.save("source", &point(5, 0)).await.unwrap();
+    let source = store.path_of("source");
+    type Make<'a> = Box<dyn Fn(&std::path::Path) + 'a>;
+    let cases: Vec<(&str, Make<'_>, &str)> = vec![
+        (
+            "dangling link",
+            Box::new(|p| std::os::unix::fs::symlink("/nonexistent/cdc-point", p).unwrap()),
+            "a symbolic link",
+        ),
+        (
+            "link to another stream's point",
+            Box::new(|p| std::os::unix::fs::symlink(&source, p).unwrap()),
+            "a symbolic link",
+        ),
+        (
+            "directory",
+            Box::new(|p| std::fs::create_dir(p).unwrap()),
+            "a directory",
+        ),
+        (
+            "fifo",
+            Box::new(|p| {
+                let status = std::process::Command::new("mkfifo")
+                    .arg(p)
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }),
+            "a FIFO",
+        ),
+        (
+            "copy of another stream's point",
+            Box::new(|p| {
+                std::fs::copy(&source, p).unwrap();
+            }),
+            "stream `source`",
+        ),
+    ];
+    for (i, (case, make, says)) in cases.into_iter().enumerate() {
+        let stream = format!("victim-{i}");
+        let path = store.path_of(&stream);
+        make(&path);
+        let err = tokio::time::timeout(Duration::from_secs(5), store.load(&stream))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: load hangs"))
+            .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::Fatal, "{case}: {text}");
+        assert!(
+            text.contains(&path.display().to_string()),
+            "{case}: names the path: {text}"
+        );
+        assert!(text.contains(says), "{case}: {text}");
+        // A save does not replace it either.
+        let err = tokio::time::timeout(Duration::from_secs(5), store.save(&stream, &point(9, 0)))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: save hangs"))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Fatal, "{case}: save: {err}");
+        if path.is_dir() {
+            std::fs::remove_dir(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    assert!(dir.join("source.json").is_file());
+    // A stream id too long for a file name is refused when named, never "File name too
+    // long" at every restart.
+    let long = "x".repeat(250);
+    let err = store.load(&long).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    assert!(err.to_string().contains("255"), "{err}");
 }
 
 #[tokio::test]
@@ -259,7 +356,7 @@ async fn mongodb_store() {
         name: "mongodb",
         store,
         corrupt: Some(corrupt),
-        failing: Some(failing),
+        failing: Some((failing, ErrorKind::Store)),
     })
     .await;
     let _ = client.database(&db).drop().await;
@@ -338,7 +435,7 @@ async fn redis_store() {
         name: "redis",
         store: store.clone(),
         corrupt: Some(corrupt),
-        failing: Some(failing),
+        failing: Some((failing, ErrorKind::Store)),
     })
     .await;
 
@@ -368,6 +465,22 @@ async fn redis_store() {
         .query_async(&mut conn)
         .await
         .unwrap();
+
+    // A record copied from another stream's key is refused as that stream's.
+    store.save("copied-from", &point(4, 0)).await.unwrap();
+    let prefix = store_prefix(&store);
+    let _: () = redis::cmd("COPY")
+        .arg(format!("{prefix}copied-from"))
+        .arg(format!("{prefix}copied-to"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = store.load("copied-to").await.unwrap_err();
+    assert!(matches!(err, Error::ForeignPoint { .. }), "{err}");
+    assert!(err.to_string().contains("`copied-from`"), "{err}");
+    for key in ["copied-from", "copied-to"] {
+        store.delete(key).await.unwrap();
+    }
 }
 
 fn store_prefix(store: &RedisStore) -> String {

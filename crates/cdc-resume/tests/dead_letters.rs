@@ -173,13 +173,15 @@ async fn suite(name: &str, store: Arc<dyn DeadLetterStore>) {
     assert_eq!(err.kind(), ErrorKind::Fatal, "{name}: {err}");
 }
 
-async fn failing(name: &str, store: &dyn DeadLetterStore) {
+/// A failing store is an error, never "no letters": `kind` is [`ErrorKind::Store`] for a
+/// server away, [`ErrorKind::Fatal`] for a file store whose directory became a file.
+async fn failing(name: &str, store: &dyn DeadLetterStore, kind: ErrorKind) {
     let e = event(1, "8200000001", 1);
     let err = store
         .record(&letter("s", &e, "x", 1, false))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Store, "{name}: {err}");
+    assert_eq!(err.kind(), kind, "{name}: {err}");
     assert!(store.list("s", 1).await.is_err(), "{name}");
     assert!(store.count("s").await.is_err(), "{name}");
 }
@@ -233,7 +235,7 @@ async fn file_dead_letters() {
     let failing_store = FileStore::new(&broken).unwrap();
     std::fs::remove_dir(&broken).unwrap();
     std::fs::write(&broken, b"not a directory").unwrap();
-    failing("file", &failing_store).await;
+    failing("file", &failing_store, ErrorKind::Fatal).await;
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -253,7 +255,12 @@ async fn mongodb_dead_letters() {
     )
     .await
     .unwrap();
-    failing("mongodb", &MongoStore::new(&dead, "x", "points")).await;
+    failing(
+        "mongodb",
+        &MongoStore::new(&dead, "x", "points"),
+        ErrorKind::Store,
+    )
+    .await;
     let _ = client.database(&db).drop().await;
     deployment.shutdown().await;
 }
@@ -271,6 +278,7 @@ async fn redis_dead_letters() {
     failing(
         "redis",
         &RedisStore::new("redis://127.0.0.1:1", "x:").unwrap(),
+        ErrorKind::Store,
     )
     .await;
 }
