@@ -34,86 +34,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// `url` with any password (`user:password@`) and secret query parameters replaced by
-/// `***`, for showing.
-pub(crate) fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, url),
-    };
-    let (authority_end, _) = rest
-        .char_indices()
-        .find(|(_, c)| matches!(c, '/' | '?' | '#'))
-        .unwrap_or((rest.len(), ' '));
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{name}:***@{host}"),
-            None => format!("***@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((k, _))
-                        if ["password", "pass", "token", "secret", "sslkey", "auth"]
-                            .iter()
-                            .any(|s| k.to_ascii_lowercase().contains(s)) =>
-                    {
-                        format!("{k}=***")
-                    }
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_owned(),
-    };
-    match scheme {
-        Some(s) => format!("{s}://{authority}{tail}"),
-        None => format!("{authority}{tail}"),
-    }
-}
-
-/// The secrets a URL holds: the password of `user:password@` (or a lone token before
-/// `@`) and the values of secret-looking query parameters, percent-decoded too.
-pub(crate) fn url_secrets(url: &str) -> Vec<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let mut out = Vec::new();
-    if let Some((user, _)) = rest[..end].rsplit_once('@') {
-        out.push(user.split_once(':').map_or(user, |(_, p)| p).to_owned());
-    }
-    if let Some((_, query)) = url.split_once('?') {
-        for pair in query.split('&') {
-            if let Some((k, v)) = pair.split_once('=')
-                && ["password", "pass", "token", "secret", "sslkey", "auth"]
-                    .iter()
-                    .any(|s| k.to_ascii_lowercase().contains(s))
-            {
-                out.push(v.to_owned());
-            }
-        }
-    }
-    let decoded: Vec<String> = out
-        .iter()
-        .filter_map(|s| cdc_core::percent_decode(s))
-        .collect();
-    out.extend(decoded);
-    out.retain(|s| !s.is_empty());
-    out
-}
-
-/// `text` (an error a client gave for `url`) with the URL's secrets taken out.
-pub(crate) fn scrub(text: &str, url: &str) -> String {
-    let secrets = url_secrets(url);
-    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    cdc_core::redact_secrets(text, &secrets)
-        .unwrap_or_else(|| "(the message is hidden: it holds a secret of the URL)".to_owned())
-}
+pub(crate) use crate::redact::{redact_url, scrub};
 
 /// The whole configuration, as read.
 #[derive(Debug, Deserialize)]
@@ -383,25 +304,48 @@ pub(crate) struct Override {
     pub(crate) origin: String,
 }
 
-/// The overrides the environment holds.
-pub(crate) fn env_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Vec<Override> {
-    let mut out: Vec<Override> = vars
-        .into_iter()
-        .filter_map(|(name, value)| {
-            let rest = name.strip_prefix(ENV_PREFIX)?;
-            rest.contains("__").then(|| Override {
-                key: rest
-                    .split("__")
-                    .map(str::to_ascii_lowercase)
-                    .collect::<Vec<_>>()
-                    .join("."),
-                value,
-                origin: name.clone(),
-            })
-        })
-        .collect();
+/// The overrides the environment holds (`std::env::vars_os()`). Variables that are not
+/// ours (no `CDC_` prefix, or no `__`) are ignored whatever their bytes; one of ours whose
+/// name or value is not UTF-8 is an error naming it (its value is never shown).
+///
+/// # Errors
+/// [`ConfigError`] naming the variable.
+pub(crate) fn env_overrides(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<Override>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        let ours = name
+            .as_encoded_bytes()
+            .strip_prefix(ENV_PREFIX.as_bytes())
+            .is_some_and(|rest| rest.windows(2).any(|w| w == b"__"));
+        if !ours {
+            continue;
+        }
+        let Some(name) = name.to_str() else {
+            return Err(err(format!(
+                "the environment variable {} has a name that is not UTF-8",
+                name.to_string_lossy()
+            )));
+        };
+        let Some(value) = value.to_str() else {
+            return Err(err(format!(
+                "the environment variable {name} is not UTF-8 (its value is not shown)"
+            )));
+        };
+        let rest = &name[ENV_PREFIX.len()..];
+        out.push(Override {
+            key: rest
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect::<Vec<_>>()
+                .join("."),
+            value: value.to_owned(),
+            origin: name.to_owned(),
+        });
+    }
     out.sort_by(|a, b| a.origin.cmp(&b.origin));
-    out
+    Ok(out)
 }
 
 /// A `--set key=value` flag.
@@ -796,19 +740,52 @@ subject = "cdc.{db}.{coll}.{op}"
 
     #[test]
     fn the_environment_and_flags_override_the_file_in_that_order() {
-        let env = env_overrides([
-            ("CDC_PROCESSING__CONCURRENCY".to_owned(), "8".to_owned()),
-            ("CDC_SINK__NATS__STREAM".to_owned(), "FROMENV".to_owned()),
+        let env = env_overrides(os_vars(&[
+            (b"CDC_PROCESSING__CONCURRENCY", b"8"),
+            (b"CDC_SINK__NATS__STREAM", b"FROMENV"),
             // Not ours: no `__`.
-            ("CDC_POSTGRES_URL".to_owned(), "x".to_owned()),
-            ("HOME".to_owned(), "/root".to_owned()),
-        ]);
+            (b"CDC_POSTGRES_URL", b"x"),
+            (b"HOME", b"/root"),
+            // Not ours, and not UTF-8: ignored.
+            (b"X", b"\xff"),
+            (b"\xfe\xff", b"y"),
+            (b"CDC_NOT_OURS", b"\xff"),
+        ]))
+        .unwrap();
         assert_eq!(env.len(), 2);
         let mut all = env;
         all.push(flag_override("sink.nats.stream=FROMFLAG").unwrap());
         let c = load(GOOD, "cdc.toml", &all).unwrap();
         assert_eq!(c.processing.concurrency, 8);
         assert_eq!(c.nats().stream, "FROMFLAG");
+    }
+
+    fn os_vars(vars: &[(&[u8], &[u8])]) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        use std::os::unix::ffi::OsStrExt;
+        vars.iter()
+            .map(|(n, v)| {
+                (
+                    std::ffi::OsStr::from_bytes(n).to_owned(),
+                    std::ffi::OsStr::from_bytes(v).to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_variable_of_ours_that_is_not_utf8_is_named() {
+        let e = env_overrides(os_vars(&[(b"CDC_SOURCE__URI", b"mongodb://u:s\xffcret@h")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CDC_SOURCE__URI") && e.contains("not UTF-8"),
+            "{e}"
+        );
+        assert!(!e.contains("cret"), "{e}");
+        let e = env_overrides(os_vars(&[(b"CDC_SOURCE__\xff", b"x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CDC_SOURCE__") && e.contains("not UTF-8"), "{e}");
     }
 
     #[test]
@@ -818,7 +795,7 @@ subject = "cdc.{db}.{coll}.{op}"
         assert!(!shown.contains("pw"), "{shown}");
         assert!(shown.contains("u:***@127.0.0.1"), "{shown}");
         assert_eq!(
-            redact_url("postgres://a:b@h/db?sslmode=require&password=x"),
+            redact_url("postgres://a:s3cret@h/db?sslmode=require&password=s3cret"),
             "postgres://a:***@h/db?sslmode=require&password=***"
         );
         assert_eq!(redact_url("nats://tok@h:4222"), "nats://***@h:4222");

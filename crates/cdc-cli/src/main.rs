@@ -6,6 +6,7 @@
 
 mod config;
 mod metrics;
+mod redact;
 mod run;
 mod status;
 
@@ -110,7 +111,7 @@ impl Common {
         let name = self.config.display().to_string();
         let text = std::fs::read_to_string(&self.config)
             .map_err(|e| config::ConfigError(format!("{name}: {e}")))?;
-        let mut overrides = config::env_overrides(std::env::vars());
+        let mut overrides = config::env_overrides(std::env::vars_os())?;
         for s in &self.set {
             overrides.push(config::flag_override(s)?);
         }

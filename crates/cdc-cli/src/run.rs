@@ -22,9 +22,37 @@ use crate::{
     metrics::Metrics,
 };
 
+/// Log targets of dependencies that print connection options (passwords, tokens) below
+/// `info`: async-nats shows each server's URL, credentials included, at `debug`. They are
+/// held at `info` whatever `log.level` says.
+const CHATTY_TARGETS: [&str; 1] = ["async_nats"];
+
+/// The filter `log.level` asks for, with [`CHATTY_TARGETS`] held at `info`.
+pub(crate) fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let kept: Vec<&str> = level
+        .split(',')
+        .filter(|directive| {
+            !CHATTY_TARGETS
+                .iter()
+                .any(|t| directive.trim().trim_start_matches('[').starts_with(t))
+        })
+        .collect();
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_new(kept.join(",")).map_err(|e| e.to_string())?;
+    for target in CHATTY_TARGETS {
+        filter = filter.add_directive(
+            format!("{target}=info")
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        );
+    }
+
+    Ok(filter)
+}
+
 /// Sets up `tracing` as `log` says.
 pub(crate) fn init_logs(log: &config::Log) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&log.level).map_err(|e| e.to_string())?;
+    let filter = log_filter(&log.level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

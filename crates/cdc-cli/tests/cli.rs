@@ -241,6 +241,27 @@ async fn check_says_what_is_wrong_and_never_shows_secrets() {
     let out = cmd.output().await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`processing.concurrency`"));
+    // A variable that is not UTF-8: ignored when not ours, named when ours.
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = std::ffi::OsStr::from_bytes(b"\xff\xfe");
+        let good = write_config(&d, &sim.uri(), "[sink]\ntype = \"stdout\"\n");
+        let mut cmd = cdc(&good, &["check"]);
+        cmd.env("X_NOT_UTF8", bad);
+        let out = cmd.output().await.unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        assert!(!text.contains("panicked"), "{text}");
+        let mut cmd = cdc(&good, &["check"]);
+        cmd.env("CDC_SOURCE__DATABASE", bad);
+        let out = cmd.output().await.unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains("CDC_SOURCE__DATABASE") && text.contains("not UTF-8"),
+            "{text}"
+        );
+    }
     // A missing file.
     let (code, _, err) = output(&d.join("nope.toml"), &["check"]).await;
     assert_eq!(code, 2);
@@ -488,5 +509,132 @@ async fn every_command_has_complete_help() {
             });
             assert!(same_line || below, "{args:?}: undescribed: {line}\n{text}");
         }
+    }
+}
+
+/// No secret reaches stdout or stderr, whatever form the URL takes (a password with an
+/// unencoded `/`, a token, a comma-separated NATS list, libpq key-value strings), wherever
+/// it comes from (file, environment, `--set`, `url_file`) and at every log level — also
+/// from the NATS client's own connect log during `run`.
+#[tokio::test]
+async fn no_secret_in_output_at_any_log_level() {
+    const SECRET: &str = "s3cr/tPw";
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let d = dir("secrets");
+    let url_file = d.join("url");
+    let nats = |url: &str| {
+        format!(
+            "[sink]\ntype = \"nats\"\n[sink.nats]\nurl = \"{url}\"\nstream = \"CDC_SECRETS\"\ncreate_stream = true\n"
+        )
+    };
+    let urls = [
+        format!("nats://u:{SECRET}@127.0.0.1:4222"),
+        format!("nats://{SECRET}@127.0.0.1:4222"),
+        format!("nats://u:{SECRET}@127.0.0.1:4222,nats://u:{SECRET}@127.0.0.1:1"),
+        format!("nats://u:{}@127.0.0.1:4222", SECRET.replace('/', "%2F")),
+    ];
+    let kv = format!("host=127.0.0.1 user=postgres password={SECRET} dbname=test");
+    let quoted = format!("host=127.0.0.1 user=postgres password='{SECRET}' dbname=test");
+    // (config's sink section, environment, extra arguments)
+    let mut cases: Vec<(String, Vec<(String, String)>, Vec<String>)> = Vec::new();
+    for url in &urls {
+        cases.push((nats(url), vec![], vec![]));
+        cases.push((
+            nats("nats://127.0.0.1:4222"),
+            vec![("CDC_SINK__NATS__URL".into(), url.clone())],
+            vec![],
+        ));
+        cases.push((
+            nats("nats://127.0.0.1:4222"),
+            vec![],
+            vec!["--set".into(), format!("sink.nats.url={url}")],
+        ));
+    }
+    cases.push((
+        format!("[sink]\ntype = \"postgres\"\n[sink.postgres]\nurl = \"{kv}\"\n"),
+        vec![("CDC_STORE__URL".into(), String::new())],
+        vec![],
+    ));
+    std::fs::write(&url_file, &quoted).unwrap();
+    cases.push((
+        format!(
+            "[sink]\ntype = \"postgres\"\n[sink.postgres]\nurl_file = \"{}\"\n",
+            url_file.display()
+        ),
+        vec![],
+        vec![],
+    ));
+    cases.push((
+        "[sink]\ntype = \"stdout\"\n".into(),
+        vec![(
+            "CDC_STORE__URL".into(),
+            format!("postgres://postgres:{SECRET}@127.0.0.1:1/test"),
+        )],
+        vec![],
+    ));
+    cases.push((
+        "[sink]\ntype = \"stdout\"\n".into(),
+        vec![("CDC_STORE__URL".into(), kv.clone())],
+        vec![],
+    ));
+    for (sink, env, args) in &cases {
+        let config = write_config(&d, &sim.uri(), sink);
+        for level in ["info", "debug", "trace"] {
+            let mut all = vec!["check".to_owned(), "--log-level".into(), level.into()];
+            all.extend(args.iter().cloned());
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            let mut cmd = cdc(&config, &refs);
+            for (k, v) in env {
+                if v.is_empty() {
+                    cmd.env_remove(k);
+                } else {
+                    cmd.env(k, v);
+                }
+            }
+            let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+                .await
+                .expect("check ends")
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for form in [SECRET, "s3cr%2FtPw", "s3cr%2ftPw", "s3cr"] {
+                assert!(
+                    !text.contains(form),
+                    "{sink} {env:?} {args:?} at {level}: {text}"
+                );
+            }
+        }
+    }
+
+    // `run` at trace: the NATS client connects with the credentials (the local server
+    // takes any) and logs its connection attempts; none shows them.
+    let encoded = SECRET.replace('/', "%2F");
+    for url in [
+        format!("nats://u:{encoded}@127.0.0.1:4222"),
+        format!("nats://{encoded}@127.0.0.1:4222"),
+    ] {
+        let config = write_config(&d, &sim.uri(), &nats(&url));
+        let mut child = cdc(&config, &["run", "--log-level", "trace"])
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        terminate(&child);
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("run stops");
+        assert!(out.is_ok());
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .await
+            .unwrap();
+        assert!(err.contains("cdc::run: stopped"), "{err}");
+        assert!(!err.contains("s3cr"), "{err}");
     }
 }

@@ -175,7 +175,7 @@ pub fn classify(e: &DriverError) -> ErrorKind {
 /// The secrets of a MongoDB URI, as the driver's own parser reads it (no DNS lookup): the
 /// password, an `AWS_SESSION_TOKEN` among `authMechanismProperties`, and the value of
 /// `tlsCertificateKeyFilePassword`. `None` when the URI does not parse.
-pub(crate) fn uri_secrets(uri: &str) -> Option<Vec<String>> {
+pub fn uri_secrets(uri: &str) -> Option<Vec<String>> {
     // `mongodb+srv` has the same syntax for secrets; this build's driver (without a DNS
     // resolver) refuses to parse it, so it is read as `mongodb`.
     let parsed = match uri.strip_prefix("mongodb+srv://") {

@@ -40,7 +40,7 @@ mod split;
 mod stream;
 
 pub use admin::{connect, enable_pre_post_images, record_pre_images};
-pub use error::{Error, Result, classify, redact_uri, server_code};
+pub use error::{Error, Result, classify, redact_uri, server_code, uri_secrets};
 pub use options::{
     BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions,
 };
