@@ -535,8 +535,9 @@ async fn no_secret_in_output_at_any_log_level() {
     ];
     let kv = format!("host=127.0.0.1 user=postgres password={SECRET} dbname=test");
     let quoted = format!("host=127.0.0.1 user=postgres password='{SECRET}' dbname=test");
-    // (config's sink section, environment, extra arguments)
-    let mut cases: Vec<(String, Vec<(String, String)>, Vec<String>)> = Vec::new();
+    /// A config's sink section, the environment, extra arguments.
+    type Case = (String, Vec<(String, String)>, Vec<String>);
+    let mut cases: Vec<Case> = Vec::new();
     for url in &urls {
         cases.push((nats(url), vec![], vec![]));
         cases.push((
