@@ -63,19 +63,22 @@ impl DeadLetter {
     }
 
     /// The id of the letter of the event with `token`: the token's `_data` string (its
-    /// byte order is the stream's order), or the hex of the token's bytes when it has
-    /// none. Recording the same event twice records one letter.
+    /// byte order is the stream's order); for a snapshot row, its snapshot's identity,
+    /// collection and `_id` ([`crate::SnapshotRow::id`], the same after a restart); the
+    /// hex of the token's bytes otherwise. Recording the same event twice records one
+    /// letter.
     pub fn id_of(token: &ResumeToken) -> String {
-        token.data().map_or_else(
-            || {
-                token
-                    .as_bytes()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
-            },
-            str::to_owned,
-        )
+        if let Some(data) = token.data() {
+            return data.to_owned();
+        }
+        if let Some(row) = token.snapshot_row() {
+            return row.id();
+        }
+        token
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The event, decoded again from its bytes.

@@ -56,7 +56,7 @@ pub use point::{ResumePoint, StartPosition};
 pub use redact::{percent_decode, percent_decode_lossy, redact_secrets};
 pub use source::{ChangeCursor, ChangeSource, HistoryGap, SnapshotProgress, SnapshotRequest};
 pub use store::{ResumeStore, check_forward, validate_stream_id};
-pub use token::{ClusterTime, ResumeToken};
+pub use token::{ClusterTime, ResumeToken, SnapshotRow};
 
 /// Re-export of the `bson` crate this crate's types are built on.
 pub use bson;

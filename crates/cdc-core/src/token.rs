@@ -106,6 +106,31 @@ impl ResumeToken {
         self.as_raw().get_str("_data").ok()
     }
 
+    /// For the token of a snapshot row (no `_data`; a `_snapshot` document, as
+    /// `cdc-mongo` writes it): the snapshot's identity, chosen when it started and the
+    /// same in every token of it after any number of restarts (`_snapshot.id`; tokens
+    /// written before identities were kept give their `startTime`), with the collection
+    /// and the raw `_id` value (type byte, then its bytes) of the row. Message ids and
+    /// dead-letter ids of rows are derived from these only, so a row read again after a
+    /// crash keeps its ids.
+    pub fn snapshot_row(&self) -> Option<SnapshotRow<'_>> {
+        if self.data().is_some() {
+            return None;
+        }
+        let snap = self.as_raw().get_document("_snapshot").ok()?;
+        let id = snap
+            .get_timestamp("id")
+            .or_else(|_| snap.get_timestamp("startTime"))
+            .ok()?;
+        let coll = snap.get_str("coll").ok()?;
+        let after = snap.get("after").ok()??;
+        Some(SnapshotRow {
+            snapshot: ClusterTime::from(id),
+            coll,
+            key: after,
+        })
+    }
+
     /// Best-effort: the cluster time encoded at the front of a MongoDB 4.2+ `_data` token
     /// (hex of a KeyString whose first value is the timestamp: type byte `0x82`, then the
     /// seconds and increment as big-endian `u32`s).
@@ -122,6 +147,43 @@ impl ResumeToken {
         let time = u32::from_str_radix(hex.get(2..10)?, 16).ok()?;
         let increment = u32::from_str_radix(hex.get(10..18)?, 16).ok()?;
         Some(ClusterTime::new(time, increment))
+    }
+}
+
+/// What names a snapshot row across restarts: see [`ResumeToken::snapshot_row`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct SnapshotRow<'a> {
+    /// The snapshot's identity: the stream's cluster time when it started.
+    pub snapshot: ClusterTime,
+    /// The collection the row was read from.
+    pub coll: &'a str,
+    /// The row's `_id`.
+    pub key: bson::RawBsonRef<'a>,
+}
+
+impl SnapshotRow<'_> {
+    /// `snapshot:<time>.<increment>:<coll>:<hex of the _id's type byte and bytes>`: the
+    /// same for the row in every run until the snapshot finishes.
+    pub fn id(&self) -> String {
+        let mut id = format!(
+            "snapshot:{}.{}:{}:{:02x}",
+            self.snapshot.time,
+            self.snapshot.increment,
+            self.coll,
+            self.key.element_type() as u8
+        );
+        let mut doc = bson::RawDocumentBuf::new();
+        doc.append(bson::cstr!("k"), self.key);
+        // The value's bytes: after the 4-byte length, the type byte and "k\0".
+        let bytes = doc.as_bytes();
+        for b in bytes
+            .get(7..bytes.len().saturating_sub(1))
+            .unwrap_or_default()
+        {
+            id.push_str(&format!("{b:02x}"));
+        }
+        id
     }
 }
 

@@ -70,6 +70,9 @@ pub(crate) struct SnapshotPosition {
     start: ResumeToken,
     /// The cluster time of `start`.
     start_time: ClusterTime,
+    /// The snapshot's identity: the stream's cluster time when it started, kept in every
+    /// token until it finishes (message and dead-letter ids of rows derive from it).
+    id: ClusterTime,
     coll: String,
     /// The last `_id` handed over; `None` before the first.
     after: Option<Bson>,
@@ -149,6 +152,12 @@ impl SnapshotPosition {
             Ok(Some(RawBsonRef::Timestamp(ts))) => ClusterTime::from(ts),
             _ => return Err(bad("no `startTime`")),
         };
+        // Tokens written before snapshots kept an identity name none: their start then.
+        let id = match snap.get("id") {
+            Ok(Some(RawBsonRef::Timestamp(ts))) => ClusterTime::from(ts),
+            Ok(None) => start_time,
+            _ => return Err(bad("`id` is not a timestamp")),
+        };
         let coll = match snap.get("coll") {
             Ok(Some(RawBsonRef::String(s))) => s.to_owned(),
             _ => return Err(bad("no `coll`")),
@@ -169,6 +178,7 @@ impl SnapshotPosition {
         Ok(Self {
             start,
             start_time,
+            id,
             coll,
             after,
             filter,
@@ -206,6 +216,7 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> cdc_core::Result<Box<dyn Change
     let position = SnapshotPosition {
         start,
         start_time,
+        id: start_time,
         coll,
         after: None,
         filter: None,
@@ -285,8 +296,10 @@ pub(crate) async fn incremental(
             Error::driver("check the snapshot's filter", e).into(),
         ));
     }
+    let start_time = start.cluster_time_hint().unwrap_or_default();
     let position = SnapshotPosition {
-        start_time: start.cluster_time_hint().unwrap_or_default(),
+        start_time,
+        id: start_time,
         start,
         coll,
         after: None,
@@ -407,6 +420,8 @@ struct SnapshotCursor {
     filter: Option<RawDocumentBuf>,
     /// Only one collection of a database is read.
     single: bool,
+    /// The snapshot's identity (see [`SnapshotPosition`]).
+    id: ClusterTime,
 }
 
 impl SnapshotCursor {
@@ -435,6 +450,7 @@ impl SnapshotCursor {
         Self {
             filter,
             single: position.single,
+            id: position.id,
             inner: Arc::clone(inner),
             stream_time: position.start_time,
             stream_pos: position.start,
@@ -467,6 +483,7 @@ impl SnapshotCursor {
         let mut snap = RawDocumentBuf::new();
         snap.append(bson::cstr!("start"), stream_pos.as_raw());
         snap.append(bson::cstr!("startTime"), time.to_timestamp());
+        snap.append(bson::cstr!("id"), self.id.to_timestamp());
         snap.append(bson::cstr!("coll"), &*self.coll);
         if let Some(after) = &self.after {
             snap.append(bson::cstr!("after"), after.clone());
@@ -1230,6 +1247,7 @@ mod tests {
         let position = SnapshotPosition {
             start: token(1),
             start_time: ClusterTime::new(1, 1),
+            id: ClusterTime::new(1, 1),
             coll: "c".into(),
             after: None,
             filter: None,
@@ -1334,7 +1352,25 @@ mod tests {
         let at = SnapshotPosition::of(&StartPosition::ResumeAfter(row.token.clone()))
             .unwrap()
             .unwrap();
-        assert_eq!((at.after, at.start), (Some(Bson::Int64(2)), token(12)));
+        assert_eq!(
+            (at.after.clone(), at.start.clone()),
+            (Some(Bson::Int64(2)), token(12))
+        );
+        // The snapshot's identity stays what it was when it started, though the stream
+        // position moved (the rows' message and dead-letter ids derive from it).
+        assert_eq!(at.id, ClusterTime::new(1, 1));
+        let named = row.token.snapshot_row().unwrap();
+        assert_eq!((named.snapshot, named.coll), (ClusterTime::new(1, 1), "c"));
+        // A cursor reopened on that token (a restart) keeps it.
+        let (_, rx) = mpsc::channel(1);
+        let reopened = SnapshotCursor::with_reader(&c.inner, at, rx, tokio::spawn(async {}));
+        let again = reopened
+            .position_token(&token(30), ClusterTime::new(30, 1), None)
+            .unwrap();
+        assert_eq!(
+            again.snapshot_row().map(|r| r.snapshot),
+            Some(ClusterTime::new(1, 1))
+        );
         // The snapshot is read: the change held back comes with its own token.
         let change = c.next().await.unwrap().unwrap();
         assert_eq!(change.token, token(25));

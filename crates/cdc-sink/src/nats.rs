@@ -182,37 +182,19 @@ fn push_token(out: &mut String, value: &str) {
 
 /// The `Nats-Msg-Id` of `event` under stream id `stream`: the stream id and the token's
 /// `_data` (unique per change and the same every time the change is delivered). A
-/// snapshot row (its token has no `_data`) is named by the snapshot's start, its
-/// collection and its `_id`'s bytes: the same when the row is read again after a crash.
+/// snapshot row (its token has no `_data`) is named by its snapshot's identity (chosen
+/// when the snapshot started, kept in the stored point), its collection and its `_id`
+/// ([`cdc_core::SnapshotRow::id`]): the same when the row is read again after any number
+/// of restarts.
 pub fn message_id(stream: &str, event: &ChangeEvent) -> String {
     if let Some(data) = event.token.data() {
         return format!("{stream}:{data}");
     }
-    let start = event
-        .token
-        .as_raw()
-        .get_document("_snapshot")
-        .ok()
-        .and_then(|s| s.get_timestamp("startTime").ok());
-    let coll = event
-        .ns
-        .as_ref()
-        .and_then(|n| n.coll.as_deref())
-        .unwrap_or("");
-    let key = event.document_key().map_or(&[][..], |k| k.as_bytes());
-    let mut id = String::with_capacity(stream.len() + coll.len() + 2 * key.len() + 32);
-    id.push_str(stream);
-    id.push_str(":snapshot:");
-    if let Some(t) = start {
-        id.push_str(&format!("{}.{}", t.time, t.increment));
+    match event.token.snapshot_row() {
+        Some(row) => format!("{stream}:{}", row.id()),
+        // Not a token this project writes: its bytes name it.
+        None => format!("{stream}:{}", cdc_core::DeadLetter::id_of(&event.token)),
     }
-    id.push(':');
-    id.push_str(coll);
-    id.push(':');
-    for b in key {
-        id.push_str(&format!("{b:02x}"));
-    }
-    id
 }
 
 /// The warning for a JetStream stream whose de-duplication window is too short for the
@@ -566,32 +548,44 @@ mod tests {
         }
     }
 
+    /// A snapshot row as `cdc-mongo` writes it: `start`/`startTime` move with the stream
+    /// (and differ after a restart), `id` is the snapshot's identity.
+    fn row(start: u32, id: u32, key: i32) -> ChangeEvent {
+        let d = doc! {
+            "_id": { "_snapshot": {
+                "start": { "_data": format!("82{start:08X}") },
+                "startTime": bson::Timestamp { time: start, increment: 1 },
+                "id": bson::Timestamp { time: id, increment: 2 },
+                "coll": "c",
+                "after": key,
+            } },
+            "operationType": "snapshot",
+            "clusterTime": bson::Timestamp { time: start, increment: 1 },
+            "ns": { "db": "d", "coll": "c" },
+            "documentKey": { "_id": key },
+        };
+        ChangeEvent::from_document(&d).unwrap()
+    }
+
     #[test]
     fn message_ids_are_stable_per_change() {
         let a = event(doc! { "db": "d", "coll": "c" }, "insert", Some("82AB"));
         assert_eq!(message_id("s1", &a), "s1:82AB");
-        let row = event(doc! { "db": "d", "coll": "c" }, "snapshot", None);
-        let id = message_id("s1", &row);
-        assert!(id.starts_with("s1:snapshot:9.2:c:"), "{id}");
-        // The same row read again (another chunk time) keeps its id; another key does not.
-        assert_eq!(id, message_id("s1", &row));
-        let mut other = doc! {};
-        other.insert(
-            "_id",
-            doc! { "_snapshot": { "startTime": bson::Timestamp { time: 9, increment: 2 } } },
+        let id = message_id("s1", &row(10, 9, 5));
+        assert_eq!(id, "s1:snapshot:9.2:c:1005000000", "{id}");
+        // The same row read again after a restart (the stream moved on: another start,
+        // another time) keeps its id, and its dead-letter id too.
+        assert_eq!(id, message_id("s1", &row(11, 9, 5)));
+        assert_eq!(
+            cdc_core::DeadLetter::id_of(&row(10, 9, 5).token),
+            cdc_core::DeadLetter::id_of(&row(11, 9, 5).token)
         );
-        other.insert("operationType", "snapshot");
-        other.insert(
-            "clusterTime",
-            bson::Timestamp {
-                time: 8,
-                increment: 1,
-            },
-        );
-        other.insert("ns", doc! { "db": "d", "coll": "c" });
-        other.insert("documentKey", doc! { "_id": 6 });
-        let other = ChangeEvent::from_document(&other).unwrap();
-        assert_ne!(id, message_id("s1", &other));
+        // Another key, another snapshot: another id.
+        assert_ne!(id, message_id("s1", &row(10, 9, 6)));
+        assert_ne!(id, message_id("s1", &row(10, 8, 5)));
+        // A token written before snapshots had an identity: its start names it.
+        let old = event(doc! { "db": "d", "coll": "c" }, "snapshot", None);
+        assert!(message_id("s1", &old).starts_with("s1:"));
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //! - PostgreSQL: the table equals the collection: `lost` counts documents whose row is
 //!   missing or holds another version, `duplicates` rows of documents the collection no
 //!   longer has (a delete undone).
+//! - With `--snapshot [--preload N]` (default 30,000 documents written before `cdc`
+//!   starts, `snapshot.mode = "initial"`, kills from the first second, so several land
+//!   while the snapshot reads): for NATS, the replica built from the messages in stream
+//!   order must equal the collection (`lost` counts documents that differ), and
+//!   `duplicates` counts every snapshot row stored more than once for its document, and
+//!   every change stored more than once.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -94,6 +100,57 @@ async fn pg_table(
     Ok(out)
 }
 
+/// What a JetStream stream holds after a snapshot: the replica its messages build (in
+/// stream order) and the duplicates among them.
+#[derive(Debug, Default, PartialEq)]
+struct Replayed {
+    replica: BTreeMap<i64, String>,
+    /// Snapshot rows stored beyond the first of their document.
+    duplicate_rows: usize,
+    /// Changes (document, version) stored more than once.
+    duplicate_changes: usize,
+    rows: usize,
+}
+
+/// Replays `(operation, id, "v<n>" | "deleted")` in stream order.
+fn replay(messages: &[(String, i64, String)]) -> Replayed {
+    let mut out = Replayed::default();
+    let mut rows: HashMap<i64, usize> = HashMap::new();
+    let mut changes: HashMap<(i64, &str), usize> = HashMap::new();
+    for (op, id, change) in messages {
+        if op == "snapshot" {
+            *rows.entry(*id).or_default() += 1;
+        } else {
+            *changes.entry((*id, change.as_str())).or_default() += 1;
+        }
+        if change == "deleted" {
+            out.replica.remove(id);
+        } else {
+            out.replica.insert(*id, change.clone());
+        }
+    }
+    out.rows = rows.len();
+    out.duplicate_rows = rows.values().map(|n| n - 1).sum();
+    out.duplicate_changes = changes.values().map(|n| n - 1).sum();
+    out
+}
+
+async fn nats_replay(js: &jetstream::Context, stream: &str) -> Result<Replayed, BoxError> {
+    let mut messages = Vec::new();
+    for m in cdc_tests::nats::all_messages(js, stream).await? {
+        let json: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        let doc = match bson::Bson::try_from(json)? {
+            bson::Bson::Document(d) => d,
+            other => return Err(format!("a message body is not a document: {other}").into()),
+        };
+        let event = ChangeEvent::from_document(&doc)?;
+        if let Some((id, change)) = cdc_tests::workload::change_of(&event) {
+            messages.push((event.operation_type.as_str().to_owned(), id, change));
+        }
+    }
+    Ok(replay(&messages))
+}
+
 /// `(lost, duplicates, checked)`.
 fn compare_changes(
     written: &[(String, String)],
@@ -127,6 +184,8 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
     }
     let kills: usize = value(args, "--kills").map_or(Ok(20), |v| v.parse())?;
     let rate: u64 = value(args, "--rate").map_or(Ok(200), |v| v.parse())?;
+    let snapshot = args.iter().any(|a| a == "--snapshot");
+    let preload = value(args, "--preload").unwrap_or_else(|| "30000".to_owned());
     let cdc = cdc_program()?;
     let sim = match value(args, "--uri") {
         Some(_) => None,
@@ -137,7 +196,10 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         (Some(sim), None) => sim.uri(),
         (None, None) => return Err("no source".into()),
     };
-    let work = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/soak-{kind}"));
+    let work = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../target/soak-{kind}{}",
+        if snapshot { "-snapshot" } else { "" }
+    ));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let written = work.join("written.log");
@@ -170,7 +232,8 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
     std::fs::write(
         &config,
         format!(
-            "[source]\nuri = \"{uri}\"\ndatabase = \"soak\"\ncollection = \"docs\"\nstream_id = \"soak-{kind}\"\nfull_document = \"updateLookup\"\n\n[checkpoint]\nevery_events = 100\nevery_ms = 1000\n\n[processing]\nmax_batch_events = 50\n\n[log]\nlevel = \"warn\"\n\n{sink_section}"
+            "[source]\nuri = \"{uri}\"\ndatabase = \"soak\"\ncollection = \"docs\"\nstream_id = \"soak-{kind}\"\nfull_document = \"updateLookup\"\n\n[checkpoint]\nevery_events = 100\nevery_ms = 1000\n\n[processing]\nmax_batch_events = 50\n\n[log]\nlevel = \"warn\"\n\n[snapshot]\nmode = \"{}\"\nchunk_docs = 2000\n\n{sink_section}",
+            if snapshot { "initial" } else { "never" }
         ),
     )?;
     let started = Instant::now();
@@ -178,10 +241,32 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         "soak: {kills} SIGKILLs of `cdc run` with the {kind} sink, writer at {rate} changes/s, logs in {}",
         work.display()
     );
-    let mut consumer = spawn_cdc(&cdc, &config, &cdc_log)?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    // Killed if this run ends early (an error): no writer is left behind.
-    let mut writer = super::KillOnDrop(super::spawn_writer(&uri, rate, &written, &stop_file, &[])?);
+    let (mut consumer, mut writer) = if snapshot {
+        // The documents exist before `cdc` starts; it snapshots them while the writer
+        // goes on, and is killed from the first second (during the snapshot).
+        let writer = super::KillOnDrop(super::spawn_writer(
+            &uri,
+            rate,
+            &written,
+            &stop_file,
+            &["--preload", &preload],
+        )?);
+        let preloaded = PathBuf::from(format!("{}.preloaded", written.display()));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !preloaded.exists() {
+            if Instant::now() > deadline {
+                return Err("the writer never finished preloading".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (spawn_cdc(&cdc, &config, &cdc_log)?, writer)
+    } else {
+        let consumer = spawn_cdc(&cdc, &config, &cdc_log)?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Killed if this run ends early (an error): no writer is left behind.
+        let writer = super::KillOnDrop(super::spawn_writer(&uri, rate, &written, &stop_file, &[])?);
+        (consumer, writer)
+    };
     let mut rng = started.elapsed().as_nanos() as u64 | 1;
     for k in 0..kills {
         rng ^= rng << 13;
@@ -225,6 +310,38 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
     };
     let table = format!("{prefix}docs");
     let deadline = Instant::now() + Duration::from_secs(120);
+    if snapshot && let Some(n) = &nats {
+        let js = jetstream::new(n.clone());
+        let replayed = loop {
+            let replayed = nats_replay(&js, &stream_name).await?;
+            let lost = differing(&content, &replayed.replica);
+            if lost == 0 || Instant::now() > deadline {
+                break replayed;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        super::signal(&consumer, "-TERM")?;
+        let stopped = consumer.wait()?;
+        let _ = js.delete_stream(&stream_name).await;
+        let lost = differing(&content, &replayed.replica);
+        let duplicates = replayed.duplicate_rows + replayed.duplicate_changes;
+        println!(
+            "soak: {kills} kills in {:.0} s; the last run stopped on SIGTERM: {stopped}",
+            started.elapsed().as_secs_f64()
+        );
+        println!(
+            "snapshot rows: {} documents, stored twice: {}; changes stored twice: {}",
+            replayed.rows, replayed.duplicate_rows, replayed.duplicate_changes
+        );
+        println!(
+            "sink {kind}: lost {lost} | duplicates {duplicates} | checked {}",
+            content.len()
+        );
+        if let Some(sim) = sim {
+            sim.shutdown().await;
+        }
+        return Ok(lost == 0 && duplicates == 0 && replayed.rows > 0 && stopped.success());
+    }
     let held = loop {
         let held = match (&nats, &pg) {
             (Some(n), _) => {
@@ -269,9 +386,41 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
     Ok(lost == 0 && duplicates == 0 && checked > 0 && stopped.success())
 }
 
+/// Documents whose replica entry differs from the collection (missing, another version,
+/// or present though deleted).
+fn differing(content: &BTreeMap<i64, String>, replica: &BTreeMap<i64, String>) -> usize {
+    let wrong = content
+        .iter()
+        .filter(|(id, v)| replica.get(id) != Some(v))
+        .count();
+    wrong
+        + replica
+            .keys()
+            .filter(|id| !content.contains_key(id))
+            .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_counts_rows_and_changes_stored_twice() {
+        let m = |op: &str, id: i64, c: &str| (op.to_owned(), id, c.to_owned());
+        let r = replay(&[
+            m("snapshot", 1, "v1"),
+            m("snapshot", 2, "v3"),
+            m("update", 1, "v2"),
+            // Row 1 read again after a restart and stored under a new id: a duplicate.
+            m("snapshot", 1, "v2"),
+            m("update", 1, "v2"),
+            m("delete", 2, "deleted"),
+        ]);
+        assert_eq!((r.rows, r.duplicate_rows, r.duplicate_changes), (2, 1, 1));
+        assert_eq!(r.replica, BTreeMap::from([(1, "v2".to_owned())]));
+        let content = BTreeMap::from([(1, "v2".to_owned()), (3, "v1".to_owned())]);
+        assert_eq!(differing(&content, &r.replica), 1);
+    }
 
     #[test]
     fn the_comparisons_count_what_they_say() {
