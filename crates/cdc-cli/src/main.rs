@@ -212,6 +212,8 @@ fn main() -> ExitCode {
             },
         }
     });
+    // Blocking tasks (a file store's read) are not waited for without end.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => code,
         Err(e) => {

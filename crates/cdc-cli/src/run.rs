@@ -395,19 +395,22 @@ pub(crate) async fn build_sink(
     })
 }
 
-/// The processor with its store (leased when configured), and the store as opened.
-pub(crate) async fn build_processor(cfg: &Config) -> Result<(DocumentProcessor, Opened), BoxError> {
+/// The processor with its store (leased when configured), the store as opened, and the
+/// source's client (shut down at the end, so the driver's clean-up of cursors runs).
+pub(crate) async fn build_processor(
+    cfg: &Config,
+) -> Result<(DocumentProcessor, Opened, Client), BoxError> {
     let client = connect_source(cfg).await?;
     let opened = open_store(cfg).await?;
     let stores = &opened.stores;
-    let mut b = builder(cfg, client)?;
+    let mut b = builder(cfg, client.clone())?;
     b = match &cfg.lease {
         Some(lease) => b.leased_stores(stores, Duration::from_millis(lease.ttl_ms)),
         None => b
             .store(stores.points.clone())
             .dead_letters(stores.dead_letters.clone()),
     };
-    Ok((b.build()?, opened))
+    Ok((b.build()?, opened, client))
 }
 
 /// `cdc check`.
@@ -525,18 +528,22 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
     // Listening from the start: a SIGTERM while connecting stops as soon as the run starts.
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let (processor, opened) = build_processor(&cfg).await?;
     let metrics = Arc::new(Metrics::new());
-    let sink = Arc::new(
-        build_sink(
-            &cfg,
-            &opened,
-            processor.stream_id(),
-            true,
-            Arc::clone(&metrics),
-        )
-        .await?,
-    );
+    // A stop during start-up (connecting, opening the store and the sink) is honoured at
+    // once: nothing was handled, nothing is to save.
+    let started = tokio::select! {
+        started = async {
+            let (processor, opened, client) = build_processor(&cfg).await?;
+            let sink = build_sink(&cfg, &opened, processor.stream_id(), true, Arc::clone(&metrics)).await?;
+            Ok::<_, BoxError>((processor, opened, client, sink))
+        } => started?,
+        () = &mut shutdown => {
+            tracing::info!("stopped during start-up: nothing was handled");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let (processor, _opened, client, sink) = started;
+    let sink = Arc::new(sink);
     let leased = cfg.lease.is_some();
     if let Some(addr) = cfg.metrics.addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -585,6 +592,16 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
             }
         }
     };
+    // The driver cleans up cursors and sessions in tasks of its own (`killCursors`): they
+    // must run before the runtime goes, or they are cancelled mid-way (the driver then
+    // panics on the cancelled task).
+    drop(task);
+    if tokio::time::timeout(Duration::from_secs(5), client.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the MongoDB client's clean-up did not finish within 5 s");
+    }
     match outcome {
         Ok(Ok(())) => {
             tracing::info!(events = processor.stats().events, "stopped");
@@ -595,20 +612,32 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
     }
 }
 
-/// SIGTERM or Ctrl-C (SIGINT). On Unix both handlers are installed when this is called,
-/// before the future is first polled.
+/// SIGTERM, SIGHUP or Ctrl-C (SIGINT). On Unix the handlers are installed when this is
+/// called, before the future is first polled.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let term = signal(SignalKind::terminate());
         let int = signal(SignalKind::interrupt());
+        // SIGHUP (the terminal or session went away) stops gracefully too, with the final
+        // checkpoint; without a handler it would kill the process with none.
+        let hup = signal(SignalKind::hangup());
         async move {
             match (term, int) {
                 (Ok(mut term), Ok(mut int)) => {
+                    let hangup = async move {
+                        match hup {
+                            Ok(mut hup) => {
+                                hup.recv().await;
+                            }
+                            Err(_) => std::future::pending::<()>().await,
+                        }
+                    };
                     tokio::select! {
                         _ = term.recv() => {}
                         _ = int.recv() => {}
+                        () = hangup => {}
                     }
                 }
                 (term, int) => {

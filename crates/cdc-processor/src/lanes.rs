@@ -401,7 +401,7 @@ async fn run_lane(
         }
         let mut units = vec![first];
         if let Handler::Batch(_, limits) = &handler {
-            carry = gather(&mut rx, &mut units, limits).await;
+            carry = gather(&mut rx, &mut units, limits, &ctx).await;
         }
         let outcome = match handle_until_deadline(&handler, &units, &ctx, &poison).await {
             Outcome::Failed(e) => {
@@ -416,12 +416,14 @@ async fn run_lane(
     }
 }
 
-/// Adds queued units to a batch until a limit is reached or the wait runs out; returns a
-/// unit that did not fit (it opens the next batch).
+/// Adds queued units to a batch until a limit is reached, the wait runs out or the
+/// processor is stopping (a stop never waits out `max_batch_wait`); returns a unit that
+/// did not fit (it opens the next batch).
 async fn gather(
     rx: &mut mpsc::Receiver<Unit>,
     units: &mut Vec<Unit>,
     limits: &BatchLimits,
+    ctx: &HandlerContext,
 ) -> Option<Unit> {
     let mut events: usize = units.iter().map(|u| u.events.len()).sum();
     let mut bytes: usize = units.iter().map(Unit::raw_bytes).sum();
@@ -431,7 +433,11 @@ async fn gather(
             Ok(unit) => unit,
             Err(mpsc::error::TryRecvError::Disconnected) => return None,
             Err(mpsc::error::TryRecvError::Empty) => {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                let next = tokio::select! {
+                    next = tokio::time::timeout_at(deadline, rx.recv()) => next,
+                    () = ctx.stopping() => return None,
+                };
+                match next {
                     Ok(Some(unit)) => unit,
                     Ok(None) | Err(_) => return None,
                 }

@@ -457,6 +457,38 @@ async fn batch_handlers_get_bounded_batches_and_a_failed_batch_comes_again() {
     env.deployment.shutdown().await;
 }
 
+/// A stop does not wait out `max_batch_wait`: a lane gathering a batch (here for ten
+/// minutes, of which it holds one event) hands what it holds over, or gives it up, at
+/// once; the processor stops and the event is handled or comes again.
+#[tokio::test]
+async fn a_stop_does_not_wait_out_the_batch_wait() {
+    let env = Env::new("lanes_batch_wait_stop").await;
+    let p = env
+        .builder()
+        .max_batch_events(1000)
+        .max_batch_wait(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let batches = Batches::default();
+    let runner = p.clone();
+    let handler = batches.clone();
+    let task = tokio::spawn(async move { runner.start_batches(handler).await });
+    opened(&p).await;
+    env.coll().insert_one(doc! { "_id": 1 }).await.unwrap();
+    // The event is read and the lane is gathering (nothing handed over within 600 s).
+    let progress = p.clone();
+    until("the event read", move || progress.stats().read_events >= 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(batches.ids.lock().unwrap().is_empty());
+    p.stop();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the stop was not held up by the ten-minute batch wait")
+        .unwrap()
+        .unwrap();
+    env.deployment.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_context_carries_the_stop_signal_and_the_attempt() {
     let env = Env::new("lanes_context").await;
