@@ -53,7 +53,7 @@ fn snapshot_text(point: &ResumePoint) -> Option<String> {
         .and_then(|v| bson::Bson::try_from(v).ok())
         .map_or_else(
             || "the start".to_owned(),
-            |v| v.into_relaxed_extjson().to_string(),
+            |v| cdc_core::to_relaxed_json(v).to_string(),
         );
     Some(format!("in progress: collection {coll}, after _id {after}"))
 }
@@ -190,7 +190,7 @@ pub(crate) async fn list_letters(
             let doc = bson::RawDocument::from_bytes(&l.event)
                 .ok()
                 .and_then(|r| bson::Document::try_from(r).ok())
-                .map(|d| bson::Bson::Document(d).into_relaxed_extjson());
+                .map(|d| cdc_core::to_relaxed_json(bson::Bson::Document(d)));
             println!(
                 "{}",
                 serde_json::json!({
@@ -225,7 +225,7 @@ trait ChangeEventExt {
 impl ChangeEventExt for cdc_processor::ChangeEvent {
     fn key_text(&self) -> Option<String> {
         self.document_id()
-            .map(|id| id.into_relaxed_extjson().to_string())
+            .map(|id| cdc_core::to_relaxed_json(id).to_string())
     }
 }
 

@@ -35,8 +35,7 @@ pub trait CollectionWatcher: Send + Sync {
 /// because consumers of JSON expect `1`, not `{"$numberInt": "1"}`; use
 /// [`TypedWatcher`] where exact numeric types matter.
 pub fn to_json_bytes(doc: &Document) -> Vec<u8> {
-    Bson::Document(doc.clone())
-        .into_relaxed_extjson()
+    cdc_core::to_relaxed_json(Bson::Document(doc.clone()))
         .to_string()
         .into_bytes()
 }
@@ -46,10 +45,11 @@ pub fn to_json_bytes(doc: &Document) -> Vec<u8> {
 /// # Errors
 /// When the bytes are not valid BSON.
 pub fn raw_to_json_bytes(doc: &RawDocument) -> Result<Vec<u8>, bson::error::Error> {
-    Ok(Bson::Document(Document::try_from(doc)?)
-        .into_relaxed_extjson()
-        .to_string()
-        .into_bytes())
+    Ok(
+        cdc_core::to_relaxed_json(Bson::Document(Document::try_from(doc)?))
+            .to_string()
+            .into_bytes(),
+    )
 }
 
 /// A document for a JSON watcher method, as JSON bytes; a handler error naming the event

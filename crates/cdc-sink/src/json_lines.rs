@@ -57,7 +57,7 @@ impl<W: Write + Send> JsonLines<W> {
             let doc = bson::Document::try_from(raw)?;
             serde_json::to_writer(
                 &mut lines,
-                &bson::Bson::Document(doc).into_relaxed_extjson(),
+                &cdc_core::to_relaxed_json(bson::Bson::Document(doc)),
             )?;
             lines.push(b'\n');
         }
@@ -98,7 +98,7 @@ mod tests {
                 "clusterTime": bson::Timestamp { time: 7, increment: 1 },
                 "ns": { "db": "d", "coll": "c" },
                 "documentKey": { "_id": id },
-                "fullDocument": { "_id": id, "at": bson::DateTime::from_millis(0), "n": 1.5 },
+                "fullDocument": { "_id": id, "at": bson::DateTime::from_millis(0), "n": 1.5, "t": bson::DateTime::from_millis(12_140) },
             })
             .unwrap()
         };
@@ -115,7 +115,15 @@ mod tests {
         assert_eq!(lines[1]["fullDocument"]["_id"], 2);
         assert_eq!(lines[0]["fullDocument"]["n"], 1.5);
         // Relaxed: numbers plain, dates and timestamps in their wrappers.
-        assert!(lines[0]["fullDocument"]["at"]["$date"].is_string());
+        // Dates with exactly three fractional digits (sortable as text).
+        assert_eq!(
+            lines[0]["fullDocument"]["at"]["$date"],
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            lines[0]["fullDocument"]["t"]["$date"],
+            "1970-01-01T00:00:12.140Z"
+        );
         assert_eq!(lines[0]["clusterTime"]["$timestamp"]["t"], 7);
         assert_eq!(lines[0]["_id"]["_data"], "820000000100000001");
     }

@@ -388,7 +388,7 @@ impl NatsSink {
             Body::RelaxedJson | Body::CanonicalJson => {
                 let doc = bson::Bson::Document(bson::Document::try_from(raw)?);
                 let json = if self.body == Body::RelaxedJson {
-                    doc.into_relaxed_extjson()
+                    cdc_core::to_relaxed_json(doc)
                 } else {
                     doc.into_canonical_extjson()
                 };
@@ -410,7 +410,8 @@ impl NatsSink {
             publish = publish.header("Cdc-Namespace", ns.to_string());
         }
         if let Some(key) = event.document_key() {
-            let key = bson::Bson::Document(bson::Document::try_from(key)?).into_relaxed_extjson();
+            let key =
+                cdc_core::to_relaxed_json(bson::Bson::Document(bson::Document::try_from(key)?));
             publish = publish.header("Cdc-Document-Key", key.to_string());
         }
         Ok((self.subject.render(event, &self.stream_id), publish))

@@ -212,7 +212,9 @@ impl PostgresSink {
                         }
                     };
                     Change::Upsert(
-                        bson::Bson::Document(bson::Document::try_from(doc)?).into_relaxed_extjson(),
+                        cdc_core::to_relaxed_json(bson::Bson::Document(bson::Document::try_from(
+                            doc,
+                        )?)),
                         at,
                     )
                 }
