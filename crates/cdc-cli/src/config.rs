@@ -124,7 +124,7 @@ impl Default for Processing {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Checkpoint {
-    pub(crate) every_events: u32,
+    pub(crate) every_events: u64,
     pub(crate) every_ms: u64,
 }
 
@@ -136,6 +136,34 @@ impl Default for Checkpoint {
         }
     }
 }
+
+/// The range of every numeric key, `(key, min, max)` inclusive: what `check` (and every
+/// command) accepts. `docs/OPERATIONS.md` lists the same table.
+pub(crate) const RANGES: &[(&str, u64, u64)] = &[
+    ("processing.concurrency", 1, 4096),
+    ("processing.max_batch_events", 1, 100_000),
+    // 1 GiB: a batch is held in memory whole.
+    ("processing.max_batch_bytes", 1, 1 << 30),
+    // An hour: a stop does not wait for it, but a batch does.
+    ("processing.max_batch_wait_ms", 0, 3_600_000),
+    // 1 MiB to 64 GiB.
+    ("processing.max_buffered_bytes", 1 << 20, 1 << 36),
+    ("checkpoint.every_events", 1, 10_000_000),
+    // A day.
+    ("checkpoint.every_ms", 1, 86_400_000),
+    ("dead_letters.retries", 0, 1000),
+    ("snapshot.parallelism", 1, 64),
+    ("snapshot.chunk_docs", 1, 10_000_000),
+    // 30 ms to a day.
+    ("lease.ttl_ms", 30, 86_400_000),
+    // A second to 30 days (JetStream's window is a duration in nanoseconds).
+    ("sink.nats.duplicate_window_s", 1, 2_592_000),
+    // Publishes awaiting acknowledgement at once.
+    ("sink.nats.window", 1, 65_536),
+];
+
+/// The store when `store.url` is left out (and the sink is not PostgreSQL).
+pub(crate) const DEFAULT_STORE_URL: &str = "file:./cdc-state";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,7 +185,7 @@ pub(crate) enum OnError {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct DeadLetters {
     pub(crate) on_error: OnError,
-    pub(crate) retries: u32,
+    pub(crate) retries: u64,
     pub(crate) park_keys: bool,
 }
 
@@ -580,31 +608,43 @@ impl Config {
                 )));
             }
         }
+        if let Some(id) = &s.stream_id {
+            cdc_core::validate_stream_id(id)
+                .map_err(|e| err(format!("`source.stream_id`: {e}")))?;
+        }
+        let stream = s
+            .stream_id
+            .clone()
+            .or_else(|| match (&s.database, &s.collection) {
+                (Some(db), Some(coll)) => Some(format!("{db}.{coll}")),
+                (Some(db), None) => Some(db.clone()),
+                _ => None,
+            });
+        let file_store = self
+            .store
+            .url
+            .as_ref()
+            .is_none_or(|u| u.0.starts_with("file:"))
+            && self.store.url_file.is_none()
+            && self.sink.kind != SinkKind::Postgres;
+        if let Some(stream) = stream.filter(|_| file_store) {
+            cdc_processor::stores::FileStore::check_stream_id(&stream)
+                .map_err(|e| err(format!("`source.stream_id`: {e}")))?;
+        }
+        for (key, value) in self.numbers() {
+            let Some(&(_, min, max)) = RANGES.iter().find(|(k, _, _)| *k == key) else {
+                return Err(err(format!(
+                    "`{key}` has no range (a bug: add it to RANGES)"
+                )));
+            };
+            if !(min..=max).contains(&value) {
+                return Err(err(format!(
+                    "`{key}` is {value}: it must be from {min} to {max}"
+                )));
+            }
+        }
         let p = &self.processing;
-        for (key, v) in [
-            ("processing.concurrency", p.concurrency),
-            ("processing.max_batch_events", p.max_batch_events),
-            ("processing.max_batch_bytes", p.max_batch_bytes),
-            ("processing.max_buffered_bytes", p.max_buffered_bytes),
-            ("snapshot.parallelism", self.snapshot.parallelism),
-            ("snapshot.chunk_docs", self.snapshot.chunk_docs),
-        ] {
-            if v == 0 {
-                return Err(err(format!("`{key}` must be at least 1")));
-            }
-        }
-        if p.concurrency > 4096 {
-            return Err(err("`processing.concurrency` is at most 4096"));
-        }
-        if self.checkpoint.every_events == 0 || self.checkpoint.every_ms == 0 {
-            return Err(err(
-                "`checkpoint.every_events` and `checkpoint.every_ms` must be at least 1",
-            ));
-        }
         if let Some(lease) = &self.lease {
-            if lease.ttl_ms < 30 {
-                return Err(err("`lease.ttl_ms` must be at least 30"));
-            }
             if lease.owner.as_deref().is_some_and(str::is_empty) {
                 return Err(err("`lease.owner` is empty"));
             }
@@ -646,11 +686,6 @@ impl Config {
                         n.stream
                     )));
                 }
-                if n.window == 0 || n.duplicate_window_s == 0 {
-                    return Err(err(
-                        "`sink.nats.window` and `sink.nats.duplicate_window_s` must be at least 1",
-                    ));
-                }
             }
             SinkKind::Postgres => {
                 let pg = self.sink.postgres.as_ref().ok_or_else(|| {
@@ -679,6 +714,36 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Every numeric key set (with its default when left out), for [`RANGES`].
+    fn numbers(&self) -> Vec<(&'static str, u64)> {
+        let p = &self.processing;
+        let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let mut out = vec![
+            ("processing.concurrency", as_u64(p.concurrency)),
+            ("processing.max_batch_events", as_u64(p.max_batch_events)),
+            ("processing.max_batch_bytes", as_u64(p.max_batch_bytes)),
+            ("processing.max_batch_wait_ms", p.max_batch_wait_ms),
+            (
+                "processing.max_buffered_bytes",
+                as_u64(p.max_buffered_bytes),
+            ),
+            ("checkpoint.every_events", self.checkpoint.every_events),
+            ("checkpoint.every_ms", self.checkpoint.every_ms),
+            ("dead_letters.retries", self.dead_letters.retries),
+            ("snapshot.parallelism", as_u64(self.snapshot.parallelism)),
+            ("snapshot.chunk_docs", as_u64(self.snapshot.chunk_docs)),
+        ];
+        if let Some(lease) = &self.lease {
+            out.push(("lease.ttl_ms", lease.ttl_ms));
+        }
+        if self.sink.kind == SinkKind::Nats || self.sink.nats.is_some() {
+            let n = self.nats();
+            out.push(("sink.nats.duplicate_window_s", n.duplicate_window_s));
+            out.push(("sink.nats.window", as_u64(n.window)));
+        }
+        out
     }
 
     /// The NATS sink's settings (defaults when the section is left out).
@@ -727,6 +792,146 @@ subject = "cdc.{db}.{coll}.{op}"
             cdc_processor::DEFAULT_MAX_BUFFERED_BYTES
         );
         assert_eq!(c.nats().subject, cdc_sink::DEFAULT_SUBJECT);
+    }
+
+    /// `cdc.example.toml` shows every key with its default, except those marked on their
+    /// line: `[required]` (no default: left out, the file does not load) and `[not the
+    /// default]` (an example value). Each key is left out in turn and the configuration
+    /// compared with the whole file's: a difference on an unmarked key, or a mark on a key
+    /// at its default, fails.
+    #[test]
+    fn the_example_is_the_defaults_except_where_marked() {
+        let text = include_str!("../../../cdc.example.toml");
+        // What the program uses: a store URL left out is the default store.
+        let effective = |mut c: Config| {
+            if c.store.url.is_none()
+                && c.store.url_file.is_none()
+                && c.sink.kind != SinkKind::Postgres
+            {
+                c.store.url = Some(Secret(DEFAULT_STORE_URL.to_owned()));
+            }
+            format!("{c:?}")
+        };
+        let whole = effective(load(text, "example", &[]).unwrap());
+        let table: toml::Table = text.parse().unwrap();
+        let mut leaves = Vec::new();
+        fn walk(prefix: &[String], t: &toml::Table, out: &mut Vec<Vec<String>>) {
+            for (k, v) in t {
+                let mut path = prefix.to_vec();
+                path.push(k.clone());
+                match v {
+                    toml::Value::Table(inner) => walk(&path, inner, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        walk(&[], &table, &mut leaves);
+        assert!(leaves.len() > 25, "{leaves:?}");
+        for path in leaves {
+            let mut without = table.clone();
+            let mut at = &mut without;
+            for part in &path[..path.len() - 1] {
+                at = at
+                    .get_mut(part)
+                    .and_then(toml::Value::as_table_mut)
+                    .unwrap();
+            }
+            at.remove(&path[path.len() - 1]);
+            let reduced = toml::to_string(&without).unwrap();
+            let state = match load(&reduced, "example", &[]).map(effective) {
+                Err(_) => "[required]",
+                Ok(c) if c != whole => "[not the default]",
+                Ok(_) => "",
+            };
+            let line = key_line(text, &path);
+            let marked = ["[required]", "[not the default]"]
+                .into_iter()
+                .find(|m| line.contains(m))
+                .unwrap_or("");
+            assert_eq!(
+                marked,
+                state,
+                "`{}` (line {line:?}): left out, {}",
+                path.join("."),
+                match state {
+                    "" => "the configuration is the same: it is the default, unmark it",
+                    "[required]" => "the file does not load: mark it [required]",
+                    _ => "the configuration is another: mark it [not the default]",
+                }
+            );
+        }
+    }
+
+    /// The line of the example that sets `path` (its section header, then `key =`).
+    fn key_line<'a>(text: &'a str, path: &[String]) -> &'a str {
+        let section = format!("[{}]", path[..path.len() - 1].join("."));
+        let key = &path[path.len() - 1];
+        let mut current = String::from("[]");
+        for line in text.lines() {
+            let trimmed = line.trim();
+            if trimmed.starts_with('[') && !trimmed.starts_with("[[") {
+                current = trimmed.split(']').next().unwrap_or("").to_owned() + "]";
+                continue;
+            }
+            if current == section
+                && trimmed
+                    .strip_prefix(key.as_str())
+                    .is_some_and(|r| r.trim_start().starts_with('='))
+            {
+                return line;
+            }
+        }
+        panic!("no line sets `{}`", path.join("."));
+    }
+
+    /// Every numeric key: its bounds pass, one past them is an error naming the key and
+    /// the range (a `u64::MAX` window once passed `check` and panicked at run).
+    #[test]
+    fn every_numeric_key_is_held_to_its_range() {
+        let with_lease = format!("{GOOD}\n[lease]\nttl_ms = 1000\n");
+        let set = |key: &str, v: u64| Override {
+            key: key.to_owned(),
+            value: v.to_string(),
+            origin: "--set".into(),
+        };
+        let config = load(&with_lease, "cdc.toml", &[]).unwrap();
+        let listed: Vec<&str> = config.numbers().iter().map(|(k, _)| *k).collect();
+        assert_eq!(listed.len(), RANGES.len(), "{listed:?}");
+        for &(key, min, max) in RANGES {
+            assert!(listed.contains(&key), "{key}");
+            for ok in [min, max] {
+                load(&with_lease, "cdc.toml", &[set(key, ok)])
+                    .unwrap_or_else(|e| panic!("{key} = {ok}: {e}"));
+            }
+            let mut bad = vec![max + 1, u64::try_from(i64::MAX).unwrap()];
+            if min > 0 {
+                bad.push(min - 1);
+            }
+            for v in bad {
+                let e = load(&with_lease, "cdc.toml", &[set(key, v)]).unwrap_err().0;
+                assert!(
+                    e.contains(&format!("`{key}`")) && e.contains(&format!("from {min} to {max}")),
+                    "{key} = {v}: {e}"
+                );
+            }
+        }
+        // Stream ids: 256 bytes at most; with the file store, what fits in a file name.
+        let id = |n: usize| Override {
+            key: "source.stream_id".into(),
+            value: "x".repeat(n),
+            origin: "--set".into(),
+        };
+        let e = load(GOOD, "cdc.toml", &[id(257)]).unwrap_err().0;
+        assert!(e.contains("`source.stream_id`") && e.contains("256"), "{e}");
+        let e = load(GOOD, "cdc.toml", &[id(250)]).unwrap_err().0;
+        assert!(e.contains("`source.stream_id`") && e.contains("255"), "{e}");
+        load(GOOD, "cdc.toml", &[id(200)]).unwrap();
+        let redis = Override {
+            key: "store.url".into(),
+            value: "redis://127.0.0.1:6379".into(),
+            origin: "--set".into(),
+        };
+        load(GOOD, "cdc.toml", &[id(250), redis]).unwrap();
     }
 
     #[test]
@@ -832,12 +1037,12 @@ subject = "cdc.{db}.{coll}.{op}"
             (
                 base("[processing]\nconcurrency = 0"),
                 vec![],
-                "`processing.concurrency` must be at least 1",
+                "`processing.concurrency` is 0: it must be from 1 to 4096",
             ),
             (
                 base("[processing]\nconcurrency = 99999"),
                 vec![],
-                "at most 4096",
+                "`processing.concurrency` is 99999: it must be from 1 to 4096",
             ),
             (
                 base("[processing]\nmax_buffered_bytes = 18446744073709551616"),
@@ -890,7 +1095,7 @@ subject = "cdc.{db}.{coll}.{op}"
             (
                 base("[lease]\nttl_ms = 5"),
                 vec![],
-                "`lease.ttl_ms` must be at least 30",
+                "`lease.ttl_ms` is 5: it must be from 30 to 86400000",
             ),
             (
                 base("[lease]\nowner = \"a\""),

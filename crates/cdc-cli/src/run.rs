@@ -81,7 +81,7 @@ fn store_url(cfg: &Config) -> Result<String, BoxError> {
         cfg.store.url_file.as_ref(),
         "store.url",
     )?
-    .map_or_else(|| "file:./cdc-state".to_owned(), |s| s.0))
+    .map_or_else(|| config::DEFAULT_STORE_URL.to_owned(), |s| s.0))
 }
 
 fn postgres_url(cfg: &Config) -> Result<String, BoxError> {
@@ -216,7 +216,8 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
     let p = &cfg.processing;
     b = b
         .checkpoint(CheckpointPolicy::batched(
-            cfg.checkpoint.every_events,
+            // Within u32: `check` holds it to config::RANGES.
+            u32::try_from(cfg.checkpoint.every_events).unwrap_or(u32::MAX),
             cfg.checkpoint_interval(),
         )?)
         .concurrency(p.concurrency)
@@ -237,7 +238,8 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
         OnError::Skip => HandlerErrorPolicy::skip(),
         OnError::DeadLetter => HandlerErrorPolicy::dead_letter(),
     }
-    .retries(d.retries)
+    // Within u32: `check` holds it to config::RANGES.
+    .retries(u32::try_from(d.retries).unwrap_or(u32::MAX))
     .park_keys(d.park_keys);
     b = b.on_handler_error(policy);
     // The PostgreSQL sink saves the point in its transactions, ahead of the processor.
