@@ -644,10 +644,10 @@ impl Config {
             }
         }
         let p = &self.processing;
-        if let Some(lease) = &self.lease {
-            if lease.owner.as_deref().is_some_and(str::is_empty) {
-                return Err(err("`lease.owner` is empty"));
-            }
+        if let Some(lease) = &self.lease
+            && lease.owner.as_deref().is_some_and(str::is_empty)
+        {
+            return Err(err("`lease.owner` is empty"));
         }
         if self.store.url.is_some() && self.store.url_file.is_some() {
             return Err(err(
