@@ -444,6 +444,16 @@ fn apply(table: &mut toml::Table, o: &Override) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The value at dotted `path` in `table`.
+fn lookup<'a>(table: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
+    let mut parts = path.split('.');
+    let mut value = table.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_table()?.get(part)?;
+    }
+    Some(value)
+}
+
 /// The line and column of byte `at` in `text`.
 fn position(text: &str, at: usize) -> (usize, usize) {
     let before = &text[..at.min(text.len())];
@@ -489,9 +499,18 @@ pub(crate) fn load(text: &str, name: &str, overrides: &[Override]) -> Result<Con
             )));
         }
     }
+    let original = table.clone();
     let config: Config =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let path = e.path().to_string();
+            // An enum key given a number or a boolean: serde's words for it are its own
+            // ("invalid type: unit variant").
+            if e.inner().to_string().contains("unit variant") {
+                let found = lookup(&original, &path).map_or("a value", toml::Value::type_str);
+                return err(format!(
+                    "`{path}`: expected a string naming one of its choices (see cdc.example.toml), found {found}"
+                ));
+            }
             let inner = e.into_inner().to_string();
             let inner = inner.trim().replace('\n', " ");
             // serde's "in `section`" suffix repeats the path.
@@ -537,10 +556,22 @@ pub(crate) fn secret(
         (Some(_), Some(_)) => Err(err(format!(
             "`{key}` and `{key}_file` are both set: give one"
         ))),
+        (Some(v), None) if v.0.trim().is_empty() => Err(err(format!("`{key}` is empty"))),
         (Some(v), None) => Ok(Some(v.clone())),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map(|s| Some(Secret(s.trim().to_owned())))
-            .map_err(|e| err(format!("`{key}_file` {}: {e}", path.display()))),
+        (None, Some(path)) if path.as_os_str().is_empty() => {
+            Err(err(format!("`{key}_file` is empty: name a file")))
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(format!("`{key}_file` {}: {e}", path.display())))?;
+            if text.trim().is_empty() {
+                return Err(err(format!(
+                    "`{key}_file` {}: the file is empty",
+                    path.display()
+                )));
+            }
+            Ok(Some(Secret(text.trim().to_owned())))
+        }
         (None, None) => Ok(None),
     }
 }
@@ -558,6 +589,24 @@ impl Config {
             return Err(err(
                 "`source.uri` and `source.uri_file` are both set: give one",
             ));
+        }
+        // Every connection string resolves (files read, nothing empty) now, so `check`
+        // and every command say so as a configuration error.
+        secret(s.uri.as_ref(), s.uri_file.as_ref(), "source.uri")?;
+        secret(
+            self.store.url.as_ref(),
+            self.store.url_file.as_ref(),
+            "store.url",
+        )?;
+        if let Some(n) = &self.sink.nats {
+            secret(
+                Some(&n.url).filter(|_| n.url_file.is_none()),
+                n.url_file.as_ref(),
+                "sink.nats.url",
+            )?;
+        }
+        if let Some(pg) = &self.sink.postgres {
+            secret(pg.url.as_ref(), pg.url_file.as_ref(), "sink.postgres.url")?;
         }
         match (s.deployment, &s.database, &s.collection) {
             (true, None, None) | (false, Some(_), _) => {}

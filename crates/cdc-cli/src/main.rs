@@ -216,6 +216,12 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => code,
+        // A configuration error found while running (a secret file gone, a value only the
+        // server can refuse) exits as configuration errors do.
+        Err(e) if e.downcast_ref::<config::ConfigError>().is_some() => {
+            eprintln!("cdc: configuration error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("cdc: {e}");
             ExitCode::FAILURE

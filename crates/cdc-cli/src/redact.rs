@@ -75,7 +75,9 @@ fn redact_piece(piece: &str) -> String {
             let (user, host) = before.split_at(at);
             match user.split_once(':') {
                 Some((name, _)) => format!("{name}:***{host}"),
-                None => format!("***{host}"),
+                // A lone name is a token to NATS, a user name elsewhere.
+                None if scheme.is_some_and(is_nats) => format!("***{host}"),
+                None => before.to_owned(),
             }
         }
         None => before.to_owned(),
@@ -170,6 +172,11 @@ fn find_key(text: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// Schemes async-nats reads (a lone user name there is a token).
+fn is_nats(scheme: &str) -> bool {
+    matches!(scheme, "nats" | "tls" | "ws" | "wss")
+}
+
 fn is_secret_param(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     !NOT_SECRET.contains(&key.as_str())
@@ -208,9 +215,12 @@ pub(crate) fn secrets(url: &str) -> Vec<String> {
         let before = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
         if let Some(at) = before.rfind('@') {
             let user = &before[..at];
+            let scheme = piece.split_once("://").map(|(s, _)| s);
             match user.split_once(':') {
                 Some((_, password)) => out.push(password.to_owned()),
-                None => out.push(user.to_owned()),
+                // A lone name is a token to NATS (a user name elsewhere).
+                None if scheme.is_none_or(is_nats) => out.push(user.to_owned()),
+                None => {}
             }
         }
         if let Some((_, query)) = piece.split_once('?') {
@@ -301,6 +311,11 @@ mod tests {
             }
         }
         assert_eq!(redact_url("file:./x"), "file:./x");
+        // A user name without a password is shown (a token only to NATS).
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1:5432/test?sslmode=require"),
+            "postgres://postgres@127.0.0.1:5432/test?sslmode=require"
+        );
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
     }
 }

@@ -97,7 +97,8 @@ fn postgres_url(cfg: &Config) -> Result<String, BoxError> {
 
 fn nats_url(cfg: &Config) -> Result<String, BoxError> {
     let n = cfg.nats();
-    let given = cfg.sink.nats.as_ref().map(|n| &n.url);
+    // `url` has a default: with `url_file` set, the file is what counts.
+    let given = Some(&n.url).filter(|_| n.url_file.is_none());
     Ok(secret(given, n.url_file.as_ref(), "sink.nats.url")?.map_or(n.url.0, |s| s.0))
 }
 
@@ -120,24 +121,6 @@ pub(crate) async fn connect_nats(url: &str) -> Result<async_nats::Client, BoxErr
             )
             .into()
         })
-}
-
-pub(crate) async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, BoxError> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| {
-            format!(
-                "PostgreSQL {}: {}",
-                redact_url(url),
-                config::scrub(&e.to_string(), url)
-            )
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "the PostgreSQL sink's connection ended");
-        }
-    });
-    Ok(client)
 }
 
 /// The store as opened: by URL, or the PostgreSQL sink's own database (then also as the
@@ -195,13 +178,7 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
                 .collect(),
         );
     }
-    for stage in &s.pipeline {
-        let json = serde_json::to_value(stage)?;
-        match bson::Bson::try_from(json)? {
-            bson::Bson::Document(d) => options.pipeline.push(d),
-            other => return Err(format!("a pipeline stage is not a document: {other}").into()),
-        }
-    }
+    options.pipeline = pipeline(cfg)?;
     options.show_expanded_events = s.show_expanded_events;
     let mut b = DocumentProcessor::builder().client(client);
     b = match (&s.database, &s.collection) {
@@ -415,6 +392,58 @@ pub(crate) async fn build_processor(
     Ok((b.build()?, opened, client))
 }
 
+/// `source.pipeline` as BSON stages.
+fn pipeline(cfg: &Config) -> Result<Vec<bson::Document>, BoxError> {
+    let mut out = Vec::new();
+    for (i, stage) in cfg.source.pipeline.iter().enumerate() {
+        let json = serde_json::to_value(stage)?;
+        match bson::Bson::try_from(json)? {
+            bson::Bson::Document(d) => out.push(d),
+            other => {
+                return Err(config::ConfigError(format!(
+                    "`source.pipeline[{i}]` is not a document: {other}"
+                ))
+                .into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Opens a change stream with the configured pipeline and closes it: a pipeline the
+/// server refuses (while a stream without it opens) is a configuration error.
+async fn probe_pipeline(cfg: &Config, client: &Client) -> Result<(), BoxError> {
+    let stages = pipeline(cfg)?;
+    if stages.is_empty() {
+        return Ok(());
+    }
+    let s = &cfg.source;
+    let open = |stages: Vec<bson::Document>| async move {
+        match (&s.database, &s.collection) {
+            (Some(db), Some(coll)) => client
+                .database(db)
+                .collection::<bson::Document>(coll)
+                .watch()
+                .pipeline(stages)
+                .await
+                .map(drop),
+            (Some(db), None) => client.database(db).watch().pipeline(stages).await.map(drop),
+            _ => client.watch().pipeline(stages).await.map(drop),
+        }
+    };
+    match open(stages).await {
+        Ok(()) => Ok(()),
+        Err(refused) => {
+            open(Vec::new()).await?;
+            Err(config::ConfigError(format!(
+                "`source.pipeline`: the server refuses it: {}",
+                config::scrub(&refused.to_string(), "")
+            ))
+            .into())
+        }
+    }
+}
+
 /// `cdc check`.
 pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
     println!("ok    configuration");
@@ -435,6 +464,7 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
         }
     }
     let mut failed = false;
+    let mut config_error = false;
     let mut report = |what: &str, result: Result<String, BoxError>| match result {
         Ok(detail) => println!("ok    {what}: {detail}"),
         Err(e) => {
@@ -452,20 +482,31 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
         let set = hello.get_str("setName").map_err(
             |_| "not a replica set member (change streams need a replica set or a sharded cluster)",
         )?;
+        let set = set.to_owned();
+        let probed = probe_pipeline(cfg, &client).await;
+        client.shutdown().await;
+        probed?;
         Ok::<_, BoxError>(format!("replica set {set}"))
+    };
+    let source = within_deadline(source).await;
+    if let Err(e) = &source
+        && e.downcast_ref::<config::ConfigError>().is_some()
+    {
+        config_error = true;
     }
-    .await;
     report(&format!("source {}", redact_url(&uri)), source);
     let store_name = match cfg.sink.kind {
         SinkKind::Postgres => "store (the PostgreSQL sink's database)".to_owned(),
         _ => format!("store {}", redact_url(&store_url(cfg)?)),
     };
+    let mut opened = None;
     let store = async {
-        let opened = open_store(cfg).await?;
-        let streams = opened.stores.points.list_streams().await?;
+        let o = open_store(cfg).await?;
+        let streams = o.stores.points.list_streams().await?;
+        opened = Some(o);
         Ok::<_, BoxError>(format!("{} stream(s) stored", streams.len()))
-    }
-    .await;
+    };
+    let store = within_deadline(store).await;
     report(&store_name, store);
     let sink = async {
         match cfg.sink.kind {
@@ -498,13 +539,18 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
                 }
             }
             SinkKind::Postgres => {
-                let client = connect_postgres(&postgres_url(cfg)?).await?;
+                // Connected as `run` connects: through the store, with its TLS settings.
+                let store = opened
+                    .as_ref()
+                    .and_then(|o| o.postgres.clone())
+                    .ok_or("the sink's database did not answer (see the store's line)")?;
+                let client = store.open_client().await?;
                 let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
                 Ok(format!("PostgreSQL {version}"))
             }
         }
-    }
-    .await;
+    };
+    let sink = within_deadline(sink).await;
     let sink_name = match cfg.sink.kind {
         SinkKind::Stdout => "sink stdout".to_owned(),
         SinkKind::Nats => format!("sink nats {}", redact_url(&nats_url(cfg)?)),
@@ -518,11 +564,33 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
             .map_err(|e| format!("cannot listen: {e}").into());
         report(&format!("metrics address {addr}"), bind);
     }
-    Ok(if failed {
+    Ok(if config_error {
+        ExitCode::from(2)
+    } else if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// How long each of `check`'s steps (source, store, sink) may take.
+const CHECK_DEADLINE: Duration = Duration::from_secs(20);
+
+fn deadline_passed() -> BoxError {
+    format!(
+        "no answer within {} s (a server that accepts and stalls?)",
+        CHECK_DEADLINE.as_secs()
+    )
+    .into()
+}
+
+/// `step`, or an error when it takes longer than [`CHECK_DEADLINE`].
+async fn within_deadline<T>(
+    step: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
+    tokio::time::timeout(CHECK_DEADLINE, step)
+        .await
+        .unwrap_or_else(|_| Err(deadline_passed()))
 }
 
 /// `cdc run`: until SIGTERM or Ctrl-C, then a graceful stop.
@@ -536,6 +604,9 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
     let started = tokio::select! {
         started = async {
             let (processor, opened, client) = build_processor(&cfg).await?;
+            // A pipeline the server refuses is the configuration's fault (exit 2), found
+            // before anything runs.
+            probe_pipeline(&cfg, &client).await?;
             let sink = build_sink(&cfg, &opened, processor.stream_id(), true, Arc::clone(&metrics)).await?;
             Ok::<_, BoxError>((processor, opened, client, sink))
         } => started?,

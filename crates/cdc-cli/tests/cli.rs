@@ -705,3 +705,137 @@ async fn fifty_stops_at_random_moments_exit_cleanly() {
     }
     writing.abort();
 }
+
+/// Messages and exit codes (a table): each configuration mistake is exit 2 with a line
+/// naming the key, found by `check` and by `run` alike; a server that stalls is a FAIL
+/// line within check's deadline; `check` and `run` connect to PostgreSQL the same way (a
+/// URL that demands TLS fails both, with the same words).
+#[tokio::test]
+async fn mistakes_are_named_with_the_right_exit_code() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let d = dir("mistakes");
+    let stdout_sink = "[sink]\ntype = \"stdout\"\n";
+    // (extra config, --set overrides, what the message says)
+    let cases: &[(&str, &[&str], &str)] = &[
+        (stdout_sink, &["source.uri=\"\""], "`source.uri` is empty"),
+        (stdout_sink, &["store.url=\"\""], "`store.url` is empty"),
+        (
+            "[sink]\ntype = \"nats\"\n[sink.nats]\nurl = \"\"\n",
+            &[],
+            "`sink.nats.url` is empty",
+        ),
+        (
+            stdout_sink,
+            &["sink.type=1"],
+            "`sink.type`: expected a string",
+        ),
+        (
+            "[sink]\ntype = \"stdout\"\n",
+            &["sink.nats.window=9223372036854775807"],
+            "`sink.nats.window` is 9223372036854775807: it must be from 1 to 65536",
+        ),
+        (
+            stdout_sink,
+            &["source.pipeline=[{ \"$bogusStage\" = 1 }]"],
+            "`source.pipeline`: the server refuses it",
+        ),
+    ];
+    for (extra, sets, says) in cases {
+        let config = write_config(&d, &sim.uri(), extra);
+        for command in ["check", "run"] {
+            let mut args = vec![command];
+            for s in *sets {
+                args.push("--set");
+                args.push(s);
+            }
+            let out = tokio::time::timeout(
+                Duration::from_secs(60),
+                cdc(&config, &args).stdout(Stdio::piped()).output(),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{command} {sets:?}: no end"))
+            .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{command} {extra} {sets:?}: {text}"
+            );
+            assert!(text.contains(says), "{command} {sets:?}: {text}");
+        }
+    }
+
+    // A PostgreSQL server that accepts and then says nothing: check's line says so
+    // within its deadline (exit 1).
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = stalled.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = stalled.accept().await {
+            held.push(conn);
+        }
+    });
+    let pg_config = d.join("pg.toml");
+    std::fs::write(
+        &pg_config,
+        format!(
+            "[source]\nuri = \"{}\"\ndatabase = \"shop\"\ncollection = \"orders\"\n[sink]\ntype = \"postgres\"\n[sink.postgres]\nurl = \"postgres://postgres@127.0.0.1:{port}/test\"\n",
+            sim.uri()
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        cdc(&pg_config, &["check"]).output(),
+    )
+    .await
+    .expect("check ends within its deadlines")
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  store (the PostgreSQL sink's database)"),
+        "{text}"
+    );
+    assert!(text.contains("within"), "{text}");
+    hold.abort();
+
+    // TLS demanded from the local server (which has none): check and run fail alike.
+    std::fs::write(
+        &pg_config,
+        format!(
+            "[source]\nuri = \"{}\"\ndatabase = \"shop\"\ncollection = \"orders\"\n[sink]\ntype = \"postgres\"\n[sink.postgres]\nurl = \"postgres://postgres@127.0.0.1:5432/test?sslmode=require\"\n",
+            sim.uri()
+        ),
+    )
+    .unwrap();
+    let check = cdc(&pg_config, &["check"]).output().await.unwrap();
+    let check_text = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(1), "{check_text}");
+    let run = tokio::time::timeout(Duration::from_secs(60), cdc(&pg_config, &["run"]).output())
+        .await
+        .expect("run ends")
+        .unwrap();
+    let run_text = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert_eq!(run.status.code(), Some(1), "{run_text}");
+    // The same refusal, in the same words (the local server's certificate is its own, or
+    // it has no TLS at all).
+    let refusal = |text: &str| {
+        text.lines()
+            .find_map(|l| l.split_once("postgres://").map(|(_, r)| r.to_owned()))
+            .unwrap_or_default()
+    };
+    assert!(
+        refusal(&check_text).contains("TLS") || refusal(&check_text).contains("tls"),
+        "check: {check_text}"
+    );
+    assert_eq!(
+        refusal(&check_text),
+        refusal(&run_text),
+        "check: {check_text}\nrun: {run_text}"
+    );
+}

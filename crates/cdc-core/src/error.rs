@@ -75,6 +75,17 @@ pub enum Error {
         #[source]
         source: SharedError,
     },
+    /// A service a handler or sink writes to (a NATS server, a database) did not answer or
+    /// refused for now: an outage, retried until it returns (classified
+    /// [`ErrorKind::Transient`]).
+    #[error("{service} is unavailable: {source}")]
+    Unavailable {
+        /// What is away, as in `NATS JetStream` or `the PostgreSQL sink's database`.
+        service: String,
+        /// The client's error.
+        #[source]
+        source: SharedError,
+    },
     /// The resume store cannot be used for `stream` in a way no retry cures (a
     /// directory where the point's file belongs, a name the file system refuses, no
     /// permission): the run ends instead of restarting forever.
@@ -113,6 +124,20 @@ pub enum Error {
         found: String,
         /// What this stream is.
         expected: String,
+    },
+    /// The server refused to resume stream `stream` from the token stored at `location`
+    /// (classified [`ErrorKind::InvalidToken`]).
+    #[error(
+        "the server refuses to resume stream `{stream}` from the token stored at {location}: {source}; restore the right point, or delete it to start over"
+    )]
+    TokenRefused {
+        /// The stream.
+        stream: String,
+        /// Where the point lives.
+        location: String,
+        /// The source's error.
+        #[source]
+        source: SharedError,
     },
     /// A save would have moved the stored point backwards.
     #[error(
@@ -206,8 +231,18 @@ impl Error {
             Self::Source { source, .. }
             | Self::Store { source, .. }
             | Self::StoreUnusable { source, .. }
+            | Self::Unavailable { source, .. }
+            | Self::TokenRefused { source, .. }
             | Self::Handler { source, .. } => Some(&**source),
             _ => None,
+        }
+    }
+
+    /// An outage of `service` (see [`Error::Unavailable`]).
+    pub fn unavailable(service: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Unavailable {
+            service: service.into(),
+            source: SharedError::from(source.into()),
         }
     }
 
@@ -226,6 +261,8 @@ impl Error {
             Self::Store { .. } => ErrorKind::Store,
             Self::Handler { .. } => ErrorKind::Handler,
             Self::Fenced { .. } => ErrorKind::Fenced,
+            Self::Unavailable { .. } => ErrorKind::Transient,
+            Self::TokenRefused { .. } => ErrorKind::InvalidToken,
             Self::MalformedEvent { .. }
             | Self::CorruptPoint { .. }
             | Self::ForeignPoint { .. }

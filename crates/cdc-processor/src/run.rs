@@ -162,7 +162,18 @@ impl DocumentProcessor {
         loop {
             tracing::info!(source = %s.source.describe(), ?position, "opening the change stream");
             let cursor = tokio::select! {
-                c = s.source.open(&position) => c?,
+                c = s.source.open(&position) => match c {
+                    Err(e) if e.kind() == ErrorKind::InvalidToken => {
+                        // Say which stream's point, and where it lives.
+                        return Err(cdc_core::Error::TokenRefused {
+                            stream: s.stream_id.clone(),
+                            location: s.store.describe(),
+                            source: std::sync::Arc::new(e),
+                        }
+                        .into());
+                    }
+                    c => c?,
+                },
                 () = self.inner.cancel.cancelled() => return Ok(()),
             };
             if cp.persisted().is_none() && cp.pending().is_none() {

@@ -128,9 +128,14 @@ pub async fn open(url: &str) -> Result<Stores> {
                 .ok()
                 .and_then(|c| c.default_database)
                 .unwrap_or_else(|| "cdc".to_owned());
+                // Unreachable is the store's failure (retried), not a bad URL; a URL the
+                // driver refuses stays an invalid argument.
                 let client = cdc_mongo::connect(&url, std::time::Duration::from_secs(10))
                     .await
-                    .map_err(|e| bad(format!("MongoDB store: {e}")))?;
+                    .map_err(|e| match e.kind() {
+                        cdc_core::ErrorKind::Fatal => bad(format!("MongoDB store: {e}")),
+                        _ => Error::unavailable("the MongoDB store", e),
+                    })?;
                 Ok(both(stores::MongoStore::new(&client, &db, &coll)))
             }
             #[cfg(not(feature = "mongodb"))]

@@ -980,6 +980,12 @@ async fn a_stored_point_the_log_never_held_is_a_typed_error() {
     assert_eq!(err.kind(), ErrorKind::InvalidToken, "{err}");
     assert!(!err.kind().is_retryable());
     assert!(rec.ids().is_empty());
+    // The message names the stream and where its point lives.
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("`{}`", env.stream())) && text.contains("memory"),
+        "{text}"
+    );
     env.deployment.shutdown().await;
 }
 

@@ -58,6 +58,8 @@ impl PostgresStore {
     pub const DEFAULT_TABLE: &'static str = "cdc_resume_points";
 
     /// Connects with a libpq-style connection string or URL and creates `table` if missing.
+    /// Every connection (this one, and each [`PostgresStore::open_client`] or reconnection)
+    /// must be ready within 10 s, TLS and authentication included.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad table name or connection string;
@@ -178,27 +180,48 @@ impl PostgresStore {
             let cause = std::error::Error::source(&e)
                 .map(|c| format!(": {c}"))
                 .unwrap_or_default();
-            Error::store(
-                stream,
-                std::io::Error::other(format!("{}: {e}{cause}", self.shown)),
-            )
+            let e = std::io::Error::other(format!("{}: {e}{cause}", self.shown));
+            // Opening for no stream in particular (start-up, a check): say what is away.
+            if stream == "*" {
+                Error::unavailable("the PostgreSQL store", e)
+            } else {
+                Error::store(stream, e)
+            }
         };
-        Ok(match &self.tls {
-            None => {
-                let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
-                    .await
-                    .map_err(fail)?;
-                tokio::spawn(watch(connection));
-                client
-            }
-            Some(tls) => {
-                let (client, connection) = tokio_postgres::connect(&self.config, tls.clone())
-                    .await
-                    .map_err(fail)?;
-                tokio::spawn(watch(connection));
-                client
-            }
-        })
+        let connecting = async {
+            Ok(match &self.tls {
+                None => {
+                    let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
+                        .await
+                        .map_err(fail)?;
+                    tokio::spawn(watch(connection));
+                    client
+                }
+                Some(tls) => {
+                    let (client, connection) = tokio_postgres::connect(&self.config, tls.clone())
+                        .await
+                        .map_err(fail)?;
+                    tokio::spawn(watch(connection));
+                    client
+                }
+            })
+        };
+        // A server that accepts and then says nothing (stalled) must not hold a start-up,
+        // a check or a reconnection without end.
+        match tokio::time::timeout(CONNECT_DEADLINE, connecting).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::store(
+                stream,
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: the connection was not ready within {} s",
+                        self.shown,
+                        CONNECT_DEADLINE.as_secs()
+                    ),
+                ),
+            )),
+        }
     }
 
     /// The conditional upsert of a point ($1–$7; a point without an origin, a sink's own
@@ -372,6 +395,9 @@ impl PostgresStore {
         Ok(Some(point))
     }
 }
+
+/// How long a connection may take to be ready (TCP, TLS, authentication).
+const CONNECT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[async_trait]
 impl ResumeStore for PostgresStore {

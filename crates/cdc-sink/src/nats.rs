@@ -476,7 +476,7 @@ fn is_outage(kind: &jetstream::context::PublishErrorKind) -> bool {
 /// policy.
 fn classify(kind: jetstream::context::PublishErrorKind, text: String) -> BoxError {
     if is_outage(&kind) {
-        cdc_core::Error::source(cdc_core::ErrorKind::Transient, text).into()
+        cdc_core::Error::unavailable("NATS JetStream", text).into()
     } else {
         text.into()
     }

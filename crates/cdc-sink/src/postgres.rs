@@ -349,7 +349,7 @@ fn classify(error: BoxError) -> BoxError {
         }
     };
     if outage {
-        cdc_core::Error::source(cdc_core::ErrorKind::Transient, error).into()
+        cdc_core::Error::unavailable("the PostgreSQL sink's database", error).into()
     } else {
         error
     }
