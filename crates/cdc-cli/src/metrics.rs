@@ -296,7 +296,14 @@ pub(crate) async fn serve(
             }
         });
     }
+    // At most MAX_CONNECTIONS at once: the next is accepted only when one ends (the
+    // kernel's backlog holds the rest), so slow or many clients never take the
+    // descriptors the stream, the store and the sink need.
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
         let Ok((mut conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -304,16 +311,17 @@ pub(crate) async fn serve(
         let (registry, processor, sink) =
             (Arc::clone(&registry), processor.clone(), Arc::clone(&sink));
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0_u8; 4096];
             let mut len = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let read = tokio::time::timeout(IO_DEADLINE, async {
                 while len < buf.len() {
                     let n = conn.read(&mut buf[len..]).await?;
                     if n == 0 {
                         break;
                     }
                     len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    if head_end(&buf[..len]).is_some() {
                         break;
                     }
                 }
@@ -323,49 +331,216 @@ pub(crate) async fn serve(
             if !matches!(read, Ok(Ok(()))) {
                 return;
             }
-            let request = String::from_utf8_lossy(&buf[..len]);
-            let mut words = request.split_whitespace();
-            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, kind, body) = match (method, path) {
-                ("GET", "/metrics") => {
-                    let mut text = String::new();
-                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => (
-                            "200 OK",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            text,
-                        ),
-                        Err(_) => (
-                            "500 Internal Server Error",
-                            "text/plain",
-                            "encoding failed\n".into(),
-                        ),
+            let answer = match parse_request(&buf[..len]) {
+                Err(status) => Answer::text(status, "bad request\n"),
+                Ok((method, path)) => {
+                    let mut answer = match path.as_str() {
+                        "/metrics" => {
+                            let mut text = String::new();
+                            match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                                Ok(()) => Answer {
+                                    status: "200 OK",
+                                    kind: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                    body: text,
+                                    allow: false,
+                                    head_only: false,
+                                },
+                                Err(_) => {
+                                    Answer::text("500 Internal Server Error", "encoding failed\n")
+                                }
+                            }
+                        }
+                        "/healthz" => Answer::text("200 OK", "ok\n"),
+                        "/readyz" => match not_ready(&processor.stats(), &sink, leased) {
+                            None => Answer::text("200 OK", "ready\n"),
+                            Some(why) => Answer::text(
+                                "503 Service Unavailable",
+                                &format!("not ready: {why}\n"),
+                            ),
+                        },
+                        _ => Answer::text("404 Not Found", "try /metrics, /healthz or /readyz\n"),
+                    };
+                    match method.as_str() {
+                        "GET" => {}
+                        "HEAD" => answer.head_only = true,
+                        _ => {
+                            answer = Answer::text("405 Method Not Allowed", "GET or HEAD\n");
+                            answer.allow = true;
+                        }
                     }
+                    answer
                 }
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".into()),
-                ("GET", "/readyz") => match not_ready(&processor.stats(), &sink, leased) {
-                    None => ("200 OK", "text/plain", "ready\n".into()),
-                    Some(why) => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        format!("not ready: {why}\n"),
-                    ),
-                },
-                ("GET", _) => (
-                    "404 Not Found",
-                    "text/plain",
-                    "try /metrics, /healthz or /readyz\n".into(),
-                ),
-                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
             };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let _ = tokio::time::timeout(IO_DEADLINE, async {
+                conn.write_all(answer.bytes().as_slice()).await?;
+                conn.shutdown().await
+            })
+            .await;
         });
+    }
+}
+
+/// Connections served at once on the metrics address.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send its request, or to take the answer.
+const IO_DEADLINE: Duration = Duration::from_secs(5);
+
+/// An HTTP answer.
+#[derive(Debug)]
+struct Answer {
+    status: &'static str,
+    kind: &'static str,
+    body: String,
+    /// An `Allow` header (a 405).
+    allow: bool,
+    /// A HEAD request: the headers only.
+    head_only: bool,
+}
+
+impl Answer {
+    fn text(status: &'static str, body: &str) -> Self {
+        Self {
+            status,
+            kind: "text/plain; charset=utf-8",
+            body: body.to_owned(),
+            allow: false,
+            head_only: false,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
+            self.status,
+            self.kind,
+            self.body.len(),
+            if self.allow {
+                "Allow: GET, HEAD\r\n"
+            } else {
+                ""
+            }
+        )
+        .into_bytes();
+        if !self.head_only {
+            out.extend_from_slice(self.body.as_bytes());
+        }
+        out
+    }
+}
+
+/// Where the request's head ends (after an empty line; bare LF line ends accepted, as
+/// HTTP/1.1 allows).
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+        .or_else(|| bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2))
+}
+
+/// The method and path of an HTTP/1.x request head; `Err` with the status for anything
+/// that is not one (`400 Bad Request`; `505` for another HTTP version). The target may be
+/// in origin form (`/metrics?x`) or absolute form (`http://host:port/metrics`).
+fn parse_request(bytes: &[u8]) -> Result<(String, String), &'static str> {
+    const BAD: &str = "400 Bad Request";
+    head_end(bytes).ok_or(BAD)?;
+    let text = std::str::from_utf8(bytes).map_err(|_| BAD)?;
+    let line = text.split('\n').next().ok_or(BAD)?;
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(BAD);
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(BAD);
+    }
+    match version {
+        "HTTP/1.1" | "HTTP/1.0" => {}
+        v if v.starts_with("HTTP/") => return Err("505 HTTP Version Not Supported"),
+        _ => return Err(BAD),
+    }
+    let path = if let Some(rest) = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"))
+    {
+        rest.find('/').map_or("/", |i| &rest[i..])
+    } else if target.starts_with('/') {
+        target
+    } else {
+        return Err(BAD);
+    };
+    let path = path.split(['?', '#']).next().unwrap_or("/");
+    Ok((method.to_owned(), path.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Hostile and odd requests: each a clear status, never a panic.
+    #[test]
+    fn requests_are_read_as_http_1_1_says() {
+        let ok = |m: &str, p: &str| Ok((m.to_owned(), p.to_owned()));
+        let cases: &[(&[u8], Result<(String, String), &str>)] = &[
+            (
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                ok("GET", "/metrics"),
+            ),
+            (b"HEAD /readyz HTTP/1.0\r\n\r\n", ok("HEAD", "/readyz")),
+            // Bare LF line ends.
+            (b"GET /healthz HTTP/1.1\nHost: x\n\n", ok("GET", "/healthz")),
+            // Absolute form, a query.
+            (
+                b"GET http://127.0.0.1:9464/metrics?x=1 HTTP/1.1\r\n\r\n",
+                ok("GET", "/metrics"),
+            ),
+            (b"GET http://h HTTP/1.1\r\n\r\n", ok("GET", "/")),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", ok("POST", "/metrics")),
+            (
+                b"GET /metrics HTTP/2.0\r\n\r\n",
+                Err("505 HTTP Version Not Supported"),
+            ),
+            (
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+                Err("400 Bad Request"),
+            ),
+            (b"GET\r\n\r\n", Err("400 Bad Request")),
+            (b"GET  /metrics HTTP/1.1\r\n\r\n", Err("400 Bad Request")),
+            (b"GET metrics HTTP/1.1\r\n\r\n", Err("400 Bad Request")),
+            (b"get /metrics HTTP/1.1\r\n\r\n", Err("400 Bad Request")),
+            (b"GET /metrics HTTP/1.1\r\n", Err("400 Bad Request")),
+            (b"", Err("400 Bad Request")),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(
+                &parse_request(request),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(request)
+            );
+        }
+    }
+
+    #[test]
+    fn answers_are_well_formed() {
+        let mut head = Answer::text("200 OK", "ok\n");
+        head.head_only = true;
+        let text = String::from_utf8(head.bytes()).unwrap();
+        assert!(
+            text.ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"),
+            "{text}"
+        );
+        let mut refused = Answer::text("405 Method Not Allowed", "GET or HEAD\n");
+        refused.allow = true;
+        let text = String::from_utf8(refused.bytes()).unwrap();
+        assert!(
+            text.contains("\r\nAllow: GET, HEAD\r\n") && text.ends_with("GET or HEAD\n"),
+            "{text}"
+        );
     }
 }

@@ -839,3 +839,99 @@ async fn mistakes_are_named_with_the_right_exit_code() {
         "check: {check_text}\nrun: {run_text}"
     );
 }
+
+/// Many slow clients on the metrics address cannot starve the process: `cdc` runs with a
+/// limit of 256 descriptors while 600 clients connect and say nothing; changes still flow
+/// and are checkpointed, the process never holds more than its cap of connections, and
+/// the endpoint answers again once the slow ones are gone.
+#[tokio::test]
+async fn slow_metrics_clients_cannot_starve_the_process() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let coll = client
+        .database("shop")
+        .collection::<bson::Document>("orders");
+    let d = dir("slow-clients");
+    let port = free_port();
+    let config = write_config(
+        &d,
+        &sim.uri(),
+        "[sink]\ntype = \"stdout\"\n[checkpoint]\nevery_events = 1\nevery_ms = 10\n",
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
+        .arg(CDC)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+            && http_get(port, "/readyz").await.0 == 200
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut slow = Vec::new();
+    for _ in 0..600 {
+        if let Ok(Ok(c)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            slow.push(c);
+        }
+    }
+    for i in 0..50_i64 {
+        coll.insert_one(doc! { "_id": i }).await.unwrap();
+    }
+    let got = lines(&mut out, 50).await;
+    assert_eq!(got[49]["fullDocument"]["_id"], 49);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(fds < 200, "{fds} descriptors open");
+    drop(slow);
+    // Served again (the slow ones time out or are gone).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/healthz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline);
+    }
+    terminate(&child);
+    let status = child.wait().await.unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(status.success(), "{err}");
+    assert!(!err.contains("Too many open files"), "{err}");
+    assert!(
+        !err.contains("restarting") && !err.contains("ERROR"),
+        "{err}"
+    );
+    // The last change is checkpointed: a new run starts after it.
+    coll.insert_one(doc! { "_id": 1000 }).await.unwrap();
+    let mut child = cdc(&config, &["run"]).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines(&mut out, 1).await[0]["fullDocument"]["_id"], 1000);
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+}
