@@ -486,7 +486,8 @@ mod tests {
     #[test]
     fn requests_are_read_as_http_1_1_says() {
         let ok = |m: &str, p: &str| Ok((m.to_owned(), p.to_owned()));
-        let cases: &[(&[u8], Result<(String, String), &str>)] = &[
+        type Parsed = Result<(String, String), &'static str>;
+        let cases: &[(&[u8], Parsed)] = &[
             (
                 b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
                 ok("GET", "/metrics"),
