@@ -170,6 +170,10 @@ pub(crate) const DEFAULT_STORE_URL: &str = "file:./cdc-state";
 pub(crate) struct Store {
     pub(crate) url: Option<Secret>,
     pub(crate) url_file: Option<PathBuf>,
+    /// A `file:` store may live in a directory every user may write to that another user
+    /// owns (refused otherwise).
+    #[serde(default)]
+    pub(crate) allow_shared_dir: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

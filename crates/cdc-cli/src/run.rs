@@ -149,8 +149,23 @@ pub(crate) async fn open_store(cfg: &Config) -> Result<Opened, BoxError> {
             postgres: Some(store),
         });
     }
+    let url = store_url(cfg)?;
+    if cfg.store.allow_shared_dir
+        && let Some(dir) = url.strip_prefix("file:")
+    {
+        let dir = dir.strip_prefix("//").unwrap_or(dir);
+        let store = Arc::new(stores::FileStore::new_in_shared_dir(dir)?);
+        return Ok(Opened {
+            stores: stores::Stores {
+                points: store.clone(),
+                dead_letters: store.clone(),
+                leases: store,
+            },
+            postgres: None,
+        });
+    }
     Ok(Opened {
-        stores: stores::open(&store_url(cfg)?).await?,
+        stores: stores::open(&url).await?,
         postgres: None,
     })
 }
@@ -241,6 +256,8 @@ pub(crate) struct CliSink {
     inner: SinkImpl,
     metrics: Arc<Metrics>,
     failing: AtomicBool,
+    /// Standard output was closed (the reader of the pipe went away): `run` stops.
+    closed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for CliSink {
@@ -261,7 +278,21 @@ impl CliSink {
     ) -> Result<(), BoxError> {
         let started = Instant::now();
         let result = match &self.inner {
-            SinkImpl::Stdout(s) => s.write_events(events.iter().copied()),
+            SinkImpl::Stdout(s) => match s.write_events(events.iter().copied()) {
+                Err(e)
+                    if e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+                {
+                    // Nobody reads the lines any more: the batch is not acknowledged
+                    // (waited on as an outage, never skipped), and `run` stops.
+                    self.closed.notify_one();
+                    Err(
+                        cdc_core::Error::unavailable("standard output (the pipe was closed)", e)
+                            .into(),
+                    )
+                }
+                other => other,
+            },
             SinkImpl::Nats(s, _) => s.publish_events(events).await,
             SinkImpl::Postgres(s) => match ctx.and_then(HandlerContext::lease) {
                 Some(lease) => s.write_events_fenced(lease, events.iter().copied()).await,
@@ -371,6 +402,7 @@ pub(crate) async fn build_sink(
         inner,
         metrics,
         failing: AtomicBool::new(false),
+        closed: tokio::sync::Notify::new(),
     })
 }
 
@@ -642,11 +674,18 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
     let mut progress = tokio::time::interval(Duration::from_secs(10));
     progress.tick().await;
     let mut last = (Instant::now(), 0_u64);
+    let mut pipe_closed = false;
     let outcome = loop {
         tokio::select! {
             r = &mut task => break r,
             () = &mut shutdown => {
                 tracing::info!("stopping: finishing what is in flight, saving the checkpoint");
+                processor.stop();
+                break (&mut task).await;
+            }
+            () = sink.closed.notified() => {
+                tracing::error!("standard output was closed (the reader of the pipe went away): stopping; the lines written into the pipe up to the last checkpoint count as delivered");
+                pipe_closed = true;
                 processor.stop();
                 break (&mut task).await;
             }
@@ -676,6 +715,10 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
         tracing::warn!("the MongoDB client's clean-up did not finish within 5 s");
     }
     match outcome {
+        Ok(Ok(())) if pipe_closed => Err(
+            "standard output was closed (the reader of the pipe went away); the changes after the last checkpoint come again at the next run"
+                .into(),
+        ),
         Ok(Ok(())) => {
             tracing::info!(events = processor.stats().events, "stopped");
             Ok(ExitCode::SUCCESS)

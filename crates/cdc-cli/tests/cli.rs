@@ -935,3 +935,66 @@ async fn slow_metrics_clients_cannot_starve_the_process() {
     terminate(&child);
     assert!(child.wait().await.unwrap().success());
 }
+
+/// `cdc run | head -1`: once the reader of the pipe is gone, `cdc` stops with a clear
+/// message (exit 1), and what was not written is not checkpointed past.
+#[tokio::test]
+async fn a_closed_pipe_stops_the_run_with_a_clear_message() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let coll = client
+        .database("shop")
+        .collection::<bson::Document>("orders");
+    let d = dir("closed-pipe");
+    let config = write_config(
+        &d,
+        &sim.uri(),
+        "[sink]\ntype = \"stdout\"\n[dead_letters]\non_error = \"skip\"\n",
+    );
+    let mut child = cdc(&config, &["run"]).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0_i64;
+    // The first line read (the stream is open), then the reader goes away.
+    let first = loop {
+        coll.insert_one(doc! { "_id": i }).await.unwrap();
+        i += 1;
+        if let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_millis(200), out.next_line()).await
+        {
+            break line;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no line");
+    };
+    assert!(first.contains("\"insert\""), "{first}");
+    drop(out);
+    for j in i..i + 20 {
+        coll.insert_one(doc! { "_id": j }).await.unwrap();
+    }
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the run ends when its pipe is closed")
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("standard output was closed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Even with on_error = "skip", nothing unwritten was skipped: a new run writes the
+    // last change.
+    let mut child = cdc(&config, &["run"]).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut ids = Vec::new();
+    while !ids.contains(&(i + 19)) {
+        let line = lines(&mut out, 1).await;
+        ids.push(line[0]["fullDocument"]["_id"].as_i64().unwrap());
+    }
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+}

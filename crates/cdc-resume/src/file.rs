@@ -89,12 +89,32 @@ impl FileStore {
     /// A store in `dir`, created (mode 0700) if missing; leftover temporary files of a
     /// crashed save are removed.
     ///
+    /// A directory that others may write to (mode `o+w`) and that another user owns is
+    /// refused: whoever can replace the files there can make a run start from a point of
+    /// their choosing. One that is ours but others may write to is used with a warning.
+    /// [`FileStore::new_in_shared_dir`] takes either.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the directory cannot be created or read;
+    /// [`Error::StoreUnusable`] for a directory others may write to that another user
+    /// owns.
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::open(dir.into(), false)
+    }
+
+    /// As [`FileStore::new`], accepting a directory that others may write to and another
+    /// user owns (with a warning): for a deliberate set-up, such as a shared volume.
+    ///
     /// # Errors
     /// [`Error::Store`] when the directory cannot be created or read.
-    pub fn new(dir: impl Into<PathBuf>) -> Result<Self> {
-        let dir = dir.into();
+    pub fn new_in_shared_dir(dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::open(dir.into(), true)
+    }
+
+    fn open(dir: PathBuf, shared: bool) -> Result<Self> {
         let err = |e: std::io::Error| Error::store(dir.display().to_string(), e);
         create_private_dir(&dir).map_err(err)?;
+        check_dir_owner(&dir, shared)?;
         for entry in fs::read_dir(&dir).map_err(err)? {
             let path = entry.map_err(err)?.path();
             if path
@@ -163,6 +183,47 @@ impl FileStore {
         let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(locks.entry(stream.to_owned()).or_default())
     }
+}
+
+/// Refuses (unless `shared`) a state directory others may write to that another user
+/// owns; warns when others may write to it.
+#[cfg(unix)]
+fn check_dir_owner(dir: &Path, shared: bool) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = fs::metadata(dir).map_err(|e| Error::store(dir.display().to_string(), e))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o002 == 0 {
+        return Ok(());
+    }
+    // This process's user: the owner of what it creates (`/proc/self` is owned by it).
+    let me = fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let foreign = me.is_some_and(|me| me != meta.uid());
+    if foreign && !shared {
+        return Err(Error::StoreUnusable {
+            stream: "*".to_owned(),
+            location: dir.display().to_string(),
+            source: std::sync::Arc::new(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the state directory is writable by every user (mode {:o}) and owned by another user (uid {}): anyone could replace the resume points there; use a directory of your own, or allow it deliberately (FileStore::new_in_shared_dir; in cdc: `store.allow_shared_dir = true`)",
+                    mode & 0o7777,
+                    meta.uid()
+                ),
+            )),
+        });
+    }
+    tracing::warn!(
+        dir = %dir.display(),
+        mode = format!("{:o}", mode & 0o7777),
+        owner = meta.uid(),
+        "the state directory is writable by every user: anyone could replace the resume points there"
+    );
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_dir_owner(_dir: &Path, _shared: bool) -> Result<()> {
+    Ok(())
 }
 
 #[cfg(unix)]

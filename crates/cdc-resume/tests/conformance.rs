@@ -246,7 +246,39 @@ async fn file_store() {
         assert_eq!(mode & 0o777, 0o600);
     }
     hostile_state_files(&store).await;
+    a_shared_state_directory_is_refused(&root);
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A state directory every user may write to, owned by another user, is refused unless
+/// allowed deliberately; one of our own is used.
+fn a_shared_state_directory_is_refused(root: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let shared = root.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // Ours, writable by all: used (with a warning).
+    FileStore::new(&shared).unwrap();
+    // Another user's: as root, give it to `nobody`; otherwise /tmp-like directories of
+    // root's are another user's already.
+    let foreign = if std::process::Command::new("chown")
+        .args(["65534", shared.to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        shared.clone()
+    } else {
+        std::path::PathBuf::from("/tmp")
+    };
+    let err = FileStore::new(&foreign).unwrap_err();
+    assert!(matches!(err, Error::StoreUnusable { .. }), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Fatal);
+    let text = err.to_string();
+    assert!(
+        text.contains(&foreign.display().to_string()) && text.contains("owned by another user"),
+        "{text}"
+    );
+    FileStore::new_in_shared_dir(&foreign).unwrap();
 }
 
 /// Whatever sits at a stream's point path, the store never reads "no point" unless
