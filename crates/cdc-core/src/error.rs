@@ -31,14 +31,26 @@ pub enum ErrorKind {
     /// Another instance holds the stream's lease now: this one stops handling and waits
     /// as a standby (a retry loop tries to acquire the lease again).
     Fenced,
+    /// The same failure each time, which only a person can mend (a store's directory
+    /// replaced by a file, no permission, a name the file system refuses): retried at most
+    /// [`PERSISTENT_TRIES`] times in a row, since someone may be mending it, then given up.
+    Persistent,
     /// Not worth retrying: authorization, bad pipeline, corrupt data, misuse.
     Fatal,
 }
 
+/// How many runs in a row a retry loop makes when each fails with an
+/// [`ErrorKind::Persistent`] error before it gives up (with the default backoff, about
+/// 13 s of waiting).
+pub const PERSISTENT_TRIES: u32 = 8;
+
 impl ErrorKind {
     /// Whether a retry loop should try again after a backoff.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::Transient | Self::Store | Self::Fenced)
+        matches!(
+            self,
+            Self::Transient | Self::Store | Self::Fenced | Self::Persistent
+        )
     }
 }
 
@@ -86,9 +98,10 @@ pub enum Error {
         #[source]
         source: SharedError,
     },
-    /// The resume store cannot be used for `stream` in a way no retry cures (a
-    /// directory where the point's file belongs, a name the file system refuses, no
-    /// permission): the run ends instead of restarting forever.
+    /// The resume store cannot be used for `stream` in a way only a person can mend (a
+    /// file where the store's directory belongs, a name the file system refuses, no
+    /// permission): [`ErrorKind::Persistent`], so a run restarts a bounded number of times,
+    /// not forever.
     #[error("resume store unusable for stream `{stream}` at {location}: {source}")]
     StoreUnusable {
         /// The stream whose state was being read or written.
@@ -263,10 +276,10 @@ impl Error {
             Self::Fenced { .. } => ErrorKind::Fenced,
             Self::Unavailable { .. } => ErrorKind::Transient,
             Self::TokenRefused { .. } => ErrorKind::InvalidToken,
+            Self::StoreUnusable { .. } => ErrorKind::Persistent,
             Self::MalformedEvent { .. }
             | Self::CorruptPoint { .. }
             | Self::ForeignPoint { .. }
-            | Self::StoreUnusable { .. }
             | Self::PointAhead { .. }
             | Self::Regression { .. }
             | Self::InvalidArgument { .. }

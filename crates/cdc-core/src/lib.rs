@@ -49,7 +49,7 @@ mod token;
 pub use checkpoint::{CheckpointPolicy, Checkpointer, Seq};
 pub use dead_letter::{DeadLetter, DeadLetterStore, error_chain};
 pub use dispatch::{DispatchChain, Dispatcher, FnDispatcher};
-pub use error::{BoxError, Error, ErrorKind, Result, SharedError};
+pub use error::{BoxError, Error, ErrorKind, PERSISTENT_TRIES, Result, SharedError};
 pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
 pub use extjson::to_relaxed_json;
 pub use lease::{Lease, LeaseRecord, LeaseStore, ttl_ms};

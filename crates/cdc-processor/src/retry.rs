@@ -13,7 +13,9 @@ impl DocumentProcessor {
     /// store failures; handler errors are retried in process under
     /// [`crate::Builder::on_handler_error`], never here) with the
     /// given backoff; [`default_backoff`] is exponential with jitter. The backoff starts
-    /// over after a run that handled at least one event. Fatal errors end it at once.
+    /// over after a run that handled at least one event. Fatal errors end it at once;
+    /// [`cdc_core::ErrorKind::Persistent`] ones (a store only a person can mend) after
+    /// [`cdc_core::PERSISTENT_TRIES`] failed runs in a row.
     ///
     /// A `stop()` that lands while it waits to retry ends it with `Ok` (the stop is
     /// graceful); the failure that caused the wait stays visible in
@@ -59,6 +61,8 @@ impl DocumentProcessor {
         B: BackoffBuilder + Clone,
     {
         let mut delays = backoff.clone().build();
+        // Failed runs in a row with a persistent error.
+        let mut persistent = 0_u32;
         loop {
             let before = self.stats_mut().events;
             let err = match self.run_guarded(handler).await {
@@ -75,6 +79,16 @@ impl DocumentProcessor {
             }
             if self.stats_mut().events > before {
                 delays = backoff.clone().build();
+                persistent = 0;
+            }
+            if err.kind() == cdc_core::ErrorKind::Persistent {
+                persistent += 1;
+                if persistent >= cdc_core::PERSISTENT_TRIES {
+                    tracing::error!(stream = %self.stream_id(), error = %err, tries = persistent, "giving up: the same failure every time");
+                    return Err(err);
+                }
+            } else {
+                persistent = 0;
             }
             let Some(delay) = delays.next() else {
                 return Err(err);

@@ -429,6 +429,66 @@ async fn a_store_refusal_ends_the_run_and_nothing_is_retried() {
     assert_eq!(p.stats().restarts, 0, "a refusal is not retried");
 }
 
+/// A store that fails the same way each time, which only a person can mend (its directory
+/// replaced by a file): the retry loop tries `PERSISTENT_TRIES` runs in a row, then gives
+/// up with the error, instead of restarting forever; a store that is merely away
+/// (`Store`) is retried past that.
+#[tokio::test]
+async fn a_persistent_store_failure_is_retried_a_bounded_number_of_times() {
+    let fast = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(1))
+        .with_max_delay(Duration::from_millis(2))
+        .without_max_times();
+    let mut store = MockStore::new();
+    store
+        .expect_load()
+        .times(cdc_core::PERSISTENT_TRIES as usize)
+        .returning(|stream| {
+            Err(cdc_core::Error::StoreUnusable {
+                stream: stream.to_owned(),
+                location: "/state/s.json".into(),
+                source: Arc::new(std::io::Error::from(std::io::ErrorKind::NotADirectory)),
+            })
+        });
+    store.expect_describe().returning(|| "unusable".into());
+    let p = processor(source_with(Vec::new()), store, batched());
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        p.start_with_retry(fast.clone(), accept_all()),
+    )
+    .await
+    .expect("given up, not retried forever")
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Persistent, "{err}");
+    assert!(err.to_string().contains("/state/s.json"), "{err}");
+    assert_eq!(
+        p.stats().restarts,
+        u64::from(cdc_core::PERSISTENT_TRIES - 1)
+    );
+
+    // Away (Store) is not counted: more tries than that, then it answers.
+    let calls = Arc::new(Mutex::new(0_u32));
+    let mut store = MockStore::new();
+    let counted = Arc::clone(&calls);
+    store.expect_load().returning(move |stream| {
+        let mut n = counted.lock().unwrap();
+        *n += 1;
+        if *n <= cdc_core::PERSISTENT_TRIES * 2 {
+            Err(cdc_core::Error::store(stream, "connection refused"))
+        } else {
+            Err(cdc_core::Error::InvalidArgument {
+                name: "test",
+                reason: "back, and done".into(),
+            })
+        }
+    });
+    store.expect_describe().returning(|| "away".into());
+    let p = processor(source_with(Vec::new()), store, batched());
+    let err = p.start_with_retry(fast, accept_all()).await.unwrap_err();
+    assert!(err.to_string().contains("back, and done"), "{err}");
+    assert_eq!(*calls.lock().unwrap(), cdc_core::PERSISTENT_TRIES * 2 + 1);
+}
+
 /// A handler that saves points itself (a sink's checkpoint in its own transaction) leaves
 /// the store ahead of the processor's saves. With `handler_checkpoints`, a refusal whose
 /// stored point is at an event the run handed out is accepted and the run goes on; a

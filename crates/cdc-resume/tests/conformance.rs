@@ -24,7 +24,7 @@ struct Backend {
     /// Writes an undecodable record for a stream, where the backend can hold one.
     corrupt: Option<Corrupter>,
     /// The same kind of store pointed at something that fails, and how its load fails:
-    /// [`ErrorKind::Store`] (retried) for a server away, [`ErrorKind::Fatal`]
+    /// [`ErrorKind::Store`] (retried) for a server away, [`ErrorKind::Persistent`]
     /// ([`Error::StoreUnusable`]) for a file store whose directory is a file.
     failing: Option<(Arc<dyn ResumeStore>, ErrorKind)>,
 }
@@ -189,7 +189,7 @@ async fn suite(b: Backend) {
     if let Some((failing, kind)) = &b.failing {
         let err = failing.load("any").await.unwrap_err();
         assert_eq!(err.kind(), *kind, "{}: {err}", b.name);
-        if *kind == ErrorKind::Fatal {
+        if *kind == ErrorKind::Persistent {
             assert!(
                 matches!(err, Error::StoreUnusable { .. }),
                 "{}: {err}",
@@ -230,7 +230,7 @@ async fn file_store() {
         name: "file",
         store: store.clone(),
         corrupt: Some(corrupt),
-        failing: Some((Arc::new(failing), ErrorKind::Fatal)),
+        failing: Some((Arc::new(failing), ErrorKind::Persistent)),
     })
     .await;
 
@@ -272,7 +272,7 @@ fn a_shared_state_directory_is_refused(root: &std::path::Path) {
     };
     let err = FileStore::new(&foreign).unwrap_err();
     assert!(matches!(err, Error::StoreUnusable { .. }), "{err}");
-    assert_eq!(err.kind(), ErrorKind::Fatal);
+    assert_eq!(err.kind(), ErrorKind::Persistent);
     let text = err.to_string();
     assert!(
         text.contains(&foreign.display().to_string()) && text.contains("owned by another user"),

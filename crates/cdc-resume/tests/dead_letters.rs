@@ -174,7 +174,7 @@ async fn suite(name: &str, store: Arc<dyn DeadLetterStore>) {
 }
 
 /// A failing store is an error, never "no letters": `kind` is [`ErrorKind::Store`] for a
-/// server away, [`ErrorKind::Fatal`] for a file store whose directory became a file.
+/// server away, [`ErrorKind::Persistent`] for a file store whose directory became a file.
 async fn failing(name: &str, store: &dyn DeadLetterStore, kind: ErrorKind) {
     let e = event(1, "8200000001", 1);
     let err = store
@@ -235,7 +235,7 @@ async fn file_dead_letters() {
     let failing_store = FileStore::new(&broken).unwrap();
     std::fs::remove_dir(&broken).unwrap();
     std::fs::write(&broken, b"not a directory").unwrap();
-    failing("file", &failing_store, ErrorKind::Fatal).await;
+    failing("file", &failing_store, ErrorKind::Persistent).await;
     let _ = std::fs::remove_dir_all(&root);
 }
 
