@@ -454,7 +454,7 @@ async fn a_persistent_store_failure_is_retried_a_bounded_number_of_times() {
     let p = processor(source_with(Vec::new()), store, batched());
     let err = tokio::time::timeout(
         Duration::from_secs(30),
-        p.start_with_retry(fast.clone(), accept_all()),
+        p.start_with_retry(fast, accept_all()),
     )
     .await
     .expect("given up, not retried forever")
