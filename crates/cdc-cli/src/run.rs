@@ -46,7 +46,6 @@ pub(crate) fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, S
                 .map_err(|e| format!("{e}"))?,
         );
     }
-
     Ok(filter)
 }
 
@@ -469,7 +468,7 @@ async fn probe_pipeline(cfg: &Config, client: &Client) -> Result<(), BoxError> {
             open(Vec::new()).await?;
             Err(config::ConfigError(format!(
                 "`source.pipeline`: the server refuses it: {}",
-                config::scrub(&refused.to_string(), "")
+                config::scrub(&refused.to_string(), &source_uri(cfg)?)
             ))
             .into())
         }

@@ -152,7 +152,7 @@ impl SnapshotPosition {
             Ok(Some(RawBsonRef::Timestamp(ts))) => ClusterTime::from(ts),
             _ => return Err(bad("no `startTime`")),
         };
-        // Tokens written before snapshots kept an identity name none: their start then.
+        // Tokens written before snapshots had an identity carry none: their start stands in.
         let id = match snap.get("id") {
             Ok(Some(RawBsonRef::Timestamp(ts))) => ClusterTime::from(ts),
             Ok(None) => start_time,

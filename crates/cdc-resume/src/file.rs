@@ -390,10 +390,11 @@ fn read_state_file(path: &Path, stream: &str) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-/// A file-system failure of `stream`'s state at `path`. Failures a retry cannot cure (a
-/// directory where a file belongs, a name the file system refuses, no permission, a
-/// read-only file system) are [`Error::StoreUnusable`], which ends a run instead of
-/// restarting it forever; others are [`Error::Store`] (retried).
+/// A file-system failure of `stream`'s state at `path`. Failures only a person can mend
+/// (a directory where a file belongs or a file where the directory belongs, a name the
+/// file system refuses, no permission, a read-only file system) are
+/// [`Error::StoreUnusable`] ([`cdc_core::ErrorKind::Persistent`]: a run is retried a
+/// bounded number of times, not forever); others are [`Error::Store`] (retried).
 fn fs_error(stream: &str, path: &Path, e: std::io::Error) -> Error {
     use std::io::ErrorKind as K;
     match e.kind() {
