@@ -268,9 +268,9 @@ async fn check_says_what_is_wrong_and_never_shows_secrets() {
     assert!(err.contains("nope.toml"), "{err}");
 }
 
-/// A sink that fails (stdout closed) under `on_error = "dead-letter"`: the changes become
-/// dead letters; `list` shows them, `replay` hands them to a working sink and removes
-/// them, `delete` deletes.
+/// A sink that refuses changes (NATS: over its payload limit) under `on_error =
+/// "dead-letter"`: the changes become dead letters; `list` shows them, `replay` hands them
+/// to a working sink (stdout) and removes them, `delete` deletes.
 #[tokio::test]
 async fn dead_letters_are_listed_replayed_and_deleted() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
@@ -280,10 +280,14 @@ async fn dead_letters_are_listed_replayed_and_deleted() {
         .collection::<bson::Document>("orders");
     let d = dir("letters");
     let port = free_port();
+    let stream = format!("CDC_LETTERS_{}", std::process::id());
     let config = write_config(
         &d,
         &sim.uri(),
-        "[dead_letters]\non_error = \"dead-letter\"\nretries = 0\n\n[sink]\ntype = \"stdout\"\n",
+        &format!(
+            "[dead_letters]\non_error = \"dead-letter\"\nretries = 0\n\n[sink]\ntype = \"nats\"\n[sink.nats]\nsubject = \"letters{}.{{db}}.{{coll}}.{{op}}\"\nstream = \"{stream}\"\ncreate_stream = true\n",
+            std::process::id()
+        ),
     );
     let mut child = cdc(
         &config,
@@ -291,7 +295,6 @@ async fn dead_letters_are_listed_replayed_and_deleted() {
     )
     .spawn()
     .unwrap();
-    drop(child.stdout.take()); // writes fail: a closed pipe
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
@@ -307,8 +310,12 @@ async fn dead_letters_are_listed_replayed_and_deleted() {
         assert!(tokio::time::Instant::now() < deadline, "never open");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Each over NATS's 1 MiB payload limit: refused by the server, the change's own fault.
+    let pad = "x".repeat(1_200_000);
     for i in 0..3_i64 {
-        coll.insert_one(doc! { "_id": i }).await.unwrap();
+        coll.insert_one(doc! { "_id": i, "pad": &pad })
+            .await
+            .unwrap();
     }
     loop {
         let (_, metrics) = http_get(port, "/metrics").await;
@@ -320,16 +327,29 @@ async fn dead_letters_are_listed_replayed_and_deleted() {
     }
     terminate(&child);
     assert!(child.wait().await.unwrap().success());
+    let nats = cdc_sink::async_nats::connect("nats://127.0.0.1:4222")
+        .await
+        .unwrap();
+    let _ = cdc_sink::async_nats::jetstream::new(nats)
+        .delete_stream(&stream)
+        .await;
 
     let (code, text, err) = output(&config, &["dead-letters", "list"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(text.lines().count(), 3, "{text}");
-    assert!(text.contains("insert") && text.contains("pipe"), "{text}");
+    assert!(
+        text.contains("insert") && text.contains("payload"),
+        "{text}"
+    );
     let first_id = text.split_whitespace().next().unwrap().to_owned();
     let (code, text, _) = output(&config, &["dead-letters", "delete", &first_id]).await;
     assert_eq!(code, 0);
     assert!(text.contains(&format!("deleted {first_id}")));
-    let (code, text, err) = output(&config, &["dead-letters", "replay"]).await;
+    let (code, text, err) = output(
+        &config,
+        &["dead-letters", "replay", "--set", "sink.type=stdout"],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let mut printed = text.lines();
     let replayed: Vec<serde_json::Value> = printed
