@@ -427,7 +427,19 @@ impl StreamCursor {
                 return Ok((out, tok));
             }
             let Some(entry) = log.entry(self.after + 1) else {
-                return Ok((out, self.hwm(log)));
+                // Nothing later was scanned: a batch that ends on the last entry's event
+                // resumes from that event, its `_id` byte for byte, as the server answers.
+                let pbrt = out
+                    .last()
+                    .and_then(|e| e.get_document("_id").ok())
+                    .and_then(|id| Document::try_from(id).ok())
+                    .filter(|id| {
+                        parse_token(&Bson::Document(id.clone())).is_ok_and(|p| {
+                            p.seq == self.after && p.phase == PHASE_EVENT && self.pending.is_empty()
+                        })
+                    })
+                    .unwrap_or_else(|| self.hwm(log));
+                return Ok((out, pbrt));
             };
             self.after = entry.seq;
             if self.invalidates(entry) {

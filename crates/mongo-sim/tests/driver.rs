@@ -802,3 +802,78 @@ async fn restart_keeps_data_and_oplog() {
     );
     sim.shutdown().await;
 }
+
+/// When a batch ends on an event and nothing later was scanned, its post-batch resume
+/// token is that event's `_id`, byte for byte (a client tracking the post-batch token sees
+/// the event's own); when later entries were scanned and filtered out, it moves past them.
+/// Read through raw commands: the driver reports a batch's last `_id` itself until its
+/// next `getMore`, so only the server's reply shows the token.
+#[tokio::test]
+async fn the_post_batch_token_is_the_last_event_s_id_unless_more_was_scanned() {
+    let (sim, client) = setup().await;
+    let db = client.database("pbrt");
+    db.create_collection("c").await.unwrap();
+    let coll: Collection<Document> = db.collection("c");
+    let open = |filter: Document| {
+        let db = db.clone();
+        async move {
+            let mut pipeline = vec![doc! { "$changeStream": {} }];
+            if !filter.is_empty() {
+                pipeline.push(doc! { "$match": filter });
+            }
+            let r = db
+                .run_command(doc! { "aggregate": "c", "pipeline": pipeline, "cursor": {} })
+                .await
+                .unwrap();
+            r.get_document("cursor").unwrap().get_i64("id").unwrap()
+        }
+    };
+    let get_more = |id: i64| {
+        let db = db.clone();
+        async move {
+            let r = db
+                .run_command(doc! { "getMore": id, "collection": "c" })
+                .await
+                .unwrap();
+            let cursor = r.get_document("cursor").unwrap().clone();
+            let batch = cursor.get_array("nextBatch").unwrap().clone();
+            let pbrt = cursor.get_document("postBatchResumeToken").unwrap().clone();
+            (batch, pbrt)
+        }
+    };
+    let id = open(doc! {}).await;
+    coll.insert_one(doc! { "_id": 1 }).await.unwrap();
+    let (batch, pbrt) = get_more(id).await;
+    let last = batch.last().unwrap().as_document().unwrap();
+    assert_eq!(&pbrt, last.get_document("_id").unwrap(), "{batch:?}");
+
+    // A filter: the matching event, then one filtered out, both before the batch.
+    let id = open(doc! { "documentKey._id": { "$ne": 3 } }).await;
+    coll.insert_one(doc! { "_id": 2 }).await.unwrap();
+    coll.insert_one(doc! { "_id": 3 }).await.unwrap();
+    let (batch, pbrt) = get_more(id).await;
+    assert_eq!(batch.len(), 1, "{batch:?}");
+    let last = batch[0]
+        .as_document()
+        .unwrap()
+        .get_document("_id")
+        .unwrap()
+        .clone();
+    assert_ne!(pbrt, last, "the filtered entry after it was scanned");
+    assert!(
+        pbrt.get_str("_data").unwrap() > last.get_str("_data").unwrap(),
+        "{pbrt} after {last}"
+    );
+    // Resuming from it starts after both.
+    coll.insert_one(doc! { "_id": 4 }).await.unwrap();
+    let mut resumed = coll
+        .watch()
+        .resume_after(
+            bson::deserialize_from_bson::<ResumeToken>(Bson::Document(pbrt.clone())).unwrap(),
+        )
+        .await
+        .unwrap();
+    let event = next(&mut resumed).await;
+    assert_eq!(event.document_key, Some(doc! { "_id": 4 }));
+    sim.shutdown().await;
+}
