@@ -52,6 +52,14 @@ pub mod code {
     pub const NOT_WRITABLE_PRIMARY: i32 = 10107;
     pub const DUPLICATE_KEY: i32 = 11000;
     pub const UNRECOGNIZED_PIPELINE_STAGE: i32 = 40324;
+    /// `$options` given without `$regex`.
+    pub const REGEX_OPTIONS_WITHOUT_REGEX: i32 = 51074;
+    /// Options both in a regular expression given to `$regex` and in `$options`.
+    pub const REGEX_OPTIONS_TWICE: i32 = 51075;
+    /// A regular expression the server (here: the simulator) cannot compile.
+    pub const REGEX_INVALID: i32 = 51091;
+    /// An option letter other than `i`, `m`, `s`, `x`, `u`.
+    pub const REGEX_BAD_OPTION: i32 = 51108;
 }
 
 /// MongoDB's named error codes (`src/mongo/base/error_codes.yml`), sorted by code.

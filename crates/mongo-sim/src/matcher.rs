@@ -1,6 +1,7 @@
 //! The query language subset: equality on dotted paths and arrays, comparison operators,
-//! `$in $nin $exists $and $or $nor $not`. An unsupported operator is an error (BadValue),
-//! never a silent match or non-match.
+//! `$in $nin $exists $and $or $nor $not`, and regular expressions (`$regex` with
+//! `$options`, BSON regular-expression values, in `$in`/`$nin` lists and under `$not`). An
+//! unsupported operator is an error (BadValue), never a silent match or non-match.
 
 use std::{cmp::Ordering, ops::Bound};
 
@@ -8,7 +9,7 @@ use bson::{Bson, Document};
 
 use crate::{
     catalog::IdOrd,
-    error::{CmdError, CmdResult},
+    error::{CmdError, CmdResult, code},
     value::{compare, equal, query_values, type_rank},
 };
 
@@ -37,10 +38,13 @@ pub(crate) enum Cond {
     Ne(Bson),
     /// Ordered comparison within the value's type bracket.
     Cmp(Ordering, bool, Bson),
-    /// Equal to one of the values.
-    In(Vec<Bson>),
-    /// Equal to none of the values.
-    Nin(Vec<Bson>),
+    /// Equal to one of the values, or matching one of the regular expressions.
+    In(Vec<Bson>, Vec<Pattern>),
+    /// Equal to none of the values and matching none of the regular expressions.
+    Nin(Vec<Bson>, Vec<Pattern>),
+    /// A string value (or an array element) matches the regular expression, or the value
+    /// is that very regular expression.
+    Regex(Pattern),
     /// The path exists (or not).
     Exists(bool),
     /// Every listed condition holds.
@@ -127,7 +131,13 @@ fn parse_cond(value: &Bson) -> CmdResult<Cond> {
     match value {
         Bson::Document(d) if is_operator_doc(d) => {
             let mut conds = Vec::new();
+            if d.contains_key("$regex") || d.contains_key("$options") {
+                conds.push(Cond::Regex(regex_operator(d)?));
+            }
             for (op, arg) in d {
+                if op == "$regex" || op == "$options" {
+                    continue;
+                }
                 conds.push(parse_operator(op, arg)?);
             }
             Ok(if conds.len() == 1 {
@@ -136,16 +146,33 @@ fn parse_cond(value: &Bson) -> CmdResult<Cond> {
                 Cond::All(conds)
             })
         }
-        Bson::RegularExpression(_) => Err(CmdError::bad_value(
-            "regular expressions are not supported by mongo-sim",
-        )),
+        Bson::RegularExpression(re) => Ok(Cond::Regex(Pattern::new(
+            re.pattern.as_str(),
+            re.options.as_str(),
+        )?)),
         other => Ok(Cond::Eq(other.clone())),
     }
 }
 
 fn parse_operator(op: &str, arg: &Bson) -> CmdResult<Cond> {
+    // Values and regular expressions of an `$in`/`$nin` list.
     let list = |arg: &Bson| match arg {
-        Bson::Array(items) => Ok(items.clone()),
+        Bson::Array(items) => {
+            let mut values = Vec::new();
+            let mut patterns = Vec::new();
+            for item in items {
+                match item {
+                    Bson::RegularExpression(re) => {
+                        patterns.push(Pattern::new(re.pattern.as_str(), re.options.as_str())?);
+                    }
+                    Bson::Document(d) if d.keys().next().is_some_and(|k| k.starts_with('$')) => {
+                        return Err(CmdError::bad_value(format!("cannot nest $ under {op}")));
+                    }
+                    other => values.push(other.clone()),
+                }
+            }
+            Ok((values, patterns))
+        }
         _ => Err(CmdError::bad_value(format!("{op} needs an array"))),
     };
     Ok(match op {
@@ -155,12 +182,22 @@ fn parse_operator(op: &str, arg: &Bson) -> CmdResult<Cond> {
         "$gte" => Cond::Cmp(Ordering::Greater, true, arg.clone()),
         "$lt" => Cond::Cmp(Ordering::Less, false, arg.clone()),
         "$lte" => Cond::Cmp(Ordering::Less, true, arg.clone()),
-        "$in" => Cond::In(list(arg)?),
-        "$nin" => Cond::Nin(list(arg)?),
+        "$in" => {
+            let (values, patterns) = list(arg)?;
+            Cond::In(values, patterns)
+        }
+        "$nin" => {
+            let (values, patterns) = list(arg)?;
+            Cond::Nin(values, patterns)
+        }
         "$exists" => Cond::Exists(truthy(arg)),
         "$not" => match arg {
             Bson::Document(d) if is_operator_doc(d) => Cond::Not(Box::new(parse_cond(arg)?)),
-            _ => return Err(CmdError::bad_value("$not needs a document of operators")),
+            Bson::RegularExpression(re) => Cond::Not(Box::new(Cond::Regex(Pattern::new(
+                re.pattern.as_str(),
+                re.options.as_str(),
+            )?))),
+            _ => return Err(CmdError::bad_value("$not needs a regex or a document")),
         },
         other => {
             return Err(CmdError::bad_value(format!(
@@ -168,6 +205,110 @@ fn parse_operator(op: &str, arg: &Bson) -> CmdResult<Cond> {
             )));
         }
     })
+}
+
+/// `{ $regex: <string or regex>, $options: <string> }` as the server reads it.
+fn regex_operator(d: &Document) -> CmdResult<Pattern> {
+    let options = match d.get("$options") {
+        None => None,
+        Some(Bson::String(o)) => Some(o.as_str()),
+        Some(_) => return Err(CmdError::bad_value("$options has to be a string")),
+    };
+    match d.get("$regex") {
+        None => Err(CmdError::new(
+            code::REGEX_OPTIONS_WITHOUT_REGEX,
+            "$options needs a $regex",
+        )),
+        Some(Bson::String(p)) => Pattern::new(p, options.unwrap_or("")),
+        Some(Bson::RegularExpression(re)) => match options {
+            Some(o) if !re.options.as_str().is_empty() && !o.is_empty() => Err(CmdError::new(
+                code::REGEX_OPTIONS_TWICE,
+                "options set in both $regex and $options",
+            )),
+            Some(o) if !o.is_empty() => Pattern::new(re.pattern.as_str(), o),
+            _ => Pattern::new(re.pattern.as_str(), re.options.as_str()),
+        },
+        Some(_) => Err(CmdError::bad_value("$regex has to be a string")),
+    }
+}
+
+/// A compiled regular expression with the pattern and options it came from (a value that
+/// is this very regular expression matches it too, as on the server).
+#[derive(Clone, Debug)]
+pub(crate) struct Pattern {
+    pattern: String,
+    options: String,
+    regex: regex::Regex,
+}
+
+impl Pattern {
+    /// Compiles `pattern` with MongoDB's options: `i` (case-insensitive), `m` (`^`/`$` at
+    /// line ends), `s` (`.` matches newlines), `x` (whitespace and `#` comments ignored),
+    /// `u` (accepted: patterns are always Unicode). Constructs of PCRE that the `regex`
+    /// crate does not have (look-around, back-references) are refused with the server's
+    /// code for an invalid expression, naming the simulator.
+    pub(crate) fn new(pattern: &str, options: &str) -> CmdResult<Self> {
+        let mut builder = regex::RegexBuilder::new(pattern);
+        for flag in options.chars() {
+            match flag {
+                'i' => builder.case_insensitive(true),
+                'm' => builder.multi_line(true),
+                's' => builder.dot_matches_new_line(true),
+                'x' => builder.ignore_whitespace(true),
+                'u' => &mut builder,
+                other => {
+                    return Err(CmdError::new(
+                        code::REGEX_BAD_OPTION,
+                        format!("invalid flag in regex options: {other}"),
+                    ));
+                }
+            };
+        }
+        if pattern.contains('\0') {
+            return Err(CmdError::new(
+                code::REGEX_INVALID,
+                "Regular expression cannot contain an embedded null byte",
+            ));
+        }
+        let regex = builder.build().map_err(|e| {
+            CmdError::new(
+                code::REGEX_INVALID,
+                format!(
+                    "Regular expression is invalid (or uses a PCRE feature mongo-sim does not have: look-around, back-references): {}",
+                    e.to_string().replace('\n', " ")
+                ),
+            )
+        })?;
+        let mut options: Vec<char> = options.chars().collect();
+        options.sort_unstable();
+        Ok(Self {
+            pattern: pattern.to_owned(),
+            options: options.into_iter().collect(),
+            regex,
+        })
+    }
+
+    fn matches_value(&self, v: &Bson) -> bool {
+        match v {
+            Bson::String(s) => self.regex.is_match(s),
+            Bson::Symbol(s) => self.regex.is_match(s),
+            Bson::RegularExpression(re) => {
+                let mut options: Vec<char> = re.options.as_str().chars().collect();
+                options.sort_unstable();
+                re.pattern.as_str() == self.pattern
+                    && options.into_iter().collect::<String>() == self.options
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a value at the path (or an element of an array there) matches.
+    fn matches_any(&self, values: &[Option<&Bson>]) -> bool {
+        values.iter().flatten().any(|v| {
+            self.matches_value(v)
+                || matches!(v, Bson::Array(items) if items.iter().any(|i| self.matches_value(i)))
+        })
+    }
 }
 
 fn truthy(v: &Bson) -> bool {
@@ -215,8 +356,13 @@ fn cond_matches(cond: &Cond, values: &[Option<&Bson>]) -> bool {
         Cond::Eq(t) => eq_matches(t, values),
         Cond::Ne(t) => !eq_matches(t, values),
         Cond::Cmp(dir, or_equal, t) => cmp_matches(*dir, *or_equal, t, values),
-        Cond::In(ts) => ts.iter().any(|t| eq_matches(t, values)),
-        Cond::Nin(ts) => !ts.iter().any(|t| eq_matches(t, values)),
+        Cond::In(ts, ps) => {
+            ts.iter().any(|t| eq_matches(t, values)) || ps.iter().any(|p| p.matches_any(values))
+        }
+        Cond::Nin(ts, ps) => {
+            !(ts.iter().any(|t| eq_matches(t, values)) || ps.iter().any(|p| p.matches_any(values)))
+        }
+        Cond::Regex(p) => p.matches_any(values),
         Cond::Exists(want) => values.iter().any(Option::is_some) == *want,
         Cond::All(cs) => cs.iter().all(|c| cond_matches(c, values)),
         Cond::Not(c) => !cond_matches(c, values),
@@ -263,9 +409,103 @@ mod tests {
         ));
     }
 
+    fn re(pattern: &str, options: &str) -> Bson {
+        Bson::RegularExpression(bson::Regex {
+            pattern: bson::raw::CString::try_from(pattern).unwrap(),
+            options: bson::raw::CString::try_from(options).unwrap(),
+        })
+    }
+
+    /// `$regex` as the manual describes it: a string with `$options`, a regular
+    /// expression value (also in `$in`, `$nin`, under `$not`), options `i m s x`, arrays
+    /// matched element by element, non-strings never matched, a stored regular expression
+    /// matched by the same one.
+    #[test]
+    fn regular_expressions() {
+        let d = doc! {
+            "name": "Alice Smith",
+            "email": "ALICE@example.com",
+            "tags": ["red", "Blue"],
+            "bio": "line one\nline two",
+            "n": 5,
+            "stored": re("^a", "i"),
+        };
+        assert!(m(doc! { "name": { "$regex": "^Alice" } }, d.clone()));
+        assert!(!m(doc! { "name": { "$regex": "^alice" } }, d.clone()));
+        assert!(m(
+            doc! { "name": { "$regex": "^alice", "$options": "i" } },
+            d.clone()
+        ));
+        assert!(m(doc! { "email": re("@EXAMPLE\\.com$", "i") }, d.clone()));
+        assert!(m(
+            doc! { "email": { "$regex": re("example", "") , "$options": "i" } },
+            d.clone()
+        ));
+        assert!(
+            m(doc! { "tags": re("^blue$", "i") }, d.clone()),
+            "an element of an array"
+        );
+        assert!(m(
+            doc! { "bio": { "$regex": "^line two$", "$options": "m" } },
+            d.clone()
+        ));
+        assert!(!m(doc! { "bio": { "$regex": "^line two$" } }, d.clone()));
+        assert!(m(
+            doc! { "bio": { "$regex": "one.line", "$options": "s" } },
+            d.clone()
+        ));
+        assert!(!m(doc! { "bio": { "$regex": "one.line" } }, d.clone()));
+        assert!(m(
+            doc! { "name": { "$regex": "a l i c e  # spaced", "$options": "xi" } },
+            d.clone()
+        ));
+        assert!(
+            !m(doc! { "n": re("5", "") }, d.clone()),
+            "numbers are not strings"
+        );
+        assert!(!m(doc! { "missing": re(".*", "") }, d.clone()));
+        assert!(m(
+            doc! { "name": { "$in": [re("^bob", ""), re("smith$", "i")] } },
+            d.clone()
+        ));
+        assert!(m(
+            doc! { "name": { "$in": ["x", "Alice Smith"] } },
+            d.clone()
+        ));
+        assert!(!m(doc! { "name": { "$nin": [re("^Al", "")] } }, d.clone()));
+        assert!(m(doc! { "name": { "$not": re("^Bob", "") } }, d.clone()));
+        assert!(m(
+            doc! { "name": { "$regex": "Smith", "$ne": "x" } },
+            d.clone()
+        ));
+        assert!(
+            m(doc! { "stored": re("^a", "i") }, d.clone()),
+            "the same expression"
+        );
+        assert!(!m(doc! { "stored": re("^a", "") }, d.clone()));
+        assert!(m(doc! { "stored": { "$eq": re("^a", "i") } }, d.clone()));
+        // Errors, with the server's codes.
+        let code = |f: Document| Filter::parse(&f).unwrap_err().code;
+        assert_eq!(code(doc! { "a": { "$options": "i" } }), 51074);
+        assert_eq!(
+            code(doc! { "a": { "$regex": re("x", "i"), "$options": "m" } }),
+            51075
+        );
+        assert_eq!(code(doc! { "a": { "$regex": 5 } }), 2);
+        assert_eq!(code(doc! { "a": { "$regex": "(" } }), 51091);
+        assert_eq!(
+            code(doc! { "a": { "$regex": "x", "$options": "z" } }),
+            51108
+        );
+        // PCRE's look-ahead is refused, naming the simulator.
+        let err = Filter::parse(&doc! { "a": { "$regex": "a(?=b)" } }).unwrap_err();
+        assert_eq!(err.code, 51091);
+        assert!(err.message.contains("mongo-sim"), "{}", err.message);
+    }
+
     #[test]
     fn unknown_operators_are_errors() {
-        let err = Filter::parse(&doc! { "a": { "$regex": "x" } }).unwrap_err();
+        let err = Filter::parse(&doc! { "a": { "$where": "x" } }).unwrap_err();
         assert_eq!(err.code, 2);
         assert!(Filter::parse(&doc! { "$where": "1" }).is_err());
         assert!(Filter::parse(&doc! { "$or": [] }).is_err());

@@ -877,3 +877,66 @@ async fn the_post_batch_token_is_the_last_event_s_id_unless_more_was_scanned() {
     assert_eq!(event.document_key, Some(doc! { "_id": 4 }));
     sim.shutdown().await;
 }
+
+/// `$regex` through the driver: in `find` (string with `$options`, a BSON regular
+/// expression, in `$in`), and in a database change stream's `$match` on the namespace —
+/// how users pick collections by name.
+#[tokio::test]
+async fn regular_expressions_in_find_and_in_a_change_stream() {
+    let (sim, client) = setup().await;
+    let db = client.database("rx");
+    let people: Collection<Document> = db.collection("people");
+    people
+        .insert_many([
+            doc! { "_id": 1, "name": "Alice" },
+            doc! { "_id": 2, "name": "bob" },
+            doc! { "_id": 3, "name": "ALINE" },
+        ])
+        .await
+        .unwrap();
+    let ids = |docs: Vec<Document>| {
+        docs.iter()
+            .map(|d| d.get_i32("_id").unwrap())
+            .collect::<Vec<_>>()
+    };
+    let found: Vec<Document> = people
+        .find(doc! { "name": { "$regex": "^al", "$options": "i" } })
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(ids(found), [1, 3]);
+    let found: Vec<Document> = people
+        .find(doc! { "name": { "$in": [bson::Regex { pattern: bson::raw::CString::try_from("^b").unwrap(), options: bson::raw::CString::try_from("").unwrap() }, "Alice"] } })
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(ids(found), [1, 2]);
+    let err = people
+        .find(doc! { "name": { "$regex": "(" } })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(51091), "{err}");
+
+    let mut stream = db
+        .watch()
+        .pipeline([doc! { "$match": { "ns.coll": { "$regex": "^orders_" } } }])
+        .await
+        .unwrap();
+    db.collection::<Document>("other")
+        .insert_one(doc! { "_id": 1 })
+        .await
+        .unwrap();
+    db.collection::<Document>("orders_2024")
+        .insert_one(doc! { "_id": 2 })
+        .await
+        .unwrap();
+    let event = next(&mut stream).await;
+    assert_eq!(event.ns.unwrap().coll.as_deref(), Some("orders_2024"));
+    sim.shutdown().await;
+}
