@@ -185,7 +185,7 @@ async fn crud_and_queries() {
     let dup = coll.insert_one(doc! { "_id": 1 }).await.unwrap_err();
     assert_eq!(code(&dup), Some(11000));
     let bad = coll
-        .find_one(doc! { "a": { "$regex": "x" } })
+        .find_one(doc! { "a": { "$elemMatch": { "x": 1 } } })
         .await
         .unwrap_err();
     assert_eq!(
