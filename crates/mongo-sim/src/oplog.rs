@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use bson::{Binary, Document, Timestamp};
+use bson::{Binary, Bson, Document, Timestamp, doc};
 
 use crate::update::Delta;
 
@@ -109,6 +109,110 @@ pub(crate) struct OplogEntry {
     pub(crate) op: Op,
     /// `(lsid, txnNumber)` for entries written by a transaction.
     pub(crate) txn: Option<(Document, i64)>,
+}
+
+impl OplogEntry {
+    /// The entry as a client reading `local.oplog.rs` sees it: `ts`, `t`, `v`, `op`
+    /// (`i`, `u`, `d`, `c`), `ns`, `ui`, `o`, `o2`, `wall` (and `lsid`, `txnNumber` for a
+    /// transaction's write). An update's `o` is `{ $v: 2, diff: { u: {…}, d: {…} } }` with
+    /// dotted paths (the server nests sub-documents: `sa: { u: … }`); a transaction's
+    /// writes are entries of their own rather than one `applyOps`.
+    pub(crate) fn to_document(&self) -> Document {
+        let ns = format!("{}.{}", self.db, self.coll);
+        let cmd_ns = format!("{}.$cmd", self.db);
+        let (op, ns, o, o2) = match &self.op {
+            Op::Insert { doc } => {
+                let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+                ("i", ns, doc.clone(), Some(doc! { "_id": id }))
+            }
+            Op::Update { key, delta, .. } => {
+                let mut u = Document::new();
+                for (path, value) in &delta.updated {
+                    u.insert(crate::update::dotted(path), value.clone());
+                }
+                for (path, len) in &delta.truncated {
+                    u.insert(
+                        format!("{}.$size", crate::update::dotted(path)),
+                        i64::from(*len),
+                    );
+                }
+                let mut d = Document::new();
+                for path in &delta.removed {
+                    d.insert(crate::update::dotted(path), false);
+                }
+                let mut diff = Document::new();
+                if !u.is_empty() {
+                    diff.insert("u", u);
+                }
+                if !d.is_empty() {
+                    diff.insert("d", d);
+                }
+                ("u", ns, doc! { "$v": 2, "diff": diff }, Some(key.clone()))
+            }
+            Op::Replace { key, doc, .. } => ("u", ns, doc.clone(), Some(key.clone())),
+            Op::Delete { key, .. } => ("d", ns, key.clone(), None),
+            Op::Drop => ("c", cmd_ns, doc! { "drop": &self.coll }, None),
+            Op::Rename {
+                to_db,
+                to_coll,
+                drop_target,
+            } => {
+                let mut o = doc! { "renameCollection": &ns, "to": format!("{to_db}.{to_coll}"), "stayTemp": false };
+                if let Some(uuid) = drop_target {
+                    o.insert("dropTarget", uuid.clone());
+                }
+                ("c", cmd_ns, o, None)
+            }
+            Op::DropDatabase => ("c", cmd_ns, doc! { "dropDatabase": 1 }, None),
+            Op::Create { description } => {
+                let mut o = doc! { "create": &self.coll };
+                o.extend(description.clone());
+                ("c", cmd_ns, o, None)
+            }
+            Op::CreateIndexes { indexes } => {
+                let mut o = doc! { "createIndexes": &self.coll };
+                if let Some(first) = indexes.first() {
+                    o.extend(first.clone());
+                }
+                ("c", cmd_ns, o, None)
+            }
+            Op::DropIndexes { indexes } => {
+                let name = indexes
+                    .first()
+                    .and_then(|i| i.get_str("name").ok())
+                    .unwrap_or("")
+                    .to_owned();
+                (
+                    "c",
+                    cmd_ns,
+                    doc! { "dropIndexes": &self.coll, "index": name },
+                    None,
+                )
+            }
+            Op::Modify { description } => {
+                let mut o = doc! { "collMod": &self.coll };
+                o.extend(description.clone());
+                ("c", cmd_ns, o, None)
+            }
+        };
+        let mut out = doc! { "op": op, "ns": ns };
+        if let Some(uuid) = &self.uuid {
+            out.insert("ui", uuid.clone());
+        }
+        out.insert("o", o);
+        if let Some(o2) = o2 {
+            out.insert("o2", o2);
+        }
+        if let Some((lsid, txn_number)) = &self.txn {
+            out.insert("lsid", lsid.clone());
+            out.insert("txnNumber", *txn_number);
+        }
+        out.insert("ts", self.ts);
+        out.insert("t", 1_i64);
+        out.insert("v", 2_i64);
+        out.insert("wall", self.wall);
+        out
+    }
 }
 
 /// The retained log and the clock.

@@ -940,3 +940,96 @@ async fn regular_expressions_in_find_and_in_a_change_stream() {
     assert_eq!(event.ns.unwrap().coll.as_deref(), Some("orders_2024"));
     sim.shutdown().await;
 }
+
+/// The oplog as a client reads it (`rs.printReplicationInfo()`'s way): `find` on
+/// `local.oplog.rs` sorted by `$natural` with a limit gives the oldest and the newest
+/// entries with their fields, a filter on `ts` works, entries roll over at the capacity,
+/// and `replSetGetStatus` reports the newest as its optimes.
+#[tokio::test]
+async fn the_oplog_reads_as_local_oplog_rs() {
+    let sim = MongoSim::start_with(SimOptions {
+        oplog_capacity: 20,
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    let coll: Collection<Document> = client.database("ol").collection("c");
+    let oplog: Collection<Document> = client.database("local").collection("oplog.rs");
+    let end = |dir: i32| {
+        let oplog = oplog.clone();
+        async move {
+            oplog
+                .find_one(doc! {})
+                .sort(doc! { "$natural": dir })
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    coll.insert_one(doc! { "_id": 1, "v": 1 }).await.unwrap();
+    coll.update_one(
+        doc! { "_id": 1 },
+        doc! { "$set": { "v": 2 }, "$unset": { "w": 1 } },
+    )
+    .await
+    .unwrap();
+    coll.delete_one(doc! { "_id": 1 }).await.unwrap();
+    let newest = end(-1).await;
+    assert_eq!(newest.get_str("op").unwrap(), "d");
+    assert_eq!(newest.get_str("ns").unwrap(), "ol.c");
+    assert_eq!(newest.get_document("o").unwrap(), &doc! { "_id": 1 });
+    for field in ["ts", "t", "v", "wall", "ui"] {
+        assert!(newest.contains_key(field), "{field}: {newest}");
+    }
+    let updates: Vec<Document> = oplog
+        .find(doc! { "op": "u", "ns": "ol.c" })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(updates.len(), 1);
+    assert_eq!(
+        updates[0].get_document("o").unwrap(),
+        &doc! { "$v": 2, "diff": { "u": { "v": 2 } } }
+    );
+    assert_eq!(updates[0].get_document("o2").unwrap(), &doc! { "_id": 1 });
+    let status = client
+        .database("admin")
+        .run_command(doc! { "replSetGetStatus": 1 })
+        .await
+        .unwrap();
+    let applied = status
+        .get_document("optimes")
+        .unwrap()
+        .get_document("appliedOpTime")
+        .unwrap()
+        .get_timestamp("ts")
+        .unwrap();
+    assert_eq!(applied, newest.get_timestamp("ts").unwrap());
+    // A filter on ts, and the window moving when the log rolls over.
+    let oldest = end(1).await.get_timestamp("ts").unwrap();
+    for i in 2..40 {
+        coll.insert_one(doc! { "_id": i }).await.unwrap();
+    }
+    let rolled = end(1).await.get_timestamp("ts").unwrap();
+    assert!(rolled > oldest, "{rolled:?} after {oldest:?}");
+    let all: Vec<Document> = oplog
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 20);
+    let later: Vec<Document> = oplog
+        .find(doc! { "ts": { "$gt": all[9].get_timestamp("ts").unwrap() } })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(later.len(), 10);
+    sim.shutdown().await;
+}

@@ -444,6 +444,61 @@ pub(crate) fn find_and_modify(
 }
 
 /// `find`.
+/// `find` on `local.oplog.rs`: the retained entries as a client reads them
+/// ([`crate::oplog::OplogEntry::to_document`]), in natural order (`{$natural: 1}`, also
+/// without a sort) or newest first (`{$natural: -1}`), filtered, skipped and limited as
+/// they are read (the first or last entry costs one entry, not the whole log); another
+/// sort orders the filtered entries.
+fn read_oplog(
+    state: &State,
+    filter: &Filter,
+    sort: Option<&Document>,
+    skip: usize,
+    take: usize,
+) -> CmdResult<Vec<Document>> {
+    let natural = match sort {
+        None => Some(true),
+        Some(s) if s.len() == 1 && s.contains_key("$natural") => match s.get("$natural") {
+            Some(Bson::Int32(1) | Bson::Int64(1)) => Some(true),
+            Some(Bson::Double(d)) if *d == 1.0 => Some(true),
+            Some(Bson::Int32(-1) | Bson::Int64(-1)) => Some(false),
+            Some(Bson::Double(d)) if *d == -1.0 => Some(false),
+            _ => return Err(CmdError::bad_value("$natural must be 1 or -1")),
+        },
+        Some(_) => None,
+    };
+    let entries = &state.log.entries;
+    let rendered = |e: &crate::oplog::OplogEntry| e.to_document();
+    Ok(match natural {
+        Some(true) => entries
+            .iter()
+            .map(rendered)
+            .filter(|d| filter.matches(d))
+            .skip(skip)
+            .take(take)
+            .collect(),
+        Some(false) => entries
+            .iter()
+            .rev()
+            .map(rendered)
+            .filter(|d| filter.matches(d))
+            .skip(skip)
+            .take(take)
+            .collect(),
+        None => {
+            let mut docs: Vec<Document> = entries
+                .iter()
+                .map(rendered)
+                .filter(|d| filter.matches(d))
+                .collect();
+            if let Some(sort) = sort {
+                sort_documents(&mut docs, sort)?;
+            }
+            docs.into_iter().skip(skip).take(take).collect()
+        }
+    })
+}
+
 pub(crate) fn find(state: &mut State, txn: Option<&Txn>, db: &str, cmd: &Document) -> CmdResult {
     let name = coll_name(cmd, "find")?;
     let filter = Filter::parse(&get_doc(cmd, "filter")?.cloned().unwrap_or_default())?;
@@ -458,39 +513,44 @@ pub(crate) fn find(state: &mut State, txn: Option<&Txn>, db: &str, cmd: &Documen
     } else {
         limit.unsigned_abs() as usize
     };
-    let mut docs: Vec<Document> = match (read_coll(state, txn, db, name), sort.and_then(id_order)) {
-        // Sorted by `_id` alone: a scan of the `_id` index over the filter's range, which
-        // stops at the limit.
-        (Some(c), Some(ascending)) => match id_range(&filter) {
-            Some(range) => {
-                let rids = c.order.range(range).map(|(_, rid)| rid);
-                let rids: Box<dyn Iterator<Item = &u64>> = if ascending {
-                    Box::new(rids)
-                } else {
-                    Box::new(rids.rev())
-                };
-                rids.filter_map(|rid| c.docs.get(rid))
+    let oplog = db == "local" && name == "oplog.rs";
+    let mut docs: Vec<Document> = if oplog {
+        read_oplog(state, &filter, sort, skip, take)?
+    } else {
+        match (read_coll(state, txn, db, name), sort.and_then(id_order)) {
+            // Sorted by `_id` alone: a scan of the `_id` index over the filter's range, which
+            // stops at the limit.
+            (Some(c), Some(ascending)) => match id_range(&filter) {
+                Some(range) => {
+                    let rids = c.order.range(range).map(|(_, rid)| rid);
+                    let rids: Box<dyn Iterator<Item = &u64>> = if ascending {
+                        Box::new(rids)
+                    } else {
+                        Box::new(rids.rev())
+                    };
+                    rids.filter_map(|rid| c.docs.get(rid))
+                        .filter(|d| filter.matches(d))
+                        .skip(skip)
+                        .take(take)
+                        .cloned()
+                        .collect()
+                }
+                None => Vec::new(),
+            },
+            (Some(c), None) => {
+                let mut docs: Vec<Document> = c
+                    .docs
+                    .values()
                     .filter(|d| filter.matches(d))
-                    .skip(skip)
-                    .take(take)
                     .cloned()
-                    .collect()
+                    .collect();
+                if let Some(sort) = sort {
+                    sort_documents(&mut docs, sort)?;
+                }
+                docs.into_iter().skip(skip).take(take).collect()
             }
-            None => Vec::new(),
-        },
-        (Some(c), None) => {
-            let mut docs: Vec<Document> = c
-                .docs
-                .values()
-                .filter(|d| filter.matches(d))
-                .cloned()
-                .collect();
-            if let Some(sort) = sort {
-                sort_documents(&mut docs, sort)?;
-            }
-            docs.into_iter().skip(skip).take(take).collect()
+            (None, _) => Vec::new(),
         }
-        (None, _) => Vec::new(),
     };
     let mut single = truthy(cmd.get("singleBatch"));
     if limit != 0 {
