@@ -44,6 +44,10 @@ pub struct SimOptions {
     pub set_name: String,
     /// How many entries the oplog keeps before dropping the oldest.
     pub oplog_capacity: usize,
+    /// How many bytes the oplog keeps (its entries as `local.oplog.rs` shows them)
+    /// before dropping the oldest, as `--oplogSize` bounds a server's; `None`: only
+    /// `oplog_capacity` bounds it.
+    pub oplog_size_bytes: Option<usize>,
     /// How many connections may be open at once (`maxIncomingConnections`); one more is
     /// closed as soon as it is accepted.
     pub max_connections: usize,
@@ -55,6 +59,7 @@ impl Default for SimOptions {
             port: 0,
             set_name: "rs0".to_owned(),
             oplog_capacity: 2_000_000,
+            oplog_size_bytes: None,
             max_connections: 1_000,
         }
     }
@@ -95,6 +100,7 @@ impl MongoSim {
             options.oplog_capacity,
             options.max_connections,
         ));
+        shared.set_oplog_size(options.oplog_size_bytes);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(listener, Arc::clone(&shared), stop_rx));
         Ok(Self {

@@ -20,6 +20,19 @@ async fn main() -> std::process::ExitCode {
                 .parse()
                 .map(|n| options.oplog_capacity = n)
                 .map_err(|e| e.to_string()),
+            ("--oplog-size-mb", Some(v)) => {
+                v.parse::<usize>()
+                    .map_err(|e| e.to_string())
+                    .and_then(|mb| {
+                        if mb == 0 {
+                            Err("--oplog-size-mb must be at least 1".to_owned())
+                        } else {
+                            mb.checked_mul(1 << 20)
+                                .map(|bytes| options.oplog_size_bytes = Some(bytes))
+                                .ok_or_else(|| "--oplog-size-mb is too large".to_owned())
+                        }
+                    })
+            }
             ("--max-connections", Some(v)) => v
                 .parse()
                 .map(|n| options.max_connections = n)
@@ -32,7 +45,7 @@ async fn main() -> std::process::ExitCode {
         };
         if let Err(e) = parsed {
             eprintln!(
-                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N] [--max-connections N]"
+                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N] [--oplog-size-mb N] [--max-connections N]"
             );
             return std::process::ExitCode::from(2);
         }

@@ -109,6 +109,9 @@ pub(crate) struct OplogEntry {
     pub(crate) op: Op,
     /// `(lsid, txnNumber)` for entries written by a transaction.
     pub(crate) txn: Option<(Document, i64)>,
+    /// The entry's size as `local.oplog.rs` shows it, in bytes; counted only while the log
+    /// is bounded by bytes (0 otherwise).
+    pub(crate) size: usize,
 }
 
 impl OplogEntry {
@@ -222,6 +225,10 @@ pub(crate) struct Oplog {
     pub(crate) entries: VecDeque<OplogEntry>,
     /// How many entries the log keeps.
     pub(crate) capacity: usize,
+    /// How many bytes the log keeps, when bounded by bytes too.
+    pub(crate) max_bytes: Option<usize>,
+    /// The bytes the retained entries take (while bounded by bytes).
+    pub(crate) bytes: usize,
     /// The sequence number the next entry gets.
     pub(crate) next_seq: u64,
     /// The cluster time of the newest entry dropped from the log.
@@ -236,6 +243,8 @@ impl Oplog {
         Self {
             entries: VecDeque::new(),
             capacity: capacity.max(1),
+            max_bytes: None,
+            bytes: 0,
             next_seq: 1,
             dropped_upto: None,
             last_ts: Timestamp {
@@ -277,7 +286,7 @@ impl Oplog {
             };
             let seq = self.next_seq;
             self.next_seq += 1;
-            self.entries.push_back(OplogEntry {
+            let mut entry = OplogEntry {
                 seq,
                 ts,
                 wall,
@@ -286,15 +295,28 @@ impl Oplog {
                 uuid: e.uuid,
                 op: e.op,
                 txn: txn.clone(),
-            });
+                size: 0,
+            };
+            if self.max_bytes.is_some() {
+                entry.size = entry.to_document().to_vec().map_or(0, |b| b.len());
+                self.bytes += entry.size;
+            }
+            self.entries.push_back(entry);
         }
         self.trim();
     }
 
-    /// Drops the oldest entries beyond capacity.
+    /// Drops the oldest entries beyond capacity (in entries, and in bytes when bounded
+    /// so; the newest entry always stays, as a server's oplog keeps its last).
     pub(crate) fn trim(&mut self) {
-        while self.entries.len() > self.capacity {
+        if self.max_bytes.is_none() {
+            self.bytes = 0;
+        }
+        while self.entries.len() > self.capacity
+            || (self.entries.len() > 1 && self.max_bytes.is_some_and(|max| self.bytes > max))
+        {
             if let Some(old) = self.entries.pop_front() {
+                self.bytes = self.bytes.saturating_sub(old.size);
                 self.dropped_upto = Some(old.ts);
             }
         }

@@ -54,6 +54,16 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// New shared state for a server at `host`.
+    /// Bounds the oplog by bytes too (see [`crate::SimOptions::oplog_size_bytes`]).
+    pub(crate) fn set_oplog_size(&self, bytes: Option<usize>) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.log.max_bytes = bytes;
+        state.log.trim();
+    }
+
     pub(crate) fn new(info: ServerInfo, oplog_capacity: usize, max_connections: usize) -> Self {
         Self {
             connection_slots: Arc::new(Semaphore::new(max_connections)),

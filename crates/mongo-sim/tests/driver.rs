@@ -1033,3 +1033,44 @@ async fn the_oplog_reads_as_local_oplog_rs() {
     assert_eq!(later.len(), 10);
     sim.shutdown().await;
 }
+
+/// `oplog_size_bytes` (`--oplog-size-mb`) bounds the oplog by the bytes of its entries:
+/// 200 inserts of 10 KB into a 1 MiB oplog leave about 100 entries, the newest ones.
+#[tokio::test]
+async fn the_oplog_is_bounded_by_bytes_too() {
+    let sim = MongoSim::start_with(SimOptions {
+        oplog_size_bytes: Some(1 << 20),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    let coll: Collection<Document> = client.database("ob").collection("c");
+    let pad = "x".repeat(10_000);
+    for i in 0..200 {
+        coll.insert_one(doc! { "_id": i, "pad": &pad })
+            .await
+            .unwrap();
+    }
+    let oplog: Collection<Document> = client.database("local").collection("oplog.rs");
+    let all: Vec<Document> = oplog
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let bytes: usize = all.iter().map(|d| d.to_vec().unwrap().len()).sum();
+    assert!(bytes <= 1 << 20, "{bytes} bytes kept");
+    assert!(
+        (90..=105).contains(&all.len()),
+        "{} entries kept",
+        all.len()
+    );
+    let newest = all.last().unwrap();
+    assert_eq!(
+        newest.get_document("o").unwrap().get_i32("_id").unwrap(),
+        199
+    );
+    sim.shutdown().await;
+}
