@@ -162,6 +162,22 @@ fn tune_allocator() {}
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cdc: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // `run` listens for SIGTERM, SIGINT and SIGHUP from here on, before the configuration
+    // is read: a stop in any phase after this ends it with exit 0.
+    let shutdown = matches!(cli.command, Command::Run { .. }).then(|| {
+        let _entered = runtime.enter();
+        run::shutdown_signal()
+    });
     let mut cfg = match cli.common.load() {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -186,20 +202,10 @@ fn main() -> ExitCode {
         eprintln!("cdc: configuration error: `log.level`: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cdc: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Check => run::check(&cfg).await,
-            Command::Run { .. } => run::run(cfg).await,
+            Command::Run { .. } => run::run(cfg, shutdown).await,
             Command::Status { json, .. } => status::status(&cfg, json).await,
             Command::DeadLetters { action, .. } => match action {
                 DeadLetterAction::List { limit, json } => {

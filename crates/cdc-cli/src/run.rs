@@ -624,10 +624,18 @@ async fn within_deadline<T>(
         .unwrap_or_else(|_| Err(deadline_passed()))
 }
 
-/// `cdc run`: until SIGTERM or Ctrl-C, then a graceful stop.
-pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
-    // Listening from the start: a SIGTERM while connecting stops as soon as the run starts.
-    let shutdown = shutdown_signal();
+/// `cdc run`: until SIGTERM, SIGINT or SIGHUP (`shutdown`, listening since the program
+/// started), then a graceful stop.
+pub(crate) async fn run(
+    cfg: Config,
+    shutdown: Option<impl std::future::Future<Output = ()>>,
+) -> Result<ExitCode, BoxError> {
+    let shutdown = async move {
+        match shutdown {
+            Some(signal) => signal.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(shutdown);
     let metrics = Arc::new(Metrics::new());
     // A stop during start-up (connecting, opening the store and the sink) is honoured at
@@ -729,7 +737,7 @@ pub(crate) async fn run(cfg: Config) -> Result<ExitCode, BoxError> {
 
 /// SIGTERM, SIGHUP or Ctrl-C (SIGINT). On Unix the handlers are installed when this is
 /// called, before the future is first polled.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

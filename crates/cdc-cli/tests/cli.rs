@@ -660,6 +660,28 @@ async fn no_secret_in_output_at_any_log_level() {
     }
 }
 
+/// Waits until process `pid` catches SIGTERM and SIGHUP (`SigCgt` in its status).
+async fn catching_signals(pid: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(0);
+        // Bit n-1 for signal n: SIGHUP 1, SIGTERM 15.
+        if caught & (1 << 14) != 0 && caught & 1 != 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cdc never caught the signals"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Stops in every phase are graceful: 50 starts of `cdc run` under a writer, each ended by
 /// SIGTERM (or SIGHUP, every fifth) at a random moment — during start-up, while the first
 /// batches flow, later. Each exits 0 at once, and nothing on stderr says `panicked` (the
@@ -698,6 +720,9 @@ async fn fifty_stops_at_random_moments_exit_cleanly() {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
+        // From the moment it catches the signals (its first milliseconds, before it reads
+        // its configuration; earlier the kernel's default ends it), at a random moment.
+        catching_signals(child.id().unwrap()).await;
         tokio::time::sleep(Duration::from_millis(rng % 1500)).await;
         let signal = if round % 5 == 4 { "-HUP" } else { "-TERM" };
         let pid = child.id().unwrap().to_string();
