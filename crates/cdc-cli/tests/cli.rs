@@ -81,6 +81,28 @@ async fn output(config: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The `shop.orders` collection of `sim`, which the configurations here watch.
+async fn orders(sim: &mongo_sim::MongoSim) -> mongodb::Collection<bson::Document> {
+    mongodb::Client::with_uri_str(sim.uri())
+        .await
+        .unwrap()
+        .database("shop")
+        .collection("orders")
+}
+
+/// Everything the (ended) child wrote on stderr.
+async fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    err
+}
+
 fn terminate(child: &Child) {
     let pid = child.id().unwrap().to_string();
     assert!(
@@ -112,10 +134,7 @@ async fn lines(
 #[tokio::test]
 async fn run_serves_metrics_stops_on_sigterm_and_resumes() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
-    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
-    let coll = client
-        .database("shop")
-        .collection::<bson::Document>("orders");
+    let coll = orders(&sim).await;
     let d = dir("run");
     let port = free_port();
     let config = write_config(&d, &sim.uri(), "[sink]\ntype = \"stdout\"\n");
@@ -274,10 +293,7 @@ async fn check_says_what_is_wrong_and_never_shows_secrets() {
 #[tokio::test]
 async fn dead_letters_are_listed_replayed_and_deleted() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
-    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
-    let coll = client
-        .database("shop")
-        .collection::<bson::Document>("orders");
+    let coll = orders(&sim).await;
     let d = dir("letters");
     let port = free_port();
     let stream = format!("CDC_LETTERS_{}", std::process::id());
@@ -370,10 +386,7 @@ async fn dead_letters_are_listed_replayed_and_deleted() {
 #[tokio::test]
 async fn two_instances_with_a_lease_one_handles_the_other_takes_over() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
-    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
-    let coll = client
-        .database("shop")
-        .collection::<bson::Document>("orders");
+    let coll = orders(&sim).await;
     let d = dir("lease");
     let config = write_config(
         &d,
@@ -647,14 +660,7 @@ async fn no_secret_in_output_at_any_log_level() {
             .await
             .expect("run stops");
         assert!(out.is_ok());
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
+        let err = stderr_of(&mut child).await;
         assert!(err.contains("cdc::run: stopped"), "{err}");
         assert!(!err.contains("s3cr"), "{err}");
     }
@@ -695,10 +701,7 @@ async fn fifty_stops_at_random_moments_exit_cleanly() {
         &sim.uri(),
         "[sink]\ntype = \"stdout\"\n[processing]\nmax_batch_wait_ms = 600000\n",
     );
-    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
-    let coll = client
-        .database("shop")
-        .collection::<bson::Document>("orders");
+    let coll = orders(&sim).await;
     let writing = tokio::spawn(async move {
         let mut i = 0_i64;
         loop {
@@ -737,14 +740,7 @@ async fn fifty_stops_at_random_moments_exit_cleanly() {
             .await
             .unwrap_or_else(|_| panic!("round {round}: {signal} not honoured within 30 s"))
             .unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
+        let err = stderr_of(&mut child).await;
         assert_eq!(status.code(), Some(0), "round {round} ({signal}): {err}");
         assert!(!err.contains("panicked"), "round {round} ({signal}): {err}");
     }
@@ -892,10 +888,7 @@ async fn mistakes_are_named_with_the_right_exit_code() {
 #[tokio::test]
 async fn slow_metrics_clients_cannot_starve_the_process() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
-    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
-    let coll = client
-        .database("shop")
-        .collection::<bson::Document>("orders");
+    let coll = orders(&sim).await;
     let d = dir("slow-clients");
     let port = free_port();
     let config = write_config(
@@ -958,14 +951,7 @@ async fn slow_metrics_clients_cannot_starve_the_process() {
     }
     terminate(&child);
     let status = child.wait().await.unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
+    let err = stderr_of(&mut child).await;
     assert!(status.success(), "{err}");
     assert!(!err.contains("Too many open files"), "{err}");
     assert!(
@@ -986,10 +972,7 @@ async fn slow_metrics_clients_cannot_starve_the_process() {
 #[tokio::test]
 async fn a_closed_pipe_stops_the_run_with_a_clear_message() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
-    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
-    let coll = client
-        .database("shop")
-        .collection::<bson::Document>("orders");
+    let coll = orders(&sim).await;
     let d = dir("closed-pipe");
     let config = write_config(
         &d,
@@ -1020,14 +1003,7 @@ async fn a_closed_pipe_stops_the_run_with_a_clear_message() {
         .await
         .expect("the run ends when its pipe is closed")
         .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
+    let err = stderr_of(&mut child).await;
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("standard output was closed"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
