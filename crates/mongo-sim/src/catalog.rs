@@ -44,6 +44,10 @@ pub(crate) struct Collection {
     pub(crate) view: Option<(String, Vec<Bson>)>,
     /// Bumped by every write, so transactions can detect conflicts.
     pub(crate) version: u64,
+    /// `_id` key → the `version` at which that document was last written (inserted,
+    /// replaced or removed; removed ones stay): a transaction conflicts only with writes
+    /// to the documents it wrote itself.
+    pub(crate) written: HashMap<Vec<u8>, u64>,
 }
 
 impl Collection {
@@ -63,6 +67,7 @@ impl Collection {
             images: false,
             view: None,
             version: 0,
+            written: HashMap::new(),
         }
     }
 
@@ -80,28 +85,55 @@ impl Collection {
         }
         let rid = self.next_rid;
         self.next_rid += 1;
-        self.ids.insert(key, rid);
+        self.ids.insert(key.clone(), rid);
         self.order.insert(IdOrd(id), rid);
         self.docs.insert(rid, doc);
         self.version += 1;
+        self.written.insert(key, self.version);
         Ok(())
     }
 
     /// Replaces the document at `rid`.
     pub(crate) fn replace(&mut self, rid: u64, doc: Document) {
+        let key = doc.get("_id").map(id_key);
         self.docs.insert(rid, doc);
         self.version += 1;
+        if let Some(key) = key {
+            self.written.insert(key, self.version);
+        }
     }
 
     /// Removes the document at `rid`.
     pub(crate) fn remove(&mut self, rid: u64) -> Option<Document> {
         let doc = self.docs.remove(&rid)?;
-        if let Some(id) = doc.get("_id") {
-            self.ids.remove(&id_key(id));
-            self.order.remove(&IdOrd(id.clone()));
-        }
         self.version += 1;
+        if let Some(id) = doc.get("_id") {
+            let key = id_key(id);
+            self.ids.remove(&key);
+            self.order.remove(&IdOrd(id.clone()));
+            self.written.insert(key, self.version);
+        }
         Some(doc)
+    }
+
+    /// Writes `doc` as the document with its `_id` (a replacement, or an insert), as a
+    /// committed transaction installs what it wrote.
+    pub(crate) fn put(&mut self, ns: &str, doc: Document) -> CmdResult<()> {
+        let key = doc.get("_id").map(id_key).unwrap_or_default();
+        match self.ids.get(&key).copied() {
+            Some(rid) => {
+                self.replace(rid, doc);
+                Ok(())
+            }
+            None => self.insert(ns, doc),
+        }
+    }
+
+    /// Removes the document whose `_id` key is `key`, if there is one.
+    pub(crate) fn remove_key(&mut self, key: &[u8]) {
+        if let Some(rid) = self.ids.get(key).copied() {
+            self.remove(rid);
+        }
     }
 
     /// The document with this `_id`.

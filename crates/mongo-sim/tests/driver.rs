@@ -1074,3 +1074,93 @@ async fn the_oplog_is_bounded_by_bytes_too() {
     );
     sim.shutdown().await;
 }
+
+/// Transactions conflict as WiredTiger's do: only on a document both wrote. Two
+/// interleaved transactions on different documents of one collection both commit; two on
+/// the same document: the second is a WriteConflict labelled TransientTransactionError,
+/// and nothing of it is applied; a non-transactional write to a document a transaction
+/// wrote conflicts too.
+#[tokio::test]
+async fn transactions_conflict_only_on_the_same_document() {
+    let (sim, client) = setup().await;
+    let coll: Collection<Document> = client.database("tx").collection("c");
+    coll.insert_many([doc! { "_id": 1, "v": 0 }, doc! { "_id": 2, "v": 0 }])
+        .await
+        .unwrap();
+    let mut a = client.start_session().await.unwrap();
+    let mut b = client.start_session().await.unwrap();
+    a.start_transaction().await.unwrap();
+    b.start_transaction().await.unwrap();
+    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "v": 1 } })
+        .session(&mut a)
+        .await
+        .unwrap();
+    coll.update_one(doc! { "_id": 2 }, doc! { "$set": { "v": 2 } })
+        .session(&mut b)
+        .await
+        .unwrap();
+    coll.insert_one(doc! { "_id": 3, "v": 3 })
+        .session(&mut b)
+        .await
+        .unwrap();
+    a.commit_transaction().await.unwrap();
+    b.commit_transaction().await.unwrap();
+    let all: Vec<Document> = coll
+        .find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        all,
+        [
+            doc! { "_id": 1, "v": 1 },
+            doc! { "_id": 2, "v": 2 },
+            doc! { "_id": 3, "v": 3 }
+        ]
+    );
+
+    // The same document: the second to commit conflicts and changes nothing.
+    a.start_transaction().await.unwrap();
+    b.start_transaction().await.unwrap();
+    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "v": 10 } })
+        .session(&mut a)
+        .await
+        .unwrap();
+    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "v": 20 } })
+        .session(&mut b)
+        .await
+        .unwrap();
+    coll.delete_one(doc! { "_id": 2 })
+        .session(&mut b)
+        .await
+        .unwrap();
+    a.commit_transaction().await.unwrap();
+    let err = b.commit_transaction().await.unwrap_err();
+    assert_eq!(code(&err), Some(112), "{err}");
+    assert!(err.contains_label("TransientTransactionError"), "{err}");
+    assert_eq!(
+        coll.find_one(doc! { "_id": 1 }).await.unwrap().unwrap(),
+        doc! { "_id": 1, "v": 10 }
+    );
+    assert!(coll.find_one(doc! { "_id": 2 }).await.unwrap().is_some());
+
+    // A write outside any transaction to a document a transaction wrote.
+    a.start_transaction().await.unwrap();
+    coll.update_one(doc! { "_id": 3 }, doc! { "$set": { "v": 30 } })
+        .session(&mut a)
+        .await
+        .unwrap();
+    coll.update_one(doc! { "_id": 3 }, doc! { "$set": { "v": 31 } })
+        .await
+        .unwrap();
+    let err = a.commit_transaction().await.unwrap_err();
+    assert_eq!(code(&err), Some(112), "{err}");
+    assert_eq!(
+        coll.find_one(doc! { "_id": 3 }).await.unwrap().unwrap(),
+        doc! { "_id": 3, "v": 31 }
+    );
+    sim.shutdown().await;
+}

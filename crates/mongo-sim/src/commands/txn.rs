@@ -53,30 +53,83 @@ fn no_such_txn(n: i64) -> CmdError {
     .with_label("TransientTransactionError")
 }
 
-/// `commitTransaction`: installs the transaction's copies and publishes its entries with
-/// one shared cluster time; a concurrent write to a touched collection is a WriteConflict.
+/// `commitTransaction`: installs what the transaction wrote and publishes its entries
+/// with one shared cluster time. It conflicts (WriteConflict, 112, labelled
+/// `TransientTransactionError`) only when another write committed since the transaction
+/// took its copy touched a document the transaction wrote, or the collection was created,
+/// dropped or re-created meanwhile: two transactions on different documents of one
+/// collection both commit, as WiredTiger lets them.
 pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) -> CmdResult {
     if txn.committed {
         state.txns.insert(key, txn);
         return Ok(doc! { "ok": 1.0 });
     }
-    for ((db, name), base) in &txn.base_versions {
-        let live = state
-            .dbs
-            .get(db)
-            .and_then(|d| d.get(name))
-            .map(|c| c.version);
-        if live != *base {
-            return Err(CmdError::new(
-                code::WRITE_CONFLICT,
-                "Write conflict during plan execution and yielding is disabled.",
-            )
-            .with_label("TransientTransactionError"));
+    let conflict = || {
+        CmdError::new(
+            code::WRITE_CONFLICT,
+            "Write conflict during plan execution and yielding is disabled.",
+        )
+        .with_label("TransientTransactionError")
+    };
+    for ((db, name), copy) in &txn.workspace {
+        let base = txn
+            .base_versions
+            .get(&(db.clone(), name.clone()))
+            .copied()
+            .flatten();
+        let live = state.dbs.get(db).and_then(|d| d.get(name));
+        match (base, live) {
+            (None, None) => {}
+            (None, Some(_)) | (Some(_), None) => return Err(conflict()),
+            (Some(base), Some(live)) => {
+                if live.uuid != copy.uuid {
+                    return Err(conflict());
+                }
+                let touched_since = copy
+                    .written
+                    .iter()
+                    .filter(|(_, v)| **v > base)
+                    .any(|(k, _)| live.written.get(k).is_some_and(|lv| *lv > base));
+                if touched_since {
+                    return Err(conflict());
+                }
+            }
         }
     }
-    for ((db, name), mut coll) in std::mem::take(&mut txn.workspace) {
-        coll.version += 1;
-        state.dbs.entry(db).or_default().insert(name, coll);
+    for ((db, name), copy) in std::mem::take(&mut txn.workspace) {
+        let base = txn
+            .base_versions
+            .get(&(db.clone(), name.clone()))
+            .copied()
+            .flatten();
+        let ns = format!("{db}.{name}");
+        let Some(base) = base else {
+            // Created inside the transaction: installed whole.
+            let mut copy = copy;
+            copy.version += 1;
+            state.dbs.entry(db).or_default().insert(name, copy);
+            continue;
+        };
+        let Some(live) = state.dbs.get_mut(&db).and_then(|d| d.get_mut(&name)) else {
+            continue;
+        };
+        // In the order the transaction wrote them.
+        let mut touched: Vec<(&Vec<u8>, u64)> = copy
+            .written
+            .iter()
+            .filter(|(_, v)| **v > base)
+            .map(|(k, v)| (k, *v))
+            .collect();
+        touched.sort_by_key(|(_, v)| *v);
+        for (k, _) in touched {
+            match copy.ids.get(k).and_then(|rid| copy.docs.get(rid)) {
+                Some(doc) => live.put(&ns, doc.clone())?,
+                None => live.remove_key(k),
+            }
+        }
+        // Settings the transaction changed on its copy (pre- and post-images, indexes).
+        live.images = copy.images;
+        live.indexes = copy.indexes;
     }
     let entries = std::mem::take(&mut txn.entries);
     state
