@@ -367,13 +367,12 @@ impl ChangeEvent {
 
     /// The resume point this event leaves behind once processed (no document inside).
     pub fn resume_point(&self, saved_at: bson::DateTime) -> ResumePoint {
-        ResumePoint {
-            token: self.token.clone(),
-            cluster_time: self.cluster_time,
-            operation_type: Some(self.operation_type.clone()),
+        ResumePoint::for_event(
+            self.token.clone(),
+            self.cluster_time,
+            self.operation_type.clone(),
             saved_at,
-            origin: None,
-        }
+        )
     }
 }
 

@@ -185,16 +185,10 @@ fn push_token(out: &mut String, value: &str) {
 /// snapshot row (its token has no `_data`) is named by its snapshot's identity (chosen
 /// when the snapshot started, kept in the stored point), its collection and its `_id`
 /// ([`cdc_core::SnapshotRow::id`]): the same when the row is read again after any number
-/// of restarts.
+/// of restarts. The part after the stream id is the event's dead-letter id
+/// ([`cdc_core::DeadLetter::id_of`]).
 pub fn message_id(stream: &str, event: &ChangeEvent) -> String {
-    if let Some(data) = event.token.data() {
-        return format!("{stream}:{data}");
-    }
-    match event.token.snapshot_row() {
-        Some(row) => format!("{stream}:{}", row.id()),
-        // Not a token this project writes: its bytes name it.
-        None => format!("{stream}:{}", cdc_core::DeadLetter::id_of(&event.token)),
-    }
+    format!("{stream}:{}", cdc_core::DeadLetter::id_of(&event.token))
 }
 
 /// The warning for a JetStream stream whose de-duplication window is too short for the
