@@ -551,7 +551,7 @@ pub(crate) fn load(text: &str, name: &str, overrides: &[Override]) -> Result<Con
 }
 
 /// Reads a secret from its key or its file key (never both); `None` when neither is set.
-pub(crate) fn secret(
+fn secret(
     value: Option<&Secret>,
     file: Option<&PathBuf>,
     key: &str,
@@ -596,18 +596,10 @@ impl Config {
         }
         // Every connection string resolves (files read, nothing empty) now, so `check`
         // and every command say so as a configuration error.
-        secret(s.uri.as_ref(), s.uri_file.as_ref(), "source.uri")?;
-        secret(
-            self.store.url.as_ref(),
-            self.store.url_file.as_ref(),
-            "store.url",
-        )?;
-        if let Some(n) = &self.sink.nats {
-            secret(
-                Some(&n.url).filter(|_| n.url_file.is_none()),
-                n.url_file.as_ref(),
-                "sink.nats.url",
-            )?;
+        self.source_uri()?;
+        self.store_url()?;
+        if self.sink.nats.is_some() {
+            self.nats_url()?;
         }
         if let Some(pg) = &self.sink.postgres {
             secret(pg.url.as_ref(), pg.url_file.as_ref(), "sink.postgres.url")?;
@@ -797,6 +789,41 @@ impl Config {
             out.push(("sink.nats.window", as_u64(n.window)));
         }
         out
+    }
+
+    /// The source's URI (`source.uri`, or the content of `source.uri_file`).
+    pub(crate) fn source_uri(&self) -> Result<String, ConfigError> {
+        let s = &self.source;
+        secret(s.uri.as_ref(), s.uri_file.as_ref(), "source.uri")?
+            .map(|s| s.0)
+            .ok_or_else(|| err("missing key `source.uri`"))
+    }
+
+    /// The store URL: `store.url` (or its file), or [`DEFAULT_STORE_URL`].
+    pub(crate) fn store_url(&self) -> Result<String, ConfigError> {
+        let s = &self.store;
+        Ok(secret(s.url.as_ref(), s.url_file.as_ref(), "store.url")?
+            .map_or_else(|| DEFAULT_STORE_URL.to_owned(), |s| s.0))
+    }
+
+    /// The NATS sink's URL (`sink.nats.url`, which has a default, or `url_file`, which
+    /// then counts).
+    pub(crate) fn nats_url(&self) -> Result<String, ConfigError> {
+        let n = self.nats();
+        let given = Some(&n.url).filter(|_| n.url_file.is_none());
+        Ok(secret(given, n.url_file.as_ref(), "sink.nats.url")?.map_or(n.url.0, |s| s.0))
+    }
+
+    /// The PostgreSQL sink's URL (`sink.postgres.url` or its file).
+    pub(crate) fn postgres_url(&self) -> Result<String, ConfigError> {
+        let pg = self
+            .sink
+            .postgres
+            .as_ref()
+            .ok_or_else(|| err("`sink.type = \"postgres\"` needs `[sink.postgres]`"))?;
+        secret(pg.url.as_ref(), pg.url_file.as_ref(), "sink.postgres.url")?
+            .map(|s| s.0)
+            .ok_or_else(|| err("missing key `sink.postgres.url`"))
     }
 
     /// The NATS sink's settings (defaults when the section is left out).

@@ -18,7 +18,7 @@ use cdc_processor::{
 use cdc_sink::{JsonLines, NatsSink, PostgresSink, async_nats};
 
 use crate::{
-    config::{self, Config, OnError, SinkKind, SnapshotModeCfg, redact_url, secret},
+    config::{self, Config, OnError, SinkKind, SnapshotModeCfg, redact_url},
     metrics::Metrics,
 };
 
@@ -62,47 +62,8 @@ pub(crate) fn init_logs(log: &config::Log) -> Result<(), String> {
     set.map_err(|e| e.to_string())
 }
 
-/// The source's URI (a secret).
-fn source_uri(cfg: &Config) -> Result<String, BoxError> {
-    secret(
-        cfg.source.uri.as_ref(),
-        cfg.source.uri_file.as_ref(),
-        "source.uri",
-    )?
-    .map(|s| s.0)
-    .ok_or_else(|| "missing key `source.uri`".into())
-}
-
-/// The store URL: `store.url`, or `file:./cdc-state`.
-fn store_url(cfg: &Config) -> Result<String, BoxError> {
-    Ok(secret(
-        cfg.store.url.as_ref(),
-        cfg.store.url_file.as_ref(),
-        "store.url",
-    )?
-    .map_or_else(|| config::DEFAULT_STORE_URL.to_owned(), |s| s.0))
-}
-
-fn postgres_url(cfg: &Config) -> Result<String, BoxError> {
-    let pg = cfg
-        .sink
-        .postgres
-        .as_ref()
-        .ok_or("`sink.type = \"postgres\"` needs `[sink.postgres]`")?;
-    secret(pg.url.as_ref(), pg.url_file.as_ref(), "sink.postgres.url")?
-        .map(|s| s.0)
-        .ok_or_else(|| "missing key `sink.postgres.url`".into())
-}
-
-fn nats_url(cfg: &Config) -> Result<String, BoxError> {
-    let n = cfg.nats();
-    // `url` has a default: with `url_file` set, the file is what counts.
-    let given = Some(&n.url).filter(|_| n.url_file.is_none());
-    Ok(secret(given, n.url_file.as_ref(), "sink.nats.url")?.map_or(n.url.0, |s| s.0))
-}
-
 pub(crate) async fn connect_source(cfg: &Config) -> Result<Client, BoxError> {
-    let uri = source_uri(cfg)?;
+    let uri = cfg.source_uri()?;
     Ok(cdc_processor::connect(&uri, Duration::from_secs(10)).await?)
 }
 
@@ -138,28 +99,19 @@ pub(crate) async fn open_store(cfg: &Config) -> Result<Opened, BoxError> {
             .as_ref()
             .and_then(|p| p.points_table.clone())
             .unwrap_or_else(|| stores::PostgresStore::DEFAULT_TABLE.to_owned());
-        let store = Arc::new(stores::PostgresStore::connect(&postgres_url(cfg)?, &table).await?);
+        let store = Arc::new(stores::PostgresStore::connect(&cfg.postgres_url()?, &table).await?);
         return Ok(Opened {
-            stores: stores::Stores {
-                points: store.clone(),
-                dead_letters: store.clone(),
-                leases: store.clone(),
-            },
+            stores: stores::Stores::one(Arc::clone(&store)),
             postgres: Some(store),
         });
     }
-    let url = store_url(cfg)?;
+    let url = cfg.store_url()?;
     if cfg.store.allow_shared_dir
         && let Some(dir) = url.strip_prefix("file:")
     {
         let dir = dir.strip_prefix("//").unwrap_or(dir);
-        let store = Arc::new(stores::FileStore::new_in_shared_dir(dir)?);
         return Ok(Opened {
-            stores: stores::Stores {
-                points: store.clone(),
-                dead_letters: store.clone(),
-                leases: store,
-            },
+            stores: stores::Stores::one(Arc::new(stores::FileStore::new_in_shared_dir(dir)?)),
             postgres: None,
         });
     }
@@ -361,7 +313,7 @@ pub(crate) async fn build_sink(
         SinkKind::Stdout => SinkImpl::Stdout(JsonLines::stdout()),
         SinkKind::Nats => {
             let n = cfg.nats();
-            let client = connect_nats(&nats_url(cfg)?).await?;
+            let client = connect_nats(&cfg.nats_url()?).await?;
             let sink = NatsSink::new(client.clone(), stream_id)
                 .subject(cdc_sink::SubjectTemplate::parse(&n.subject)?)
                 .body(n.body.parse()?)
@@ -468,7 +420,7 @@ async fn probe_pipeline(cfg: &Config, client: &Client) -> Result<(), BoxError> {
             open(Vec::new()).await?;
             Err(config::ConfigError(format!(
                 "`source.pipeline`: the server refuses it: {}",
-                config::scrub(&refused.to_string(), &source_uri(cfg)?)
+                config::scrub(&refused.to_string(), &cfg.source_uri()?)
             ))
             .into())
         }
@@ -503,7 +455,7 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
             println!("FAIL  {what}: {e}");
         }
     };
-    let uri = source_uri(cfg)?;
+    let uri = cfg.source_uri()?;
     let source = async {
         let client = connect_source(cfg).await?;
         let hello = client
@@ -528,7 +480,7 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
     report(&format!("source {}", redact_url(&uri)), source);
     let store_name = match cfg.sink.kind {
         SinkKind::Postgres => "store (the PostgreSQL sink's database)".to_owned(),
-        _ => format!("store {}", redact_url(&store_url(cfg)?)),
+        _ => format!("store {}", redact_url(&cfg.store_url()?)),
     };
     let mut opened = None;
     let store = async {
@@ -544,7 +496,7 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
             SinkKind::Stdout => Ok("standard output".to_owned()),
             SinkKind::Nats => {
                 let n = cfg.nats();
-                let client = connect_nats(&nats_url(cfg)?).await?;
+                let client = connect_nats(&cfg.nats_url()?).await?;
                 let sink = NatsSink::new(client, "check");
                 match sink
                     .ensure_stream(&n.stream, false, Duration::from_secs(n.duplicate_window_s))
@@ -584,8 +536,8 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
     let sink = within_deadline(sink).await;
     let sink_name = match cfg.sink.kind {
         SinkKind::Stdout => "sink stdout".to_owned(),
-        SinkKind::Nats => format!("sink nats {}", redact_url(&nats_url(cfg)?)),
-        SinkKind::Postgres => format!("sink postgres {}", redact_url(&postgres_url(cfg)?)),
+        SinkKind::Nats => format!("sink nats {}", redact_url(&cfg.nats_url()?)),
+        SinkKind::Postgres => format!("sink postgres {}", redact_url(&cfg.postgres_url()?)),
     };
     report(&sink_name, sink);
     if let Some(addr) = cfg.metrics.addr {

@@ -10,18 +10,13 @@ use crate::{config::Config, metrics::Metrics, run};
 /// A processor for the configured stream that never connects until used (its id, its
 /// dead letters); the store as configured.
 async fn offline_processor(cfg: &Config) -> Result<(DocumentProcessor, run::Opened), BoxError> {
-    let uri = crate::config::secret(
-        cfg.source.uri.as_ref(),
-        cfg.source.uri_file.as_ref(),
-        "source.uri",
-    )?
-    .ok_or("missing key `source.uri`")?;
-    let client = cdc_processor::mongodb::Client::with_uri_str(&uri.0)
+    let uri = cfg.source_uri()?;
+    let client = cdc_processor::mongodb::Client::with_uri_str(&uri)
         .await
         .map_err(|e| {
             format!(
                 "`source.uri`: {}",
-                crate::config::scrub(&e.to_string(), &uri.0)
+                crate::config::scrub(&e.to_string(), &uri)
             )
         })?;
     let opened = run::open_store(cfg).await?;

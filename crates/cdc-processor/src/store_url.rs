@@ -26,11 +26,17 @@ impl std::fmt::Debug for Stores {
 }
 
 fn both<S: ResumeStore + DeadLetterStore + LeaseStore + 'static>(store: S) -> Stores {
-    let store = Arc::new(store);
-    Stores {
-        points: store.clone(),
-        dead_letters: store.clone(),
-        leases: store,
+    Stores::one(Arc::new(store))
+}
+
+impl Stores {
+    /// One backend serving points, dead letters and leases.
+    pub fn one<S: ResumeStore + DeadLetterStore + LeaseStore + 'static>(store: Arc<S>) -> Self {
+        Self {
+            points: store.clone(),
+            dead_letters: store.clone(),
+            leases: store,
+        }
     }
 }
 
