@@ -175,18 +175,20 @@ impl PostgresStore {
     }
 
     async fn open(&self, stream: &str) -> Result<Client> {
-        let fail = |e: tokio_postgres::Error| {
-            // The driver's message and its cause (a TLS refusal says why).
-            let cause = std::error::Error::source(&e)
-                .map(|c| format!(": {c}"))
-                .unwrap_or_default();
-            let e = std::io::Error::other(format!("{}: {e}{cause}", self.shown));
+        let failed = |e: std::io::Error| {
             // Opening for no stream in particular (start-up, a check): say what is away.
             if stream == "*" {
                 Error::unavailable("the PostgreSQL store", e)
             } else {
                 Error::store(stream, e)
             }
+        };
+        let fail = |e: tokio_postgres::Error| {
+            // The driver's message and its cause (a TLS refusal says why).
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            failed(std::io::Error::other(format!("{}: {e}{cause}", self.shown)))
         };
         let connecting = async {
             Ok(match &self.tls {
@@ -210,17 +212,14 @@ impl PostgresStore {
         // a check or a reconnection without end.
         match tokio::time::timeout(CONNECT_DEADLINE, connecting).await {
             Ok(result) => result,
-            Err(_) => Err(Error::store(
-                stream,
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "{}: the connection was not ready within {} s",
-                        self.shown,
-                        CONNECT_DEADLINE.as_secs()
-                    ),
+            Err(_) => Err(failed(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "{}: the connection was not ready within {} s",
+                    self.shown,
+                    CONNECT_DEADLINE.as_secs()
                 ),
-            )),
+            ))),
         }
     }
 
