@@ -468,34 +468,20 @@ fn read_oplog(
         Some(_) => None,
     };
     let entries = &state.log.entries;
-    let rendered = |e: &crate::oplog::OplogEntry| e.to_document();
-    Ok(match natural {
-        Some(true) => entries
-            .iter()
-            .map(rendered)
-            .filter(|d| filter.matches(d))
-            .skip(skip)
-            .take(take)
-            .collect(),
-        Some(false) => entries
-            .iter()
-            .rev()
-            .map(rendered)
-            .filter(|d| filter.matches(d))
-            .skip(skip)
-            .take(take)
-            .collect(),
-        None => {
-            let mut docs: Vec<Document> = entries
-                .iter()
-                .map(rendered)
-                .filter(|d| filter.matches(d))
-                .collect();
-            if let Some(sort) = sort {
-                sort_documents(&mut docs, sort)?;
-            }
+    let in_order: Box<dyn Iterator<Item = &crate::oplog::OplogEntry>> = match natural {
+        Some(false) => Box::new(entries.iter().rev()),
+        _ => Box::new(entries.iter()),
+    };
+    let matching = in_order
+        .map(crate::oplog::OplogEntry::to_document)
+        .filter(|d| filter.matches(d));
+    Ok(match (natural, sort) {
+        (None, Some(sort)) => {
+            let mut docs: Vec<Document> = matching.collect();
+            sort_documents(&mut docs, sort)?;
             docs.into_iter().skip(skip).take(take).collect()
         }
+        _ => matching.skip(skip).take(take).collect(),
     })
 }
 

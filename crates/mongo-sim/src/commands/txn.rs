@@ -71,12 +71,13 @@ pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) 
         )
         .with_label("TransientTransactionError")
     };
-    for ((db, name), copy) in &txn.workspace {
-        let base = txn
-            .base_versions
-            .get(&(db.clone(), name.clone()))
-            .copied()
-            .flatten();
+    // The version each touched collection had when the transaction copied it (`None`:
+    // created inside the transaction).
+    let bases = std::mem::take(&mut txn.base_versions);
+    let base_of = |key: &(String, String)| bases.get(key).copied().flatten();
+    for (key, copy) in &txn.workspace {
+        let (db, name) = key;
+        let base = base_of(key);
         let live = state.dbs.get(db).and_then(|d| d.get(name));
         match (base, live) {
             (None, None) => {}
@@ -96,12 +97,9 @@ pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) 
             }
         }
     }
-    for ((db, name), copy) in std::mem::take(&mut txn.workspace) {
-        let base = txn
-            .base_versions
-            .get(&(db.clone(), name.clone()))
-            .copied()
-            .flatten();
+    for (key, copy) in std::mem::take(&mut txn.workspace) {
+        let base = base_of(&key);
+        let (db, name) = key;
         let ns = format!("{db}.{name}");
         let Some(base) = base else {
             // Created inside the transaction: installed whole.
