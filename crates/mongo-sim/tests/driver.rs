@@ -19,7 +19,11 @@ use mongodb::{
 };
 
 async fn setup() -> (MongoSim, Client) {
-    let sim = MongoSim::start().await.unwrap();
+    setup_with(SimOptions::default()).await
+}
+
+async fn setup_with(options: SimOptions) -> (MongoSim, Client) {
+    let sim = MongoSim::start_with(options).await.unwrap();
     let client = Client::with_uri_str(sim.uri()).await.unwrap();
     (sim, client)
 }
@@ -502,13 +506,11 @@ async fn full_document_and_pre_image_modes() {
 
 #[tokio::test]
 async fn resume_after_start_at_and_history_loss() {
-    let sim = MongoSim::start_with(SimOptions {
+    let (sim, client) = setup_with(SimOptions {
         oplog_capacity: 50,
         ..SimOptions::default()
     })
-    .await
-    .unwrap();
-    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    .await;
     let coll: Collection<Document> = client.database("app").collection("c");
     let mut stream = coll.watch().await.unwrap();
     for i in 0..5 {
@@ -947,13 +949,11 @@ async fn regular_expressions_in_find_and_in_a_change_stream() {
 /// and `replSetGetStatus` reports the newest as its optimes.
 #[tokio::test]
 async fn the_oplog_reads_as_local_oplog_rs() {
-    let sim = MongoSim::start_with(SimOptions {
+    let (sim, client) = setup_with(SimOptions {
         oplog_capacity: 20,
         ..SimOptions::default()
     })
-    .await
-    .unwrap();
-    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    .await;
     let coll: Collection<Document> = client.database("ol").collection("c");
     let oplog: Collection<Document> = client.database("local").collection("oplog.rs");
     let end = |dir: i32| {
@@ -1038,13 +1038,11 @@ async fn the_oplog_reads_as_local_oplog_rs() {
 /// 200 inserts of 10 KB into a 1 MiB oplog leave about 100 entries, the newest ones.
 #[tokio::test]
 async fn the_oplog_is_bounded_by_bytes_too() {
-    let sim = MongoSim::start_with(SimOptions {
+    let (sim, client) = setup_with(SimOptions {
         oplog_size_bytes: Some(1 << 20),
         ..SimOptions::default()
     })
-    .await
-    .unwrap();
-    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    .await;
     let coll: Collection<Document> = client.database("ob").collection("c");
     let pad = "x".repeat(10_000);
     for i in 0..200 {
