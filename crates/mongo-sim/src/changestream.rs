@@ -619,13 +619,10 @@ impl StreamCursor {
             e.insert("collectionUUID", uuid.clone());
         }
         match &entry.op {
-            Op::Insert { doc } => {
+            Op::Insert { doc, key } => {
                 e.insert("fullDocument", doc.clone());
                 e.insert("ns", ns);
-                e.insert(
-                    "documentKey",
-                    doc! { "_id": doc.get("_id").cloned().unwrap_or(Bson::Null) },
-                );
+                e.insert("documentKey", key.clone());
             }
             Op::Update {
                 key,
@@ -642,7 +639,7 @@ impl StreamCursor {
                         let current = key
                             .get("_id")
                             .and_then(|id| lookup(dbs, &entry.db, &entry.coll, id))
-                            .cloned();
+                            .map(std::sync::Arc::unwrap_or_clone);
                         e.insert("fullDocument", current.map_or(Bson::Null, Bson::Document));
                     }
                     FullDocument::WhenAvailable => {

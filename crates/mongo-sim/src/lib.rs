@@ -14,6 +14,7 @@
 mod catalog;
 mod changestream;
 mod commands;
+mod engine;
 pub mod error;
 mod faults;
 mod matcher;
@@ -51,6 +52,13 @@ pub struct SimOptions {
     /// How many connections may be open at once (`maxIncomingConnections`); one more is
     /// closed as soon as it is accepted.
     pub max_connections: usize,
+    /// How long documents keep their older versions, in seconds (MongoDB's
+    /// `minSnapshotHistoryWindowInSeconds`): a snapshot read at an older cluster time is
+    /// `SnapshotTooOld` (239). A view still being read keeps what it reads.
+    pub snapshot_history_secs: u32,
+    /// Present itself as a `mongos` of a sharded cluster (`--sharded`): see
+    /// `docs/mongo-sim.md`.
+    pub sharded: bool,
 }
 
 impl Default for SimOptions {
@@ -61,6 +69,8 @@ impl Default for SimOptions {
             oplog_capacity: 2_000_000,
             oplog_size_bytes: None,
             max_connections: 1_000,
+            snapshot_history_secs: 300,
+            sharded: false,
         }
     }
 }
@@ -101,6 +111,12 @@ impl MongoSim {
             options.max_connections,
         ));
         shared.set_oplog_size(options.oplog_size_bytes);
+        {
+            let mut state = shared.lock();
+            state.history.window_secs = options.snapshot_history_secs;
+            state.sharded = options.sharded;
+            state.shard_host = format!("{}/{}", options.set_name, addr);
+        }
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(listener, Arc::clone(&shared), stop_rx));
         Ok(Self {
@@ -118,7 +134,14 @@ impl MongoSim {
 
     /// A URI naming the replica set (`?replicaSet=`), with short server-selection and
     /// heartbeat intervals suited to tests.
+    /// A sharded front (`--sharded`) is a `mongos`: its URI names no replica set.
     pub fn uri(&self) -> String {
+        if self.shared.lock().sharded {
+            return format!(
+                "mongodb://{}/?serverSelectionTimeoutMS=10000&heartbeatFrequencyMS=500",
+                self.addr
+            );
+        }
         format!(
             "mongodb://{}/?replicaSet={}&serverSelectionTimeoutMS=10000&heartbeatFrequencyMS=500",
             self.addr, self.shared.info.set_name

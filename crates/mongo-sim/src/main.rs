@@ -10,6 +10,10 @@ async fn main() -> std::process::ExitCode {
     let mut options = SimOptions::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--sharded" {
+            options.sharded = true;
+            continue;
+        }
         let value = args.next();
         let parsed = match (arg.as_str(), value.as_deref()) {
             ("--port", Some(v)) => v
@@ -37,6 +41,10 @@ async fn main() -> std::process::ExitCode {
                 .parse()
                 .map(|n| options.max_connections = n)
                 .map_err(|e| e.to_string()),
+            ("--snapshot-history-secs", Some(v)) => v
+                .parse()
+                .map(|n| options.snapshot_history_secs = n)
+                .map_err(|e| e.to_string()),
             ("--replica-set", Some(v)) => {
                 options.set_name = v.to_owned();
                 Ok(())
@@ -45,7 +53,7 @@ async fn main() -> std::process::ExitCode {
         };
         if let Err(e) = parsed {
             eprintln!(
-                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N] [--oplog-size-mb N] [--max-connections N]"
+                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N] [--oplog-size-mb N] [--max-connections N] [--snapshot-history-secs N] [--sharded]"
             );
             return std::process::ExitCode::from(2);
         }

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use bson::{Binary, Bson, Document, Timestamp, doc};
+use bson::{Binary, Document, Timestamp, doc};
 
 use crate::update::Delta;
 
@@ -14,6 +14,8 @@ pub(crate) enum Op {
     Insert {
         /// The document.
         doc: Document,
+        /// Its `documentKey` (the shard key's fields, then `_id`).
+        key: Document,
     },
     /// A document was updated.
     Update {
@@ -124,10 +126,7 @@ impl OplogEntry {
         let ns = format!("{}.{}", self.db, self.coll);
         let cmd_ns = format!("{}.$cmd", self.db);
         let (op, ns, o, o2) = match &self.op {
-            Op::Insert { doc } => {
-                let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
-                ("i", ns, doc.clone(), Some(doc! { "_id": id }))
-            }
+            Op::Insert { doc, key } => ("i", ns, doc.clone(), Some(key.clone())),
             Op::Update { key, delta, .. } => {
                 let mut u = Document::new();
                 for (path, value) in &delta.updated {
@@ -271,13 +270,38 @@ impl Oplog {
         self.last_ts
     }
 
-    /// Appends entries. Outside a transaction each gets its own cluster time; a committed
-    /// transaction's entries share one.
+    /// Appends one entry outside a transaction and returns the cluster time it got.
+    pub(crate) fn append_one(&mut self, entry: PendingEntry) -> Timestamp {
+        self.append(vec![entry], None);
+        self.last_ts
+    }
+
+    /// Appends a committed transaction's entries at the cluster time `ts` it committed
+    /// at (handed out by [`Self::next_ts`] just before).
+    pub(crate) fn append_txn(
+        &mut self,
+        entries: Vec<PendingEntry>,
+        txn: (Document, i64),
+        ts: Timestamp,
+    ) {
+        self.push(entries, Some(txn), Some(ts));
+    }
+
+    /// Appends entries. Outside a transaction each gets its own cluster time.
     pub(crate) fn append(&mut self, entries: Vec<PendingEntry>, txn: Option<(Document, i64)>) {
+        let shared_ts = txn.as_ref().map(|_| self.next_ts());
+        self.push(entries, txn, shared_ts);
+    }
+
+    fn push(
+        &mut self,
+        entries: Vec<PendingEntry>,
+        txn: Option<(Document, i64)>,
+        shared_ts: Option<Timestamp>,
+    ) {
         if entries.is_empty() {
             return;
         }
-        let shared_ts = txn.as_ref().map(|_| self.next_ts());
         let wall = bson::DateTime::now();
         for e in entries {
             let ts = match shared_ts {

@@ -20,9 +20,9 @@ use tokio::{
 
 use crate::{
     changestream::to_raw,
-    commands::{self, Connections, Ctx, DEFAULT_AWAIT, GetMore, ServerInfo, Step},
+    commands::{self, Connections, Ctx, DEFAULT_AWAIT, GetMore, Outcome, ServerInfo, Step},
     error::{CmdError, CmdResult, code},
-    state::State,
+    state::{Cursor, State},
     status,
     wire::{self, RequestBody},
 };
@@ -392,13 +392,24 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
             },
             uptime: shared.started.elapsed(),
         };
-        let mut state = shared.lock();
-        let r = match state.faults.stepdown_error(&name) {
-            Some(e) => Err(e),
-            None => commands::run(&mut state, &ctx, &db, &name, &cmd),
+        let outcome = {
+            let mut state = shared.lock();
+            let outcome = match state.faults.stepdown_error(&name) {
+                Some(e) => Outcome::Reply(Err(e)),
+                None => commands::run(&mut state, &ctx, &db, &name, &cmd),
+            };
+            shared.notify(&state);
+            outcome
         };
-        shared.notify(&state);
-        r
+        match outcome {
+            Outcome::Reply(r) => r,
+            // A read's scan, copy and encoding run here, with no lock held.
+            later => {
+                let (reply, rest) = later.finish();
+                let id = rest.map(|c| shared.lock().add_cursor(Cursor::Docs(Box::new(c))));
+                reply.and_then(|r| to_raw(&commands::reply_with_id(r, id)))
+            }
+        }
     };
     let mut reply = finish(shared, result);
     if let Some(wce) = write_concern_error
@@ -442,6 +453,17 @@ async fn get_more(shared: &Shared, cmd: &Document) -> Option<CmdResult<RawDocume
         first = false;
         match step {
             Step::Reply(reply) => return Some(reply),
+            Step::Read(cursor, batch) => {
+                // Read with no lock held; the cursor goes back for the next getMore.
+                let (reply, rest) = commands::get_more_docs(*cursor, req.id, batch);
+                if let Some(rest) = rest {
+                    shared
+                        .lock()
+                        .cursors
+                        .insert(req.id, Cursor::Docs(Box::new(rest)));
+                }
+                return Some(reply);
+            }
             Step::Close => return None,
             Step::Wait => {
                 // Woken by a new oplog entry, or the deadline: look again either way.

@@ -1,47 +1,103 @@
 //! The simulated server's data: databases, collections, the oplog, cursors and
 //! transactions. Everything lives behind one mutex; commands are short.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 
-use bson::{Binary, Document, doc, spec::BinarySubtype};
+use bson::{Binary, Bson, Document, doc, spec::BinarySubtype};
 
 use crate::{
     catalog::{Catalog, Collection},
     changestream::StreamCursor,
+    commands::DocCursor,
+    engine::{History, Pin, Ts, View},
     faults::Faults,
     oplog::{Oplog, PendingEntry},
     status::Activity,
+    value::id_key,
 };
 
 /// A server-side cursor.
 #[derive(Debug)]
 pub(crate) enum Cursor {
-    /// Materialized results of `find`, `aggregate`, `listCollections`, `listIndexes`.
-    Docs {
-        /// `db.coll` for replies.
-        ns: String,
-        /// What remains.
-        docs: VecDeque<Document>,
-    },
+    /// Documents: `find`, `aggregate`, `listCollections`, `listIndexes`.
+    Docs(Box<DocCursor>),
     /// A change stream.
     Stream(Box<StreamCursor>),
 }
 
-/// A multi-document transaction in progress.
+/// A multi-document transaction in progress. It reads one snapshot (the cluster time of
+/// its first command) and keeps what it wrote to the side until it commits: its cost is
+/// the documents it touches, not the collections.
 #[derive(Debug)]
 pub(crate) struct Txn {
     /// Its number within the session.
     pub(crate) txn_number: i64,
     /// The session id document.
     pub(crate) lsid: Document,
-    /// Private copies of the collections it touched.
-    pub(crate) workspace: HashMap<(String, String), Collection>,
-    /// The live version of each touched collection when first touched (`None`: absent).
-    pub(crate) base_versions: HashMap<(String, String), Option<u64>>,
+    /// The time it reads at.
+    pub(crate) read_at: Ts,
+    /// Keeps the versions at `read_at` while it runs.
+    pub(crate) _pin: Pin,
+    /// What it did to each collection it touched.
+    pub(crate) colls: BTreeMap<(String, String), TxnColl>,
+    /// Counts its writes, to replay them in order.
+    pub(crate) writes: u64,
     /// Oplog entries to publish at commit.
     pub(crate) entries: Vec<PendingEntry>,
     /// Whether it has committed (a repeated commit then succeeds).
     pub(crate) committed: bool,
+}
+
+/// A transaction's side of one collection.
+#[derive(Debug)]
+pub(crate) struct TxnColl {
+    /// The collection it read (`None`: the transaction created it).
+    pub(crate) base: Option<(Binary, View)>,
+    /// The collection the transaction created, installed at commit.
+    pub(crate) created: Option<Collection>,
+    /// `_id` key → (write number, the document now; `None`: deleted).
+    pub(crate) writes: HashMap<Vec<u8>, (u64, Option<Document>)>,
+}
+
+impl TxnColl {
+    /// The documents the transaction sees, in natural order: the snapshot's with its own
+    /// writes over them, then what it inserted.
+    pub(crate) fn docs(&self) -> Vec<Document> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        if let Some((_, view)) = &self.base {
+            for d in view.all() {
+                let key = d.get("_id").map(id_key).unwrap_or_default();
+                match self.writes.get(&key) {
+                    Some((_, Some(mine))) => out.push(mine.clone()),
+                    Some((_, None)) => {}
+                    None => out.push((*d).clone()),
+                }
+                seen.insert(key);
+            }
+        }
+        let mut inserted: Vec<(&u64, &Document)> = self
+            .writes
+            .iter()
+            .filter(|(k, _)| !seen.contains(*k))
+            .filter_map(|(_, (n, d))| d.as_ref().map(|d| (n, d)))
+            .collect();
+        inserted.sort_by_key(|(n, _)| **n);
+        out.extend(inserted.into_iter().map(|(_, d)| d.clone()));
+        out
+    }
+
+    /// The document with `_id` key `key` as the transaction sees it.
+    pub(crate) fn get(&self, key: &[u8], id: &Bson) -> Option<Document> {
+        match self.writes.get(key) {
+            Some((_, d)) => d.clone(),
+            None => self
+                .base
+                .as_ref()
+                .and_then(|(_, v)| v.get(id))
+                .map(|d| (*d).clone()),
+        }
+    }
 }
 
 /// All of the server's state.
@@ -62,20 +118,35 @@ pub(crate) struct State {
     pub(crate) next_connection_id: i64,
     /// Operations in progress, counters and the log.
     pub(crate) activity: Activity,
+    /// The history window and the views reading in it.
+    pub(crate) history: History,
+    /// `db.coll` (or `db`) → when it was last dropped or renamed away: a snapshot read of
+    /// an earlier time finds other data there than it had.
+    pub(crate) replaced_at: HashMap<String, Ts>,
+    /// Whether the server presents itself as a `mongos` (`--sharded`).
+    pub(crate) sharded: bool,
+    /// The one shard's `host` (`set/host:port`) as `config.shards` shows it.
+    pub(crate) shard_host: String,
 }
 
 impl State {
     /// A fresh server state.
     pub(crate) fn new(oplog_capacity: usize) -> Self {
+        let log = Oplog::new(oplog_capacity);
+        let log_start = log.last_ts;
         Self {
             dbs: Catalog::new(),
-            log: Oplog::new(oplog_capacity),
+            log,
             cursors: HashMap::new(),
             next_cursor_id: 1,
             txns: HashMap::new(),
             faults: Faults::default(),
             next_connection_id: 1,
             activity: Activity::default(),
+            history: History::new(300, crate::engine::ts(log_start)),
+            replaced_at: HashMap::new(),
+            sharded: false,
+            shard_host: String::new(),
         }
     }
 
@@ -85,6 +156,21 @@ impl State {
         self.next_cursor_id += 1;
         self.cursors.insert(id, cursor);
         id
+    }
+
+    /// Moves the history horizon on and returns it.
+    pub(crate) fn horizon(&mut self) -> Ts {
+        let now = bson::Timestamp {
+            time: crate::oplog::now_secs(),
+            increment: 0,
+        };
+        self.history.advance(now)
+    }
+
+    /// Records that `ns` (`db.coll`, or a database) was dropped or renamed away now.
+    pub(crate) fn replaced(&mut self, ns: String) {
+        let now = crate::engine::ts(self.log.last_ts);
+        self.replaced_at.insert(ns, now);
     }
 
     /// `$clusterTime` for replies.

@@ -113,7 +113,7 @@ fn id_range_scans_agree_with_sorting_everything() {
 }
 
 #[tokio::test]
-async fn snapshot_reads_tell_their_time_and_refuse_what_the_simulator_cannot_read() {
+async fn snapshot_reads_tell_their_time_and_read_the_past() {
     let (_sim, client) = setup().await;
     let db = client.database("reads");
     let coll = db.collection::<Document>("snap");
@@ -159,10 +159,40 @@ async fn snapshot_reads_tell_their_time_and_refuse_what_the_simulator_cannot_rea
         .unwrap();
     assert_eq!(again.len(), 3);
     assert_eq!(session.snapshot_time(), Some(at));
-    // This collection changes: the simulator keeps no older versions, so reading at `at`
-    // is refused as a server refuses a time older than its history.
+    // This collection changes (an insert, an update, a delete): reading at `at` still
+    // returns the documents as they were then.
     coll.insert_one(doc! { "_id": 10 }).await.unwrap();
-    let err = coll.find(doc! {}).session(&mut session).await.unwrap_err();
+    coll.update_one(doc! { "_id": 0 }, doc! { "$set": { "changed": true } })
+        .await
+        .unwrap();
+    coll.delete_one(doc! { "_id": 1 }).await.unwrap();
+    let then: Vec<Document> = coll
+        .find(doc! {})
+        .session(&mut session)
+        .await
+        .unwrap()
+        .stream(&mut session)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(then, (0..10).map(|i| doc! { "_id": i }).collect::<Vec<_>>());
+    let now: Vec<Document> = coll
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(now.len(), 10);
+    assert_eq!(now[0], doc! { "_id": 0, "changed": true });
+    // A collection dropped since `at` held other data then: the catalog keeps no history.
+    db.collection::<Document>("other").drop().await.unwrap();
+    let err = db
+        .run_command(
+            doc! { "find": "other", "readConcern": { "level": "snapshot", "atClusterTime": at } },
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code_of(&err), 239, "{err}");
 
     // distinct answers with its time at the top.
@@ -290,4 +320,62 @@ async fn split_vector_splits_the_id_index_as_the_server_does() {
         let err = db.run_command(cmd.clone()).await.unwrap_err();
         assert_eq!(code_of(&err), code, "{cmd}: {err}");
     }
+}
+
+/// A snapshot read at a time before the history window is SnapshotTooOld (239), as a
+/// server answers once `minSnapshotHistoryWindowInSeconds` has passed; inside it, the
+/// documents as they were.
+#[tokio::test]
+async fn a_snapshot_read_before_the_history_window_is_too_old() {
+    let sim = MongoSim::start_with(mongo_sim::SimOptions {
+        snapshot_history_secs: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    let db = client.database("reads");
+    let coll = db.collection::<Document>("window");
+    coll.insert_one(doc! { "_id": 1, "v": 1 }).await.unwrap();
+    let at = db
+        .run_command(doc! { "find": "window", "readConcern": { "level": "snapshot" } })
+        .await
+        .unwrap()
+        .get_document("cursor")
+        .unwrap()
+        .get_timestamp("atClusterTime")
+        .unwrap();
+    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "v": 2 } })
+        .await
+        .unwrap();
+    let read_at = |at: bson::Timestamp| {
+        doc! { "find": "window", "readConcern": { "level": "snapshot", "atClusterTime": at } }
+    };
+    let inside = db.run_command(read_at(at)).await.unwrap();
+    let batch = inside
+        .get_document("cursor")
+        .unwrap()
+        .get_array("firstBatch")
+        .unwrap();
+    assert_eq!(batch, &vec![Bson::Document(doc! { "_id": 1, "v": 1 })]);
+    let window = db
+        .run_command(doc! { "getParameter": 1, "minSnapshotHistoryWindowInSeconds": 1 })
+        .await;
+    assert!(window.is_err(), "getParameter runs on admin only");
+    let window = client
+        .database("admin")
+        .run_command(doc! { "getParameter": 1, "minSnapshotHistoryWindowInSeconds": 1 })
+        .await
+        .unwrap();
+    assert_eq!(
+        window.get_i32("minSnapshotHistoryWindowInSeconds").unwrap(),
+        1
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "v": 3 } })
+        .await
+        .unwrap();
+    let err = db.run_command(read_at(at)).await.unwrap_err();
+    assert_eq!(code_of(&err), 239, "{err}");
+    assert!(err.to_string().contains("history window"), "{err}");
 }

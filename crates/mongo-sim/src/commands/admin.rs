@@ -168,8 +168,9 @@ pub(crate) fn server_status(state: &State, ctx: &Ctx<'_>) -> Document {
 pub(crate) const VERSION: &str = "7.0.12";
 
 /// The server parameters `getParameter` reads, with their values.
-fn parameters() -> Document {
+fn parameters(state: &State) -> Document {
     doc! {
+        "minSnapshotHistoryWindowInSeconds": i32::try_from(state.history.window_secs).unwrap_or(i32::MAX),
         "featureCompatibilityVersion": { "version": "7.0" },
         "enableTestCommands": true,
         "authenticationMechanisms": [],
@@ -184,8 +185,8 @@ fn parameters() -> Document {
 
 /// `getParameter`: `"*"` (or `{ allParameters: true }`) for all, otherwise each named one;
 /// naming none that exists is InvalidOptions, as on the server.
-pub(crate) fn get_parameter(cmd: &Document) -> CmdResult {
-    let all = parameters();
+pub(crate) fn get_parameter(state: &State, cmd: &Document) -> CmdResult {
+    let all = parameters(state);
     let everything = match cmd.get("getParameter") {
         Some(Bson::String(s)) => s == "*",
         Some(Bson::Document(d)) => d.get_bool("allParameters").unwrap_or(false),
@@ -378,10 +379,6 @@ pub(crate) fn current_op(state: &State, ctx: &Ctx<'_>, cmd: &Document) -> CmdRes
     Ok(doc! { "inprog": inprog, "ok": 1.0 })
 }
 
-fn bson_size(d: &Document) -> i64 {
-    crate::changestream::to_raw(d).map_or(0, |r| count(r.as_bytes().len()))
-}
-
 /// `dbStats`: counts and sizes of a database (sizes are the documents' BSON sizes; the
 /// simulator keeps no pages, so storage size equals data size and index size is 0).
 pub(crate) fn db_stats(state: &State, db: &str) -> Document {
@@ -393,8 +390,8 @@ pub(crate) fn db_stats(state: &State, db: &str) -> Document {
             continue;
         }
         collections += 1;
-        objects += count(c.docs.len());
-        data += c.docs.values().map(bson_size).sum::<i64>();
+        objects += count(c.len());
+        data += count(c.data_size());
         indexes += 1 + count(c.indexes.len());
     }
     let avg = if objects > 0 {
@@ -435,8 +432,8 @@ pub(crate) fn coll_stats(state: &State, db: &str, cmd: &Document) -> CmdResult {
             format!("Namespace {ns} is a view, not a collection"),
         ));
     }
-    let n = count(c.docs.len());
-    let size: i64 = c.docs.values().map(bson_size).sum();
+    let n = count(c.len());
+    let size = count(c.data_size());
     let mut index_sizes = doc! { "_id_": 0 };
     for spec in &c.indexes {
         if let Ok(name) = spec.get_str("name") {
@@ -511,7 +508,7 @@ pub(crate) fn get_log(state: &State, cmd: &Document) -> CmdResult {
 /// parallel reads): split points along the `_id` index so each range holds about
 /// `maxChunkObjects` documents or half of `maxChunkSize(Bytes)`, as the server computes
 /// them. Only the `_id` index exists here: another key pattern is IndexNotFound.
-pub(crate) fn split_vector(state: &State, cmd: &Document) -> CmdResult {
+pub(crate) fn split_vector(state: &State, cmd: &Document) -> CmdResult<super::crud::Job> {
     let ns = match cmd.get("splitVector") {
         Some(Bson::String(ns)) => ns.as_str(),
         _ => return Err(CmdError::type_mismatch("splitVector", "string")),
@@ -584,18 +581,43 @@ pub(crate) fn split_vector(state: &State, cmd: &Document) -> CmdResult {
     if let (std::ops::Bound::Included(l), std::ops::Bound::Excluded(h)) = (&range.0, &range.1)
         && l >= h
     {
-        return Ok(doc! { "splitKeys": [], "ok": 1.0 });
+        return Ok(Box::new(|| Ok(doc! { "splitKeys": [], "ok": 1.0 })));
     }
-    let records = count(c.docs.len());
-    let size: i64 = c.docs.values().map(bson_size).sum();
-    let keys: Vec<&IdOrd> = c.order.range(range).map(|(k, _)| k).collect();
+    let records = count(c.len());
+    let size = count(c.data_size());
+    // The keys are read from a view of now, with no lock held.
+    let view = state.history.view(c, crate::engine::ts(state.log.last_ts));
+    Ok(Box::new(move || {
+        split_points(
+            &view,
+            range,
+            force,
+            records,
+            size,
+            max_bytes,
+            max_objects,
+            max_points,
+        )
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn split_points(
+    view: &crate::engine::View,
+    range: (std::ops::Bound<IdOrd>, std::ops::Bound<IdOrd>),
+    force: bool,
+    records: i64,
+    size: i64,
+    max_bytes: Option<i64>,
+    max_objects: Option<i64>,
+    max_points: Option<i64>,
+) -> CmdResult {
+    let keys = view.ids_in(range.0, range.1);
     let mut split_keys: Vec<Bson> = Vec::new();
     if force {
         // One split point, at the middle of the range.
         if keys.len() > 1 {
-            split_keys.push(Bson::Document(
-                doc! { "_id": keys[keys.len() / 2].0.clone() },
-            ));
+            split_keys.push(Bson::Document(doc! { "_id": keys[keys.len() / 2].clone() }));
         }
         return Ok(doc! { "splitKeys": split_keys, "ok": 1.0 });
     }
@@ -613,7 +635,7 @@ pub(crate) fn split_vector(state: &State, cmd: &Document) -> CmdResult {
     let mut in_chunk = 0_i64;
     for key in keys {
         if in_chunk > per_chunk {
-            split_keys.push(Bson::Document(doc! { "_id": key.0.clone() }));
+            split_keys.push(Bson::Document(doc! { "_id": key }));
             in_chunk = 0;
             if max_points.is_some_and(|m| count(split_keys.len()) >= m) {
                 break;

@@ -3,30 +3,74 @@
 
 use bson::{Bson, Document, RawDocumentBuf, doc, oid::ObjectId};
 
-use super::{changestreams::open_change_stream, writer::*, *};
+use super::{changestreams::open_change_stream, sharding, writer::*, *};
 use crate::{
-    catalog::Collection,
-    changestream::to_raw,
+    engine::{Position, View},
     error::{CmdError, CmdResult, code},
     matcher::{Filter, id_range},
-    oplog::Op,
-    pipeline::{Context, Projection, parse_pipeline, run as run_pipeline, sort_documents},
+    pipeline::{Context, Projection, Stage, parse_pipeline, run as run_pipeline, sort_documents},
     state::{State, Txn},
-    update::{UpdateSpec, delta},
+    update::UpdateSpec,
     wire::MAX_BSON_OBJECT_SIZE,
 };
 
-/// The collection a read sees: the transaction's copy if it has one.
-fn read_coll<'s>(
-    state: &'s State,
-    txn: Option<&'s Txn>,
-    db: &str,
-    name: &str,
-) -> Option<&'s Collection> {
-    if let Some(c) = txn.and_then(|t| t.workspace.get(&(db.to_owned(), name.to_owned()))) {
-        return Some(c);
+/// What a read sees of a collection: a view at the newest time, or what a transaction
+/// sees (its snapshot and its own writes). `None` when there is no such collection.
+pub(crate) enum ReadSource {
+    /// A view outside a transaction.
+    View(View),
+    /// A transaction's documents.
+    Txn(Vec<Document>),
+}
+
+impl ReadSource {
+    /// How many documents `filter` matches.
+    pub(crate) fn count(&self, filter: &Filter) -> usize {
+        match self {
+            Self::View(v) => v.all().iter().filter(|d| filter.matches(d)).count(),
+            Self::Txn(docs) => docs.iter().filter(|d| filter.matches(d)).count(),
+        }
     }
-    state.dbs.get(db).and_then(|d| d.get(name))
+
+    /// Every document, in natural order.
+    pub(crate) fn all(&self) -> Vec<Document> {
+        match self {
+            Self::View(v) => v.all().into_iter().map(|d| (*d).clone()).collect(),
+            Self::Txn(docs) => docs.clone(),
+        }
+    }
+}
+
+/// When a read reads: in a transaction, or at a cluster time.
+#[derive(Clone, Copy)]
+pub(crate) enum Read<'t> {
+    /// In this transaction.
+    Txn(&'t Txn),
+    /// At this time.
+    At(crate::engine::Ts),
+}
+
+/// Work a read does with no lock held.
+pub(crate) type Job = Box<dyn FnOnce() -> CmdResult + Send>;
+
+pub(crate) fn read_coll(state: &State, read: Read<'_>, db: &str, name: &str) -> Option<ReadSource> {
+    let at = match read {
+        Read::At(at) => at,
+        Read::Txn(txn) => txn.read_at,
+    };
+    if let Read::Txn(txn) = read {
+        if let Some(side) = txn.colls.get(&(db.to_owned(), name.to_owned())) {
+            return Some(ReadSource::Txn(side.docs()));
+        }
+        let c = state.dbs.get(db).and_then(|d| d.get(name))?;
+        let view = state.history.view(c, txn.read_at);
+        return Some(ReadSource::Txn(
+            view.all().into_iter().map(|d| (*d).clone()).collect(),
+        ));
+    }
+    let _ = at;
+    let c = state.dbs.get(db).and_then(|d| d.get(name))?;
+    Some(ReadSource::View(state.history.view(c, at)))
 }
 
 fn with_id_first(doc: Document) -> Document {
@@ -61,54 +105,34 @@ pub(crate) fn insert(
     };
     let ordered = cmd.get("ordered").and_then(Bson::as_bool).unwrap_or(true);
     let ns = format!("{db}.{name}");
+    let _ = ns;
     let mut w = Writer::new(state, txn);
     let mut n = 0;
     let mut write_errors = Vec::new();
-    {
-        let coll = w
-            .coll(db, name, true)?
-            .ok_or_else(|| CmdError::bad_value("no collection"))?;
-        let uuid = coll.uuid.clone();
-        let mut logged = Vec::new();
-        for (index, d) in docs.iter().enumerate() {
-            let Bson::Document(d) = d else {
-                return Err(CmdError::type_mismatch("documents", "array of objects"));
-            };
-            let d = with_id_first(d.clone());
-            match coll.insert(&ns, d.clone()) {
-                Ok(()) => {
-                    n += 1;
-                    logged.push(Op::Insert { doc: d });
-                }
-                Err(e) => {
-                    write_errors
-                        .push(doc! { "index": index as i32, "code": e.code, "errmsg": e.message });
-                    if ordered {
-                        break;
-                    }
+    w.ensure(db, name, true)?;
+    for (index, d) in docs.iter().enumerate() {
+        let Bson::Document(d) = d else {
+            return Err(CmdError::type_mismatch("documents", "array of objects"));
+        };
+        let d = with_id_first(d.clone());
+        match w.insert(db, name, d) {
+            Ok(()) => n += 1,
+            Err(e) if e.code == code::WRITE_CONFLICT => return Err(e),
+            Err(e) => {
+                write_errors
+                    .push(doc! { "index": index as i32, "code": e.code, "errmsg": e.message });
+                if ordered {
+                    break;
                 }
             }
         }
-        for op in logged {
-            w.log(db, name, &uuid, op);
-        }
     }
-    w.finish();
     let mut reply = doc! { "n": n };
     if !write_errors.is_empty() {
         reply.insert("writeErrors", write_errors);
     }
     reply.insert("ok", 1.0);
     Ok(reply)
-}
-
-/// Matching record ids in natural order.
-fn matching(coll: &Collection, filter: &Filter) -> Vec<u64> {
-    coll.docs
-        .iter()
-        .filter(|(_, d)| filter.matches(d))
-        .map(|(rid, _)| *rid)
-        .collect()
 }
 
 /// The document an upsert starts from: the equality conditions of the filter.
@@ -132,22 +156,15 @@ fn upsert_seed(q: &Document) -> Document {
     seed
 }
 
-/// Applies one update to one record and logs it. Returns whether it changed anything.
+/// Applies one update to one document and logs it. Returns whether it changed anything.
 fn update_one_record(
     w: &mut Writer<'_>,
     db: &str,
     name: &str,
-    rid: u64,
+    (key, old): &(Vec<u8>, std::sync::Arc<Document>),
     spec: &UpdateSpec,
 ) -> CmdResult<(bool, Document, Document)> {
-    let coll = w
-        .coll(db, name, false)?
-        .ok_or_else(|| CmdError::bad_value("no collection"))?;
-    let old = coll
-        .docs
-        .get(&rid)
-        .cloned()
-        .ok_or_else(|| CmdError::bad_value("record vanished"))?;
+    let old: Document = (**old).clone();
     let new = spec.apply(&old, false)?;
     if new == old {
         return Ok((false, old, new));
@@ -158,26 +175,7 @@ fn update_one_record(
             "Resulting document after update is larger than 16777216",
         ));
     }
-    coll.replace(rid, new.clone());
-    let images = coll.images;
-    let uuid = coll.uuid.clone();
-    let key = doc! { "_id": new.get("_id").cloned().unwrap_or(Bson::Null) };
-    let pre = images.then(|| old.clone());
-    let op = if spec.is_replacement() {
-        Op::Replace {
-            key,
-            doc: new.clone(),
-            pre,
-        }
-    } else {
-        Op::Update {
-            key,
-            delta: delta(&old, &new),
-            pre,
-            post: images.then(|| new.clone()),
-        }
-    };
-    w.log(db, name, &uuid, op);
+    w.replace(db, name, key, &old, new.clone(), spec.is_replacement())?;
     Ok((true, old, new))
 }
 
@@ -204,13 +202,8 @@ fn upsert_insert(
         new.insert("_id", ObjectId::new());
     }
     let new = with_id_first(new);
-    let ns = format!("{db}.{name}");
-    let coll = w
-        .coll(db, name, true)?
-        .ok_or_else(|| CmdError::bad_value("no collection"))?;
-    coll.insert(&ns, new.clone())?;
-    let uuid = coll.uuid.clone();
-    w.log(db, name, &uuid, Op::Insert { doc: new.clone() });
+    w.ensure(db, name, true)?;
+    w.insert(db, name, new.clone())?;
     Ok(new)
 }
 
@@ -253,14 +246,10 @@ pub(crate) fn update(
                     "multi update is not supported for replacement-style update",
                 ));
             }
-            let rids = match w.coll(db, name, false)? {
-                Some(c) => matching(c, &filter),
-                None => Vec::new(),
-            };
-            let rids: Vec<u64> = if multi {
-                rids
+            let rids = if w.ensure(db, name, false)? {
+                w.matching(db, name, &filter, !multi)
             } else {
-                rids.into_iter().take(1).collect()
+                Vec::new()
             };
             if rids.is_empty() && truthy(u.get("upsert")) {
                 let new = upsert_insert(&mut w, db, name, &q, &spec)?;
@@ -268,7 +257,7 @@ pub(crate) fn update(
                 upserted.push(doc! { "index": index as i32, "_id": new.get("_id").cloned().unwrap_or(Bson::Null) });
                 return Ok(());
             }
-            for rid in rids {
+            for rid in &rids {
                 n += 1;
                 if update_one_record(&mut w, db, name, rid, &spec)?.0 {
                     modified += 1;
@@ -277,13 +266,15 @@ pub(crate) fn update(
             Ok(())
         })();
         if let Err(e) = result {
+            if e.code == code::WRITE_CONFLICT {
+                return Err(e);
+            }
             write_errors.push(doc! { "index": index as i32, "code": e.code, "errmsg": e.message });
             if ordered {
                 break;
             }
         }
     }
-    w.finish();
     let mut reply = doc! { "n": n as i32, "nModified": modified as i32 };
     if !upserted.is_empty() {
         reply.insert("upserted", upserted);
@@ -315,31 +306,14 @@ pub(crate) fn delete(
         let q = get_doc(d, "q")?.cloned().unwrap_or_default();
         let filter = Filter::parse(&q)?;
         let limit = get_usize(d, "limit")?.unwrap_or(0);
-        let Some(coll) = w.coll(db, name, false)? else {
+        if !w.ensure(db, name, false)? {
             continue;
-        };
-        let mut rids = matching(coll, &filter);
-        if limit == 1 {
-            rids.truncate(1);
         }
-        let images = coll.images;
-        let uuid = coll.uuid.clone();
-        let mut ops = Vec::new();
-        for rid in rids {
-            if let Some(old) = coll.remove(rid) {
-                n += 1;
-                let key = doc! { "_id": old.get("_id").cloned().unwrap_or(Bson::Null) };
-                ops.push(Op::Delete {
-                    key,
-                    pre: images.then_some(old),
-                });
-            }
-        }
-        for op in ops {
-            w.log(db, name, &uuid, op);
+        for (key, old) in w.matching(db, name, &filter, limit == 1) {
+            w.remove(db, name, &key, &old)?;
+            n += 1;
         }
     }
-    w.finish();
     Ok(doc! { "n": n, "ok": 1.0 })
 }
 
@@ -374,25 +348,20 @@ pub(crate) fn find_and_modify(
         }
     };
     let mut w = Writer::new(state, txn);
-    let target = match w.coll(db, name, false)? {
-        Some(coll) => {
-            let mut docs: Vec<(u64, Document)> = coll
-                .docs
-                .iter()
-                .filter(|(_, d)| filter.matches(d))
-                .map(|(r, d)| (*r, d.clone()))
-                .collect();
-            if let Some(sort) = get_doc(cmd, "sort")? {
-                let mut only: Vec<Document> = docs.iter().map(|(_, d)| d.clone()).collect();
-                sort_documents(&mut only, sort)?;
-                if let Some(first) = only.first() {
-                    let id = first.get("_id").cloned().unwrap_or(Bson::Null);
-                    docs.retain(|(_, d)| d.get("_id") == Some(&id));
-                }
+    let sort = get_doc(cmd, "sort")?;
+    let target = if w.ensure(db, name, false)? {
+        let mut docs = w.matching(db, name, &filter, sort.is_none());
+        if let Some(sort) = sort {
+            let mut only: Vec<Document> = docs.iter().map(|(_, d)| (**d).clone()).collect();
+            sort_documents(&mut only, sort)?;
+            if let Some(first) = only.first() {
+                let id = first.get("_id").cloned().unwrap_or(Bson::Null);
+                docs.retain(|(_, d)| d.get("_id") == Some(&id));
             }
-            docs.into_iter().next()
         }
-        None => None,
+        docs.into_iter().next()
+    } else {
+        None
     };
     let project = |d: Document| -> CmdResult<Bson> {
         Ok(Bson::Document(match &projection {
@@ -401,26 +370,12 @@ pub(crate) fn find_and_modify(
         }))
     };
     let (value, last_error) = match (target, spec) {
-        (Some((rid, old)), None) => {
-            let coll = w
-                .coll(db, name, false)?
-                .ok_or_else(|| CmdError::bad_value("no collection"))?;
-            coll.remove(rid);
-            let (images, uuid) = (coll.images, coll.uuid.clone());
-            let key = doc! { "_id": old.get("_id").cloned().unwrap_or(Bson::Null) };
-            w.log(
-                db,
-                name,
-                &uuid,
-                Op::Delete {
-                    key,
-                    pre: images.then(|| old.clone()),
-                },
-            );
-            (project(old)?, doc! { "n": 1 })
+        (Some((key, old)), None) => {
+            w.remove(db, name, &key, &old)?;
+            (project((*old).clone())?, doc! { "n": 1 })
         }
-        (Some((rid, _)), Some(spec)) => {
-            let (_, old, new) = update_one_record(&mut w, db, name, rid, &spec)?;
+        (Some(target), Some(spec)) => {
+            let (_, old, new) = update_one_record(&mut w, db, name, &target, &spec)?;
             let shown = if return_new { new } else { old };
             (project(shown)?, doc! { "n": 1, "updatedExisting": true })
         }
@@ -439,7 +394,6 @@ pub(crate) fn find_and_modify(
         }
         (None, _) => (Bson::Null, doc! { "n": 0, "updatedExisting": false }),
     };
-    w.finish();
     Ok(doc! { "lastErrorObject": last_error, "value": value, "ok": 1.0 })
 }
 
@@ -485,7 +439,12 @@ fn read_oplog(
     })
 }
 
-pub(crate) fn find(state: &mut State, txn: Option<&Txn>, db: &str, cmd: &Document) -> CmdResult {
+pub(crate) fn find(
+    state: &State,
+    read: Read<'_>,
+    db: &str,
+    cmd: &Document,
+) -> CmdResult<OpenCursor> {
     let name = coll_name(cmd, "find")?;
     let filter = Filter::parse(&get_doc(cmd, "filter")?.cloned().unwrap_or_default())?;
     let projection = get_doc(cmd, "projection")?
@@ -499,60 +458,71 @@ pub(crate) fn find(state: &mut State, txn: Option<&Txn>, db: &str, cmd: &Documen
     } else {
         limit.unsigned_abs() as usize
     };
+    let ns = format!("{db}.{name}");
     let oplog = db == "local" && name == "oplog.rs";
-    let mut docs: Vec<Document> = if oplog {
-        read_oplog(state, &filter, sort, skip, take)?
+    let config = db == "config" && state.sharded;
+    let cursor = if oplog {
+        DocCursor::ready(ns, read_oplog(state, &filter, sort, skip, take)?)
+    } else if config && matches!(name, "collections" | "chunks" | "shards") {
+        let mut docs: Vec<Document> = sharding::config_docs(state, name)
+            .into_iter()
+            .filter(|d| filter.matches(d))
+            .collect();
+        if let Some(sort) = sort {
+            sort_documents(&mut docs, sort)?;
+        }
+        let docs: Vec<Document> = docs.into_iter().skip(skip).take(take).collect();
+        DocCursor::ready(ns, docs)
     } else {
-        match (read_coll(state, txn, db, name), sort.and_then(id_order)) {
-            // Sorted by `_id` alone: a scan of the `_id` index over the filter's range, which
-            // stops at the limit.
-            (Some(c), Some(ascending)) => match id_range(&filter) {
-                Some(range) => {
-                    let rids = c.order.range(range).map(|(_, rid)| rid);
-                    let rids: Box<dyn Iterator<Item = &u64>> = if ascending {
-                        Box::new(rids)
-                    } else {
-                        Box::new(rids.rev())
-                    };
-                    rids.filter_map(|rid| c.docs.get(rid))
-                        .filter(|d| filter.matches(d))
-                        .skip(skip)
-                        .take(take)
-                        .cloned()
-                        .collect()
-                }
-                None => Vec::new(),
-            },
-            (Some(c), None) => {
-                let mut docs: Vec<Document> = c
-                    .docs
-                    .values()
-                    .filter(|d| filter.matches(d))
-                    .cloned()
-                    .collect();
+        match (read_coll(state, read, db, name), sort) {
+            (None, _) => DocCursor::ready(ns, Vec::new()),
+            (Some(ReadSource::Txn(docs)), sort) => {
+                let mut docs: Vec<Document> =
+                    docs.into_iter().filter(|d| filter.matches(d)).collect();
                 if let Some(sort) = sort {
                     sort_documents(&mut docs, sort)?;
                 }
-                docs.into_iter().skip(skip).take(take).collect()
+                let docs: Vec<Document> = docs.into_iter().skip(skip).take(take).collect();
+                DocCursor::ready(ns, docs)
             }
-            (None, _) => Vec::new(),
+            (Some(ReadSource::View(view)), None) => {
+                DocCursor::scan(ns, view, Position::Natural(0), filter, skip, take, None)
+            }
+            // Sorted by `_id` alone: a scan of the `_id` index over the filter's range,
+            // which stops at the limit.
+            (Some(ReadSource::View(view)), Some(sort)) => match (id_order(sort), id_range(&filter))
+            {
+                (Some(_), None) => DocCursor::ready(ns, Vec::new()),
+                (Some(ascending), Some((low, high))) => DocCursor::scan(
+                    ns,
+                    view,
+                    Position::ids(low, high, ascending),
+                    filter,
+                    skip,
+                    take,
+                    None,
+                ),
+                (None, _) => {
+                    let mut stages = vec![Stage::Match(filter), Stage::Sort(sort.clone())];
+                    stages.push(Stage::Skip(skip as u64));
+                    if take != usize::MAX {
+                        stages.push(Stage::Limit(take as u64));
+                    }
+                    DocCursor::pipeline(ns, view, stages)
+                }
+            },
         }
     };
     let mut single = truthy(cmd.get("singleBatch"));
     if limit != 0 {
         single |= limit < 0;
     }
-    if let Some(p) = &projection {
-        docs = docs.iter().map(|d| p.apply(d)).collect::<CmdResult<_>>()?;
-    }
     let batch = get_count(cmd, "batchSize")?.unwrap_or(DEFAULT_BATCH);
-    Ok(cursor_reply(
-        state,
-        format!("{db}.{name}"),
-        docs.into(),
+    Ok(OpenCursor {
+        cursor: cursor.with_projection(projection),
         batch,
         single,
-    ))
+    })
 }
 
 /// `Some(ascending)` when a sort specification is `{ _id: 1 }` or `{ _id: -1 }`.
@@ -569,29 +539,32 @@ fn id_order(sort: &Document) -> Option<bool> {
     }
 }
 
-/// `count`.
-pub(crate) fn count(state: &State, txn: Option<&Txn>, db: &str, cmd: &Document) -> CmdResult {
+/// `count`: the work to run, with no lock held outside a transaction.
+pub(crate) fn count(state: &State, read: Read<'_>, db: &str, cmd: &Document) -> CmdResult<Job> {
     let name = coll_name(cmd, "count")?;
     let filter = Filter::parse(&get_doc(cmd, "query")?.cloned().unwrap_or_default())?;
-    let n = read_coll(state, txn, db, name)
-        .map_or(0, |c| c.docs.values().filter(|d| filter.matches(d)).count());
     let skip = get_count(cmd, "skip")?.unwrap_or(0);
-    let mut n = n.saturating_sub(skip);
-    if let Some(limit) = get_usize(cmd, "limit")?
-        && limit != 0
-    {
-        n = n.min(limit.unsigned_abs() as usize);
-    }
-    Ok(doc! { "n": n as i32, "ok": 1.0 })
+    let limit = get_usize(cmd, "limit")?;
+    let source = read_coll(state, read, db, name);
+    Ok(Box::new(move || {
+        let n = source.map_or(0, |s| s.count(&filter));
+        let mut n = n.saturating_sub(skip);
+        if let Some(limit) = limit
+            && limit != 0
+        {
+            n = n.min(limit.unsigned_abs() as usize);
+        }
+        Ok(doc! { "n": n as i32, "ok": 1.0 })
+    }))
 }
 
 /// `aggregate`: a change stream when the first stage is `$changeStream`.
 pub(crate) fn aggregate(
     state: &mut State,
-    txn: Option<&Txn>,
+    read: Read<'_>,
     db: &str,
     cmd: &Document,
-) -> CmdResult<RawDocumentBuf> {
+) -> CmdResult<Aggregate> {
     let target = cmd
         .get("aggregate")
         .ok_or_else(|| CmdError::bad_value("aggregate needs a target"))?;
@@ -604,7 +577,9 @@ pub(crate) fn aggregate(
     if let Some(Bson::Document(first)) = pipeline.first()
         && let Some(spec) = first.get("$changeStream")
     {
-        return open_change_stream(state, txn.is_some(), db, cmd, spec, pipeline, batch);
+        let in_txn = matches!(read, Read::Txn(_));
+        return open_change_stream(state, in_txn, db, cmd, spec, pipeline, batch)
+            .map(Aggregate::Done);
     }
     if pipeline
         .iter()
@@ -630,21 +605,30 @@ pub(crate) fn aggregate(
         ));
     };
     let stages = parse_pipeline(pipeline, Context::Aggregate)?;
-    let docs: Vec<Document> = read_coll(state, txn, db, name)
-        .map_or_else(Vec::new, |c| c.docs.values().cloned().collect());
-    let out = run_pipeline(&stages, docs)?;
-    to_raw(&cursor_reply(
-        state,
-        format!("{db}.{name}"),
-        out.into(),
+    let ns = format!("{db}.{name}");
+    let cursor = match read_coll(state, read, db, name) {
+        None => DocCursor::ready(ns, Vec::new()),
+        Some(ReadSource::Txn(docs)) => DocCursor::ready(ns, run_pipeline(&stages, docs)?),
+        Some(ReadSource::View(view)) => DocCursor::pipeline(ns, view, stages),
+    };
+    Ok(Aggregate::Cursor(Box::new(OpenCursor {
+        cursor,
         batch,
-        false,
-    ))
+        single: false,
+    })))
+}
+
+/// What `aggregate` gives: a change stream's reply, or a cursor to read.
+pub(crate) enum Aggregate {
+    /// Answered (a change stream).
+    Done(RawDocumentBuf),
+    /// A cursor whose first batch is to be read.
+    Cursor(Box<OpenCursor>),
 }
 
 /// `distinct`: the distinct values at `key` among the documents matching `query`, in
 /// the order first seen; arrays contribute their elements.
-pub(crate) fn distinct(state: &State, txn: Option<&Txn>, db: &str, cmd: &Document) -> CmdResult {
+pub(crate) fn distinct(state: &State, read: Read<'_>, db: &str, cmd: &Document) -> CmdResult<Job> {
     let name = coll_name(cmd, "distinct")?;
     let key = match cmd.get("key") {
         Some(Bson::String(k)) if !k.is_empty() => k.as_str(),
@@ -655,22 +639,27 @@ pub(crate) fn distinct(state: &State, txn: Option<&Txn>, db: &str, cmd: &Documen
         }
         _ => return Err(CmdError::type_mismatch("distinct.key", "string")),
     };
+    let key = key.to_owned();
     let filter = Filter::parse(&get_doc(cmd, "query")?.cloned().unwrap_or_default())?;
-    let mut values: Vec<Bson> = Vec::new();
-    if let Some(c) = read_coll(state, txn, db, name) {
-        for doc in c.docs.values().filter(|d| filter.matches(d)) {
-            for v in crate::value::query_values(doc, key).into_iter().flatten() {
-                let items = match v {
-                    Bson::Array(items) => items.clone(),
-                    other => vec![other.clone()],
-                };
-                for item in items {
-                    if !values.iter().any(|seen| crate::value::equal(seen, &item)) {
-                        values.push(item);
+    let source = read_coll(state, read, db, name);
+    Ok(Box::new(move || {
+        let key = key.as_str();
+        let mut values: Vec<Bson> = Vec::new();
+        if let Some(c) = source {
+            for doc in c.all().iter().filter(|d| filter.matches(d)) {
+                for v in crate::value::query_values(doc, key).into_iter().flatten() {
+                    let items = match v {
+                        Bson::Array(items) => items.clone(),
+                        other => vec![other.clone()],
+                    };
+                    for item in items {
+                        if !values.iter().any(|seen| crate::value::equal(seen, &item)) {
+                            values.push(item);
+                        }
                     }
                 }
             }
         }
-    }
-    Ok(doc! { "values": values, "ok": 1.0 })
+        Ok(doc! { "values": values, "ok": 1.0 })
+    }))
 }

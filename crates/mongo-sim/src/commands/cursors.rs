@@ -1,54 +1,275 @@
 //! Cursors: first batches, `getMore` on plain cursors, `killCursors`.
+//!
+//! A plain cursor reads a [`View`] and streams: each batch scans on from where the last
+//! one stopped, with no server lock held (the server checks the cursor out of the
+//! registry while it reads a batch).
 
-use std::{collections::VecDeque, time::Duration};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use bson::{Bson, Document, RawDocumentBuf, doc};
+use bson::{Bson, Document, RawDocumentBuf, Timestamp, doc};
 
 use crate::{
     changestream::to_raw,
+    engine::{Position, View},
     error::{CmdError, CmdResult, code},
+    matcher::Filter,
+    pipeline::{Projection, Stage},
     state::{Cursor, State},
+    wire::MAX_BSON_OBJECT_SIZE,
 };
 
-/// A reply with a first batch, leaving a cursor open for the rest.
+/// What a plain cursor returns.
+#[derive(Debug)]
+enum Source {
+    /// Results computed already (a sort, `listCollections`, a transaction's read, the oplog).
+    Ready(VecDeque<Document>),
+    /// A scan of a view: documents `filter` accepts, after skipping `skip`, at most `left`.
+    Scan(Box<Scan>),
+    /// An aggregation over a view, run when the first batch is asked for.
+    Pipeline { view: View, stages: Vec<Stage> },
+}
+
+/// A scan of a view.
+#[derive(Debug)]
+struct Scan {
+    view: View,
+    pos: Position,
+    filter: Filter,
+    skip: usize,
+    left: usize,
+    /// Visible documents read from the view and not yet looked at.
+    read: VecDeque<Arc<Document>>,
+    /// Whether the view has no more.
+    done: bool,
+}
+
+/// A cursor over documents.
+#[derive(Debug)]
+pub(crate) struct DocCursor {
+    /// `db.coll` for replies.
+    pub(crate) ns: String,
+    source: Source,
+    projection: Option<Projection>,
+    /// The next result, read ahead so a batch knows whether it is the last.
+    ahead: Option<Document>,
+    /// Set by a snapshot read: the time it reads at, reported with the first batch.
+    pub(crate) read_time: Option<Timestamp>,
+}
+
+/// What a server returns in one batch at most, besides the document count.
+const BATCH_BYTES: usize = MAX_BSON_OBJECT_SIZE;
+
+impl DocCursor {
+    /// Over results computed already.
+    pub(crate) fn ready(ns: String, docs: impl Into<VecDeque<Document>>) -> Self {
+        Self {
+            ns,
+            source: Source::Ready(docs.into()),
+            projection: None,
+            ahead: None,
+            read_time: None,
+        }
+    }
+
+    /// A scan of `view` from `pos`.
+    pub(crate) fn scan(
+        ns: String,
+        view: View,
+        pos: Position,
+        filter: Filter,
+        skip: usize,
+        take: usize,
+        projection: Option<Projection>,
+    ) -> Self {
+        Self {
+            ns,
+            source: Source::Scan(Box::new(Scan {
+                view,
+                pos,
+                filter,
+                skip,
+                left: take,
+                read: VecDeque::new(),
+                done: false,
+            })),
+            projection,
+            ahead: None,
+            read_time: None,
+        }
+    }
+
+    /// An aggregation of `view`.
+    pub(crate) fn pipeline(ns: String, view: View, stages: Vec<Stage>) -> Self {
+        Self {
+            ns,
+            source: Source::Pipeline { view, stages },
+            projection: None,
+            ahead: None,
+            read_time: None,
+        }
+    }
+
+    /// Results are shown through `projection`.
+    pub(crate) fn with_projection(mut self, projection: Option<Projection>) -> Self {
+        self.projection = projection;
+        self
+    }
+
+    fn pull(&mut self) -> CmdResult<Option<Document>> {
+        if let Some(d) = self.ahead.take() {
+            return Ok(Some(d));
+        }
+        if let Source::Pipeline { view, stages } = &self.source {
+            let docs = view.all().into_iter().map(|d| (*d).clone()).collect();
+            let out = crate::pipeline::run(stages, docs)?;
+            self.source = Source::Ready(out.into());
+        }
+        let raw = match &mut self.source {
+            Source::Ready(docs) => docs.pop_front(),
+            Source::Pipeline { .. } => None,
+            Source::Scan(scan) => loop {
+                let Scan {
+                    view,
+                    pos,
+                    filter,
+                    skip,
+                    left,
+                    read,
+                    done,
+                } = &mut **scan;
+                if *left == 0 {
+                    break None;
+                }
+                match read.pop_front() {
+                    Some(d) if filter.matches(&d) => {
+                        if *skip > 0 {
+                            *skip -= 1;
+                            continue;
+                        }
+                        *left -= 1;
+                        break Some(Arc::unwrap_or_clone(d));
+                    }
+                    Some(_) => {}
+                    None if *done => break None,
+                    None => match view.next_chunk(pos) {
+                        Some(chunk) => read.extend(chunk),
+                        None => *done = true,
+                    },
+                }
+            },
+        };
+        match (raw, &self.projection) {
+            (Some(d), Some(p)) => p.apply(&d).map(Some),
+            (d, _) => Ok(d),
+        }
+    }
+
+    /// The next batch of at most `max` documents (and at most 16 MiB), and whether the
+    /// cursor is exhausted after it.
+    pub(crate) fn next_batch(&mut self, max: usize) -> CmdResult<(Vec<Document>, bool)> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while out.len() < max {
+            let Some(d) = self.pull()? else {
+                return Ok((out, true));
+            };
+            let len = d.to_vec().map_or(0, |v| v.len());
+            if !out.is_empty() && bytes + len > BATCH_BYTES {
+                self.ahead = Some(d);
+                return Ok((out, false));
+            }
+            bytes += len;
+            out.push(d);
+        }
+        self.ahead = self.pull()?;
+        Ok((out, self.ahead.is_none()))
+    }
+}
+
+/// A reply with a first batch, leaving a cursor open for the rest (computed results).
 pub(crate) fn cursor_reply(
     state: &mut State,
     ns: String,
-    mut docs: VecDeque<Document>,
+    docs: VecDeque<Document>,
     batch: usize,
     single: bool,
-) -> Document {
-    let first: Vec<Document> = docs.drain(..batch.min(docs.len())).collect();
-    let id = if docs.is_empty() || single {
-        0
-    } else {
-        state.add_cursor(Cursor::Docs {
-            ns: ns.clone(),
-            docs,
-        })
-    };
-    doc! { "cursor": { "firstBatch": first, "id": id, "ns": ns }, "ok": 1.0 }
+) -> CmdResult {
+    first_batch(state, DocCursor::ready(ns, docs), batch, single)
 }
 
-/// `getMore` on a plain cursor. Change-stream cursors are served by the server loop, which
-/// may wait for new events.
-pub(crate) fn get_more_docs(state: &mut State, id: i64, batch: Option<usize>) -> CmdResult {
-    let Some(Cursor::Docs { ns, docs }) = state.cursors.get_mut(&id) else {
-        return Err(CmdError::new(
-            code::CURSOR_NOT_FOUND,
-            format!("cursor id {id} not found"),
-        ));
+/// The first batch of `cursor` as a reply, registering it when more remains.
+pub(crate) fn first_batch(
+    state: &mut State,
+    cursor: DocCursor,
+    batch: usize,
+    single: bool,
+) -> CmdResult {
+    let mut open = OpenCursor {
+        cursor,
+        batch,
+        single,
     };
-    let take = batch.unwrap_or(usize::MAX).min(docs.len());
-    let next: Vec<Document> = docs.drain(..take).collect();
-    let ns = ns.clone();
-    let done = docs.is_empty();
-    if done {
-        state.cursors.remove(&id);
+    let (reply, rest) = open.read()?;
+    Ok(reply_with_id(
+        reply,
+        rest.map(|c| state.add_cursor(Cursor::Docs(Box::new(c)))),
+    ))
+}
+
+/// A cursor whose first batch is still to be read (with no lock held).
+#[derive(Debug)]
+pub(crate) struct OpenCursor {
+    /// The cursor.
+    pub(crate) cursor: DocCursor,
+    /// The first batch's size.
+    pub(crate) batch: usize,
+    /// Whether the first batch is the only one.
+    pub(crate) single: bool,
+}
+
+impl OpenCursor {
+    /// Reads the first batch: the reply (with a cursor id to set) and the cursor to
+    /// register if more remains.
+    pub(crate) fn read(&mut self) -> CmdResult<(Document, Option<DocCursor>)> {
+        let (docs, done) = self.cursor.next_batch(self.batch)?;
+        let mut cursor = doc! { "firstBatch": docs, "id": 0_i64, "ns": self.cursor.ns.clone() };
+        if let Some(at) = self.cursor.read_time {
+            cursor.insert("atClusterTime", at);
+        }
+        let rest = (!done && !self.single).then(|| {
+            std::mem::replace(
+                &mut self.cursor,
+                DocCursor::ready(String::new(), Vec::new()),
+            )
+        });
+        Ok((doc! { "cursor": cursor, "ok": 1.0 }, rest))
     }
-    Ok(
-        doc! { "cursor": { "nextBatch": next, "id": if done { 0 } else { id }, "ns": ns }, "ok": 1.0 },
-    )
+}
+
+/// Sets the cursor id of a first-batch reply.
+pub(crate) fn reply_with_id(mut reply: Document, id: Option<i64>) -> Document {
+    if let (Some(id), Ok(cursor)) = (id, reply.get_document_mut("cursor")) {
+        cursor.insert("id", id);
+    }
+    reply
+}
+
+/// `getMore` on a plain cursor checked out of the registry: the next batch, and the
+/// cursor back when more remains.
+pub(crate) fn get_more_docs(
+    mut cursor: DocCursor,
+    id: i64,
+    batch: Option<usize>,
+) -> (CmdResult<RawDocumentBuf>, Option<DocCursor>) {
+    let (next, done) = match cursor.next_batch(batch.unwrap_or(usize::MAX)) {
+        Ok(b) => b,
+        Err(e) => return (Err(e), None),
+    };
+    let reply = doc! {
+        "cursor": { "nextBatch": next, "id": if done { 0 } else { id }, "ns": cursor.ns.clone() },
+        "ok": 1.0,
+    };
+    (to_raw(&reply), (!done).then_some(cursor))
 }
 
 /// `killCursors`.
@@ -143,6 +364,8 @@ fn get_number(cmd: &Document, field: &str) -> CmdResult<Option<i64>> {
 pub(crate) enum Step {
     /// Answer with this.
     Reply(CmdResult<RawDocumentBuf>),
+    /// A plain cursor checked out: read its next batch with no lock held, then return it.
+    Read(Box<DocCursor>, Option<usize>),
     /// A change stream with nothing new yet: wait for the oplog to grow or the deadline.
     Wait,
     /// Close the connection without answering (a fail point asked for it).
@@ -160,7 +383,7 @@ pub(crate) fn get_more(state: &mut State, req: &GetMore, first: bool, expired: b
             )));
         }
         Some(Cursor::Stream(_)) => true,
-        Some(Cursor::Docs { .. }) => false,
+        Some(Cursor::Docs(_)) => false,
     };
     if !stream && req.max_time.is_some() {
         return Step::Reply(Err(CmdError::bad_value(
@@ -185,7 +408,13 @@ pub(crate) fn get_more(state: &mut State, req: &GetMore, first: bool, expired: b
         }));
     }
     if !stream {
-        return Step::Reply(get_more_docs(state, req.id, req.batch).and_then(|d| to_raw(&d)));
+        return match state.cursors.remove(&req.id) {
+            Some(Cursor::Docs(c)) => Step::Read(c, req.batch),
+            _ => Step::Reply(Err(CmdError::new(
+                code::CURSOR_NOT_FOUND,
+                format!("cursor id {} not found", req.id),
+            ))),
+        };
     }
     match super::changestreams::stream_get_more(state, req, expired) {
         Ok(Some(reply)) => Step::Reply(Ok(reply)),

@@ -82,6 +82,7 @@ pub(crate) fn drop(state: &mut State, db: &str, cmd: &Document) -> CmdResult {
         }],
         None,
     );
+    state.replaced(format!("{db}.{name}"));
     Ok(doc! { "nIndexesWas": n_indexes, "ns": format!("{db}.{name}"), "ok": 1.0 })
 }
 
@@ -90,6 +91,7 @@ pub(crate) fn drop_database(state: &mut State, db: &str) -> CmdResult {
     let Some(colls) = state.dbs.remove(db) else {
         return Ok(doc! { "ok": 1.0 });
     };
+
     let mut entries: Vec<PendingEntry> = colls
         .into_iter()
         .map(|(name, c)| PendingEntry {
@@ -106,6 +108,7 @@ pub(crate) fn drop_database(state: &mut State, db: &str) -> CmdResult {
         op: Op::DropDatabase,
     });
     state.log.append(entries, None);
+    state.replaced(db.to_owned());
     Ok(doc! { "dropped": db, "ok": 1.0 })
 }
 
@@ -192,6 +195,8 @@ pub(crate) fn rename_collection(state: &mut State, db: &str, cmd: &Document) -> 
         }],
         None,
     );
+    state.replaced(format!("{from_db}.{from_coll}"));
+    state.replaced(format!("{to_db}.{to_coll}"));
     Ok(doc! { "ok": 1.0 })
 }
 
@@ -254,8 +259,12 @@ pub(crate) fn create_indexes(state: &mut State, db: &str, cmd: &Document) -> Cmd
     };
     let mut w = Writer::new(state, None);
     let existed = w.state.dbs.get(db).is_some_and(|d| d.contains_key(name));
+    w.ensure(db, name, true)?;
     let coll = w
-        .coll(db, name, true)?
+        .state
+        .dbs
+        .get_mut(db)
+        .and_then(|d| d.get_mut(name))
         .ok_or_else(|| CmdError::bad_value("no collection"))?;
     let before = coll.indexes.len() as i32 + 1;
     let mut added = Vec::new();
@@ -286,9 +295,13 @@ pub(crate) fn create_indexes(state: &mut State, db: &str, cmd: &Document) -> Cmd
     let after = coll.indexes.len() as i32 + 1;
     let uuid = coll.uuid.clone();
     if !added.is_empty() {
-        w.log(db, name, &uuid, Op::CreateIndexes { indexes: added });
+        w.log(PendingEntry {
+            db: db.to_owned(),
+            coll: name.to_owned(),
+            uuid: Some(uuid),
+            op: Op::CreateIndexes { indexes: added },
+        });
     }
-    w.finish();
     Ok(doc! {
         "numIndexesBefore": before,
         "numIndexesAfter": after,
@@ -376,13 +389,7 @@ pub(crate) fn list_indexes(state: &mut State, db: &str, cmd: &Document) -> CmdRe
     docs.push_back(doc! { "v": 2, "key": { "_id": 1 }, "name": "_id_" });
     docs.extend(c.indexes.iter().cloned());
     let batch = listing_batch(cmd)?;
-    Ok(cursor_reply(
-        state,
-        format!("{db}.$cmd.listIndexes"),
-        docs,
-        batch,
-        false,
-    ))
+    cursor_reply(state, format!("{db}.$cmd.listIndexes"), docs, batch, false)
 }
 
 /// `listCollections`.
@@ -422,13 +429,13 @@ pub(crate) fn list_collections(state: &mut State, db: &str, cmd: &Document) -> C
         }
     }
     let batch = listing_batch(cmd)?;
-    Ok(cursor_reply(
+    cursor_reply(
         state,
         format!("{db}.$cmd.listCollections"),
         docs,
         batch,
         false,
-    ))
+    )
 }
 
 /// `listDatabases`.
@@ -437,11 +444,14 @@ pub(crate) fn list_databases(state: &State, cmd: &Document) -> CmdResult {
     let name_only = truthy(cmd.get("nameOnly"));
     let mut dbs = Vec::new();
     for (name, colls) in &state.dbs {
-        let size: i64 = colls.values().map(|c| c.docs.len() as i64 * 64).sum();
+        let size: i64 = colls
+            .values()
+            .map(|c| i64::try_from(c.data_size()).unwrap_or(i64::MAX))
+            .sum();
         let info = if name_only {
             doc! { "name": name.clone() }
         } else {
-            doc! { "name": name.clone(), "sizeOnDisk": size, "empty": colls.values().all(|c| c.docs.is_empty()) }
+            doc! { "name": name.clone(), "sizeOnDisk": size, "empty": colls.values().all(|c| c.len() == 0) }
         };
         if filter.matches(&info) {
             dbs.push(info);

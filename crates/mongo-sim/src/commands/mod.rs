@@ -8,6 +8,7 @@ mod cursors;
 mod ddl;
 mod failpoints;
 mod read_concern;
+mod sharding;
 mod txn;
 mod writer;
 
@@ -117,21 +118,81 @@ pub(crate) struct Connections {
     pub(crate) total_created: u64,
 }
 
+fn from_raw(raw: &RawDocumentBuf) -> CmdResult<Document> {
+    Document::try_from(raw.as_ref()).map_err(|e| CmdError::new(code::INTERNAL_ERROR, e.to_string()))
+}
+
+/// What a command gave under the state lock.
+pub(crate) enum Outcome {
+    /// The reply.
+    Reply(CmdResult<RawDocumentBuf>),
+    /// A read to finish with no lock held: a cursor's first batch.
+    Cursor(Box<OpenCursor>),
+    /// A read to finish with no lock held: a computed reply (with the snapshot time it
+    /// read at, for a snapshot read).
+    Compute(crud::Job, Option<bson::Timestamp>),
+}
+
+impl Outcome {
+    /// Finishes a read with no lock held: the reply, and the cursor to register for the
+    /// rest of its results (whose id the reply is then to carry, [`reply_with_id`]).
+    pub(crate) fn finish(self) -> (CmdResult<Document>, Option<DocCursor>) {
+        match self {
+            Self::Reply(r) => (r.and_then(|raw| from_raw(&raw)), None),
+            Self::Cursor(mut open) => match open.read() {
+                Ok((reply, rest)) => (Ok(reply), rest),
+                Err(e) => (Err(e), None),
+            },
+            Self::Compute(job, at) => (
+                job().map(|mut d| {
+                    if let Some(at) = at {
+                        d.insert("atClusterTime", at);
+                    }
+                    d
+                }),
+                None,
+            ),
+        }
+    }
+}
+
 /// Runs one command under the state lock (every command but `getMore`, which may wait).
+/// Reads outside a transaction come back as work to finish after the lock is released.
 pub(crate) fn run(
     state: &mut State,
     ctx: &Ctx<'_>,
     db: &str,
     name: &str,
     cmd: &Document,
-) -> CmdResult<RawDocumentBuf> {
-    let raw = |r: CmdResult| r.and_then(|d| to_raw(&d));
+) -> Outcome {
+    match run_locked(state, ctx, db, name, cmd) {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome::Reply(Err(e)),
+    }
+}
+
+fn run_locked(
+    state: &mut State,
+    ctx: &Ctx<'_>,
+    db: &str,
+    name: &str,
+    cmd: &Document,
+) -> CmdResult<Outcome> {
+    let raw = |r: CmdResult| Ok(Outcome::Reply(r.and_then(|d| to_raw(&d))));
+    sharding::refuse_unknown(state.sharded, name)?;
     match name {
+        "hello" | "isMaster" | "ismaster" if state.sharded => {
+            return raw(Ok(sharding::hello_mongos(state, ctx, name != "hello")));
+        }
         "hello" => return raw(Ok(hello(state, ctx, false))),
         "isMaster" | "ismaster" => return raw(Ok(hello(state, ctx, true))),
+        "isdbgrid" => return raw(Ok(sharding::isdbgrid(ctx))),
+        "listShards" => return raw(admin_only(db, name).map(|()| sharding::list_shards(ctx))),
+        "enableSharding" => return raw(sharding::enable_sharding(db)),
+        "shardCollection" => return raw(sharding::shard_collection(state, db, cmd)),
         "getCmdLineOpts" => return raw(admin_only(db, name).map(|()| cmd_line_opts(ctx))),
         "serverStatus" => return raw(Ok(server_status(state, ctx))),
-        "getParameter" => return raw(admin_only(db, name).and_then(|()| get_parameter(cmd))),
+        "getParameter" => return raw(admin_only(db, name).and_then(|()| get_parameter(state, cmd))),
         "replSetGetStatus" => {
             return raw(admin_only(db, name).map(|()| repl_set_status(state, ctx)));
         }
@@ -140,7 +201,7 @@ pub(crate) fn run(
         "currentOp" => return raw(admin_only(db, name).and_then(|()| current_op(state, ctx, cmd))),
         "dbStats" => return raw(Ok(db_stats(state, db))),
         "collStats" => return raw(coll_stats(state, db, cmd)),
-        "splitVector" => return raw(split_vector(state, cmd)),
+        "splitVector" => return Ok(Outcome::Compute(split_vector(state, cmd)?, None)),
         "connectionStatus" => return raw(Ok(connection_status(cmd))),
         "getLog" => return raw(admin_only(db, name).and_then(|()| get_log(state, cmd))),
         "ping" | "endSessions" | "killAllSessions" | "killSessions" | "refreshSessions" => {
@@ -191,37 +252,55 @@ pub(crate) fn run(
         } else {
             None
         };
-        let reply = match name {
+        let at = crud::Read::At(crate::engine::ts(read_at.unwrap_or(state.log.last_ts)));
+        return match name {
             "insert" => raw(insert(state, None, db, cmd)),
             "update" => raw(update(state, None, db, cmd)),
             "delete" => raw(delete(state, None, db, cmd)),
             "findAndModify" => raw(find_and_modify(state, None, db, cmd)),
-            "find" => raw(find(state, None, db, cmd)),
-            "aggregate" => aggregate(state, None, db, cmd),
-            "count" => raw(count(state, None, db, cmd)),
-            "distinct" => raw(distinct(state, None, db, cmd)),
+            "find" => {
+                let mut open = find(state, at, db, cmd)?;
+                open.cursor.read_time = read_at;
+                Ok(Outcome::Cursor(Box::new(open)))
+            }
+            "aggregate" => match aggregate(state, at, db, cmd)? {
+                crud::Aggregate::Done(reply) => Ok(Outcome::Reply(Ok(reply))),
+                crud::Aggregate::Cursor(mut open) => {
+                    open.cursor.read_time = read_at;
+                    Ok(Outcome::Cursor(open))
+                }
+            },
+            "count" => Ok(Outcome::Compute(count(state, at, db, cmd)?, read_at)),
+            "distinct" => Ok(Outcome::Compute(distinct(state, at, db, cmd)?, read_at)),
             _ => Err(CmdError::new(
                 code::NO_SUCH_TRANSACTION,
                 format!("{name} needs a transaction (autocommit: false)"),
             )),
         };
-        return match read_at {
-            Some(at) => read_concern::with_read_time(reply?, at),
-            None => reply,
-        };
     };
     let result = match name {
         "commitTransaction" => return raw(commit_transaction(state, key, txn)),
         "abortTransaction" => return raw(Ok(doc! { "ok": 1.0 })),
-        "insert" => raw(insert(state, Some(&mut txn), db, cmd)),
-        "update" => raw(update(state, Some(&mut txn), db, cmd)),
-        "delete" => raw(delete(state, Some(&mut txn), db, cmd)),
-        "findAndModify" => raw(find_and_modify(state, Some(&mut txn), db, cmd)),
-        "find" => raw(find(state, Some(&txn), db, cmd)),
-        "aggregate" => aggregate(state, Some(&txn), db, cmd),
-        "distinct" => raw(distinct(state, Some(&txn), db, cmd)),
-        _ => raw(count(state, Some(&txn), db, cmd)),
+        "insert" => insert(state, Some(&mut txn), db, cmd),
+        "update" => update(state, Some(&mut txn), db, cmd),
+        "delete" => delete(state, Some(&mut txn), db, cmd),
+        "findAndModify" => find_and_modify(state, Some(&mut txn), db, cmd),
+        "find" => find(state, crud::Read::Txn(&txn), db, cmd)
+            .and_then(|open| first_batch(state, open.cursor, open.batch, open.single)),
+        "aggregate" => match aggregate(state, crud::Read::Txn(&txn), db, cmd) {
+            Ok(crud::Aggregate::Done(reply)) => from_raw(&reply),
+            Ok(crud::Aggregate::Cursor(open)) => {
+                let open = *open;
+                first_batch(state, open.cursor, open.batch, open.single)
+            }
+            Err(e) => Err(e),
+        },
+        "distinct" => distinct(state, crud::Read::Txn(&txn), db, cmd).and_then(|job| job()),
+        _ => count(state, crud::Read::Txn(&txn), db, cmd).and_then(|job| job()),
     };
-    state.txns.insert(key, txn);
-    result
+    // A write conflict aborts the transaction, as on the server.
+    if !matches!(&result, Err(e) if e.code == code::WRITE_CONFLICT) {
+        state.txns.insert(key, txn);
+    }
+    raw(result)
 }

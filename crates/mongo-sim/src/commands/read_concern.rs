@@ -1,17 +1,16 @@
 //! `readConcern` on reads outside transactions: the levels are checked, and `snapshot`
 //! reads answer with the cluster time they read at (`atClusterTime`).
 //!
-//! Every read here runs whole under the state lock and its cursor holds the documents as
-//! they were then, so a read *is* a snapshot of the moment it ran. What the simulator
-//! cannot do is read an older moment: it keeps no old versions of documents, so a
-//! `snapshot` read at an `atClusterTime` after which the collection changed is refused
-//! with `SnapshotTooOld` (239), as a server whose history window has passed refuses it.
+//! A read takes a view of the time it reads at (the newest, or `atClusterTime`) and its
+//! cursor keeps that view. Documents keep their versions for the history window
+//! (`--snapshot-history-secs`, MongoDB's `minSnapshotHistoryWindowInSeconds`): a
+//! `snapshot` read before it is `SnapshotTooOld` (239), as on a server; so is one of a
+//! namespace dropped or renamed since that time (the catalog keeps no history).
 
 use bson::{Bson, Document, Timestamp};
 
 use crate::{
     error::{CmdError, CmdResult, code},
-    oplog::Op,
     state::State,
 };
 
@@ -23,7 +22,7 @@ const LEVELS: [&str; 5] = ["local", "available", "majority", "linearizable", "sn
 
 /// Checks a read's `readConcern`; `Some(time)` for a snapshot read, which reads at `time`.
 pub(crate) fn snapshot_time(
-    state: &State,
+    state: &mut State,
     name: &str,
     db: &str,
     coll: Option<&str>,
@@ -89,59 +88,26 @@ pub(crate) fn snapshot_time(
             ),
         ));
     }
-    // The content at `at` is the current one when nothing touched the namespace since; the
-    // log must reach back that far to tell.
-    let too_old = || {
+    // Versions reach back to the history horizon; what a namespace held before it was
+    // dropped or renamed away is not kept.
+    let too_old = |why: &str| {
         CmdError::new(
             code::SNAPSHOT_TOO_OLD,
-            format!(
-                "Read timestamp {at} is older than the oldest available timestamp (mongo-sim keeps no older versions of documents)"
-            ),
+            format!("Read timestamp {at} is older than the oldest available timestamp ({why})"),
         )
     };
-    if state.log.dropped_upto.is_some_and(|d| key(d) > key(at)) {
-        return Err(too_old());
+    let at_key = crate::engine::ts(at);
+    if at_key < state.horizon() {
+        return Err(too_old(&format!(
+            "the history window is {} s",
+            state.history.window_secs
+        )));
     }
-    let touched = state
-        .log
-        .entries
-        .iter()
-        .rev()
-        .take_while(|e| key(e.ts) > key(at))
-        .any(|e| {
-            (e.db == db && (coll.is_none_or(|c| c == e.coll) || matches!(e.op, Op::DropDatabase)))
-                || matches!(&e.op, Op::Rename { to_db, to_coll, .. }
-                if to_db == db && coll.is_none_or(|c| c == to_coll))
-        });
-    if touched {
-        return Err(too_old());
+    let replaced = |ns: &str| state.replaced_at.get(ns).is_some_and(|t| *t > at_key);
+    if replaced(db) || coll.is_some_and(|c| replaced(&format!("{db}.{c}"))) {
+        return Err(too_old(
+            "the namespace was dropped or renamed since; mongo-sim keeps no catalog history",
+        ));
     }
     Ok(Some(at))
-}
-
-/// A snapshot read's reply with the time it read at: in the cursor for `find` and
-/// `aggregate`, at the top for `distinct`.
-pub(crate) fn with_read_time(
-    reply: bson::RawDocumentBuf,
-    at: Timestamp,
-) -> CmdResult<bson::RawDocumentBuf> {
-    let mut out = bson::RawDocumentBuf::new();
-    let mut in_cursor = false;
-    for element in reply.iter() {
-        let (key, value) =
-            element.map_err(|e| CmdError::new(code::INTERNAL_ERROR, e.to_string()))?;
-        match value {
-            bson::RawBsonRef::Document(cursor) if key == "cursor" => {
-                let mut cursor = cursor.to_owned();
-                cursor.append(bson::cstr!("atClusterTime"), at);
-                out.append(key, cursor);
-                in_cursor = true;
-            }
-            other => out.append(key, other),
-        }
-    }
-    if !in_cursor {
-        out.append(bson::cstr!("atClusterTime"), at);
-    }
-    Ok(out)
 }

@@ -2,7 +2,7 @@
 
 use bson::{Bson, Document, doc};
 
-use super::*;
+use super::{writer::write_conflict, *};
 use crate::{
     error::{CmdError, CmdResult, code},
     state::{State, Txn},
@@ -23,11 +23,14 @@ pub(crate) fn enter_txn(state: &mut State, cmd: &Document) -> CmdResult<Option<(
     };
     let key = id_key(&Bson::Document(lsid.clone()));
     if truthy(cmd.get("startTransaction")) {
+        let read_at = crate::engine::ts(state.log.last_ts);
         let txn = Txn {
             txn_number,
             lsid: lsid.clone(),
-            workspace: Default::default(),
-            base_versions: Default::default(),
+            read_at,
+            _pin: state.history.pins.pin(read_at),
+            colls: Default::default(),
+            writes: 0,
             entries: Vec::new(),
             committed: false,
         };
@@ -53,86 +56,67 @@ fn no_such_txn(n: i64) -> CmdError {
     .with_label("TransientTransactionError")
 }
 
-/// `commitTransaction`: installs what the transaction wrote and publishes its entries
-/// with one shared cluster time. It conflicts (WriteConflict, 112, labelled
-/// `TransientTransactionError`) only when another write committed since the transaction
-/// took its copy touched a document the transaction wrote, or the collection was created,
-/// dropped or re-created meanwhile: two transactions on different documents of one
-/// collection both commit, as WiredTiger lets them.
+/// `commitTransaction`: installs what the transaction wrote at one new cluster time and
+/// publishes its entries with it. It conflicts (WriteConflict, 112, labelled
+/// `TransientTransactionError`) only when a write committed after the transaction's
+/// snapshot touched a document the transaction wrote, or a collection it wrote was
+/// dropped or created meanwhile: two transactions on different documents of one
+/// collection both commit, as WiredTiger lets them. (A conflict with a write already
+/// committed is found at the transaction's own write, as on the server.)
 pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) -> CmdResult {
     if txn.committed {
         state.txns.insert(key, txn);
         return Ok(doc! { "ok": 1.0 });
     }
-    let conflict = || {
-        CmdError::new(
-            code::WRITE_CONFLICT,
-            "Write conflict during plan execution and yielding is disabled.",
-        )
-        .with_label("TransientTransactionError")
-    };
-    // The version each touched collection had when the transaction copied it (`None`:
-    // created inside the transaction).
-    let bases = std::mem::take(&mut txn.base_versions);
-    let base_of = |key: &(String, String)| bases.get(key).copied().flatten();
-    for (key, copy) in &txn.workspace {
-        let (db, name) = key;
-        let base = base_of(key);
+    for ((db, name), side) in &txn.colls {
         let live = state.dbs.get(db).and_then(|d| d.get(name));
-        match (base, live) {
+        match (&side.base, live) {
             (None, None) => {}
-            (None, Some(_)) | (Some(_), None) => return Err(conflict()),
-            (Some(base), Some(live)) => {
-                if live.uuid != copy.uuid {
-                    return Err(conflict());
-                }
-                let touched_since = copy
-                    .written
-                    .iter()
-                    .filter(|(_, v)| **v > base)
-                    .any(|(k, _)| live.written.get(k).is_some_and(|lv| *lv > base));
+            (Some((uuid, _)), Some(live)) if live.uuid == *uuid => {
+                let touched_since = side
+                    .writes
+                    .keys()
+                    .any(|k| live.written_at(k).is_some_and(|w| w > txn.read_at));
                 if touched_since {
-                    return Err(conflict());
+                    return Err(write_conflict());
                 }
             }
+            // Read-only sides of a collection dropped meanwhile do not conflict.
+            (Some(_), _) if side.writes.is_empty() => {}
+            _ => return Err(write_conflict()),
         }
     }
-    for (key, copy) in std::mem::take(&mut txn.workspace) {
-        let base = base_of(&key);
-        let (db, name) = key;
+    let horizon = state.horizon();
+    let commit_ts = state.log.next_ts();
+    let at = crate::engine::ts(commit_ts);
+    for ((db, name), side) in std::mem::take(&mut txn.colls) {
         let ns = format!("{db}.{name}");
-        let Some(base) = base else {
-            // Created inside the transaction: installed whole.
-            let mut copy = copy;
-            copy.version += 1;
-            state.dbs.entry(db).or_default().insert(name, copy);
-            continue;
-        };
+        if let Some(created) = side.created {
+            state
+                .dbs
+                .entry(db.clone())
+                .or_default()
+                .insert(name.clone(), created);
+        }
         let Some(live) = state.dbs.get_mut(&db).and_then(|d| d.get_mut(&name)) else {
             continue;
         };
         // In the order the transaction wrote them.
-        let mut touched: Vec<(&Vec<u8>, u64)> = copy
-            .written
-            .iter()
-            .filter(|(_, v)| **v > base)
-            .map(|(k, v)| (k, *v))
-            .collect();
-        touched.sort_by_key(|(_, v)| *v);
-        for (k, _) in touched {
-            match copy.ids.get(k).and_then(|rid| copy.docs.get(rid)) {
-                Some(doc) => live.put(&ns, doc.clone())?,
-                None => live.remove_key(k),
+        let mut writes: Vec<_> = side.writes.into_iter().collect();
+        writes.sort_by_key(|(_, (n, _))| *n);
+        for (k, (_, doc)) in writes {
+            match doc {
+                Some(doc) => live.put(&ns, doc, at, horizon)?,
+                None => {
+                    live.remove(&k, at, horizon);
+                }
             }
         }
-        // Settings the transaction changed on its copy (pre- and post-images, indexes).
-        live.images = copy.images;
-        live.indexes = copy.indexes;
     }
     let entries = std::mem::take(&mut txn.entries);
     state
         .log
-        .append(entries, Some((txn.lsid.clone(), txn.txn_number)));
+        .append_txn(entries, (txn.lsid.clone(), txn.txn_number), commit_ts);
     txn.committed = true;
     state.txns.insert(key, txn);
     Ok(doc! { "ok": 1.0 })
