@@ -7,6 +7,8 @@ mod crud;
 mod cursors;
 mod ddl;
 mod failpoints;
+#[cfg(test)]
+mod model_tests;
 mod read_concern;
 mod sharding;
 mod txn;

@@ -1,8 +1,10 @@
 //! `cdc-bench`: the benchmark program that `cargo xtask bench` runs in release mode.
 //!
-//! - `cdc-bench sim [--events N] [--rounds R]`: how many change events per second one
-//!   stream delivers from mongo-sim to the official driver over loopback (catch-up: the
-//!   oplog is pre-loaded, then drained).
+//! - `cdc-bench sim [--events N] [--rounds R] [--scan-docs N] [--write-ops N]`: how many
+//!   change events per second one stream delivers from mongo-sim to the official driver
+//!   over loopback (catch-up: the oplog is pre-loaded, then drained); then the simulator
+//!   under concurrency: writes from 1 and 8 connections, writes while a 1,000,000-document
+//!   scan reads, transactions on distinct documents.
 //! - `cdc-bench stores [--ops N]`: save and load latency (median, p99) of every resume
 //!   store backend.
 //! - `cdc-bench all`: the ten library scenarios side by side (see `scenarios.rs`), written
@@ -137,7 +139,171 @@ async fn sim(args: &[String]) -> Result<(), BoxError> {
         "\nmongo-sim → driver, one stream, {events} events of ~400 B, {rounds} rounds:\n  median {median:.0} events/s (min {min:.0}, max {max:.0})"
     );
     sim.shutdown().await;
+    let scan_docs = flag(args, "--scan-docs", 1_000_000)?;
+    let write_ops = flag(args, "--write-ops", 20_000)?;
+    sim_writes(scan_docs, write_ops).await
+}
+
+/// Single-document writes (an insert, then an update of it), acknowledged, from `conns`
+/// connections at once, `ops` in all; writes per second.
+async fn write_rate(
+    client: &Client,
+    coll: &str,
+    conns: usize,
+    ops: usize,
+) -> Result<f64, BoxError> {
+    let coll: Collection<Document> = client.database("bench").collection(coll);
+    let run = std::sync::Arc::new(bson::oid::ObjectId::new().to_hex());
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..conns {
+        let coll = coll.clone();
+        let run = std::sync::Arc::clone(&run);
+        let share = ops / conns;
+        tasks.spawn(async move {
+            for i in 0..share / 2 {
+                let id = format!("{run}-{task}-{i}");
+                coll.insert_one(doc! { "_id": &id, "n": 0, "note": "x".repeat(100) })
+                    .await?;
+                coll.update_one(doc! { "_id": &id }, doc! { "$inc": { "n": 1 } })
+                    .await?;
+            }
+            Ok::<_, mongodb::error::Error>(share / 2 * 2)
+        });
+    }
+    let mut done = 0;
+    while let Some(r) = tasks.join_next().await {
+        done += r??;
+    }
+    Ok(done as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// The simulator under concurrency: writes from 1 and 8 connections, writes while a
+/// 1,000,000-document scan reads, and transactions on distinct documents.
+async fn sim_writes(scan_docs: usize, write_ops: usize) -> Result<(), BoxError> {
+    let sim = MongoSim::start_with(SimOptions::default()).await?;
+    // Up to 9 connections at once: the default pool allows 10.
+    let client = Client::with_uri_str(sim.uri()).await?;
+    // Warm-up: connections opened, code paths paged in.
+    write_rate(&client, "warm", 8, 2_000).await?;
+    let one = write_rate(&client, "w1", 1, write_ops).await?;
+    let eight = write_rate(&client, "w8", 8, write_ops).await?;
+    println!("\nsim writes, 1 connection: {one:.0}/s");
+    println!("sim writes, 8 connections: {eight:.0}/s");
+    println!("sim writes 8 ÷ 1 connections: {:.2}x", eight / one);
+
+    // A large collection, read whole by one cursor while one connection writes into it.
+    let big: Collection<Document> = client.database("bench").collection("scan");
+    preload(&big, scan_docs, 0).await?;
+    let expected = big.count_documents(doc! {}).await?;
+    let (opened, is_open) = tokio::sync::oneshot::channel();
+    let reader = {
+        let big = big.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut cursor = big
+                .clone_with_type::<bson::RawDocumentBuf>()
+                .find(doc! {})
+                .batch_size(1000)
+                .await?;
+            // The cursor's view is taken: what is written from now on is not in it.
+            let _ = opened.send(());
+            let mut n = 0_u64;
+            while cursor.try_next().await?.is_some() {
+                n += 1;
+            }
+            Ok::<_, mongodb::error::Error>((n, t0.elapsed()))
+        })
+    };
+    // Write until the scan is over, in rounds of 1,000 writes.
+    is_open.await?;
+    let t0 = Instant::now();
+    let mut written = 0;
+    while !reader.is_finished() {
+        write_rate(&client, "scan", 1, 1_000).await?;
+        written += 1_000;
+    }
+    let during_time = t0.elapsed();
+    let during = written as f64 / during_time.as_secs_f64();
+    let (seen, scan_time) = reader.await??;
+    // The same writes, in the same rounds, for as long, with no scan.
+    let t0 = Instant::now();
+    let mut alone = 0;
+    while t0.elapsed() < during_time {
+        write_rate(&client, "scan", 1, 1_000).await?;
+        alone += 1_000;
+    }
+    let without = f64::from(alone) / t0.elapsed().as_secs_f64();
+    if seen != expected {
+        return Err(format!("the scan saw {seen} documents, not its snapshot's {expected}").into());
+    }
+    println!(
+        "scan of {seen} documents: {:.1} s, {written} writes meanwhile ({during:.0}/s; {without:.0}/s without)",
+        scan_time.as_secs_f64()
+    );
+    println!(
+        "sim writes during a {} scan ÷ without: {:.2}x",
+        thousands(scan_docs as u64, "-document"),
+        during / without
+    );
+
+    // Transactions of two updates each, 8 sessions at once, no two on the same document.
+    let txn: Collection<Document> = client.database("bench").collection("txn");
+    let sessions = 8;
+    let per_session = 50;
+    txn.insert_many((0..sessions * 2).map(|i| doc! { "_id": i as i64, "n": 0 }))
+        .await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..sessions {
+        let client = client.clone();
+        let txn = txn.clone();
+        tasks.spawn(async move {
+            let mut committed = 0;
+            let mut session = client.start_session().await?;
+            for _ in 0..per_session {
+                session.start_transaction().await?;
+                let result: Result<(), mongodb::error::Error> = async {
+                    for id in [s * 2, s * 2 + 1] {
+                        txn.update_one(doc! { "_id": id as i64 }, doc! { "$inc": { "n": 1 } })
+                            .session(&mut session)
+                            .await?;
+                    }
+                    session.commit_transaction().await
+                }
+                .await;
+                match result {
+                    Ok(()) => committed += 1,
+                    Err(_) => {
+                        let _ = session.abort_transaction().await;
+                    }
+                }
+            }
+            Ok::<_, mongodb::error::Error>(committed)
+        });
+    }
+    let mut committed = 0;
+    while let Some(r) = tasks.join_next().await {
+        committed += r??;
+    }
+    println!(
+        "transactions on distinct documents committed: {committed} of {}",
+        sessions * per_session
+    );
+    sim.shutdown().await;
     Ok(())
+}
+
+/// `1,000,000-document` from `(1000000, "-document")`.
+fn thousands(n: u64, suffix: &str) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out + suffix
 }
 
 fn hex(bytes: &[u8]) -> String {

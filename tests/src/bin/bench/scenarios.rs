@@ -1224,6 +1224,10 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
         if let Some((_, best, _)) = rates.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
             println!("snapshot ÷ raw find scan: {:.2}x", best / raw);
         }
+        let rate_of = |n: usize| rates.iter().find(|r| r.0 == n).map(|r| r.1);
+        if let (Some(one), Some(four)) = (rate_of(1), rate_of(4)) {
+            println!("snapshot 4 readers ÷ 1 reader: {:.2}x", four / one);
+        }
     }
     if want("14") {
         let ceiling = rows.iter().find(|r| r.id == "1").map(|r| r.median);

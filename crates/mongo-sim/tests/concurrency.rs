@@ -1,0 +1,363 @@
+//! mongo-sim under concurrency, through the real driver: a long cursor reads its snapshot
+//! while another connection writes, change streams keep the oplog's order with eight
+//! writers, and the sharded front answers as a `mongos`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use bson::{Bson, Document, doc};
+use futures_util::TryStreamExt;
+use mongo_sim::{MongoSim, SimOptions};
+use mongodb::{Client, error::ErrorKind};
+
+async fn setup_with(options: SimOptions) -> (MongoSim, Client) {
+    let sim = MongoSim::start_with(options).await.unwrap();
+    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    (sim, client)
+}
+
+fn code_of(err: &mongodb::error::Error) -> i32 {
+    match err.kind.as_ref() {
+        ErrorKind::Command(c) => c.code,
+        other => panic!("not a command error: {other:?}"),
+    }
+}
+
+/// A 1,000,000-document cursor is read to its end while another connection inserts and
+/// updates in the same collection as fast as it can: the writes go on (each round of
+/// them completes while the cursor is still open), and the cursor returns exactly the
+/// documents of the moment it was opened, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_document_cursor_reads_its_snapshot_while_another_connection_writes() {
+    let (_sim, client) = setup_with(SimOptions::default()).await;
+    let coll = client.database("conc").collection::<Document>("big");
+    let total: i64 = 1_000_000;
+    let mut next = 0;
+    while next < total {
+        let batch: Vec<Document> = (next..(next + 100_000).min(total))
+            .map(|i| doc! { "_id": i, "v": 0 })
+            .collect();
+        next += i64::try_from(batch.len()).unwrap();
+        coll.insert_many(batch).await.unwrap();
+    }
+    let mut cursor = coll.find(doc! {}).batch_size(10_000).await.unwrap();
+    // The first batch is in: the cursor's view is taken.
+    assert!(cursor.advance().await.unwrap());
+    let writer = {
+        let coll = coll.clone();
+        tokio::spawn(async move {
+            let mut rounds = 0_i64;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopping = std::sync::Arc::clone(&stop);
+            let handle = tokio::spawn(async move {
+                while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = total + rounds;
+                    coll.insert_one(doc! { "_id": id, "v": 1 }).await.unwrap();
+                    coll.update_one(doc! { "_id": rounds }, doc! { "$set": { "v": 1 } })
+                        .await
+                        .unwrap();
+                    rounds += 1;
+                }
+                rounds
+            });
+            (stop, handle)
+        })
+        .await
+        .unwrap()
+    };
+    let mut seen = 1_i64;
+    let mut changed = 0;
+    let mut expected_id = 0_i64;
+    let first: Document = cursor.deserialize_current().unwrap();
+    assert_eq!(first, doc! { "_id": 0_i64, "v": 0 });
+    expected_id += 1;
+    let mut writes_before_the_end = 0;
+    while cursor.advance().await.unwrap() {
+        let d: Document = cursor.deserialize_current().unwrap();
+        if d.get_i32("v").unwrap() != 0 {
+            changed += 1;
+        }
+        assert_eq!(
+            d.get_i64("_id").unwrap(),
+            expected_id,
+            "natural order, no gap"
+        );
+        expected_id += 1;
+        seen += 1;
+        if seen == total - 1 {
+            writes_before_the_end = coll.count_documents(doc! { "v": 1 }).await.unwrap();
+        }
+    }
+    let (stop, handle) = writer;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = handle.await.unwrap();
+    assert_eq!(seen, total, "exactly the documents of the cursor's moment");
+    assert_eq!(changed, 0, "no write after the cursor opened shows in it");
+    assert!(
+        writes_before_the_end > 0,
+        "the writer's changes landed while the cursor was read"
+    );
+    assert!(rounds > 0);
+}
+
+/// Eight connections write at once (inserts and updates of their own documents) while a
+/// change stream reads: every change arrives once, cluster times strictly increase (no
+/// event after a later one), and each writer's changes arrive in the order it made them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_streams_keep_the_oplog_order_with_eight_writer_connections() {
+    let (_sim, client) = setup_with(SimOptions::default()).await;
+    let coll = client.database("conc").collection::<Document>("order");
+    let mut stream = coll.watch().await.unwrap();
+    let writers: usize = 8;
+    let per_writer: i32 = 150;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let coll = coll.clone();
+        tasks.spawn(async move {
+            for i in 0..per_writer {
+                let id = format!("{w}-{i}");
+                coll.insert_one(doc! { "_id": &id, "i": i }).await.unwrap();
+                coll.update_one(doc! { "_id": &id }, doc! { "$set": { "done": true } })
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let expected = writers * usize::try_from(per_writer).unwrap() * 2;
+    let mut last_time: Option<bson::Timestamp> = None;
+    let mut next_of_writer = vec![(0, false); writers];
+    let mut n = 0;
+    while n < expected {
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.try_next())
+            .await
+            .expect("the stream delivers every change")
+            .unwrap()
+            .unwrap();
+        let time = event.cluster_time.unwrap();
+        if let Some(last) = last_time {
+            assert!(
+                (time.time, time.increment) > (last.time, last.increment),
+                "cluster times strictly increase: {last:?} then {time:?}"
+            );
+        }
+        last_time = Some(time);
+        let id = event.document_key.unwrap();
+        let id = id.get_str("_id").unwrap().to_owned();
+        let (w, i) = id.split_once('-').unwrap();
+        let (w, i): (usize, i32) = (w.parse().unwrap(), i.parse().unwrap());
+        let (expected_i, updated) = next_of_writer[w];
+        assert_eq!(i, expected_i, "writer {w}'s changes in its order");
+        let insert = matches!(
+            event.operation_type,
+            mongodb::change_stream::event::OperationType::Insert
+        );
+        assert_eq!(insert, !updated, "writer {w}: insert then update of {id}");
+        next_of_writer[w] = if updated { (i + 1, false) } else { (i, true) };
+        n += 1;
+    }
+    assert!(next_of_writer.iter().all(|(i, u)| *i == per_writer && !u));
+}
+
+/// Two transactions interleaved on different documents of one collection both commit; on
+/// the same document the second to write meets a WriteConflict labelled
+/// TransientTransactionError at its write, and its transaction is over.
+#[tokio::test]
+async fn transactions_conflict_at_the_write_only_on_the_same_document() {
+    let (_sim, client) = setup_with(SimOptions::default()).await;
+    let coll = client.database("conc").collection::<Document>("txn");
+    coll.insert_many([doc! { "_id": 1, "n": 0 }, doc! { "_id": 2, "n": 0 }])
+        .await
+        .unwrap();
+    let mut a = client.start_session().await.unwrap();
+    let mut b = client.start_session().await.unwrap();
+    a.start_transaction().await.unwrap();
+    b.start_transaction().await.unwrap();
+    coll.update_one(doc! { "_id": 1 }, doc! { "$inc": { "n": 1 } })
+        .session(&mut a)
+        .await
+        .unwrap();
+    coll.update_one(doc! { "_id": 2 }, doc! { "$inc": { "n": 1 } })
+        .session(&mut b)
+        .await
+        .unwrap();
+    // Each sees its own write and not the other's.
+    let seen_by_a = coll
+        .find_one(doc! { "_id": 2 })
+        .session(&mut a)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen_by_a.get_i32("n").unwrap(), 0);
+    a.commit_transaction().await.unwrap();
+    b.commit_transaction().await.unwrap();
+    let all: Vec<Document> = coll
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        all,
+        vec![doc! { "_id": 1, "n": 1 }, doc! { "_id": 2, "n": 1 }]
+    );
+
+    // The same document: the write of a transaction whose snapshot predates another
+    // committed write to it conflicts at once.
+    a.start_transaction().await.unwrap();
+    coll.find_one(doc! { "_id": 1 })
+        .session(&mut a)
+        .await
+        .unwrap();
+    coll.update_one(doc! { "_id": 1 }, doc! { "$inc": { "n": 10 } })
+        .await
+        .unwrap();
+    let err = coll
+        .update_one(doc! { "_id": 1 }, doc! { "$inc": { "n": 1 } })
+        .session(&mut a)
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), 112, "{err}");
+    assert!(err.contains_label("TransientTransactionError"), "{err}");
+    let after = coll.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    assert_eq!(after.get_i32("n").unwrap(), 11);
+}
+
+/// `--sharded`: `hello` says `isdbgrid`, `splitVector` and `replSetGetStatus` are
+/// refused as a `mongos` refuses them, `shardCollection` records the key (the same key
+/// again is fine, another is refused), `config.collections` / `config.chunks` describe
+/// the collection, and change events carry the shard key before `_id` in `documentKey`
+/// — for an update that changes the shard key, the key the document had, as the server
+/// writes it; afterwards the new one.
+#[tokio::test]
+async fn the_sharded_front_answers_as_a_mongos() {
+    let (sim, client) = setup_with(SimOptions {
+        sharded: true,
+        ..Default::default()
+    })
+    .await;
+    assert!(!sim.uri().contains("replicaSet"));
+    let admin = client.database("admin");
+    let hello = admin.run_command(doc! { "hello": 1 }).await.unwrap();
+    assert_eq!(hello.get_str("msg").unwrap(), "isdbgrid");
+    assert!(hello.get("setName").is_none() && hello.get("hosts").is_none());
+    let split = admin
+        .run_command(
+            doc! { "splitVector": "shop.orders", "keyPattern": { "_id": 1 }, "maxChunkSize": 1 },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&split), 59, "{split}");
+    let status = admin
+        .run_command(doc! { "replSetGetStatus": 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&status), 59, "{status}");
+
+    admin
+        .run_command(doc! { "enableSharding": "shop" })
+        .await
+        .unwrap();
+    let reply = admin
+        .run_command(
+            doc! { "shardCollection": "shop.orders", "key": { "region": 1, "customer": 1 } },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.get_str("collectionsharded").unwrap(), "shop.orders");
+    admin
+        .run_command(
+            doc! { "shardCollection": "shop.orders", "key": { "region": 1, "customer": 1 } },
+        )
+        .await
+        .unwrap();
+    let other = admin
+        .run_command(doc! { "shardCollection": "shop.orders", "key": { "other": 1 } })
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&other), 23, "{other}");
+    let bad = admin
+        .run_command(doc! { "shardCollection": "shop.bad", "key": { "x": -1 } })
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&bad), 2, "{bad}");
+
+    let config = client.database("config");
+    let colls: Vec<Document> = config
+        .collection::<Document>("collections")
+        .find(doc! { "_id": "shop.orders" })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(colls.len(), 1);
+    assert_eq!(
+        colls[0].get_document("key").unwrap(),
+        &doc! { "region": 1, "customer": 1 }
+    );
+    let uuid = colls[0].get("uuid").unwrap().clone();
+    let chunks: Vec<Document> = config
+        .collection::<Document>("chunks")
+        .find(doc! { "uuid": uuid })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(
+        chunks[0].get_document("min").unwrap(),
+        &doc! { "region": Bson::MinKey, "customer": Bson::MinKey }
+    );
+    assert_eq!(
+        chunks[0].get_document("max").unwrap(),
+        &doc! { "region": Bson::MaxKey, "customer": Bson::MaxKey }
+    );
+
+    let orders = client.database("shop").collection::<Document>("orders");
+    let mut stream = orders.watch().await.unwrap();
+    orders
+        .insert_one(doc! { "_id": 1, "customer": "c1", "region": "eu", "total": 5 })
+        .await
+        .unwrap();
+    orders
+        .update_one(doc! { "_id": 1 }, doc! { "$set": { "total": 6 } })
+        .await
+        .unwrap();
+    // The shard key changes (a retryable write, as a mongos requires).
+    orders
+        .update_one(doc! { "_id": 1 }, doc! { "$set": { "region": "us" } })
+        .await
+        .unwrap();
+    orders.delete_one(doc! { "_id": 1 }).await.unwrap();
+    let mut keys = Vec::new();
+    for _ in 0..4 {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        keys.push(event.document_key.unwrap());
+    }
+    assert_eq!(
+        keys,
+        vec![
+            doc! { "region": "eu", "customer": "c1", "_id": 1 },
+            doc! { "region": "eu", "customer": "c1", "_id": 1 },
+            doc! { "region": "eu", "customer": "c1", "_id": 1 },
+            doc! { "region": "us", "customer": "c1", "_id": 1 },
+        ]
+    );
+    // Not sharded: the replica set refuses the router's commands.
+    let (_rs, rs_client) = setup_with(SimOptions::default()).await;
+    let refused = rs_client
+        .database("admin")
+        .run_command(doc! { "shardCollection": "shop.orders", "key": { "_id": 1 } })
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&refused), 59, "{refused}");
+}
