@@ -173,6 +173,9 @@ pub(crate) struct StreamCursor {
     pending: std::collections::VecDeque<RawDocumentBuf>,
     /// The stream has been invalidated (the cursor closes).
     pub(crate) closed: bool,
+    /// Set when the last look scanned [`SCAN_PER_LOOK`] entries and found nothing to
+    /// return: the server lock is let go before it scans on.
+    pub(crate) yielded: bool,
 }
 
 /// What the client asked for in `$changeStream`.
@@ -321,6 +324,7 @@ impl StreamCursor {
             resume_fragment: None,
             pending: std::collections::VecDeque::new(),
             closed: false,
+            yielded: false,
         };
         match start {
             None => {}
@@ -371,6 +375,8 @@ impl StreamCursor {
     ) -> CmdResult<(Vec<RawDocumentBuf>, Document)> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
+        let mut scanned = 0;
+        self.yielded = false;
         if self.closed {
             return Ok((out, self.hwm(log)));
         }
@@ -441,6 +447,11 @@ impl StreamCursor {
                     .unwrap_or_else(|| self.hwm(log));
                 return Ok((out, pbrt));
             };
+            if scanned >= SCAN_PER_LOOK && out.is_empty() && self.pending.is_empty() {
+                self.yielded = true;
+                return Ok((out, self.hwm(log)));
+            }
+            scanned += 1;
             self.after = entry.seq;
             if self.invalidates(entry) {
                 self.invalidate_pending = Some(entry.seq);
@@ -820,6 +831,11 @@ fn op_name(op: &Op) -> &'static str {
 
 /// The largest event (and the largest fragment) a stream returns: BSONObjMaxUserSize.
 const MAX_EVENT_SIZE: usize = crate::wire::MAX_BSON_OBJECT_SIZE;
+
+/// How many oplog entries one look of a change stream scans with nothing to return before
+/// it lets the server lock go (a stream filtered to a quiet collection catching up on a
+/// long log would otherwise hold every writer up for the whole scan).
+pub(crate) const SCAN_PER_LOOK: usize = 4096;
 
 /// The stage that asks for large events to be split.
 const SPLIT_STAGE: &str = "$changeStreamSplitLargeEvent";

@@ -339,11 +339,6 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
     {
         conn.app_name = Some(app.to_owned());
     }
-    let firing = if name == "configureFailPoint" {
-        None
-    } else {
-        shared.lock().faults.check(&name, conn.app_name.as_deref())
-    };
     let ns = match cmd.get(&name) {
         Some(Bson::String(coll)) => format!("{db}.{coll}"),
         _ => match cmd.get_str("collection") {
@@ -351,10 +346,16 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
             Err(_) => format!("{db}.$cmd"),
         },
     };
-    let opid = {
+    // One hold of the lock for the fail points and the operation's `currentOp` entry.
+    let (firing, opid) = {
         let mut state = shared.lock();
+        let firing = if name == "configureFailPoint" {
+            None
+        } else {
+            state.faults.check(&name, conn.app_name.as_deref())
+        };
         state.activity.counters.count(&name, &cmd);
-        state.activity.begin(status::Op {
+        let opid = state.activity.begin(status::Op {
             connection_id: conn.id,
             client: conn.peer.clone(),
             app_name: conn.app_name.clone(),
@@ -362,7 +363,8 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
             ns,
             command: status::summarise(&cmd),
             started: std::time::Instant::now(),
-        })
+        });
+        (firing, opid)
     };
     let _op = OpGuard { shared, opid };
     let mut write_concern_error = None;
@@ -378,8 +380,8 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
         }
         write_concern_error = f.write_concern_error;
     }
-    let result = if name == "getMore" {
-        get_more(shared, &cmd).await?
+    let (result, time) = if name == "getMore" {
+        (get_more(shared, &cmd).await?, None)
     } else {
         let ctx = Ctx {
             info: &shared.info,
@@ -392,16 +394,17 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
             },
             uptime: shared.started.elapsed(),
         };
-        let outcome = {
+        // The reply's cluster time is the one the command ran at, taken in the same hold.
+        let (outcome, time) = {
             let mut state = shared.lock();
             let outcome = match state.faults.stepdown_error(&name) {
                 Some(e) => Outcome::Reply(Err(e)),
                 None => commands::run(&mut state, &ctx, &db, &name, &cmd),
             };
             shared.notify(&state);
-            outcome
+            (outcome, state.log.last_ts)
         };
-        match outcome {
+        let result = match outcome {
             Outcome::Reply(r) => r,
             // A read's scan, copy and encoding run here, with no lock held.
             later => {
@@ -409,9 +412,13 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
                 let id = rest.map(|c| shared.lock().add_cursor(Cursor::Docs(Box::new(c))));
                 reply.and_then(|r| to_raw(&commands::reply_with_id(r, id)))
             }
-        }
+        };
+        (result, Some(time))
     };
-    let mut reply = finish(shared, result);
+    let mut reply = match time {
+        Some(time) => finish_at(result, time),
+        None => finish(shared, result),
+    };
     if let Some(wce) = write_concern_error
         && let Ok(wce) = to_raw(&wce)
     {
@@ -421,13 +428,18 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
 }
 
 fn finish(shared: &Shared, result: CmdResult<RawDocumentBuf>) -> RawDocumentBuf {
+    let time = shared.lock().log.last_ts;
+    finish_at(result, time)
+}
+
+/// The reply with `$clusterTime` and `operationTime` at `time`.
+fn finish_at(result: CmdResult<RawDocumentBuf>, time: bson::Timestamp) -> RawDocumentBuf {
     let error = |e: CmdError| to_raw(&e.to_document()).unwrap_or_default();
     let mut reply = result.unwrap_or_else(error);
-    let state = shared.lock();
-    if let Ok(ct) = to_raw(&state.cluster_time_doc()) {
+    if let Ok(ct) = to_raw(&State::cluster_time_at(time)) {
         reply.append(bson::cstr!("$clusterTime"), ct);
     }
-    reply.append(bson::cstr!("operationTime"), state.log.last_ts);
+    reply.append(bson::cstr!("operationTime"), time);
     reply
 }
 
@@ -465,6 +477,7 @@ async fn get_more(shared: &Shared, cmd: &Document) -> Option<CmdResult<RawDocume
                 return Some(reply);
             }
             Step::Close => return None,
+            Step::Yield => tokio::task::yield_now().await,
             Step::Wait => {
                 // Woken by a new oplog entry, or the deadline: look again either way.
                 let _ = tokio::time::timeout_at(deadline, head.changed()).await;

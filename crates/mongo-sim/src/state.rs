@@ -173,10 +173,10 @@ impl State {
         self.replaced_at.insert(ns, now);
     }
 
-    /// `$clusterTime` for replies.
-    pub(crate) fn cluster_time_doc(&self) -> Document {
+    /// `$clusterTime` for replies at `time`.
+    pub(crate) fn cluster_time_at(time: bson::Timestamp) -> Document {
         doc! {
-            "clusterTime": self.log.last_ts,
+            "clusterTime": time,
             "signature": {
                 "hash": Binary { subtype: BinarySubtype::Generic, bytes: vec![0; 20] },
                 "keyId": 0_i64,

@@ -361,3 +361,35 @@ async fn the_sharded_front_answers_as_a_mongos() {
         .unwrap_err();
     assert_eq!(code_of(&refused), 59, "{refused}");
 }
+
+/// A change stream filtered to a quiet collection catches up on a long log in looks of a
+/// few thousand entries, letting writers in between: its event still arrives, and no
+/// look returns an event twice.
+#[tokio::test]
+async fn a_stream_on_a_quiet_collection_catches_up_on_a_long_log() {
+    let (_sim, client) = setup_with(SimOptions::default()).await;
+    let db = client.database("conc");
+    let start = db
+        .run_command(doc! { "ping": 1 })
+        .await
+        .unwrap()
+        .get_timestamp("operationTime")
+        .unwrap();
+    let busy = db.collection::<Document>("busy");
+    for chunk in 0..4 {
+        busy.insert_many((0..5_000).map(|i| doc! { "_id": chunk * 5_000 + i }))
+            .await
+            .unwrap();
+    }
+    let quiet = db.collection::<Document>("quiet");
+    quiet.insert_one(doc! { "_id": "only" }).await.unwrap();
+    let mut stream = quiet.watch().start_at_operation_time(start).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(30), stream.try_next())
+        .await
+        .expect("the event arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.document_key.unwrap(), doc! { "_id": "only" });
+    let next = tokio::time::timeout(Duration::from_millis(1_500), stream.try_next()).await;
+    assert!(!matches!(next, Ok(Ok(Some(_)))), "one event only: {next:?}");
+}

@@ -88,13 +88,24 @@ fn check_read_concern(cmd: &Document) -> CmdResult<()> {
     }
 }
 
-/// `getMore` on a change-stream cursor: a batch, or `None` when there is nothing yet and
-/// the wait is not over. An error kills the cursor.
+/// What one look at a change stream's `getMore` found.
+#[derive(Debug)]
+pub(crate) enum StreamLook {
+    /// Answer with this batch.
+    Batch(RawDocumentBuf),
+    /// Nothing yet: wait for the log to grow.
+    Wait,
+    /// Nothing yet, and more of the log to scan: let the lock go, then look again.
+    Yield,
+}
+
+/// `getMore` on a change-stream cursor: a batch, or nothing yet while the wait is not
+/// over. An error kills the cursor.
 pub(crate) fn stream_get_more(
     state: &mut State,
     req: &GetMore,
     expired: bool,
-) -> CmdResult<Option<RawDocumentBuf>> {
+) -> CmdResult<StreamLook> {
     let Some(Cursor::Stream(mut stream)) = state.cursors.remove(&req.id) else {
         return Err(CmdError::new(
             code::CURSOR_NOT_FOUND,
@@ -104,13 +115,18 @@ pub(crate) fn stream_get_more(
     let (events, pbrt) =
         stream.next_batch(&state.log, &state.dbs, req.batch.unwrap_or(usize::MAX))?;
     if events.is_empty() && !stream.closed && !expired {
+        let look = if stream.yielded {
+            StreamLook::Yield
+        } else {
+            StreamLook::Wait
+        };
         state.cursors.insert(req.id, Cursor::Stream(stream));
-        return Ok(None);
+        return Ok(look);
     }
     let ns = stream.ns.clone();
     let next_id = if stream.closed { 0 } else { req.id };
     if !stream.closed {
         state.cursors.insert(req.id, Cursor::Stream(stream));
     }
-    stream_reply(false, events, &pbrt, next_id, &ns).map(Some)
+    stream_reply(false, events, &pbrt, next_id, &ns).map(StreamLook::Batch)
 }

@@ -368,6 +368,8 @@ pub(crate) enum Step {
     Read(Box<DocCursor>, Option<usize>),
     /// A change stream with nothing new yet: wait for the oplog to grow or the deadline.
     Wait,
+    /// A change stream with more of the log to scan: look again once the lock is free.
+    Yield,
     /// Close the connection without answering (a fail point asked for it).
     Close,
 }
@@ -417,8 +419,9 @@ pub(crate) fn get_more(state: &mut State, req: &GetMore, first: bool, expired: b
         };
     }
     match super::changestreams::stream_get_more(state, req, expired) {
-        Ok(Some(reply)) => Step::Reply(Ok(reply)),
-        Ok(None) => Step::Wait,
+        Ok(super::changestreams::StreamLook::Batch(reply)) => Step::Reply(Ok(reply)),
+        Ok(super::changestreams::StreamLook::Wait) => Step::Wait,
+        Ok(super::changestreams::StreamLook::Yield) => Step::Yield,
         Err(e) => Step::Reply(Err(crate::error::label_change_stream_error(e))),
     }
 }
