@@ -60,12 +60,48 @@ pub(crate) struct TxnColl {
 }
 
 impl TxnColl {
-    /// The documents the transaction sees, in natural order: the snapshot's with its own
-    /// writes over them, then what it inserted.
+    /// What a read in the transaction sees, to read with no lock held.
+    pub(crate) fn read(&self) -> TxnRead {
+        TxnRead {
+            base: self.base.as_ref().map(|(_, v)| v.clone()),
+            writes: self.writes.clone(),
+        }
+    }
+
+    /// The documents the transaction sees, in natural order.
+    pub(crate) fn docs(&self) -> Vec<Document> {
+        self.read().docs()
+    }
+
+    /// The document with `_id` key `key` as the transaction sees it.
+    pub(crate) fn get(&self, key: &[u8], id: &Bson) -> Option<Document> {
+        match self.writes.get(key) {
+            Some((_, d)) => d.clone(),
+            None => self
+                .base
+                .as_ref()
+                .and_then(|(_, v)| v.get(id))
+                .map(|d| (*d).clone()),
+        }
+    }
+}
+
+/// What a transaction's read sees of one collection: its snapshot and its own writes.
+#[derive(Debug, Clone)]
+pub(crate) struct TxnRead {
+    /// The snapshot (`None`: the transaction created the collection).
+    pub(crate) base: Option<View>,
+    /// Its writes, as in [`TxnColl::writes`].
+    pub(crate) writes: HashMap<Vec<u8>, (u64, Option<Document>)>,
+}
+
+impl TxnRead {
+    /// The documents, in natural order: the snapshot's with the transaction's writes over
+    /// them, then what it inserted.
     pub(crate) fn docs(&self) -> Vec<Document> {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        if let Some((_, view)) = &self.base {
+        if let Some(view) = &self.base {
             for d in view.all() {
                 let key = d.get("_id").map(id_key).unwrap_or_default();
                 match self.writes.get(&key) {
@@ -85,18 +121,6 @@ impl TxnColl {
         inserted.sort_by_key(|(n, _)| **n);
         out.extend(inserted.into_iter().map(|(_, d)| d.clone()));
         out
-    }
-
-    /// The document with `_id` key `key` as the transaction sees it.
-    pub(crate) fn get(&self, key: &[u8], id: &Bson) -> Option<Document> {
-        match self.writes.get(key) {
-            Some((_, d)) => d.clone(),
-            None => self
-                .base
-                .as_ref()
-                .and_then(|(_, v)| v.get(id))
-                .map(|d| (*d).clone()),
-        }
     }
 }
 

@@ -8,8 +8,8 @@ use crate::{
     engine::{Position, View},
     error::{CmdError, CmdResult, code},
     matcher::{Filter, id_range},
-    pipeline::{Context, Projection, Stage, parse_pipeline, run as run_pipeline, sort_documents},
-    state::{State, Txn},
+    pipeline::{Context, Projection, Stage, parse_pipeline, sort_documents},
+    state::{State, Txn, TxnRead},
     update::UpdateSpec,
     wire::MAX_BSON_OBJECT_SIZE,
 };
@@ -19,8 +19,8 @@ use crate::{
 pub(crate) enum ReadSource {
     /// A view outside a transaction.
     View(View),
-    /// A transaction's documents.
-    Txn(Vec<Document>),
+    /// What a transaction sees.
+    Txn(TxnRead),
 }
 
 impl ReadSource {
@@ -28,7 +28,7 @@ impl ReadSource {
     pub(crate) fn count(&self, filter: &Filter) -> usize {
         match self {
             Self::View(v) => v.all().iter().filter(|d| filter.matches(d)).count(),
-            Self::Txn(docs) => docs.iter().filter(|d| filter.matches(d)).count(),
+            Self::Txn(t) => t.docs().iter().filter(|d| filter.matches(d)).count(),
         }
     }
 
@@ -36,7 +36,7 @@ impl ReadSource {
     pub(crate) fn all(&self) -> Vec<Document> {
         match self {
             Self::View(v) => v.all().into_iter().map(|d| (*d).clone()).collect(),
-            Self::Txn(docs) => docs.clone(),
+            Self::Txn(t) => t.docs(),
         }
     }
 }
@@ -60,13 +60,13 @@ pub(crate) fn read_coll(state: &State, read: Read<'_>, db: &str, name: &str) -> 
     };
     if let Read::Txn(txn) = read {
         if let Some(side) = txn.colls.get(&(db.to_owned(), name.to_owned())) {
-            return Some(ReadSource::Txn(side.docs()));
+            return Some(ReadSource::Txn(side.read()));
         }
         let c = state.dbs.get(db).and_then(|d| d.get(name))?;
-        let view = state.history.view(c, txn.read_at);
-        return Some(ReadSource::Txn(
-            view.all().into_iter().map(|d| (*d).clone()).collect(),
-        ));
+        return Some(ReadSource::Txn(TxnRead {
+            base: Some(state.history.view(c, txn.read_at)),
+            writes: Default::default(),
+        }));
     }
     let _ = at;
     let c = state.dbs.get(db).and_then(|d| d.get(name))?;
@@ -476,14 +476,8 @@ pub(crate) fn find(
     } else {
         match (read_coll(state, read, db, name), sort) {
             (None, _) => DocCursor::ready(ns, Vec::new()),
-            (Some(ReadSource::Txn(docs)), sort) => {
-                let mut docs: Vec<Document> =
-                    docs.into_iter().filter(|d| filter.matches(d)).collect();
-                if let Some(sort) = sort {
-                    sort_documents(&mut docs, sort)?;
-                }
-                let docs: Vec<Document> = docs.into_iter().skip(skip).take(take).collect();
-                DocCursor::ready(ns, docs)
+            (Some(ReadSource::Txn(t)), sort) => {
+                DocCursor::pipeline(ns, Input::Txn(t), query_stages(filter, sort, skip, take))
             }
             (Some(ReadSource::View(view)), None) => {
                 DocCursor::scan(ns, view, Position::Natural(0), filter, skip, take, None)
@@ -502,14 +496,11 @@ pub(crate) fn find(
                     take,
                     None,
                 ),
-                (None, _) => {
-                    let mut stages = vec![Stage::Match(filter), Stage::Sort(sort.clone())];
-                    stages.push(Stage::Skip(skip as u64));
-                    if take != usize::MAX {
-                        stages.push(Stage::Limit(take as u64));
-                    }
-                    DocCursor::pipeline(ns, view, stages)
-                }
+                (None, _) => DocCursor::pipeline(
+                    ns,
+                    Input::View(view),
+                    query_stages(filter, Some(sort), skip, take),
+                ),
             },
         }
     };
@@ -523,6 +514,19 @@ pub(crate) fn find(
         batch,
         single,
     })
+}
+
+/// A query as pipeline stages: match, sort, skip, limit.
+fn query_stages(filter: Filter, sort: Option<&Document>, skip: usize, take: usize) -> Vec<Stage> {
+    let mut stages = vec![Stage::Match(filter)];
+    if let Some(sort) = sort {
+        stages.push(Stage::Sort(sort.clone()));
+    }
+    stages.push(Stage::Skip(skip as u64));
+    if take != usize::MAX {
+        stages.push(Stage::Limit(take as u64));
+    }
+    stages
 }
 
 /// `Some(ascending)` when a sort specification is `{ _id: 1 }` or `{ _id: -1 }`.
@@ -608,8 +612,8 @@ pub(crate) fn aggregate(
     let ns = format!("{db}.{name}");
     let cursor = match read_coll(state, read, db, name) {
         None => DocCursor::ready(ns, Vec::new()),
-        Some(ReadSource::Txn(docs)) => DocCursor::ready(ns, run_pipeline(&stages, docs)?),
-        Some(ReadSource::View(view)) => DocCursor::pipeline(ns, view, stages),
+        Some(ReadSource::Txn(t)) => DocCursor::pipeline(ns, Input::Txn(t), stages),
+        Some(ReadSource::View(view)) => DocCursor::pipeline(ns, Input::View(view), stages),
     };
     Ok(Aggregate::Cursor(Box::new(OpenCursor {
         cursor,

@@ -25,8 +25,27 @@ enum Source {
     Ready(VecDeque<Document>),
     /// A scan of a view: documents `filter` accepts, after skipping `skip`, at most `left`.
     Scan(Box<Scan>),
-    /// An aggregation over a view, run when the first batch is asked for.
-    Pipeline { view: View, stages: Vec<Stage> },
+    /// An aggregation (or a sorted query) over a view or what a transaction sees, run
+    /// when the first batch is asked for.
+    Pipeline { input: Input, stages: Vec<Stage> },
+}
+
+/// What a computed read reads.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// A view.
+    View(View),
+    /// A transaction's snapshot and writes.
+    Txn(crate::state::TxnRead),
+}
+
+impl Input {
+    fn docs(&self) -> Vec<Document> {
+        match self {
+            Self::View(view) => view.all().into_iter().map(Arc::unwrap_or_clone).collect(),
+            Self::Txn(t) => t.docs(),
+        }
+    }
 }
 
 /// A scan of a view.
@@ -98,11 +117,11 @@ impl DocCursor {
         }
     }
 
-    /// An aggregation of `view`.
-    pub(crate) fn pipeline(ns: String, view: View, stages: Vec<Stage>) -> Self {
+    /// An aggregation of `input`.
+    pub(crate) fn pipeline(ns: String, input: Input, stages: Vec<Stage>) -> Self {
         Self {
             ns,
-            source: Source::Pipeline { view, stages },
+            source: Source::Pipeline { input, stages },
             projection: None,
             ahead: None,
             read_time: None,
@@ -119,9 +138,8 @@ impl DocCursor {
         if let Some(d) = self.ahead.take() {
             return Ok(Some(d));
         }
-        if let Source::Pipeline { view, stages } = &self.source {
-            let docs = view.all().into_iter().map(|d| (*d).clone()).collect();
-            let out = crate::pipeline::run(stages, docs)?;
+        if let Source::Pipeline { input, stages } = &self.source {
+            let out = crate::pipeline::run(stages, input.docs())?;
             self.source = Source::Ready(out.into());
         }
         let raw = match &mut self.source {

@@ -280,29 +280,27 @@ fn run_locked(
             )),
         };
     };
+    let read = crud::Read::Txn(&txn);
+    let reply = |r: CmdResult| r.map(|d| Outcome::Reply(to_raw(&d)));
     let result = match name {
         "commitTransaction" => return raw(commit_transaction(state, key, txn)),
         "abortTransaction" => return raw(Ok(doc! { "ok": 1.0 })),
-        "insert" => insert(state, Some(&mut txn), db, cmd),
-        "update" => update(state, Some(&mut txn), db, cmd),
-        "delete" => delete(state, Some(&mut txn), db, cmd),
-        "findAndModify" => find_and_modify(state, Some(&mut txn), db, cmd),
-        "find" => find(state, crud::Read::Txn(&txn), db, cmd)
-            .and_then(|open| first_batch(state, open.cursor, open.batch, open.single)),
-        "aggregate" => match aggregate(state, crud::Read::Txn(&txn), db, cmd) {
-            Ok(crud::Aggregate::Done(reply)) => from_raw(&reply),
-            Ok(crud::Aggregate::Cursor(open)) => {
-                let open = *open;
-                first_batch(state, open.cursor, open.batch, open.single)
-            }
-            Err(e) => Err(e),
-        },
-        "distinct" => distinct(state, crud::Read::Txn(&txn), db, cmd).and_then(|job| job()),
-        _ => count(state, crud::Read::Txn(&txn), db, cmd).and_then(|job| job()),
+        "insert" => reply(insert(state, Some(&mut txn), db, cmd)),
+        "update" => reply(update(state, Some(&mut txn), db, cmd)),
+        "delete" => reply(delete(state, Some(&mut txn), db, cmd)),
+        "findAndModify" => reply(find_and_modify(state, Some(&mut txn), db, cmd)),
+        // Reads see the transaction's snapshot and writes, read after the lock is let go.
+        "find" => find(state, read, db, cmd).map(|open| Outcome::Cursor(Box::new(open))),
+        "aggregate" => aggregate(state, read, db, cmd).map(|a| match a {
+            crud::Aggregate::Done(r) => Outcome::Reply(Ok(r)),
+            crud::Aggregate::Cursor(open) => Outcome::Cursor(open),
+        }),
+        "distinct" => distinct(state, read, db, cmd).map(|job| Outcome::Compute(job, None)),
+        _ => count(state, read, db, cmd).map(|job| Outcome::Compute(job, None)),
     };
     // A write conflict aborts the transaction, as on the server.
     if !matches!(&result, Err(e) if e.code == code::WRITE_CONFLICT) {
         state.txns.insert(key, txn);
     }
-    raw(result)
+    result
 }
