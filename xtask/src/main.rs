@@ -50,7 +50,7 @@ commands:
   bench sim       change events per second from mongo-sim to the driver (release build)
   bench stores    save and load latency of every resume store (release build)
   bench [all]     the ten library scenarios side by side, report in target/bench/ (release build)
-  conformance [--dir DIR] [--uri URI]
+  conformance [--dir DIR] [--uri URI | --sharded]
                   MongoDB's unified change-stream spec tests against mongo-sim (or URI)";
 
 fn cargo() -> Command {
@@ -291,6 +291,8 @@ fn ci() -> Result<(), String> {
     let spec = default_spec_dir();
     if spec.is_dir() {
         conformance(&[])?;
+        // The same files against the simulator's `mongos` front.
+        conformance(&["--sharded".to_owned()])?;
     } else {
         println!(
             "\n== conformance\nNOT RUN: the spec directory {} is absent",

@@ -612,6 +612,7 @@ impl StreamCursor {
             Op::Create { .. }
             | Op::CreateIndexes { .. }
             | Op::DropIndexes { .. }
+            | Op::ShardCollection { .. }
             | Op::Modify { .. } => self.show_expanded && self.ns_in_scope(&entry.db, &entry.coll),
             _ => self.ns_in_scope(&entry.db, &entry.coll),
         };
@@ -701,7 +702,9 @@ impl StreamCursor {
             Op::DropDatabase => {
                 e.insert("ns", doc! { "db": entry.db.clone() });
             }
-            Op::Create { description } | Op::Modify { description } => {
+            Op::Create { description }
+            | Op::Modify { description }
+            | Op::ShardCollection { description } => {
                 e.insert("ns", ns);
                 e.insert("operationDescription", description.clone());
             }
@@ -826,6 +829,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::CreateIndexes { .. } => "createIndexes",
         Op::DropIndexes { .. } => "dropIndexes",
         Op::Modify { .. } => "modify",
+        Op::ShardCollection { .. } => "shardCollection",
     }
 }
 

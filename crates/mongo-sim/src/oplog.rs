@@ -72,6 +72,12 @@ pub(crate) enum Op {
         /// Their specifications.
         indexes: Vec<Document>,
     },
+    /// A collection was sharded (the sharded front): `shardKey`, `unique`,
+    /// `presplitHashedZones`.
+    ShardCollection {
+        /// What `operationDescription` shows.
+        description: Document,
+    },
     /// Collection options changed.
     Modify {
         /// The options given to `collMod`.
@@ -190,6 +196,12 @@ impl OplogEntry {
                     doc! { "dropIndexes": &self.coll, "index": name },
                     None,
                 )
+            }
+            Op::ShardCollection { description } => {
+                let mut o2 = doc! { "shardCollection": &ns };
+                o2.extend(description.clone());
+                let o = doc! { "msg": { "shardCollection": &ns } };
+                ("n", ns, o, Some(o2))
             }
             Op::Modify { description } => {
                 let mut o = doc! { "collMod": &self.coll };

@@ -1,6 +1,7 @@
-//! `cdc-conformance [--dir DIR] [--uri URI]`: runs MongoDB's unified-format change-stream
-//! tests against a fresh mongo-sim per test (or the deployment at URI), one line per test,
-//! and `N passed, N failed, N skipped` at the end. Exits non-zero if any test failed.
+//! `cdc-conformance [--dir DIR] [--uri URI | --sharded]`: runs MongoDB's unified-format
+//! change-stream tests against a fresh mongo-sim per test (`--sharded`: its `mongos`
+//! front; or the deployment at URI), one line per test, and `N passed, N failed, N
+//! skipped` at the end. Exits non-zero if any test failed.
 
 // A command-line program: printing the verdicts is its job.
 #![allow(clippy::print_stdout)]
@@ -15,11 +16,15 @@ async fn main() -> std::process::ExitCode {
     let mut target = Target::Sim;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--sharded" {
+            target = Target::ShardedSim;
+            continue;
+        }
         match (arg.as_str(), args.next()) {
             ("--dir", Some(d)) => dir = PathBuf::from(d),
             ("--uri", Some(u)) => target = Target::Uri(u),
             _ => {
-                eprintln!("usage: cdc-conformance [--dir DIR] [--uri URI]");
+                eprintln!("usage: cdc-conformance [--dir DIR] [--uri URI | --sharded]");
                 return std::process::ExitCode::from(2);
             }
         }

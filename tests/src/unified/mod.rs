@@ -54,6 +54,8 @@ pub struct TestResult {
 pub enum Target {
     /// A fresh mongo-sim per test.
     Sim,
+    /// A fresh mongo-sim per test, presenting itself as a `mongos` (`--sharded`).
+    ShardedSim,
     /// The deployment at this URI.
     Uri(String),
 }
@@ -266,10 +268,13 @@ async fn run_test(file: &Document, test: &Document, target: &Target) -> Result<V
         return Ok(Verdict::Skip((*reason).to_owned()));
     }
     let (sim, uri) = match target {
-        Target::Sim => {
-            let sim = MongoSim::start()
-                .await
-                .map_err(|e| format!("cannot start mongo-sim: {e}"))?;
+        Target::Sim | Target::ShardedSim => {
+            let sim = MongoSim::start_with(mongo_sim::SimOptions {
+                sharded: matches!(target, Target::ShardedSim),
+                ..mongo_sim::SimOptions::default()
+            })
+            .await
+            .map_err(|e| format!("cannot start mongo-sim: {e}"))?;
             let uri = sim.uri();
             (Some(sim), uri)
         }

@@ -200,8 +200,18 @@ pub(crate) fn shard_collection(state: &mut State, db: &str, cmd: &Document) -> C
                 ),
             ));
         }
-        _ => coll.shard_key = Some(key),
+        Some(_) => return Ok(doc! { "collectionsharded": ns, "ok": 1.0 }),
+        None => coll.shard_key = Some(key.clone()),
     }
+    let uuid = coll.uuid.clone();
+    state.log.append_one(crate::oplog::PendingEntry {
+        db: coll_db.to_owned(),
+        coll: name.to_owned(),
+        uuid: Some(uuid),
+        op: crate::oplog::Op::ShardCollection {
+            description: doc! { "shardKey": key, "unique": false, "presplitHashedZones": false },
+        },
+    });
     Ok(doc! { "collectionsharded": ns, "ok": 1.0 })
 }
 
