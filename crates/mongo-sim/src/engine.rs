@@ -292,10 +292,12 @@ impl Collection {
         self.sweep(horizon);
     }
 
-    /// Removes the live document with `_id` key `key`, written at `at`.
+    /// Removes the live document with `_id` key `key`, written at `at`. With no such
+    /// document the key still counts as written at `at` (a transaction that inserted and
+    /// deleted it commits a write to it, which later snapshots conflict with).
     pub(crate) fn remove(&mut self, key: &[u8], at: Ts, horizon: Ts) -> Option<Arc<Document>> {
-        let rid = self.ids.remove(key)?;
         self.written.insert(key.to_vec(), at);
+        let rid = self.ids.remove(key)?;
         let old = {
             let rows = self.rows();
             rows.chains

@@ -255,3 +255,19 @@ proptest! {
         check(&steps)?;
     }
 }
+
+/// Found by the property test: a transaction that inserted and then deleted a document
+/// committed a write to it, so a transaction whose snapshot predates that commit
+/// conflicts when it writes the document.
+#[test]
+fn a_transaction_that_inserted_and_deleted_a_document_wrote_it() {
+    let steps = [
+        Step::Begin(2),
+        Step::TxnWrite(2, 4, true),
+        Step::TxnWrite(2, 4, false),
+        Step::Begin(1),
+        Step::Commit(2),
+        Step::TxnWrite(1, 4, true),
+    ];
+    check(&steps).unwrap();
+}
