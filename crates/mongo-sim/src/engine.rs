@@ -257,7 +257,7 @@ impl Collection {
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
         let key = id_key(&id);
         if self.ids.contains_key(&key) {
-            return Err(duplicate(ns, &id));
+            return Err(duplicate_key(ns, &id));
         }
         let rid = self.next_rid;
         self.next_rid += 1;
@@ -363,8 +363,8 @@ impl Collection {
         }
     }
 
-    /// `(key, document)` of the live documents `filter_range` may hold that `keep`
-    /// accepts, in natural order; `first` stops at the first.
+    /// `(key, document)` of the live documents in the `_id` range (all without one) that
+    /// `keep` accepts, in natural order; `first` stops at the first.
     pub(crate) fn matching(
         &self,
         range: Option<(Bound<IdOrd>, Bound<IdOrd>)>,
@@ -381,16 +381,10 @@ impl Collection {
         };
         match range {
             Some((low, high)) => {
-                let low = match low {
-                    Bound::Included(l) => Bound::Included((l, 0)),
-                    Bound::Excluded(l) => Bound::Excluded((l, u64::MAX)),
-                    Bound::Unbounded => Bound::Unbounded,
-                };
-                let high = match high {
-                    Bound::Included(h) => Bound::Included((h, u64::MAX)),
-                    Bound::Excluded(h) => Bound::Excluded((h, 0)),
-                    Bound::Unbounded => Bound::Unbounded,
-                };
+                let (low, high) = index_bounds(&low, &high);
+                if !bounds_ordered(&low, &high) {
+                    return Vec::new();
+                }
                 for (_, rid) in rows.order.range((low, high)) {
                     if let Some(doc) = current(rid).filter(|d| keep(d)) {
                         out.push((*rid, doc));
@@ -424,16 +418,12 @@ impl Default for Collection {
     }
 }
 
-fn duplicate(ns: &str, id: &Bson) -> CmdError {
+/// The duplicate-key error for `_id` `id` in `ns`.
+pub(crate) fn duplicate_key(ns: &str, id: &Bson) -> CmdError {
     CmdError::new(
         code::DUPLICATE_KEY,
         format!("E11000 duplicate key error collection: {ns} index: _id_ dup key: {{ _id: {id} }}"),
     )
-}
-
-/// The duplicate-key error for `_id` `id` in `ns`.
-pub(crate) fn duplicate_key(ns: &str, id: &Bson) -> CmdError {
-    duplicate(ns, id)
 }
 
 fn random_uuid() -> Vec<u8> {
@@ -493,9 +483,9 @@ impl View {
         self.rows.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The next documents visible at the view's time from `pos` on, at most `max`
-    /// examined records per lock hold and `want` documents in all; moves `pos`. `None`
-    /// when the scan is over.
+    /// The documents visible at the view's time among the next [`CHUNK`] records from
+    /// `pos` on (one hold of the collection's lock); moves `pos`. `None` when the scan is
+    /// over.
     pub(crate) fn next_chunk(&self, pos: &mut Position) -> Option<Vec<Arc<Document>>> {
         let rows = self.rows();
         let mut out = Vec::new();
