@@ -1,6 +1,7 @@
 //! mongo-sim under concurrency, through the real driver: a long cursor reads its snapshot
 //! while another connection writes, change streams keep the oplog's order with eight
-//! writers, and the sharded front answers as a `mongos`.
+//! writers, and the sharded front answers as a `mongos`. (Transactions conflicting only
+//! on the same document: `driver.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -159,71 +160,6 @@ async fn change_streams_keep_the_oplog_order_with_eight_writer_connections() {
         n += 1;
     }
     assert!(next_of_writer.iter().all(|(i, u)| *i == per_writer && !u));
-}
-
-/// Two transactions interleaved on different documents of one collection both commit; on
-/// the same document the second to write meets a WriteConflict labelled
-/// TransientTransactionError at its write, and its transaction is over.
-#[tokio::test]
-async fn transactions_conflict_at_the_write_only_on_the_same_document() {
-    let (_sim, client) = setup_with(SimOptions::default()).await;
-    let coll = client.database("conc").collection::<Document>("txn");
-    coll.insert_many([doc! { "_id": 1, "n": 0 }, doc! { "_id": 2, "n": 0 }])
-        .await
-        .unwrap();
-    let mut a = client.start_session().await.unwrap();
-    let mut b = client.start_session().await.unwrap();
-    a.start_transaction().await.unwrap();
-    b.start_transaction().await.unwrap();
-    coll.update_one(doc! { "_id": 1 }, doc! { "$inc": { "n": 1 } })
-        .session(&mut a)
-        .await
-        .unwrap();
-    coll.update_one(doc! { "_id": 2 }, doc! { "$inc": { "n": 1 } })
-        .session(&mut b)
-        .await
-        .unwrap();
-    // Each sees its own write and not the other's.
-    let seen_by_a = coll
-        .find_one(doc! { "_id": 2 })
-        .session(&mut a)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(seen_by_a.get_i32("n").unwrap(), 0);
-    a.commit_transaction().await.unwrap();
-    b.commit_transaction().await.unwrap();
-    let all: Vec<Document> = coll
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    assert_eq!(
-        all,
-        vec![doc! { "_id": 1, "n": 1 }, doc! { "_id": 2, "n": 1 }]
-    );
-
-    // The same document: the write of a transaction whose snapshot predates another
-    // committed write to it conflicts at once.
-    a.start_transaction().await.unwrap();
-    coll.find_one(doc! { "_id": 1 })
-        .session(&mut a)
-        .await
-        .unwrap();
-    coll.update_one(doc! { "_id": 1 }, doc! { "$inc": { "n": 10 } })
-        .await
-        .unwrap();
-    let err = coll
-        .update_one(doc! { "_id": 1 }, doc! { "$inc": { "n": 1 } })
-        .session(&mut a)
-        .await
-        .unwrap_err();
-    assert_eq!(code_of(&err), 112, "{err}");
-    assert!(err.contains_label("TransientTransactionError"), "{err}");
-    let after = coll.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
-    assert_eq!(after.get_i32("n").unwrap(), 11);
 }
 
 /// `--sharded`: `hello` says `isdbgrid`, `splitVector` and `replSetGetStatus` are

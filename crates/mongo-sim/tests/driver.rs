@@ -1077,7 +1077,8 @@ async fn the_oplog_is_bounded_by_bytes_too() {
 /// interleaved transactions on different documents of one collection both commit; two on
 /// the same document: the second is a WriteConflict labelled TransientTransactionError,
 /// and nothing of it is applied; a non-transactional write to a document a transaction
-/// wrote conflicts too.
+/// wrote conflicts too; a write to a document changed after the transaction's snapshot
+/// conflicts at that write.
 #[tokio::test]
 async fn transactions_conflict_only_on_the_same_document() {
     let (sim, client) = setup().await;
@@ -1101,6 +1102,13 @@ async fn transactions_conflict_only_on_the_same_document() {
         .session(&mut b)
         .await
         .unwrap();
+    // Each reads its snapshot with its own writes, not the other's.
+    let seen_by_a = coll
+        .find_one(doc! { "_id": 2 })
+        .session(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(seen_by_a, Some(doc! { "_id": 2, "v": 0 }));
     a.commit_transaction().await.unwrap();
     b.commit_transaction().await.unwrap();
     let all: Vec<Document> = coll
@@ -1160,5 +1168,25 @@ async fn transactions_conflict_only_on_the_same_document() {
         coll.find_one(doc! { "_id": 3 }).await.unwrap().unwrap(),
         doc! { "_id": 3, "v": 31 }
     );
+
+    // A write committed after a transaction's snapshot: the transaction's write to that
+    // document conflicts at once (not only at commit), and the transaction is over.
+    a.start_transaction().await.unwrap();
+    coll.find_one(doc! { "_id": 3 })
+        .session(&mut a)
+        .await
+        .unwrap();
+    coll.update_one(doc! { "_id": 3 }, doc! { "$set": { "v": 32 } })
+        .await
+        .unwrap();
+    let err = coll
+        .update_one(doc! { "_id": 3 }, doc! { "$set": { "v": 33 } })
+        .session(&mut a)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(112), "{err}");
+    assert!(err.contains_label("TransientTransactionError"), "{err}");
+    let err = a.commit_transaction().await.unwrap_err();
+    assert_eq!(code(&err), Some(251), "the transaction is over: {err}");
     sim.shutdown().await;
 }

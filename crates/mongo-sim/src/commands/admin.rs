@@ -36,6 +36,20 @@ pub(crate) fn hello(state: &State, ctx: &Ctx<'_>, legacy: bool) -> Document {
         reply.insert("electionId", ObjectId::from_bytes(election));
     }
     reply.insert("me", info.host.clone());
+    hello_limits(&mut reply, connection_id);
+    let op_time = doc! { "ts": state.log.last_ts, "t": i64::from(term) };
+    let date = bson::DateTime::from_millis(i64::from(state.log.last_ts.time) * 1000);
+    reply.insert(
+        "lastWrite",
+        doc! { "opTime": op_time.clone(), "lastWriteDate": date, "majorityOpTime": op_time, "majorityWriteDate": date },
+    );
+    reply.insert("ok", 1.0);
+    reply
+}
+
+/// The limits and versions every `hello` reply carries (a replica set member's and a
+/// `mongos`'s alike).
+pub(crate) fn hello_limits(reply: &mut Document, connection_id: i64) {
     reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE as i32);
     reply.insert("maxMessageSizeBytes", MAX_MESSAGE_SIZE as i32);
     reply.insert("maxWriteBatchSize", 100_000);
@@ -45,14 +59,6 @@ pub(crate) fn hello(state: &State, ctx: &Ctx<'_>, legacy: bool) -> Document {
     reply.insert("minWireVersion", 0);
     reply.insert("maxWireVersion", 21);
     reply.insert("readOnly", false);
-    let op_time = doc! { "ts": state.log.last_ts, "t": i64::from(term) };
-    let date = bson::DateTime::from_millis(i64::from(state.log.last_ts.time) * 1000);
-    reply.insert(
-        "lastWrite",
-        doc! { "opTime": op_time.clone(), "lastWriteDate": date, "majorityOpTime": op_time, "majorityWriteDate": date },
-    );
-    reply.insert("ok", 1.0);
-    reply
 }
 
 /// `buildInfo`.

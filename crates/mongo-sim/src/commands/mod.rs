@@ -184,7 +184,7 @@ fn run_locked(
     sharding::refuse_unknown(state.sharded, name)?;
     match name {
         "hello" | "isMaster" | "ismaster" if state.sharded => {
-            return raw(Ok(sharding::hello_mongos(state, ctx, name != "hello")));
+            return raw(Ok(sharding::hello_mongos(ctx, name != "hello")));
         }
         "hello" => return raw(Ok(hello(state, ctx, false))),
         "isMaster" | "ismaster" => return raw(Ok(hello(state, ctx, true))),

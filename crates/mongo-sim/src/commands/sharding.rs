@@ -51,7 +51,7 @@ pub(crate) fn refuse_unknown(sharded: bool, name: &str) -> CmdResult<()> {
 }
 
 /// `hello` as a `mongos` answers it: `msg: "isdbgrid"`, no replica set fields.
-pub(crate) fn hello_mongos(state: &State, ctx: &Ctx<'_>, legacy: bool) -> Document {
+pub(crate) fn hello_mongos(ctx: &Ctx<'_>, legacy: bool) -> Document {
     let mut reply = Document::new();
     reply.insert(
         if legacy {
@@ -67,22 +67,7 @@ pub(crate) fn hello_mongos(state: &State, ctx: &Ctx<'_>, legacy: bool) -> Docume
         "topologyVersion",
         doc! { "processId": bson::oid::ObjectId::from_bytes([0; 12]), "counter": 0_i64 },
     );
-    reply.insert(
-        "maxBsonObjectSize",
-        i32::try_from(crate::wire::MAX_BSON_OBJECT_SIZE).unwrap_or(i32::MAX),
-    );
-    reply.insert(
-        "maxMessageSizeBytes",
-        i32::try_from(crate::wire::MAX_MESSAGE_SIZE).unwrap_or(i32::MAX),
-    );
-    reply.insert("maxWriteBatchSize", 100_000);
-    reply.insert("localTime", bson::DateTime::now());
-    reply.insert("logicalSessionTimeoutMinutes", 30);
-    reply.insert("connectionId", ctx.conn_id);
-    reply.insert("minWireVersion", 0);
-    reply.insert("maxWireVersion", 21);
-    reply.insert("readOnly", false);
-    let _ = state;
+    hello_limits(&mut reply, ctx.conn_id);
     reply.insert("ok", 1.0);
     reply
 }
