@@ -87,6 +87,10 @@ fn median_and_spread(mut xs: Vec<f64>) -> (f64, f64, f64) {
 async fn sim(args: &[String]) -> Result<(), BoxError> {
     let events = flag(args, "--events", 200_000)?;
     let rounds = flag(args, "--rounds", 5)?;
+    // The simulator under concurrency first, in a fresh process heap.
+    let scan_docs = flag(args, "--scan-docs", 1_000_000)?;
+    let write_ops = flag(args, "--write-ops", 20_000)?;
+    sim_writes(scan_docs, write_ops).await?;
     let sim = MongoSim::start_with(SimOptions {
         oplog_capacity: events * 2 + 10,
         ..SimOptions::default()
@@ -139,9 +143,7 @@ async fn sim(args: &[String]) -> Result<(), BoxError> {
         "\nmongo-sim → driver, one stream, {events} events of ~400 B, {rounds} rounds:\n  median {median:.0} events/s (min {min:.0}, max {max:.0})"
     );
     sim.shutdown().await;
-    let scan_docs = flag(args, "--scan-docs", 1_000_000)?;
-    let write_ops = flag(args, "--write-ops", 20_000)?;
-    sim_writes(scan_docs, write_ops).await
+    Ok(())
 }
 
 /// Single-document writes (an insert, then an update of it), acknowledged, from `conns`
