@@ -407,11 +407,7 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
         let result = match outcome {
             Outcome::Reply(r) => r,
             // A read's scan, copy and encoding run here, with no lock held.
-            later => {
-                let (reply, rest) = later.finish();
-                let id = rest.map(|c| shared.lock().add_cursor(Cursor::Docs(Box::new(c))));
-                reply.and_then(|r| to_raw(&commands::reply_with_id(r, id)))
-            }
+            later => later.finish(|c| shared.lock().add_cursor(Cursor::Docs(Box::new(c)))),
         };
         (result, Some(time))
     };

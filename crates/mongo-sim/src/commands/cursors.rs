@@ -6,7 +6,7 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use bson::{Bson, Document, RawDocumentBuf, Timestamp, doc};
+use bson::{Bson, Document, RawArrayBuf, RawDocumentBuf, Timestamp, cstr, doc};
 
 use crate::{
     changestream::to_raw,
@@ -70,7 +70,7 @@ pub(crate) struct DocCursor {
     source: Source,
     projection: Option<Projection>,
     /// The next result, read ahead so a batch knows whether it is the last.
-    ahead: Option<Document>,
+    ahead: Option<RawDocumentBuf>,
     /// Set by a snapshot read: the time it reads at, reported with the first batch.
     pub(crate) read_time: Option<Timestamp>,
 }
@@ -134,7 +134,9 @@ impl DocCursor {
         self
     }
 
-    fn pull(&mut self) -> CmdResult<Option<Document>> {
+    /// The next result, encoded: a stored document is encoded from the view's copy
+    /// (no clone), a projected or computed one from its own.
+    fn pull(&mut self) -> CmdResult<Option<RawDocumentBuf>> {
         if let Some(d) = self.ahead.take() {
             return Ok(Some(d));
         }
@@ -143,7 +145,7 @@ impl DocCursor {
             self.source = Source::Ready(out.into());
         }
         let raw = match &mut self.source {
-            Source::Ready(docs) => docs.pop_front(),
+            Source::Ready(docs) => docs.pop_front().map(Arc::new),
             Source::Pipeline { .. } => None,
             Source::Scan(scan) => loop {
                 let Scan {
@@ -165,7 +167,7 @@ impl DocCursor {
                             continue;
                         }
                         *left -= 1;
-                        break Some(Arc::unwrap_or_clone(d));
+                        break Some(d);
                     }
                     Some(_) => {}
                     None if *done => break None,
@@ -177,21 +179,22 @@ impl DocCursor {
             },
         };
         match (raw, &self.projection) {
-            (Some(d), Some(p)) => p.apply(&d).map(Some),
-            (d, _) => Ok(d),
+            (Some(d), Some(p)) => to_raw(&p.apply(&d)?).map(Some),
+            (Some(d), None) => to_raw(&d).map(Some),
+            (None, _) => Ok(None),
         }
     }
 
-    /// The next batch of at most `max` documents (and at most 16 MiB), and whether the
-    /// cursor is exhausted after it.
-    pub(crate) fn next_batch(&mut self, max: usize) -> CmdResult<(Vec<Document>, bool)> {
+    /// The next batch of at most `max` documents (and at most 16 MiB), encoded, and
+    /// whether the cursor is exhausted after it.
+    pub(crate) fn next_batch(&mut self, max: usize) -> CmdResult<(Vec<RawDocumentBuf>, bool)> {
         let mut out = Vec::new();
         let mut bytes = 0;
         while out.len() < max {
             let Some(d) = self.pull()? else {
                 return Ok((out, true));
             };
-            let len = d.to_vec().map_or(0, |v| v.len());
+            let len = d.as_bytes().len();
             if !out.is_empty() && bytes + len > BATCH_BYTES {
                 self.ahead = Some(d);
                 return Ok((out, false));
@@ -204,7 +207,38 @@ impl DocCursor {
     }
 }
 
-/// A reply with a first batch, leaving a cursor open for the rest (computed results).
+/// `{ cursor: { firstBatch | nextBatch: [...], id, ns, atClusterTime? }, ok: 1 }` built
+/// from encoded documents.
+fn batch_reply(
+    first: bool,
+    docs: Vec<RawDocumentBuf>,
+    id: i64,
+    ns: &str,
+    read_time: Option<Timestamp>,
+) -> RawDocumentBuf {
+    let mut batch = RawArrayBuf::new();
+    for d in docs {
+        batch.push(d);
+    }
+    let mut cursor = RawDocumentBuf::new();
+    if first {
+        cursor.append(cstr!("firstBatch"), batch);
+    } else {
+        cursor.append(cstr!("nextBatch"), batch);
+    }
+    cursor.append(cstr!("id"), id);
+    cursor.append(cstr!("ns"), ns);
+    if let Some(at) = read_time {
+        cursor.append(cstr!("atClusterTime"), at);
+    }
+    let mut reply = RawDocumentBuf::new();
+    reply.append(cstr!("cursor"), cursor);
+    reply.append(cstr!("ok"), 1.0);
+    reply
+}
+
+/// A reply with a first batch, leaving a cursor open for the rest (computed results:
+/// listings).
 pub(crate) fn cursor_reply(
     state: &mut State,
     ns: String,
@@ -212,26 +246,13 @@ pub(crate) fn cursor_reply(
     batch: usize,
     single: bool,
 ) -> CmdResult {
-    first_batch(state, DocCursor::ready(ns, docs), batch, single)
-}
-
-/// The first batch of `cursor` as a reply, registering it when more remains.
-pub(crate) fn first_batch(
-    state: &mut State,
-    cursor: DocCursor,
-    batch: usize,
-    single: bool,
-) -> CmdResult {
-    let mut open = OpenCursor {
-        cursor,
+    let open = OpenCursor {
+        cursor: DocCursor::ready(ns, docs),
         batch,
         single,
     };
-    let (reply, rest) = open.read()?;
-    Ok(reply_with_id(
-        reply,
-        rest.map(|c| state.add_cursor(Cursor::Docs(Box::new(c)))),
-    ))
+    let reply = open.read(|c| state.add_cursor(Cursor::Docs(Box::new(c))))?;
+    super::from_raw(&reply)
 }
 
 /// A cursor whose first batch is still to be read (with no lock held).
@@ -246,30 +267,21 @@ pub(crate) struct OpenCursor {
 }
 
 impl OpenCursor {
-    /// Reads the first batch: the reply (with a cursor id to set) and the cursor to
-    /// register if more remains.
-    pub(crate) fn read(&mut self) -> CmdResult<(Document, Option<DocCursor>)> {
+    /// Reads the first batch and answers it; `register` keeps the cursor for the rest (if
+    /// any remains) and gives its id.
+    pub(crate) fn read(
+        mut self,
+        register: impl FnOnce(DocCursor) -> i64,
+    ) -> CmdResult<RawDocumentBuf> {
         let (docs, done) = self.cursor.next_batch(self.batch)?;
-        let mut cursor = doc! { "firstBatch": docs, "id": 0_i64, "ns": self.cursor.ns.clone() };
-        if let Some(at) = self.cursor.read_time {
-            cursor.insert("atClusterTime", at);
-        }
-        let rest = (!done && !self.single).then(|| {
-            std::mem::replace(
-                &mut self.cursor,
-                DocCursor::ready(String::new(), Vec::new()),
-            )
-        });
-        Ok((doc! { "cursor": cursor, "ok": 1.0 }, rest))
+        let (ns, read_time) = (self.cursor.ns.clone(), self.cursor.read_time);
+        let id = if done || self.single {
+            0
+        } else {
+            register(self.cursor)
+        };
+        Ok(batch_reply(true, docs, id, &ns, read_time))
     }
-}
-
-/// Sets the cursor id of a first-batch reply.
-pub(crate) fn reply_with_id(mut reply: Document, id: Option<i64>) -> Document {
-    if let (Some(id), Ok(cursor)) = (id, reply.get_document_mut("cursor")) {
-        cursor.insert("id", id);
-    }
-    reply
 }
 
 /// `getMore` on a plain cursor checked out of the registry: the next batch, and the
@@ -283,11 +295,8 @@ pub(crate) fn get_more_docs(
         Ok(b) => b,
         Err(e) => return (Err(e), None),
     };
-    let reply = doc! {
-        "cursor": { "nextBatch": next, "id": if done { 0 } else { id }, "ns": cursor.ns.clone() },
-        "ok": 1.0,
-    };
-    (to_raw(&reply), (!done).then_some(cursor))
+    let reply = batch_reply(false, next, if done { 0 } else { id }, &cursor.ns, None);
+    (Ok(reply), (!done).then_some(cursor))
 }
 
 /// `killCursors`.

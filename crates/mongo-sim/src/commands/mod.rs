@@ -136,24 +136,22 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    /// Finishes a read with no lock held: the reply, and the cursor to register for the
-    /// rest of its results (whose id the reply is then to carry, [`reply_with_id`]).
-    pub(crate) fn finish(self) -> (CmdResult<Document>, Option<DocCursor>) {
+    /// Finishes a read with no lock held; `register` keeps a cursor with more results
+    /// and gives its id.
+    pub(crate) fn finish(
+        self,
+        register: impl FnOnce(DocCursor) -> i64,
+    ) -> CmdResult<RawDocumentBuf> {
         match self {
-            Self::Reply(r) => (r.and_then(|raw| from_raw(&raw)), None),
-            Self::Cursor(mut open) => match open.read() {
-                Ok((reply, rest)) => (Ok(reply), rest),
-                Err(e) => (Err(e), None),
-            },
-            Self::Compute(job, at) => (
-                job().map(|mut d| {
-                    if let Some(at) = at {
-                        d.insert("atClusterTime", at);
-                    }
-                    d
-                }),
-                None,
-            ),
+            Self::Reply(r) => r,
+            Self::Cursor(open) => open.read(register),
+            Self::Compute(job, at) => {
+                let mut reply = job()?;
+                if let Some(at) = at {
+                    reply.insert("atClusterTime", at);
+                }
+                to_raw(&reply)
+            }
         }
     }
 }
