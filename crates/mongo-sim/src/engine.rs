@@ -565,18 +565,42 @@ impl View {
             .find_map(|c| visible(c, self.at).cloned())
     }
 
-    /// The `_id`s in `range` at the view's time, in order, read chunk by chunk.
-    pub(crate) fn ids_in(&self, low: Bound<IdOrd>, high: Bound<IdOrd>) -> Vec<Bson> {
-        let mut pos = Position::ids(low, high, true);
-        let mut out = Vec::new();
-        while let Some(chunk) = self.next_chunk(&mut pos) {
-            out.extend(
-                chunk
-                    .iter()
-                    .map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)),
-            );
+    /// Walks the `_id`s in `(low, high)` visible at the view's time, in order, straight
+    /// off the index (no document is touched), [`CHUNK`] entries per hold of the lock;
+    /// `each` says whether to go on.
+    pub(crate) fn walk_ids(
+        &self,
+        low: &Bound<IdOrd>,
+        high: &Bound<IdOrd>,
+        mut each: impl FnMut(&Bson) -> bool,
+    ) {
+        let (lo, hi) = index_bounds(low, high);
+        let mut after: Option<(IdOrd, u64)> = None;
+        loop {
+            let rows = self.rows();
+            let lo = match after.take() {
+                Some(a) => Bound::Excluded(a),
+                None => lo.clone(),
+            };
+            if !bounds_ordered(&lo, &hi) {
+                return;
+            }
+            let mut last = None;
+            for entry in rows.order.range((lo, hi.clone())).take(CHUNK) {
+                last = Some(entry);
+                let visible = rows
+                    .chains
+                    .get(&entry.1)
+                    .is_some_and(|c| visible(c, self.at).is_some());
+                if visible && !each(&entry.0.0) {
+                    return;
+                }
+            }
+            match last {
+                Some(entry) => after = Some(entry.clone()),
+                None => return,
+            }
         }
-        out
     }
 }
 

@@ -618,12 +618,25 @@ fn split_points(
     max_objects: Option<i64>,
     max_points: Option<i64>,
 ) -> CmdResult {
-    let keys = view.ids_in(range.0, range.1);
+    let (low, high) = range;
     let mut split_keys: Vec<Bson> = Vec::new();
     if force {
-        // One split point, at the middle of the range.
-        if keys.len() > 1 {
-            split_keys.push(Bson::Document(doc! { "_id": keys[keys.len() / 2].clone() }));
+        // One split point, at the middle of the range: count the keys, then walk to it.
+        let mut n = 0_usize;
+        view.walk_ids(&low, &high, |_| {
+            n += 1;
+            true
+        });
+        if n > 1 {
+            let mut i = 0;
+            view.walk_ids(&low, &high, |id| {
+                if i == n / 2 {
+                    split_keys.push(Bson::Document(doc! { "_id": id.clone() }));
+                    return false;
+                }
+                i += 1;
+                true
+            });
         }
         return Ok(doc! { "splitKeys": split_keys, "ok": 1.0 });
     }
@@ -639,15 +652,16 @@ fn split_points(
         per_chunk = objects;
     }
     let mut in_chunk = 0_i64;
-    for key in keys {
+    view.walk_ids(&low, &high, |key| {
         if in_chunk > per_chunk {
-            split_keys.push(Bson::Document(doc! { "_id": key }));
+            split_keys.push(Bson::Document(doc! { "_id": key.clone() }));
             in_chunk = 0;
             if max_points.is_some_and(|m| count(split_keys.len()) >= m) {
-                break;
+                return false;
             }
         }
         in_chunk += 1;
-    }
+        true
+    });
     Ok(doc! { "splitKeys": split_keys, "ok": 1.0 })
 }
