@@ -189,7 +189,12 @@ impl Meter {
 /// User plus system CPU time of this process (all threads), from `/proc/self/stat`; the
 /// simulator runs in a process of its own, so this is the consumer's alone.
 fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_of("self")
+}
+
+/// User plus system CPU time of process `pid` (`"self"`: this one).
+fn cpu_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
@@ -522,8 +527,9 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
         .ok_or("no VmHWM")?;
     println!(
-        "peak_rss_kib {hwm} elapsed_s {elapsed:.2} largest_event_bytes {}",
-        count.largest.load(Ordering::Relaxed)
+        "peak_rss_kib {hwm} elapsed_s {elapsed:.2} largest_event_bytes {} cpu_s {:.2}",
+        count.largest.load(Ordering::Relaxed),
+        process_cpu().map_or(f64::NAN, |c| c.as_secs_f64())
     );
     Ok(())
 }
@@ -718,6 +724,7 @@ async fn snapshot_rates(
     uri: &str,
     client: &Client,
     docs: u64,
+    sim_pid: Option<u32>,
 ) -> Result<(f64, Vec<(usize, f64, f64)>), BoxError> {
     use futures_util::TryStreamExt;
     let coll_name = "snapshot";
@@ -748,7 +755,9 @@ async fn snapshot_rates(
     let raw = seen as f64 / t0.elapsed().as_secs_f64();
     let token = crate::hex(head_point(&coll).await?.token.as_bytes());
     let mut rates = Vec::new();
+    let sim_cpu = || sim_pid.and_then(|pid| cpu_of(&pid.to_string()));
     for readers in [1_usize, 4] {
+        let sim_before = sim_cpu();
         let words = consumer_child(
             &[
                 "--uri",
@@ -766,6 +775,17 @@ async fn snapshot_rates(
         )
         .await?;
         let elapsed: f64 = words.get(3).ok_or("no elapsed")?.parse()?;
+        // Where the CPU went: the consumer's whole run and the simulator's meanwhile.
+        let consumer_cpu: f64 = words.get(7).map_or(Ok(f64::NAN), |w| w.parse())?;
+        let sim_spent = match (sim_before, sim_cpu()) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64(),
+            _ => f64::NAN,
+        };
+        println!(
+            "snapshot, {readers} reader(s): {elapsed:.2} s; CPU per document: consumer {:.2} µs, simulator {:.2} µs",
+            consumer_cpu * 1e6 / docs as f64,
+            sim_spent * 1e6 / docs as f64
+        );
         rates.push((readers, docs as f64 / elapsed, peak_mib(&words)?));
     }
     coll.drop().await?;
@@ -1194,7 +1214,7 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000_u64);
-        let (raw, rates) = snapshot_rates(&uri, &client, docs).await?;
+        let (raw, rates) = snapshot_rates(&uri, &client, docs, server.id()).await?;
         rows.push(row(
             "13a",
             format!("raw find scan of {docs} documents, batches of 1000"),
