@@ -170,6 +170,13 @@ impl MongoSim {
         self.shared.kill.send_modify(|n| *n += 1);
     }
 
+    /// How long the server's state lock has been held in all since it started (every
+    /// command's decisions, a write's own step, a read's taking of its view): with the
+    /// wall time of a run it tells how much of the run was serialized.
+    pub fn lock_held(&self) -> std::time::Duration {
+        self.shared.lock_held()
+    }
+
     /// Shrinks (or grows) the oplog; shrinking drops the oldest entries at once, so
     /// streams and tokens behind them fail with ChangeStreamHistoryLost (286).
     pub fn set_oplog_capacity(&self, capacity: usize) {

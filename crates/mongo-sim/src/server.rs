@@ -50,6 +50,35 @@ pub(crate) struct Shared {
     pub(crate) total_connections: AtomicU64,
     /// When the server started (for `uptime`).
     pub(crate) started: std::time::Instant,
+    /// Nanoseconds the state lock has been held.
+    lock_held_ns: AtomicU64,
+}
+
+/// The locked state; counts how long it was held when dropped.
+pub(crate) struct StateGuard<'a> {
+    guard: MutexGuard<'a, State>,
+    since: std::time::Instant,
+    held: &'a AtomicU64,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let ns = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.held.fetch_add(ns, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -70,6 +99,7 @@ impl Shared {
             max_connections,
             total_connections: AtomicU64::new(0),
             started: std::time::Instant::now(),
+            lock_held_ns: AtomicU64::new(0),
             state: Mutex::new(State::new(oplog_capacity)),
             head: watch::Sender::new(1),
             info,
@@ -81,9 +111,19 @@ impl Shared {
     }
 
     /// Locks the state. A panic elsewhere cannot leave it half-written (commands mutate it
-    /// only after validating), so a poisoned lock is taken over.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    /// only after validating), so a poisoned lock is taken over. How long it is held is
+    /// counted ([`Shared::lock_held`]).
+    pub(crate) fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            guard: self.state.lock().unwrap_or_else(PoisonError::into_inner),
+            since: std::time::Instant::now(),
+            held: &self.lock_held_ns,
+        }
+    }
+
+    /// How long the state lock has been held in all, since the server started.
+    pub(crate) fn lock_held(&self) -> Duration {
+        Duration::from_nanos(self.lock_held_ns.load(Ordering::Relaxed))
     }
 
     /// Connections open now.
@@ -346,7 +386,17 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
             Err(_) => format!("{db}.$cmd"),
         },
     };
-    // One hold of the lock for the fail points and the operation's `currentOp` entry.
+    // One hold of the lock for the fail points and the operation's `currentOp` entry
+    // (summarised before it is taken).
+    let op = status::Op {
+        connection_id: conn.id,
+        client: conn.peer.clone(),
+        app_name: conn.app_name.clone(),
+        name: name.clone(),
+        ns,
+        command: status::summarise(&cmd),
+        started: std::time::Instant::now(),
+    };
     let (firing, opid) = {
         let mut state = shared.lock();
         let firing = if name == "configureFailPoint" {
@@ -355,15 +405,7 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
             state.faults.check(&name, conn.app_name.as_deref())
         };
         state.activity.counters.count(&name, &cmd);
-        let opid = state.activity.begin(status::Op {
-            connection_id: conn.id,
-            client: conn.peer.clone(),
-            app_name: conn.app_name.clone(),
-            name: name.clone(),
-            ns,
-            command: status::summarise(&cmd),
-            started: std::time::Instant::now(),
-        });
+        let opid = state.activity.begin(op);
         (firing, opid)
     };
     let _op = OpGuard { shared, opid };

@@ -189,10 +189,16 @@ async fn sim_writes(scan_docs: usize, write_ops: usize) -> Result<(), BoxError> 
     // Warm-up: connections opened, code paths paged in.
     write_rate(&client, "warm", 8, 2_000).await?;
     let one = write_rate(&client, "w1", 1, write_ops).await?;
+    let (held, t0) = (sim.lock_held(), Instant::now());
     let eight = write_rate(&client, "w8", 8, write_ops).await?;
+    let serialized = (sim.lock_held() - held).as_secs_f64() / t0.elapsed().as_secs_f64();
     println!("\nsim writes, 1 connection: {one:.0}/s");
     println!("sim writes, 8 connections: {eight:.0}/s");
     println!("sim writes 8 ÷ 1 connections: {:.2}x", eight / one);
+    println!(
+        "server lock held during the 8-connection writes: {:.0}% of the time",
+        serialized * 100.0
+    );
 
     // A large collection, read whole by one cursor while one connection writes into it.
     let big: Collection<Document> = client.database("bench").collection("scan");
