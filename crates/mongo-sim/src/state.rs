@@ -36,8 +36,9 @@ pub(crate) struct Txn {
     pub(crate) lsid: Document,
     /// The time it reads at.
     pub(crate) read_at: Ts,
-    /// Keeps the versions at `read_at` while it runs.
-    pub(crate) _pin: Pin,
+    /// Keeps the versions at `read_at` while it runs (let go at commit: a committed
+    /// transaction is kept only to answer a repeated commit).
+    pub(crate) pin: Option<Pin>,
     /// What it did to each collection it touched.
     pub(crate) colls: BTreeMap<(String, String), TxnColl>,
     /// Counts its writes, to replay them in order.

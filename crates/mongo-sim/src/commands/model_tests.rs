@@ -270,3 +270,40 @@ fn a_transaction_that_inserted_and_deleted_a_document_wrote_it() {
     ];
     check(&steps).unwrap();
 }
+
+/// A committed transaction is kept for a repeated commit, but no longer holds its
+/// snapshot: the history horizon can pass it (an idle session would otherwise keep every
+/// later version in memory).
+#[test]
+fn a_committed_transaction_keeps_no_snapshot_pinned() {
+    let mut sim = Sim {
+        state: State::new(1_000),
+        info: ServerInfo {
+            host: "localhost:1".to_owned(),
+            set_name: "rs0".to_owned(),
+        },
+        counter: 0,
+        txn_numbers: [0; 3],
+    };
+    sim.run("create", doc! { "create": "t" }).unwrap();
+    let txn = |extra: Document| {
+        let mut cmd = doc! { "lsid": Sim::session(0), "txnNumber": 1_i64, "autocommit": false };
+        cmd.extend(extra);
+        cmd
+    };
+    sim.run(
+        "insert",
+        txn(doc! { "insert": "t", "documents": [{ "_id": 1 }], "startTransaction": true }),
+    )
+    .unwrap();
+    assert!(
+        sim.state.history.pins.oldest().is_some(),
+        "a running transaction pins"
+    );
+    sim.run("commitTransaction", txn(doc! { "commitTransaction": 1 }))
+        .unwrap();
+    assert_eq!(sim.state.history.pins.oldest(), None);
+    // The repeated commit still succeeds.
+    sim.run("commitTransaction", txn(doc! { "commitTransaction": 1 }))
+        .unwrap();
+}

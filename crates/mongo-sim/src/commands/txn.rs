@@ -28,7 +28,7 @@ pub(crate) fn enter_txn(state: &mut State, cmd: &Document) -> CmdResult<Option<(
             txn_number,
             lsid: lsid.clone(),
             read_at,
-            _pin: state.history.pins.pin(read_at),
+            pin: Some(state.history.pins.pin(read_at)),
             colls: Default::default(),
             writes: 0,
             entries: Vec::new(),
@@ -118,6 +118,7 @@ pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) 
         .log
         .append_txn(entries, (txn.lsid.clone(), txn.txn_number), commit_ts);
     txn.committed = true;
+    txn.pin = None;
     state.txns.insert(key, txn);
     Ok(doc! { "ok": 1.0 })
 }
