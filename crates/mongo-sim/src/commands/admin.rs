@@ -15,14 +15,7 @@ pub(crate) fn hello(state: &State, ctx: &Ctx<'_>, legacy: bool) -> Document {
     let (info, connection_id, term) = (ctx.info, ctx.conn_id, ctx.term);
     let primary = !state.faults.stepped_down;
     let mut reply = Document::new();
-    reply.insert(
-        if legacy {
-            "ismaster"
-        } else {
-            "isWritablePrimary"
-        },
-        primary,
-    );
+    reply.insert(writable_field(legacy), primary);
     reply.insert("secondary", !primary);
     reply.insert("helloOk", true);
     reply.insert("setName", info.set_name.clone());
@@ -45,6 +38,16 @@ pub(crate) fn hello(state: &State, ctx: &Ctx<'_>, legacy: bool) -> Document {
     );
     reply.insert("ok", 1.0);
     reply
+}
+
+/// The field saying whether the server takes writes: `ismaster` in the legacy reply,
+/// `isWritablePrimary` in `hello`'s.
+pub(crate) fn writable_field(legacy: bool) -> &'static str {
+    if legacy {
+        "ismaster"
+    } else {
+        "isWritablePrimary"
+    }
 }
 
 /// The limits and versions every `hello` reply carries (a replica set member's and a

@@ -54,23 +54,21 @@ pub(crate) enum Read<'t> {
 pub(crate) type Job = Box<dyn FnOnce() -> CmdResult + Send>;
 
 pub(crate) fn read_coll(state: &State, read: Read<'_>, db: &str, name: &str) -> Option<ReadSource> {
-    let at = match read {
-        Read::At(at) => at,
-        Read::Txn(txn) => txn.read_at,
-    };
-    if let Read::Txn(txn) = read {
-        if let Some(side) = txn.colls.get(&(db.to_owned(), name.to_owned())) {
-            return Some(ReadSource::Txn(side.read()));
+    let txn = match read {
+        Read::At(at) => {
+            let c = state.dbs.get(db).and_then(|d| d.get(name))?;
+            return Some(ReadSource::View(state.history.view(c, at)));
         }
-        let c = state.dbs.get(db).and_then(|d| d.get(name))?;
-        return Some(ReadSource::Txn(TxnRead {
-            base: Some(state.history.view(c, txn.read_at)),
-            writes: Default::default(),
-        }));
+        Read::Txn(txn) => txn,
+    };
+    if let Some(side) = txn.colls.get(&(db.to_owned(), name.to_owned())) {
+        return Some(ReadSource::Txn(side.read()));
     }
-    let _ = at;
     let c = state.dbs.get(db).and_then(|d| d.get(name))?;
-    Some(ReadSource::View(state.history.view(c, at)))
+    Some(ReadSource::Txn(TxnRead {
+        base: Some(state.history.view(c, txn.read_at)),
+        writes: Default::default(),
+    }))
 }
 
 fn with_id_first(doc: Document) -> Document {
@@ -104,8 +102,6 @@ pub(crate) fn insert(
         return Err(CmdError::type_mismatch("documents", "array"));
     };
     let ordered = cmd.get("ordered").and_then(Bson::as_bool).unwrap_or(true);
-    let ns = format!("{db}.{name}");
-    let _ = ns;
     let mut w = Writer::new(state, txn);
     let mut n = 0;
     let mut write_errors = Vec::new();

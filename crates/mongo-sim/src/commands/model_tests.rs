@@ -53,6 +53,23 @@ struct Sim {
 }
 
 impl Sim {
+    /// A fresh server with an empty collection `t` (created first: a transaction creating
+    /// it would conflict with its creation elsewhere, a catalog matter the model leaves
+    /// out).
+    fn new(oplog_capacity: usize) -> Self {
+        let mut sim = Self {
+            state: State::new(oplog_capacity),
+            info: ServerInfo {
+                host: "localhost:1".to_owned(),
+                set_name: "rs0".to_owned(),
+            },
+            counter: 0,
+            txn_numbers: [0; 3],
+        };
+        sim.run("create", doc! { "create": "t" }).unwrap();
+        sim
+    }
+
     fn run(&mut self, name: &str, cmd: Document) -> CmdResult<Document> {
         let ctx = Ctx {
             info: &self.info,
@@ -126,18 +143,7 @@ fn docs_of(reply: &Document) -> BTreeMap<i32, i64> {
 }
 
 fn check(steps: &[Step]) -> Result<(), TestCaseError> {
-    let mut sim = Sim {
-        state: State::new(100_000),
-        info: ServerInfo {
-            host: "localhost:1".to_owned(),
-            set_name: "rs0".to_owned(),
-        },
-        counter: 0,
-        txn_numbers: [0; 3],
-    };
-    // The collection exists first: a transaction creating it conflicts with its creation
-    // elsewhere, a catalog matter the model leaves out.
-    sim.run("create", doc! { "create": "t" }).unwrap();
+    let mut sim = Sim::new(100_000);
     // The model: committed states with their times, when each key was last written.
     let mut states: Vec<(Ts, BTreeMap<i32, i64>)> = vec![(sim.now(), BTreeMap::new())];
     let mut last_write: BTreeMap<i32, Ts> = BTreeMap::new();
@@ -276,16 +282,7 @@ fn a_transaction_that_inserted_and_deleted_a_document_wrote_it() {
 /// later version in memory).
 #[test]
 fn a_committed_transaction_keeps_no_snapshot_pinned() {
-    let mut sim = Sim {
-        state: State::new(1_000),
-        info: ServerInfo {
-            host: "localhost:1".to_owned(),
-            set_name: "rs0".to_owned(),
-        },
-        counter: 0,
-        txn_numbers: [0; 3],
-    };
-    sim.run("create", doc! { "create": "t" }).unwrap();
+    let mut sim = Sim::new(1_000);
     let txn = |extra: Document| {
         let mut cmd = doc! { "lsid": Sim::session(0), "txnNumber": 1_i64, "autocommit": false };
         cmd.extend(extra);

@@ -53,14 +53,7 @@ pub(crate) fn refuse_unknown(sharded: bool, name: &str) -> CmdResult<()> {
 /// `hello` as a `mongos` answers it: `msg: "isdbgrid"`, no replica set fields.
 pub(crate) fn hello_mongos(ctx: &Ctx<'_>, legacy: bool) -> Document {
     let mut reply = Document::new();
-    reply.insert(
-        if legacy {
-            "ismaster"
-        } else {
-            "isWritablePrimary"
-        },
-        true,
-    );
+    reply.insert(writable_field(legacy), true);
     reply.insert("msg", "isdbgrid");
     reply.insert("helloOk", true);
     reply.insert(

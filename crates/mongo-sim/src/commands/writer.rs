@@ -1,7 +1,7 @@
 //! Where a command's writes go (the live collections, stamped with a new cluster time
 //! each, or a transaction's side) and the oplog entries they leave.
 
-use std::sync::Arc;
+use std::{ops::Bound, sync::Arc};
 
 use bson::{Binary, Bson, Document, doc};
 
@@ -140,10 +140,24 @@ impl<'a> Writer<'a> {
         first: bool,
     ) -> Vec<(Vec<u8>, Arc<Document>)> {
         let key = (db.to_owned(), name.to_owned());
+        let range = id_range(filter);
         if let Some(txn) = self.txn.as_deref() {
             let Some(side) = txn.colls.get(&key) else {
                 return Vec::new();
             };
+            // One `_id`: looked up, as the live collection's index does, instead of
+            // reading the whole snapshot (a transaction costs the documents it touches).
+            if let Some((Bound::Included(low), Bound::Included(high))) = &range
+                && low == high
+            {
+                let key = id_key(&low.0);
+                return side
+                    .get(&key, &low.0)
+                    .filter(|d| filter.matches(d))
+                    .map(|d| (key, Arc::new(d)))
+                    .into_iter()
+                    .collect();
+            }
             let docs = side.docs().into_iter().filter(|d| filter.matches(d));
             let docs = docs.map(|d| (d.get("_id").map(id_key).unwrap_or_default(), Arc::new(d)));
             return if first {
@@ -153,7 +167,7 @@ impl<'a> Writer<'a> {
             };
         }
         self.live(db, name).map_or_else(Vec::new, |c| {
-            c.matching(id_range(filter), &|d| filter.matches(d), first)
+            c.matching(range, &|d| filter.matches(d), first)
         })
     }
 
