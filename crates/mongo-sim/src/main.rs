@@ -16,39 +16,34 @@ async fn main() -> std::process::ExitCode {
         }
         let value = args.next();
         let parsed = match (arg.as_str(), value.as_deref()) {
-            ("--port", Some(v)) => v
-                .parse()
-                .map(|p| options.port = p)
-                .map_err(|e| e.to_string()),
-            ("--oplog-capacity", Some(v)) => v
-                .parse()
-                .map(|n| options.oplog_capacity = n)
-                .map_err(|e| e.to_string()),
-            ("--oplog-size-mb", Some(v)) => {
-                v.parse::<usize>()
-                    .map_err(|e| e.to_string())
-                    .and_then(|mb| {
-                        if mb == 0 {
-                            Err("--oplog-size-mb must be at least 1".to_owned())
-                        } else {
-                            mb.checked_mul(1 << 20)
-                                .map(|bytes| options.oplog_size_bytes = Some(bytes))
-                                .ok_or_else(|| "--oplog-size-mb is too large".to_owned())
-                        }
-                    })
+            ("--port", Some(v)) => number(&arg, v).map(|p| options.port = p),
+            ("--oplog-capacity", Some(v)) => number(&arg, v).map(|n| options.oplog_capacity = n),
+            ("--oplog-size-mb", Some(v)) => number::<usize>(&arg, v).and_then(|mb| {
+                if mb == 0 {
+                    Err("--oplog-size-mb must be at least 1".to_owned())
+                } else {
+                    mb.checked_mul(1 << 20)
+                        .map(|bytes| options.oplog_size_bytes = Some(bytes))
+                        .ok_or_else(|| "--oplog-size-mb is too large".to_owned())
+                }
+            }),
+            ("--max-connections", Some(v)) => number(&arg, v).map(|n| options.max_connections = n),
+            ("--snapshot-history-secs", Some(v)) => {
+                number(&arg, v).map(|n| options.snapshot_history_secs = n)
             }
-            ("--max-connections", Some(v)) => v
-                .parse()
-                .map(|n| options.max_connections = n)
-                .map_err(|e| e.to_string()),
-            ("--snapshot-history-secs", Some(v)) => v
-                .parse()
-                .map(|n| options.snapshot_history_secs = n)
-                .map_err(|e| e.to_string()),
             ("--replica-set", Some(v)) => {
                 options.set_name = v.to_owned();
                 Ok(())
             }
+            (
+                "--port"
+                | "--oplog-capacity"
+                | "--oplog-size-mb"
+                | "--max-connections"
+                | "--snapshot-history-secs"
+                | "--replica-set",
+                None,
+            ) => Err(format!("`{arg}` needs a value")),
             _ => Err(format!("unknown argument `{arg}`")),
         };
         if let Err(e) = parsed {
@@ -69,4 +64,14 @@ async fn main() -> std::process::ExitCode {
     let _ = tokio::signal::ctrl_c().await;
     sim.shutdown().await;
     std::process::ExitCode::SUCCESS
+}
+
+/// The number `value` given to `flag`, or an error naming both.
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| format!("`{flag}` expects a number, not `{value}` ({e})"))
 }
