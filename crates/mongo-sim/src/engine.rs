@@ -16,7 +16,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     ops::Bound,
-    sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard},
+    sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
 use bson::{Binary, Bson, Document, Timestamp, oid::ObjectId, spec::BinarySubtype};
@@ -56,12 +56,32 @@ fn visible(chain: &Chain, at: Ts) -> Option<&Arc<Document>> {
         .and_then(|v| v.doc.as_ref())
 }
 
-/// A collection's records: their versions by record id (natural order) and the `_id`
-/// index over every record that still has a version.
+/// A collection's records: their versions by record id (natural order), the `_id` index
+/// over every record that still has a version, and what writes check.
+///
+/// Versions are pushed only by a holder of the commit lock ([`crate::oplog::OplogLock`]),
+/// which hands out their cluster times: a write's checks (duplicate key, the version it
+/// was computed from, a transaction's conflicts) and its version are one step, and every
+/// version at or before the newest cluster time is in place when a view is taken.
 #[derive(Debug, Default)]
 pub(crate) struct Rows {
     chains: BTreeMap<u64, Chain>,
     order: BTreeSet<(IdOrd, u64)>,
+    /// `_id` key → record id of the live documents; the unique `_id` index.
+    ids: HashMap<Vec<u8>, u64>,
+    /// The last record id handed out (the first is 1).
+    last_rid: u64,
+    /// `_id` key → when that document was last written (inserted, replaced or removed;
+    /// removed ones stay): transactions conflict with writes to documents they wrote.
+    written: HashMap<Vec<u8>, Ts>,
+    /// Removed records, oldest first, dropped once the horizon passes them.
+    tombstones: VecDeque<(Ts, u64, IdOrd)>,
+    /// Live documents and their BSON bytes.
+    count: usize,
+    bytes: usize,
+    /// Bumped when the collection is dropped, renamed or its write settings change: a
+    /// write prepared against an earlier epoch is refused and prepared again.
+    epoch: u64,
 }
 
 /// The times views read at, so the versions they need outlive the history window.
@@ -164,11 +184,8 @@ impl History {
 pub(crate) struct Collection {
     /// The collection's UUID (`collectionUUID` in expanded events).
     pub(crate) uuid: Binary,
-    /// The records, shared with views.
+    /// The records, shared with views and write handles.
     rows: Arc<RwLock<Rows>>,
-    /// `_id` key → record id of the live documents; the unique `_id` index.
-    ids: HashMap<Vec<u8>, u64>,
-    next_rid: u64,
     /// Secondary index specifications (recorded, not used for queries).
     pub(crate) indexes: Vec<Document>,
     /// Whether `changeStreamPreAndPostImages` is enabled.
@@ -177,14 +194,6 @@ pub(crate) struct Collection {
     pub(crate) view: Option<(String, Vec<Bson>)>,
     /// For a sharded collection (the sharded front): its shard key pattern.
     pub(crate) shard_key: Option<Document>,
-    /// `_id` key → when that document was last written (inserted, replaced or removed;
-    /// removed ones stay): transactions conflict with writes to documents they wrote.
-    written: HashMap<Vec<u8>, Ts>,
-    /// Removed records, oldest first, dropped once the horizon passes them.
-    tombstones: VecDeque<(Ts, u64, IdOrd)>,
-    /// Live documents and their BSON bytes.
-    count: usize,
-    bytes: usize,
 }
 
 fn bson_len(d: &Document) -> usize {
@@ -200,52 +209,179 @@ impl Collection {
                 bytes: random_uuid(),
             },
             rows: Arc::default(),
-            ids: HashMap::new(),
-            next_rid: 1,
             indexes: Vec::new(),
             images: false,
             view: None,
             shard_key: None,
-            written: HashMap::new(),
-            tombstones: VecDeque::new(),
-            count: 0,
-            bytes: 0,
         }
     }
 
-    fn rows_mut(&self) -> std::sync::RwLockWriteGuard<'_, Rows> {
-        self.rows.write().unwrap_or_else(PoisonError::into_inner)
+    fn rows_mut(&self) -> RwLockWriteGuard<'_, Rows> {
+        write_lock(&self.rows)
     }
 
     fn rows(&self) -> RwLockReadGuard<'_, Rows> {
-        self.rows.read().unwrap_or_else(PoisonError::into_inner)
+        read_lock(&self.rows)
     }
 
     /// Live documents.
     pub(crate) fn len(&self) -> usize {
-        self.count
+        self.rows().count
     }
 
     /// The live documents' BSON bytes.
     pub(crate) fn data_size(&self) -> usize {
-        self.bytes
+        self.rows().bytes
     }
 
     /// When the document with `_id` key `key` was last written.
     pub(crate) fn written_at(&self, key: &[u8]) -> Option<Ts> {
-        self.written.get(key).copied()
-    }
-
-    /// Whether a live document has this `_id` key.
-    pub(crate) fn contains(&self, key: &[u8]) -> bool {
-        self.ids.contains_key(key)
+        self.rows().written.get(key).copied()
     }
 
     /// The live document with this `_id` key.
     pub(crate) fn get(&self, key: &[u8]) -> Option<Arc<Document>> {
+        self.rows().current(key)
+    }
+
+    /// Writes `doc` as the document with its `_id` (a replacement, or an insert), at
+    /// `at`. The caller holds the commit lock.
+    pub(crate) fn put(&self, ns: &str, doc: Document, at: Ts, horizon: Ts) -> CmdResult<()> {
+        let mut rows = self.rows_mut();
+        let key = doc.get("_id").map(id_key).unwrap_or_default();
+        if rows.ids.contains_key(&key) {
+            rows.replace(&key, doc, at, horizon);
+            Ok(())
+        } else {
+            rows.insert(ns, doc, at, horizon)
+        }
+    }
+
+    /// Removes the live document with `_id` key `key`, at `at` (see [`Rows::remove`]).
+    /// The caller holds the commit lock.
+    pub(crate) fn remove(&self, key: &[u8], at: Ts, horizon: Ts) {
+        self.rows_mut().remove(key, at, horizon);
+    }
+
+    /// Ends the collection's epoch (it is dropped, renamed, or the settings its writes
+    /// record changed): writes prepared against it are prepared again. The caller holds
+    /// the commit lock.
+    pub(crate) fn retire(&self) {
+        self.rows_mut().epoch += 1;
+    }
+
+    /// What a write needs of the collection to be prepared with no server lock held.
+    pub(crate) fn handle(&self) -> Handle {
+        Handle {
+            rows: Arc::clone(&self.rows),
+            epoch: self.rows().epoch,
+            uuid: self.uuid.clone(),
+            images: self.images,
+            shard_key: self.shard_key.clone(),
+        }
+    }
+}
+
+fn read_lock(rows: &RwLock<Rows>) -> RwLockReadGuard<'_, Rows> {
+    rows.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock(rows: &RwLock<Rows>) -> RwLockWriteGuard<'_, Rows> {
+    rows.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A collection as a write sees it while it is prepared with no server lock held: its
+/// records, the epoch it was resolved in, and the settings its oplog entries record.
+#[derive(Debug, Clone)]
+pub(crate) struct Handle {
+    rows: Arc<RwLock<Rows>>,
+    epoch: u64,
+    /// The collection's UUID.
+    pub(crate) uuid: Binary,
+    /// Whether it records pre- and post-images.
+    pub(crate) images: bool,
+    /// Its shard key (the sharded front).
+    pub(crate) shard_key: Option<Document>,
+}
+
+/// What a prepared write expects of its document when it commits.
+#[derive(Debug)]
+pub(crate) enum Expect {
+    /// No live document has its `_id` (an insert).
+    Absent,
+    /// The live document is still this version (an update or delete computed from it).
+    Current(Arc<Document>),
+}
+
+/// Why a prepared write was not committed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The collection was dropped, renamed or changed since the handle was taken.
+    Stale,
+    /// Another write changed or removed the document since it was read.
+    Changed,
+    /// An insert met a live document with its `_id`.
+    Duplicate,
+}
+
+impl Handle {
+    /// `(key, document)` of the live documents in the `_id` range (all without one) that
+    /// `keep` accepts, in natural order; `first` stops at the first.
+    pub(crate) fn matching(
+        &self,
+        range: Option<(Bound<IdOrd>, Bound<IdOrd>)>,
+        keep: &dyn Fn(&Document) -> bool,
+        first: bool,
+    ) -> Vec<(Vec<u8>, Arc<Document>)> {
+        read_lock(&self.rows).matching(range, keep, first)
+    }
+
+    /// Commits one write to the document with `_id` key `key` at `at` (`doc`: its new
+    /// content; `None`: removed) if the collection is still in the handle's epoch and the
+    /// document is as `expect` says. The caller holds the commit lock and hands out `at`
+    /// only when this returns `Ok`: `check` first, then `apply`.
+    pub(crate) fn check(&self, key: &[u8], expect: &Expect) -> Result<(), Refused> {
+        let rows = read_lock(&self.rows);
+        if rows.epoch != self.epoch {
+            return Err(Refused::Stale);
+        }
+        match (expect, rows.current(key)) {
+            (Expect::Absent, None) => Ok(()),
+            (Expect::Absent, Some(_)) => Err(Refused::Duplicate),
+            (Expect::Current(seen), Some(now)) if Arc::ptr_eq(seen, &now) => Ok(()),
+            (Expect::Current(_), _) => Err(Refused::Changed),
+        }
+    }
+
+    /// Installs a write [`Self::check`] accepted, at `at`.
+    pub(crate) fn apply(
+        &self,
+        ns: &str,
+        key: &[u8],
+        doc: Option<Document>,
+        at: Ts,
+        horizon: Ts,
+    ) -> CmdResult<()> {
+        let mut rows = write_lock(&self.rows);
+        match doc {
+            Some(doc) if rows.ids.contains_key(key) => {
+                rows.replace(key, doc, at, horizon);
+                Ok(())
+            }
+            Some(doc) => rows.insert(ns, doc, at, horizon),
+            None => {
+                rows.remove(key, at, horizon);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Rows {
+    /// The live document with this `_id` key.
+    fn current(&self, key: &[u8]) -> Option<Arc<Document>> {
         let rid = self.ids.get(key)?;
-        let rows = self.rows();
-        rows.chains
+        self.chains
             .get(rid)
             .and_then(|c| c.last())
             .and_then(|v| v.doc.clone())
@@ -253,35 +389,32 @@ impl Collection {
 
     /// Inserts a document that has an `_id`, written at `at`; a duplicate `_id` is
     /// error 11000.
-    pub(crate) fn insert(&mut self, ns: &str, doc: Document, at: Ts, horizon: Ts) -> CmdResult<()> {
+    fn insert(&mut self, ns: &str, doc: Document, at: Ts, horizon: Ts) -> CmdResult<()> {
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
         let key = id_key(&id);
         if self.ids.contains_key(&key) {
             return Err(duplicate_key(ns, &id));
         }
-        let rid = self.next_rid;
-        self.next_rid += 1;
+        self.last_rid += 1;
+        let rid = self.last_rid;
         self.count += 1;
         self.bytes += bson_len(&doc);
         self.ids.insert(key.clone(), rid);
         self.written.insert(key, at);
-        {
-            let mut rows = self.rows_mut();
-            rows.order.insert((IdOrd(id), rid));
-            rows.chains.insert(
-                rid,
-                vec![Version {
-                    ts: at,
-                    doc: Some(Arc::new(doc)),
-                }],
-            );
-        }
+        self.order.insert((IdOrd(id), rid));
+        self.chains.insert(
+            rid,
+            vec![Version {
+                ts: at,
+                doc: Some(Arc::new(doc)),
+            }],
+        );
         self.sweep(horizon);
         Ok(())
     }
 
     /// Replaces the live document with `_id` key `key` (its `_id` stays), written at `at`.
-    pub(crate) fn replace(&mut self, key: &[u8], doc: Document, at: Ts, horizon: Ts) {
+    fn replace(&mut self, key: &[u8], doc: Document, at: Ts, horizon: Ts) {
         let Some(rid) = self.ids.get(key).copied() else {
             return;
         };
@@ -295,16 +428,16 @@ impl Collection {
     /// Removes the live document with `_id` key `key`, written at `at`. With no such
     /// document the key still counts as written at `at` (a transaction that inserted and
     /// deleted it commits a write to it, which later snapshots conflict with).
-    pub(crate) fn remove(&mut self, key: &[u8], at: Ts, horizon: Ts) -> Option<Arc<Document>> {
+    fn remove(&mut self, key: &[u8], at: Ts, horizon: Ts) {
         self.written.insert(key.to_vec(), at);
-        let rid = self.ids.remove(key)?;
-        let old = {
-            let rows = self.rows();
-            rows.chains
-                .get(&rid)
-                .and_then(|c| c.last())
-                .and_then(|v| v.doc.clone())
+        let Some(rid) = self.ids.remove(key) else {
+            return;
         };
+        let old = self
+            .chains
+            .get(&rid)
+            .and_then(|c| c.last())
+            .and_then(|v| v.doc.clone());
         let old_len = self.push(rid, at, None, horizon);
         self.count = self.count.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(old_len);
@@ -312,25 +445,12 @@ impl Collection {
             self.tombstones.push_back((at, rid, IdOrd(id.clone())));
         }
         self.sweep(horizon);
-        old
-    }
-
-    /// Writes `doc` as the document with its `_id` (a replacement, or an insert).
-    pub(crate) fn put(&mut self, ns: &str, doc: Document, at: Ts, horizon: Ts) -> CmdResult<()> {
-        let key = doc.get("_id").map(id_key).unwrap_or_default();
-        if self.ids.contains_key(&key) {
-            self.replace(&key, doc, at, horizon);
-            Ok(())
-        } else {
-            self.insert(ns, doc, at, horizon)
-        }
     }
 
     /// Adds a version to `rid`, dropping those the horizon has passed; returns the BSON
     /// size of the version it follows.
     fn push(&mut self, rid: u64, at: Ts, doc: Option<Arc<Document>>, horizon: Ts) -> usize {
-        let mut rows = self.rows_mut();
-        let Some(chain) = rows.chains.get_mut(&rid) else {
+        let Some(chain) = self.chains.get_mut(&rid) else {
             return 0;
         };
         let old_len = chain
@@ -357,24 +477,20 @@ impl Collection {
             let Some((_, rid, id)) = self.tombstones.pop_front() else {
                 break;
             };
-            let mut rows = self.rows_mut();
-            rows.chains.remove(&rid);
-            rows.order.remove(&(id, rid));
+            self.chains.remove(&rid);
+            self.order.remove(&(id, rid));
         }
     }
 
-    /// `(key, document)` of the live documents in the `_id` range (all without one) that
-    /// `keep` accepts, in natural order; `first` stops at the first.
-    pub(crate) fn matching(
+    fn matching(
         &self,
         range: Option<(Bound<IdOrd>, Bound<IdOrd>)>,
         keep: &dyn Fn(&Document) -> bool,
         first: bool,
     ) -> Vec<(Vec<u8>, Arc<Document>)> {
-        let rows = self.rows();
         let mut out: Vec<(u64, Arc<Document>)> = Vec::new();
         let current = |rid: &u64| {
-            rows.chains
+            self.chains
                 .get(rid)
                 .and_then(|c| c.last())
                 .and_then(|v| v.doc.clone())
@@ -385,7 +501,7 @@ impl Collection {
                 if !bounds_ordered(&low, &high) {
                     return Vec::new();
                 }
-                for (_, rid) in rows.order.range((low, high)) {
+                for (_, rid) in self.order.range((low, high)) {
                     if let Some(doc) = current(rid).filter(|d| keep(d)) {
                         out.push((*rid, doc));
                     }
@@ -396,7 +512,7 @@ impl Collection {
                 }
             }
             None => {
-                for rid in rows.chains.keys() {
+                for rid in self.chains.keys() {
                     if let Some(doc) = current(rid).filter(|d| keep(d)) {
                         out.push((*rid, doc));
                         if first {
@@ -480,7 +596,7 @@ pub(crate) struct View {
 
 impl View {
     fn rows(&self) -> RwLockReadGuard<'_, Rows> {
-        self.rows.read().unwrap_or_else(PoisonError::into_inner)
+        read_lock(&self.rows)
     }
 
     /// The documents visible at the view's time among the next [`CHUNK`] records from

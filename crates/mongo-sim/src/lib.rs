@@ -171,18 +171,27 @@ impl MongoSim {
     }
 
     /// How long the server's state lock has been held in all since it started (every
-    /// command's decisions, a write's own step, a read's taking of its view): with the
-    /// wall time of a run it tells how much of the run was serialized.
+    /// command's decisions, the catalog's changes, a read's taking of its view; a write
+    /// outside a transaction takes it only to start): with the wall time of a run it
+    /// tells how much of the run was serialized on it.
     pub fn lock_held(&self) -> std::time::Duration {
         self.shared.lock_held()
+    }
+
+    /// How long the commit lock (the oplog's) has been held in all since the server
+    /// started: each write's commit (its checks, cluster time, entry and version), change
+    /// streams' scans of the oplog, catalog changes' entries.
+    pub fn commit_lock_held(&self) -> std::time::Duration {
+        self.shared.log.held()
     }
 
     /// Shrinks (or grows) the oplog; shrinking drops the oldest entries at once, so
     /// streams and tokens behind them fail with ChangeStreamHistoryLost (286).
     pub fn set_oplog_capacity(&self, capacity: usize) {
-        let mut state = self.shared.lock();
-        state.log.capacity = capacity.max(1);
-        state.log.trim();
+        let state = self.shared.lock();
+        let mut log = state.log.lock();
+        log.capacity = capacity.max(1);
+        log.trim();
     }
 
     /// Steps down: `hello` reports a secondary with no primary; writes fail with
@@ -233,7 +242,7 @@ impl MongoSim {
 
     /// How many entries the oplog holds now.
     pub fn oplog_len(&self) -> usize {
-        self.shared.lock().log.entries.len()
+        self.shared.lock().log.lock().entries.len()
     }
 }
 

@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) started: std::time::Instant,
     /// Nanoseconds the state lock has been held.
     lock_held_ns: AtomicU64,
+    /// The oplog (also in the state), for writes that run with no server lock held.
+    pub(crate) log: Arc<crate::oplog::OplogLock>,
 }
 
 /// The locked state; counts how long it was held when dropped.
@@ -85,22 +87,25 @@ impl Shared {
     /// New shared state for a server at `host`.
     /// Bounds the oplog by bytes too (see [`crate::SimOptions::oplog_size_bytes`]).
     pub(crate) fn set_oplog_size(&self, bytes: Option<usize>) {
-        let mut state = self
+        let state = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.log.max_bytes = bytes;
-        state.log.trim();
+        let mut log = state.log.lock();
+        log.max_bytes = bytes;
+        log.trim();
     }
 
     pub(crate) fn new(info: ServerInfo, oplog_capacity: usize, max_connections: usize) -> Self {
+        let state = State::new(oplog_capacity);
         Self {
+            log: Arc::clone(&state.log),
             connection_slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             total_connections: AtomicU64::new(0),
             started: std::time::Instant::now(),
             lock_held_ns: AtomicU64::new(0),
-            state: Mutex::new(State::new(oplog_capacity)),
+            state: Mutex::new(state),
             head: watch::Sender::new(1),
             info,
             term: AtomicU8::new(1),
@@ -132,8 +137,8 @@ impl Shared {
     }
 
     /// Wakes waiting change streams if the oplog grew.
-    pub(crate) fn notify(&self, state: &State) {
-        let next = state.log.next_seq;
+    pub(crate) fn notify(&self) {
+        let next = self.log.lock().next_seq;
         self.head.send_if_modified(|h| {
             let changed = *h != next;
             *h = next;
@@ -443,13 +448,31 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
                 Some(e) => Outcome::Reply(Err(e)),
                 None => commands::run(&mut state, &ctx, &db, &name, &cmd),
             };
-            shared.notify(&state);
-            (outcome, state.log.last_ts)
+            shared.notify();
+            (outcome, state.log.last_ts())
         };
-        let result = match outcome {
-            Outcome::Reply(r) => r,
-            // A read's scan, copy and encoding run here, with no lock held.
-            later => later.finish(|c| shared.lock().add_cursor(Cursor::Docs(Box::new(c)))),
+        let (result, time) = match outcome {
+            Outcome::Reply(r) => (r, time),
+            // A read's scan, copy and encoding, and a write outside a transaction, run
+            // here with no server lock held.
+            later => {
+                let wrote = matches!(later, Outcome::Write(_));
+                let mut resolve = |db: &str, name: &str, create: bool| {
+                    let mut state = shared.lock();
+                    let handle = commands::resolve(&mut state, db, name, create);
+                    shared.notify();
+                    handle
+                };
+                let register = |c| shared.lock().add_cursor(Cursor::Docs(Box::new(c)));
+                let result = later.finish(&cmd, register, &mut resolve);
+                if wrote {
+                    // The reply's cluster time covers the command's own writes.
+                    shared.notify();
+                    (result, shared.log.last_ts())
+                } else {
+                    (result, time)
+                }
+            }
         };
         (result, Some(time))
     };
@@ -466,7 +489,7 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
 }
 
 fn finish(shared: &Shared, result: CmdResult<RawDocumentBuf>) -> RawDocumentBuf {
-    let time = shared.lock().log.last_ts;
+    let time = shared.lock().log.last_ts();
     finish_at(result, time)
 }
 

@@ -1,7 +1,10 @@
 //! The simulated server's data: databases, collections, the oplog, cursors and
-//! transactions. Everything lives behind one mutex; commands are short.
+//! transactions, behind the server lock; the oplog has its own (the commit lock).
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use bson::{Binary, Bson, Document, doc, spec::BinarySubtype};
 
@@ -11,7 +14,7 @@ use crate::{
     commands::DocCursor,
     engine::{History, Pin, Ts, View},
     faults::Faults,
-    oplog::{Oplog, PendingEntry},
+    oplog::{OplogLock, PendingEntry},
     status::Activity,
     value::id_key,
 };
@@ -130,8 +133,9 @@ impl TxnRead {
 pub(crate) struct State {
     /// Databases → collections.
     pub(crate) dbs: Catalog,
-    /// The oplog and the cluster clock.
-    pub(crate) log: Oplog,
+    /// The oplog and the cluster clock, behind the commit lock (shared with writes that
+    /// run with no server lock held).
+    pub(crate) log: Arc<OplogLock>,
     /// Open cursors.
     pub(crate) cursors: HashMap<i64, Cursor>,
     next_cursor_id: i64,
@@ -157,8 +161,8 @@ pub(crate) struct State {
 impl State {
     /// A fresh server state.
     pub(crate) fn new(oplog_capacity: usize) -> Self {
-        let log = Oplog::new(oplog_capacity);
-        let log_start = log.last_ts;
+        let log = Arc::new(OplogLock::new(oplog_capacity));
+        let log_start = log.last_ts();
         Self {
             dbs: Catalog::new(),
             log,
@@ -192,10 +196,9 @@ impl State {
         self.history.advance(now)
     }
 
-    /// Records that `ns` (`db.coll`, or a database) was dropped or renamed away now.
-    pub(crate) fn replaced(&mut self, ns: String) {
-        let now = crate::engine::ts(self.log.last_ts);
-        self.replaced_at.insert(ns, now);
+    /// Records that `ns` (`db.coll`, or a database) was dropped or renamed away at `at`.
+    pub(crate) fn replaced(&mut self, ns: String, at: bson::Timestamp) {
+        self.replaced_at.insert(ns, crate::engine::ts(at));
     }
 
     /// `$clusterTime` for replies at `time`.

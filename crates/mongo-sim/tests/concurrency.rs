@@ -329,3 +329,209 @@ async fn a_stream_on_a_quiet_collection_catches_up_on_a_long_log() {
     let next = tokio::time::timeout(Duration::from_millis(1_500), stream.try_next()).await;
     assert!(!matches!(next, Ok(Ok(Some(_)))), "one event only: {next:?}");
 }
+
+/// Writes outside a transaction run with no server lock held and commit only if their
+/// document is still as they read it: eight connections incrementing one document lose
+/// no increment, each also counting its own document; eight connections claiming jobs
+/// with `findAndModify` claim each job exactly once; eight connections inserting the same
+/// `_id`s create each document once (the others get the duplicate-key error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_to_one_document_lose_nothing() {
+    let (_sim, client) = setup_with(SimOptions::default()).await;
+    let db = client.database("conc");
+    let counters = db.collection::<Document>("counters");
+    let jobs = db.collection::<Document>("jobs");
+    let ids = db.collection::<Document>("ids");
+    let writers: i32 = 8;
+    let rounds: i32 = 150;
+    let job_count: i32 = 400;
+    counters
+        .insert_one(doc! { "_id": "shared", "n": 0 })
+        .await
+        .unwrap();
+    jobs.insert_many((0..job_count).map(|i| doc! { "_id": i, "state": "new" }))
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let (counters, jobs, ids) = (counters.clone(), jobs.clone(), ids.clone());
+        tasks.spawn(async move {
+            for _ in 0..rounds {
+                counters
+                    .update_one(doc! { "_id": "shared" }, doc! { "$inc": { "n": 1 } })
+                    .await
+                    .unwrap();
+                counters
+                    .update_one(doc! { "_id": w }, doc! { "$inc": { "n": 1 } })
+                    .upsert(true)
+                    .await
+                    .unwrap();
+            }
+            let mut claimed = Vec::new();
+            while let Some(job) = jobs
+                .find_one_and_update(
+                    doc! { "state": "new" },
+                    doc! { "$set": { "state": "taken", "by": w } },
+                )
+                .await
+                .unwrap()
+            {
+                claimed.push(job.get_i32("_id").unwrap());
+            }
+            let mut created = 0;
+            for i in 0..100 {
+                match ids.insert_one(doc! { "_id": i, "by": w }).await {
+                    Ok(_) => created += 1,
+                    Err(e) => assert_eq!(code_of_write(&e), 11000, "{e}"),
+                }
+            }
+            (claimed, created)
+        });
+    }
+    let mut claimed = Vec::new();
+    let mut created = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (c, n) = r.unwrap();
+        claimed.extend(c);
+        created += n;
+    }
+    let shared = counters
+        .find_one(doc! { "_id": "shared" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        shared.get_i32("n").unwrap(),
+        writers * rounds,
+        "no increment lost"
+    );
+    for w in 0..writers {
+        let own = counters.find_one(doc! { "_id": w }).await.unwrap().unwrap();
+        assert_eq!(own.get_i32("n").unwrap(), rounds);
+    }
+    claimed.sort_unstable();
+    assert_eq!(
+        claimed,
+        (0..job_count).collect::<Vec<_>>(),
+        "each job claimed once"
+    );
+    let taken = jobs
+        .count_documents(doc! { "state": "taken" })
+        .await
+        .unwrap();
+    assert_eq!(taken, u64::try_from(job_count).unwrap());
+    assert_eq!(created, 100, "each _id inserted once");
+    assert_eq!(ids.count_documents(doc! {}).await.unwrap(), 100);
+}
+
+fn code_of_write(err: &mongodb::error::Error) -> i32 {
+    match err.kind.as_ref() {
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(e)) => e.code,
+        other => panic!("not a write error: {other:?}"),
+    }
+}
+
+/// A collection dropped, renamed or modified while other connections write to it: no
+/// write lands in a collection after its drop or rename (every oplog entry of a
+/// collection's UUID comes before the entry that ended it), and the writes prepared
+/// against it go to the collection the name has afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_racing_drops_and_renames_never_follow_them() {
+    let (sim, client) = setup_with(SimOptions {
+        oplog_capacity: 1_000_000,
+        ..SimOptions::default()
+    })
+    .await;
+    let db = client.database("race");
+    let coll = db.collection::<Document>("c");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let coll = coll.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        writers.spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                coll.insert_one(doc! { "_id": format!("{w}-{i}"), "n": 0 })
+                    .await
+                    .unwrap();
+                coll.update_many(doc! {}, doc! { "$inc": { "n": 1 } })
+                    .await
+                    .unwrap();
+                i += 1;
+            }
+        });
+    }
+    let admin = client.database("admin");
+    for round in 0..20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match round % 3 {
+            0 => coll.drop().await.unwrap(),
+            1 => {
+                // The writers may not have created it again yet.
+                let renamed = admin
+                    .run_command(doc! {
+                        "renameCollection": "race.c",
+                        "to": format!("race.moved{round}"),
+                    })
+                    .await;
+                if let Err(e) = renamed {
+                    assert_eq!(code_of(&e), 26, "{e}");
+                }
+            }
+            _ => {
+                let modified = db
+                    .run_command(doc! {
+                        "collMod": "c",
+                        "changeStreamPreAndPostImages": { "enabled": round % 2 == 0 },
+                    })
+                    .await;
+                if let Err(e) = modified {
+                    assert_eq!(code_of(&e), 26, "{e}");
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(r) = writers.join_next().await {
+        r.unwrap();
+    }
+    let entries: Vec<Document> = client
+        .database("local")
+        .collection::<Document>("oplog.rs")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(entries.len() < 1_000_000, "the oplog kept every entry");
+    let mut ended = std::collections::HashSet::new();
+    let (mut writes, mut ends) = (0, 0);
+    for e in &entries {
+        let Some(Bson::Binary(uuid)) = e.get("ui") else {
+            continue;
+        };
+        let op = e.get_str("op").unwrap();
+        let o = e.get_document("o").unwrap();
+        assert!(
+            !ended.contains(&uuid.bytes),
+            "an entry after its collection was dropped or renamed: {e}"
+        );
+        if op == "c" && (o.contains_key("drop") || o.contains_key("renameCollection")) {
+            ended.insert(uuid.bytes.clone());
+            ends += 1;
+        } else if matches!(op, "i" | "u") {
+            writes += 1;
+        }
+    }
+    assert!(
+        ends >= 10,
+        "the collection was dropped or renamed ({ends} times)"
+    );
+    assert!(
+        writes > 100,
+        "the writers wrote meanwhile ({writes} writes)"
+    );
+    drop(sim);
+}

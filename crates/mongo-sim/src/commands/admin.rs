@@ -30,8 +30,8 @@ pub(crate) fn hello(state: &State, ctx: &Ctx<'_>, legacy: bool) -> Document {
     }
     reply.insert("me", info.host.clone());
     hello_limits(&mut reply, connection_id);
-    let op_time = doc! { "ts": state.log.last_ts, "t": i64::from(term) };
-    let date = bson::DateTime::from_millis(i64::from(state.log.last_ts.time) * 1000);
+    let op_time = doc! { "ts": state.log.last_ts(), "t": i64::from(term) };
+    let date = bson::DateTime::from_millis(i64::from(state.log.last_ts().time) * 1000);
     reply.insert(
         "lastWrite",
         doc! { "opTime": op_time.clone(), "lastWriteDate": date, "majorityOpTime": op_time, "majorityWriteDate": date },
@@ -225,7 +225,7 @@ pub(crate) fn repl_set_status(state: &State, ctx: &Ctx<'_>) -> Document {
     } else {
         (2, "SECONDARY")
     };
-    let ts = state.log.last_ts;
+    let ts = state.log.last_ts();
     let op_time = doc! { "ts": ts, "t": i64::from(ctx.term) };
     let date = bson::DateTime::from_millis(i64::from(ts.time) * 1000);
     let mut me = doc! {
@@ -595,7 +595,9 @@ pub(crate) fn split_vector(state: &State, cmd: &Document) -> CmdResult<super::cr
     let records = count(c.len());
     let size = count(c.data_size());
     // The keys are read from a view of now, with no lock held.
-    let view = state.history.view(c, crate::engine::ts(state.log.last_ts));
+    let view = state
+        .history
+        .view(c, crate::engine::ts(state.log.last_ts()));
     Ok(Box::new(move || {
         split_points(
             &view,

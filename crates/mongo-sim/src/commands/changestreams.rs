@@ -1,6 +1,8 @@
 //! Change-stream commands: opening a stream (`aggregate` with `$changeStream` first), the
 //! validation the server does on it, and `getMore` on a stream cursor.
 
+use std::sync::Arc;
+
 use bson::{Bson, Document, RawDocumentBuf};
 
 use super::cursors::GetMore;
@@ -40,8 +42,10 @@ pub(crate) fn open_change_stream(
     }
     check_read_concern(cmd)?;
     let target = cmd.get("aggregate").unwrap_or(&Bson::Null);
+    let log = Arc::clone(&state.log);
+    let log = log.lock();
     let mut stream = StreamCursor::open(
-        &state.log,
+        &log,
         OpenRequest {
             db,
             target,
@@ -49,7 +53,8 @@ pub(crate) fn open_change_stream(
             rest: &pipeline[1..],
         },
     )?;
-    let (events, pbrt) = stream.next_batch(&state.log, &state.dbs, batch)?;
+    let (events, pbrt) = stream.next_batch(&log, &state.dbs, batch)?;
+    std::mem::drop(log);
     let ns = stream.ns.clone();
     let id = if stream.closed {
         0
@@ -112,8 +117,10 @@ pub(crate) fn stream_get_more(
             format!("cursor id {} not found", req.id),
         ));
     };
-    let (events, pbrt) =
-        stream.next_batch(&state.log, &state.dbs, req.batch.unwrap_or(usize::MAX))?;
+    let (events, pbrt) = {
+        let log = state.log.lock();
+        stream.next_batch(&log, &state.dbs, req.batch.unwrap_or(usize::MAX))?
+    };
     if events.is_empty() && !stream.closed && !expired {
         let look = if stream.yielded {
             StreamLook::Yield

@@ -91,18 +91,12 @@ fn with_id_first(doc: Document) -> Document {
 }
 
 /// `insert`.
-pub(crate) fn insert(
-    state: &mut State,
-    txn: Option<&mut Txn>,
-    db: &str,
-    cmd: &Document,
-) -> CmdResult {
+pub(crate) fn insert(w: &mut Writer<'_>, db: &str, cmd: &Document) -> CmdResult {
     let name = coll_name(cmd, "insert")?;
     let Some(Bson::Array(docs)) = cmd.get("documents") else {
         return Err(CmdError::type_mismatch("documents", "array"));
     };
     let ordered = cmd.get("ordered").and_then(Bson::as_bool).unwrap_or(true);
-    let mut w = Writer::new(state, txn);
     let mut n = 0;
     let mut write_errors = Vec::new();
     w.ensure(db, name, true)?;
@@ -152,18 +146,20 @@ fn upsert_seed(q: &Document) -> Document {
     seed
 }
 
-/// Applies one update to one document and logs it. Returns whether it changed anything.
+/// Applies one update to one document and logs it. Returns whether it changed anything,
+/// with the document before and after; `None`: the document changed since it was read
+/// (read it again).
 fn update_one_record(
     w: &mut Writer<'_>,
     db: &str,
     name: &str,
-    (key, old): &(Vec<u8>, std::sync::Arc<Document>),
+    target: &(Vec<u8>, std::sync::Arc<Document>),
     spec: &UpdateSpec,
-) -> CmdResult<(bool, Document, Document)> {
-    let old: Document = (**old).clone();
+) -> CmdResult<Option<(bool, Document, Document)>> {
+    let old: Document = (*target.1).clone();
     let new = spec.apply(&old, false)?;
     if new == old {
-        return Ok((false, old, new));
+        return Ok(Some((false, old, new)));
     }
     if new.to_vec().map_or(0, |v| v.len()) > MAX_BSON_OBJECT_SIZE {
         return Err(CmdError::new(
@@ -171,8 +167,10 @@ fn update_one_record(
             "Resulting document after update is larger than 16777216",
         ));
     }
-    w.replace(db, name, key, &old, new.clone(), spec.is_replacement())?;
-    Ok((true, old, new))
+    match w.replace(db, name, target, new.clone(), spec.is_replacement())? {
+        Written::Done => Ok(Some((true, old, new))),
+        Written::Retry => Ok(None),
+    }
 }
 
 /// Inserts the document of an upsert; returns it.
@@ -204,18 +202,12 @@ fn upsert_insert(
 }
 
 /// `update`.
-pub(crate) fn update(
-    state: &mut State,
-    txn: Option<&mut Txn>,
-    db: &str,
-    cmd: &Document,
-) -> CmdResult {
+pub(crate) fn update(w: &mut Writer<'_>, db: &str, cmd: &Document) -> CmdResult {
     let name = coll_name(cmd, "update")?;
     let Some(Bson::Array(updates)) = cmd.get("updates") else {
         return Err(CmdError::type_mismatch("updates", "array"));
     };
     let ordered = cmd.get("ordered").and_then(Bson::as_bool).unwrap_or(true);
-    let mut w = Writer::new(state, txn);
     let (mut n, mut modified) = (0i64, 0i64);
     let mut upserted = Vec::new();
     let mut write_errors = Vec::new();
@@ -242,24 +234,41 @@ pub(crate) fn update(
                     "multi update is not supported for replacement-style update",
                 ));
             }
-            let rids = if w.ensure(db, name, false)? {
-                w.matching(db, name, &filter, !multi)
-            } else {
-                Vec::new()
-            };
-            if rids.is_empty() && truthy(u.get("upsert")) {
-                let new = upsert_insert(&mut w, db, name, &q, &spec)?;
-                n += 1;
-                upserted.push(doc! { "index": index as i32, "_id": new.get("_id").cloned().unwrap_or(Bson::Null) });
-                return Ok(());
-            }
-            for rid in &rids {
-                n += 1;
-                if update_one_record(&mut w, db, name, rid, &spec)?.0 {
-                    modified += 1;
+            // The documents this statement wrote: a document read again after another
+            // write changed it is updated once.
+            let mut done = std::collections::HashSet::new();
+            for _ in 0..MAX_RETRIES {
+                let targets = if w.ensure(db, name, false)? {
+                    w.matching(db, name, &filter, !multi)
+                } else {
+                    Vec::new()
+                };
+                if targets.is_empty() && done.is_empty() && truthy(u.get("upsert")) {
+                    let new = upsert_insert(w, db, name, &q, &spec)?;
+                    n += 1;
+                    upserted.push(doc! { "index": index as i32, "_id": new.get("_id").cloned().unwrap_or(Bson::Null) });
+                    return Ok(());
+                }
+                let mut again = false;
+                for target in &targets {
+                    if done.contains(&target.0) {
+                        continue;
+                    }
+                    let Some((changed, ..)) = update_one_record(w, db, name, target, &spec)? else {
+                        again = true;
+                        break;
+                    };
+                    n += 1;
+                    if changed {
+                        modified += 1;
+                    }
+                    done.insert(target.0.clone());
+                }
+                if !again {
+                    return Ok(());
                 }
             }
-            Ok(())
+            Err(gave_up())
         })();
         if let Err(e) = result {
             if e.code == code::WRITE_CONFLICT {
@@ -283,17 +292,11 @@ pub(crate) fn update(
 }
 
 /// `delete`.
-pub(crate) fn delete(
-    state: &mut State,
-    txn: Option<&mut Txn>,
-    db: &str,
-    cmd: &Document,
-) -> CmdResult {
+pub(crate) fn delete(w: &mut Writer<'_>, db: &str, cmd: &Document) -> CmdResult {
     let name = coll_name(cmd, "delete")?;
     let Some(Bson::Array(deletes)) = cmd.get("deletes") else {
         return Err(CmdError::type_mismatch("deletes", "array"));
     };
-    let mut w = Writer::new(state, txn);
     let mut n = 0i32;
     for d in deletes {
         let Bson::Document(d) = d else {
@@ -302,24 +305,35 @@ pub(crate) fn delete(
         let q = get_doc(d, "q")?.cloned().unwrap_or_default();
         let filter = Filter::parse(&q)?;
         let limit = get_usize(d, "limit")?.unwrap_or(0);
-        if !w.ensure(db, name, false)? {
-            continue;
+        let mut finished = false;
+        for _ in 0..MAX_RETRIES {
+            if !w.ensure(db, name, false)? {
+                finished = true;
+                break;
+            }
+            let mut again = false;
+            for target in w.matching(db, name, &filter, limit == 1) {
+                if w.remove(db, name, &target)? == Written::Retry {
+                    again = true;
+                    break;
+                }
+                n += 1;
+            }
+            // Removed documents no longer match: looking again finds the rest.
+            if !again {
+                finished = true;
+                break;
+            }
         }
-        for (key, old) in w.matching(db, name, &filter, limit == 1) {
-            w.remove(db, name, &key, &old)?;
-            n += 1;
+        if !finished {
+            return Err(gave_up());
         }
     }
     Ok(doc! { "n": n, "ok": 1.0 })
 }
 
 /// `findAndModify`.
-pub(crate) fn find_and_modify(
-    state: &mut State,
-    txn: Option<&mut Txn>,
-    db: &str,
-    cmd: &Document,
-) -> CmdResult {
+pub(crate) fn find_and_modify(w: &mut Writer<'_>, db: &str, cmd: &Document) -> CmdResult {
     let name = coll_name(cmd, "findAndModify")?;
     let q = get_doc(cmd, "query")?.cloned().unwrap_or_default();
     let filter = Filter::parse(&q)?;
@@ -343,40 +357,72 @@ pub(crate) fn find_and_modify(
             ));
         }
     };
-    let mut w = Writer::new(state, txn);
     let sort = get_doc(cmd, "sort")?;
-    let target = if w.ensure(db, name, false)? {
-        let mut docs = w.matching(db, name, &filter, sort.is_none());
-        if let Some(sort) = sort {
-            let mut only: Vec<Document> = docs.iter().map(|(_, d)| (**d).clone()).collect();
-            sort_documents(&mut only, sort)?;
-            if let Some(first) = only.first() {
-                let id = first.get("_id").cloned().unwrap_or(Bson::Null);
-                docs.retain(|(_, d)| d.get("_id") == Some(&id));
-            }
-        }
-        docs.into_iter().next()
-    } else {
-        None
-    };
     let project = |d: Document| -> CmdResult<Bson> {
         Ok(Bson::Document(match &projection {
             Some(p) => p.apply(&d)?,
             None => d,
         }))
     };
-    let (value, last_error) = match (target, spec) {
-        (Some((key, old)), None) => {
-            w.remove(db, name, &key, &old)?;
-            (project((*old).clone())?, doc! { "n": 1 })
+    for _ in 0..MAX_RETRIES {
+        let target = if w.ensure(db, name, false)? {
+            let mut docs = w.matching(db, name, &filter, sort.is_none());
+            if let Some(sort) = sort {
+                let mut only: Vec<Document> = docs.iter().map(|(_, d)| (**d).clone()).collect();
+                sort_documents(&mut only, sort)?;
+                if let Some(first) = only.first() {
+                    let id = first.get("_id").cloned().unwrap_or(Bson::Null);
+                    docs.retain(|(_, d)| d.get("_id") == Some(&id));
+                }
+            }
+            docs.into_iter().next()
+        } else {
+            None
+        };
+        let done = match (target, &spec) {
+            (Some(target), None) => match w.remove(db, name, &target)? {
+                Written::Done => Some((project((*target.1).clone())?, doc! { "n": 1 })),
+                Written::Retry => None,
+            },
+            (Some(target), Some(spec)) => update_one_record(w, db, name, &target, spec)?
+                .map(|(_, old, new)| {
+                    let shown = if return_new { new } else { old };
+                    project(shown).map(|v| (v, doc! { "n": 1, "updatedExisting": true }))
+                })
+                .transpose()?,
+            (None, spec) => Some(modify_nothing(
+                w,
+                db,
+                name,
+                &q,
+                spec.as_ref(),
+                upsert,
+                return_new,
+                &project,
+            )?),
+        };
+        if let Some((value, last_error)) = done {
+            return Ok(doc! { "lastErrorObject": last_error, "value": value, "ok": 1.0 });
         }
-        (Some(target), Some(spec)) => {
-            let (_, old, new) = update_one_record(&mut w, db, name, &target, &spec)?;
-            let shown = if return_new { new } else { old };
-            (project(shown)?, doc! { "n": 1, "updatedExisting": true })
-        }
-        (None, Some(spec)) if upsert => {
-            let new = upsert_insert(&mut w, db, name, &q, &spec)?;
+    }
+    Err(gave_up())
+}
+
+/// `findAndModify` that matched nothing: an upsert's insert, or nothing.
+#[allow(clippy::too_many_arguments)]
+fn modify_nothing(
+    w: &mut Writer<'_>,
+    db: &str,
+    name: &str,
+    q: &Document,
+    spec: Option<&UpdateSpec>,
+    upsert: bool,
+    return_new: bool,
+    project: &dyn Fn(Document) -> CmdResult<Bson>,
+) -> CmdResult<(Bson, Document)> {
+    Ok(match spec {
+        Some(spec) if upsert => {
+            let new = upsert_insert(w, db, name, q, spec)?;
             let id = new.get("_id").cloned().unwrap_or(Bson::Null);
             let value = if return_new {
                 project(new)?
@@ -388,9 +434,8 @@ pub(crate) fn find_and_modify(
                 doc! { "n": 1, "updatedExisting": false, "upserted": id },
             )
         }
-        (None, _) => (Bson::Null, doc! { "n": 0, "updatedExisting": false }),
-    };
-    Ok(doc! { "lastErrorObject": last_error, "value": value, "ok": 1.0 })
+        _ => (Bson::Null, doc! { "n": 0, "updatedExisting": false }),
+    })
 }
 
 /// `find`.
@@ -417,7 +462,8 @@ fn read_oplog(
         },
         Some(_) => None,
     };
-    let entries = &state.log.entries;
+    let log = state.log.lock();
+    let entries = &log.entries;
     let in_order: Box<dyn Iterator<Item = &crate::oplog::OplogEntry>> = match natural {
         Some(false) => Box::new(entries.iter().rev()),
         _ => Box::new(entries.iter()),

@@ -1,6 +1,6 @@
 //! Collections, databases and indexes: create, drop, rename, modify and list them.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use bson::{Bson, Document, doc};
 
@@ -51,7 +51,7 @@ pub(crate) fn create(state: &mut State, db: &str, cmd: &Document) -> CmdResult {
         .entry(db.to_owned())
         .or_default()
         .insert(name.to_owned(), c);
-    state.log.append(vec![entry], None);
+    state.log.lock().append(vec![entry], None);
     Ok(doc! { "ok": 1.0 })
 }
 
@@ -73,16 +73,22 @@ pub(crate) fn drop(state: &mut State, db: &str, cmd: &Document) -> CmdResult {
         state.dbs.remove(db);
     }
     let n_indexes = c.indexes.len() as i32 + 1;
-    state.log.append(
-        vec![PendingEntry {
-            db: db.to_owned(),
-            coll: name.to_owned(),
-            uuid: Some(c.uuid),
-            op: Op::Drop,
-        }],
-        None,
-    );
-    state.replaced(format!("{db}.{name}"));
+    let at = {
+        // Writes prepared against the collection are refused from its drop on.
+        let mut log = state.log.lock();
+        c.retire();
+        log.append(
+            vec![PendingEntry {
+                db: db.to_owned(),
+                coll: name.to_owned(),
+                uuid: Some(c.uuid),
+                op: Op::Drop,
+            }],
+            None,
+        );
+        log.last_ts
+    };
+    state.replaced(format!("{db}.{name}"), at);
     Ok(doc! { "nIndexesWas": n_indexes, "ns": format!("{db}.{name}"), "ok": 1.0 })
 }
 
@@ -92,13 +98,17 @@ pub(crate) fn drop_database(state: &mut State, db: &str) -> CmdResult {
         return Ok(doc! { "ok": 1.0 });
     };
 
+    let mut log = state.log.lock();
     let mut entries: Vec<PendingEntry> = colls
         .into_iter()
-        .map(|(name, c)| PendingEntry {
-            db: db.to_owned(),
-            coll: name,
-            uuid: Some(c.uuid),
-            op: Op::Drop,
+        .map(|(name, c)| {
+            c.retire();
+            PendingEntry {
+                db: db.to_owned(),
+                coll: name,
+                uuid: Some(c.uuid),
+                op: Op::Drop,
+            }
         })
         .collect();
     entries.push(PendingEntry {
@@ -107,8 +117,10 @@ pub(crate) fn drop_database(state: &mut State, db: &str) -> CmdResult {
         uuid: None,
         op: Op::DropDatabase,
     });
-    state.log.append(entries, None);
-    state.replaced(db.to_owned());
+    log.append(entries, None);
+    let at = log.last_ts;
+    std::mem::drop(log);
+    state.replaced(db.to_owned(), at);
     Ok(doc! { "dropped": db, "ok": 1.0 })
 }
 
@@ -168,6 +180,12 @@ pub(crate) fn rename_collection(state: &mut State, db: &str, cmd: &Document) -> 
             format!("target namespace {to} exists"),
         ));
     }
+    // Writes prepared against either name are refused from the rename on.
+    let log = Arc::clone(&state.log);
+    let mut log = log.lock();
+    if let Some(target) = state.dbs.get(to_db).and_then(|d| d.get(to_coll)) {
+        target.retire();
+    }
     let coll = state
         .dbs
         .get_mut(from_db)
@@ -177,12 +195,13 @@ pub(crate) fn rename_collection(state: &mut State, db: &str, cmd: &Document) -> 
         state.dbs.remove(from_db);
     }
     let uuid = coll.uuid.clone();
+    coll.retire();
     state
         .dbs
         .entry(to_db.to_owned())
         .or_default()
         .insert(to_coll.to_owned(), coll);
-    state.log.append(
+    log.append(
         vec![PendingEntry {
             db: from_db.to_owned(),
             coll: from_coll.to_owned(),
@@ -195,8 +214,10 @@ pub(crate) fn rename_collection(state: &mut State, db: &str, cmd: &Document) -> 
         }],
         None,
     );
-    state.replaced(format!("{from_db}.{from_coll}"));
-    state.replaced(format!("{to_db}.{to_coll}"));
+    let at = log.last_ts;
+    std::mem::drop(log);
+    state.replaced(format!("{from_db}.{from_coll}"), at);
+    state.replaced(format!("{to_db}.{to_coll}"), at);
     Ok(doc! { "ok": 1.0 })
 }
 
@@ -239,7 +260,10 @@ pub(crate) fn coll_mod(state: &mut State, db: &str, cmd: &Document) -> CmdResult
         description.insert(k.clone(), v.clone());
     }
     let uuid = c.uuid.clone();
-    state.log.append(
+    // Writes prepared with the old settings are prepared again.
+    let mut log = state.log.lock();
+    c.retire();
+    log.append(
         vec![PendingEntry {
             db: db.to_owned(),
             coll: name.to_owned(),
@@ -257,11 +281,9 @@ pub(crate) fn create_indexes(state: &mut State, db: &str, cmd: &Document) -> Cmd
     let Some(Bson::Array(specs)) = cmd.get("indexes") else {
         return Err(CmdError::type_mismatch("indexes", "array"));
     };
-    let mut w = Writer::new(state, None);
-    let existed = w.state.dbs.get(db).is_some_and(|d| d.contains_key(name));
-    w.ensure(db, name, true)?;
-    let coll = w
-        .state
+    let existed = state.dbs.get(db).is_some_and(|d| d.contains_key(name));
+    resolve(state, db, name, true)?;
+    let coll = state
         .dbs
         .get_mut(db)
         .and_then(|d| d.get_mut(name))
@@ -295,7 +317,7 @@ pub(crate) fn create_indexes(state: &mut State, db: &str, cmd: &Document) -> Cmd
     let after = coll.indexes.len() as i32 + 1;
     let uuid = coll.uuid.clone();
     if !added.is_empty() {
-        w.log(PendingEntry {
+        state.log.lock().append_one(PendingEntry {
             db: db.to_owned(),
             coll: name.to_owned(),
             uuid: Some(uuid),
@@ -356,7 +378,7 @@ pub(crate) fn drop_indexes(state: &mut State, db: &str, cmd: &Document) -> CmdRe
     };
     let uuid = c.uuid.clone();
     if !dropped.is_empty() {
-        state.log.append(
+        state.log.lock().append(
             vec![PendingEntry {
                 db: db.to_owned(),
                 coll: name.to_owned(),

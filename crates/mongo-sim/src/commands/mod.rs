@@ -14,13 +14,19 @@ mod sharding;
 mod txn;
 mod writer;
 
+use std::{collections::HashMap, sync::Arc};
+
 use bson::{Bson, Document, RawDocumentBuf, doc};
 
 use crate::{
     changestream::to_raw,
+    engine::{Handle, Ts},
     error::{CmdError, CmdResult, code},
+    oplog::OplogLock,
     state::State,
 };
+
+pub(crate) use writer::{Resolve, resolve};
 
 pub(crate) use admin::*;
 pub(crate) use crud::*;
@@ -133,17 +139,66 @@ pub(crate) enum Outcome {
     /// A read to finish with no lock held: a computed reply (with the snapshot time it
     /// read at, for a snapshot read).
     Compute(crud::Job, Option<bson::Timestamp>),
+    /// Writes outside a transaction, to run with no server lock held.
+    Write(Box<WriteJob>),
+}
+
+/// A write command outside a transaction (`insert`, `update`, `delete`,
+/// `findAndModify`), with what it needs to run with no server lock held: the commit lock,
+/// the history horizon and the handle of its collection, taken with the command.
+pub(crate) struct WriteJob {
+    name: &'static str,
+    db: String,
+    log: Arc<OplogLock>,
+    horizon: Ts,
+    handles: HashMap<(String, String), Handle>,
+}
+
+impl WriteJob {
+    fn new(state: &mut State, name: &'static str, db: &str, cmd: &Document) -> Self {
+        let mut handles = HashMap::new();
+        // A collection that is not there yet, or cannot be written, is left to the
+        // command (it creates it, or tells the error in its place).
+        if let Some(Bson::String(coll)) = cmd.get(name)
+            && let Ok(Some(h)) = resolve(state, db, coll, false)
+        {
+            handles.insert((db.to_owned(), coll.clone()), h);
+        }
+        Self {
+            name,
+            db: db.to_owned(),
+            log: Arc::clone(&state.log),
+            horizon: state.horizon(),
+            handles,
+        }
+    }
+
+    /// Runs the command; `resolve` takes the server lock to create a collection or take
+    /// a handle again.
+    fn run(self, cmd: &Document, resolve: &mut Resolve<'_>) -> CmdResult<RawDocumentBuf> {
+        let mut w = writer::Writer::live(self.log, self.horizon, self.handles, resolve);
+        let reply = match self.name {
+            "insert" => insert(&mut w, &self.db, cmd),
+            "update" => update(&mut w, &self.db, cmd),
+            "delete" => delete(&mut w, &self.db, cmd),
+            _ => find_and_modify(&mut w, &self.db, cmd),
+        }?;
+        to_raw(&reply)
+    }
 }
 
 impl Outcome {
-    /// Finishes a read with no lock held; `register` keeps a cursor with more results
-    /// and gives its id.
+    /// Finishes a read or a write with no lock held: `register` keeps a cursor with more
+    /// results and gives its id; `resolve` is a write's way back to the server lock.
     pub(crate) fn finish(
         self,
+        cmd: &Document,
         register: impl FnOnce(DocCursor) -> i64,
+        resolve: &mut Resolve<'_>,
     ) -> CmdResult<RawDocumentBuf> {
         match self {
             Self::Reply(r) => r,
+            Self::Write(job) => job.run(cmd, resolve),
             Self::Cursor(open) => open.read(register),
             Self::Compute(job, at) => {
                 let mut reply = job()?;
@@ -252,12 +307,21 @@ fn run_locked(
         } else {
             None
         };
-        let at = crud::Read::At(crate::engine::ts(read_at.unwrap_or(state.log.last_ts)));
+        let at = crud::Read::At(crate::engine::ts(
+            read_at.unwrap_or_else(|| state.log.last_ts()),
+        ));
         return match name {
-            "insert" => raw(insert(state, None, db, cmd)),
-            "update" => raw(update(state, None, db, cmd)),
-            "delete" => raw(delete(state, None, db, cmd)),
-            "findAndModify" => raw(find_and_modify(state, None, db, cmd)),
+            "insert" | "update" | "delete" | "findAndModify" => {
+                let name = match name {
+                    "insert" => "insert",
+                    "update" => "update",
+                    "delete" => "delete",
+                    _ => "findAndModify",
+                };
+                Ok(Outcome::Write(Box::new(WriteJob::new(
+                    state, name, db, cmd,
+                ))))
+            }
             "find" => {
                 let mut open = find(state, at, db, cmd)?;
                 open.cursor.read_time = read_at;
@@ -278,23 +342,31 @@ fn run_locked(
             )),
         };
     };
-    let read = crud::Read::Txn(&txn);
     let reply = |r: CmdResult| r.map(|d| Outcome::Reply(to_raw(&d)));
+    let write = |name: &str, w: &mut writer::Writer<'_>| match name {
+        "insert" => insert(w, db, cmd),
+        "update" => update(w, db, cmd),
+        "delete" => delete(w, db, cmd),
+        _ => find_and_modify(w, db, cmd),
+    };
     let result = match name {
         "commitTransaction" => return raw(commit_transaction(state, key, txn)),
         "abortTransaction" => return raw(Ok(doc! { "ok": 1.0 })),
-        "insert" => reply(insert(state, Some(&mut txn), db, cmd)),
-        "update" => reply(update(state, Some(&mut txn), db, cmd)),
-        "delete" => reply(delete(state, Some(&mut txn), db, cmd)),
-        "findAndModify" => reply(find_and_modify(state, Some(&mut txn), db, cmd)),
+        "insert" | "update" | "delete" | "findAndModify" => {
+            reply(write(name, &mut writer::Writer::txn(state, &mut txn)))
+        }
         // Reads see the transaction's snapshot and writes, read after the lock is let go.
-        "find" => find(state, read, db, cmd).map(|open| Outcome::Cursor(Box::new(open))),
-        "aggregate" => aggregate(state, read, db, cmd).map(|a| match a {
+        "find" => {
+            find(state, crud::Read::Txn(&txn), db, cmd).map(|open| Outcome::Cursor(Box::new(open)))
+        }
+        "aggregate" => aggregate(state, crud::Read::Txn(&txn), db, cmd).map(|a| match a {
             crud::Aggregate::Done(r) => Outcome::Reply(Ok(r)),
             crud::Aggregate::Cursor(open) => Outcome::Cursor(open),
         }),
-        "distinct" => distinct(state, read, db, cmd).map(|job| Outcome::Compute(job, None)),
-        _ => count(state, read, db, cmd).map(|job| Outcome::Compute(job, None)),
+        "distinct" => {
+            distinct(state, crud::Read::Txn(&txn), db, cmd).map(|job| Outcome::Compute(job, None))
+        }
+        _ => count(state, crud::Read::Txn(&txn), db, cmd).map(|job| Outcome::Compute(job, None)),
     };
     // A write conflict aborts the transaction, as on the server.
     if !matches!(&result, Err(e) if e.code == code::WRITE_CONFLICT) {

@@ -83,12 +83,17 @@ impl Sim {
             uptime: std::time::Duration::ZERO,
         };
         let outcome = run(&mut self.state, &ctx, "db", name, &cmd);
-        let reply = outcome.finish(|_| panic!("one batch holds every read here"))?;
+        let state = &mut self.state;
+        let reply = outcome.finish(
+            &cmd,
+            |_| panic!("one batch holds every read here"),
+            &mut |db, name, create| resolve(state, db, name, create),
+        )?;
         Ok(from_raw(&reply).unwrap())
     }
 
     fn now(&self) -> Ts {
-        crate::engine::ts(self.state.log.last_ts)
+        crate::engine::ts(self.state.log.last_ts())
     }
 
     fn write_cmd(&mut self, key: i32, upsert: bool) -> (&'static str, Document, i64) {

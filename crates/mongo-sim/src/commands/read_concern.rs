@@ -75,7 +75,7 @@ pub(crate) fn snapshot_time(
             format!("Command {name} does not support {{ readConcern: {{ level: \"snapshot\" }} }}"),
         ));
     }
-    let now = state.log.last_ts;
+    let now = state.log.last_ts();
     let Some(at) = at else {
         return Ok(Some(now));
     };

@@ -157,7 +157,7 @@ pub(crate) fn shard_collection(state: &mut State, db: &str, cmd: &Document) -> C
         Some(Bson::Document(k)) => parse_key(k)?,
         _ => return Err(CmdError::type_mismatch("key", "object")),
     };
-    writer::Writer::new(state, None).ensure(coll_db, name, true)?;
+    writer::resolve(state, coll_db, name, true)?;
     let coll = state
         .dbs
         .get_mut(coll_db)
@@ -182,7 +182,10 @@ pub(crate) fn shard_collection(state: &mut State, db: &str, cmd: &Document) -> C
         None => coll.shard_key = Some(key.clone()),
     }
     let uuid = coll.uuid.clone();
-    state.log.append_one(crate::oplog::PendingEntry {
+    // Writes prepared without the shard key are prepared again (their documentKey).
+    let mut log = state.log.lock();
+    coll.retire();
+    log.append_one(crate::oplog::PendingEntry {
         db: coll_db.to_owned(),
         coll: name.to_owned(),
         uuid: Some(uuid),

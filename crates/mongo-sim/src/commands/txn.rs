@@ -1,5 +1,7 @@
 //! Multi-document transactions: entering one, committing it.
 
+use std::sync::Arc;
+
 use bson::{Bson, Document, doc};
 
 use super::{writer::write_conflict, *};
@@ -23,7 +25,7 @@ pub(crate) fn enter_txn(state: &mut State, cmd: &Document) -> CmdResult<Option<(
     };
     let key = id_key(&Bson::Document(lsid.clone()));
     if truthy(cmd.get("startTransaction")) {
-        let read_at = crate::engine::ts(state.log.last_ts);
+        let read_at = crate::engine::ts(state.log.last_ts());
         let txn = Txn {
             txn_number,
             lsid: lsid.clone(),
@@ -68,6 +70,11 @@ pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) 
         state.txns.insert(key, txn);
         return Ok(doc! { "ok": 1.0 });
     }
+    let horizon = state.horizon();
+    // The commit lock for the whole commit: no live write commits between the checks and
+    // the install.
+    let log = Arc::clone(&state.log);
+    let mut log = log.lock();
     for ((db, name), side) in &txn.colls {
         let live = state.dbs.get(db).and_then(|d| d.get(name));
         match (&side.base, live) {
@@ -86,8 +93,7 @@ pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) 
             _ => return Err(write_conflict()),
         }
     }
-    let horizon = state.horizon();
-    let commit_ts = state.log.next_ts();
+    let commit_ts = log.next_ts();
     let at = crate::engine::ts(commit_ts);
     for ((db, name), side) in std::mem::take(&mut txn.colls) {
         let ns = format!("{db}.{name}");
@@ -98,7 +104,7 @@ pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) 
                 .or_default()
                 .insert(name.clone(), created);
         }
-        let Some(live) = state.dbs.get_mut(&db).and_then(|d| d.get_mut(&name)) else {
+        let Some(live) = state.dbs.get(&db).and_then(|d| d.get(&name)) else {
             continue;
         };
         // In the order the transaction wrote them.
@@ -114,9 +120,8 @@ pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) 
         }
     }
     let entries = std::mem::take(&mut txn.entries);
-    state
-        .log
-        .append_txn(entries, (txn.lsid.clone(), txn.txn_number), commit_ts);
+    log.append_txn(entries, (txn.lsid.clone(), txn.txn_number), commit_ts);
+    std::mem::drop(log);
     txn.committed = true;
     txn.pin = None;
     state.txns.insert(key, txn);

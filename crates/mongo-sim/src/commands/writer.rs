@@ -1,29 +1,71 @@
-//! Where a command's writes go (the live collections, stamped with a new cluster time
-//! each, or a transaction's side) and the oplog entries they leave.
+//! Where a command's writes go and the oplog entries they leave: a transaction's writes
+//! to its side (under the server lock), live writes straight to the collections with no
+//! server lock held.
+//!
+//! A live write is prepared with no lock at all (its document found, the update applied,
+//! its oplog entry built), then committed under the commit lock
+//! ([`crate::oplog::OplogLock`]): the collection must still be in the epoch its handle was
+//! taken in and the document as the write read it, else the write is prepared again (as
+//! WiredTiger retries a write conflict outside a transaction). Writes to different
+//! documents run in parallel up to their commit, which is a check, a cluster time, an
+//! entry and a version.
 
-use std::{ops::Bound, sync::Arc};
+use std::{collections::HashMap, ops::Bound, sync::Arc};
 
 use bson::{Binary, Bson, Document, doc};
 
 use super::sharding::document_key;
 use crate::{
     catalog::Collection,
-    engine::{self, Ts},
+    engine::{self, Expect, Handle, Refused, Ts},
     error::{CmdError, CmdResult, code},
     matcher::{Filter, id_range},
-    oplog::{Op, PendingEntry},
+    oplog::{Op, OplogLock, PendingEntry},
     state::{State, Txn, TxnColl},
     update::delta,
     value::id_key,
 };
 
+/// Takes a collection's handle under the server lock: `(db, name, create)`; see
+/// [`resolve`].
+pub(crate) type Resolve<'r> = dyn FnMut(&str, &str, bool) -> CmdResult<Option<Handle>> + 'r;
+
 /// Where the writes of one command go.
 pub(crate) struct Writer<'a> {
-    pub(crate) state: &'a mut State,
-    txn: Option<&'a mut Txn>,
+    mode: Mode<'a>,
+    log: Arc<OplogLock>,
     /// Versions older than this may be dropped as records are written.
     horizon: Ts,
 }
+
+enum Mode<'a> {
+    /// A transaction's writes, kept to its side until it commits (under the server lock).
+    Txn {
+        state: &'a mut State,
+        txn: &'a mut Txn,
+    },
+    /// Live writes with no server lock held, through the handles of the collections
+    /// they write; the server lock is taken only to create a collection or to take a
+    /// handle again after a drop, rename or settings change.
+    Live {
+        handles: HashMap<(String, String), Handle>,
+        resolve: &'a mut Resolve<'a>,
+    },
+}
+
+/// Whether a live write was committed, or must be prepared again from a fresh read of
+/// its document (another write changed it, or its collection changed).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Committed (or kept on the transaction's side).
+    Done,
+    /// Not committed: read the document again.
+    Retry,
+}
+
+/// How many times a statement prepares a live write again before it gives up with
+/// `WriteConflict` (a server retries without end; this bounds a livelock).
+pub(crate) const MAX_RETRIES: usize = 10_000;
 
 /// `WriteConflict` (112) as a transaction meets it.
 pub(crate) fn write_conflict() -> CmdError {
@@ -34,97 +76,184 @@ pub(crate) fn write_conflict() -> CmdError {
     .with_label("TransientTransactionError")
 }
 
+/// `WriteConflict` (112) for a live statement that was prepared again too many times.
+pub(crate) fn gave_up() -> CmdError {
+    CmdError::new(
+        code::WRITE_CONFLICT,
+        format!("Write conflict: the statement was retried {MAX_RETRIES} times"),
+    )
+}
+
+/// Makes sure `db.name` can be written outside a transaction (under the server lock):
+/// `None` when it does not exist and `create` is false; its handle otherwise, created
+/// (with a `create` entry) when missing. A view is refused.
+pub(crate) fn resolve(
+    state: &mut State,
+    db: &str,
+    name: &str,
+    create: bool,
+) -> CmdResult<Option<Handle>> {
+    validate_ns(db, name)?;
+    if let Some(c) = state.dbs.get(db).and_then(|d| d.get(name)) {
+        refuse_view(db, name, c)?;
+        return Ok(Some(c.handle()));
+    }
+    if !create {
+        return Ok(None);
+    }
+    let c = Collection::new();
+    let handle = c.handle();
+    state
+        .log
+        .lock()
+        .append_one(create_entry(db, name, &c, Document::new()));
+    state
+        .dbs
+        .entry(db.to_owned())
+        .or_default()
+        .insert(name.to_owned(), c);
+    Ok(Some(handle))
+}
+
+fn refuse_view(db: &str, name: &str, c: &Collection) -> CmdResult<()> {
+    if c.view.is_some() {
+        return Err(CmdError::new(
+            166,
+            format!("Namespace {db}.{name} is a view, not a collection"),
+        ));
+    }
+    Ok(())
+}
+
 impl<'a> Writer<'a> {
-    pub(crate) fn new(state: &'a mut State, txn: Option<&'a mut Txn>) -> Self {
+    /// A writer for a transaction's command.
+    pub(crate) fn txn(state: &'a mut State, txn: &'a mut Txn) -> Self {
         let horizon = state.horizon();
         Self {
-            state,
-            txn,
+            log: Arc::clone(&state.log),
+            mode: Mode::Txn { state, txn },
             horizon,
         }
     }
 
-    fn live(&self, db: &str, name: &str) -> Option<&Collection> {
-        self.state.dbs.get(db).and_then(|d| d.get(name))
-    }
-
-    fn live_mut(&mut self, db: &str, name: &str) -> Option<&mut Collection> {
-        self.state.dbs.get_mut(db).and_then(|d| d.get_mut(name))
+    /// A writer for a command outside a transaction, run with no server lock held:
+    /// `handles` are those taken with the command, `resolve` takes more.
+    pub(crate) fn live(
+        log: Arc<OplogLock>,
+        horizon: Ts,
+        handles: HashMap<(String, String), Handle>,
+        resolve: &'a mut Resolve<'a>,
+    ) -> Self {
+        Self {
+            mode: Mode::Live { handles, resolve },
+            log,
+            horizon,
+        }
     }
 
     /// Makes sure `db.name` can be written: `Ok(false)` when it does not exist and
     /// `create` is false; created (with a `create` entry) otherwise. A view is refused.
     pub(crate) fn ensure(&mut self, db: &str, name: &str, create: bool) -> CmdResult<bool> {
-        validate_ns(db, name)?;
-        let live = self.state.dbs.get(db).and_then(|d| d.get(name));
-        if live.is_some_and(|c| c.view.is_some()) {
-            return Err(CmdError::new(
-                166,
-                format!("Namespace {db}.{name} is a view, not a collection"),
-            ));
-        }
         let key = (db.to_owned(), name.to_owned());
-        if let Some(txn) = self.txn.as_deref_mut() {
-            if txn.colls.contains_key(&key) {
-                return Ok(true);
-            }
-            let side = match live {
-                Some(c) => TxnColl {
-                    base: Some((c.uuid.clone(), self.state.history.view(c, txn.read_at))),
-                    created: None,
-                    writes: Default::default(),
-                },
-                None if create => {
-                    let c = Collection::new();
-                    txn.entries
-                        .push(create_entry(db, name, &c, Document::new()));
-                    TxnColl {
-                        base: None,
-                        created: Some(c),
-                        writes: Default::default(),
-                    }
+        let (state, txn) = match &mut self.mode {
+            Mode::Live { handles, resolve } => {
+                if handles.contains_key(&key) {
+                    return Ok(true);
                 }
-                None => return Ok(false),
-            };
-            txn.colls.insert(key, side);
+                return Ok(match resolve(db, name, create)? {
+                    Some(h) => {
+                        handles.insert(key, h);
+                        true
+                    }
+                    None => false,
+                });
+            }
+            Mode::Txn { state, txn } => (state, txn),
+        };
+        validate_ns(db, name)?;
+        let live = state.dbs.get(db).and_then(|d| d.get(name));
+        if let Some(c) = live {
+            refuse_view(db, name, c)?;
+        }
+        if txn.colls.contains_key(&key) {
             return Ok(true);
         }
-        if live.is_some() {
-            return Ok(true);
-        }
-        if !create {
-            return Ok(false);
-        }
-        let c = Collection::new();
-        self.state
-            .log
-            .append_one(create_entry(db, name, &c, Document::new()));
-        self.state
-            .dbs
-            .entry(db.to_owned())
-            .or_default()
-            .insert(name.to_owned(), c);
+        let side = match live {
+            Some(c) => TxnColl {
+                base: Some((c.uuid.clone(), state.history.view(c, txn.read_at))),
+                created: None,
+                writes: Default::default(),
+            },
+            None if create => {
+                let c = Collection::new();
+                txn.entries
+                    .push(create_entry(db, name, &c, Document::new()));
+                TxnColl {
+                    base: None,
+                    created: Some(c),
+                    writes: Default::default(),
+                }
+            }
+            None => return Ok(false),
+        };
+        txn.colls.insert(key, side);
         Ok(true)
     }
 
-    fn side(&mut self, db: &str, name: &str) -> CmdResult<(&mut Txn, Option<&Collection>)> {
-        let live = self.state.dbs.get(db).and_then(|d| d.get(name));
-        let txn = self
-            .txn
-            .as_deref_mut()
-            .ok_or_else(|| CmdError::new(code::INTERNAL_ERROR, "no transaction"))?;
-        Ok((txn, live))
+    /// The handle of `db.name` taken again (after [`Refused::Stale`]).
+    fn refresh(&mut self, db: &str, name: &str, create: bool) -> CmdResult<Option<Handle>> {
+        let Mode::Live { handles, resolve } = &mut self.mode else {
+            return Ok(None);
+        };
+        let key = (db.to_owned(), name.to_owned());
+        handles.remove(&key);
+        let handle = resolve(db, name, create)?;
+        if let Some(h) = &handle {
+            handles.insert(key, h.clone());
+        }
+        Ok(handle)
     }
 
-    /// The collection's UUID, whether it records pre- and post-images, and its shard key.
-    fn settings(&self, db: &str, name: &str) -> (Option<Binary>, bool, Option<Document>) {
+    fn handle(&self, db: &str, name: &str) -> Option<Handle> {
+        match &self.mode {
+            Mode::Live { handles, .. } => handles.get(&(db.to_owned(), name.to_owned())).cloned(),
+            Mode::Txn { .. } => None,
+        }
+    }
+
+    /// Commits one live write under the commit lock (see [`Handle::check`]).
+    fn commit(
+        &self,
+        h: &Handle,
+        ns: &str,
+        key: &[u8],
+        expect: &Expect,
+        doc: Option<Document>,
+        entry: PendingEntry,
+    ) -> CmdResult<Result<(), Refused>> {
+        let mut log = self.log.lock();
+        if let Err(refused) = h.check(key, expect) {
+            return Ok(Err(refused));
+        }
+        let at = engine::ts(log.append_one(entry));
+        h.apply(ns, key, doc, at, self.horizon)?;
+        Ok(Ok(()))
+    }
+
+    /// The collection's UUID, whether it records pre- and post-images, and its shard key,
+    /// as a transaction's write records them.
+    fn txn_settings(
+        state: &State,
+        txn: &Txn,
+        db: &str,
+        name: &str,
+    ) -> (Option<Binary>, bool, Option<Document>) {
         let key = (db.to_owned(), name.to_owned());
-        let coll = self
-            .txn
-            .as_deref()
-            .and_then(|t| t.colls.get(&key))
+        let coll = txn
+            .colls
+            .get(&key)
             .and_then(|s| s.created.as_ref())
-            .or_else(|| self.live(db, name));
+            .or_else(|| state.dbs.get(db).and_then(|d| d.get(name)));
         coll.map_or((None, false, None), |c| {
             (Some(c.uuid.clone()), c.images, c.shard_key.clone())
         })
@@ -141,53 +270,54 @@ impl<'a> Writer<'a> {
     ) -> Vec<(Vec<u8>, Arc<Document>)> {
         let key = (db.to_owned(), name.to_owned());
         let range = id_range(filter);
-        if let Some(txn) = self.txn.as_deref() {
-            let Some(side) = txn.colls.get(&key) else {
-                return Vec::new();
-            };
-            // One `_id`: looked up, as the live collection's index does, instead of
-            // reading the whole snapshot (a transaction costs the documents it touches).
-            if let Some((Bound::Included(low), Bound::Included(high))) = &range
-                && low == high
-            {
-                let key = id_key(&low.0);
-                return side
-                    .get(&key, &low.0)
-                    .filter(|d| filter.matches(d))
-                    .map(|d| (key, Arc::new(d)))
-                    .into_iter()
-                    .collect();
+        let txn = match &self.mode {
+            Mode::Live { handles, .. } => {
+                return handles.get(&key).map_or_else(Vec::new, |h| {
+                    h.matching(range, &|d| filter.matches(d), first)
+                });
             }
-            let docs = side.docs().into_iter().filter(|d| filter.matches(d));
-            let docs = docs.map(|d| (d.get("_id").map(id_key).unwrap_or_default(), Arc::new(d)));
-            return if first {
-                docs.take(1).collect()
-            } else {
-                docs.collect()
-            };
+            Mode::Txn { txn, .. } => txn,
+        };
+        let Some(side) = txn.colls.get(&key) else {
+            return Vec::new();
+        };
+        // One `_id`: looked up, as the live collection's index does, instead of reading
+        // the whole snapshot (a transaction costs the documents it touches).
+        if let Some((Bound::Included(low), Bound::Included(high))) = &range
+            && low == high
+        {
+            let key = id_key(&low.0);
+            return side
+                .get(&key, &low.0)
+                .filter(|d| filter.matches(d))
+                .map(|d| (key, Arc::new(d)))
+                .into_iter()
+                .collect();
         }
-        self.live(db, name).map_or_else(Vec::new, |c| {
-            c.matching(range, &|d| filter.matches(d), first)
-        })
+        let docs = side.docs().into_iter().filter(|d| filter.matches(d));
+        let docs = docs.map(|d| (d.get("_id").map(id_key).unwrap_or_default(), Arc::new(d)));
+        if first {
+            docs.take(1).collect()
+        } else {
+            docs.collect()
+        }
     }
 
-    /// Inserts `doc` (which has its `_id`).
+    /// Inserts `doc` (which has its `_id`) into a collection [`Self::ensure`]d first.
     pub(crate) fn insert(&mut self, db: &str, name: &str, doc: Document) -> CmdResult<()> {
         let ns = format!("{db}.{name}");
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
         let key = id_key(&id);
-        let (uuid, _, shard_key) = self.settings(db, name);
-        let op = Op::Insert {
-            key: document_key(shard_key.as_ref(), &doc),
-            doc: doc.clone(),
-        };
-        let entry = entry(db, name, uuid, op);
-        if self.txn.is_some() {
-            let (txn, live) = self.side(db, name)?;
-            let read_at = txn.read_at;
-            if live.is_some_and(|c| c.written_at(&key).is_some_and(|w| w > read_at)) {
+        if let Mode::Txn { state, txn } = &mut self.mode {
+            let (uuid, _, shard_key) = Self::txn_settings(state, txn, db, name);
+            let live = state.dbs.get(db).and_then(|d| d.get(name));
+            if live.is_some_and(|c| c.written_at(&key).is_some_and(|w| w > txn.read_at)) {
                 return Err(write_conflict());
             }
+            let op = Op::Insert {
+                key: document_key(shard_key.as_ref(), &doc),
+                doc: doc.clone(),
+            };
             txn.writes += 1;
             let n = txn.writes;
             let side = side_of(txn, db, name)?;
@@ -195,21 +325,29 @@ impl<'a> Writer<'a> {
                 return Err(engine::duplicate_key(&ns, &id));
             }
             side.writes.insert(key, (n, Some(doc)));
-            txn.entries.push(entry);
+            txn.entries.push(entry(db, name, uuid, op));
             return Ok(());
         }
-        let horizon = self.horizon;
-        let coll = self
-            .live(db, name)
-            .ok_or_else(|| CmdError::bad_value("no collection"))?;
-        if coll.contains(&key) {
-            return Err(engine::duplicate_key(&ns, &id));
+        let mut handle = self.handle(db, name);
+        for _ in 0..MAX_RETRIES {
+            let Some(h) = handle else {
+                handle = self.refresh(db, name, true)?;
+                continue;
+            };
+            let op = Op::Insert {
+                key: document_key(h.shard_key.as_ref(), &doc),
+                doc: doc.clone(),
+            };
+            let entry = entry(db, name, Some(h.uuid.clone()), op);
+            match self.commit(&h, &ns, &key, &Expect::Absent, Some(doc.clone()), entry)? {
+                Ok(()) => return Ok(()),
+                Err(Refused::Stale) => handle = self.refresh(db, name, true)?,
+                Err(Refused::Duplicate | Refused::Changed) => {
+                    return Err(engine::duplicate_key(&ns, &id));
+                }
+            }
         }
-        let at = engine::ts(self.state.log.append_one(entry));
-        let coll = self
-            .live_mut(db, name)
-            .ok_or_else(|| CmdError::bad_value("no collection"))?;
-        coll.insert(&ns, doc, at, horizon)
+        Err(gave_up())
     }
 
     /// Replaces `old` (the document with `_id` key `key`) with `new`, logged as a
@@ -218,31 +356,31 @@ impl<'a> Writer<'a> {
         &mut self,
         db: &str,
         name: &str,
-        key: &[u8],
-        old: &Document,
+        (key, old): &(Vec<u8>, Arc<Document>),
         new: Document,
         replacement: bool,
-    ) -> CmdResult<()> {
-        let (uuid, images, shard_key) = self.settings(db, name);
-        // As the server writes `o2`: the document key of the document before the update
-        // (the shard key it had, when an update changes it).
-        let id_doc = document_key(shard_key.as_ref(), old);
-        let pre = images.then(|| old.clone());
-        let op = if replacement {
-            Op::Replace {
-                key: id_doc,
-                doc: new.clone(),
-                pre,
-            }
-        } else {
-            Op::Update {
-                key: id_doc,
-                delta: delta(old, &new),
-                pre,
-                post: images.then(|| new.clone()),
+    ) -> CmdResult<Written> {
+        let op = |images: bool, shard_key: Option<&Document>| {
+            // As the server writes `o2`: the document key of the document before the
+            // update (the shard key it had, when an update changes it).
+            let id_doc = document_key(shard_key, old);
+            let pre = images.then(|| (**old).clone());
+            if replacement {
+                Op::Replace {
+                    key: id_doc,
+                    doc: new.clone(),
+                    pre,
+                }
+            } else {
+                Op::Update {
+                    key: id_doc,
+                    delta: delta(old, &new),
+                    pre,
+                    post: images.then(|| new.clone()),
+                }
             }
         };
-        self.write(db, name, key, Some(new), entry(db, name, uuid, op))
+        self.write(db, name, key, old, Some(new.clone()), &op)
     }
 
     /// Removes `old` (the document with `_id` key `key`).
@@ -250,15 +388,13 @@ impl<'a> Writer<'a> {
         &mut self,
         db: &str,
         name: &str,
-        key: &[u8],
-        old: &Document,
-    ) -> CmdResult<()> {
-        let (uuid, images, shard_key) = self.settings(db, name);
-        let op = Op::Delete {
-            key: document_key(shard_key.as_ref(), old),
-            pre: images.then(|| old.clone()),
+        (key, old): &(Vec<u8>, Arc<Document>),
+    ) -> CmdResult<Written> {
+        let op = |images: bool, shard_key: Option<&Document>| Op::Delete {
+            key: document_key(shard_key, old),
+            pre: images.then(|| (**old).clone()),
         };
-        self.write(db, name, key, None, entry(db, name, uuid, op))
+        self.write(db, name, key, old, None, &op)
     }
 
     fn write(
@@ -266,40 +402,45 @@ impl<'a> Writer<'a> {
         db: &str,
         name: &str,
         key: &[u8],
+        old: &Arc<Document>,
         doc: Option<Document>,
-        entry: PendingEntry,
-    ) -> CmdResult<()> {
-        if self.txn.is_some() {
-            let (txn, live) = self.side(db, name)?;
-            let read_at = txn.read_at;
-            if live.is_some_and(|c| c.written_at(key).is_some_and(|w| w > read_at)) {
+        op: &dyn Fn(bool, Option<&Document>) -> Op,
+    ) -> CmdResult<Written> {
+        if let Mode::Txn { state, txn } = &mut self.mode {
+            let (uuid, images, shard_key) = Self::txn_settings(state, txn, db, name);
+            let live = state.dbs.get(db).and_then(|d| d.get(name));
+            if live.is_some_and(|c| c.written_at(key).is_some_and(|w| w > txn.read_at)) {
                 return Err(write_conflict());
             }
+            let entry = entry(db, name, uuid, op(images, shard_key.as_ref()));
             txn.writes += 1;
             let n = txn.writes;
             side_of(txn, db, name)?
                 .writes
                 .insert(key.to_vec(), (n, doc));
             txn.entries.push(entry);
-            return Ok(());
+            return Ok(Written::Done);
         }
-        let horizon = self.horizon;
-        let at = engine::ts(self.state.log.append_one(entry));
-        let coll = self
-            .live_mut(db, name)
-            .ok_or_else(|| CmdError::bad_value("no collection"))?;
-        match doc {
-            Some(doc) => coll.replace(key, doc, at, horizon),
-            None => {
-                coll.remove(key, at, horizon);
+        let Some(h) = self.handle(db, name) else {
+            // The collection went away since the document was read.
+            return Ok(Written::Retry);
+        };
+        let ns = format!("{db}.{name}");
+        let entry = entry(
+            db,
+            name,
+            Some(h.uuid.clone()),
+            op(h.images, h.shard_key.as_ref()),
+        );
+        let expect = Expect::Current(Arc::clone(old));
+        match self.commit(&h, &ns, key, &expect, doc, entry)? {
+            Ok(()) => Ok(Written::Done),
+            Err(Refused::Stale) => {
+                self.refresh(db, name, false)?;
+                Ok(Written::Retry)
             }
+            Err(Refused::Changed | Refused::Duplicate) => Ok(Written::Retry),
         }
-        Ok(())
-    }
-
-    /// Logs a command's entry outside a transaction (index and collection changes).
-    pub(crate) fn log(&mut self, entry: PendingEntry) {
-        self.state.log.append_one(entry);
     }
 }
 

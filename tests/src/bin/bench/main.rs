@@ -189,15 +189,21 @@ async fn sim_writes(scan_docs: usize, write_ops: usize) -> Result<(), BoxError> 
     // Warm-up: connections opened, code paths paged in.
     write_rate(&client, "warm", 8, 2_000).await?;
     let one = write_rate(&client, "w1", 1, write_ops).await?;
-    let (held, t0) = (sim.lock_held(), Instant::now());
+    let (held, committing, t0) = (sim.lock_held(), sim.commit_lock_held(), Instant::now());
     let eight = write_rate(&client, "w8", 8, write_ops).await?;
-    let serialized = (sim.lock_held() - held).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let wall = t0.elapsed().as_secs_f64();
+    let serialized = (sim.lock_held() - held).as_secs_f64() / wall;
+    let commits = (sim.commit_lock_held() - committing).as_secs_f64() / wall;
     println!("\nsim writes, 1 connection: {one:.0}/s");
     println!("sim writes, 8 connections: {eight:.0}/s");
     println!("sim writes 8 ÷ 1 connections: {:.2}x", eight / one);
     println!(
         "server lock held during the 8-connection writes: {:.0}% of the time",
         serialized * 100.0
+    );
+    println!(
+        "commit lock held during the 8-connection writes: {:.0}% of the time",
+        commits * 100.0
     );
 
     // A large collection, read whole by one cursor while one connection writes into it.
