@@ -318,6 +318,15 @@ pub(crate) fn resume(inner: &Arc<Inner>, position: SnapshotPosition) -> Box<dyn 
     Box::new(SnapshotCursor::new(inner, position))
 }
 
+/// An empty document with room for `capacity` bytes: built by appending, it grows once
+/// instead of doubling its way up (a snapshot builds four of them per document read).
+fn doc_with_capacity(capacity: usize) -> RawDocumentBuf {
+    let mut bytes = Vec::with_capacity(capacity.max(5));
+    // An empty document: its length (5, little-endian) and its terminating zero.
+    bytes.extend_from_slice(&[5, 0, 0, 0, 0]);
+    RawDocumentBuf::from_bytes(bytes).unwrap_or_default()
+}
+
 /// Documents of one collection read at one cluster time, in `_id` order.
 struct Chunk {
     coll: Arc<str>,
@@ -480,7 +489,10 @@ impl SnapshotCursor {
         time: ClusterTime,
         data: Option<&str>,
     ) -> cdc_core::Result<ResumeToken> {
-        let mut snap = RawDocumentBuf::new();
+        // Room for the fields below with an `_id` of up to 64 bytes (a longer one grows it).
+        let filter_len = self.filter.as_ref().map_or(0, |f| f.as_bytes().len());
+        let snap_len = stream_pos.as_raw().as_bytes().len() + self.coll.len() + filter_len + 160;
+        let mut snap = doc_with_capacity(snap_len);
         snap.append(bson::cstr!("start"), stream_pos.as_raw());
         snap.append(bson::cstr!("startTime"), time.to_timestamp());
         snap.append(bson::cstr!("id"), self.id.to_timestamp());
@@ -494,7 +506,7 @@ impl SnapshotCursor {
         if self.single {
             snap.append(bson::cstr!("single"), true);
         }
-        let mut token = RawDocumentBuf::new();
+        let mut token = doc_with_capacity(snap_len + data.map_or(0, str::len) + 32);
         if let Some(data) = data {
             token.append(bson::cstr!("_data"), data);
         }
@@ -528,9 +540,16 @@ impl SnapshotCursor {
         }
         self.after = Some(bson::RawBson::from(id));
         let token = self.position_token(&self.stream_pos, self.stream_time, None)?;
-        let mut key = RawDocumentBuf::new();
+        let mut key = doc_with_capacity(64);
         key.append(bson::cstr!("_id"), id);
-        let mut raw = RawDocumentBuf::new();
+        let ns_len = self.ns.as_ref().map_or(0, |(_, ns)| ns.as_bytes().len());
+        let mut raw = doc_with_capacity(
+            token.as_raw().as_bytes().len()
+                + ns_len
+                + key.as_bytes().len()
+                + doc.as_bytes().len()
+                + 128,
+        );
         raw.append(bson::cstr!("_id"), token.as_raw());
         raw.append(bson::cstr!("operationType"), "snapshot");
         raw.append(bson::cstr!("clusterTime"), self.stream_time.to_timestamp());
