@@ -535,3 +535,75 @@ async fn writes_racing_drops_and_renames_never_follow_them() {
     );
     drop(sim);
 }
+
+/// `local.oplog.rs` is read a few hundred entries per hold of the commit lock (writes
+/// commit in between): oldest first and newest first across those chunks give the same
+/// entries in opposite orders, in strictly increasing (decreasing) time, and `skip` and
+/// `limit` count across chunks; a read made while a writer writes returns every entry
+/// up to where it got, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oplog_reads_in_chunks_while_writes_go_on() {
+    let (_sim, client) = setup_with(SimOptions::default()).await;
+    let coll = client.database("ol").collection::<Document>("c");
+    coll.insert_many((0..1_500).map(|i| doc! { "_id": i }))
+        .await
+        .unwrap();
+    let oplog = client.database("local").collection::<Document>("oplog.rs");
+    let read = |sort: i32, skip: u64, limit: i64| {
+        let oplog = oplog.clone();
+        async move {
+            oplog
+                .find(doc! { "ns": "ol.c" })
+                .sort(doc! { "$natural": sort })
+                .skip(skip)
+                .limit(limit)
+                .await
+                .unwrap()
+                .try_collect::<Vec<Document>>()
+                .await
+                .unwrap()
+        }
+    };
+    let forward = read(1, 0, 0).await;
+    let mut backward = read(-1, 0, 0).await;
+    assert_eq!(forward.len(), 1_500);
+    backward.reverse();
+    assert_eq!(forward, backward);
+    let times: Vec<bson::Timestamp> = forward
+        .iter()
+        .map(|e| e.get_timestamp("ts").unwrap())
+        .collect();
+    assert!(
+        times
+            .windows(2)
+            .all(|w| (w[0].time, w[0].increment) < (w[1].time, w[1].increment))
+    );
+    let ids = |entries: &[Document]| -> Vec<i32> {
+        entries
+            .iter()
+            .map(|e| e.get_document("o").unwrap().get_i32("_id").unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&read(1, 300, 5).await), (300..305).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&read(-1, 300, 5).await),
+        (1_195..1_200).rev().collect::<Vec<_>>()
+    );
+    // While another connection writes: what the read returns is in order, gapless for
+    // this writer, and starts with the oldest entry.
+    let writer = {
+        let coll = coll.clone();
+        tokio::spawn(async move {
+            for i in 1_500..3_000 {
+                coll.insert_one(doc! { "_id": i }).await.unwrap();
+            }
+        })
+    };
+    let during = ids(&read(1, 0, 0).await);
+    writer.await.unwrap();
+    assert!(during.len() >= 1_500);
+    assert_eq!(
+        during,
+        (0..i32::try_from(during.len()).unwrap()).collect::<Vec<_>>()
+    );
+}

@@ -446,11 +446,12 @@ fn modify_nothing(
 /// sort orders the filtered entries.
 fn read_oplog(
     state: &State,
-    filter: &Filter,
+    ns: String,
+    filter: Filter,
     sort: Option<&Document>,
     skip: usize,
     take: usize,
-) -> CmdResult<Vec<Document>> {
+) -> CmdResult<DocCursor> {
     let natural = match sort {
         None => Some(true),
         Some(s) if s.len() == 1 && s.contains_key("$natural") => match s.get("$natural") {
@@ -462,22 +463,30 @@ fn read_oplog(
         },
         Some(_) => None,
     };
-    let log = state.log.lock();
-    let entries = &log.entries;
-    let in_order: Box<dyn Iterator<Item = &crate::oplog::OplogEntry>> = match natural {
-        Some(false) => Box::new(entries.iter().rev()),
-        _ => Box::new(entries.iter()),
-    };
-    let matching = in_order
-        .map(crate::oplog::OplogEntry::to_document)
-        .filter(|d| filter.matches(d));
     Ok(match (natural, sort) {
+        // Sorted by a field: every entry is read, then sorted (in bounded holds too).
         (None, Some(sort)) => {
-            let mut docs: Vec<Document> = matching.collect();
+            let mut all = OplogScan::new(Arc::clone(&state.log), true, filter, 0, usize::MAX);
+            let mut docs = Vec::new();
+            while let Some(d) = all.next_document() {
+                docs.push(d);
+            }
             sort_documents(&mut docs, sort)?;
-            docs.into_iter().skip(skip).take(take).collect()
+            DocCursor::ready(
+                ns,
+                docs.into_iter().skip(skip).take(take).collect::<Vec<_>>(),
+            )
         }
-        _ => matching.skip(skip).take(take).collect(),
+        (natural, _) => DocCursor::oplog(
+            ns,
+            OplogScan::new(
+                Arc::clone(&state.log),
+                natural != Some(false),
+                filter,
+                skip,
+                take,
+            ),
+        ),
     })
 }
 
@@ -504,7 +513,7 @@ pub(crate) fn find(
     let oplog = db == "local" && name == "oplog.rs";
     let config = db == "config" && state.sharded;
     let cursor = if oplog {
-        DocCursor::ready(ns, read_oplog(state, &filter, sort, skip, take)?)
+        read_oplog(state, ns, filter, sort, skip, take)?
     } else if config && matches!(name, "collections" | "chunks" | "shards") {
         let mut docs: Vec<Document> = sharding::config_docs(state, name)
             .into_iter()

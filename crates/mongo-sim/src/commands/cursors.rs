@@ -13,6 +13,7 @@ use crate::{
     engine::{Position, View},
     error::{CmdError, CmdResult, code},
     matcher::Filter,
+    oplog::{OplogEntry, OplogLock},
     pipeline::{Projection, Stage},
     state::{Cursor, State},
     wire::MAX_BSON_OBJECT_SIZE,
@@ -28,6 +29,109 @@ enum Source {
     /// An aggregation (or a sorted query) over a view or what a transaction sees, run
     /// when the first batch is asked for.
     Pipeline { input: Input, stages: Vec<Stage> },
+    /// `local.oplog.rs` in natural order or newest first.
+    Oplog(Box<OplogScan>),
+}
+
+/// A read of `local.oplog.rs`: entries taken [`OPLOG_CHUNK`] per hold of the commit lock
+/// (writes commit between two), turned into documents there, filtered after.
+#[derive(Debug)]
+pub(crate) struct OplogScan {
+    log: Arc<OplogLock>,
+    /// The next entry's sequence number (forwards: the next to read; backwards: the one
+    /// below the last read).
+    next: u64,
+    forward: bool,
+    filter: Filter,
+    skip: usize,
+    left: usize,
+    read: VecDeque<Document>,
+    done: bool,
+}
+
+/// How many oplog entries a read takes per hold of the commit lock.
+const OPLOG_CHUNK: u64 = 256;
+
+impl OplogScan {
+    /// A read of `log` oldest first (`forward`) or newest first, of the entries `filter`
+    /// accepts after skipping `skip`, at most `take`.
+    pub(crate) fn new(
+        log: Arc<OplogLock>,
+        forward: bool,
+        filter: Filter,
+        skip: usize,
+        take: usize,
+    ) -> Self {
+        let next = if forward { 0 } else { u64::MAX };
+        Self {
+            log,
+            next,
+            forward,
+            filter,
+            skip,
+            left: take,
+            read: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// Reads the next entries: the retained ones from where the read is (entries that
+    /// rolled off meanwhile are passed over, as a capped collection's reader loses them).
+    fn fill(&mut self) {
+        let log = self.log.lock();
+        let (first, head) = (log.first_seq(), log.head_seq());
+        if self.forward {
+            let from = self.next.max(first);
+            let to = head.min(from.saturating_add(OPLOG_CHUNK - 1));
+            if from > to {
+                self.done = true;
+                return;
+            }
+            self.read
+                .extend((from..=to).filter_map(|seq| log.entry(seq).map(OplogEntry::to_document)));
+            self.next = to + 1;
+        } else {
+            // Sequence numbers start at 1: `next` falls below `first` at the oldest.
+            let from = self.next.min(head);
+            if from < first {
+                self.done = true;
+                return;
+            }
+            let to = first.max(from.saturating_sub(OPLOG_CHUNK - 1));
+            self.read.extend(
+                (to..=from)
+                    .rev()
+                    .filter_map(|seq| log.entry(seq).map(OplogEntry::to_document)),
+            );
+            self.next = to - 1;
+        }
+    }
+
+    /// The next document the read returns.
+    pub(crate) fn next_document(&mut self) -> Option<Document> {
+        self.pull()
+    }
+
+    fn pull(&mut self) -> Option<Document> {
+        loop {
+            if self.left == 0 {
+                return None;
+            }
+            match self.read.pop_front() {
+                Some(d) if self.filter.matches(&d) => {
+                    if self.skip > 0 {
+                        self.skip -= 1;
+                        continue;
+                    }
+                    self.left -= 1;
+                    return Some(d);
+                }
+                Some(_) => {}
+                None if self.done => return None,
+                None => self.fill(),
+            }
+        }
+    }
 }
 
 /// What a computed read reads.
@@ -117,6 +221,17 @@ impl DocCursor {
         }
     }
 
+    /// A read of `local.oplog.rs`.
+    pub(crate) fn oplog(ns: String, scan: OplogScan) -> Self {
+        Self {
+            ns,
+            source: Source::Oplog(Box::new(scan)),
+            projection: None,
+            ahead: None,
+            read_time: None,
+        }
+    }
+
     /// An aggregation of `input`.
     pub(crate) fn pipeline(ns: String, input: Input, stages: Vec<Stage>) -> Self {
         Self {
@@ -147,6 +262,7 @@ impl DocCursor {
         let raw = match &mut self.source {
             Source::Ready(docs) => docs.pop_front().map(Arc::new),
             Source::Pipeline { .. } => None,
+            Source::Oplog(scan) => scan.pull().map(Arc::new),
             Source::Scan(scan) => loop {
                 let Scan {
                     view,
