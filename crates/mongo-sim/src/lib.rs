@@ -56,6 +56,10 @@ pub struct SimOptions {
     /// `minSnapshotHistoryWindowInSeconds`): a snapshot read at an older cluster time is
     /// `SnapshotTooOld` (239). A view still being read keeps what it reads.
     pub snapshot_history_secs: u32,
+    /// How long a transaction may stay uncommitted, in seconds (MongoDB's
+    /// `transactionLifetimeLimitSeconds`): an older one is aborted (its snapshot let go)
+    /// and its next command is `NoSuchTransaction` (251).
+    pub transaction_lifetime_secs: u32,
     /// Present itself as a `mongos` of a sharded cluster (`--sharded`): see
     /// `docs/mongo-sim.md`.
     pub sharded: bool,
@@ -70,6 +74,7 @@ impl Default for SimOptions {
             oplog_size_bytes: None,
             max_connections: 1_000,
             snapshot_history_secs: 300,
+            transaction_lifetime_secs: 60,
             sharded: false,
         }
     }
@@ -114,6 +119,8 @@ impl MongoSim {
         {
             let mut state = shared.lock();
             state.history.window_secs = options.snapshot_history_secs;
+            state.txn_lifetime =
+                std::time::Duration::from_secs(options.transaction_lifetime_secs.into());
             state.sharded = options.sharded;
             state.shard_host = format!("{}/{}", options.set_name, addr);
         }

@@ -31,6 +31,9 @@ async fn main() -> std::process::ExitCode {
             ("--snapshot-history-secs", Some(v)) => {
                 number(&arg, v).map(|n| options.snapshot_history_secs = n)
             }
+            ("--transaction-lifetime-secs", Some(v)) => {
+                number(&arg, v).map(|n| options.transaction_lifetime_secs = n)
+            }
             ("--replica-set", Some(v)) => {
                 options.set_name = v.to_owned();
                 Ok(())
@@ -41,6 +44,7 @@ async fn main() -> std::process::ExitCode {
                 | "--oplog-size-mb"
                 | "--max-connections"
                 | "--snapshot-history-secs"
+                | "--transaction-lifetime-secs"
                 | "--replica-set",
                 None,
             ) => Err(format!("`{arg}` needs a value")),
@@ -48,7 +52,7 @@ async fn main() -> std::process::ExitCode {
         };
         if let Err(e) = parsed {
             eprintln!(
-                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N] [--oplog-size-mb N] [--max-connections N] [--snapshot-history-secs N] [--sharded]"
+                "mongo-sim: {e}\nusage: mongo-sim [--port N] [--replica-set NAME] [--oplog-capacity N] [--oplog-size-mb N] [--max-connections N] [--snapshot-history-secs N] [--transaction-lifetime-secs N] [--sharded]"
             );
             return std::process::ExitCode::from(2);
         }

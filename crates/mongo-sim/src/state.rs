@@ -50,6 +50,8 @@ pub(crate) struct Txn {
     pub(crate) entries: Vec<PendingEntry>,
     /// Whether it has committed (a repeated commit then succeeds).
     pub(crate) committed: bool,
+    /// When it started (it is aborted after `transactionLifetimeLimitSeconds`).
+    pub(crate) started: std::time::Instant,
 }
 
 /// A transaction's side of one collection.
@@ -141,6 +143,8 @@ pub(crate) struct State {
     next_cursor_id: i64,
     /// Transactions by session key.
     pub(crate) txns: HashMap<Vec<u8>, Txn>,
+    /// `transactionLifetimeLimitSeconds`.
+    pub(crate) txn_lifetime: std::time::Duration,
     /// Injected faults.
     pub(crate) faults: Faults,
     /// Connection ids handed out.
@@ -169,6 +173,7 @@ impl State {
             cursors: HashMap::new(),
             next_cursor_id: 1,
             txns: HashMap::new(),
+            txn_lifetime: std::time::Duration::from_secs(60),
             faults: Faults::default(),
             next_connection_id: 1,
             activity: Activity::default(),
@@ -187,8 +192,17 @@ impl State {
         id
     }
 
+    /// Aborts the uncommitted transactions older than the lifetime limit, as the server's
+    /// periodic reaper does: their snapshots no longer hold the history horizon back.
+    pub(crate) fn reap_transactions(&mut self) {
+        let limit = self.txn_lifetime;
+        self.txns
+            .retain(|_, t| t.committed || t.started.elapsed() <= limit);
+    }
+
     /// Moves the history horizon on and returns it.
     pub(crate) fn horizon(&mut self) -> Ts {
+        self.reap_transactions();
         let now = bson::Timestamp {
             time: crate::oplog::now_secs(),
             increment: 0,

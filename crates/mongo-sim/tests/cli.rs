@@ -20,10 +20,14 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn a_bad_argument_is_named_and_exits_2() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["--snapshot-history-secs", "abc"],
             "`--snapshot-history-secs` expects a number, not `abc`",
+        ),
+        (
+            &["--transaction-lifetime-secs", "-1"],
+            "`--transaction-lifetime-secs` expects a number, not `-1`",
         ),
         (
             &["--port", "99999"],

@@ -379,3 +379,56 @@ async fn a_snapshot_read_before_the_history_window_is_too_old() {
     assert_eq!(code_of(&err), 239, "{err}");
     assert!(err.to_string().contains("history window"), "{err}");
 }
+
+/// A transaction left uncommitted past `transactionLifetimeLimitSeconds` is aborted, as
+/// the server's reaper aborts it: its next command is NoSuchTransaction (251, labelled
+/// TransientTransactionError), nothing of it is applied, and its snapshot no longer holds
+/// the history window back (a read at its start time is then SnapshotTooOld).
+#[tokio::test]
+async fn an_abandoned_transaction_expires_and_lets_its_snapshot_go() {
+    let sim = MongoSim::start_with(mongo_sim::SimOptions {
+        snapshot_history_secs: 1,
+        transaction_lifetime_secs: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    let db = client.database("reads");
+    let coll = db.collection::<Document>("expiry");
+    coll.insert_one(doc! { "_id": 1, "v": 1 }).await.unwrap();
+    let limit = client
+        .database("admin")
+        .run_command(doc! { "getParameter": 1, "transactionLifetimeLimitSeconds": 1 })
+        .await
+        .unwrap();
+    assert_eq!(limit.get_i32("transactionLifetimeLimitSeconds").unwrap(), 1);
+    let mut session = client.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "v": 2 } })
+        .session(&mut session)
+        .await
+        .unwrap();
+    let started = session.operation_time().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    // Another write moves the horizon on (and reaps).
+    coll.insert_one(doc! { "_id": 2 }).await.unwrap();
+    let err = coll
+        .update_one(doc! { "_id": 1 }, doc! { "$set": { "v": 3 } })
+        .session(&mut session)
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), 251, "{err}");
+    assert!(err.contains_label("TransientTransactionError"), "{err}");
+    let doc = coll.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    assert_eq!(doc.get_i32("v").unwrap(), 1, "nothing of it applied");
+    let err = db
+        .run_command(doc! {
+            "find": "expiry",
+            "readConcern": { "level": "snapshot", "atClusterTime": started },
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), 239, "{err}");
+    sim.shutdown().await;
+}

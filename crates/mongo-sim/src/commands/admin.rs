@@ -184,7 +184,7 @@ fn parameters(state: &State) -> Document {
         "enableTestCommands": true,
         "authenticationMechanisms": [],
         "requireApiVersion": false,
-        "transactionLifetimeLimitSeconds": 60,
+        "transactionLifetimeLimitSeconds": i32::try_from(state.txn_lifetime.as_secs()).unwrap_or(i32::MAX),
         "maxBSONDepth": i32::try_from(crate::wire::MAX_BSON_DEPTH).unwrap_or(i32::MAX),
         "changeStreamOptions": { "preAndPostImages": { "expireAfterSeconds": "off" } },
         "logLevel": 0,

@@ -35,10 +35,12 @@ pub(crate) fn enter_txn(state: &mut State, cmd: &Document) -> CmdResult<Option<(
             writes: 0,
             entries: Vec::new(),
             committed: false,
+            started: std::time::Instant::now(),
         };
         state.txns.remove(&key);
         return Ok(Some((key, txn)));
     }
+    state.reap_transactions();
     match state.txns.remove(&key) {
         Some(txn) if txn.txn_number == txn_number => Ok(Some((key, txn))),
         other => {
