@@ -1010,7 +1010,11 @@ async fn scan_collection(
         // Opened here, one after the other: each chunk's time is told before the next
         // chunk is opened. The rest of it is read by a task of its own, concurrently.
         let (time, mut session, mut cursor) = open_read(inner, &coll, filter, None, batch).await?;
-        let (rows_tx, rows) = mpsc::channel(chunk_docs.clamp(1, 1024));
+        // Room for four batches (at most 4,096 rows): the reader of the chunk being
+        // handed over stays ahead by more than the round trip of its next batch (with
+        // one batch of room the hand-over side waited for each `getMore`: four readers
+        // were slower than one).
+        let (rows_tx, rows) = mpsc::channel(chunk_docs.saturating_mul(4).clamp(1, 4096));
         let progress_of = Arc::clone(inner);
         let read = Arc::clone(&read);
         let task = tokio::spawn(async move {
