@@ -32,6 +32,7 @@ pub mod code {
     pub const IMMUTABLE_FIELD: i32 = 66;
     pub const INVALID_OPTIONS: i32 = 72;
     pub const SNAPSHOT_TOO_OLD: i32 = 239;
+    pub const SNAPSHOT_UNAVAILABLE: i32 = 246;
     pub const INVALID_NAMESPACE: i32 = 73;
     pub const WRITE_CONFLICT: i32 = 112;
     pub const INVALID_PIPELINE_OPERATOR: i32 = 168;

@@ -103,10 +103,15 @@ pub(crate) fn snapshot_time(
             state.history.window_secs
         )));
     }
+    // A namespace dropped or renamed away since `at`: the server reports the catalog
+    // change as SnapshotUnavailable (246); mongo-sim keeps no catalog history to read it.
     let replaced = |ns: &str| state.replaced_at.get(ns).is_some_and(|t| *t > at_key);
     if replaced(db) || coll.is_some_and(|c| replaced(&format!("{db}.{c}"))) {
-        return Err(too_old(
-            "the namespace was dropped or renamed since; mongo-sim keeps no catalog history",
+        return Err(CmdError::new(
+            code::SNAPSHOT_UNAVAILABLE,
+            format!(
+                "Unable to read from a snapshot at {at}: the collection catalog changed since (the namespace was dropped or renamed); please retry the operation"
+            ),
         ));
     }
     Ok(Some(at))
