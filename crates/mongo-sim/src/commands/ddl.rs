@@ -73,21 +73,13 @@ pub(crate) fn drop(state: &mut State, db: &str, cmd: &Document) -> CmdResult {
         state.dbs.remove(db);
     }
     let n_indexes = c.indexes.len() as i32 + 1;
-    let at = {
-        // Writes prepared against the collection are refused from its drop on.
-        let mut log = state.log.lock();
-        c.retire();
-        log.append(
-            vec![PendingEntry {
-                db: db.to_owned(),
-                coll: name.to_owned(),
-                uuid: Some(c.uuid),
-                op: Op::Drop,
-            }],
-            None,
-        );
-        log.last_ts
+    let entry = PendingEntry {
+        db: db.to_owned(),
+        coll: name.to_owned(),
+        uuid: Some(c.uuid.clone()),
+        op: Op::Drop,
     };
+    let at = log_epoch_end(&state.log, &c, entry);
     state.replaced(format!("{db}.{name}"), at);
     Ok(doc! { "nIndexesWas": n_indexes, "ns": format!("{db}.{name}"), "ok": 1.0 })
 }
@@ -259,19 +251,14 @@ pub(crate) fn coll_mod(state: &mut State, db: &str, cmd: &Document) -> CmdResult
         }
         description.insert(k.clone(), v.clone());
     }
-    let uuid = c.uuid.clone();
+    let entry = PendingEntry {
+        db: db.to_owned(),
+        coll: name.to_owned(),
+        uuid: Some(c.uuid.clone()),
+        op: Op::Modify { description },
+    };
     // Writes prepared with the old settings are prepared again.
-    let mut log = state.log.lock();
-    c.retire();
-    log.append(
-        vec![PendingEntry {
-            db: db.to_owned(),
-            coll: name.to_owned(),
-            uuid: Some(uuid),
-            op: Op::Modify { description },
-        }],
-        None,
-    );
+    log_epoch_end(&state.log, c, entry);
     Ok(doc! { "ok": 1.0 })
 }
 

@@ -181,18 +181,16 @@ pub(crate) fn shard_collection(state: &mut State, db: &str, cmd: &Document) -> C
         Some(_) => return Ok(doc! { "collectionsharded": ns, "ok": 1.0 }),
         None => coll.shard_key = Some(key.clone()),
     }
-    let uuid = coll.uuid.clone();
-    // Writes prepared without the shard key are prepared again (their documentKey).
-    let mut log = state.log.lock();
-    coll.retire();
-    log.append_one(crate::oplog::PendingEntry {
+    let entry = crate::oplog::PendingEntry {
         db: coll_db.to_owned(),
         coll: name.to_owned(),
-        uuid: Some(uuid),
+        uuid: Some(coll.uuid.clone()),
         op: crate::oplog::Op::ShardCollection {
             description: doc! { "shardKey": key, "unique": false, "presplitHashedZones": false },
         },
-    });
+    };
+    // Writes prepared without the shard key are prepared again (their documentKey).
+    writer::log_epoch_end(&state.log, coll, entry);
     Ok(doc! { "collectionsharded": ns, "ok": 1.0 })
 }
 

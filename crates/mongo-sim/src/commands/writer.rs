@@ -115,6 +115,19 @@ pub(crate) fn resolve(
     Ok(Some(handle))
 }
 
+/// Logs `entry`, a change of `c` that ends its epoch (a drop, `collMod`,
+/// `shardCollection`), in one hold of the commit lock: writes prepared against the
+/// collection before it are refused from then on. Returns the entry's cluster time.
+pub(crate) fn log_epoch_end(
+    log: &OplogLock,
+    c: &Collection,
+    entry: PendingEntry,
+) -> bson::Timestamp {
+    let mut log = log.lock();
+    c.retire();
+    log.append_one(entry)
+}
+
 fn refuse_view(db: &str, name: &str, c: &Collection) -> CmdResult<()> {
     if c.view.is_some() {
         return Err(CmdError::new(
