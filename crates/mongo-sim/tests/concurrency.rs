@@ -607,3 +607,49 @@ async fn the_oplog_reads_in_chunks_while_writes_go_on() {
         (0..i32::try_from(during.len()).unwrap()).collect::<Vec<_>>()
     );
 }
+
+/// Upserts racing for the same `_id` (named by the filter) all succeed, as the server
+/// retries an upsert that lost the insert race as an update: eight connections upsert
+/// `$inc` into each of 100 documents at the same moment (a barrier per document), with
+/// `update` and `findAndModify` alike; every count ends at 8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_upserts_of_one_id_all_land() {
+    let (_sim, client) = setup_with(SimOptions::default()).await;
+    let coll = client.database("conc").collection::<Document>("upserts");
+    let writers = 8;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(writers));
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let (coll, barrier) = (coll.clone(), std::sync::Arc::clone(&barrier));
+        tasks.spawn(async move {
+            for id in 0..100 {
+                barrier.wait().await;
+                if w % 2 == 0 {
+                    coll.update_one(doc! { "_id": id }, doc! { "$inc": { "n": 1 } })
+                        .upsert(true)
+                        .await
+                        .unwrap();
+                } else {
+                    coll.find_one_and_update(doc! { "_id": id }, doc! { "$inc": { "n": 1 } })
+                        .upsert(true)
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let docs: Vec<Document> = coll
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(docs.len(), 100);
+    for d in docs {
+        assert_eq!(d.get_i32("n").unwrap(), 8, "{d}");
+    }
+}

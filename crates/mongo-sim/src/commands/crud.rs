@@ -173,14 +173,16 @@ fn update_one_record(
     }
 }
 
-/// Inserts the document of an upsert; returns it.
+/// Inserts the document of an upsert; returns it. `None`: another write inserted the
+/// `_id` the filter names since the statement found nothing — the statement runs again
+/// and updates it, as the server retries such an upsert (outside a transaction).
 fn upsert_insert(
     w: &mut Writer<'_>,
     db: &str,
     name: &str,
     q: &Document,
     spec: &UpdateSpec,
-) -> CmdResult<Document> {
+) -> CmdResult<Option<Document>> {
     let seed = upsert_seed(q);
     let mut new = match spec {
         UpdateSpec::Replacement(r) => {
@@ -197,8 +199,13 @@ fn upsert_insert(
     }
     let new = with_id_first(new);
     w.ensure(db, name, true)?;
-    w.insert(db, name, new.clone())?;
-    Ok(new)
+    match w.insert(db, name, new.clone()) {
+        Ok(()) => Ok(Some(new)),
+        Err(e) if e.code == code::DUPLICATE_KEY && w.is_live() && seed.contains_key("_id") => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `update`.
@@ -244,7 +251,9 @@ pub(crate) fn update(w: &mut Writer<'_>, db: &str, cmd: &Document) -> CmdResult 
                     Vec::new()
                 };
                 if targets.is_empty() && done.is_empty() && truthy(u.get("upsert")) {
-                    let new = upsert_insert(w, db, name, &q, &spec)?;
+                    let Some(new) = upsert_insert(w, db, name, &q, &spec)? else {
+                        continue;
+                    };
                     n += 1;
                     upserted.push(doc! { "index": index as i32, "_id": new.get("_id").cloned().unwrap_or(Bson::Null) });
                     return Ok(());
@@ -390,16 +399,9 @@ pub(crate) fn find_and_modify(w: &mut Writer<'_>, db: &str, cmd: &Document) -> C
                     project(shown).map(|v| (v, doc! { "n": 1, "updatedExisting": true }))
                 })
                 .transpose()?,
-            (None, spec) => Some(modify_nothing(
-                w,
-                db,
-                name,
-                &q,
-                spec.as_ref(),
-                upsert,
-                return_new,
-                &project,
-            )?),
+            (None, spec) => {
+                modify_nothing(w, db, name, &q, spec.as_ref(), upsert, return_new, &project)?
+            }
         };
         if let Some((value, last_error)) = done {
             return Ok(doc! { "lastErrorObject": last_error, "value": value, "ok": 1.0 });
@@ -408,7 +410,8 @@ pub(crate) fn find_and_modify(w: &mut Writer<'_>, db: &str, cmd: &Document) -> C
     Err(gave_up())
 }
 
-/// `findAndModify` that matched nothing: an upsert's insert, or nothing.
+/// `findAndModify` that matched nothing: an upsert's insert, or nothing; `None`: the
+/// upsert lost a race for its `_id` (look again).
 #[allow(clippy::too_many_arguments)]
 fn modify_nothing(
     w: &mut Writer<'_>,
@@ -419,10 +422,12 @@ fn modify_nothing(
     upsert: bool,
     return_new: bool,
     project: &dyn Fn(Document) -> CmdResult<Bson>,
-) -> CmdResult<(Bson, Document)> {
-    Ok(match spec {
+) -> CmdResult<Option<(Bson, Document)>> {
+    Ok(Some(match spec {
         Some(spec) if upsert => {
-            let new = upsert_insert(w, db, name, q, spec)?;
+            let Some(new) = upsert_insert(w, db, name, q, spec)? else {
+                return Ok(None);
+            };
             let id = new.get("_id").cloned().unwrap_or(Bson::Null);
             let value = if return_new {
                 project(new)?
@@ -435,7 +440,7 @@ fn modify_nothing(
             )
         }
         _ => (Bson::Null, doc! { "n": 0, "updatedExisting": false }),
-    })
+    }))
 }
 
 /// `find`.

@@ -164,6 +164,11 @@ impl<'a> Writer<'a> {
         }
     }
 
+    /// Whether the writes go straight to the collections (not to a transaction's side).
+    pub(crate) fn is_live(&self) -> bool {
+        matches!(self.mode, Mode::Live { .. })
+    }
+
     /// Makes sure `db.name` can be written: `Ok(false)` when it does not exist and
     /// `create` is false; created (with a `create` entry) otherwise. A view is refused.
     pub(crate) fn ensure(&mut self, db: &str, name: &str, create: bool) -> CmdResult<bool> {
