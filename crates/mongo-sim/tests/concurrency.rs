@@ -653,3 +653,35 @@ async fn racing_upserts_of_one_id_all_land() {
         assert_eq!(d.get_i32("n").unwrap(), 8, "{d}");
     }
 }
+
+/// An upsert whose filter has a condition besides equality on `_id` is not run again
+/// when its insert meets the `_id`: the duplicate key is the answer, as on the server
+/// (a conditional save relies on it).
+#[tokio::test]
+async fn a_conditional_upsert_meeting_its_id_is_a_duplicate_key() {
+    let (_sim, client) = setup_with(SimOptions::default()).await;
+    let coll = client
+        .database("conc")
+        .collection::<Document>("conditional");
+    coll.insert_one(doc! { "_id": 1, "t": 10 }).await.unwrap();
+    let err = coll
+        .update_one(
+            doc! { "_id": 1, "t": { "$lt": 5 } },
+            doc! { "$set": { "t": 5 } },
+        )
+        .upsert(true)
+        .await
+        .unwrap_err();
+    assert_eq!(code_of_write(&err), 11000, "{err}");
+    let err = coll
+        .find_one_and_update(
+            doc! { "_id": 1, "t": { "$lt": 5 } },
+            doc! { "$set": { "t": 5 } },
+        )
+        .upsert(true)
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), 11000, "{err}");
+    let doc = coll.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    assert_eq!(doc.get_i32("t").unwrap(), 10);
+}

@@ -173,9 +173,25 @@ fn update_one_record(
     }
 }
 
+/// Whether `q` is `{ _id: <value> }` or `{ _id: { $eq: <value> } }` and nothing else.
+fn only_id_equality(q: &Document) -> bool {
+    if q.len() != 1 {
+        return false;
+    }
+    match q.get("_id") {
+        Some(Bson::Document(d)) if d.keys().next().is_some_and(|k| k.starts_with('$')) => {
+            d.len() == 1 && d.contains_key("$eq")
+        }
+        Some(_) => true,
+        None => false,
+    }
+}
+
 /// Inserts the document of an upsert; returns it. `None`: another write inserted the
 /// `_id` the filter names since the statement found nothing — the statement runs again
-/// and updates it, as the server retries such an upsert (outside a transaction).
+/// and updates it. The server retries such an upsert (outside a transaction) only when
+/// the filter is nothing but equality on the unique key that clashed (here `_id`):
+/// with any other condition the duplicate key is the answer.
 fn upsert_insert(
     w: &mut Writer<'_>,
     db: &str,
@@ -201,9 +217,7 @@ fn upsert_insert(
     w.ensure(db, name, true)?;
     match w.insert(db, name, new.clone()) {
         Ok(()) => Ok(Some(new)),
-        Err(e) if e.code == code::DUPLICATE_KEY && w.is_live() && seed.contains_key("_id") => {
-            Ok(None)
-        }
+        Err(e) if e.code == code::DUPLICATE_KEY && w.is_live() && only_id_equality(q) => Ok(None),
         Err(e) => Err(e),
     }
 }
