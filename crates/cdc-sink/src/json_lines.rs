@@ -2,7 +2,7 @@
 
 use std::{
     io::Write,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use async_trait::async_trait;
@@ -13,9 +13,12 @@ use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
 /// server sent it, token and all) and flushes before the batch is acknowledged: a change
 /// is acknowledged only once the writer took it. A write error (a closed pipe) fails the
 /// batch, which the processor's handler-error policy then answers.
+///
+/// As a batch handler it encodes on the runtime and writes on tokio's blocking pool: a
+/// writer that blocks (a full pipe, a slow terminal) holds up no runtime thread.
 #[derive(Debug)]
 pub struct JsonLines<W> {
-    out: Mutex<W>,
+    out: Arc<Mutex<W>>,
 }
 
 impl JsonLines<std::io::Stdout> {
@@ -29,15 +32,19 @@ impl<W: Write + Send> JsonLines<W> {
     /// Lines on `out`.
     pub fn new(out: W) -> Self {
         Self {
-            out: Mutex::new(out),
+            out: Arc::new(Mutex::new(out)),
         }
     }
 
-    /// The writer back.
-    pub fn into_inner(self) -> W {
-        self.out
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// The writer back; `Err(self)` while a write of a batch whose handling was
+    /// abandoned (its future dropped) is still running on the blocking pool.
+    ///
+    /// # Errors
+    /// That write still holds the writer.
+    pub fn into_inner(self) -> Result<W, Self> {
+        Arc::try_unwrap(self.out)
+            .map(|out| out.into_inner().unwrap_or_else(PoisonError::into_inner))
+            .map_err(|out| Self { out })
     }
 
     /// Writes `events`, one line each, and flushes.
@@ -49,35 +56,47 @@ impl<W: Write + Send> JsonLines<W> {
         &self,
         events: impl IntoIterator<Item = &'a ChangeEvent>,
     ) -> Result<(), BoxError> {
-        let mut lines = Vec::new();
-        for event in events {
-            let raw = event
-                .raw()
-                .ok_or("an event without its raw document cannot be written as JSON")?;
-            let doc = bson::Document::try_from(raw)?;
-            serde_json::to_writer(
-                &mut lines,
-                &cdc_core::to_relaxed_json(bson::Bson::Document(doc)),
-            )?;
-            lines.push(b'\n');
-        }
-        // A writer that panicked mid-line leaves at worst a torn line behind; the lock
-        // itself stays usable.
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-        out.write_all(&lines)?;
-        out.flush()?;
-        Ok(())
+        write_lines(&self.out, &encode(events)?)
     }
 }
 
+/// `events` as lines of relaxed Extended JSON.
+fn encode<'a>(events: impl IntoIterator<Item = &'a ChangeEvent>) -> Result<Vec<u8>, BoxError> {
+    let mut lines = Vec::new();
+    for event in events {
+        let raw = event
+            .raw()
+            .ok_or("an event without its raw document cannot be written as JSON")?;
+        let doc = bson::Document::try_from(raw)?;
+        serde_json::to_writer(
+            &mut lines,
+            &cdc_core::to_relaxed_json(bson::Bson::Document(doc)),
+        )?;
+        lines.push(b'\n');
+    }
+    Ok(lines)
+}
+
+/// Writes `lines` and flushes.
+fn write_lines<W: Write>(out: &Mutex<W>, lines: &[u8]) -> Result<(), BoxError> {
+    // A writer that panicked mid-line leaves at worst a torn line behind; the lock itself
+    // stays usable.
+    let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
+    out.write_all(lines)?;
+    out.flush()?;
+    Ok(())
+}
+
 #[async_trait]
-impl<W: Write + Send> BatchDispatcher for JsonLines<W> {
+impl<W: Write + Send + 'static> BatchDispatcher for JsonLines<W> {
     async fn dispatch_batch(
         &self,
         batch: &Batch<'_>,
         _ctx: &HandlerContext,
     ) -> Result<(), BoxError> {
-        self.write_events(batch.events().iter().copied())
+        let lines = encode(batch.events().iter().copied())?;
+        let out = Arc::clone(&self.out);
+        tokio::task::spawn_blocking(move || write_lines(&out, &lines)).await?
     }
 }
 
@@ -105,7 +124,7 @@ mod tests {
         let (a, b) = (event(1), event(2));
         let sink = JsonLines::new(Vec::new());
         sink.write_events([&a, &b]).unwrap();
-        let text = String::from_utf8(sink.into_inner()).unwrap();
+        let text = String::from_utf8(sink.into_inner().unwrap()).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -138,7 +157,10 @@ mod tests {
         let sink = JsonLines::new(Vec::new());
         let err = sink.write_events([&event]).unwrap_err();
         assert!(err.to_string().contains("raw document"), "{err}");
-        assert!(sink.into_inner().is_empty(), "nothing half-written");
+        assert!(
+            sink.into_inner().unwrap().is_empty(),
+            "nothing half-written"
+        );
     }
 
     /// A writer that fails (a closed pipe) fails the batch.

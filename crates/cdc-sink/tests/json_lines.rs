@@ -106,3 +106,107 @@ async fn every_change_arrives_as_one_line_in_order() {
     );
     sim.shutdown().await;
 }
+
+/// A writer whose first write blocks until the test lets it go (10 s at most, then it
+/// fails), telling when it started and when it ended.
+struct Gate {
+    out: Shared,
+    started: Arc<std::sync::atomic::AtomicBool>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Write for Gate {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        if !self.ended.load(Ordering::SeqCst) {
+            self.started.store(true, Ordering::SeqCst);
+            let waited = self
+                .go
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            self.ended.store(true, Ordering::SeqCst);
+            waited.map_err(|_| std::io::Error::other("never let go"))?;
+        }
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// On a runtime with one thread, a write that blocks (a full pipe) holds nothing else up:
+/// while it waits, the driver and the simulator on the same thread serve another insert;
+/// then the write goes through and both changes arrive.
+#[tokio::test(flavor = "current_thread")]
+async fn a_blocked_writer_does_not_block_the_runtime() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let p = DocumentProcessor::builder()
+        .client(client.clone())
+        .collection("sink", "blocked")
+        .store(Arc::new(MemoryStore::new()))
+        .checkpoint(CheckpointPolicy::every_event())
+        .build()
+        .unwrap();
+    let out = Shared::default();
+    let (go, wait) = std::sync::mpsc::channel();
+    let (started, ended) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let gate = Gate {
+        out: out.clone(),
+        started: Arc::clone(&started),
+        ended: Arc::clone(&ended),
+        go: Mutex::new(wait),
+    };
+    let task = {
+        let (p, sink) = (p.clone(), JsonLines::new(gate));
+        tokio::spawn(async move { p.start_batches(sink).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while p.stats().checkpoints < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let coll = client
+        .database("sink")
+        .collection::<bson::Document>("blocked");
+    coll.insert_one(doc! { "_id": 1 }).await.unwrap();
+    while !started.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    coll.insert_one(doc! { "_id": 2 }).await.unwrap();
+    assert!(
+        !ended.load(Ordering::SeqCst),
+        "the insert waited for the blocked write: the runtime was blocked"
+    );
+    go.send(()).unwrap();
+    while out.lines().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lines: {}",
+            out.lines().len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.stop();
+    task.await.unwrap().unwrap();
+    let ids: Vec<i64> = out
+        .lines()
+        .iter()
+        .map(|l| l["documentKey"]["_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2]);
+    sim.shutdown().await;
+}
