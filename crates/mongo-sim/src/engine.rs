@@ -244,23 +244,17 @@ impl Collection {
         self.rows().current(key)
     }
 
-    /// Writes `doc` as the document with its `_id` (a replacement, or an insert), at
-    /// `at`. The caller holds the commit lock.
-    pub(crate) fn put(&self, ns: &str, doc: Document, at: Ts, horizon: Ts) -> CmdResult<()> {
-        let mut rows = self.rows_mut();
-        let key = doc.get("_id").map(id_key).unwrap_or_default();
-        if rows.ids.contains_key(&key) {
-            rows.replace(&key, doc, at, horizon);
-            Ok(())
-        } else {
-            rows.insert(ns, doc, at, horizon)
-        }
-    }
-
-    /// Removes the live document with `_id` key `key`, at `at` (see [`Rows::remove`]).
-    /// The caller holds the commit lock.
-    pub(crate) fn remove(&self, key: &[u8], at: Ts, horizon: Ts) {
-        self.rows_mut().remove(key, at, horizon);
+    /// Writes the document with `_id` key `key` at `at` (see [`Rows::write`]). The
+    /// caller holds the commit lock.
+    pub(crate) fn write(
+        &self,
+        ns: &str,
+        key: &[u8],
+        doc: Option<Arc<Document>>,
+        at: Ts,
+        horizon: Ts,
+    ) -> CmdResult<()> {
+        self.rows_mut().write(ns, key, doc, at, horizon)
     }
 
     /// Ends the collection's epoch (it is dropped, renamed, or the settings its writes
@@ -336,60 +330,70 @@ impl Handle {
         read_lock(&self.rows).matching(range, keep, first)
     }
 
-    /// Commits one write to the document with `_id` key `key` at `at` (`doc`: its new
-    /// content; `None`: removed) if the collection is still in the handle's epoch and the
-    /// document is as `expect` says. The caller holds the commit lock and hands out `at`
-    /// only when this returns `Ok`: `check` first, then `apply`.
-    pub(crate) fn check(&self, key: &[u8], expect: &Expect) -> Result<(), Refused> {
-        let rows = read_lock(&self.rows);
-        if rows.epoch != self.epoch {
-            return Err(Refused::Stale);
-        }
-        match (expect, rows.current(key)) {
-            (Expect::Absent, None) => Ok(()),
-            (Expect::Absent, Some(_)) => Err(Refused::Duplicate),
-            (Expect::Current(seen), Some(now)) if Arc::ptr_eq(seen, &now) => Ok(()),
-            (Expect::Current(_), _) => Err(Refused::Changed),
-        }
-    }
-
-    /// Installs a write [`Self::check`] accepted, at `at`.
-    pub(crate) fn apply(
+    /// Commits one write to the document with `_id` key `key` (`doc`: its new content;
+    /// `None`: removed) if the collection is still in the handle's epoch and the document
+    /// is as `expect` says: then `stamp` hands out its cluster time (appending its oplog
+    /// entry) and the version goes in, all in one hold of the collection's lock. The
+    /// caller holds the commit lock.
+    pub(crate) fn commit(
         &self,
         ns: &str,
         key: &[u8],
-        doc: Option<Document>,
-        at: Ts,
+        expect: &Expect,
+        doc: Option<Arc<Document>>,
         horizon: Ts,
-    ) -> CmdResult<()> {
+        stamp: impl FnOnce() -> Ts,
+    ) -> CmdResult<Result<(), Refused>> {
         let mut rows = write_lock(&self.rows);
-        match doc {
-            Some(doc) if rows.ids.contains_key(key) => {
-                rows.replace(key, doc, at, horizon);
-                Ok(())
-            }
-            Some(doc) => rows.insert(ns, doc, at, horizon),
-            None => {
-                rows.remove(key, at, horizon);
-                Ok(())
-            }
+        if rows.epoch != self.epoch {
+            return Ok(Err(Refused::Stale));
         }
+        match (expect, rows.current(key)) {
+            (Expect::Absent, None) => {}
+            (Expect::Absent, Some(_)) => return Ok(Err(Refused::Duplicate)),
+            (Expect::Current(seen), Some(now)) if Arc::ptr_eq(seen, &now) => {}
+            (Expect::Current(_), _) => return Ok(Err(Refused::Changed)),
+        }
+        let at = stamp();
+        rows.write(ns, key, doc, at, horizon).map(Ok)
     }
 }
 
 impl Rows {
-    /// The live document with this `_id` key.
-    fn current(&self, key: &[u8]) -> Option<Arc<Document>> {
-        let rid = self.ids.get(key)?;
+    /// The newest version of record `rid`, if it is not a removal.
+    fn latest(&self, rid: u64) -> Option<Arc<Document>> {
         self.chains
-            .get(rid)
+            .get(&rid)
             .and_then(|c| c.last())
             .and_then(|v| v.doc.clone())
     }
 
+    /// The live document with this `_id` key.
+    fn current(&self, key: &[u8]) -> Option<Arc<Document>> {
+        self.latest(*self.ids.get(key)?)
+    }
+
+    /// Writes the document with `_id` key `key` at `at`: `doc` replaces the live one or
+    /// is inserted; `None` removes it.
+    fn write(
+        &mut self,
+        ns: &str,
+        key: &[u8],
+        doc: Option<Arc<Document>>,
+        at: Ts,
+        horizon: Ts,
+    ) -> CmdResult<()> {
+        match doc {
+            Some(doc) if self.ids.contains_key(key) => self.replace(key, doc, at, horizon),
+            Some(doc) => return self.insert(ns, doc, at, horizon),
+            None => self.remove(key, at, horizon),
+        }
+        Ok(())
+    }
+
     /// Inserts a document that has an `_id`, written at `at`; a duplicate `_id` is
     /// error 11000.
-    fn insert(&mut self, ns: &str, doc: Document, at: Ts, horizon: Ts) -> CmdResult<()> {
+    fn insert(&mut self, ns: &str, doc: Arc<Document>, at: Ts, horizon: Ts) -> CmdResult<()> {
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
         let key = id_key(&id);
         if self.ids.contains_key(&key) {
@@ -406,7 +410,7 @@ impl Rows {
             rid,
             vec![Version {
                 ts: at,
-                doc: Some(Arc::new(doc)),
+                doc: Some(doc),
             }],
         );
         self.sweep(horizon);
@@ -414,13 +418,13 @@ impl Rows {
     }
 
     /// Replaces the live document with `_id` key `key` (its `_id` stays), written at `at`.
-    fn replace(&mut self, key: &[u8], doc: Document, at: Ts, horizon: Ts) {
+    fn replace(&mut self, key: &[u8], doc: Arc<Document>, at: Ts, horizon: Ts) {
         let Some(rid) = self.ids.get(key).copied() else {
             return;
         };
         let new_len = bson_len(&doc);
         self.written.insert(key.to_vec(), at);
-        let old_len = self.push(rid, at, Some(Arc::new(doc)), horizon);
+        let old_len = self.push(rid, at, Some(doc), horizon);
         self.bytes = self.bytes.saturating_sub(old_len) + new_len;
         self.sweep(horizon);
     }
@@ -433,11 +437,7 @@ impl Rows {
         let Some(rid) = self.ids.remove(key) else {
             return;
         };
-        let old = self
-            .chains
-            .get(&rid)
-            .and_then(|c| c.last())
-            .and_then(|v| v.doc.clone());
+        let old = self.latest(rid);
         let old_len = self.push(rid, at, None, horizon);
         self.count = self.count.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(old_len);
@@ -489,12 +489,7 @@ impl Rows {
         first: bool,
     ) -> Vec<(Vec<u8>, Arc<Document>)> {
         let mut out: Vec<(u64, Arc<Document>)> = Vec::new();
-        let current = |rid: &u64| {
-            self.chains
-                .get(rid)
-                .and_then(|c| c.last())
-                .and_then(|v| v.doc.clone())
-        };
+        let current = |rid: &u64| self.latest(*rid);
         match range {
             Some((low, high)) => {
                 let (low, high) = index_bounds(&low, &high);

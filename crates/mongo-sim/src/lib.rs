@@ -23,6 +23,7 @@ mod pipeline;
 mod server;
 mod state;
 mod status;
+mod timed;
 mod update;
 mod value;
 pub mod wire;
@@ -195,8 +196,7 @@ impl MongoSim {
     /// Shrinks (or grows) the oplog; shrinking drops the oldest entries at once, so
     /// streams and tokens behind them fail with ChangeStreamHistoryLost (286).
     pub fn set_oplog_capacity(&self, capacity: usize) {
-        let state = self.shared.lock();
-        let mut log = state.log.lock();
+        let mut log = self.shared.log.lock();
         log.capacity = capacity.max(1);
         log.trim();
     }
@@ -249,7 +249,7 @@ impl MongoSim {
 
     /// How many entries the oplog holds now.
     pub fn oplog_len(&self) -> usize {
-        self.shared.lock().log.lock().entries.len()
+        self.shared.log.lock().entries.len()
     }
 }
 

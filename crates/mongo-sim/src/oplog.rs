@@ -1,18 +1,11 @@
 //! The oplog: one ordered, cluster-wide log of what happened, with a capacity, and the
 //! cluster clock that stamps it.
 
-use std::{
-    collections::VecDeque,
-    sync::{
-        Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::collections::VecDeque;
 
 use bson::{Binary, Document, Timestamp, doc};
 
-use crate::update::Delta;
+use crate::{timed::TimedMutex, update::Delta};
 
 /// What an oplog entry did.
 #[derive(Clone, Debug)]
@@ -389,66 +382,12 @@ impl Oplog {
 /// and a reader who sees an entry sees every earlier one (MongoDB's oplog visibility).
 /// Writes prepare everything else (finding their documents, applying updates, building
 /// entries) before they take it. Taken after the server lock and before a collection's.
-#[derive(Debug)]
-pub(crate) struct OplogLock {
-    log: Mutex<Oplog>,
-    held_ns: AtomicU64,
-}
+pub(crate) type OplogLock = TimedMutex<Oplog>;
 
-/// The locked oplog; counts how long it was held when dropped.
-pub(crate) struct LogGuard<'a> {
-    guard: MutexGuard<'a, Oplog>,
-    since: Instant,
-    held: &'a AtomicU64,
-}
-
-impl std::ops::Deref for LogGuard<'_> {
-    type Target = Oplog;
-    fn deref(&self) -> &Oplog {
-        &self.guard
-    }
-}
-
-impl std::ops::DerefMut for LogGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Oplog {
-        &mut self.guard
-    }
-}
-
-impl Drop for LogGuard<'_> {
-    fn drop(&mut self) {
-        let ns = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.held.fetch_add(ns, Ordering::Relaxed);
-    }
-}
-
-impl OplogLock {
-    /// An empty log keeping `capacity` entries.
-    pub(crate) fn new(capacity: usize) -> Self {
-        Self {
-            log: Mutex::new(Oplog::new(capacity)),
-            held_ns: AtomicU64::new(0),
-        }
-    }
-
-    /// Locks the log. Its holders validate before they change it, so a poisoned lock
-    /// is taken over.
-    pub(crate) fn lock(&self) -> LogGuard<'_> {
-        LogGuard {
-            guard: self.log.lock().unwrap_or_else(PoisonError::into_inner),
-            since: Instant::now(),
-            held: &self.held_ns,
-        }
-    }
-
+impl TimedMutex<Oplog> {
     /// The newest cluster time handed out.
     pub(crate) fn last_ts(&self) -> Timestamp {
         self.lock().last_ts
-    }
-
-    /// How long the lock has been held in all.
-    pub(crate) fn held(&self) -> Duration {
-        Duration::from_nanos(self.held_ns.load(Ordering::Relaxed))
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc,
         atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
@@ -24,13 +24,14 @@ use crate::{
     error::{CmdError, CmdResult, code},
     state::{Cursor, State},
     status,
+    timed::{TimedGuard, TimedMutex},
     wire::{self, RequestBody},
 };
 
 /// State shared by the listener, every connection and the handle.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    state: Mutex<State>,
+    state: TimedMutex<State>,
     /// The next oplog sequence number; waiting `getMore`s watch it.
     pub(crate) head: watch::Sender<u64>,
     /// Host and replica set name.
@@ -50,48 +51,15 @@ pub(crate) struct Shared {
     pub(crate) total_connections: AtomicU64,
     /// When the server started (for `uptime`).
     pub(crate) started: std::time::Instant,
-    /// Nanoseconds the state lock has been held.
-    lock_held_ns: AtomicU64,
     /// The oplog (also in the state), for writes that run with no server lock held.
     pub(crate) log: Arc<crate::oplog::OplogLock>,
-}
-
-/// The locked state; counts how long it was held when dropped.
-pub(crate) struct StateGuard<'a> {
-    guard: MutexGuard<'a, State>,
-    since: std::time::Instant,
-    held: &'a AtomicU64,
-}
-
-impl std::ops::Deref for StateGuard<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        &self.guard
-    }
-}
-
-impl std::ops::DerefMut for StateGuard<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        &mut self.guard
-    }
-}
-
-impl Drop for StateGuard<'_> {
-    fn drop(&mut self) {
-        let ns = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.held.fetch_add(ns, Ordering::Relaxed);
-    }
 }
 
 impl Shared {
     /// New shared state for a server at `host`.
     /// Bounds the oplog by bytes too (see [`crate::SimOptions::oplog_size_bytes`]).
     pub(crate) fn set_oplog_size(&self, bytes: Option<usize>) {
-        let state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut log = state.log.lock();
+        let mut log = self.log.lock();
         log.max_bytes = bytes;
         log.trim();
     }
@@ -104,8 +72,7 @@ impl Shared {
             max_connections,
             total_connections: AtomicU64::new(0),
             started: std::time::Instant::now(),
-            lock_held_ns: AtomicU64::new(0),
-            state: Mutex::new(state),
+            state: TimedMutex::new(state),
             head: watch::Sender::new(1),
             info,
             term: AtomicU8::new(1),
@@ -118,17 +85,13 @@ impl Shared {
     /// Locks the state. A panic elsewhere cannot leave it half-written (commands mutate it
     /// only after validating), so a poisoned lock is taken over. How long it is held is
     /// counted ([`Shared::lock_held`]).
-    pub(crate) fn lock(&self) -> StateGuard<'_> {
-        StateGuard {
-            guard: self.state.lock().unwrap_or_else(PoisonError::into_inner),
-            since: std::time::Instant::now(),
-            held: &self.lock_held_ns,
-        }
+    pub(crate) fn lock(&self) -> TimedGuard<'_, State> {
+        self.state.lock()
     }
 
     /// How long the state lock has been held in all, since the server started.
     pub(crate) fn lock_held(&self) -> Duration {
-        Duration::from_nanos(self.lock_held_ns.load(Ordering::Relaxed))
+        self.state.held()
     }
 
     /// Connections open now.
@@ -489,7 +452,7 @@ async fn handle(shared: &Shared, conn: &mut Conn, cmd: Document) -> Option<RawDo
 }
 
 fn finish(shared: &Shared, result: CmdResult<RawDocumentBuf>) -> RawDocumentBuf {
-    let time = shared.lock().log.last_ts();
+    let time = shared.log.last_ts();
     finish_at(result, time)
 }
 

@@ -14,7 +14,7 @@ use crate::{
     commands::DocCursor,
     engine::{History, Pin, Ts, View},
     faults::Faults,
-    oplog::{OplogLock, PendingEntry},
+    oplog::{Oplog, OplogLock, PendingEntry},
     status::Activity,
     value::id_key,
 };
@@ -145,6 +145,8 @@ pub(crate) struct State {
     pub(crate) txns: HashMap<Vec<u8>, Txn>,
     /// `transactionLifetimeLimitSeconds`.
     pub(crate) txn_lifetime: std::time::Duration,
+    /// When expired transactions were last looked for.
+    last_reap: std::time::Instant,
     /// Injected faults.
     pub(crate) faults: Faults,
     /// Connection ids handed out.
@@ -165,7 +167,7 @@ pub(crate) struct State {
 impl State {
     /// A fresh server state.
     pub(crate) fn new(oplog_capacity: usize) -> Self {
-        let log = Arc::new(OplogLock::new(oplog_capacity));
+        let log = Arc::new(OplogLock::new(Oplog::new(oplog_capacity)));
         let log_start = log.last_ts();
         Self {
             dbs: Catalog::new(),
@@ -174,6 +176,7 @@ impl State {
             next_cursor_id: 1,
             txns: HashMap::new(),
             txn_lifetime: std::time::Duration::from_secs(60),
+            last_reap: std::time::Instant::now(),
             faults: Faults::default(),
             next_connection_id: 1,
             activity: Activity::default(),
@@ -194,7 +197,13 @@ impl State {
 
     /// Aborts the uncommitted transactions older than the lifetime limit, as the server's
     /// periodic reaper does: their snapshots no longer hold the history horizon back.
+    /// Looks at most once a second (every write asks; the map holds every session's last
+    /// transaction).
     pub(crate) fn reap_transactions(&mut self) {
+        if self.last_reap.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        self.last_reap = std::time::Instant::now();
         let limit = self.txn_lifetime;
         self.txns
             .retain(|_, t| t.committed || t.started.elapsed() <= limit);

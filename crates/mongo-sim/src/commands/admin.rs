@@ -30,8 +30,9 @@ pub(crate) fn hello(state: &State, ctx: &Ctx<'_>, legacy: bool) -> Document {
     }
     reply.insert("me", info.host.clone());
     hello_limits(&mut reply, connection_id);
-    let op_time = doc! { "ts": state.log.last_ts(), "t": i64::from(term) };
-    let date = bson::DateTime::from_millis(i64::from(state.log.last_ts().time) * 1000);
+    let last = state.log.last_ts();
+    let op_time = doc! { "ts": last, "t": i64::from(term) };
+    let date = bson::DateTime::from_millis(i64::from(last.time) * 1000);
     reply.insert(
         "lastWrite",
         doc! { "opTime": op_time.clone(), "lastWriteDate": date, "majorityOpTime": op_time, "majorityWriteDate": date },

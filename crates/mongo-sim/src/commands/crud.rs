@@ -486,10 +486,9 @@ fn read_oplog(
         // Sorted by a field: every entry is read, then sorted (in bounded holds too).
         (None, Some(sort)) => {
             let mut all = OplogScan::new(Arc::clone(&state.log), true, filter, 0, usize::MAX);
-            let mut docs = Vec::new();
-            while let Some(d) = all.next_document() {
-                docs.push(d);
-            }
+            let mut docs: Vec<Document> = std::iter::from_fn(|| all.pull())
+                .map(Arc::unwrap_or_clone)
+                .collect();
             sort_documents(&mut docs, sort)?;
             DocCursor::ready(
                 ns,

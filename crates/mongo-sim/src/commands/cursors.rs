@@ -33,40 +33,22 @@ enum Source {
     Oplog(Box<OplogScan>),
 }
 
-/// A read of `local.oplog.rs`: entries taken [`OPLOG_CHUNK`] per hold of the commit lock
-/// (writes commit between two), turned into documents there, filtered after.
+/// What a chunked read still returns: the documents `filter` accepts, after skipping
+/// `skip`, at most `left`, taken from what was read and refilled a chunk at a time.
 #[derive(Debug)]
-pub(crate) struct OplogScan {
-    log: Arc<OplogLock>,
-    /// The next entry's sequence number (forwards: the next to read; backwards: the one
-    /// below the last read).
-    next: u64,
-    forward: bool,
+struct Window {
     filter: Filter,
     skip: usize,
     left: usize,
-    read: VecDeque<Document>,
+    /// Documents read and not yet looked at.
+    read: VecDeque<Arc<Document>>,
+    /// Whether the source has no more.
     done: bool,
 }
 
-/// How many oplog entries a read takes per hold of the commit lock.
-const OPLOG_CHUNK: u64 = 256;
-
-impl OplogScan {
-    /// A read of `log` oldest first (`forward`) or newest first, of the entries `filter`
-    /// accepts after skipping `skip`, at most `take`.
-    pub(crate) fn new(
-        log: Arc<OplogLock>,
-        forward: bool,
-        filter: Filter,
-        skip: usize,
-        take: usize,
-    ) -> Self {
-        let next = if forward { 0 } else { u64::MAX };
+impl Window {
+    fn new(filter: Filter, skip: usize, take: usize) -> Self {
         Self {
-            log,
-            next,
-            forward,
             filter,
             skip,
             left: take,
@@ -75,44 +57,11 @@ impl OplogScan {
         }
     }
 
-    /// Reads the next entries: the retained ones from where the read is (entries that
-    /// rolled off meanwhile are passed over, as a capped collection's reader loses them).
-    fn fill(&mut self) {
-        let log = self.log.lock();
-        let (first, head) = (log.first_seq(), log.head_seq());
-        if self.forward {
-            let from = self.next.max(first);
-            let to = head.min(from.saturating_add(OPLOG_CHUNK - 1));
-            if from > to {
-                self.done = true;
-                return;
-            }
-            self.read
-                .extend((from..=to).filter_map(|seq| log.entry(seq).map(OplogEntry::to_document)));
-            self.next = to + 1;
-        } else {
-            // Sequence numbers start at 1: `next` falls below `first` at the oldest.
-            let from = self.next.min(head);
-            if from < first {
-                self.done = true;
-                return;
-            }
-            let to = first.max(from.saturating_sub(OPLOG_CHUNK - 1));
-            self.read.extend(
-                (to..=from)
-                    .rev()
-                    .filter_map(|seq| log.entry(seq).map(OplogEntry::to_document)),
-            );
-            self.next = to - 1;
-        }
-    }
-
-    /// The next document the read returns.
-    pub(crate) fn next_document(&mut self) -> Option<Document> {
-        self.pull()
-    }
-
-    fn pull(&mut self) -> Option<Document> {
+    /// The next document returned; `fill` reads the next chunk (`false`: there is none).
+    fn next(
+        &mut self,
+        mut fill: impl FnMut(&mut VecDeque<Arc<Document>>) -> bool,
+    ) -> Option<Arc<Document>> {
         loop {
             if self.left == 0 {
                 return None;
@@ -128,10 +77,88 @@ impl OplogScan {
                 }
                 Some(_) => {}
                 None if self.done => return None,
-                None => self.fill(),
+                None => self.done = !fill(&mut self.read),
             }
         }
     }
+}
+
+/// A read of `local.oplog.rs`: entries taken [`OPLOG_CHUNK`] per hold of the commit lock
+/// (writes commit between two), turned into documents there, filtered after.
+#[derive(Debug)]
+pub(crate) struct OplogScan {
+    log: Arc<OplogLock>,
+    /// The next entry's sequence number (forwards: the next to read; backwards: the one
+    /// below the last read).
+    next: u64,
+    forward: bool,
+    window: Window,
+}
+
+/// How many oplog entries a read takes per hold of the commit lock.
+const OPLOG_CHUNK: u64 = 256;
+
+impl OplogScan {
+    /// A read of `log` oldest first (`forward`) or newest first, of the entries `filter`
+    /// accepts after skipping `skip`, at most `take`.
+    pub(crate) fn new(
+        log: Arc<OplogLock>,
+        forward: bool,
+        filter: Filter,
+        skip: usize,
+        take: usize,
+    ) -> Self {
+        Self {
+            log,
+            next: if forward { 0 } else { u64::MAX },
+            forward,
+            window: Window::new(filter, skip, take),
+        }
+    }
+
+    /// The next document the read returns.
+    pub(crate) fn pull(&mut self) -> Option<Arc<Document>> {
+        let Self {
+            log,
+            next,
+            forward,
+            window,
+        } = self;
+        window.next(|read| read_entries(log, next, *forward, read))
+    }
+}
+
+/// Reads the next entries into `read`, from where the read is (`next`; entries that
+/// rolled off meanwhile are passed over, as a capped collection's reader loses them);
+/// `false` when there are none.
+fn read_entries(
+    log: &OplogLock,
+    next: &mut u64,
+    forward: bool,
+    read: &mut VecDeque<Arc<Document>>,
+) -> bool {
+    let log = log.lock();
+    let (first, head) = (log.first_seq(), log.head_seq());
+    let as_doc = |seq| log.entry(seq).map(|e| Arc::new(OplogEntry::to_document(e)));
+    if forward {
+        let from = (*next).max(first);
+        let to = head.min(from.saturating_add(OPLOG_CHUNK - 1));
+        if from > to {
+            return false;
+        }
+        read.extend((from..=to).filter_map(as_doc));
+        *next = to + 1;
+    } else {
+        // Sequence numbers start at 1: `next` falls below `first` at the oldest.
+        let from = (*next).min(head);
+        if from < first {
+            return false;
+        }
+        let to = first.max(from.saturating_sub(OPLOG_CHUNK - 1));
+        read.extend((to..=from).rev().filter_map(as_doc));
+        *next = to - 1;
+    }
+    true
 }
 
 /// What a computed read reads.
@@ -157,13 +184,7 @@ impl Input {
 struct Scan {
     view: View,
     pos: Position,
-    filter: Filter,
-    skip: usize,
-    left: usize,
-    /// Visible documents read from the view and not yet looked at.
-    read: VecDeque<Arc<Document>>,
-    /// Whether the view has no more.
-    done: bool,
+    window: Window,
 }
 
 /// A cursor over documents.
@@ -209,11 +230,7 @@ impl DocCursor {
             source: Source::Scan(Box::new(Scan {
                 view,
                 pos,
-                filter,
-                skip,
-                left: take,
-                read: VecDeque::new(),
-                done: false,
+                window: Window::new(filter, skip, take),
             })),
             projection,
             ahead: None,
@@ -262,37 +279,17 @@ impl DocCursor {
         let raw = match &mut self.source {
             Source::Ready(docs) => docs.pop_front().map(Arc::new),
             Source::Pipeline { .. } => None,
-            Source::Oplog(scan) => scan.pull().map(Arc::new),
-            Source::Scan(scan) => loop {
-                let Scan {
-                    view,
-                    pos,
-                    filter,
-                    skip,
-                    left,
-                    read,
-                    done,
-                } = &mut **scan;
-                if *left == 0 {
-                    break None;
-                }
-                match read.pop_front() {
-                    Some(d) if filter.matches(&d) => {
-                        if *skip > 0 {
-                            *skip -= 1;
-                            continue;
-                        }
-                        *left -= 1;
-                        break Some(d);
+            Source::Oplog(scan) => scan.pull(),
+            Source::Scan(scan) => {
+                let Scan { view, pos, window } = &mut **scan;
+                window.next(|read| match view.next_chunk(pos) {
+                    Some(chunk) => {
+                        read.extend(chunk);
+                        true
                     }
-                    Some(_) => {}
-                    None if *done => break None,
-                    None => match view.next_chunk(pos) {
-                        Some(chunk) => read.extend(chunk),
-                        None => *done = true,
-                    },
-                }
-            },
+                    None => false,
+                })
+            }
         };
         match (raw, &self.projection) {
             (Some(d), Some(p)) => to_raw(&p.apply(&d)?).map(Some),

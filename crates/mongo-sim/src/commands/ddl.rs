@@ -1,6 +1,6 @@
 //! Collections, databases and indexes: create, drop, rename, modify and list them.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::collections::VecDeque;
 
 use bson::{Bson, Document, doc};
 
@@ -79,7 +79,7 @@ pub(crate) fn drop(state: &mut State, db: &str, cmd: &Document) -> CmdResult {
         uuid: Some(c.uuid.clone()),
         op: Op::Drop,
     };
-    let at = log_epoch_end(&state.log, &c, entry);
+    let at = log_epoch_end(&state.log, [&c], vec![entry]);
     state.replaced(format!("{db}.{name}"), at);
     Ok(doc! { "nIndexesWas": n_indexes, "ns": format!("{db}.{name}"), "ok": 1.0 })
 }
@@ -90,17 +90,13 @@ pub(crate) fn drop_database(state: &mut State, db: &str) -> CmdResult {
         return Ok(doc! { "ok": 1.0 });
     };
 
-    let mut log = state.log.lock();
     let mut entries: Vec<PendingEntry> = colls
-        .into_iter()
-        .map(|(name, c)| {
-            c.retire();
-            PendingEntry {
-                db: db.to_owned(),
-                coll: name,
-                uuid: Some(c.uuid),
-                op: Op::Drop,
-            }
+        .iter()
+        .map(|(name, c)| PendingEntry {
+            db: db.to_owned(),
+            coll: name.clone(),
+            uuid: Some(c.uuid.clone()),
+            op: Op::Drop,
         })
         .collect();
     entries.push(PendingEntry {
@@ -109,9 +105,7 @@ pub(crate) fn drop_database(state: &mut State, db: &str) -> CmdResult {
         uuid: None,
         op: Op::DropDatabase,
     });
-    log.append(entries, None);
-    let at = log.last_ts;
-    std::mem::drop(log);
+    let at = log_epoch_end(&state.log, colls.values(), entries);
     state.replaced(db.to_owned(), at);
     Ok(doc! { "dropped": db, "ok": 1.0 })
 }
@@ -172,12 +166,6 @@ pub(crate) fn rename_collection(state: &mut State, db: &str, cmd: &Document) -> 
             format!("target namespace {to} exists"),
         ));
     }
-    // Writes prepared against either name are refused from the rename on.
-    let log = Arc::clone(&state.log);
-    let mut log = log.lock();
-    if let Some(target) = state.dbs.get(to_db).and_then(|d| d.get(to_coll)) {
-        target.retire();
-    }
     let coll = state
         .dbs
         .get_mut(from_db)
@@ -186,28 +174,24 @@ pub(crate) fn rename_collection(state: &mut State, db: &str, cmd: &Document) -> 
     if state.dbs.get(from_db).is_some_and(|d| d.is_empty()) {
         state.dbs.remove(from_db);
     }
-    let uuid = coll.uuid.clone();
-    coll.retire();
+    let entry = PendingEntry {
+        db: from_db.to_owned(),
+        coll: from_coll.to_owned(),
+        uuid: Some(coll.uuid.clone()),
+        op: Op::Rename {
+            to_db: to_db.to_owned(),
+            to_coll: to_coll.to_owned(),
+            drop_target: target_uuid,
+        },
+    };
+    // Writes prepared against either name are refused from the rename on.
+    let target = state.dbs.get(to_db).and_then(|d| d.get(to_coll));
+    let at = log_epoch_end(&state.log, target.into_iter().chain([&coll]), vec![entry]);
     state
         .dbs
         .entry(to_db.to_owned())
         .or_default()
         .insert(to_coll.to_owned(), coll);
-    log.append(
-        vec![PendingEntry {
-            db: from_db.to_owned(),
-            coll: from_coll.to_owned(),
-            uuid: Some(uuid),
-            op: Op::Rename {
-                to_db: to_db.to_owned(),
-                to_coll: to_coll.to_owned(),
-                drop_target: target_uuid,
-            },
-        }],
-        None,
-    );
-    let at = log.last_ts;
-    std::mem::drop(log);
     state.replaced(format!("{from_db}.{from_coll}"), at);
     state.replaced(format!("{to_db}.{to_coll}"), at);
     Ok(doc! { "ok": 1.0 })
@@ -258,7 +242,7 @@ pub(crate) fn coll_mod(state: &mut State, db: &str, cmd: &Document) -> CmdResult
         op: Op::Modify { description },
     };
     // Writes prepared with the old settings are prepared again.
-    log_epoch_end(&state.log, c, entry);
+    log_epoch_end(&state.log, [&*c], vec![entry]);
     Ok(doc! { "ok": 1.0 })
 }
 

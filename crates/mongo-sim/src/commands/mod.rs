@@ -143,11 +143,51 @@ pub(crate) enum Outcome {
     Write(Box<WriteJob>),
 }
 
-/// A write command outside a transaction (`insert`, `update`, `delete`,
-/// `findAndModify`), with what it needs to run with no server lock held: the commit lock,
-/// the history horizon and the handle of its collection, taken with the command.
+/// The commands that write documents.
+#[derive(Clone, Copy, Debug)]
+enum WriteCmd {
+    Insert,
+    Update,
+    Delete,
+    FindAndModify,
+}
+
+impl WriteCmd {
+    fn of(name: &str) -> Option<Self> {
+        Some(match name {
+            "insert" => Self::Insert,
+            "update" => Self::Update,
+            "delete" => Self::Delete,
+            "findAndModify" => Self::FindAndModify,
+            _ => return None,
+        })
+    }
+
+    /// The command's name, also the field naming its collection.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Insert => "insert",
+            Self::Update => "update",
+            Self::Delete => "delete",
+            Self::FindAndModify => "findAndModify",
+        }
+    }
+
+    fn run(self, w: &mut writer::Writer<'_>, db: &str, cmd: &Document) -> CmdResult {
+        match self {
+            Self::Insert => insert(w, db, cmd),
+            Self::Update => update(w, db, cmd),
+            Self::Delete => delete(w, db, cmd),
+            Self::FindAndModify => find_and_modify(w, db, cmd),
+        }
+    }
+}
+
+/// A write command outside a transaction, with what it needs to run with no server
+/// lock held: the commit lock, the history horizon and the handle of its collection,
+/// taken with the command.
 pub(crate) struct WriteJob {
-    name: &'static str,
+    cmd: WriteCmd,
     db: String,
     log: Arc<OplogLock>,
     horizon: Ts,
@@ -155,17 +195,17 @@ pub(crate) struct WriteJob {
 }
 
 impl WriteJob {
-    fn new(state: &mut State, name: &'static str, db: &str, cmd: &Document) -> Self {
+    fn new(state: &mut State, write: WriteCmd, db: &str, cmd: &Document) -> Self {
         let mut handles = HashMap::new();
         // A collection that is not there yet, or cannot be written, is left to the
         // command (it creates it, or tells the error in its place).
-        if let Some(Bson::String(coll)) = cmd.get(name)
+        if let Some(Bson::String(coll)) = cmd.get(write.name())
             && let Ok(Some(h)) = resolve(state, db, coll, false)
         {
             handles.insert((db.to_owned(), coll.clone()), h);
         }
         Self {
-            name,
+            cmd: write,
             db: db.to_owned(),
             log: Arc::clone(&state.log),
             horizon: state.horizon(),
@@ -177,13 +217,7 @@ impl WriteJob {
     /// a handle again.
     fn run(self, cmd: &Document, resolve: &mut Resolve<'_>) -> CmdResult<RawDocumentBuf> {
         let mut w = writer::Writer::live(self.log, self.horizon, self.handles, resolve);
-        let reply = match self.name {
-            "insert" => insert(&mut w, &self.db, cmd),
-            "update" => update(&mut w, &self.db, cmd),
-            "delete" => delete(&mut w, &self.db, cmd),
-            _ => find_and_modify(&mut w, &self.db, cmd),
-        }?;
-        to_raw(&reply)
+        to_raw(&self.cmd.run(&mut w, &self.db, cmd)?)
     }
 }
 
@@ -310,18 +344,12 @@ fn run_locked(
         let at = crud::Read::At(crate::engine::ts(
             read_at.unwrap_or_else(|| state.log.last_ts()),
         ));
+        if let Some(write) = WriteCmd::of(name) {
+            return Ok(Outcome::Write(Box::new(WriteJob::new(
+                state, write, db, cmd,
+            ))));
+        }
         return match name {
-            "insert" | "update" | "delete" | "findAndModify" => {
-                let name = match name {
-                    "insert" => "insert",
-                    "update" => "update",
-                    "delete" => "delete",
-                    _ => "findAndModify",
-                };
-                Ok(Outcome::Write(Box::new(WriteJob::new(
-                    state, name, db, cmd,
-                ))))
-            }
             "find" => {
                 let mut open = find(state, at, db, cmd)?;
                 open.cursor.read_time = read_at;
@@ -343,17 +371,11 @@ fn run_locked(
         };
     };
     let reply = |r: CmdResult| r.map(|d| Outcome::Reply(to_raw(&d)));
-    let write = |name: &str, w: &mut writer::Writer<'_>| match name {
-        "insert" => insert(w, db, cmd),
-        "update" => update(w, db, cmd),
-        "delete" => delete(w, db, cmd),
-        _ => find_and_modify(w, db, cmd),
-    };
     let result = match name {
         "commitTransaction" => return raw(commit_transaction(state, key, txn)),
         "abortTransaction" => return raw(Ok(doc! { "ok": 1.0 })),
-        "insert" | "update" | "delete" | "findAndModify" => {
-            reply(write(name, &mut writer::Writer::txn(state, &mut txn)))
+        _ if let Some(write) = WriteCmd::of(name) => {
+            reply(write.run(&mut writer::Writer::txn(state, &mut txn), db, cmd))
         }
         // Reads see the transaction's snapshot and writes, read after the lock is let go.
         "find" => {

@@ -190,7 +190,7 @@ pub(crate) fn shard_collection(state: &mut State, db: &str, cmd: &Document) -> C
         },
     };
     // Writes prepared without the shard key are prepared again (their documentKey).
-    writer::log_epoch_end(&state.log, coll, entry);
+    writer::log_epoch_end(&state.log, [&*coll], vec![entry]);
     Ok(doc! { "collectionsharded": ns, "ok": 1.0 })
 }
 

@@ -113,12 +113,7 @@ pub(crate) fn commit_transaction(state: &mut State, key: Vec<u8>, mut txn: Txn) 
         let mut writes: Vec<_> = side.writes.into_iter().collect();
         writes.sort_by_key(|(_, (n, _))| *n);
         for (k, (_, doc)) in writes {
-            match doc {
-                Some(doc) => live.put(&ns, doc, at, horizon)?,
-                None => {
-                    live.remove(&k, at, horizon);
-                }
-            }
+            live.write(&ns, &k, doc.map(Arc::new), at, horizon)?;
         }
     }
     let entries = std::mem::take(&mut txn.entries);

@@ -115,17 +115,21 @@ pub(crate) fn resolve(
     Ok(Some(handle))
 }
 
-/// Logs `entry`, a change of `c` that ends its epoch (a drop, `collMod`,
-/// `shardCollection`), in one hold of the commit lock: writes prepared against the
-/// collection before it are refused from then on. Returns the entry's cluster time.
-pub(crate) fn log_epoch_end(
+/// Logs `entries`, a change that ends the epoch of `colls` (a drop, a rename,
+/// `collMod`, `shardCollection`), in one hold of the commit lock: writes prepared against
+/// those collections before it are refused from then on. Returns the last entry's
+/// cluster time.
+pub(crate) fn log_epoch_end<'c>(
     log: &OplogLock,
-    c: &Collection,
-    entry: PendingEntry,
+    colls: impl IntoIterator<Item = &'c Collection>,
+    entries: Vec<PendingEntry>,
 ) -> bson::Timestamp {
     let mut log = log.lock();
-    c.retire();
-    log.append_one(entry)
+    for c in colls {
+        c.retire();
+    }
+    log.append(entries, None);
+    log.last_ts
 }
 
 fn refuse_view(db: &str, name: &str, c: &Collection) -> CmdResult<()> {
@@ -239,23 +243,20 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Commits one live write under the commit lock (see [`Handle::check`]).
+    /// Commits one live write under the commit lock (see [`Handle::commit`]).
     fn commit(
         &self,
         h: &Handle,
         ns: &str,
         key: &[u8],
         expect: &Expect,
-        doc: Option<Document>,
+        doc: Option<Arc<Document>>,
         entry: PendingEntry,
     ) -> CmdResult<Result<(), Refused>> {
         let mut log = self.log.lock();
-        if let Err(refused) = h.check(key, expect) {
-            return Ok(Err(refused));
-        }
-        let at = engine::ts(log.append_one(entry));
-        h.apply(ns, key, doc, at, self.horizon)?;
-        Ok(Ok(()))
+        h.commit(ns, key, expect, doc, self.horizon, || {
+            engine::ts(log.append_one(entry))
+        })
     }
 
     /// The collection's UUID, whether it records pre- and post-images, and its shard key,
@@ -346,6 +347,7 @@ impl<'a> Writer<'a> {
             txn.entries.push(entry(db, name, uuid, op));
             return Ok(());
         }
+        let doc = Arc::new(doc);
         let mut handle = self.handle(db, name);
         for _ in 0..MAX_RETRIES {
             let Some(h) = handle else {
@@ -354,10 +356,11 @@ impl<'a> Writer<'a> {
             };
             let op = Op::Insert {
                 key: document_key(h.shard_key.as_ref(), &doc),
-                doc: doc.clone(),
+                doc: (*doc).clone(),
             };
             let entry = entry(db, name, Some(h.uuid.clone()), op);
-            match self.commit(&h, &ns, &key, &Expect::Absent, Some(doc.clone()), entry)? {
+            let new = Some(Arc::clone(&doc));
+            match self.commit(&h, &ns, &key, &Expect::Absent, new, entry)? {
                 Ok(()) => return Ok(()),
                 Err(Refused::Stale) => handle = self.refresh(db, name, true)?,
                 Err(Refused::Duplicate | Refused::Changed) => {
@@ -378,27 +381,7 @@ impl<'a> Writer<'a> {
         new: Document,
         replacement: bool,
     ) -> CmdResult<Written> {
-        let op = |images: bool, shard_key: Option<&Document>| {
-            // As the server writes `o2`: the document key of the document before the
-            // update (the shard key it had, when an update changes it).
-            let id_doc = document_key(shard_key, old);
-            let pre = images.then(|| (**old).clone());
-            if replacement {
-                Op::Replace {
-                    key: id_doc,
-                    doc: new.clone(),
-                    pre,
-                }
-            } else {
-                Op::Update {
-                    key: id_doc,
-                    delta: delta(old, &new),
-                    pre,
-                    post: images.then(|| new.clone()),
-                }
-            }
-        };
-        self.write(db, name, key, old, Some(new.clone()), &op)
+        self.write(db, name, key, old, Some(new), replacement)
     }
 
     /// Removes `old` (the document with `_id` key `key`).
@@ -408,21 +391,18 @@ impl<'a> Writer<'a> {
         name: &str,
         (key, old): &(Vec<u8>, Arc<Document>),
     ) -> CmdResult<Written> {
-        let op = |images: bool, shard_key: Option<&Document>| Op::Delete {
-            key: document_key(shard_key, old),
-            pre: images.then(|| (**old).clone()),
-        };
-        self.write(db, name, key, old, None, &op)
+        self.write(db, name, key, old, None, false)
     }
 
+    /// Writes `new` (`None`: removes) over `old`, the document with `_id` key `key`.
     fn write(
         &mut self,
         db: &str,
         name: &str,
         key: &[u8],
         old: &Arc<Document>,
-        doc: Option<Document>,
-        op: &dyn Fn(bool, Option<&Document>) -> Op,
+        new: Option<Document>,
+        replacement: bool,
     ) -> CmdResult<Written> {
         if let Mode::Txn { state, txn } = &mut self.mode {
             let (uuid, images, shard_key) = Self::txn_settings(state, txn, db, name);
@@ -430,13 +410,13 @@ impl<'a> Writer<'a> {
             if live.is_some_and(|c| c.written_at(key).is_some_and(|w| w > txn.read_at)) {
                 return Err(write_conflict());
             }
-            let entry = entry(db, name, uuid, op(images, shard_key.as_ref()));
+            let op = change_op(old, new.as_ref(), replacement, images, shard_key.as_ref());
             txn.writes += 1;
             let n = txn.writes;
             side_of(txn, db, name)?
                 .writes
-                .insert(key.to_vec(), (n, doc));
-            txn.entries.push(entry);
+                .insert(key.to_vec(), (n, new));
+            txn.entries.push(entry(db, name, uuid, op));
             return Ok(Written::Done);
         }
         let Some(h) = self.handle(db, name) else {
@@ -444,14 +424,16 @@ impl<'a> Writer<'a> {
             return Ok(Written::Retry);
         };
         let ns = format!("{db}.{name}");
-        let entry = entry(
-            db,
-            name,
-            Some(h.uuid.clone()),
-            op(h.images, h.shard_key.as_ref()),
+        let op = change_op(
+            old,
+            new.as_ref(),
+            replacement,
+            h.images,
+            h.shard_key.as_ref(),
         );
+        let entry = entry(db, name, Some(h.uuid.clone()), op);
         let expect = Expect::Current(Arc::clone(old));
-        match self.commit(&h, &ns, key, &expect, doc, entry)? {
+        match self.commit(&h, &ns, key, &expect, new.map(Arc::new), entry)? {
             Ok(()) => Ok(Written::Done),
             Err(Refused::Stale) => {
                 self.refresh(db, name, false)?;
@@ -459,6 +441,34 @@ impl<'a> Writer<'a> {
             }
             Err(Refused::Changed | Refused::Duplicate) => Ok(Written::Retry),
         }
+    }
+}
+
+/// The oplog entry's operation for writing `new` over `old` (`None`: removing it), as
+/// a collection with these settings records it: its `o2` is the document key of the
+/// document before the write (the shard key it had, when an update changes it).
+fn change_op(
+    old: &Document,
+    new: Option<&Document>,
+    replacement: bool,
+    images: bool,
+    shard_key: Option<&Document>,
+) -> Op {
+    let key = document_key(shard_key, old);
+    let pre = images.then(|| old.clone());
+    match new {
+        None => Op::Delete { key, pre },
+        Some(new) if replacement => Op::Replace {
+            key,
+            doc: new.clone(),
+            pre,
+        },
+        Some(new) => Op::Update {
+            key,
+            delta: delta(old, new),
+            pre,
+            post: images.then(|| new.clone()),
+        },
     }
 }
 
