@@ -36,32 +36,47 @@ impl Shared {
     }
 }
 
-#[tokio::test]
-async fn every_change_arrives_as_one_line_in_order() {
-    let sim = mongo_sim::MongoSim::start().await.unwrap();
-    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+/// A processor over `sink.<coll>` with a memory store, handing its batches to
+/// `JsonLines` on `out`; returned once its stream is open.
+async fn start_on<W: Write + Send + 'static>(
+    client: &mongodb::Client,
+    coll: &str,
+    out: W,
+) -> (
+    DocumentProcessor,
+    Arc<MemoryStore>,
+    tokio::task::JoinHandle<cdc_processor::Result<()>>,
+) {
     let store = Arc::new(MemoryStore::new());
     let p = DocumentProcessor::builder()
         .client(client.clone())
-        .collection("sink", "items")
+        .collection("sink", coll)
         .store(store.clone())
         .checkpoint(CheckpointPolicy::every_event())
         .build()
         .unwrap();
-    let out = Shared::default();
     let task = {
-        let (p, sink) = (p.clone(), JsonLines::new(out.clone()));
+        let (p, sink) = (p.clone(), JsonLines::new(out));
         tokio::spawn(async move { p.start_batches(sink).await })
     };
-    let opened = p.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while opened.stats().checkpoints < 1 {
+    while p.stats().checkpoints < 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the stream never opened"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    (p, store, task)
+}
+
+#[tokio::test]
+async fn every_change_arrives_as_one_line_in_order() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let out = Shared::default();
+    let (p, store, task) = start_on(&client, "items", out.clone()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let coll = client
         .database("sink")
         .collection::<bson::Document>("items");
@@ -144,13 +159,6 @@ async fn a_blocked_writer_does_not_block_the_runtime() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let sim = mongo_sim::MongoSim::start().await.unwrap();
     let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
-    let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("sink", "blocked")
-        .store(Arc::new(MemoryStore::new()))
-        .checkpoint(CheckpointPolicy::every_event())
-        .build()
-        .unwrap();
     let out = Shared::default();
     let (go, wait) = std::sync::mpsc::channel();
     let (started, ended) = (
@@ -163,18 +171,8 @@ async fn a_blocked_writer_does_not_block_the_runtime() {
         ended: Arc::clone(&ended),
         go: Mutex::new(wait),
     };
-    let task = {
-        let (p, sink) = (p.clone(), JsonLines::new(gate));
-        tokio::spawn(async move { p.start_batches(sink).await })
-    };
+    let (p, _, task) = start_on(&client, "blocked", gate).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while p.stats().checkpoints < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stream never opened"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     let coll = client
         .database("sink")
         .collection::<bson::Document>("blocked");
