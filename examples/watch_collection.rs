@@ -54,8 +54,11 @@ async fn main() -> Result<(), BoxError> {
         None => std::env::temp_dir().join("cdc-example-resume-points"),
     };
     let processor = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection(db.clone(), coll.clone())
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            db.clone(),
+            coll.clone(),
+        ))
         .store(Arc::new(FileStore::new(&dir)?))
         .build()?;
     println!("watching {db}.{coll}; resume points in {}", dir.display());

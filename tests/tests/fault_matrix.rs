@@ -124,10 +124,13 @@ impl Case {
         }
     }
 
+    fn watch(&self) -> cdc_processor::Watch {
+        cdc_processor::Watch::collection(self.client.clone(), "fm", "docs")
+    }
+
     fn builder(&self, store: Arc<dyn ResumeStore>) -> cdc_processor::Builder {
         DocumentProcessor::builder()
-            .client(self.client.clone())
-            .collection("fm", "docs")
+            .source(self.watch())
             .store(store)
     }
 
@@ -204,7 +207,7 @@ async fn resumable_faults_lose_and_repeat_nothing() {
         let store = Arc::new(MemoryStore::new());
         let p = case
             .builder(store)
-            .source_options(SourceOptions::default().batch_size(1))
+            .source(case.watch().options(SourceOptions::default().batch_size(1)))
             .build()
             .unwrap();
         let task = run(&p, case.delivered.clone());
@@ -245,8 +248,11 @@ async fn fatal_faults_stop_at_once_with_the_point_unchanged() {
         let store = Arc::new(MemoryStore::new());
         let p = case
             .builder(store.clone())
+            .source(
+                case.watch()
+                    .options(SourceOptions::default().max_await_time(Duration::from_millis(50))),
+            )
             .checkpoint(CheckpointPolicy::every_event())
-            .source_options(SourceOptions::default().max_await_time(Duration::from_millis(50)))
             .build()
             .unwrap();
         let mut published = p.on_start_err();
@@ -373,7 +379,10 @@ async fn history_lost_fails_by_default_and_reports_the_gap_when_asked() {
     );
     let p = case
         .builder(store.clone())
-        .history_lost_policy(HistoryLostPolicy::RestartFromNow)
+        .source(
+            case.watch()
+                .history_lost_policy(HistoryLostPolicy::RestartFromNow),
+        )
         .build()
         .unwrap();
     let task = run(&p, case.delivered.clone());
@@ -401,8 +410,8 @@ async fn missing_pre_images_do_not_spin() {
     let store = Arc::new(MemoryStore::new());
     let strict = case
         .builder(store.clone())
+        .source(case.watch().before_change(BeforeChange::Required))
         .stream_id("strict")
-        .before_change(BeforeChange::Required)
         .build()
         .unwrap();
     let task = run(&strict, case.delivered.clone());
@@ -422,9 +431,12 @@ async fn missing_pre_images_do_not_spin() {
 
     let lenient = case
         .builder(store)
+        .source(
+            case.watch()
+                .before_change(BeforeChange::Required)
+                .pre_image_policy(PreImagePolicy::FallBackToOff),
+        )
         .stream_id("lenient")
-        .before_change(BeforeChange::Required)
-        .pre_image_policy(PreImagePolicy::FallBackToOff)
         .build()
         .unwrap();
     let delivered = Deliveries::default();

@@ -89,11 +89,13 @@ where
         let log: Log = Arc::default();
         let processor = |owner: &str, store: &Arc<S>| {
             DocumentProcessor::builder()
-                .client(client.clone())
-                .collection("outage", "items")
+                .source(cdc_processor::Watch::collection(
+                    client.clone(),
+                    "outage",
+                    "items",
+                ))
                 .stream_id(stream.clone())
-                .leased_store(Arc::clone(store), TTL)
-                .owner(owner)
+                .store(cdc_processor::Storage::leased(Arc::clone(store), TTL).owner(owner))
                 .store_timeout(Duration::from_secs(1))
                 .checkpoint(CheckpointPolicy::every_event())
                 .build()

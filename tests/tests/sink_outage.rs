@@ -61,14 +61,16 @@ fn processor(
     handler_checkpoints: bool,
 ) -> DocumentProcessor {
     DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("shop", "items")
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "shop",
+            "items",
+        ))
         .store(store)
         .handler_checkpoints(handler_checkpoints)
         .stream_id("outage")
         .on_handler_error(HandlerErrorPolicy::stop().retries(1))
         .checkpoint(CheckpointPolicy::batched(20, Duration::from_millis(100)).unwrap())
-        .max_batch_events(20)
         .build()
         .unwrap()
 }
@@ -84,7 +86,10 @@ where
     let runner = p.clone();
     let task = tokio::spawn(async move {
         runner
-            .start_batches_with_retry(cdc_processor::default_backoff(), sink)
+            .start_with_retry(
+                cdc_processor::default_backoff(),
+                cdc_processor::Batches::new(sink).max_events(20),
+            )
             .await
     });
     while !p.stats().stream_open {

@@ -12,8 +12,8 @@ use std::{
 
 use async_trait::async_trait;
 use cdc_processor::{
-    Batch, BatchDispatcher, BoxError, ChangeEvent, CheckpointPolicy, Dispatcher, DocumentProcessor,
-    HandlerContext, HandlerErrorPolicy, bson, mongodb::Client, stores,
+    Batch, BatchDispatcher, Batches, BoxError, ChangeEvent, CheckpointPolicy, Dispatcher,
+    DocumentProcessor, HandlerContext, HandlerErrorPolicy, Storage, bson, mongodb::Client, stores,
 };
 use cdc_sink::{JsonLines, NatsSink, PostgresSink, async_nats};
 
@@ -124,7 +124,7 @@ pub(crate) async fn open_store(cfg: &Config) -> Result<Opened, BoxError> {
 /// The builder for the configured stream (everything but the store).
 pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Builder, BoxError> {
     let s = &cfg.source;
-    let mut options = cdc_processor::default_source_options()
+    let mut options = cdc_processor::SourceOptions::default()
         .full_document(match s.full_document {
             config::FullDocumentMode::Default => cdc_processor::FullDocument::Default,
             config::FullDocumentMode::UpdateLookup => cdc_processor::FullDocument::UpdateLookup,
@@ -146,13 +146,21 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
     }
     options.pipeline = pipeline(cfg)?;
     options.show_expanded_events = s.show_expanded_events;
-    let mut b = DocumentProcessor::builder().client(client);
-    b = match (&s.database, &s.collection) {
-        (Some(db), Some(coll)) => b.collection(db, coll),
-        (Some(db), None) => b.database(db),
-        _ => b.deployment(),
+    let scope = match (&s.database, &s.collection) {
+        (Some(db), Some(coll)) => cdc_processor::Scope::collection(db, coll),
+        (Some(db), None) => cdc_processor::Scope::database(db),
+        _ => cdc_processor::Scope::Deployment,
     };
-    b = b.source_options(options);
+    let watch = cdc_processor::Watch::new(client, scope)
+        .options(options)
+        .snapshot(match cfg.snapshot.mode {
+            SnapshotModeCfg::Never => cdc_processor::SnapshotMode::Never,
+            SnapshotModeCfg::Initial => cdc_processor::SnapshotMode::Initial,
+            SnapshotModeCfg::InitialOnly => cdc_processor::SnapshotMode::InitialOnly,
+            SnapshotModeCfg::WhenNeeded => cdc_processor::SnapshotMode::WhenNeeded,
+        })
+        .snapshot_parallelism(cfg.snapshot.parallelism, cfg.snapshot.chunk_docs);
+    let mut b = DocumentProcessor::builder().source(watch);
     if let Some(id) = &s.stream_id {
         b = b.stream_id(id);
     }
@@ -164,17 +172,7 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
             cfg.checkpoint_interval(),
         )?)
         .concurrency(p.concurrency)
-        .max_batch_events(p.max_batch_events)
-        .max_batch_bytes(p.max_batch_bytes)
-        .max_batch_wait(Duration::from_millis(p.max_batch_wait_ms))
-        .max_buffered_bytes(p.max_buffered_bytes)
-        .snapshot(match cfg.snapshot.mode {
-            SnapshotModeCfg::Never => cdc_processor::SnapshotMode::Never,
-            SnapshotModeCfg::Initial => cdc_processor::SnapshotMode::Initial,
-            SnapshotModeCfg::InitialOnly => cdc_processor::SnapshotMode::InitialOnly,
-            SnapshotModeCfg::WhenNeeded => cdc_processor::SnapshotMode::WhenNeeded,
-        })
-        .snapshot_parallelism(cfg.snapshot.parallelism, cfg.snapshot.chunk_docs);
+        .max_buffered_bytes(p.max_buffered_bytes);
     let d = &cfg.dead_letters;
     let policy = match d.on_error {
         OnError::Stop => HandlerErrorPolicy::stop(),
@@ -187,11 +185,6 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
     b = b.on_handler_error(policy);
     // The PostgreSQL sink saves the point in its transactions, ahead of the processor.
     b = b.handler_checkpoints(cfg.sink.kind == SinkKind::Postgres);
-    if let Some(lease) = &cfg.lease
-        && let Some(owner) = &lease.owner
-    {
-        b = b.owner(owner);
-    }
     Ok(b)
 }
 
@@ -367,10 +360,14 @@ pub(crate) async fn build_processor(
     let stores = &opened.stores;
     let mut b = builder(cfg, client.clone())?;
     b = match &cfg.lease {
-        Some(lease) => b.leased_stores(stores, Duration::from_millis(lease.ttl_ms)),
-        None => b
-            .store(stores.points.clone())
-            .dead_letters(stores.dead_letters.clone()),
+        Some(lease) => {
+            let mut leased = Storage::leased_stores(stores, Duration::from_millis(lease.ttl_ms));
+            if let Some(owner) = &lease.owner {
+                leased = leased.owner(owner);
+            }
+            b.store(leased)
+        }
+        None => b.store(stores),
     };
     Ok((b.build()?, opened, client))
 }
@@ -624,9 +621,14 @@ pub(crate) async fn run(
     }
     tracing::info!(stream = %processor.stream_id(), sink = ?sink, "starting");
     let mut task = {
-        let (p, sink) = (processor.clone(), Arc::clone(&sink));
+        let p = processor.clone();
+        let limits = &cfg.processing;
+        let batches = Batches::new(Arc::clone(&sink))
+            .max_events(limits.max_batch_events)
+            .max_bytes(limits.max_batch_bytes)
+            .max_wait(Duration::from_millis(limits.max_batch_wait_ms));
         tokio::spawn(async move {
-            p.start_batches_with_retry(cdc_processor::default_backoff(), sink)
+            p.start_with_retry(cdc_processor::default_backoff(), batches)
                 .await
         })
     };

@@ -20,10 +20,7 @@ async fn offline_processor(cfg: &Config) -> Result<(DocumentProcessor, run::Open
             )
         })?;
     let opened = run::open_store(cfg).await?;
-    let processor = run::builder(cfg, client)?
-        .store(opened.stores.points.clone())
-        .dead_letters(opened.stores.dead_letters.clone())
-        .build()?;
+    let processor = run::builder(cfg, client)?.store(&opened.stores).build()?;
     Ok((processor, opened))
 }
 
@@ -69,7 +66,7 @@ pub(crate) async fn status(cfg: &Config, json: bool) -> Result<ExitCode, BoxErro
             _ => cdc_mongo::Scope::Deployment,
         };
         let source =
-            cdc_mongo::MongoSource::new(client, scope, cdc_processor::default_source_options());
+            cdc_mongo::MongoSource::new(client, scope, cdc_processor::SourceOptions::default());
         Ok::<_, BoxError>(source.cluster_time().await?)
     };
     let newest = match tokio::time::timeout(Duration::from_secs(15), newest).await {

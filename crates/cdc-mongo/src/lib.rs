@@ -9,14 +9,14 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
 //! use cdc_core::StartPosition;
-//! use cdc_mongo::{MongoSource, Scope, SourceOptions, FullDocument, connect};
+//! use cdc_mongo::{MongoSource, Scope, SourceOptions, connect};
 //! use futures_util::StreamExt;
 //!
 //! let client = connect("mongodb://127.0.0.1:27017/?replicaSet=rs0", Duration::from_secs(10)).await?;
 //! let source = MongoSource::new(
 //!     client,
 //!     Scope::collection("shop", "orders"),
-//!     SourceOptions::default().full_document(FullDocument::UpdateLookup),
+//!     SourceOptions::default(),
 //! );
 //! // Ends only when the server closes the stream (an invalidate) or on an error.
 //! let mut events = source.stream(&StartPosition::Now).await?;

@@ -155,15 +155,18 @@ pub struct SourceOptions {
 }
 
 impl Default for SourceOptions {
-    /// The Go package's operation types (insert, update, delete, invalidate) plus
-    /// `replace`, which the Go package silently dropped; everything else off.
+    /// As the Go package and the processor watch: post-images by `updateLookup`,
+    /// pre-images when available, batches of 1,000 events (so a burst does not make the
+    /// driver buffer 16 MB batches), the Go package's operation types (insert, update,
+    /// delete, invalidate) plus `replace`, which the Go package silently dropped;
+    /// everything else off.
     fn default() -> Self {
         Self {
-            full_document: FullDocument::Default,
-            before_change: BeforeChange::Off,
+            full_document: FullDocument::UpdateLookup,
+            before_change: BeforeChange::WhenAvailable,
             operation_types: Some(Self::default_operation_types()),
             pipeline: Vec::new(),
-            batch_size: None,
+            batch_size: Some(1000),
             max_await_time: None,
             read_preference: None,
             show_expanded_events: false,

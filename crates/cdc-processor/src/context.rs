@@ -246,3 +246,98 @@ impl Default for BatchLimits {
         }
     }
 }
+
+/// A batch handler with the limits of its batches, as [`crate::DocumentProcessor::start`]
+/// takes it: `processor.start(Batches::new(sink).max_events(1000))`. Batches are formed
+/// per lane; a batch's success acknowledges all its events.
+#[derive(Clone, Debug)]
+pub struct Batches<B> {
+    handler: B,
+    limits: BatchLimits,
+}
+
+impl<B: BatchDispatcher + 'static> Batches<B> {
+    /// `handler` with the default limits: 500 events, 8 MiB, 10 ms.
+    pub fn new(handler: B) -> Self {
+        Self {
+            handler,
+            limits: BatchLimits::default(),
+        }
+    }
+
+    /// The most events in one batch (at least 1; default 500; a transaction larger than
+    /// this is handed over alone, whole).
+    #[must_use]
+    pub fn max_events(mut self, events: usize) -> Self {
+        self.limits.max_events = events;
+        self
+    }
+
+    /// The most raw bytes in one batch (at least 1; default 8 MiB; a single unit larger
+    /// than this is handed over alone).
+    #[must_use]
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.limits.max_bytes = bytes;
+        self
+    }
+
+    /// How long a lane waits for more events once it holds one (default 10 ms; zero
+    /// hands over what is queued at once).
+    #[must_use]
+    pub fn max_wait(mut self, wait: std::time::Duration) -> Self {
+        self.limits.max_wait = wait;
+        self
+    }
+}
+
+/// A handler as the processor runs it (opaque: made by [`IntoHandler`]).
+#[derive(Clone)]
+pub struct HandlerSpec(pub(crate) crate::lanes::Handler);
+
+impl std::fmt::Debug for HandlerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            crate::lanes::Handler::Event(_) => "HandlerSpec::Event",
+            crate::lanes::Handler::Batch(..) => "HandlerSpec::Batch",
+        })
+    }
+}
+
+/// What [`crate::DocumentProcessor::start`] and `start_with_retry` take: any per-event
+/// [`cdc_core::Dispatcher`] (a [`crate::JsonWatcher`], a [`cdc_core::DispatchChain`], …),
+/// or a [`BatchDispatcher`] wrapped in [`Batches`] with its limits.
+pub trait IntoHandler: Send + 'static {
+    /// The handler as the processor runs it.
+    ///
+    /// # Errors
+    /// A limit out of its range, named as the setter spells it.
+    fn into_handler(self) -> Result<HandlerSpec, crate::BuildError>;
+}
+
+impl<D: cdc_core::Dispatcher + 'static> IntoHandler for D {
+    fn into_handler(self) -> Result<HandlerSpec, crate::BuildError> {
+        Ok(HandlerSpec(crate::lanes::Handler::Event(
+            std::sync::Arc::new(self),
+        )))
+    }
+}
+
+impl<B: BatchDispatcher + 'static> IntoHandler for Batches<B> {
+    fn into_handler(self) -> Result<HandlerSpec, crate::BuildError> {
+        for (setting, value) in [
+            ("max_events", self.limits.max_events),
+            ("max_bytes", self.limits.max_bytes),
+        ] {
+            if value == 0 {
+                return Err(crate::BuildError::Invalid {
+                    setting,
+                    reason: "a batch limit must be at least 1".into(),
+                });
+            }
+        }
+        Ok(HandlerSpec(crate::lanes::Handler::Batch(
+            std::sync::Arc::new(self.handler),
+            self.limits,
+        )))
+    }
+}

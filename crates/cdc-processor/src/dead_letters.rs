@@ -24,13 +24,16 @@ impl DocumentProcessor {
             .settings
             .dead_letters
             .as_deref()
-            .ok_or_else(|| Error::Config("no dead-letter store: call .dead_letters(…)".into()))
+            .ok_or(Error::Build(crate::BuildError::Missing {
+                setting: "store",
+                hint: "there is no dead-letter store: give one with Storage::new(points).dead_letters(…), a leased store, or &Stores",
+            }))
     }
 
     /// Up to `limit` dead letters of this processor's stream, oldest first.
     ///
     /// # Errors
-    /// [`Error::Config`] without a dead-letter store; the store's error when it fails.
+    /// [`Error::Build`] without a dead-letter store; the store's error when it fails.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         let store = self.letter_store()?;
         Ok(store.list(self.stream_id(), limit).await?)
@@ -66,7 +69,7 @@ impl DocumentProcessor {
     ///
     /// # Errors
     /// [`Error::AlreadyRunning`] while `start` runs; [`Error::Stopped`] after `stop()`;
-    /// [`Error::Config`] without a dead-letter store; a store failure (what was replayed
+    /// [`Error::Build`] without a dead-letter store; a store failure (what was replayed
     /// before it stays replayed).
     pub async fn replay_dead_letters(&self, handler: impl Dispatcher) -> Result<ReplayReport> {
         let store = self.letter_store()?;

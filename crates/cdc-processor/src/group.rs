@@ -7,7 +7,7 @@
 //! holder died and let its lease expire); above it (a new instance joined), it stops
 //! processors until it is back at its share, and their leases are released for the others
 //! to take. Each processor holds its own stream's lease, so at most one instance handles a
-//! stream at a time whatever the balancing does (see [`crate::Builder::leased_store`]).
+//! stream at a time whatever the balancing does (see [`crate::Storage::leased`]).
 //!
 //! Each running processor keeps one connection of its client busy while its `getMore`
 //! waits for changes: give the client a `maxPoolSize` above the number of streams an
@@ -75,11 +75,11 @@ impl std::fmt::Debug for Group {
 
 impl Group {
     /// An instance of group `name` sharing `streams`, with leases in `store` for `ttl`:
-    /// `processors` builds a stream's processor (with `leased_store` on the same store and
+    /// `processors` builds a stream's processor (with `Storage::leased` on the same store and
     /// TTL, under the owner id it is given), `handlers` its handler.
     ///
     /// # Errors
-    /// [`Error::Config`] for a TTL under 30 ms or an empty set of streams.
+    /// [`Error::Build`] for a TTL under 30 ms or an empty set of streams.
     pub fn new(
         name: impl Into<String>,
         store: Arc<dyn LeaseStore>,
@@ -89,12 +89,16 @@ impl Group {
         handlers: impl Fn(&str) -> Box<dyn Dispatcher> + Send + Sync + 'static,
     ) -> Result<Self> {
         if ttl < Duration::from_millis(30) {
-            return Err(Error::Config(format!(
-                "a group lease TTL of {ttl:?} is too short"
-            )));
+            return Err(Error::Build(crate::BuildError::Invalid {
+                setting: "ttl",
+                reason: format!("a group lease TTL of {ttl:?} is too short (at least 30 ms)"),
+            }));
         }
         if streams.is_empty() {
-            return Err(Error::Config("a group needs at least one stream".into()));
+            return Err(Error::Build(crate::BuildError::Invalid {
+                setting: "streams",
+                reason: "a group needs at least one stream".into(),
+            }));
         }
         Ok(Self {
             name: name.into(),
@@ -224,10 +228,13 @@ impl Group {
             }
             let processor = (self.processors)(stream, &self.owner)?;
             if processor.stream_id() != stream {
-                return Err(Error::Config(format!(
-                    "the processor built for stream `{stream}` has stream id `{}`",
-                    processor.stream_id()
-                )));
+                return Err(Error::Build(crate::BuildError::Invalid {
+                    setting: "processors",
+                    reason: format!(
+                        "the processor built for stream `{stream}` has stream id `{}`",
+                        processor.stream_id()
+                    ),
+                }));
             }
             let handler = (self.handlers)(stream);
             let p = processor.clone();

@@ -1,6 +1,6 @@
 //! Holding a stream's lease: one active instance per stream, the others standing by.
 //!
-//! With [`crate::Builder::leased_store`] a run first waits as a standby until it acquires
+//! With [`crate::Storage::leased`] a run first waits as a standby until it acquires
 //! the lease (polling every third of the TTL), then handles the stream while a renewer
 //! extends the lease every third of the TTL. Every save goes through
 //! [`LeaseStore::save_fenced`], so once another instance holds the lease nothing this one

@@ -8,7 +8,9 @@
 //!
 //! ```no_run
 //! use std::{sync::Arc, time::Duration};
-//! use cdc_processor::{BoxError, CollectionWatcher, DocumentProcessor, JsonWatcher, default_backoff};
+//! use cdc_processor::{
+//!     BoxError, CollectionWatcher, DocumentProcessor, JsonWatcher, Watch, default_backoff,
+//! };
 //!
 //! struct Printer;
 //!
@@ -31,12 +33,26 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let client = cdc_processor::connect("mongodb://127.0.0.1:27017/?replicaSet=rs0", Duration::from_secs(10)).await?;
 //! let processor = DocumentProcessor::builder()
-//!     .client(client)
-//!     .collection("shop", "orders")
+//!     // Where events come from (and the stream's options: Watch::full_document, …).
+//!     .source(Watch::collection(client, "shop", "orders"))
+//!     // Where points live (Storage: dead letters, a lease).
 //!     .store(Arc::new(cdc_processor::stores::FileStore::new("./resume-points")?))
 //!     .build()?;
 //! processor.start_with_retry(default_backoff(), JsonWatcher(Printer)).await?;
 //! # Ok(()) }
+//! ```
+//!
+//! A batch handler goes through the same `start` and `start_with_retry`, wrapped in
+//! [`Batches`] with its limits: `processor.start(Batches::new(sink).max_events(1000))`.
+//! Settings that contradict each other are refused by `build()` with a [`BuildError`]
+//! naming both; a leased store takes the dead letters too, so they cannot be split:
+//!
+//! ```compile_fail
+//! # use std::{sync::Arc, time::Duration};
+//! # use cdc_processor::{Storage, stores::MemoryStore};
+//! let store = Arc::new(MemoryStore::new());
+//! // `Leased` has no `dead_letters`: the leased store records them, fenced.
+//! let _ = Storage::leased(store.clone(), Duration::from_secs(10)).dead_letters(store);
 //! ```
 
 mod builder;
@@ -56,9 +72,16 @@ mod stats;
 mod store_url;
 
 pub use builder::{
-    Builder, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_STOP_TIMEOUT, default_source_options,
+    BuildError, Builder, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_STOP_TIMEOUT, Leased, Source, Storage,
+    Watch,
 };
-pub use context::{Batch, BatchDispatcher, HandlerContext, TransactionPosition};
+/// The errors [`Error`] wraps, to match a cause: `Error::Cdc(CoreError::…)`,
+/// `Error::Mongo(e)` with `e: Arc<MongoError>`.
+pub use cdc_core::Error as CoreError;
+pub use cdc_mongo::Error as MongoError;
+pub use context::{
+    Batch, BatchDispatcher, Batches, HandlerContext, HandlerSpec, IntoHandler, TransactionPosition,
+};
 pub use dead_letters::ReplayReport;
 pub use error::{Error, Result};
 pub use group::{Group, HandlerFactory, ProcessorFactory};
@@ -84,8 +107,20 @@ pub use bson;
 pub use cdc_mongo::mongodb;
 pub use cdc_mongo::{
     BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SnapshotMode,
-    SourceOptions, connect,
+    SourceOptions,
 };
+
+/// Connects to MongoDB (see `cdc_mongo::connect`): the URI is checked, the deployment
+/// reached within `server_selection_timeout`, and any password redacted from the error.
+///
+/// # Errors
+/// [`Error::Mongo`] when the URI is invalid or no server answered in time.
+pub async fn connect(
+    uri: &str,
+    server_selection_timeout: std::time::Duration,
+) -> Result<mongodb::Client> {
+    Ok(cdc_mongo::connect(uri, server_selection_timeout).await?)
+}
 
 /// The resume stores, re-exported behind the same features as `cdc-resume`.
 pub mod stores {

@@ -9,12 +9,12 @@ use std::{
     time::Duration,
 };
 
-use cdc_core::{ChangeSource, CheckpointPolicy, Dispatcher, ResumeStore};
+use cdc_core::{ChangeSource, CheckpointPolicy, ResumeStore};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{Error, Result, Stats, context::BatchDispatcher, lanes::Handler};
+use crate::{Error, IntoHandler, Result, Stats, lanes::Handler};
 
 /// What happens when the watched collection is dropped or renamed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,8 +46,6 @@ pub(crate) struct Settings {
     pub(crate) keep_transactions: Option<bool>,
     /// The byte budget of events read and not yet handled.
     pub(crate) max_buffered_bytes: usize,
-    /// The limits of a batch, for batch handlers.
-    pub(crate) batch: crate::context::BatchLimits,
     /// How long handlers in flight may take after `stop()` before they are cancelled.
     pub(crate) stop_timeout: Option<std::time::Duration>,
     /// Read the documents anew when the stream's history is lost (snapshot when needed).
@@ -216,15 +214,20 @@ impl DocumentProcessor {
         }
     }
 
-    /// Runs until stopped or failed.
+    /// Runs until stopped or failed, handing events to `handler`: a per-event
+    /// [`Dispatcher`](cdc_core::Dispatcher), or a batch handler in
+    /// [`crate::Batches`] (batches per lane with [`crate::Builder::concurrency`],
+    /// bounded by its limits; a batch's success acknowledges all its events).
     ///
     /// # Errors
     /// The error that ended the stream: a source, store or handler failure
     /// ([`Error::Cdc`]), [`Error::Invalidated`] under [`InvalidatePolicy::Stop`],
-    /// [`Error::AlreadyRunning`], [`Error::Stopped`] when the processor was already stopped.
-    pub async fn start(&self, handler: impl Dispatcher + 'static) -> Result<()> {
+    /// [`Error::AlreadyRunning`], [`Error::Stopped`] when the processor was already
+    /// stopped, [`Error::Build`] for a batch limit out of range.
+    pub async fn start(&self, handler: impl IntoHandler) -> Result<()> {
         self.not_stopped()?;
-        self.run_guarded(&Handler::Event(Arc::new(handler))).await
+        let handler = handler.into_handler().map_err(Error::Build)?;
+        self.run_guarded(&handler.0).await
     }
 
     /// [`Error::Stopped`] once `stop()` was called: a processor runs once.
@@ -233,22 +236,6 @@ impl DocumentProcessor {
             return Err(Error::Stopped(self.stream_id().to_owned()));
         }
         Ok(())
-    }
-
-    /// Runs until stopped or failed, handing events to `handler` in batches (per lane with
-    /// [`crate::Builder::concurrency`]), bounded by the builder's `max_batch_events`,
-    /// `max_batch_bytes` and `max_batch_wait`. A batch's success acknowledges all its
-    /// events.
-    ///
-    /// # Errors
-    /// As [`DocumentProcessor::start`].
-    pub async fn start_batches(&self, handler: impl BatchDispatcher + 'static) -> Result<()> {
-        self.not_stopped()?;
-        self.run_guarded(&self.batch_handler(handler)).await
-    }
-
-    pub(crate) fn batch_handler(&self, handler: impl BatchDispatcher + 'static) -> Handler {
-        Handler::Batch(Arc::new(handler), self.inner.settings.batch)
     }
 
     pub(crate) async fn run_guarded(&self, handler: &Handler) -> Result<()> {

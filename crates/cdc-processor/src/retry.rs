@@ -1,15 +1,15 @@
 //! The retry loop: runs the processor again after retryable failures, with a backoff the
 //! caller chooses.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use backon::BackoffBuilder;
-use cdc_core::Dispatcher;
 
-use crate::{DocumentProcessor, Result, context::BatchDispatcher, lanes::Handler};
+use crate::{DocumentProcessor, IntoHandler, Result, lanes::Handler};
 
 impl DocumentProcessor {
-    /// Runs until stopped, restarting after retryable failures (transient source errors,
+    /// [`DocumentProcessor::start`] (with either kind of handler) until stopped,
+    /// restarting after retryable failures (transient source errors,
     /// store failures; handler errors are retried in process under
     /// [`crate::Builder::on_handler_error`], never here) with the
     /// given backoff; [`default_backoff`] is exponential with jitter. The backoff starts
@@ -25,35 +25,13 @@ impl DocumentProcessor {
     /// # Errors
     /// The first error not worth retrying, or the last one when the backoff gives up;
     /// [`crate::Error::Stopped`] when the processor was already stopped.
-    pub async fn start_with_retry<B>(
-        &self,
-        backoff: B,
-        handler: impl Dispatcher + 'static,
-    ) -> Result<()>
+    pub async fn start_with_retry<B>(&self, backoff: B, handler: impl IntoHandler) -> Result<()>
     where
         B: BackoffBuilder + Clone,
     {
         self.not_stopped()?;
-        self.retry_loop(backoff, &Handler::Event(Arc::new(handler)))
-            .await
-    }
-
-    /// [`DocumentProcessor::start_batches`] under the retry loop of
-    /// [`DocumentProcessor::start_with_retry`].
-    ///
-    /// # Errors
-    /// As [`DocumentProcessor::start_with_retry`].
-    pub async fn start_batches_with_retry<B>(
-        &self,
-        backoff: B,
-        handler: impl BatchDispatcher + 'static,
-    ) -> Result<()>
-    where
-        B: BackoffBuilder + Clone,
-    {
-        self.not_stopped()?;
-        let handler = self.batch_handler(handler);
-        self.retry_loop(backoff, &handler).await
+        let handler = handler.into_handler().map_err(crate::Error::Build)?;
+        self.retry_loop(backoff, &handler.0).await
     }
 
     async fn retry_loop<B>(&self, backoff: B, handler: &Handler) -> Result<()>

@@ -381,7 +381,7 @@ impl DocumentProcessor {
     }
 
     /// The checkpoint policy in force: the builder's, except that every lane may hold one
-    /// event (a batch handler's lane `max_batch_events`) in flight: a smaller bound of
+    /// event (a batch handler's `Batches::max_events`) in flight: a smaller bound of
     /// unsaved events would keep lanes idle and batches from filling, so the bound is
     /// raised to that (and so is the bound of repeats after a crash).
     fn policy_for(&self, handler: &Handler) -> CheckpointPolicy {

@@ -12,7 +12,7 @@ pub struct Stores {
     pub points: Arc<dyn ResumeStore>,
     /// Where dead letters live (the same backend).
     pub dead_letters: Arc<dyn DeadLetterStore>,
-    /// Where leases live (the same backend): see `Builder::leased_stores`.
+    /// Where leases live (the same backend): see `Storage::leased_stores`.
     pub leases: Arc<dyn LeaseStore>,
 }
 
@@ -78,10 +78,14 @@ fn not_built(scheme: &str, feature: &str) -> Error {
 /// their constructors do (PostgreSQL connects and creates its tables here).
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] naming the problem (an unknown scheme, a backend whose
-/// feature is off, a malformed URL: credentials never shown); the backend's error when it
-/// cannot be reached at once.
-pub async fn open(url: &str) -> Result<Stores> {
+/// `Error::Cdc(CoreError::InvalidArgument)` naming the problem (an unknown scheme, a
+/// backend whose feature is off, a malformed URL: credentials never shown); the
+/// backend's error when it cannot be reached at once.
+pub async fn open(url: &str) -> crate::Result<Stores> {
+    Ok(open_url(url).await?)
+}
+
+async fn open_url(url: &str) -> Result<Stores> {
     let scheme = url.split_once(':').map_or("", |(s, _)| s);
     match scheme {
         "memory" => Ok(both(stores::MemoryStore::new())),

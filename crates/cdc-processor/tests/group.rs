@@ -34,11 +34,13 @@ fn group(owner: &str, client: &mongodb::Client, store: &Arc<MemoryStore>, log: &
             move |stream, owner| {
                 let coll = stream.trim_start_matches("grp.");
                 DocumentProcessor::builder()
-                    .client(client.clone())
-                    .collection("grp", coll)
+                    .source(cdc_processor::Watch::collection(
+                        client.clone(),
+                        "grp",
+                        coll,
+                    ))
                     .stream_id(stream)
-                    .leased_store(Arc::clone(&store), TTL)
-                    .owner(owner)
+                    .store(cdc_processor::Storage::leased(Arc::clone(&store), TTL).owner(owner))
                     .checkpoint(CheckpointPolicy::every_event())
                     .build()
             },

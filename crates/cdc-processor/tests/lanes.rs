@@ -48,8 +48,11 @@ impl Env {
 
     fn builder(&self) -> cdc_processor::Builder {
         DocumentProcessor::builder()
-            .client(self.client.clone())
-            .collection(self.db.clone(), "items")
+            .source(cdc_processor::Watch::collection(
+                self.client.clone(),
+                self.db.clone(),
+                "items",
+            ))
             .store(self.store.clone())
     }
 }
@@ -416,12 +419,7 @@ impl BatchDispatcher for Batches {
 #[tokio::test]
 async fn batch_handlers_get_bounded_batches_and_a_failed_batch_comes_again() {
     let env = Env::new("lanes_batches").await;
-    let p = env
-        .builder()
-        .max_batch_events(7)
-        .max_batch_wait(Duration::from_millis(20))
-        .build()
-        .unwrap();
+    let p = env.builder().build().unwrap();
     let batches = Batches {
         fail_first: Arc::new(Mutex::new(true)),
         ..Batches::default()
@@ -430,7 +428,12 @@ async fn batch_handlers_get_bounded_batches_and_a_failed_batch_comes_again() {
     let handler = batches.clone();
     let task = tokio::spawn(async move {
         runner
-            .start_batches_with_retry(default_backoff(), handler)
+            .start_with_retry(
+                default_backoff(),
+                cdc_processor::Batches::new(handler)
+                    .max_events(7)
+                    .max_wait(Duration::from_millis(20)),
+            )
             .await
     });
     opened(&p).await;
@@ -463,16 +466,19 @@ async fn batch_handlers_get_bounded_batches_and_a_failed_batch_comes_again() {
 #[tokio::test]
 async fn a_stop_does_not_wait_out_the_batch_wait() {
     let env = Env::new("lanes_batch_wait_stop").await;
-    let p = env
-        .builder()
-        .max_batch_events(1000)
-        .max_batch_wait(Duration::from_secs(600))
-        .build()
-        .unwrap();
+    let p = env.builder().build().unwrap();
     let batches = Batches::default();
     let runner = p.clone();
     let handler = batches.clone();
-    let task = tokio::spawn(async move { runner.start_batches(handler).await });
+    let task = tokio::spawn(async move {
+        runner
+            .start(
+                cdc_processor::Batches::new(handler)
+                    .max_events(1000)
+                    .max_wait(Duration::from_secs(600)),
+            )
+            .await
+    });
     opened(&p).await;
     env.coll().insert_one(doc! { "_id": 1 }).await.unwrap();
     // The event is read and the lane is gathering (nothing handed over within 600 s).
@@ -637,8 +643,7 @@ async fn a_deployment_stream_does_not_see_its_own_store() {
         "points",
     ));
     let p = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .deployment()
+        .source(cdc_processor::Watch::deployment(env.client.clone()))
         .stream_id("everything")
         .store(store)
         .checkpoint(cdc_core::CheckpointPolicy::every_event())

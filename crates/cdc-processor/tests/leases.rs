@@ -186,11 +186,13 @@ impl Env {
 
     fn processor(&self, owner: &str) -> DocumentProcessor {
         DocumentProcessor::builder()
-            .client(self.client.clone())
-            .collection("leased", "items")
+            .source(cdc_processor::Watch::collection(
+                self.client.clone(),
+                "leased",
+                "items",
+            ))
             .stream_id("leased-items")
-            .leased_store(Arc::clone(&self.store), TTL)
-            .owner(owner)
+            .store(cdc_processor::Storage::leased(Arc::clone(&self.store), TTL).owner(owner))
             .checkpoint(CheckpointPolicy::every_event())
             .build()
             .unwrap()
@@ -369,22 +371,42 @@ async fn a_holder_whose_renewals_stall_stops_before_its_successor_starts() {
 #[tokio::test]
 async fn a_leased_store_takes_the_dead_letters_too() {
     let env = Env::new().await;
-    let other = Arc::new(cdc_processor::stores::MemoryStore::new());
-    let err = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .collection("leased", "items")
-        .leased_store(Arc::clone(&env.store), TTL)
-        .dead_letters(other)
+    // A separate dead-letter store next to a leased one cannot be written (`Leased` has
+    // no `dead_letters`: a compile_fail doctest of `Storage::leased`); the leased store
+    // is the dead-letter store.
+    let p = DocumentProcessor::builder()
+        .source(cdc_processor::Watch::collection(
+            env.client.clone(),
+            "leased",
+            "items",
+        ))
+        .store(cdc_processor::Storage::leased(Arc::clone(&env.store), TTL))
         .build()
-        .unwrap_err();
-    assert!(err.to_string().contains("leased store"), "{err}");
+        .unwrap();
+    assert_eq!(p.dead_letter_count().await.unwrap(), 0);
     let err = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .collection("leased", "items")
-        .leased_store(Arc::clone(&env.store), Duration::from_millis(5))
+        .source(cdc_processor::Watch::collection(
+            env.client.clone(),
+            "leased",
+            "items",
+        ))
+        .store(cdc_processor::Storage::leased(
+            Arc::clone(&env.store),
+            Duration::from_millis(5),
+        ))
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("too short"), "{err}");
+    assert!(
+        matches!(
+            err,
+            cdc_processor::Error::Build(cdc_processor::BuildError::Invalid {
+                setting: "store",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
     env.deployment.shutdown().await;
 }
 
@@ -395,11 +417,13 @@ async fn a_lost_lease_cancels_the_handlers_in_flight() {
     let env = Env::new().await;
     let finished = Arc::new(AtomicBool::new(false));
     let p = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .collection("leased", "items")
+        .source(cdc_processor::Watch::collection(
+            env.client.clone(),
+            "leased",
+            "items",
+        ))
         .stream_id("leased-items")
-        .leased_store(Arc::clone(&env.store), TTL)
-        .owner("a")
+        .store(cdc_processor::Storage::leased(Arc::clone(&env.store), TTL).owner("a"))
         .concurrency(4)
         .checkpoint(CheckpointPolicy::every_event())
         .build()

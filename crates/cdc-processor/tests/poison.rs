@@ -137,10 +137,14 @@ impl Env {
 
     fn builder(&self, policy: HandlerErrorPolicy) -> cdc_processor::Builder {
         DocumentProcessor::builder()
-            .client(self.client.clone())
-            .collection(self.db.clone(), "items")
-            .store(self.points.clone())
-            .dead_letters(self.letters.clone())
+            .source(cdc_processor::Watch::collection(
+                self.client.clone(),
+                self.db.clone(),
+                "items",
+            ))
+            .store(
+                cdc_processor::Storage::new(self.points.clone()).dead_letters(self.letters.clone()),
+            )
             .on_handler_error(policy.backoff(Duration::from_millis(2), Duration::from_millis(2)))
     }
 
@@ -365,10 +369,12 @@ async fn parked_keys_follow_their_dead_letter_and_replay_in_order() {
         let builder = |h: &Handler| {
             let _ = h;
             DocumentProcessor::builder()
-                .client(env.client.clone())
-                .collection(env.db.clone(), "items")
-                .store(points.clone())
-                .dead_letters(letters.clone())
+                .source(cdc_processor::Watch::collection(
+                    env.client.clone(),
+                    env.db.clone(),
+                    "items",
+                ))
+                .store(cdc_processor::Storage::new(points.clone()).dead_letters(letters.clone()))
                 .concurrency(lanes)
                 .on_handler_error(HandlerErrorPolicy::dead_letter().retries(0).park_keys(true))
         };
@@ -433,12 +439,17 @@ async fn a_batch_that_keeps_failing_is_split_and_only_the_poison_dead_lettered()
     h.0.poison(&[(2, 1)]);
     let p = env
         .builder(HandlerErrorPolicy::dead_letter().retries(1))
-        .max_batch_events(50)
-        .max_batch_wait(Duration::from_millis(300))
         .build()
         .unwrap();
     let (p2, h2) = (p.clone(), h.clone());
-    let task = tokio::spawn(async move { p2.start_batches(h2).await });
+    let task = tokio::spawn(async move {
+        p2.start(
+            cdc_processor::Batches::new(h2)
+                .max_events(50)
+                .max_wait(Duration::from_millis(300)),
+        )
+        .await
+    });
     opened(&p).await;
     write_rounds(&env).await;
     until("every other event", || h.0.seen().len() >= 8).await;
@@ -493,10 +504,12 @@ async fn a_dead_letter_store_that_fails_does_not_let_the_stream_move_past_the_ev
     let h = Handler::default();
     h.poison(&[(2, 0)]);
     let p = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .collection(env.db.clone(), "items")
-        .store(env.points.clone())
-        .dead_letters(Arc::new(broken))
+        .source(cdc_processor::Watch::collection(
+            env.client.clone(),
+            env.db.clone(),
+            "items",
+        ))
+        .store(cdc_processor::Storage::new(env.points.clone()).dead_letters(Arc::new(broken)))
         .on_handler_error(HandlerErrorPolicy::dead_letter().retries(0))
         .build()
         .unwrap();
@@ -541,17 +554,23 @@ async fn a_dead_letter_store_that_fails_does_not_let_the_stream_move_past_the_ev
 async fn a_dead_letter_policy_needs_a_store_and_the_api_says_so() {
     let env = Env::new("poison_config").await;
     let err = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .collection(env.db.clone(), "items")
+        .source(cdc_processor::Watch::collection(
+            env.client.clone(),
+            env.db.clone(),
+            "items",
+        ))
         .store(env.points.clone())
         .on_handler_error(HandlerErrorPolicy::dead_letter())
         .build()
         .unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
+    assert!(matches!(err, Error::Build(_)), "{err}");
     assert!(err.to_string().contains(".dead_letters("), "{err}");
     let p = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .collection(env.db.clone(), "items")
+        .source(cdc_processor::Watch::collection(
+            env.client.clone(),
+            env.db.clone(),
+            "items",
+        ))
         .store(env.points.clone())
         .build()
         .unwrap();

@@ -96,10 +96,13 @@ impl Env {
         format!("{}.items", self.db)
     }
 
+    fn watch(&self) -> cdc_processor::Watch {
+        cdc_processor::Watch::collection(self.client.clone(), self.db.clone(), "items")
+    }
+
     fn builder(&self) -> cdc_processor::Builder {
         DocumentProcessor::builder()
-            .client(self.client.clone())
-            .collection(self.db.clone(), "items")
+            .source(self.watch())
             .store(self.store.clone())
     }
 
@@ -301,8 +304,11 @@ async fn every_read_ahead_size_delivers_in_order() {
         let rec = Recorder::default();
         let p = env
             .builder()
+            .source(
+                env.watch()
+                    .options(cdc_processor::SourceOptions::default().batch_size(7)),
+            )
             .prefetch(prefetch)
-            .source_options(cdc_processor::default_source_options().batch_size(7))
             .build()
             .unwrap();
         let task = spawn(&p, rec.clone());
@@ -511,10 +517,12 @@ async fn idle_checkpoints_keep_a_filtered_stream_fresh() {
     let policy = CheckpointPolicy::default().with_idle_interval(Duration::from_millis(200));
     let p = env
         .builder()
-        .source_options(
-            cdc_mongo::SourceOptions::default()
-                .operation_types([cdc_core::OperationType::Delete])
-                .max_await_time(Duration::from_millis(100)),
+        .source(
+            env.watch().options(
+                cdc_mongo::SourceOptions::default()
+                    .operation_types([cdc_core::OperationType::Delete])
+                    .max_await_time(Duration::from_millis(100)),
+            ),
         )
         .checkpoint(policy)
         .build()
@@ -729,8 +737,11 @@ async fn unreachable_at_start_retries_then_catches_up() {
     let client = Client::with_uri_str(&uri).await.unwrap();
     let store = Arc::new(MemoryStore::new());
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("app", "items")
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "app",
+            "items",
+        ))
         .store(store.clone())
         .build()
         .unwrap();
@@ -931,7 +942,7 @@ async fn already_running_and_futures_are_send() {
     task.await.unwrap().unwrap();
     assert!(matches!(
         DocumentProcessor::builder().build(),
-        Err(Error::Config(_))
+        Err(Error::Build(_))
     ));
     env.deployment.shutdown().await;
 }
@@ -1012,8 +1023,11 @@ async fn a_point_of_another_namespace_is_refused() {
     );
     // The same stream id over another collection.
     let other = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .collection(env.db.clone(), "others")
+        .source(cdc_processor::Watch::collection(
+            env.client.clone(),
+            env.db.clone(),
+            "others",
+        ))
         .store(env.store.clone())
         .stream_id("shared")
         .build()

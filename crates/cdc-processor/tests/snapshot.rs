@@ -135,12 +135,15 @@ impl Env {
         self.client.database(&self.db).collection("items")
     }
 
+    fn watch(&self) -> cdc_processor::Watch {
+        cdc_processor::Watch::collection(self.client.clone(), self.db.clone(), "items")
+            .full_document(FullDocument::UpdateLookup)
+    }
+
     fn builder(&self, store: &Arc<MemoryStore>) -> cdc_processor::Builder {
         DocumentProcessor::builder()
-            .client(self.client.clone())
-            .collection(self.db.clone(), "items")
+            .source(self.watch())
             .store(store.clone())
-            .full_document(FullDocument::UpdateLookup)
     }
 
     /// Updates, deletes and inserts while the processor reads.
@@ -217,8 +220,11 @@ async fn existing_documents_first_then_the_stream_and_the_replica_equals_the_col
         let log: Log = Arc::default();
         let p = env
             .builder(&store)
-            .snapshot(SnapshotMode::Initial)
-            .snapshot_parallelism(parallelism, chunk)
+            .source(
+                env.watch()
+                    .snapshot(SnapshotMode::Initial)
+                    .snapshot_parallelism(parallelism, chunk),
+            )
             .concurrency(lanes)
             .build()
             .unwrap();
@@ -310,7 +316,7 @@ async fn a_snapshot_stopped_midway_continues_where_it_stopped() {
     let first: Log = Arc::default();
     let p = env
         .builder(&store)
-        .snapshot(SnapshotMode::Initial)
+        .source(env.watch().snapshot(SnapshotMode::Initial))
         .checkpoint(CheckpointPolicy::every_event())
         .build()
         .unwrap();
@@ -345,7 +351,7 @@ async fn a_snapshot_stopped_midway_continues_where_it_stopped() {
     let second: Log = Arc::default();
     let q = env
         .builder(&store)
-        .snapshot(SnapshotMode::Initial)
+        .source(env.watch().snapshot(SnapshotMode::Initial))
         .checkpoint(CheckpointPolicy::every_event())
         .build()
         .unwrap();
@@ -403,7 +409,7 @@ async fn initial_only_stops_after_the_scan_and_a_later_start_streams_from_before
     let log: Log = Arc::default();
     let p = env
         .builder(&store)
-        .snapshot(SnapshotMode::InitialOnly)
+        .source(env.watch().snapshot(SnapshotMode::InitialOnly))
         .build()
         .unwrap();
     tokio::time::timeout(Duration::from_secs(60), p.start(recorder(&log)))
@@ -473,7 +479,7 @@ async fn when_needed_reads_the_documents_anew_after_history_is_lost() {
     let log: Log = Arc::default();
     let q = env
         .builder(&store)
-        .snapshot(SnapshotMode::WhenNeeded)
+        .source(env.watch().snapshot(SnapshotMode::WhenNeeded))
         .build()
         .unwrap();
     let (q2, handler) = (q.clone(), recorder(&log));
@@ -524,11 +530,12 @@ async fn a_database_snapshot_reads_every_collection_then_streams() {
     });
     let store = Arc::new(MemoryStore::new());
     let p = DocumentProcessor::builder()
-        .client(env.client.clone())
-        .database(env.db.clone())
+        .source(
+            cdc_processor::Watch::database(env.client.clone(), env.db.clone())
+                .snapshot(SnapshotMode::Initial)
+                .snapshot_parallelism(2, 50),
+        )
         .store(store)
-        .snapshot(SnapshotMode::Initial)
-        .snapshot_parallelism(2, 50)
         .build()
         .unwrap();
     let p2 = p.clone();

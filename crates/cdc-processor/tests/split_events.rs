@@ -11,8 +11,7 @@ use bson::{Bson, Document, doc};
 use cdc_core::{OperationType, ResumeStore};
 use cdc_mongo::{BeforeChange, FullDocument};
 use cdc_processor::{
-    BoxError, ChangeEvent, DocumentProcessor, FnDispatcher, default_source_options,
-    stores::MemoryStore,
+    BoxError, ChangeEvent, DocumentProcessor, FnDispatcher, SourceOptions, stores::MemoryStore,
 };
 use mongo_sim::TestDeployment;
 
@@ -41,17 +40,17 @@ async fn a_split_event_is_handled_whole_and_checkpointed_after_its_last_fragment
 
     let store = Arc::new(MemoryStore::new());
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("p_split_events", "c")
+        .source(
+            cdc_processor::Watch::collection(client.clone(), "p_split_events", "c").options(
+                SourceOptions::default()
+                    .full_document(FullDocument::Required)
+                    .before_change(BeforeChange::Required)
+                    .split_large_events(true)
+                    .batch_size(1),
+            ),
+        )
         .stream_id("split")
         .store(store.clone())
-        .source_options(
-            default_source_options()
-                .full_document(FullDocument::Required)
-                .before_change(BeforeChange::Required)
-                .split_large_events(true)
-                .batch_size(1),
-        )
         .build()
         .unwrap();
     let seen: Arc<Mutex<Vec<Handled>>> = Arc::default();

@@ -177,11 +177,12 @@ async fn a_deployment_stream_sees_none_of_its_stores_writes() {
     );
     let opened = stores::open(&url).await.unwrap();
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .deployment()
+        .source(cdc_processor::Watch::deployment(client.clone()))
         .stream_id(unique("everything"))
-        .store(opened.points.clone())
-        .dead_letters(opened.dead_letters.clone())
+        .store(
+            cdc_processor::Storage::new(opened.points.clone())
+                .dead_letters(opened.dead_letters.clone()),
+        )
         .on_handler_error(HandlerErrorPolicy::dead_letter().retries(0))
         .checkpoint(cdc_core::CheckpointPolicy::every_event())
         .build()
@@ -234,8 +235,11 @@ async fn a_store_on_a_wrong_port_says_where_and_why() {
         .await
         .unwrap();
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("wrong_port", "orders")
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "wrong_port",
+            "orders",
+        ))
         .store(opened.points)
         .build()
         .unwrap();

@@ -49,15 +49,18 @@ async fn start_on<W: Write + Send + 'static>(
 ) {
     let store = Arc::new(MemoryStore::new());
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("sink", coll)
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "sink",
+            coll,
+        ))
         .store(store.clone())
         .checkpoint(CheckpointPolicy::every_event())
         .build()
         .unwrap();
     let task = {
         let (p, sink) = (p.clone(), JsonLines::new(out));
-        tokio::spawn(async move { p.start_batches(sink).await })
+        tokio::spawn(async move { p.start(cdc_processor::Batches::new(sink)).await })
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while p.stats().checkpoints < 1 {

@@ -103,16 +103,21 @@ async fn every_change_once_with_headers_and_a_repeat_is_dropped() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
     let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("shop", "items")
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "shop",
+            "items",
+        ))
         .store(Arc::new(MemoryStore::new()))
         .stream_id("s1")
-        .max_batch_events(7)
         .build()
         .unwrap();
     let task = {
         let (p, sink) = (p.clone(), Arc::clone(&sink));
-        tokio::spawn(async move { p.start_batches(sink).await })
+        tokio::spawn(async move {
+            p.start(cdc_processor::Batches::new(sink).max_events(7))
+                .await
+        })
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while p.stats().checkpoints < 1 {
@@ -245,16 +250,18 @@ async fn a_change_over_the_payload_limit_is_dead_lettered_not_waited_on() {
     let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
     let store = Arc::new(MemoryStore::new());
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("shop", "big")
-        .store(store.clone())
-        .dead_letters(store)
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "shop",
+            "big",
+        ))
+        .store(cdc_processor::Storage::new(store.clone()).dead_letters(store))
         .on_handler_error(cdc_processor::HandlerErrorPolicy::dead_letter().retries(0))
         .build()
         .unwrap();
     let task = {
         let (p, sink) = (p.clone(), Arc::clone(&sink));
-        tokio::spawn(async move { p.start_batches(sink).await })
+        tokio::spawn(async move { p.start(cdc_processor::Batches::new(sink)).await })
     };
     while !p.stats().stream_open {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -70,11 +70,12 @@ async fn the_table_equals_the_collection_and_the_checkpoint_commits_with_it() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
     let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("shop", "items")
+        .source(
+            cdc_processor::Watch::collection(client.clone(), "shop", "items")
+                .full_document(FullDocument::UpdateLookup),
+        )
         .store(store.clone())
         .handler_checkpoints(true)
-        .full_document(FullDocument::UpdateLookup)
         .checkpoint(CheckpointPolicy::batched(1000, Duration::from_secs(60)).unwrap())
         .build()
         .unwrap();
@@ -84,7 +85,7 @@ async fn the_table_equals_the_collection_and_the_checkpoint_commits_with_it() {
     );
     let task = {
         let (p, sink) = (p.clone(), Arc::clone(&sink));
-        tokio::spawn(async move { p.start_batches(sink).await })
+        tokio::spawn(async move { p.start(cdc_processor::Batches::new(sink)).await })
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while p.stats().checkpoints < 1 {

@@ -101,8 +101,7 @@ async fn run() -> Result<bool, BoxError> {
     let ledger = Deliveries(Arc::new(Mutex::new(Ledger::default())));
     let build = |client: Client| {
         DocumentProcessor::builder()
-            .client(client)
-            .collection("demo", "orders")
+            .source(cdc_processor::Watch::collection(client, "demo", "orders"))
             .store(store.clone())
             .checkpoint(
                 CheckpointPolicy::batched(50, Duration::from_millis(500)).unwrap_or_default(),

@@ -252,7 +252,7 @@ impl Bench {
 
     /// The change-stream options of the processor scenarios (its defaults, with `--batch`).
     fn source_options(&self) -> SourceOptions {
-        let options = cdc_processor::default_source_options();
+        let options = cdc_processor::SourceOptions::default();
         match self.batch {
             Some(n) => options.batch_size(n),
             None => options,
@@ -296,13 +296,14 @@ impl Bench {
         store.delete(&stream_id).await?;
         store.save(&stream_id, &start).await?;
         let builder = DocumentProcessor::builder()
-            .client(self.client.clone())
-            .collection("bench", name)
+            .source(
+                cdc_processor::Watch::collection(self.client.clone(), "bench", name)
+                    .options(self.source_options()),
+            )
             .stream_id(stream_id)
             .store(store)
             .checkpoint(policy)
-            .prefetch(prefetch)
-            .source_options(self.source_options());
+            .prefetch(prefetch);
         let p = builder.build()?;
         let count = Count::default();
         count.target.store(self.events as u64, Ordering::Relaxed);
@@ -389,8 +390,11 @@ async fn latency(client: &Client, rate: u64, seconds: u64) -> Result<(f64, f64),
     }
     let store = Arc::new(MemoryStore::new());
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("bench", "latency")
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "bench",
+            "latency",
+        ))
         .store(store)
         .build()?;
     let runner = p.clone();
@@ -479,29 +483,29 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
     let max_buffered = value("--max-buffered-mib")
         .map(|v| v.parse::<usize>())
         .transpose()?;
-    let mut builder = DocumentProcessor::builder()
-        .client(client)
-        .collection("bench", coll)
-        .stream_id(stream_id.clone())
-        .store(store.clone());
+    let mut watch = cdc_processor::Watch::collection(client, "bench", coll);
     if split {
         // Both images of a large document: events over 16 MiB, split and reassembled.
-        builder = builder.source_options(
-            cdc_processor::default_source_options()
+        watch = watch.options(
+            cdc_processor::SourceOptions::default()
                 .full_document(cdc_mongo::FullDocument::Required)
                 .before_change(cdc_mongo::BeforeChange::Required)
                 .split_large_events(true),
         );
     }
-    if let Some(mib) = max_buffered {
-        builder = builder.max_buffered_bytes(mib * 1024 * 1024);
-    }
     if let Some(readers) = snapshot {
         // Read the collection, then stop: no stored point, so it starts with the scan.
         store.delete(&stream_id).await?;
-        builder = builder
+        watch = watch
             .snapshot(cdc_processor::SnapshotMode::InitialOnly)
             .snapshot_parallelism(readers, 1000);
+    }
+    let mut builder = DocumentProcessor::builder()
+        .source(watch)
+        .stream_id(stream_id.clone())
+        .store(store.clone());
+    if let Some(mib) = max_buffered {
+        builder = builder.max_buffered_bytes(mib * 1024 * 1024);
     }
     let p = builder.build()?;
     let count = Count {
@@ -552,8 +556,11 @@ async fn handler_rate(
     let stream_id = format!("bench.{name}");
     store.save(&stream_id, &start).await?;
     let p = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("bench", name)
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "bench",
+            name,
+        ))
         .stream_id(stream_id)
         .store(store)
         .concurrency(lanes)
@@ -570,7 +577,7 @@ async fn handler_rate(
             count: count.clone(),
             delay,
         };
-        tokio::spawn(async move { runner.start_batches(handler).await })
+        tokio::spawn(async move { runner.start(cdc_processor::Batches::new(handler)).await })
     } else {
         let handler = count.clone();
         tokio::spawn(async move { runner.start(handler).await })
@@ -604,10 +611,12 @@ async fn sink_rate(client: &Client, kind: &str, events: usize) -> Result<f64, Bo
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let nats_url = std::env::var("CDC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let builder = DocumentProcessor::builder()
-        .client(client.clone())
-        .collection("bench", &name)
-        .stream_id(&stream_id)
-        .max_batch_events(500);
+        .source(cdc_processor::Watch::collection(
+            client.clone(),
+            "bench",
+            &name,
+        ))
+        .stream_id(&stream_id);
     let (p, task, js) = match kind {
         "nats" => {
             let nats = async_nats::connect(&nats_url).await?;
@@ -620,7 +629,11 @@ async fn sink_rate(client: &Client, kind: &str, events: usize) -> Result<f64, Bo
             store.save(&stream_id, &start).await?;
             let p = builder.store(store).build()?;
             let runner = p.clone();
-            let task = tokio::spawn(async move { runner.start_batches(sink).await });
+            let task = tokio::spawn(async move {
+                runner
+                    .start(cdc_processor::Batches::new(sink).max_events(500))
+                    .await
+            });
             (p, task, Some(async_nats::jetstream::new(nats)))
         }
         _ => {
@@ -632,7 +645,11 @@ async fn sink_rate(client: &Client, kind: &str, events: usize) -> Result<f64, Bo
                 .checkpoint_with(Arc::clone(&store), &stream_id);
             let p = builder.store(store).handler_checkpoints(true).build()?;
             let runner = p.clone();
-            let task = tokio::spawn(async move { runner.start_batches(sink).await });
+            let task = tokio::spawn(async move {
+                runner
+                    .start(cdc_processor::Batches::new(sink).max_events(500))
+                    .await
+            });
             (p, task, None)
         }
     };
@@ -922,8 +939,11 @@ async fn store_writes(client: &Client, idle_seconds: u64) -> Result<(f64, f64), 
             saves: AtomicU64::new(0),
         });
         let p = DocumentProcessor::builder()
-            .client(client.clone())
-            .collection("bench", "writes")
+            .source(cdc_processor::Watch::collection(
+                client.clone(),
+                "bench",
+                "writes",
+            ))
             .stream_id(format!("writes-{busy}"))
             .store(store.clone())
             .build()?;

@@ -257,13 +257,14 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
     let poison: u64 = value(args, "--poison").map_or(Ok(0), |v| v.parse())?;
     let store = Arc::new(FileStore::new(store_dir)?);
     let mut builder = DocumentProcessor::builder();
+    let mut watch = cdc_processor::Watch::collection(client, "soak", "docs");
     if args.iter().any(|a| a == "--snapshot") {
-        builder = builder
+        watch = watch
             .snapshot(cdc_processor::SnapshotMode::Initial)
             .full_document(cdc_processor::FullDocument::UpdateLookup);
     }
     if poison > 0 {
-        builder = builder.dead_letters(store.clone()).on_handler_error(
+        builder = builder.on_handler_error(
             HandlerErrorPolicy::dead_letter()
                 .retries(1)
                 .backoff(Duration::from_millis(1), Duration::from_millis(1))
@@ -272,9 +273,13 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
     }
     // With a lease: one active consumer among several, the others standing by.
     builder = match value(args, "--lease") {
-        Some(ms) => builder
-            .leased_store(store, Duration::from_millis(ms.parse()?))
-            .owner(need(args, "--owner")?),
+        Some(ms) => builder.store(
+            cdc_processor::Storage::leased(store, Duration::from_millis(ms.parse()?))
+                .owner(need(args, "--owner")?),
+        ),
+        None if poison > 0 => {
+            builder.store(cdc_processor::Storage::new(store.clone()).dead_letters(store))
+        }
         None => builder.store(store),
     };
     let times = match value(args, "--times") {
@@ -287,8 +292,7 @@ async fn consumer(args: &[String]) -> Result<(), BoxError> {
         None => None,
     };
     let processor = builder
-        .client(client)
-        .collection("soak", "docs")
+        .source(watch)
         .checkpoint(CheckpointPolicy::batched(
             BATCH,
             Duration::from_millis(500),
