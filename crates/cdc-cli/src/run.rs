@@ -223,10 +223,7 @@ impl CliSink {
         let started = Instant::now();
         let result = match &self.inner {
             SinkImpl::Stdout(s) => match s.write_events(events.iter().copied()) {
-                Err(e)
-                    if e.downcast_ref::<std::io::Error>()
-                        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
-                {
+                Err(cdc_sink::Error::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                     // Nobody reads the lines any more: the batch is not acknowledged
                     // (waited on as an outage, never skipped), and `run` stops.
                     self.closed.notify_one();
@@ -235,13 +232,17 @@ impl CliSink {
                             .into(),
                     )
                 }
-                other => other,
+                other => other.map_err(cdc_sink::Error::into_handler_error),
             },
-            SinkImpl::Nats(s, _) => s.publish_events(events).await,
+            SinkImpl::Nats(s, _) => s
+                .publish_events(events)
+                .await
+                .map_err(cdc_sink::Error::into_handler_error),
             SinkImpl::Postgres(s) => match ctx.and_then(HandlerContext::lease) {
                 Some(lease) => s.write_events_fenced(lease, events.iter().copied()).await,
                 None => s.write_events(events.iter().copied()).await,
-            },
+            }
+            .map_err(cdc_sink::Error::into_handler_error),
         };
         self.metrics.sink_batch(started.elapsed(), result.is_ok());
         self.failing.store(result.is_err(), Ordering::Relaxed);
@@ -515,7 +516,7 @@ pub(crate) async fn check(cfg: &Config) -> Result<ExitCode, BoxError> {
                         "connected; JetStream stream {} will be created at `cdc run`",
                         n.stream
                     )),
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.into()),
                 }
             }
             SinkKind::Postgres => {

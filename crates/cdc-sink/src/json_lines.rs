@@ -9,6 +9,8 @@ use async_trait::async_trait;
 use cdc_core::{BoxError, ChangeEvent};
 use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
 
+use crate::Error;
+
 /// Writes each change of a batch as one line of relaxed Extended JSON (the event as the
 /// server sent it, token and all) and flushes before the batch is acknowledged: a change
 /// is acknowledged only once the writer took it. A write error (a closed pipe) fails the
@@ -50,35 +52,42 @@ impl<W: Write + Send> JsonLines<W> {
     /// Writes `events`, one line each, and flushes.
     ///
     /// # Errors
-    /// An event built without its raw document (it has nothing to print), or the writer's
-    /// error.
+    /// [`Error::Refused`] for an event built without its raw document (it has nothing to
+    /// print); [`Error::Output`] with the writer's error (a closed pipe: `BrokenPipe`).
     pub fn write_events<'a>(
         &self,
         events: impl IntoIterator<Item = &'a ChangeEvent>,
-    ) -> Result<(), BoxError> {
+    ) -> Result<(), Error> {
         write_lines(&self.out, &encode(events)?)
     }
 }
 
 /// `events` as lines of relaxed Extended JSON.
-fn encode<'a>(events: impl IntoIterator<Item = &'a ChangeEvent>) -> Result<Vec<u8>, BoxError> {
+fn encode<'a>(events: impl IntoIterator<Item = &'a ChangeEvent>) -> Result<Vec<u8>, Error> {
+    const SERVICE: &str = "the JSON-lines sink";
     let mut lines = Vec::new();
     for event in events {
-        let raw = event
-            .raw()
-            .ok_or("an event without its raw document cannot be written as JSON")?;
-        let doc = bson::Document::try_from(raw)?;
+        let raw = event.raw().ok_or_else(|| {
+            Error::refused(
+                SERVICE,
+                "an event without its raw document cannot be written as JSON",
+                None,
+            )
+        })?;
+        let doc = bson::Document::try_from(raw)
+            .map_err(|e| Error::refused(SERVICE, "the event is not valid BSON", Some(e.into())))?;
         serde_json::to_writer(
             &mut lines,
             &cdc_core::to_relaxed_json(bson::Bson::Document(doc)),
-        )?;
+        )
+        .map_err(|e| Error::refused(SERVICE, "the event cannot be encoded", Some(e.into())))?;
         lines.push(b'\n');
     }
     Ok(lines)
 }
 
 /// Writes `lines` and flushes.
-fn write_lines<W: Write>(out: &Mutex<W>, lines: &[u8]) -> Result<(), BoxError> {
+fn write_lines<W: Write>(out: &Mutex<W>, lines: &[u8]) -> Result<(), Error> {
     // A writer that panicked mid-line leaves at worst a torn line behind; the lock itself
     // stays usable.
     let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
@@ -94,9 +103,11 @@ impl<W: Write + Send + 'static> BatchDispatcher for JsonLines<W> {
         batch: &Batch<'_>,
         _ctx: &HandlerContext,
     ) -> Result<(), BoxError> {
-        let lines = encode(batch.events().iter().copied())?;
+        let lines = encode(batch.events().iter().copied()).map_err(Error::into_handler_error)?;
         let out = Arc::clone(&self.out);
-        tokio::task::spawn_blocking(move || write_lines(&out, &lines)).await?
+        tokio::task::spawn_blocking(move || write_lines(&out, &lines))
+            .await?
+            .map_err(Error::into_handler_error)
     }
 }
 
@@ -157,6 +168,7 @@ mod tests {
         let sink = JsonLines::new(Vec::new());
         let err = sink.write_events([&event]).unwrap_err();
         assert!(err.to_string().contains("raw document"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::Refused);
         assert!(
             sink.into_inner().unwrap().is_empty(),
             "nothing half-written"
@@ -183,5 +195,9 @@ mod tests {
         .unwrap();
         let err = JsonLines::new(Closed).write_events([&event]).unwrap_err();
         assert!(err.to_string().contains("pipe"), "{err}");
+        assert!(
+            matches!(&err, Error::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe),
+            "{err:?}"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! publishes each change to NATS JetStream, de-duplicated by a message id derived from its
 //! resume token.
 
+mod error;
 mod json_lines;
 #[cfg(feature = "nats")]
 mod nats;
@@ -16,6 +17,7 @@ mod postgres;
 /// The NATS client this crate is built with (to connect the [`NatsSink`]'s client).
 #[cfg(feature = "nats")]
 pub use async_nats;
+pub use error::{Error, ErrorKind, Result};
 pub use json_lines::JsonLines;
 #[cfg(feature = "nats")]
 pub use nats::{

@@ -11,6 +11,8 @@ use std::{
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use async_trait::async_trait;
 use cdc_core::{BoxError, ChangeEvent};
+
+use crate::Error;
 use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
 
 /// How a change is put into a message's body.
@@ -27,16 +29,16 @@ pub enum Body {
 }
 
 impl std::str::FromStr for Body {
-    type Err = String;
+    type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "relaxed" | "json" => Ok(Self::RelaxedJson),
             "canonical" => Ok(Self::CanonicalJson),
             "bson" => Ok(Self::Bson),
-            other => Err(format!(
+            other => Err(Error::Config(format!(
                 "unknown body format `{other}`: expected `relaxed`, `canonical` or `bson`"
-            )),
+            ))),
         }
     }
 }
@@ -65,10 +67,10 @@ impl SubjectTemplate {
     /// Parses `template`.
     ///
     /// # Errors
-    /// A message naming what is wrong: an unknown placeholder, an unclosed brace, an
-    /// empty token, a wildcard or whitespace.
-    pub fn parse(template: &str) -> Result<Self, String> {
-        let bad = |why: String| format!("subject template `{template}`: {why}");
+    /// [`Error::Config`] naming what is wrong: an unknown placeholder, an unclosed brace,
+    /// an empty token, a wildcard or whitespace.
+    pub fn parse(template: &str) -> Result<Self, Error> {
+        let bad = |why: String| Error::Config(format!("subject template `{template}`: {why}"));
         if template.is_empty() {
             return Err(bad("is empty".into()));
         }
@@ -328,13 +330,15 @@ impl NatsSink {
     /// `create` and it does not exist. Returns the stream's duplicate window.
     ///
     /// # Errors
-    /// The stream does not exist and `create` is false, or JetStream's error.
+    /// [`Error::Config`] when the stream does not exist and `create` is false, or
+    /// JetStream refused (a stream whose subjects overlap another's, …);
+    /// [`Error::Unavailable`] when JetStream did not answer.
     pub async fn ensure_stream(
         &self,
         name: &str,
         create: bool,
         duplicate_window: Duration,
-    ) -> Result<Duration, BoxError> {
+    ) -> Result<Duration, Error> {
         let mut stream = match self.js.get_stream(name).await {
             Ok(stream) => stream,
             Err(e)
@@ -351,42 +355,66 @@ impl NatsSink {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| format!("creating JetStream stream `{name}`: {e}"))?
+                    .map_err(|e| {
+                        let answered = matches!(
+                            e.kind(),
+                            jetstream::context::CreateStreamErrorKind::JetStream(_)
+                        );
+                        stream_error(answered, format!("creating JetStream stream `{name}`: {e}"))
+                    })?
             }
             Err(e) => {
-                return Err(format!(
-                    "JetStream stream `{name}`: {e}{}",
-                    if create {
-                        ""
-                    } else {
-                        " (set `create_stream = true` to create it)"
-                    }
-                )
-                .into());
+                let answered = matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(_)
+                );
+                return Err(stream_error(
+                    answered,
+                    format!(
+                        "JetStream stream `{name}`: {e}{}",
+                        if create {
+                            ""
+                        } else {
+                            " (set `create_stream = true` to create it)"
+                        }
+                    ),
+                ));
             }
         };
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| format!("JetStream stream `{name}`: {e}"))?;
+        let info = stream.info().await.map_err(|e| {
+            Error::unavailable(
+                "NATS JetStream",
+                format!("JetStream stream `{name}`: {e}"),
+                None,
+            )
+        })?;
         Ok(info.config.duplicate_window)
     }
 
     /// The message of `event`.
-    fn message(&self, event: &ChangeEvent) -> Result<(String, Publish), BoxError> {
-        let raw = event
-            .raw()
-            .ok_or("an event without its raw document cannot be published")?;
+    fn message(&self, event: &ChangeEvent) -> Result<(String, Publish), Error> {
+        let refused = |why: &str, e: BoxError| Error::refused("the NATS sink", why, Some(e));
+        let raw = event.raw().ok_or_else(|| {
+            Error::refused(
+                "the NATS sink",
+                "an event without its raw document cannot be published",
+                None,
+            )
+        })?;
         let payload: Vec<u8> = match self.body {
             Body::Bson => raw.as_bytes().to_vec(),
             Body::RelaxedJson | Body::CanonicalJson => {
-                let doc = bson::Bson::Document(bson::Document::try_from(raw)?);
+                let doc = bson::Bson::Document(
+                    bson::Document::try_from(raw)
+                        .map_err(|e| refused("the event is not valid BSON", e.into()))?,
+                );
                 let json = if self.body == Body::RelaxedJson {
                     cdc_core::to_relaxed_json(doc)
                 } else {
                     doc.into_canonical_extjson()
                 };
-                serde_json::to_vec(&json)?
+                serde_json::to_vec(&json)
+                    .map_err(|e| refused("the event cannot be encoded as JSON", e.into()))?
             }
         };
         let mut publish = Publish::build()
@@ -404,8 +432,10 @@ impl NatsSink {
             publish = publish.header("Cdc-Namespace", ns.to_string());
         }
         if let Some(key) = event.document_key() {
-            let key =
-                cdc_core::to_relaxed_json(bson::Bson::Document(bson::Document::try_from(key)?));
+            let key = cdc_core::to_relaxed_json(bson::Bson::Document(
+                bson::Document::try_from(key)
+                    .map_err(|e| refused("the document key is not valid BSON", e.into()))?,
+            ));
             publish = publish.header("Cdc-Document-Key", key.to_string());
         }
         Ok((self.subject.render(event, &self.stream_id), publish))
@@ -415,10 +445,11 @@ impl NatsSink {
     /// every one.
     ///
     /// # Errors
-    /// An event without its raw document, a publish JetStream refused or did not
-    /// acknowledge in time (the caller publishes the batch again; what was stored is
-    /// dropped as a duplicate then).
-    pub async fn publish_events(&self, events: &[&ChangeEvent]) -> Result<(), BoxError> {
+    /// [`Error::Refused`] for an event without its raw document or a message JetStream
+    /// refused (over its payload limit, …); [`Error::Unavailable`] for a publish not
+    /// acknowledged in time or a lost connection (the caller publishes the batch again;
+    /// what was stored is dropped as a duplicate then).
+    pub async fn publish_events(&self, events: &[&ChangeEvent]) -> Result<(), Error> {
         let mut in_flight = VecDeque::with_capacity(self.window);
         for event in events.iter().copied() {
             let (subject, publish) = self.message(event)?;
@@ -440,7 +471,7 @@ impl NatsSink {
         Ok(())
     }
 
-    async fn settle(&self, ack: jetstream::context::PublishAckFuture) -> Result<(), BoxError> {
+    async fn settle(&self, ack: jetstream::context::PublishAckFuture) -> Result<(), Error> {
         let ack = ack
             .await
             .map_err(|e| classify(e.kind(), format!("JetStream did not take a publish: {e}")))?;
@@ -465,14 +496,23 @@ fn is_outage(kind: &jetstream::context::PublishErrorKind) -> bool {
     )
 }
 
-/// An outage becomes `Transient`, so the processor waits it out instead of giving up on
-/// the change (see `HandlerErrorPolicy`); any other failure goes to the handler-error
-/// policy.
-fn classify(kind: jetstream::context::PublishErrorKind, text: String) -> BoxError {
+/// An outage is [`Error::Unavailable`], which the processor waits out instead of giving
+/// up on the change (see `HandlerErrorPolicy`); any other failure is the change's own.
+fn classify(kind: jetstream::context::PublishErrorKind, text: String) -> Error {
     if is_outage(&kind) {
-        cdc_core::Error::unavailable("NATS JetStream", text).into()
+        Error::unavailable("NATS JetStream", text, None)
     } else {
-        text.into()
+        Error::refused("NATS JetStream", text, None)
+    }
+}
+
+/// A stream call JetStream `answered` with an error (a setting to mend), or one it did
+/// not answer (an outage).
+fn stream_error(answered: bool, text: String) -> Error {
+    if answered {
+        Error::Config(text)
+    } else {
+        Error::unavailable("NATS JetStream", text, None)
     }
 }
 
@@ -483,7 +523,9 @@ impl BatchDispatcher for NatsSink {
         batch: &Batch<'_>,
         _ctx: &HandlerContext,
     ) -> Result<(), BoxError> {
-        self.publish_events(batch.events()).await
+        self.publish_events(batch.events())
+            .await
+            .map_err(Error::into_handler_error)
     }
 }
 
@@ -539,7 +581,8 @@ mod tests {
             ("cdc. x", "' '"),
         ] {
             let err = SubjectTemplate::parse(template).unwrap_err();
-            assert!(err.contains(says), "{template:?}: {err}");
+            assert!(err.to_string().contains(says), "{template:?}: {err}");
+            assert_eq!(err.kind(), crate::ErrorKind::Config);
         }
     }
 
@@ -604,12 +647,18 @@ mod tests {
             K::MaxAckPending,
         ] {
             let e = classify(kind, "x".into());
-            let core = e.downcast_ref::<cdc_core::Error>().unwrap();
+            assert_eq!(e.kind(), crate::ErrorKind::Outage);
+            // The processor sees an outage it waits out, with the sink's error as cause.
+            let handed = e.into_handler_error();
+            let core = handed.downcast_ref::<cdc_core::Error>().unwrap();
             assert_eq!(core.kind(), cdc_core::ErrorKind::Transient);
+            assert!(core.cause().unwrap().downcast_ref::<Error>().is_some());
         }
         for kind in [K::MaxPayloadExceeded, K::Other, K::WrongLastSequence] {
+            let e = classify(kind, "x".into());
+            assert_eq!(e.kind(), crate::ErrorKind::Refused);
             assert!(
-                classify(kind, "x".into())
+                e.into_handler_error()
                     .downcast_ref::<cdc_core::Error>()
                     .is_none()
             );
@@ -620,6 +669,8 @@ mod tests {
     fn body_formats_parse() {
         assert_eq!("bson".parse::<Body>().unwrap(), Body::Bson);
         assert_eq!("canonical".parse::<Body>().unwrap(), Body::CanonicalJson);
-        assert!("xml".parse::<Body>().unwrap_err().contains("`xml`"));
+        let e = "xml".parse::<Body>().unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Config);
+        assert!(e.to_string().contains("`xml`"), "{e}");
     }
 }

@@ -12,6 +12,8 @@ use cdc_processor::{Batch, BatchDispatcher, HandlerContext};
 use cdc_resume::PostgresStore;
 use tokio_postgres::Client;
 
+use crate::Error;
+
 /// A document's last change in a batch.
 enum Change {
     /// The full document as relaxed Extended JSON, at its cluster time.
@@ -103,13 +105,16 @@ impl PostgresSink {
     }
 
     /// The quoted table name of `coll`.
-    fn table(&self, coll: &str) -> Result<String, BoxError> {
+    fn table(&self, coll: &str) -> Result<String, Error> {
         let name = format!("{}{coll}", self.prefix);
         if name.is_empty() || name.len() > 63 || name.contains('\0') {
-            return Err(format!(
-                "table name {name:?} for collection {coll:?} does not fit PostgreSQL's 63 bytes"
-            )
-            .into());
+            return Err(Error::refused(
+                SERVICE,
+                format!(
+                    "table name {name:?} for collection {coll:?} does not fit PostgreSQL's 63 bytes"
+                ),
+                None,
+            ));
         }
         Ok(format!("\"{}\"", name.replace('"', "\"\"")))
     }
@@ -117,12 +122,15 @@ impl PostgresSink {
     /// Writes `events` (in stream order) in one transaction, with the checkpoint if asked.
     ///
     /// # Errors
-    /// An update without its full document, a table name that does not fit, or the
-    /// database's error (the transaction is rolled back: nothing of the batch is written).
+    /// [`Error::Refused`] for an update without its full document, a table name that
+    /// does not fit, or a value the database refuses; [`Error::Unavailable`] when the
+    /// database is away (connection lost, shutting down, a serialization failure);
+    /// [`Error::Store`] when the checkpoint's store fails. The transaction is rolled back:
+    /// nothing of the batch is written.
     pub async fn write_events<'a>(
         &self,
         events: impl IntoIterator<Item = &'a ChangeEvent>,
-    ) -> Result<(), BoxError> {
+    ) -> Result<(), Error> {
         self.write(events.into_iter().collect(), None).await
     }
 
@@ -131,46 +139,35 @@ impl PostgresSink {
     /// another instance holds the stream, nothing of the batch commits.
     ///
     /// # Errors
-    /// As [`PostgresSink::write_events`]; `Fenced` when `lease` is no longer the newest.
+    /// As [`PostgresSink::write_events`]; [`Error::Store`] of kind
+    /// [`crate::ErrorKind::Fenced`] when `lease` is no longer the newest.
     pub async fn write_events_fenced<'a>(
         &self,
         lease: &Lease,
         events: impl IntoIterator<Item = &'a ChangeEvent>,
-    ) -> Result<(), BoxError> {
+    ) -> Result<(), Error> {
         self.write(events.into_iter().collect(), Some(lease)).await
     }
 
-    async fn write(
-        &self,
-        events: Vec<&ChangeEvent>,
-        lease: Option<&Lease>,
-    ) -> Result<(), BoxError> {
-        self.write_inner(events, lease).await.map_err(classify)
-    }
-
-    async fn write_inner(
-        &self,
-        events: Vec<&ChangeEvent>,
-        lease: Option<&Lease>,
-    ) -> Result<(), BoxError> {
+    async fn write(&self, events: Vec<&ChangeEvent>, lease: Option<&Lease>) -> Result<(), Error> {
         let mut slot = self.client.lock().await;
         if slot.as_ref().is_none_or(Client::is_closed) {
             let Some(store) = &self.reconnect else {
-                return Err(
+                return Err(Error::Config(
                     "the PostgreSQL sink's connection is closed, and a sink built on a given client cannot reconnect (build it with PostgresSink::reconnecting)".into(),
-                );
+                ));
             };
             // The created tables may be gone with a restored server: check again.
             self.created
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clear();
-            *slot = Some(store.open_client().await?);
+            *slot = Some(store.open_client().await.map_err(Error::Store)?);
         }
         let Some(client) = slot.as_mut() else {
-            return Err("no PostgreSQL connection".into());
+            return Err(Error::unavailable(SERVICE, "no connection", None));
         };
-        let tx = client.transaction().await?;
+        let tx = client.transaction().await.map_err(classify)?;
         // The batch's last change per document and table: rows only move forward, so the
         // last state is what the table must hold; one statement per table and kind then
         // writes them all (a statement may not touch one row twice).
@@ -204,19 +201,20 @@ impl PostgresSink {
                         // Deleted after this update, before the lookup: its delete follows.
                         None if looked_up_gone => continue,
                         None => {
-                            return Err(format!(
-                                "the {} event of {key} in {coll} has no full document: the PostgreSQL sink needs full_document(UpdateLookup) or post-images",
-                                event.operation_type
-                            )
-                            .into());
+                            return Err(Error::refused(
+                                SERVICE,
+                                format!(
+                                    "the {} event of {key} in {coll} has no full document: the PostgreSQL sink needs full_document(UpdateLookup) or post-images",
+                                    event.operation_type
+                                ),
+                                None,
+                            ));
                         }
                     };
-                    Change::Upsert(
-                        cdc_core::to_relaxed_json(bson::Bson::Document(bson::Document::try_from(
-                            doc,
-                        )?)),
-                        at,
-                    )
+                    let doc = bson::Document::try_from(doc).map_err(|e| {
+                        Error::refused(SERVICE, "the document is not valid BSON", Some(e.into()))
+                    })?;
+                    Change::Upsert(cdc_core::to_relaxed_json(bson::Bson::Document(doc)), at)
                 }
                 OperationType::Delete => Change::Delete(at),
                 _ => continue,
@@ -246,7 +244,8 @@ impl PostgresSink {
                         ct_increment BIGINT NOT NULL
                     )"
                 ))
-                .await?;
+                .await
+                .map_err(classify)?;
             }
             let (mut up_ids, mut up_docs, mut up_t, mut up_i) = (vec![], vec![], vec![], vec![]);
             let (mut del_ids, mut del_t, mut del_i) = (vec![], vec![], vec![]);
@@ -276,7 +275,8 @@ impl PostgresSink {
                     ),
                     &[&up_ids, &up_docs, &up_t, &up_i],
                 )
-                .await?;
+                .await
+                .map_err(classify)?;
             }
             if !del_ids.is_empty() {
                 tx.execute(
@@ -287,7 +287,8 @@ impl PostgresSink {
                     ),
                     &[&del_ids, &del_t, &del_i],
                 )
-                .await?;
+                .await
+                .map_err(classify)?;
             }
         }
         if let (Some((store, stream)), Some(last)) = (&self.checkpoint, events.last()) {
@@ -297,11 +298,10 @@ impl PostgresSink {
                     store.save_in_fenced(&tx, lease, &point).await
                 }
                 Some(lease) => {
-                    return Err(format!(
+                    return Err(Error::Config(format!(
                         "the sink checkpoints stream `{stream}` but runs under the lease of `{}`",
                         lease.stream
-                    )
-                    .into());
+                    )));
                 }
                 None => store.save_in(&tx, stream, &point).await,
             };
@@ -310,13 +310,13 @@ impl PostgresSink {
                 // The stored point is past this batch: it was committed before, with its
                 // rows (a batch delivered again); writing it again would change nothing.
                 Err(cdc_core::Error::Regression { .. }) => {
-                    tx.rollback().await?;
+                    tx.rollback().await.map_err(classify)?;
                     return Ok(());
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(Error::Store(e)),
             }
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(classify)?;
         for event in &events {
             if let Some(coll) = event.ns.as_ref().and_then(|n| n.coll.as_deref())
                 && let Ok(table) = self.table(coll)
@@ -331,15 +331,15 @@ impl PostgresSink {
     }
 }
 
+/// The service named in the sink's errors.
+const SERVICE: &str = "the PostgreSQL sink's database";
+
 /// A failure of PostgreSQL rather than of the change — the connection lost or refused,
 /// a server shutting down, too many connections, a serialization failure or deadlock —
-/// becomes `Transient`, so the processor waits it out instead of giving up on the
-/// change; an error about the data (a value PostgreSQL refuses) stays as it is.
-fn classify(error: BoxError) -> BoxError {
-    let Some(pg) = error.downcast_ref::<tokio_postgres::Error>() else {
-        return error;
-    };
-    let outage = match pg.code() {
+/// is [`Error::Unavailable`], which the processor waits out instead of giving up on the
+/// change; an error about the data (a value PostgreSQL refuses) is [`Error::Refused`].
+fn classify(error: tokio_postgres::Error) -> Error {
+    let outage = match error.code() {
         None => true,
         Some(code) => {
             let code = code.code();
@@ -348,10 +348,11 @@ fn classify(error: BoxError) -> BoxError {
                 .any(|class| code.starts_with(class))
         }
     };
+    let reason = error.to_string();
     if outage {
-        cdc_core::Error::unavailable("the PostgreSQL sink's database", error).into()
+        Error::unavailable(SERVICE, reason, Some(error.into()))
     } else {
-        error
+        Error::refused(SERVICE, reason, Some(error.into()))
     }
 }
 
@@ -363,10 +364,13 @@ impl BatchDispatcher for PostgresSink {
         ctx: &HandlerContext,
     ) -> Result<(), BoxError> {
         if self.checkpoint.is_some() && ctx.lane().is_some_and(|l| l > 0) {
-            return Err(
+            return Err(Error::Config(
                 "the PostgreSQL sink saves checkpoints in its transactions, which needs batches in stream order: build the processor with concurrency(1)".into(),
-            );
+            )
+            .into());
         }
-        self.write(batch.events().to_vec(), ctx.lease()).await
+        self.write(batch.events().to_vec(), ctx.lease())
+            .await
+            .map_err(Error::into_handler_error)
     }
 }

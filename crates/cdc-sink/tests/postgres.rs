@@ -181,6 +181,24 @@ async fn the_table_equals_the_collection_and_the_checkpoint_commits_with_it() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("UpdateLookup"), "{err}");
+    assert_eq!(err.kind(), cdc_sink::ErrorKind::Refused, "{err:?}");
+    // A value PostgreSQL refuses (a NUL in JSONB text, 22P05) is the change's own
+    // failure, not an outage: the kind says so, no text is read.
+    let nul = cdc_core::ChangeEvent::from_document(&doc! {
+        "_id": { "_data": "8200000003" },
+        "operationType": "insert",
+        "clusterTime": bson::Timestamp { time: 3, increment: 1 },
+        "ns": { "db": "shop", "coll": "items" },
+        "documentKey": { "_id": 3_i64 },
+        "fullDocument": { "_id": 3_i64, "v": "a\u{0}b" },
+    })
+    .unwrap();
+    let err = PostgresSink::new(connect().await.unwrap(), prefix.clone())
+        .write_events([&nul])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), cdc_sink::ErrorKind::Refused, "{err:?}");
+    assert!(matches!(err, cdc_sink::Error::Refused { .. }), "{err:?}");
     // Under a lease: the checkpoint is fenced, and once another instance holds the
     // stream nothing of a batch commits.
     use cdc_core::LeaseStore;
@@ -218,6 +236,7 @@ async fn the_table_equals_the_collection_and_the_checkpoint_commits_with_it() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no longer held"), "{err}");
+    assert_eq!(err.kind(), cdc_sink::ErrorKind::Fenced, "{err:?}");
     let fenced_table = format!("{prefix}fenced");
     assert_eq!(
         table(&check, &fenced_table).await,
