@@ -134,8 +134,12 @@ fn integration(args: &[String]) -> Result<(), String> {
     run("integration", cmd)
 }
 
-/// Runs the benchmark program in release mode with the given arguments.
+/// Runs the benchmark program in release mode with the given arguments (row 12c runs the
+/// `cdc` program, built beside it first).
 fn bench(args: &[String]) -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--quiet", "--release", "-p", "cdc-cli"]);
+    run("build cdc", build)?;
     let mut cmd = cdc_tests_bin("cdc-bench", true);
     if args.is_empty() {
         cmd.arg("all");
