@@ -75,7 +75,7 @@ impl HandlerErrorPolicy {
     }
 
     /// After the retries, record the event as a dead letter (needs
-    /// [`crate::Builder::dead_letters`]).
+    /// [`crate::Storage::dead_letters`]).
     pub fn dead_letter() -> Self {
         Self::with(AfterRetries::DeadLetter)
     }
