@@ -6,6 +6,8 @@
 // A command-line tool: printing to the terminal is its job.
 #![allow(clippy::print_stdout)]
 
+mod modules;
+
 use std::{
     env,
     process::{Command, ExitCode},
@@ -324,7 +326,21 @@ fn layering() -> Result<(), String> {
         "cdc-processor",
         &[],
         &["async-nats", "prometheus-client", "clap"],
-    )
+    )?;
+    // The processor's rooms import each other in one direction only.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/cdc-processor/src");
+    let graph = modules::graph(&src)?;
+    if let Some(cycle) = modules::cycle(&graph) {
+        return Err(format!(
+            "cdc-processor's modules import each other in a circle: {}",
+            cycle.join(" → ")
+        ));
+    }
+    println!(
+        "cdc-processor's {} modules import each other in one direction only",
+        graph.len()
+    );
+    Ok(())
 }
 
 fn check_tree_lacks(package: &str, features: &[&str], banned: &[&str]) -> Result<(), String> {

@@ -38,9 +38,9 @@ pub enum Error {
     /// running.
     #[error("the processor for stream `{0}` is not running")]
     NotRunning(String),
-    /// The builder (or a handler's limits) refused a setting: see [`crate::BuildError`].
+    /// The builder (or a handler's limits) refused a setting: see [`BuildError`].
     #[error("invalid processor configuration: {0}")]
-    Build(#[from] crate::BuildError),
+    Build(#[from] BuildError),
     /// A resume store call did not answer in time.
     #[error("resume store did not answer within {} s for stream `{stream}`", timeout.as_secs_f64())]
     StoreTimeout {
@@ -113,4 +113,37 @@ impl From<cdc_mongo::Error> for Error {
     fn from(e: cdc_mongo::Error) -> Self {
         Self::Mongo(std::sync::Arc::new(e))
     }
+}
+
+/// A setting [`crate::Builder::build`] refused, naming it (and, for a contradiction, the setting
+/// it contradicts) as the builder spells them.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A setting every processor needs was not given.
+    #[error("`{setting}` is required: {hint}")]
+    Missing {
+        /// The missing setting.
+        setting: &'static str,
+        /// How to give it.
+        hint: &'static str,
+    },
+    /// A setting's value is out of its range.
+    #[error("`{setting}` is invalid: {reason}")]
+    Invalid {
+        /// The setting.
+        setting: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// Two settings contradict each other.
+    #[error("`{setting}` contradicts `{other}`: {reason}")]
+    Conflict {
+        /// The setting refused.
+        setting: &'static str,
+        /// The setting it contradicts.
+        other: &'static str,
+        /// Why they cannot both hold.
+        reason: &'static str,
+    },
 }

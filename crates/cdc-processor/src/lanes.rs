@@ -5,27 +5,19 @@
 //! lane reports it handled; the stored point is the low watermark of those
 //! acknowledgements. Where an event waits: in its lane's queue, then in the handler call.
 
-use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, task::Poll};
+use std::sync::Arc;
 
-use cdc_core::{BoxError, ChangeEvent, Dispatcher, Seq};
+use cdc_core::{ChangeEvent, Seq};
 use tokio::{
     sync::{OwnedSemaphorePermit, mpsc},
     task::JoinHandle,
 };
 
 use crate::{
-    context::{Batch, BatchDispatcher, BatchLimits, HandlerContext, TransactionPosition},
+    context::{Batch, BatchDispatcher, HandlerContext, TransactionPosition},
+    handling::{BatchLimits, Handler, handler_error},
     poison::{AfterRetries, Fate, Poison},
 };
-
-/// The user's handler: one event at a time, or batches.
-#[derive(Clone)]
-pub(crate) enum Handler {
-    /// A per-event dispatcher.
-    Event(Arc<dyn Dispatcher>),
-    /// A batch dispatcher, with the limits of a batch.
-    Batch(Arc<dyn BatchDispatcher>, BatchLimits),
-}
 
 /// An event tracked by the checkpointer, with its share of the byte budget (released
 /// when it is dropped, after its handler finished).
@@ -86,42 +78,6 @@ pub(crate) enum Outcome {
 pub(crate) struct Done {
     pub(crate) units: Vec<Unit>,
     pub(crate) outcome: Outcome,
-}
-
-/// Runs a handler future, turning a panic into an error that carries its message.
-pub(crate) async fn catch_panic<F: Future<Output = Result<(), BoxError>>>(
-    fut: F,
-) -> Result<(), BoxError> {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-            Ok(poll) => poll,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a non-string panic payload".to_owned());
-                Poll::Ready(Err(format!("the handler panicked: {message}").into()))
-            }
-        }
-    })
-    .await
-}
-
-pub(crate) fn handler_error(
-    event: &ChangeEvent,
-    source: BoxError,
-    attempts: u32,
-) -> cdc_core::Error {
-    cdc_core::Error::Handler {
-        operation: event.operation_type.clone(),
-        cluster_time: event.cluster_time,
-        document_id: event.document_id_string(),
-        token: Some(event.token.clone()),
-        attempts,
-        source: source.into(),
-    }
 }
 
 /// Handles units in order under the handler-error policy: per event, or as one batch
@@ -456,7 +412,110 @@ async fn gather(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::{
+        sync::Mutex,
+        time::{Duration, Instant as StdInstant},
+    };
+
+    use cdc_core::{BoxError, CheckpointPolicy, Checkpointer, Dispatcher};
+    use tokio::time::Instant;
+
     use super::*;
+    use crate::poison::HandlerErrorPolicy;
+
+    /// A handler that takes `ms` of (paused) time per event of key `k`, logging when each
+    /// call starts.
+    struct Slow {
+        t0: Instant,
+        ms: fn(i64) -> u64,
+        started: Mutex<Vec<(i64, i64, u128)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Dispatcher for Slow {
+        async fn dispatch(&self, event: &ChangeEvent, _: Option<BoxError>) -> Result<(), BoxError> {
+            let doc = event.full_document().unwrap();
+            let (k, n) = (doc.get_i64("k").unwrap(), doc.get_i64("n").unwrap());
+            self.started
+                .lock()
+                .unwrap()
+                .push((k, n, self.t0.elapsed().as_millis()));
+            tokio::time::sleep(Duration::from_millis((self.ms)(k))).await;
+            Ok(())
+        }
+    }
+
+    fn event(k: i64, n: i64) -> ChangeEvent {
+        let t = 1000 + u32::try_from(n).unwrap();
+        ChangeEvent::from_raw_buf(bson::rawdoc! {
+            "_id": { "_data": format!("82{t:08X}{k:08X}") },
+            "operationType": "update",
+            "clusterTime": bson::Timestamp { time: t, increment: u32::try_from(k).unwrap() },
+            "ns": { "db": "d", "coll": "c" },
+            "documentKey": { "_id": k },
+            "fullDocument": { "_id": k, "k": k, "n": n },
+        })
+        .unwrap()
+    }
+
+    /// Two keys on two lanes: each key's events are handled in order, one at a time; the
+    /// keys concurrently; and each unit is handed back the moment its lane finished it.
+    #[tokio::test(start_paused = true)]
+    async fn lanes_keep_each_keys_order_and_hand_units_back_as_they_finish() {
+        let t0 = Instant::now();
+        let slow = Arc::new(Slow {
+            t0,
+            ms: |k| if k == 1 { 300 } else { 100 },
+            started: Mutex::new(Vec::new()),
+        });
+        let poison = Arc::new(Poison::new(
+            HandlerErrorPolicy::stop(),
+            None,
+            "s".into(),
+            Duration::from_secs(1),
+            None,
+        ));
+        let ctx = HandlerContext::new(None, 1, tokio_util::sync::CancellationToken::new(), None);
+        let handler = Handler::Event(Arc::clone(&slow) as Arc<dyn Dispatcher>);
+        let mut lanes = Lanes::start(2, 4, &handler, &ctx, &poison);
+        // Two keys that hash to different lanes.
+        let key = |k: i64| bson::rawdoc! { "_id": k }.as_bytes().to_vec();
+        let (k1, k2) = (
+            1_i64,
+            (2..100)
+                .find(|k| lanes.lane_of(&key(*k)) != lanes.lane_of(&key(1)))
+                .unwrap(),
+        );
+        let policy = CheckpointPolicy::batched(100, Duration::from_secs(60)).unwrap();
+        let mut cp = Checkpointer::new(policy, None, StdInstant::now());
+        for (k, n) in [(k1, 1), (k2, 2), (k1, 3), (k2, 4)] {
+            let event = event(k, n);
+            let seq = cp.track(event.resume_point(bson::DateTime::now())).unwrap();
+            let unit = Unit {
+                events: vec![Tracked {
+                    seq,
+                    event: Box::new(event),
+                    _bytes: None,
+                }],
+                transaction: false,
+            };
+            lanes.send(lanes.lane_of(&key(k)), unit).await;
+        }
+        let mut handed = Vec::new();
+        while let Some(done) = lanes.next_done().await {
+            assert!(matches!(done.outcome, Outcome::Handled(_)));
+            let doc = done.units[0].events[0].event.full_document().unwrap();
+            handed.push((doc.get_i64("n").unwrap(), t0.elapsed().as_millis()));
+        }
+        assert_eq!(handed, [(2, 100), (4, 200), (1, 300), (3, 600)]);
+        assert_eq!(
+            *slow.started.lock().unwrap(),
+            [(k1, 1, 0), (k2, 2, 0), (k2, 4, 100), (k1, 3, 300)]
+        );
+        lanes.shutdown().await;
+    }
 
     #[test]
     fn the_key_hash_is_stable() {

@@ -12,12 +12,14 @@
 
 use std::{
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use cdc_core::{Lease, LeaseStore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::{DocumentProcessor, Result, lanes::Handler};
+use crate::{Result, stats::Stats};
 
 /// How a processor holds its stream's lease.
 #[derive(Clone)]
@@ -39,7 +41,7 @@ impl Held {
             .clone()
     }
 
-    fn set(&self, lease: Option<Lease>) {
+    pub(crate) fn set(&self, lease: Option<Lease>) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = lease;
     }
 }
@@ -61,48 +63,57 @@ pub(crate) fn default_owner() -> String {
     format!("{host}-{}-{nanos:x}", std::process::id())
 }
 
-impl DocumentProcessor {
-    /// Runs while holding the lease: stands by until it is acquired, then runs until
-    /// stopped, failed, or the lease is lost.
-    pub(crate) async fn run_leased(&self, l: &LeaseSettings, handler: &Handler) -> Result<()> {
-        let Some((lease, asked)) = self.acquire_lease(l).await? else {
-            return Ok(());
-        };
-        let result = tokio::select! {
-            r = self.run(handler) => r,
-            lost = self.keep_lease(l, lease, asked) => {
-                tracing::warn!(error = %lost, "lease lost: handling stops at once; standing by");
-                Err(lost.into())
-            }
-        };
-        let held = self.inner.held.get();
-        self.inner.held.set(None);
-        self.stats_mut().lease_token = None;
-        let lost = matches!(&result, Err(e) if e.kind() == cdc_core::ErrorKind::Fenced);
-        if let Some(lease) = held
-            && !lost
-        {
-            // A standby takes over at once rather than after the TTL.
-            if let Err(e) = l.store.release(&lease).await {
-                tracing::warn!(error = %e, "the lease could not be released; it expires by itself");
-            }
+/// Acquires, keeps and releases one stream's lease for a run; handed the lease store, the
+/// TTL and the owner id, the lease held now (which the saves read) and the counters.
+pub(crate) struct LeaseKeeper {
+    settings: LeaseSettings,
+    stream: String,
+    held: Arc<Held>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl LeaseKeeper {
+    pub(crate) fn new(
+        settings: LeaseSettings,
+        stream: String,
+        held: Arc<Held>,
+        stats: Arc<Mutex<Stats>>,
+    ) -> Self {
+        Self {
+            settings,
+            stream,
+            held,
+            stats,
         }
-        result
     }
 
-    /// Waits as a standby until the lease is acquired; `None` when stopped meanwhile. With
-    /// the lease, the instant its acquisition was asked for (the TTL runs from no later).
-    async fn acquire_lease(&self, l: &LeaseSettings) -> Result<Option<(Lease, Instant)>> {
-        let stream = self.stream_id();
-        let poll = (l.ttl / 3).max(Duration::from_millis(10));
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        // Plain counters: a panic while holding the lock cannot break them.
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every third of the TTL (at least 10 ms): how often a standby asks, and a holder
+    /// renews.
+    fn period(&self) -> Duration {
+        (self.settings.ttl / 3).max(Duration::from_millis(10))
+    }
+
+    /// Waits as a standby until the lease is acquired; `None` when `cancel` fires
+    /// meanwhile. With the lease, the instant its acquisition was asked for (the TTL runs
+    /// from no later).
+    pub(crate) async fn acquire(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(Lease, Instant)>> {
+        let l = &self.settings;
         let mut waiting = false;
         loop {
             let asked = Instant::now();
-            match l.store.acquire(stream, &l.owner, l.ttl).await {
+            match l.store.acquire(&self.stream, &l.owner, l.ttl).await {
                 Ok(Some(lease)) => {
                     tracing::info!(owner = %lease.owner, token = lease.token, "lease acquired: handling the stream");
-                    self.inner.held.set(Some(lease.clone()));
-                    let mut stats = self.stats_mut();
+                    self.held.set(Some(lease.clone()));
+                    let mut stats = self.stats();
                     stats.lease_token = Some(lease.token);
                     stats.standby = false;
                     stats.leases_acquired += 1;
@@ -110,13 +121,13 @@ impl DocumentProcessor {
                 }
                 Ok(None) => {
                     if !waiting {
-                        let holder = l.store.holder(stream).await.ok().flatten();
+                        let holder = l.store.holder(&self.stream).await.ok().flatten();
                         tracing::info!(
                             holder = holder.as_ref().map_or("?", |h| h.owner.as_str()),
                             token = holder.as_ref().map(|h| h.token),
                             "standby: another instance holds the lease"
                         );
-                        self.stats_mut().standby = true;
+                        self.stats().standby = true;
                         waiting = true;
                     }
                 }
@@ -127,23 +138,24 @@ impl DocumentProcessor {
                 Err(e) => return Err(e.into()),
             }
             tokio::select! {
-                () = tokio::time::sleep(poll) => {}
-                () = self.inner.cancel.cancelled() => return Ok(None),
+                () = tokio::time::sleep(self.period()) => {}
+                () = cancel.cancelled() => return Ok(None),
             }
         }
     }
 
     /// Renews the lease every third of the TTL; returns when it is lost (a renewal
     /// refused, or none succeeded before the lease would have expired).
-    async fn keep_lease(
-        &self,
-        l: &LeaseSettings,
-        mut lease: Lease,
-        asked: Instant,
-    ) -> cdc_core::Error {
-        let every = (l.ttl / 3).max(Duration::from_millis(10));
+    pub(crate) async fn keep(&self, mut lease: Lease, asked: Instant) -> cdc_core::Error {
+        let l = &self.settings;
+        let every = self.period();
         // When the latest successful renewal (or the acquisition) was asked for.
         let mut renewed = asked;
+        let lost = |lease: &Lease| cdc_core::Error::Fenced {
+            stream: lease.stream.clone(),
+            token: lease.token,
+            newest: None,
+        };
         loop {
             tokio::time::sleep(every).await;
             // A renewal that does not answer before the lease would expire is a loss: the
@@ -153,16 +165,12 @@ impl DocumentProcessor {
             let attempt = tokio::time::timeout(left, l.store.renew(&lease, l.ttl)).await;
             let Ok(attempt) = attempt else {
                 tracing::warn!("the lease renewal did not answer before the lease expires");
-                return cdc_core::Error::Fenced {
-                    stream: lease.stream.clone(),
-                    token: lease.token,
-                    newest: None,
-                };
+                return lost(&lease);
             };
             match attempt {
                 Ok(next) => {
                     renewed = started;
-                    self.inner.held.set(Some(next.clone()));
+                    self.held.set(Some(next.clone()));
                     lease = next;
                 }
                 Err(e) if e.kind() == cdc_core::ErrorKind::Fenced => return e,
@@ -171,15 +179,281 @@ impl DocumentProcessor {
                     // lease may have expired in the store by now.
                     if renewed.elapsed() + every >= l.ttl {
                         tracing::warn!(error = %e, "the lease could not be renewed before it expires");
-                        return cdc_core::Error::Fenced {
-                            stream: lease.stream.clone(),
-                            token: lease.token,
-                            newest: None,
-                        };
+                        return lost(&lease);
                     }
                     tracing::warn!(error = %e, "lease renewal failed; trying again");
                 }
             }
         }
+    }
+
+    /// After a run that held the lease: forgets it, and releases it in the store (so a
+    /// standby takes over at once rather than after the TTL) unless the run ended
+    /// because it was lost.
+    pub(crate) async fn release(&self, result: &Result<()>) {
+        let held = self.held.get();
+        self.held.set(None);
+        self.stats().lease_token = None;
+        let lost = matches!(result, Err(e) if e.kind() == cdc_core::ErrorKind::Fenced);
+        if let Some(lease) = held
+            && !lost
+            && let Err(e) = self.settings.store.release(&lease).await
+        {
+            tracing::warn!(error = %e, "the lease could not be released; it expires by itself");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use mockall::{Sequence, mock};
+
+    use super::*;
+
+    mock! {
+        Leases {}
+        #[async_trait::async_trait]
+        impl LeaseStore for Leases {
+            async fn acquire(&self, stream: &str, owner: &str, ttl: Duration) -> cdc_core::Result<Option<Lease>>;
+            async fn renew(&self, lease: &Lease, ttl: Duration) -> cdc_core::Result<Lease>;
+            async fn release(&self, lease: &Lease) -> cdc_core::Result<()>;
+            async fn holder(&self, stream: &str) -> cdc_core::Result<Option<Lease>>;
+            async fn leases(&self, prefix: &str) -> cdc_core::Result<Vec<Lease>>;
+            async fn save_fenced(&self, lease: &Lease, point: &cdc_core::ResumePoint) -> cdc_core::Result<()>;
+            async fn record_fenced(&self, lease: &Lease, letter: &cdc_core::DeadLetter) -> cdc_core::Result<()>;
+            fn describe(&self) -> String;
+        }
+    }
+
+    const TTL: Duration = Duration::from_millis(300);
+    const THIRD: Duration = Duration::from_millis(100);
+
+    /// The store's calls, each with when it came (since the test's start).
+    type Log = Arc<Mutex<Vec<(&'static str, Duration)>>>;
+
+    fn keeper(store: MockLeases) -> (LeaseKeeper, Arc<Held>, Arc<Mutex<Stats>>) {
+        let (held, stats) = (
+            Arc::new(Held::default()),
+            Arc::new(Mutex::new(Stats::default())),
+        );
+        let settings = LeaseSettings {
+            store: Arc::new(store),
+            ttl: TTL,
+            owner: "me".into(),
+        };
+        let keeper = LeaseKeeper::new(settings, "s".into(), Arc::clone(&held), Arc::clone(&stats));
+        (keeper, held, stats)
+    }
+
+    fn log(log: &Log, call: &'static str, t0: Instant) {
+        log.lock().unwrap().push((call, t0.elapsed()));
+    }
+
+    fn calls(log: &Log) -> Vec<(&'static str, Duration)> {
+        log.lock().unwrap().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_asks_every_third_of_the_ttl_until_it_holds_the_lease() {
+        let t0 = Instant::now();
+        let calls_made: Log = Arc::default();
+        let mut store = MockLeases::new();
+        let mut seq = Sequence::new();
+        for n in 0..3 {
+            let l = Arc::clone(&calls_made);
+            store
+                .expect_acquire()
+                .times(1)
+                .in_sequence(&mut seq)
+                .returning(move |stream, owner, ttl| {
+                    assert_eq!((stream, owner, ttl), ("s", "me", TTL));
+                    log(&l, "acquire", t0);
+                    Ok((n == 2).then(|| Lease::new(stream, owner, 7, 0)))
+                });
+            if n == 0 {
+                // The holder is looked up once, to say who it is.
+                let l = Arc::clone(&calls_made);
+                store
+                    .expect_holder()
+                    .times(1)
+                    .in_sequence(&mut seq)
+                    .returning(move |stream| {
+                        log(&l, "holder", t0);
+                        Ok(Some(Lease::new(stream, "other", 6, 0)))
+                    });
+            }
+        }
+        let (keeper, held, stats) = keeper(store);
+        let (lease, asked) = keeper
+            .acquire(&CancellationToken::new())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            calls(&calls_made),
+            [
+                ("acquire", Duration::ZERO),
+                ("holder", Duration::ZERO),
+                ("acquire", THIRD),
+                ("acquire", 2 * THIRD),
+            ]
+        );
+        assert_eq!((lease.token, asked), (7, t0 + 2 * THIRD));
+        assert_eq!(held.get().map(|l| l.token), Some(7));
+        let stats = stats.lock().unwrap();
+        assert_eq!(
+            (stats.standby, stats.lease_token, stats.leases_acquired),
+            (false, Some(7), 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_the_standby_and_a_store_outage_only_delays_it() {
+        let t0 = Instant::now();
+        let calls_made: Log = Arc::default();
+        let mut store = MockLeases::new();
+        let l = Arc::clone(&calls_made);
+        store
+            .expect_acquire()
+            .times(2)
+            .returning(move |stream, _, _| {
+                log(&l, "acquire", t0);
+                Err(cdc_core::Error::store(
+                    stream,
+                    std::io::Error::other("down"),
+                ))
+            });
+        let (keeper, held, _) = keeper(store);
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(THIRD + THIRD / 2).await;
+            stop.cancel();
+        });
+        assert!(keeper.acquire(&cancel).await.unwrap().is_none());
+        assert_eq!(
+            calls(&calls_made),
+            [("acquire", Duration::ZERO), ("acquire", THIRD)]
+        );
+        assert!(held.get().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_holder_renews_every_third_of_the_ttl_until_a_renewal_is_refused() {
+        let t0 = Instant::now();
+        let calls_made: Log = Arc::default();
+        let mut store = MockLeases::new();
+        let mut seq = Sequence::new();
+        for n in 1..=3_i64 {
+            let l = Arc::clone(&calls_made);
+            store
+                .expect_renew()
+                .times(1)
+                .in_sequence(&mut seq)
+                .returning(move |lease, ttl| {
+                    assert_eq!((lease.token, ttl), (7, TTL));
+                    log(&l, "renew", t0);
+                    Ok(Lease::new("s", "me", 7, n))
+                });
+        }
+        let l = Arc::clone(&calls_made);
+        store
+            .expect_renew()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(move |lease, _| {
+                log(&l, "renew", t0);
+                Err(cdc_core::Error::Fenced {
+                    stream: lease.stream.clone(),
+                    token: lease.token,
+                    newest: Some(8),
+                })
+            });
+        let (keeper, held, _) = keeper(store);
+        let lost = keeper.keep(Lease::new("s", "me", 7, 0), t0).await;
+        assert!(
+            matches!(
+                lost,
+                cdc_core::Error::Fenced {
+                    token: 7,
+                    newest: Some(8),
+                    ..
+                }
+            ),
+            "{lost:?}"
+        );
+        assert_eq!(
+            calls(&calls_made),
+            [
+                ("renew", THIRD),
+                ("renew", 2 * THIRD),
+                ("renew", 3 * THIRD),
+                ("renew", 4 * THIRD)
+            ]
+        );
+        // The saves use the latest renewal.
+        assert_eq!(held.get().map(|l| l.expires_at_ms), Some(3));
+    }
+
+    /// Renewals that fail (the store away) are tried again while the lease can still be
+    /// alive; the one that would come after the TTL ran out is not made: the hold is lost.
+    #[tokio::test(start_paused = true)]
+    async fn renewals_failing_until_the_ttl_runs_out_lose_the_lease() {
+        let t0 = Instant::now();
+        let calls_made: Log = Arc::default();
+        let mut store = MockLeases::new();
+        let l = Arc::clone(&calls_made);
+        store.expect_renew().times(2).returning(move |lease, _| {
+            log(&l, "renew", t0);
+            Err(cdc_core::Error::store(
+                lease.stream.clone(),
+                std::io::Error::other("down"),
+            ))
+        });
+        let (keeper, _, _) = keeper(store);
+        let lost = keeper.keep(Lease::new("s", "me", 7, 0), t0).await;
+        assert!(
+            matches!(
+                lost,
+                cdc_core::Error::Fenced {
+                    token: 7,
+                    newest: None,
+                    ..
+                }
+            ),
+            "{lost:?}"
+        );
+        assert_eq!(t0.elapsed(), 2 * THIRD);
+        assert_eq!(calls(&calls_made), [("renew", THIRD), ("renew", 2 * THIRD)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_run_releases_the_lease_and_a_lost_one_leaves_it() {
+        let mut store = MockLeases::new();
+        store
+            .expect_release()
+            .times(1)
+            .withf(|lease| lease.token == 7)
+            .returning(|_| Ok(()));
+        let (keeper, held, stats) = keeper(store);
+        held.set(Some(Lease::new("s", "me", 7, 0)));
+        stats.lock().unwrap().lease_token = Some(7);
+        keeper.release(&Ok(())).await;
+        assert!(held.get().is_none());
+        assert_eq!(stats.lock().unwrap().lease_token, None);
+
+        let mut store = MockLeases::new();
+        store.expect_release().times(0);
+        let (lost_keeper, held, _) = self::keeper(store);
+        held.set(Some(Lease::new("s", "me", 7, 0)));
+        let fenced = cdc_core::Error::Fenced {
+            stream: "s".into(),
+            token: 7,
+            newest: Some(8),
+        };
+        lost_keeper.release(&Err(fenced.into())).await;
+        assert!(held.get().is_none());
     }
 }

@@ -55,12 +55,12 @@
 //! let _ = Storage::leased(store.clone(), Duration::from_secs(10)).dead_letters(store);
 //! ```
 
-mod builder;
 mod context;
 mod dead_letters;
 mod error;
 mod group;
 mod handler;
+mod handling;
 mod lanes;
 mod lease;
 mod poison;
@@ -68,29 +68,29 @@ mod processor;
 mod reader;
 mod retry;
 mod run;
+mod settings;
 mod stats;
 mod store_url;
 
-pub use builder::{
-    BuildError, Builder, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_STOP_TIMEOUT, Leased, Source, Storage,
-    Watch,
-};
 /// The errors [`Error`] wraps, to match a cause: `Error::Cdc(CoreError::…)`,
 /// `Error::Mongo(e)` with `e: Arc<MongoError>`.
 pub use cdc_core::Error as CoreError;
 pub use cdc_mongo::Error as MongoError;
-pub use context::{
-    Batch, BatchDispatcher, Batches, HandlerContext, HandlerSpec, IntoHandler, TransactionPosition,
-};
+pub use context::{Batch, BatchDispatcher, HandlerContext, TransactionPosition};
 pub use dead_letters::ReplayReport;
-pub use error::{Error, Result};
+pub use error::{BuildError, Error, Result};
 pub use group::{Group, HandlerFactory, ProcessorFactory};
 pub use handler::{
     CollectionWatcher, JsonWatcher, Typed, TypedWatcher, raw_to_json_bytes, to_json_bytes,
 };
+pub use handling::{Batches, HandlerSpec, IntoHandler};
 pub use poison::{AfterRetries, HandlerErrorPolicy};
-pub use processor::{DocumentProcessor, InvalidatePolicy, StopHandle};
+pub use processor::{
+    Builder, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_STOP_TIMEOUT, DocumentProcessor, Leased, Source,
+    StopHandle, Storage, Watch,
+};
 pub use retry::default_backoff;
+pub use settings::InvalidatePolicy;
 pub use stats::Stats;
 
 pub use cdc_core::{

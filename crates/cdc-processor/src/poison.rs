@@ -16,7 +16,10 @@ use cdc_core::{
 /// Where an event lies in the stream: its cluster time, then its letter id.
 type Position = (ClusterTime, String);
 
-use crate::{context::HandlerContext, lanes::catch_panic};
+use crate::{
+    context::HandlerContext,
+    handling::{catch_panic, handler_error},
+};
 
 /// What follows when a handler keeps failing on an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,10 +124,21 @@ impl HandlerErrorPolicy {
         self.park_keys && self.then == AfterRetries::DeadLetter
     }
 
-    /// The wait after failed call number `call` (1-based).
-    fn delay(&self, call: u32) -> Duration {
-        let factor = 2_u32.saturating_pow(call.saturating_sub(1).min(30));
-        self.min_delay.saturating_mul(factor).min(self.max_delay)
+    /// The waits after failed calls: from the minimum, doubling up to the maximum (the
+    /// same `backon` backoff as the restart loop's, without jitter), in whole
+    /// milliseconds.
+    fn delays(&self) -> impl Iterator<Item = Duration> + use<> {
+        let max = self.max_delay;
+        backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(self.min_delay)
+                .with_max_delay(max)
+                .with_factor(2.0)
+                .without_max_times(),
+        )
+        .chain(std::iter::repeat(max))
+        // Whole milliseconds, the timer's resolution (backon multiplies in `f32`).
+        .map(|d| Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
     }
 }
 
@@ -332,6 +346,7 @@ impl Poison {
         let mut n = 1;
         let mut counted = 1;
         let mut outage = 0_u32;
+        let (mut outage_delays, mut retry_delays) = (self.policy.delays(), self.policy.delays());
         loop {
             let this = ctx.with_call(n);
             match catch_panic(this.clone().scope(call(this))).await {
@@ -343,7 +358,7 @@ impl Poison {
                 }
                 Err(e) if is_outage(&e) => {
                     outage += 1;
-                    let delay = self.policy.delay(outage);
+                    let delay = outage_delays.next().unwrap_or(self.policy.max_delay);
                     if outage == 1 || outage.is_power_of_two() {
                         tracing::warn!(error = %e, call = n, ?delay, "the handler's downstream is unavailable: calling again until it returns (not counted against the retries)");
                     }
@@ -355,7 +370,7 @@ impl Poison {
                 }
                 Err(e) if counted > self.policy.retries => return Err((e, n)),
                 Err(e) => {
-                    let delay = self.policy.delay(counted);
+                    let delay = retry_delays.next().unwrap_or(self.policy.max_delay);
                     tracing::warn!(error = %e, call = n, ?delay, "the handler failed: calling it again after a pause");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
@@ -382,7 +397,7 @@ impl Poison {
             Ok(Some(())) => Fate::Handled,
             Ok(None) => Fate::Abandoned,
             Err((e, calls)) => {
-                let error = crate::lanes::handler_error(event, e, calls);
+                let error = handler_error(event, e, calls);
                 self.give_up(event, error, calls).await
             }
         }
@@ -398,52 +413,185 @@ fn is_outage(error: &BoxError) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use mockall::{Sequence, mock};
+    use tokio::time::Instant;
+
     use super::*;
 
-    /// An unavailable downstream (a `Transient` error) is waited out however long it
-    /// lasts; a plain error gets the policy's retries, then gives up.
-    #[tokio::test]
-    async fn an_outage_is_waited_out_and_a_bad_event_is_not() {
+    mock! {
+        Letters {}
+        #[async_trait::async_trait]
+        impl DeadLetterStore for Letters {
+            async fn record(&self, letter: &DeadLetter) -> cdc_core::Result<()>;
+            async fn list(&self, stream: &str, limit: usize) -> cdc_core::Result<Vec<DeadLetter>>;
+            async fn count(&self, stream: &str) -> cdc_core::Result<u64>;
+            async fn remove(&self, stream: &str, id: &str) -> cdc_core::Result<bool>;
+            fn describe(&self) -> String;
+        }
+    }
+
+    fn ctx() -> HandlerContext {
+        HandlerContext::new(None, 1, tokio_util::sync::CancellationToken::new(), None)
+    }
+
+    fn insert(id: i64) -> ChangeEvent {
+        ChangeEvent::from_raw_buf(bson::rawdoc! {
+            "_id": { "_data": format!("82{:08X}00000001", 1000 + id) },
+            "operationType": "insert",
+            "clusterTime": bson::Timestamp { time: 1000 + u32::try_from(id).unwrap(), increment: 1 },
+            "ns": { "db": "d", "coll": "c" },
+            "documentKey": { "_id": id },
+            "fullDocument": { "_id": id },
+        })
+        .unwrap()
+    }
+
+    fn outage() -> BoxError {
+        let down = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        cdc_core::Error::source(ErrorKind::Transient, down).into()
+    }
+
+    /// The calls and the waits between them, on the paused clock: an outage is called
+    /// again on its own backoff and not counted; a bad event gets the policy's retries,
+    /// each after the policy's backoff (100 ms doubling, at most 250 ms).
+    #[tokio::test(start_paused = true)]
+    async fn calls_come_on_the_policys_backoff_and_an_outage_is_not_counted() {
         let poison = Poison::new(
             HandlerErrorPolicy::stop()
-                .retries(1)
-                .backoff(Duration::from_millis(1), Duration::from_millis(2)),
+                .retries(2)
+                .backoff(Duration::from_millis(100), Duration::from_millis(250)),
             None,
             "s".into(),
             Duration::from_secs(1),
             None,
         );
-        let ctx = HandlerContext::new(None, 1, tokio_util::sync::CancellationToken::new(), None);
-        let calls = std::sync::atomic::AtomicU32::new(0);
+        let t0 = Instant::now();
+        let at = Mutex::new(Vec::new());
         let outcome = poison
-            .retrying(&ctx, |_| {
-                let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            .retrying(&ctx(), |this| {
+                let n = this.call();
+                at.lock().unwrap().push((n, t0.elapsed().as_millis()));
                 async move {
-                    if n < 10 {
-                        let down = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-                        Err(cdc_core::Error::source(ErrorKind::Transient, down).into())
-                    } else {
-                        Ok(())
+                    match n {
+                        1..=3 => Err(outage()),
+                        4 | 5 => Err("bad event".into()),
+                        _ => Ok(()),
                     }
                 }
             })
             .await;
         assert!(matches!(outcome, Ok(Some(()))));
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 11);
+        // Outage waits: 100, 200, 250; retry waits: 100, 200.
+        assert_eq!(
+            *at.lock().unwrap(),
+            [(1, 0), (2, 100), (3, 300), (4, 550), (5, 650), (6, 850)]
+        );
+        // One more bad call than the retries allow: given up after 3 calls.
+        let t1 = Instant::now();
+        let calls = AtomicU32::new(0);
+        let outcome = poison
+            .retrying(&ctx(), |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), BoxError>("bad event".into()) }
+            })
+            .await;
+        assert!(matches!(outcome, Err((_, 3))));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(t1.elapsed(), Duration::from_millis(300));
+    }
+
+    /// A stop during a wait abandons the event at once (it comes again).
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_during_a_wait_abandons_the_event() {
+        let poison = Poison::new(
+            HandlerErrorPolicy::stop().backoff(Duration::from_secs(10), Duration::from_secs(10)),
+            None,
+            "s".into(),
+            Duration::from_secs(1),
+            None,
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let ctx = HandlerContext::new(None, 1, cancel.clone(), None);
+        let t0 = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cancel.cancel();
+        });
         let outcome = poison
             .retrying(&ctx, |_| async { Err::<(), BoxError>("bad event".into()) })
             .await;
-        assert!(matches!(outcome, Err((_, 2))), "one call and one retry");
+        assert!(matches!(outcome, Ok(None)));
+        assert_eq!(t0.elapsed(), Duration::from_secs(1));
+    }
+
+    /// Dead letters: the event given up on is recorded once, then the later events of its
+    /// key are recorded behind it (parked) without a handler call, in that order; another
+    /// key is handled.
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_then_its_keys_later_events_are_recorded_in_order() {
+        let mut store = MockLetters::new();
+        let mut seq = Sequence::new();
+        for (id, parked) in [(1_i64, false), (1, true)] {
+            store
+                .expect_record()
+                .times(1)
+                .in_sequence(&mut seq)
+                .withf(move |letter| {
+                    let key = letter.decode().unwrap();
+                    letter.parked == parked
+                        && key.document_key().and_then(|k| k.get_i64("_id").ok()) == Some(id)
+                })
+                .returning(|_| Ok(()));
+        }
+        let poison = Poison::new(
+            HandlerErrorPolicy::dead_letter()
+                .retries(1)
+                .backoff(Duration::from_millis(5), Duration::from_millis(5))
+                .park_keys(true),
+            Some(Arc::new(store)),
+            "s".into(),
+            Duration::from_secs(1),
+            None,
+        );
+        let calls = Mutex::new(Vec::new());
+        let handler = cdc_core::FnDispatcher(|event: &ChangeEvent, _: Option<BoxError>| {
+            let id = event.document_key().and_then(|k| k.get_i64("_id").ok());
+            calls.lock().unwrap().push(id);
+            if id == Some(1) {
+                Err("poison".into())
+            } else {
+                Ok(())
+            }
+        });
+        let (first, later, other) = (insert(1), insert(1), insert(2));
+        assert!(matches!(
+            poison.handle_event(&handler, &first, &ctx()).await,
+            Fate::DeadLettered
+        ));
+        assert!(matches!(
+            poison.handle_event(&handler, &later, &ctx()).await,
+            Fate::DeadLettered
+        ));
+        assert!(matches!(
+            poison.handle_event(&handler, &other, &ctx()).await,
+            Fate::Handled
+        ));
+        // Two calls on the first event (one retry), none on the parked one.
+        assert_eq!(*calls.lock().unwrap(), [Some(1), Some(1), Some(2)]);
     }
 
     #[test]
     fn the_backoff_doubles_up_to_its_bound() {
         let p = HandlerErrorPolicy::stop()
             .backoff(Duration::from_millis(100), Duration::from_millis(350));
-        assert_eq!(p.delay(1), Duration::from_millis(100));
-        assert_eq!(p.delay(2), Duration::from_millis(200));
-        assert_eq!(p.delay(3), Duration::from_millis(350));
-        assert_eq!(p.delay(40), Duration::from_millis(350));
+        let ms = |n: u64| Duration::from_millis(n);
+        let delays: Vec<Duration> = p.delays().take(40).collect();
+        assert_eq!(delays[..4], [ms(100), ms(200), ms(350), ms(350)]);
+        assert_eq!(delays[39], ms(350));
         assert!(!HandlerErrorPolicy::skip().park_keys(true).parks_keys());
         assert!(
             HandlerErrorPolicy::dead_letter()

@@ -1,82 +1,74 @@
 //! The retry loop: runs the processor again after retryable failures, with a backoff the
 //! caller chooses.
 
-use std::time::Duration;
+use std::{
+    future::Future,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
 
 use backon::BackoffBuilder;
+use tokio_util::sync::CancellationToken;
 
-use crate::{DocumentProcessor, IntoHandler, Result, lanes::Handler};
+use crate::{Result, stats::Stats};
 
-impl DocumentProcessor {
-    /// [`DocumentProcessor::start`] (with either kind of handler) until stopped,
-    /// restarting after retryable failures (transient source errors,
-    /// store failures; handler errors are retried in process under
-    /// [`crate::Builder::on_handler_error`], never here) with the
-    /// given backoff; [`default_backoff`] is exponential with jitter. The backoff starts
-    /// over after a run that handled at least one event. Fatal errors end it at once;
-    /// [`cdc_core::ErrorKind::Persistent`] ones (a store only a person can mend) after
-    /// [`cdc_core::PERSISTENT_TRIES`] failed runs in a row.
-    ///
-    /// A `stop()` that lands while it waits to retry ends it with `Ok` (the stop is
-    /// graceful); the failure that caused the wait stays visible in
-    /// [`crate::Stats::last_error`] and was published on
-    /// [`DocumentProcessor::on_start_err`] when it happened.
-    ///
-    /// # Errors
-    /// The first error not worth retrying, or the last one when the backoff gives up;
-    /// [`crate::Error::Stopped`] when the processor was already stopped.
-    pub async fn start_with_retry<B>(&self, backoff: B, handler: impl IntoHandler) -> Result<()>
-    where
-        B: BackoffBuilder + Clone,
-    {
-        self.not_stopped()?;
-        let handler = handler.into_handler().map_err(crate::Error::Build)?;
-        self.retry_loop(backoff, &handler.0).await
-    }
-
-    async fn retry_loop<B>(&self, backoff: B, handler: &Handler) -> Result<()>
-    where
-        B: BackoffBuilder + Clone,
-    {
-        let mut delays = backoff.clone().build();
-        // Failed runs in a row with a persistent error.
-        let mut persistent = 0_u32;
-        loop {
-            let before = self.stats_mut().events;
-            let err = match self.run_guarded(handler).await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            // A handler error reaches here only once the handler-error policy gave up on
-            // its event (in-process retries done): the same event would fail again.
-            if !err.is_retryable() {
+/// Runs `run` again after retryable failures, waiting the delays of `backoff` between
+/// runs; the backoff starts over after a run that handled at least one event (counted in
+/// `stats.events`). Fatal errors end it at once; [`cdc_core::ErrorKind::Persistent`]
+/// ones after [`cdc_core::PERSISTENT_TRIES`] failed runs in a row. A `cancel` that lands
+/// while it waits ends it with `Ok`.
+pub(crate) async fn restart_loop<B, F, Fut>(
+    backoff: B,
+    stream: &str,
+    cancel: &CancellationToken,
+    stats: &Mutex<Stats>,
+    mut run: F,
+) -> Result<()>
+where
+    B: BackoffBuilder + Clone,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    // Plain counters: a panic while holding the lock cannot break them.
+    let stats = || stats.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut delays = backoff.clone().build();
+    // Failed runs in a row with a persistent error.
+    let mut persistent = 0_u32;
+    loop {
+        let before = stats().events;
+        let err = match run().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // A handler error reaches here only once the handler-error policy gave up on
+        // its event (in-process retries done): the same event would fail again.
+        if !err.is_retryable() {
+            return Err(err);
+        }
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        if stats().events > before {
+            delays = backoff.clone().build();
+            persistent = 0;
+        }
+        if err.kind() == cdc_core::ErrorKind::Persistent {
+            persistent += 1;
+            if persistent >= cdc_core::PERSISTENT_TRIES {
+                tracing::error!(%stream, error = %err, tries = persistent, "giving up: the same failure every time");
                 return Err(err);
             }
-            if self.inner.cancel.is_cancelled() {
-                return Ok(());
-            }
-            if self.stats_mut().events > before {
-                delays = backoff.clone().build();
-                persistent = 0;
-            }
-            if err.kind() == cdc_core::ErrorKind::Persistent {
-                persistent += 1;
-                if persistent >= cdc_core::PERSISTENT_TRIES {
-                    tracing::error!(stream = %self.stream_id(), error = %err, tries = persistent, "giving up: the same failure every time");
-                    return Err(err);
-                }
-            } else {
-                persistent = 0;
-            }
-            let Some(delay) = delays.next() else {
-                return Err(err);
-            };
-            self.stats_mut().restarts += 1;
-            tracing::warn!(stream = %self.stream_id(), error = %err, ?delay, "restarting after a failure");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = self.inner.cancel.cancelled() => return Ok(()),
-            }
+        } else {
+            persistent = 0;
+        }
+        let Some(delay) = delays.next() else {
+            return Err(err);
+        };
+        stats().restarts += 1;
+        tracing::warn!(%stream, error = %err, ?delay, "restarting after a failure");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = cancel.cancelled() => return Ok(()),
         }
     }
 }

@@ -10,15 +10,22 @@ use cdc_core::{
 };
 use tokio::sync::mpsc;
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicU32};
+
+use tokio_util::sync::CancellationToken;
+
 use crate::{
-    DocumentProcessor, Error, Result,
+    Error, Result,
     context::HandlerContext,
-    lanes::{
-        Done, Handler, Lanes, Outcome as LaneOutcome, Tally, Tracked, Unit, handle_until_deadline,
-    },
+    handling::Handler,
+    lanes::{Done, Lanes, Outcome as LaneOutcome, Tally, Tracked, Unit, handle_until_deadline},
+    lease::Held,
     poison::Fate,
-    processor::InvalidatePolicy,
+    poison::Poison,
     reader::{Budget, HANDOFF, Item, read_ahead},
+    reader::{Progress, Requests},
+    settings::{InvalidatePolicy, Settings},
+    stats::Stats,
 };
 
 /// What became of one item: carry on (at this instant), or the stream ended.
@@ -36,9 +43,40 @@ pub(crate) enum Outcome {
     Finished(Option<ResumeToken>),
 }
 
-impl DocumentProcessor {
+/// What a run shares with the processor's handle: the stop signal, the counters, the
+/// handler-error policy, the snapshot requests, the lease held now and what the reader saw.
+pub(crate) struct Shared {
+    pub(crate) cancel: CancellationToken,
+    pub(crate) stats: Arc<Mutex<Stats>>,
+    /// Runs started (the attempt number handlers see).
+    pub(crate) attempts: AtomicU32,
+    pub(crate) poison: Arc<Poison>,
+    /// Snapshots requested while streaming, waiting for the reader.
+    pub(crate) requests: Arc<Requests>,
+    /// The lease held now (with a leased store).
+    pub(crate) held: Arc<Held>,
+    /// What the cursor reader saw.
+    pub(crate) progress: Arc<Progress>,
+}
+
+impl Shared {
+    pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {
+        // Stats are plain counters: a panic while holding the lock cannot break them.
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One run of a processor: opens the stream where the store says, hands every event to
+/// the handler (in the loop, or through lanes), and saves the points the protocol says
+/// are due. Handed the settings and what it shares with the processor's handle.
+pub(crate) struct RunLoop<'a> {
+    pub(crate) settings: &'a Settings,
+    pub(crate) shared: &'a Shared,
+}
+
+impl RunLoop<'_> {
     async fn store_call<T>(&self, call: impl Future<Output = cdc_core::Result<T>>) -> Result<T> {
-        let s = &self.inner.settings;
+        let s = &self.settings;
         match tokio::time::timeout(s.store_timeout, call).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::StoreTimeout {
@@ -49,12 +87,12 @@ impl DocumentProcessor {
     }
 
     async fn save(&self, cp: &mut Checkpointer, mut point: ResumePoint) -> Result<()> {
-        let s = &self.inner.settings;
+        let s = &self.settings;
         point.saved_at = bson::DateTime::now();
         if let Some(origin) = s.source.origin() {
             point.origin = Some(origin);
         }
-        let saved = match (&s.lease, self.inner.held.get()) {
+        let saved = match (&s.lease, self.shared.held.get()) {
             (Some(l), Some(lease)) => self.store_call(l.store.save_fenced(&lease, &point)).await,
             // Leased but not held: a run never gets here without the lease.
             (Some(_), None) => {
@@ -81,7 +119,7 @@ impl DocumentProcessor {
             Err(e) => return Err(e),
         }
         cp.confirm(&point, Instant::now());
-        let mut stats = self.stats_mut();
+        let mut stats = self.shared.stats_mut();
         stats.checkpoints += 1;
         stats.last_checkpoint = Some(point.cluster_time);
         stats.last_checkpoint_at = Some(std::time::SystemTime::now());
@@ -126,8 +164,8 @@ impl DocumentProcessor {
     }
 
     pub(crate) async fn run(&self, handler: &Handler) -> Result<()> {
-        let s = &self.inner.settings;
-        if self.inner.cancel.is_cancelled() {
+        let s = &self.settings;
+        if self.shared.cancel.is_cancelled() {
             return Ok(());
         }
         let stored = self.store_call(s.store.load(&s.stream_id)).await?;
@@ -138,7 +176,7 @@ impl DocumentProcessor {
             }
             let newest = tokio::select! {
                 t = s.source.cluster_time() => t?,
-                () = self.inner.cancel.cancelled() => return Ok(()),
+                () = self.shared.cancel.cancelled() => return Ok(()),
             };
             if let Some(newest) = newest
                 && point.cluster_time > newest
@@ -152,8 +190,8 @@ impl DocumentProcessor {
                 .into());
             }
         }
-        self.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
-        self.inner.poison.load_parked().await?;
+        self.shared.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
+        self.shared.poison.load_parked().await?;
         let mut cp = Checkpointer::new(self.policy_for(handler), stored.clone(), Instant::now());
         let mut position = match (&stored, &s.initial_position) {
             (None, Some(initial)) => initial.clone(),
@@ -174,7 +212,7 @@ impl DocumentProcessor {
                     }
                     c => c?,
                 },
-                () = self.inner.cancel.cancelled() => return Ok(()),
+                () = self.shared.cancel.cancelled() => return Ok(()),
             };
             if cp.persisted().is_none() && cp.pending().is_none() {
                 let initial = cursor.resume_token();
@@ -191,9 +229,9 @@ impl DocumentProcessor {
                 budget,
                 Some((
                     std::sync::Arc::clone(&s.source),
-                    std::sync::Arc::clone(&self.inner.requests),
+                    std::sync::Arc::clone(&self.shared.requests),
                 )),
-                std::sync::Arc::clone(&self.inner.progress),
+                std::sync::Arc::clone(&self.shared.progress),
             ));
             let outcome = match handler {
                 Handler::Event(h) if s.concurrency <= 1 && s.keep_transactions != Some(true) => {
@@ -208,7 +246,7 @@ impl DocumentProcessor {
                         queue,
                         handler,
                         &self.context(None),
-                        &self.inner.poison,
+                        &self.shared.poison,
                     );
                     let keep = s.keep_transactions.unwrap_or(s.concurrency > 1);
                     let outcome = self
@@ -265,7 +303,7 @@ impl DocumentProcessor {
                     self.flush(&mut cp).await?;
                     cp.reset_outstanding();
                     position = cp.resume_position();
-                    self.stats_mut().reopens += 1;
+                    self.shared.stats_mut().reopens += 1;
                     tracing::info!(?position, "the stream was closed by the server: reopening");
                 }
                 Err(e) if e.kind() == ErrorKind::HistoryLost && s.resnapshot => {
@@ -274,7 +312,7 @@ impl DocumentProcessor {
                     self.flush(&mut cp).await?;
                     cp.reset_outstanding();
                     position = StartPosition::Now;
-                    self.stats_mut().reopens += 1;
+                    self.shared.stats_mut().reopens += 1;
                     tracing::error!(error = %e, "the stream's history is lost: reading the documents anew (snapshot when needed)");
                 }
                 Err(e) => {
@@ -299,7 +337,7 @@ impl DocumentProcessor {
         loop {
             let batch = tokio::select! {
                 biased;
-                () = self.inner.cancel.cancelled() => return Ok(Outcome::Stopped),
+                () = self.shared.cancel.cancelled() => return Ok(Outcome::Stopped),
                 batch = rx.recv() => batch,
             };
             let Some(batch) = batch else {
@@ -307,7 +345,7 @@ impl DocumentProcessor {
             };
             for item in batch {
                 // Events not yet tracked are simply read again after a stop.
-                if self.inner.cancel.is_cancelled() {
+                if self.shared.cancel.is_cancelled() {
                     return Ok(Outcome::Stopped);
                 }
                 let now = match self.step(item, cp, handler, &ctx, &mut invalidated).await? {
@@ -337,7 +375,7 @@ impl DocumentProcessor {
                 }
                 // `saved_at` is stamped when the point is saved.
                 let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
-                let poison = &self.inner.poison;
+                let poison = &self.shared.poison;
                 let fate = tokio::select! {
                     fate = poison.handle_event(handler, &event, ctx) => fate,
                     () = ctx.stop_deadline() => {
@@ -385,7 +423,7 @@ impl DocumentProcessor {
     /// unsaved events would keep lanes idle and batches from filling, so the bound is
     /// raised to that (and so is the bound of repeats after a crash).
     fn policy_for(&self, handler: &Handler) -> CheckpointPolicy {
-        let s = &self.inner.settings;
+        let s = &self.settings;
         let per_lane = match handler {
             Handler::Batch(_, limits) => limits.max_events,
             Handler::Event(_) if s.concurrency > 1 => 1,
@@ -405,16 +443,16 @@ impl DocumentProcessor {
     /// The context of a handler call on `lane`.
     fn context(&self, lane: Option<usize>) -> HandlerContext {
         let attempt = self
-            .inner
+            .shared
             .attempts
             .load(std::sync::atomic::Ordering::Relaxed);
         HandlerContext::new(
             lane,
             attempt,
-            self.inner.cancel.clone(),
-            self.inner.settings.stop_timeout,
+            self.shared.cancel.clone(),
+            self.settings.stop_timeout,
         )
-        .with_lease(self.inner.held.get())
+        .with_lease(self.shared.held.get())
     }
 
     /// The run loop with lanes (or a batch handler): routes each event to the lane of its
@@ -434,7 +472,7 @@ impl DocumentProcessor {
             loop {
                 let batch = tokio::select! {
                     biased;
-                    () = self.inner.cancel.cancelled() => return Ok(Outcome::Stopped),
+                    () = self.shared.cancel.cancelled() => return Ok(Outcome::Stopped),
                     done = lanes.next_done(), if lanes.in_flight() > 0 => {
                         if let Some(done) = done {
                             self.complete(done, cp).await?;
@@ -448,7 +486,7 @@ impl DocumentProcessor {
                 };
                 for item in batch {
                     // Events not yet tracked are simply read again after a stop.
-                    if self.inner.cancel.is_cancelled() {
+                    if self.shared.cancel.is_cancelled() {
                         return Ok(Outcome::Stopped);
                     }
                     let event = match item {
@@ -607,7 +645,7 @@ impl DocumentProcessor {
                 let ctx = self.context(None);
                 let units = vec![unit];
                 let outcome =
-                    handle_until_deadline(handler, &units, &ctx, &self.inner.poison).await;
+                    handle_until_deadline(handler, &units, &ctx, &self.shared.poison).await;
                 self.complete(Done { units, outcome }, cp).await?;
             }
         }
@@ -670,13 +708,13 @@ impl DocumentProcessor {
     /// A history gap the source skipped (restart-from-now policy): logged and kept.
     fn gap(&self, gap: cdc_core::HistoryGap) {
         tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
-        self.stats_mut().last_gap = Some(gap);
+        self.shared.stats_mut().last_gap = Some(gap);
     }
 
     /// Counts events the handler-error policy skipped or dead-lettered.
     fn tally(&self, tally: Tally) {
         if tally != Tally::default() {
-            let mut stats = self.stats_mut();
+            let mut stats = self.shared.stats_mut();
             stats.skipped_events += tally.skipped;
             stats.dead_letters += tally.dead_lettered;
         }
@@ -684,7 +722,7 @@ impl DocumentProcessor {
 
     /// Counts a handled event (one lock, no allocation once its type has been seen).
     fn count(&self, event: &ChangeEvent, cp: &Checkpointer) {
-        let mut stats = self.stats_mut();
+        let mut stats = self.shared.stats_mut();
         stats.events += 1;
         let kind = event.operation_type.as_str();
         match stats.events_by_type.get_mut(kind) {

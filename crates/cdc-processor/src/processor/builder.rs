@@ -12,7 +12,11 @@ use cdc_mongo::{
 };
 use mongodb_client::Client;
 
-use crate::{DocumentProcessor, Error, InvalidatePolicy, Result, processor::Settings};
+use super::DocumentProcessor;
+use crate::{
+    BuildError, Error, Result,
+    settings::{InvalidatePolicy, Settings},
+};
 
 use cdc_mongo::mongodb as mongodb_client;
 
@@ -287,39 +291,6 @@ impl From<&crate::stores::Stores> for Storage {
     fn from(stores: &crate::stores::Stores) -> Self {
         Self::new(Arc::clone(&stores.points)).dead_letters(Arc::clone(&stores.dead_letters))
     }
-}
-
-/// A setting [`Builder::build`] refused, naming it (and, for a contradiction, the setting
-/// it contradicts) as the builder spells them.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum BuildError {
-    /// A setting every processor needs was not given.
-    #[error("`{setting}` is required: {hint}")]
-    Missing {
-        /// The missing setting.
-        setting: &'static str,
-        /// How to give it.
-        hint: &'static str,
-    },
-    /// A setting's value is out of its range.
-    #[error("`{setting}` is invalid: {reason}")]
-    Invalid {
-        /// The setting.
-        setting: &'static str,
-        /// Why it was refused.
-        reason: String,
-    },
-    /// Two settings contradict each other.
-    #[error("`{setting}` contradicts `{other}`: {reason}")]
-    Conflict {
-        /// The setting refused.
-        setting: &'static str,
-        /// The setting it contradicts.
-        other: &'static str,
-        /// Why they cannot both hold.
-        reason: &'static str,
-    },
 }
 
 /// Configures a [`DocumentProcessor`]: [`Builder::source`] (where events come from) and
