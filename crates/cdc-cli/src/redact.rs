@@ -33,14 +33,14 @@ pub(crate) fn redact_url(url: &str) -> String {
     let secrets = secrets(url);
     let structural: Vec<String> = url.split(',').map(redact_piece).collect();
     let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    cdc_core::redact_secrets(&structural.join(","), &refs).unwrap_or_else(|| hidden(url))
+    cdc_core::support::redact_secrets(&structural.join(","), &refs).unwrap_or_else(|| hidden(url))
 }
 
 /// `text` (an error a client gave for `url`) with the URL's secrets taken out.
 pub(crate) fn scrub(text: &str, url: &str) -> String {
     let secrets = secrets(url);
     let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    cdc_core::redact_secrets(text, &refs)
+    cdc_core::support::redact_secrets(text, &refs)
         .unwrap_or_else(|| "(the message is hidden: it holds a secret of the URL)".to_owned())
 }
 
@@ -235,7 +235,7 @@ pub(crate) fn secrets(url: &str) -> Vec<String> {
     }
     let decoded: Vec<String> = out
         .iter()
-        .filter_map(|s| cdc_core::percent_decode(s))
+        .filter_map(|s| cdc_core::support::percent_decode(s))
         .collect();
     out.extend(decoded);
     out.retain(|s| !s.is_empty());
@@ -296,7 +296,7 @@ mod tests {
             for secret in *hidden {
                 assert!(!shown.contains(secret), "{url} → {shown}");
                 assert!(
-                    !cdc_core::percent_decode_lossy(&shown).contains(secret),
+                    !cdc_core::support::percent_decode_lossy(&shown).contains(secret),
                     "{url} → {shown}"
                 );
             }

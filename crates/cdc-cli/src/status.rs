@@ -45,7 +45,7 @@ fn snapshot_text(point: &ResumePoint) -> Option<String> {
         .and_then(|v| bson::Bson::try_from(v).ok())
         .map_or_else(
             || "the start".to_owned(),
-            |v| cdc_core::to_relaxed_json(v).to_string(),
+            |v| cdc_core::support::to_relaxed_json(v).to_string(),
         );
     Some(format!("in progress: collection {coll}, after _id {after}"))
 }
@@ -182,7 +182,7 @@ pub(crate) async fn list_letters(
             let doc = bson::RawDocument::from_bytes(&l.event)
                 .ok()
                 .and_then(|r| bson::Document::try_from(r).ok())
-                .map(|d| cdc_core::to_relaxed_json(bson::Bson::Document(d)));
+                .map(|d| cdc_core::support::to_relaxed_json(bson::Bson::Document(d)));
             println!(
                 "{}",
                 serde_json::json!({
@@ -217,7 +217,7 @@ trait ChangeEventExt {
 impl ChangeEventExt for cdc_processor::ChangeEvent {
     fn key_text(&self) -> Option<String> {
         self.document_id()
-            .map(|id| cdc_core::to_relaxed_json(id).to_string())
+            .map(|id| cdc_core::support::to_relaxed_json(id).to_string())
     }
 }
 

@@ -385,7 +385,7 @@ pub fn bson_display(value: &Bson) -> String {
         Bson::Int32(n) => n.to_string(),
         Bson::Int64(n) => n.to_string(),
         Bson::Double(n) => n.to_string(),
-        other => crate::to_relaxed_json(other.clone()).to_string(),
+        other => crate::extjson::to_relaxed_json(other.clone()).to_string(),
     }
 }
 

@@ -47,18 +47,30 @@ mod store;
 mod token;
 
 pub use checkpoint::{CheckpointPolicy, Checkpointer, Seq};
-pub use dead_letter::{DeadLetter, DeadLetterStore, error_chain};
+pub use dead_letter::{DeadLetter, DeadLetterStore};
 pub use dispatch::{DispatchChain, Dispatcher, FnDispatcher};
 pub use error::{BoxError, Error, ErrorKind, PERSISTENT_TRIES, Result, SharedError};
-pub use event::{ChangeEvent, TruncatedArray, UpdateDescription, bson_display};
-pub use extjson::to_relaxed_json;
-pub use lease::{Lease, LeaseRecord, LeaseStore, ttl_ms};
+pub use event::{ChangeEvent, TruncatedArray, UpdateDescription};
+pub use lease::{Lease, LeaseRecord, LeaseStore};
 pub use namespace::{Namespace, OperationType};
 pub use point::{ResumePoint, StartPosition};
-pub use redact::{percent_decode, percent_decode_lossy, redact_secrets};
-pub use source::{ChangeCursor, ChangeSource, HistoryGap, SnapshotProgress, SnapshotRequest};
+pub use source::{ChangeCursor, ChangeSource, HistoryGap, Next, SnapshotProgress, SnapshotRequest};
 pub use store::{ResumeStore, check_forward, validate_stream_id};
 pub use token::{ClusterTime, ResumeToken, SnapshotRow};
+
+/// Helpers the workspace's crates share (percent-decoding and redacting URLs, an error's
+/// chain as text, relaxed Extended JSON, a TTL in milliseconds). Not part of the API:
+/// they may change in any release; depend on the concepts above instead.
+#[doc(hidden)]
+pub mod support {
+    pub use crate::{
+        dead_letter::error_chain,
+        event::bson_display,
+        extjson::to_relaxed_json,
+        lease::ttl_ms,
+        redact::{percent_decode, percent_decode_lossy, redact_secrets},
+    };
+}
 
 /// Re-export of the `bson` crate this crate's types are built on.
 pub use bson;

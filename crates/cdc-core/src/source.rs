@@ -13,8 +13,8 @@ pub trait ChangeSource: Send + Sync {
     /// # Errors
     /// A classified [`crate::Error::Source`]: transient failures are worth retrying;
     /// [`crate::ErrorKind::HistoryLost`] means the position has aged out of the oplog (a
-    /// source configured to restart from now reports the gap through
-    /// [`ChangeCursor::take_gap`] instead).
+    /// source configured to restart from now reports the gap as the cursor's first
+    /// [`Next::Gap`] instead).
     async fn open(&self, position: &StartPosition) -> Result<Box<dyn ChangeCursor>>;
 
     /// A short description for logs (the watched namespace), without credentials.
@@ -112,36 +112,53 @@ pub struct SnapshotProgress {
     pub per_second: u64,
 }
 
+/// What one call of [`ChangeCursor::next`] brought.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Next {
+    /// An event (boxed: the other variants are small, and a reader keeps events boxed).
+    Event(Box<ChangeEvent>),
+    /// A round trip brought no event (the stream is idle, or everything was filtered
+    /// out): the position to resume from now (the post-batch resume token), if any.
+    Idle(Option<ResumeToken>),
+    /// The requested position had aged out of the oplog and the source was configured to
+    /// restart from now: these changes were skipped. Reading goes on.
+    Gap(HistoryGap),
+    /// The server closed the stream (after an `invalidate`): nothing more comes from this
+    /// cursor; open a new one after the last event.
+    Closed,
+    /// The source has nothing more to deliver, for good (a snapshot-only source after its
+    /// scan), with the position a later start continues from: the processor saves it and
+    /// stops.
+    Finished(Option<ResumeToken>),
+}
+
+impl Next {
+    /// The event, when this is one.
+    pub fn into_event(self) -> Option<ChangeEvent> {
+        match self {
+            Self::Event(event) => Some(*event),
+            _ => None,
+        }
+    }
+}
+
 /// An open change stream.
 #[async_trait]
 pub trait ChangeCursor: Send {
-    /// The next event. `Ok(None)` means a round trip brought no event (the stream is idle
-    /// or everything was filtered out): call [`ChangeCursor::resume_token`] then, to take
-    /// the post-batch resume token.
+    /// What happened next: an event, an idle round trip with its position, a gap in
+    /// history, the stream's end ([`Next`]).
     ///
     /// # Errors
     /// A classified [`crate::Error::Source`] the driver could not resume from.
-    async fn next(&mut self) -> Result<Option<ChangeEvent>>;
+    async fn next(&mut self) -> Result<Next>;
 
     /// The token to resume after everything this cursor has returned: an event's `_id`, or
-    /// the latest post-batch resume token after a call that returned nothing.
+    /// the latest post-batch resume token (right after opening: the opening position).
     fn resume_token(&self) -> Option<ResumeToken>;
-
-    /// Whether the server closed the stream (after an `invalidate`).
-    fn is_closed(&self) -> bool;
-
-    /// A history gap this cursor skipped, once: set when the requested position had aged
-    /// out of the oplog and the source was configured to restart from now.
-    fn take_gap(&mut self) -> Option<HistoryGap>;
 
     /// Whether the cursor is reading a snapshot (not yet every document handed over).
     fn is_snapshotting(&self) -> bool {
-        false
-    }
-
-    /// Whether the source has nothing more to deliver, for good (a snapshot-only source
-    /// after its scan): the processor then saves its last point and stops.
-    fn is_finished(&self) -> bool {
         false
     }
 

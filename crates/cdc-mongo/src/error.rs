@@ -196,7 +196,7 @@ pub fn uri_secrets(uri: &str) -> Option<Vec<String>> {
             if let Some((key, value)) = pair.split_once('=')
                 && key.eq_ignore_ascii_case("tlsCertificateKeyFilePassword")
             {
-                secrets.push(cdc_core::percent_decode_lossy(value));
+                secrets.push(cdc_core::support::percent_decode_lossy(value));
             }
         }
     }
@@ -216,14 +216,14 @@ pub fn redact_uri(uri: &str) -> String {
         return hidden();
     };
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    cdc_core::redact_secrets(uri, &secrets).unwrap_or_else(hidden)
+    cdc_core::support::redact_secrets(uri, &secrets).unwrap_or_else(hidden)
 }
 
 /// `message` with the secrets of `uri` taken out (a driver message may quote the URI).
 pub(crate) fn scrub(message: &str, uri: &str) -> String {
     let secrets = uri_secrets(uri).unwrap_or_default();
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    cdc_core::redact_secrets(message, &secrets)
+    cdc_core::support::redact_secrets(message, &secrets)
         .unwrap_or_else(|| "(the message is hidden: it holds a secret of the URI)".to_owned())
 }
 
@@ -297,7 +297,7 @@ mod properties {
             ];
             for form in forms {
                 let shown = super::redact_uri(&form);
-                let decoded = cdc_core::percent_decode_lossy(&shown);
+                let decoded = cdc_core::support::percent_decode_lossy(&shown);
                 prop_assert!(
                     !shown.contains(&secret) && !shown.contains(&e) && !decoded.contains(&secret),
                     "{form} -> {shown}"

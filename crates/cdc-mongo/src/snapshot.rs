@@ -38,7 +38,9 @@
 use std::sync::Arc;
 
 use bson::{Bson, Document, RawBsonRef, RawDocumentBuf, doc};
-use cdc_core::{ChangeCursor, ChangeEvent, ClusterTime, HistoryGap, ResumeToken, StartPosition};
+use cdc_core::{
+    ChangeCursor, ChangeEvent, ClusterTime, HistoryGap, Next, ResumeToken, StartPosition,
+};
 use futures_util::TryStreamExt;
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -392,6 +394,10 @@ enum Pulled {
     Held,
     /// A round trip without events.
     Idle,
+    /// The stream skipped a gap in history (restarted from now, as configured).
+    Gap(HistoryGap),
+    /// The stream ended (an `invalidate`): nothing later comes to wait for.
+    Closed,
 }
 
 /// Reads the snapshot interleaved with the stream (see the module documentation).
@@ -423,6 +429,8 @@ struct SnapshotCursor {
     /// The stream is handed over as it is: the snapshot has been read.
     tail: bool,
     finished: bool,
+    /// The stream ended (an `invalidate`) while the snapshot was read.
+    stream_closed: bool,
     /// The namespace of the collection being read, encoded once.
     ns: Option<(Arc<str>, RawDocumentBuf)>,
     /// A requested snapshot's filter, as its tokens carry it; `None` for an initial one.
@@ -476,6 +484,7 @@ impl SnapshotCursor {
             scan_done: false,
             tail: false,
             finished: false,
+            stream_closed: false,
             ns: None,
         }
     }
@@ -583,9 +592,9 @@ impl SnapshotCursor {
             None => {
                 let stream = self.stream().await?;
                 match stream.next().await? {
-                    Some(event) => event,
-                    None => {
-                        if let Some(token) = stream.resume_token() {
+                    Next::Event(event) => *event,
+                    Next::Idle(token) => {
+                        if let Some(token) = token {
                             if let Some(time) = token.cluster_time_hint() {
                                 self.stream_time = self.stream_time.max(time);
                             }
@@ -593,6 +602,12 @@ impl SnapshotCursor {
                         }
                         return Ok(Pulled::Idle);
                     }
+                    Next::Gap(gap) => return Ok(Pulled::Gap(gap)),
+                    Next::Closed | Next::Finished(_) => {
+                        self.stream_closed = true;
+                        return Ok(Pulled::Closed);
+                    }
+                    _ => return Ok(Pulled::Idle),
                 }
             }
         };
@@ -647,11 +662,14 @@ impl SnapshotCursor {
 
 #[async_trait::async_trait]
 impl ChangeCursor for SnapshotCursor {
-    async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
+    async fn next(&mut self) -> cdc_core::Result<Next> {
         loop {
             if self.tail {
                 if let Some(event) = self.held.take() {
-                    return Ok(Some(event));
+                    return Ok(Next::Event(Box::new(event)));
+                }
+                if self.stream_closed {
+                    return Ok(Next::Closed);
                 }
                 let stream = self.stream().await?;
                 return stream.next().await;
@@ -663,7 +681,7 @@ impl ChangeCursor for SnapshotCursor {
                 if self.inner.options.snapshot == SnapshotMode::InitialOnly && self.filter.is_none()
                 {
                     self.finished = true;
-                    return Ok(None);
+                    return Ok(Next::Finished(Some(self.stream_pos.clone())));
                 }
                 self.tail = true;
                 continue;
@@ -678,12 +696,13 @@ impl ChangeCursor for SnapshotCursor {
             if let Some(until) = waiting {
                 let reached = self.stream_time >= until
                     || self.held.as_ref().is_some_and(|e| e.cluster_time > until)
-                    || self.stream.as_ref().is_some_and(|s| s.is_closed());
+                    || self.stream_closed;
                 if !reached {
                     match self.pull(until).await? {
-                        Pulled::Event(event) => return Ok(Some(*event)),
-                        Pulled::Held => {}
-                        Pulled::Idle => return Ok(None),
+                        Pulled::Event(event) => return Ok(Next::Event(event)),
+                        Pulled::Held | Pulled::Closed => {}
+                        Pulled::Idle => return Ok(Next::Idle(self.resume_token())),
+                        Pulled::Gap(gap) => return Ok(Next::Gap(gap)),
                     }
                     continue;
                 }
@@ -693,7 +712,7 @@ impl ChangeCursor for SnapshotCursor {
             }
             if let Some((_, doc)) = self.again.take() {
                 match doc {
-                    Some(doc) => return self.row(&doc).map(Some),
+                    Some(doc) => return self.row(&doc).map(|e| Next::Event(Box::new(e))),
                     // Deleted since: its delete comes from the stream.
                     None => continue,
                 }
@@ -720,7 +739,7 @@ impl ChangeCursor for SnapshotCursor {
                             self.read_again(id).await?;
                             continue;
                         }
-                        return self.row(&doc).map(Some);
+                        return self.row(&doc).map(|e| Next::Event(Box::new(e)));
                     }
                     Some(Err(e)) => return Err(e),
                     None => {
@@ -767,18 +786,6 @@ impl ChangeCursor for SnapshotCursor {
         }
         self.position_token(&self.stream_pos, self.stream_time, None)
             .ok()
-    }
-
-    fn is_closed(&self) -> bool {
-        self.tail && self.held.is_none() && self.stream.as_ref().is_some_and(|t| t.is_closed())
-    }
-
-    fn take_gap(&mut self) -> Option<HistoryGap> {
-        self.stream.as_mut().and_then(|t| t.take_gap())
-    }
-
-    fn is_finished(&self) -> bool {
-        self.finished
     }
 
     fn is_snapshotting(&self) -> bool {
@@ -1199,23 +1206,20 @@ mod tests {
 
     #[async_trait::async_trait]
     impl ChangeCursor for Scripted {
-        async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
+        async fn next(&mut self) -> cdc_core::Result<Next> {
             let event = self.events.pop_front();
             self.last = Some(
                 event
                     .as_ref()
                     .map_or_else(|| self.pbrt.clone(), |e| e.token.clone()),
             );
-            Ok(event)
+            Ok(match event {
+                Some(event) => Next::Event(Box::new(event)),
+                None => Next::Idle(self.last.clone()),
+            })
         }
         fn resume_token(&self) -> Option<ResumeToken> {
             self.last.clone()
-        }
-        fn is_closed(&self) -> bool {
-            false
-        }
-        fn take_gap(&mut self) -> Option<HistoryGap> {
-            None
         }
         async fn close(self: Box<Self>) {}
     }
@@ -1291,7 +1295,7 @@ mod tests {
     async fn drain(cursor: &mut SnapshotCursor) -> Vec<(String, i64, i64)> {
         let mut out = Vec::new();
         for _ in 0..100 {
-            match cursor.next().await.unwrap() {
+            match cursor.next().await.unwrap().into_event() {
                 Some(e) => {
                     let id = e.document_id().and_then(|b| b.as_i64()).unwrap();
                     let v = match e.operation_type {
@@ -1357,12 +1361,12 @@ mod tests {
             ],
             vec![update(12, 1, 2), update(25, 2, 1)],
         );
-        let row = c.next().await.unwrap().unwrap();
+        let row = c.next().await.unwrap().into_event().unwrap();
         let at = SnapshotPosition::of(&StartPosition::ResumeAfter(row.token.clone()))
             .unwrap()
             .unwrap();
         assert_eq!((at.after, at.start), (Some(Bson::Int64(1)), token(1)));
-        let change = c.next().await.unwrap().unwrap();
+        let change = c.next().await.unwrap().into_event().unwrap();
         assert_eq!(
             change.token.data(),
             Some(format!("82{:08X}00000001", 12).as_str())
@@ -1371,7 +1375,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((at.after, at.start), (Some(Bson::Int64(1)), token(12)));
-        let row = c.next().await.unwrap().unwrap();
+        let row = c.next().await.unwrap().into_event().unwrap();
         let at = SnapshotPosition::of(&StartPosition::ResumeAfter(row.token.clone()))
             .unwrap()
             .unwrap();
@@ -1395,7 +1399,7 @@ mod tests {
             Some(ClusterTime::new(1, 1))
         );
         // The snapshot is read: the change held back comes with its own token.
-        let change = c.next().await.unwrap().unwrap();
+        let change = c.next().await.unwrap().into_event().unwrap();
         assert_eq!(change.token, token(25));
     }
 

@@ -8,7 +8,8 @@ use std::sync::{
 use async_trait::async_trait;
 use bson::{Document, RawDocumentBuf, doc};
 use cdc_core::{
-    ChangeCursor, ChangeEvent, ChangeSource, ErrorKind, HistoryGap, ResumeToken, StartPosition,
+    ChangeCursor, ChangeEvent, ChangeSource, ErrorKind, HistoryGap, Next, ResumeToken,
+    StartPosition,
 };
 use mongodb::{
     Client,
@@ -417,7 +418,10 @@ impl MongoCursor {
 
 #[async_trait]
 impl ChangeCursor for MongoCursor {
-    async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
+    async fn next(&mut self) -> cdc_core::Result<Next> {
+        if let Some(gap) = self.gap.take() {
+            return Ok(Next::Gap(gap));
+        }
         loop {
             match self.stream.next_if_any().await {
                 Ok(Some(raw)) => {
@@ -439,17 +443,18 @@ impl ChangeCursor for MongoCursor {
                     }
                     let event = ChangeEvent::from_raw_buf(raw).map_err(Error::Decode)?;
                     self.boundary = Some(event.token.clone());
-                    return Ok(Some(event));
+                    return Ok(Next::Event(Box::new(event)));
                 }
                 // Half-way through a split event the rest is on its way: keep reading.
                 Ok(None) if self.split.in_progress() || self.seek.is_some() => continue,
+                Ok(None) if !self.stream.is_alive() => return Ok(Next::Closed),
                 Ok(None) => {
                     self.boundary = self
                         .stream
                         .resume_token()
                         .as_ref()
                         .and_then(from_driver_token);
-                    return Ok(None);
+                    return Ok(Next::Idle(self.boundary.clone()));
                 }
                 Err(e) if server_code(&e) == Some(10334) => {
                     return Err(Error::EventTooLarge(e).into());
@@ -471,6 +476,9 @@ impl ChangeCursor for MongoCursor {
                         let after = self.position().as_ref().and_then(position_time);
                         self.stream = self.inner.open_stream(&StartPosition::Now).await?;
                         self.record_gap(after);
+                        if let Some(gap) = self.gap.take() {
+                            return Ok(Next::Gap(gap));
+                        }
                         continue;
                     }
                     return Err(Error::driver("read change stream", e).into());
@@ -488,14 +496,6 @@ impl ChangeCursor for MongoCursor {
             .resume_token()
             .as_ref()
             .and_then(from_driver_token)
-    }
-
-    fn is_closed(&self) -> bool {
-        !self.stream.is_alive()
-    }
-
-    fn take_gap(&mut self) -> Option<HistoryGap> {
-        self.gap.take()
     }
 
     async fn close(self: Box<Self>) {

@@ -6,7 +6,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use cdc_core::{ChangeCursor, ChangeEvent, ResumeToken};
+use cdc_core::{ChangeCursor, ChangeEvent, HistoryGap, Next, ResumeToken};
 use futures_core::Stream;
 
 /// What an [`EventStream`] yields when idle rounds are asked for.
@@ -21,11 +21,13 @@ pub enum Change {
         /// The token to resume after everything read so far.
         resume_token: Option<ResumeToken>,
     },
+    /// The stored position had aged out of the oplog and the source restarts from now
+    /// (`HistoryLostPolicy::RestartFromNow`): these changes were skipped.
+    Gap(HistoryGap),
 }
 
-type Pending = Pin<
-    Box<dyn Future<Output = (Box<dyn ChangeCursor>, cdc_core::Result<Option<ChangeEvent>>)> + Send>,
->;
+type Pending =
+    Pin<Box<dyn Future<Output = (Box<dyn ChangeCursor>, cdc_core::Result<Next>)> + Send>>;
 
 /// A change stream that yields events and ends only when the server closes it (after an
 /// `invalidate`) or on an error it could not resume from — like the `mongodb` crate's
@@ -97,19 +99,24 @@ impl EventStream {
                 Poll::Ready(ready) => ready,
             };
             self.pending = None;
-            let closed = cursor.is_closed();
-            let token = cursor.resume_token();
             self.cursor = Some(cursor);
             match result {
-                Ok(Some(event)) => {
+                Ok(Next::Event(event)) => {
                     self.token = Some(event.token.clone());
-                    return Poll::Ready(Some(Ok(Change::Event(Box::new(event)))));
+                    return Poll::Ready(Some(Ok(Change::Event(event))));
                 }
-                Ok(None) if closed => {
+                Ok(Next::Closed) => {
                     self.done = true;
                     return Poll::Ready(None);
                 }
-                Ok(None) => {
+                Ok(Next::Finished(token)) => {
+                    if token.is_some() {
+                        self.token = token;
+                    }
+                    self.done = true;
+                    return Poll::Ready(None);
+                }
+                Ok(Next::Idle(token)) => {
                     if token.is_some() {
                         self.token = token;
                     }
@@ -119,6 +126,12 @@ impl EventStream {
                         })));
                     }
                 }
+                Ok(Next::Gap(gap)) => {
+                    if self.idle {
+                        return Poll::Ready(Some(Ok(Change::Gap(gap))));
+                    }
+                }
+                Ok(_) => {}
                 Err(e) => {
                     self.done = true;
                     return Poll::Ready(Some(Err(e)));
@@ -136,7 +149,7 @@ impl Stream for EventStream {
         loop {
             return match this.poll_change(cx) {
                 Poll::Ready(Some(Ok(Change::Event(event)))) => Poll::Ready(Some(Ok(*event))),
-                Poll::Ready(Some(Ok(Change::Idle { .. }))) => continue,
+                Poll::Ready(Some(Ok(Change::Idle { .. } | Change::Gap(_)))) => continue,
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,

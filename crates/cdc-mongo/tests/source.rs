@@ -7,7 +7,9 @@ use std::{
 };
 
 use bson::{Bson, Document, doc, oid::ObjectId};
-use cdc_core::{ChangeCursor, ChangeEvent, ChangeSource, ErrorKind, OperationType, StartPosition};
+use cdc_core::{
+    ChangeCursor, ChangeEvent, ChangeSource, ErrorKind, Next, OperationType, StartPosition,
+};
 use cdc_mongo::{
     BeforeChange, FullDocument, HistoryLostPolicy, MongoSource, PreImagePolicy, Scope,
     SourceOptions, connect, enable_pre_post_images, record_pre_images,
@@ -52,13 +54,11 @@ impl Fixture {
 async fn next(cursor: &mut Box<dyn ChangeCursor>) -> ChangeEvent {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            if let Some(e) = cursor.next().await.unwrap() {
-                return e;
+            match cursor.next().await.unwrap() {
+                Next::Event(e) => return *e,
+                Next::Closed => panic!("cursor closed while waiting for an event"),
+                _ => {}
             }
-            assert!(
-                !cursor.is_closed(),
-                "cursor closed while waiting for an event"
-            );
         }
     })
     .await
@@ -69,8 +69,8 @@ async fn next_err(cursor: &mut Box<dyn ChangeCursor>) -> cdc_core::Error {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match cursor.next().await {
-                Ok(Some(e)) => panic!("expected an error, got {e:?}"),
-                Ok(None) => continue,
+                Ok(Next::Event(e)) => panic!("expected an error, got {e:?}"),
+                Ok(_) => continue,
                 Err(e) => return e,
             }
         }
@@ -218,8 +218,7 @@ async fn resume_start_after_and_start_at() {
         }
     }
     let invalidate = invalidate.unwrap();
-    let _ = cursor.next().await;
-    assert!(cursor.is_closed());
+    assert!(matches!(cursor.next().await.unwrap(), Next::Closed));
     let point = invalidate.resume_point(bson::DateTime::now());
     let mut after = src.open(&point.start_position()).await.unwrap();
     coll.insert_one(doc! { "_id": "new" }).await.unwrap();
@@ -312,11 +311,12 @@ async fn post_batch_token_advances_on_a_filtered_stream() {
     }
     let mut latest = first.clone();
     for _ in 0..10 {
-        assert!(
-            cursor.next().await.unwrap().is_none(),
-            "every insert is filtered out"
-        );
-        latest = cursor.resume_token().unwrap();
+        let Next::Idle(token) = cursor.next().await.unwrap() else {
+            panic!("every insert is filtered out");
+        };
+        // The idle round's position is the cursor's.
+        assert_eq!(token, cursor.resume_token());
+        latest = token.unwrap();
         if latest != first {
             break;
         }
@@ -366,10 +366,15 @@ async fn history_lost_policies() {
     let err = failing.open(&position).await.err().unwrap();
     assert_eq!(err.kind(), ErrorKind::HistoryLost, "{err}");
     let mut restarted = restarting.open(&position).await.unwrap();
-    let gap = restarted.take_gap().expect("the gap is reported");
+    let Next::Gap(gap) = restarted.next().await.unwrap() else {
+        panic!("the gap is reported first");
+    };
     assert_eq!(gap.after, Some(first.cluster_time));
     assert!(gap.resumed_at.unwrap() > first.cluster_time);
-    assert!(restarted.take_gap().is_none(), "reported once");
+    assert!(
+        !matches!(restarted.next().await.unwrap(), Next::Gap(_)),
+        "reported once"
+    );
     coll.insert_one(doc! { "_id": "after" }).await.unwrap();
     assert_eq!(
         next(&mut restarted).await.document_id_string().unwrap(),

@@ -35,7 +35,7 @@ pub trait CollectionWatcher: Send + Sync {
 /// because consumers of JSON expect `1`, not `{"$numberInt": "1"}`; use
 /// [`TypedWatcher`] where exact numeric types matter.
 pub fn to_json_bytes(doc: &Document) -> Vec<u8> {
-    cdc_core::to_relaxed_json(Bson::Document(doc.clone()))
+    cdc_core::support::to_relaxed_json(Bson::Document(doc.clone()))
         .to_string()
         .into_bytes()
 }
@@ -46,7 +46,7 @@ pub fn to_json_bytes(doc: &Document) -> Vec<u8> {
 /// When the bytes are not valid BSON.
 pub fn raw_to_json_bytes(doc: &RawDocument) -> Result<Vec<u8>, bson::error::Error> {
     Ok(
-        cdc_core::to_relaxed_json(Bson::Document(Document::try_from(doc)?))
+        cdc_core::support::to_relaxed_json(Bson::Document(Document::try_from(doc)?))
             .to_string()
             .into_bytes(),
     )

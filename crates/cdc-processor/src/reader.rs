@@ -11,7 +11,8 @@ use std::{
 };
 
 use cdc_core::{
-    ChangeCursor, ChangeEvent, ChangeSource, ClusterTime, HistoryGap, ResumeToken, SnapshotRequest,
+    ChangeCursor, ChangeEvent, ChangeSource, ClusterTime, HistoryGap, Next, ResumeToken,
+    SnapshotRequest,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -215,9 +216,6 @@ pub(crate) async fn read_ahead(
         if let Some((source, requests)) = &requests {
             cursor = requests.serve(&**source, cursor).await;
         }
-        if let Some(gap) = cursor.take_gap() {
-            batch.push(Item::Gap(gap));
-        }
         let next = {
             let mut fut = cursor.next();
             match ready_now(&mut fut).await {
@@ -234,7 +232,7 @@ pub(crate) async fn read_ahead(
             }
         };
         let (item, last) = match next {
-            Ok(Some(e)) => {
+            Ok(Next::Event(e)) => {
                 progress.read.fetch_add(1, Ordering::Relaxed);
                 progress.saw(Some(e.cluster_time));
                 let share = budget.share(&e);
@@ -256,13 +254,13 @@ pub(crate) async fn read_ahead(
                         }
                     }
                 };
-                (Item::Event(Box::new(e), Some(permit)), false)
+                (Item::Event(e, Some(permit)), false)
             }
-            Ok(None) if cursor.is_closed() => (Item::Closed, true),
-            Ok(None) if cursor.is_finished() => (Item::Finished(cursor.resume_token()), true),
-            Ok(None) => {
+            Ok(Next::Closed) => (Item::Closed, true),
+            Ok(Next::Finished(token)) => (Item::Finished(token), true),
+            Ok(Next::Gap(gap)) => (Item::Gap(gap), false),
+            Ok(Next::Idle(token)) => {
                 // An empty round trip: the position matters only when it moved.
-                let token = cursor.resume_token();
                 progress.saw(token.as_ref().and_then(ResumeToken::cluster_time_hint));
                 if token.is_some() && token == idle_token {
                     (Item::Tick, false)
@@ -271,6 +269,8 @@ pub(crate) async fn read_ahead(
                     (Item::Idle(token), false)
                 }
             }
+            // A kind of news this reader does not know: nothing to hand over.
+            Ok(_) => continue,
             Err(e) => (Item::Failed(e), true),
         };
         // Anything but an event goes out at once: the consumer acts on it with no delay.
@@ -325,17 +325,11 @@ mod tests {
 
     #[async_trait]
     impl ChangeCursor for Endless {
-        async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>> {
+        async fn next(&mut self) -> cdc_core::Result<Next> {
             let i = self.reads.fetch_add(1, Ordering::SeqCst);
-            Ok(Some(event(i, self.size)))
+            Ok(Next::Event(Box::new(event(i, self.size))))
         }
         fn resume_token(&self) -> Option<ResumeToken> {
-            None
-        }
-        fn is_closed(&self) -> bool {
-            false
-        }
-        fn take_gap(&mut self) -> Option<HistoryGap> {
             None
         }
         async fn close(self: Box<Self>) {}

@@ -180,7 +180,7 @@ pub(crate) fn take_param(url: &str, name: &str) -> Result<(String, Option<String
     for pair in fragment_free.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some((key, v)) if key == name => {
-                value = Some(cdc_core::percent_decode(v).ok_or_else(|| {
+                value = Some(cdc_core::support::percent_decode(v).ok_or_else(|| {
                     bad(format!(
                         "the `{name}` parameter is not valid percent-encoded UTF-8"
                     ))

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bson::rawdoc;
 use cdc_core::{
     BoxError, ChangeCursor, ChangeEvent, ChangeSource, CheckpointPolicy, ClusterTime, Dispatcher,
-    ErrorKind, HistoryGap, ResumePoint, ResumeStore, ResumeToken, StartPosition,
+    ErrorKind, HistoryGap, Next, ResumePoint, ResumeStore, ResumeToken, StartPosition,
 };
 use cdc_processor::DocumentProcessor;
 use mockall::{Sequence, mock, predicate::eq};
@@ -22,10 +22,8 @@ mock! {
     Cursor {}
     #[async_trait]
     impl ChangeCursor for Cursor {
-        async fn next(&mut self) -> cdc_core::Result<Option<ChangeEvent>>;
+        async fn next(&mut self) -> cdc_core::Result<Next>;
         fn resume_token(&self) -> Option<ResumeToken>;
-        fn is_closed(&self) -> bool;
-        fn take_gap(&mut self) -> Option<HistoryGap>;
         async fn close(self: Box<Self>);
     }
 }
@@ -102,29 +100,30 @@ fn scripted(steps: Vec<Step>, gap: Option<HistoryGap>) -> MockCursor {
     let state = Arc::new(Mutex::new((
         VecDeque::from(steps),
         None::<ResumeToken>,
-        false,
+        gap,
     )));
     let mut cursor = MockCursor::new();
     let s = Arc::clone(&state);
     cursor.expect_next().returning(move || {
         let mut st = s.lock().unwrap();
+        if let Some(gap) = st.2.take() {
+            return Ok(Next::Gap(gap));
+        }
         match st.0.pop_front() {
             Some(Step::Event(e)) => {
                 st.1 = Some(e.token.clone());
-                Ok(Some(*e))
+                Ok(Next::Event(e))
             }
             Some(Step::Idle(t)) => {
-                st.1 = Some(t);
-                Ok(None)
+                st.1 = Some(t.clone());
+                Ok(Next::Idle(Some(t)))
             }
-            Some(Step::Closed) => {
-                st.2 = true;
-                Ok(None)
-            }
+            Some(Step::Closed) => Ok(Next::Closed),
             Some(Step::Quiet) | None => {
+                let token = st.1.clone();
                 drop(st);
                 std::thread::sleep(Duration::from_millis(5));
-                Ok(None)
+                Ok(Next::Idle(token))
             }
         }
     });
@@ -132,12 +131,6 @@ fn scripted(steps: Vec<Step>, gap: Option<HistoryGap>) -> MockCursor {
     cursor
         .expect_resume_token()
         .returning(move || s.lock().unwrap().1.clone());
-    let s = Arc::clone(&state);
-    cursor
-        .expect_is_closed()
-        .returning(move || s.lock().unwrap().2);
-    let mut gap = gap;
-    cursor.expect_take_gap().returning(move || gap.take());
     cursor.expect_close().returning(|| ());
     cursor
 }

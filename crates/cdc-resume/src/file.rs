@@ -704,7 +704,7 @@ impl LeaseStore for FileStore {
                 let now = crate::memory::now_ms();
                 match read_lease(&path, &lease.stream)? {
                     Some(mut record) if record.is_held_by(&lease, now) => {
-                        record.expires_at_ms = now.saturating_add(cdc_core::ttl_ms(ttl));
+                        record.expires_at_ms = now.saturating_add(cdc_core::support::ttl_ms(ttl));
                         replace_file(&path, &tmp, &dir, encode_lease(&record).as_bytes())
                             .map_err(|e| Error::store(lease.stream.clone(), e))?;
                         Ok(record.lease(&lease.stream))

@@ -149,7 +149,7 @@ impl LeaseStore for MemoryStore {
         let now = now_ms();
         match leases.get_mut(&lease.stream) {
             Some(record) if record.is_held_by(lease, now) => {
-                record.expires_at_ms = now.saturating_add(cdc_core::ttl_ms(ttl));
+                record.expires_at_ms = now.saturating_add(cdc_core::support::ttl_ms(ttl));
                 Ok(record.lease(&lease.stream))
             }
             other => Err(LeaseRecord::fenced(other.as_deref(), lease)),

@@ -529,7 +529,7 @@ impl LeaseStore for MongoStore {
             "lease.expires",
             doc! { "$gt": bson::DateTime::from_millis(now) },
         );
-        let expires = now.saturating_add(cdc_core::ttl_ms(ttl));
+        let expires = now.saturating_add(cdc_core::support::ttl_ms(ttl));
         let r = self
             .coll
             .update_one(

@@ -78,7 +78,7 @@ pub(crate) fn wanted(config: &str) -> Result<Wanted, String> {
     };
     let decode = |v: &str| {
         if url {
-            cdc_core::percent_decode(v)
+            cdc_core::support::percent_decode(v)
                 .ok_or_else(|| format!("`{v}` is not valid percent-encoding"))
         } else {
             Ok(unquote(v))

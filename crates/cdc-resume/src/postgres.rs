@@ -689,7 +689,7 @@ impl LeaseStore for PostgresStore {
             ms = millis("expires_at"),
         );
         let row = client
-            .query_opt(&sql, &[&stream, &owner, &cdc_core::ttl_ms(ttl)])
+            .query_opt(&sql, &[&stream, &owner, &cdc_core::support::ttl_ms(ttl)])
             .await
             .map_err(|e| Error::store(stream, e))?;
         row.map(|r| lease_of(stream, owner, &r)).transpose()
@@ -711,7 +711,7 @@ impl LeaseStore for PostgresStore {
                     &lease.stream,
                     &lease.owner,
                     &token_of(lease),
-                    &cdc_core::ttl_ms(ttl),
+                    &cdc_core::support::ttl_ms(ttl),
                 ],
             )
             .await

@@ -1,5 +1,5 @@
 //! Connection strings fit to show: each client's own parser finds the secrets, which
-//! `cdc_core::redact_secrets` takes out wherever and however they are written.
+//! `cdc_core::support::redact_secrets` takes out wherever and however they are written.
 
 /// What to show for a connection string that could not be checked for secrets.
 fn hidden(text: &str) -> String {
@@ -13,7 +13,7 @@ fn hidden(text: &str) -> String {
 
 fn redact_with(text: &str, secrets: &[String]) -> String {
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    cdc_core::redact_secrets(text, &secrets).unwrap_or_else(|| hidden(text))
+    cdc_core::support::redact_secrets(text, &secrets).unwrap_or_else(|| hidden(text))
 }
 
 /// The values of query parameters named `names` (percent-decoded), which hold secrets
@@ -27,7 +27,9 @@ fn query_values(url: &str, names: &[&str]) -> Vec<String> {
         .split('&')
         .filter_map(|pair| pair.split_once('='))
         .filter(|(key, _)| names.iter().any(|n| key.eq_ignore_ascii_case(n)))
-        .map(|(_, value)| cdc_core::percent_decode(value).unwrap_or_else(|| value.to_owned()))
+        .map(|(_, value)| {
+            cdc_core::support::percent_decode(value).unwrap_or_else(|| value.to_owned())
+        })
         .collect()
 }
 
@@ -117,7 +119,7 @@ mod properties {
     }
 
     fn leaks(shown: &str, secret: &str) -> bool {
-        let decoded = cdc_core::percent_decode(shown).unwrap_or_default();
+        let decoded = cdc_core::support::percent_decode(shown).unwrap_or_default();
         shown.contains(secret) || shown.contains(&encode(secret)) || decoded.contains(secret)
     }
 

@@ -493,7 +493,7 @@ impl LeaseStore for RedisStore {
                 stream,
                 0,
                 &[self.lease_key(stream)],
-                &[owner.to_owned(), cdc_core::ttl_ms(ttl).to_string()],
+                &[owner.to_owned(), cdc_core::support::ttl_ms(ttl).to_string()],
             )
             .await?;
         if reply.first().map(String::as_str) != Some("ok") {
@@ -516,7 +516,7 @@ impl LeaseStore for RedisStore {
                 &[
                     lease.owner.clone(),
                     lease.token.to_string(),
-                    cdc_core::ttl_ms(ttl).to_string(),
+                    cdc_core::support::ttl_ms(ttl).to_string(),
                     "renew".to_owned(),
                 ],
             )

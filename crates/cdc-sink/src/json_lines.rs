@@ -78,7 +78,7 @@ fn encode<'a>(events: impl IntoIterator<Item = &'a ChangeEvent>) -> Result<Vec<u
             .map_err(|e| Error::refused(SERVICE, "the event is not valid BSON", Some(e.into())))?;
         serde_json::to_writer(
             &mut lines,
-            &cdc_core::to_relaxed_json(bson::Bson::Document(doc)),
+            &cdc_core::support::to_relaxed_json(bson::Bson::Document(doc)),
         )
         .map_err(|e| Error::refused(SERVICE, "the event cannot be encoded", Some(e.into())))?;
         lines.push(b'\n');

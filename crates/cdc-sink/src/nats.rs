@@ -409,7 +409,7 @@ impl NatsSink {
                         .map_err(|e| refused("the event is not valid BSON", e.into()))?,
                 );
                 let json = if self.body == Body::RelaxedJson {
-                    cdc_core::to_relaxed_json(doc)
+                    cdc_core::support::to_relaxed_json(doc)
                 } else {
                     doc.into_canonical_extjson()
                 };
@@ -432,7 +432,7 @@ impl NatsSink {
             publish = publish.header("Cdc-Namespace", ns.to_string());
         }
         if let Some(key) = event.document_key() {
-            let key = cdc_core::to_relaxed_json(bson::Bson::Document(
+            let key = cdc_core::support::to_relaxed_json(bson::Bson::Document(
                 bson::Document::try_from(key)
                     .map_err(|e| refused("the document key is not valid BSON", e.into()))?,
             ));

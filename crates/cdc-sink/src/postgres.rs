@@ -214,7 +214,10 @@ impl PostgresSink {
                     let doc = bson::Document::try_from(doc).map_err(|e| {
                         Error::refused(SERVICE, "the document is not valid BSON", Some(e.into()))
                     })?;
-                    Change::Upsert(cdc_core::to_relaxed_json(bson::Bson::Document(doc)), at)
+                    Change::Upsert(
+                        cdc_core::support::to_relaxed_json(bson::Bson::Document(doc)),
+                        at,
+                    )
                 }
                 OperationType::Delete => Change::Delete(at),
                 _ => continue,

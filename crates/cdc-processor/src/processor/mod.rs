@@ -181,7 +181,7 @@ impl DocumentProcessor {
     ///
     /// # Errors
     /// The error that ended the stream: a source, store or handler failure
-    /// ([`Error::Cdc`]), [`Error::Invalidated`] under [`InvalidatePolicy::Stop`],
+    /// ([`Error::Cdc`]), [`Error::Invalidated`] under [`crate::InvalidatePolicy::Stop`],
     /// [`Error::AlreadyRunning`], [`Error::Stopped`] when the processor was already
     /// stopped, [`Error::Build`] for a batch limit out of range.
     pub async fn start(&self, handler: impl IntoHandler) -> Result<()> {
@@ -194,7 +194,7 @@ impl DocumentProcessor {
     /// restarting after retryable failures (transient source errors,
     /// store failures; handler errors are retried in process under
     /// [`crate::Builder::on_handler_error`], never here) with the
-    /// given backoff; [`default_backoff`] is exponential with jitter. The backoff starts
+    /// given backoff; [`crate::default_backoff`] is exponential with jitter. The backoff starts
     /// over after a run that handled at least one event. Fatal errors end it at once;
     /// [`cdc_core::ErrorKind::Persistent`] ones (a store only a person can mend) after
     /// [`cdc_core::PERSISTENT_TRIES`] failed runs in a row.
