@@ -327,19 +327,25 @@ fn layering() -> Result<(), String> {
         &[],
         &["async-nats", "prometheus-client", "clap"],
     )?;
-    // The processor's rooms import each other in one direction only.
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/cdc-processor/src");
-    let graph = modules::graph(&src)?;
-    if let Some(cycle) = modules::cycle(&graph) {
-        return Err(format!(
-            "cdc-processor's modules import each other in a circle: {}",
-            cycle.join(" → ")
-        ));
+    // The processor's and the MongoDB adapter's rooms import each other in one direction
+    // only.
+    for package in ["cdc-processor", "cdc-mongo"] {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../crates")
+            .join(package)
+            .join("src");
+        let graph = modules::graph(&src)?;
+        if let Some(cycle) = modules::cycle(&graph) {
+            return Err(format!(
+                "{package}'s modules import each other in a circle: {}",
+                cycle.join(" → ")
+            ));
+        }
+        println!(
+            "{package}'s {} modules import each other in one direction only",
+            graph.len()
+        );
     }
-    println!(
-        "cdc-processor's {} modules import each other in one direction only",
-        graph.len()
-    );
     Ok(())
 }
 

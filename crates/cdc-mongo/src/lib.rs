@@ -32,20 +32,23 @@
 //! against mongo-sim in `tests/event_stream.rs`.
 
 mod admin;
+mod cursor;
 mod error;
 mod options;
+mod progress;
 mod snapshot;
 mod source;
 mod split;
 mod stream;
 
 pub use admin::{connect, enable_pre_post_images, record_pre_images};
+pub use cursor::{MongoCursor, from_driver_token, to_driver_token};
 pub use error::{Error, Result, classify, redact_uri, server_code, uri_secrets};
 pub use options::{
-    BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions,
+    BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SnapshotMode,
+    SourceOptions,
 };
-pub use snapshot::SnapshotMode;
-pub use source::{MongoCursor, MongoSource, from_driver_token, to_driver_token};
+pub use source::MongoSource;
 pub use stream::{Change, EventStream, IdleStream};
 
 /// Re-export of the driver this crate is built on.

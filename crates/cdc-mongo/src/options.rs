@@ -145,8 +145,8 @@ pub struct SourceOptions {
     /// Whether to append `$changeStreamSplitLargeEvent` (MongoDB 7.0, 6.0.9): events over
     /// 16 MiB then arrive as fragments, which the cursor reassembles into one event.
     pub split_large_events: bool,
-    /// Whether existing documents are read first (see [`crate::SnapshotMode`]).
-    pub snapshot: crate::SnapshotMode,
+    /// Whether existing documents are read first (see [`SnapshotMode`]).
+    pub snapshot: SnapshotMode,
     /// How many chunks of a snapshot are read at once (1: chunks of `snapshot_chunk_docs`
     /// one after the other; more: `_id` ranges from `splitVector` read concurrently).
     pub snapshot_parallelism: usize,
@@ -172,7 +172,7 @@ impl Default for SourceOptions {
             show_expanded_events: false,
             pre_image_policy: PreImagePolicy::Fail,
             history_lost_policy: HistoryLostPolicy::Fail,
-            snapshot: crate::SnapshotMode::Never,
+            snapshot: SnapshotMode::Never,
             snapshot_parallelism: 1,
             snapshot_chunk_docs: 1000,
             split_large_events: false,
@@ -234,9 +234,9 @@ impl SourceOptions {
         self
     }
 
-    /// Reads the existing documents first (see [`crate::SnapshotMode`]).
+    /// Reads the existing documents first (see [`SnapshotMode`]).
     #[must_use]
-    pub fn snapshot(mut self, mode: crate::SnapshotMode) -> Self {
+    pub fn snapshot(mut self, mode: SnapshotMode) -> Self {
         self.snapshot = mode;
         self
     }
@@ -295,4 +295,22 @@ impl SourceOptions {
         self.split_large_events = on;
         self
     }
+}
+
+/// When the processor reads the existing documents before streaming.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SnapshotMode {
+    /// Never: only changes from the start position on (the Go package's behaviour).
+    #[default]
+    Never,
+    /// When the store holds no point: the existing documents, then the stream.
+    Initial,
+    /// As `Initial`, then stop (the stored point then continues the stream later).
+    InitialOnly,
+    /// As `Initial`, and again whenever the stream's position has aged out of the oplog
+    /// (`ChangeStreamHistoryLost`): the documents are read anew, then the stream continues
+    /// from a position taken before that read, so nothing the lost history held is
+    /// missing from what a consumer ends with.
+    WhenNeeded,
 }

@@ -1,0 +1,376 @@
+//! Opening and reading a change stream: what a source and its cursors share (`Inner`),
+//! the driver's stream opened at a position under the source's policies, the cursor that
+//! reads it ([`MongoCursor`]), and token conversion. Both the source and the snapshot use
+//! this module; it uses neither.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use async_trait::async_trait;
+use bson::{Document, RawDocumentBuf, doc};
+use cdc_core::{
+    ChangeCursor, ChangeEvent, ErrorKind, HistoryGap, Next, ResumeToken, StartPosition,
+};
+use mongodb::{
+    Client,
+    change_stream::{ChangeStream, event::ResumeToken as DriverToken},
+    options::{FullDocumentBeforeChangeType, FullDocumentType},
+};
+
+use crate::{
+    error::{Error, Result, classify, server_code},
+    options::{
+        BeforeChange, FullDocument, HistoryLostPolicy, PreImagePolicy, Scope, SourceOptions,
+    },
+    split::{FragmentError, Piece, Reassembler, SPLIT_STAGE},
+};
+
+/// Converts a driver token to ours, keeping its bytes.
+pub fn from_driver_token(token: &DriverToken) -> Option<ResumeToken> {
+    bson::serialize_to_raw_document_buf(token)
+        .ok()
+        .map(ResumeToken::from_raw)
+}
+
+/// Converts our token to the driver's, keeping its bytes.
+pub fn to_driver_token(token: &ResumeToken) -> Option<DriverToken> {
+    bson::deserialize_from_slice(token.as_bytes()).ok()
+}
+
+/// What a source and every cursor it opens share: the client, what is watched and how,
+/// whether pre-images were given up, and the latest snapshot's progress.
+pub(crate) struct Inner {
+    pub(crate) client: Client,
+    pub(crate) scope: Scope,
+    pub(crate) options: SourceOptions,
+    /// Set once a missing pre-image made the source fall back to `Off`.
+    pub(crate) pre_images_off: AtomicBool,
+    /// The progress of the latest snapshot.
+    pub(crate) snapshot: crate::progress::Progress,
+    pub(crate) fallbacks: AtomicU64,
+}
+
+impl Inner {
+    fn before_change(&self) -> BeforeChange {
+        if self.pre_images_off.load(Ordering::Relaxed) {
+            BeforeChange::Off
+        } else {
+            self.options.before_change
+        }
+    }
+
+    fn pipeline(&self) -> Vec<Document> {
+        let mut stages = Vec::with_capacity(self.options.pipeline.len() + 1);
+        if let Some(types) = &self.options.operation_types {
+            let names: Vec<&str> = types.iter().map(|t| t.as_str()).collect();
+            stages.push(doc! { "$match": { "operationType": { "$in": names } } });
+        }
+        stages.extend(self.options.pipeline.iter().cloned());
+        if self.options.split_large_events
+            && !stages.last().is_some_and(|s| s.contains_key(SPLIT_STAGE))
+        {
+            stages.push(doc! { SPLIT_STAGE: {} });
+        }
+        stages
+    }
+
+    pub(crate) async fn open_stream(
+        &self,
+        position: &StartPosition,
+    ) -> Result<ChangeStream<RawDocumentBuf>> {
+        let o = &self.options;
+        let full_document = match o.full_document {
+            FullDocument::Default => None,
+            FullDocument::UpdateLookup => Some(FullDocumentType::UpdateLookup),
+            FullDocument::WhenAvailable => Some(FullDocumentType::WhenAvailable),
+            FullDocument::Required => Some(FullDocumentType::Required),
+        };
+        let before = match self.before_change() {
+            BeforeChange::Off => None,
+            BeforeChange::WhenAvailable => Some(FullDocumentBeforeChangeType::WhenAvailable),
+            BeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
+        };
+        let coll_handle;
+        let db_handle;
+        let watch = match &self.scope {
+            Scope::Collection { db, coll } => {
+                coll_handle = self.client.database(db).collection::<Document>(coll);
+                coll_handle.watch()
+            }
+            Scope::Database(db) => {
+                db_handle = self.client.database(db);
+                db_handle.watch()
+            }
+            Scope::Deployment => self.client.watch(),
+        };
+        let mut watch = watch.pipeline(self.pipeline());
+        if let Some(mode) = full_document {
+            watch = watch.full_document(mode);
+        }
+        if let Some(mode) = before {
+            watch = watch.full_document_before_change(mode);
+        }
+        if let Some(n) = o.batch_size {
+            watch = watch.batch_size(n);
+        }
+        if let Some(d) = o.max_await_time {
+            watch = watch.max_await_time(d);
+        }
+        if let Some(criteria) = &o.read_preference {
+            watch = watch.selection_criteria(criteria.clone());
+        }
+        if o.show_expanded_events {
+            watch = watch.show_expanded_events(true);
+        }
+        let watch = match position {
+            StartPosition::Now => watch,
+            StartPosition::ResumeAfter(t) => {
+                watch.resume_after(to_driver_token(t).ok_or_else(|| bad_token(t))?)
+            }
+            StartPosition::StartAfter(t) => {
+                watch.start_after(to_driver_token(t).ok_or_else(|| bad_token(t))?)
+            }
+            StartPosition::AtOperationTime(ct) => watch.start_at_operation_time(ct.to_timestamp()),
+            other => {
+                return Err(Error::Decode(cdc_core::Error::InvalidArgument {
+                    name: "position",
+                    reason: format!("unsupported start position {other:?}"),
+                }));
+            }
+        };
+        let stream = watch
+            .await
+            .map_err(|e| Error::driver("open change stream", e))?;
+        Ok(stream.with_type::<RawDocumentBuf>())
+    }
+
+    pub(crate) fn fall_back_from_pre_images(&self) -> bool {
+        if self.options.pre_image_policy != PreImagePolicy::FallBackToOff
+            || self.before_change() == BeforeChange::Off
+        {
+            return false;
+        }
+        self.pre_images_off.store(true, Ordering::Relaxed);
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            scope = %self.scope,
+            "a required pre-image is missing: reopening with fullDocumentBeforeChange off for the life of this source"
+        );
+        true
+    }
+}
+
+fn bad_token(t: &ResumeToken) -> Error {
+    Error::Decode(cdc_core::Error::InvalidArgument {
+        name: "position",
+        reason: format!("resume token {t} is not a BSON document the driver accepts"),
+    })
+}
+
+pub(crate) fn position_time(position: &StartPosition) -> Option<cdc_core::ClusterTime> {
+    match position {
+        StartPosition::AtOperationTime(t) => Some(*t),
+        other => other.token().and_then(ResumeToken::cluster_time_hint),
+    }
+}
+
+/// Opens the change stream at `position`, under the source's pre-image and history-lost
+/// policies.
+pub(crate) async fn open_cursor(
+    inner: &Arc<Inner>,
+    position: &StartPosition,
+) -> cdc_core::Result<Box<dyn ChangeCursor>> {
+    loop {
+        match inner.open_stream(position).await {
+            Ok(stream) => {
+                return Ok(Box::new(MongoCursor::new(stream, inner, position)));
+            }
+            Err(e)
+                if e.kind() == ErrorKind::PreImageMissing && inner.fall_back_from_pre_images() =>
+            {
+                continue;
+            }
+            Err(e)
+                if e.kind() == ErrorKind::HistoryLost
+                    && inner.options.history_lost_policy == HistoryLostPolicy::RestartFromNow =>
+            {
+                let stream = inner.open_stream(&StartPosition::Now).await?;
+                let mut cursor = MongoCursor::new(stream, inner, &StartPosition::Now);
+                cursor.record_gap(position_time(position));
+                return Ok(Box::new(cursor));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// An open stream of a [`crate::MongoSource`].
+pub struct MongoCursor {
+    stream: ChangeStream<RawDocumentBuf>,
+    inner: Arc<Inner>,
+    gap: Option<HistoryGap>,
+    /// Fragments of a split event read so far.
+    split: Reassembler,
+    /// Resumed in the middle of a split event: reopened at its cluster time, events are
+    /// skipped until the one holding this fragment token is whole.
+    seek: Option<RawDocumentBuf>,
+    /// The position after the last event delivered, or the last empty round's token:
+    /// what `resume_token` reports while a split event is half-read (or sought), so no
+    /// checkpoint falls between its fragments.
+    boundary: Option<ResumeToken>,
+}
+
+impl std::fmt::Debug for MongoCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoCursor")
+            .field("scope", &self.inner.scope)
+            .field("alive", &self.stream.is_alive())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MongoCursor {
+    fn new(
+        stream: ChangeStream<RawDocumentBuf>,
+        inner: &Arc<Inner>,
+        position: &StartPosition,
+    ) -> Self {
+        let boundary = position
+            .token()
+            .cloned()
+            .or_else(|| stream.resume_token().as_ref().and_then(from_driver_token));
+        Self {
+            stream,
+            inner: Arc::clone(inner),
+            gap: None,
+            split: Reassembler::new(),
+            seek: None,
+            boundary,
+        }
+    }
+
+    /// The stream began after fragment `id` of a split event: reopen at that event's
+    /// cluster time and deliver it whole once its fragments are read again.
+    async fn seek_event_start(&mut self, id: RawDocumentBuf) -> cdc_core::Result<()> {
+        let token = ResumeToken::from_raw(id.clone());
+        let Some(time) = token.cluster_time_hint() else {
+            return Err(Error::SplitEvent(format!(
+                "resumed in the middle of a split event (after fragment token {token}) whose cluster time cannot be read from the token"
+            ))
+            .into());
+        };
+        tracing::info!(scope = %self.inner.scope, %token, "resumed in the middle of a split event: reading it again from its start");
+        self.stream = self
+            .inner
+            .open_stream(&StartPosition::AtOperationTime(time))
+            .await?;
+        self.split.reset();
+        self.seek = Some(id);
+        Ok(())
+    }
+
+    fn record_gap(&mut self, after: Option<cdc_core::ClusterTime>) {
+        let resumed_at = self
+            .stream
+            .resume_token()
+            .as_ref()
+            .and_then(from_driver_token)
+            .and_then(|t| t.cluster_time_hint());
+        let gap = HistoryGap::new(after, resumed_at);
+        tracing::error!(scope = %self.inner.scope, %gap, "change stream history lost: restarted from now as configured");
+        self.gap = Some(gap);
+    }
+
+    fn position(&self) -> Option<StartPosition> {
+        self.resume_token().map(StartPosition::ResumeAfter)
+    }
+}
+
+#[async_trait]
+impl ChangeCursor for MongoCursor {
+    async fn next(&mut self) -> cdc_core::Result<Next> {
+        if let Some(gap) = self.gap.take() {
+            return Ok(Next::Gap(gap));
+        }
+        loop {
+            match self.stream.next_if_any().await {
+                Ok(Some(raw)) => {
+                    let raw = match self.split.take(raw) {
+                        Ok(Piece::Whole(raw)) => raw,
+                        Ok(Piece::Partial) => continue,
+                        Err(FragmentError::StartsMidEvent { id, .. }) if self.seek.is_none() => {
+                            self.seek_event_start(id).await?;
+                            continue;
+                        }
+                        Err(e) => return Err(Error::SplitEvent(format!("{e:?}")).into()),
+                    };
+                    if let Some(target) = &self.seek {
+                        // Before the event the stream resumed inside: already delivered.
+                        if !self.split.fragment_ids().contains(target) {
+                            continue;
+                        }
+                        self.seek = None;
+                    }
+                    let event = ChangeEvent::from_raw_buf(raw).map_err(Error::Decode)?;
+                    self.boundary = Some(event.token.clone());
+                    return Ok(Next::Event(Box::new(event)));
+                }
+                // Half-way through a split event the rest is on its way: keep reading.
+                Ok(None) if self.split.in_progress() || self.seek.is_some() => continue,
+                Ok(None) if !self.stream.is_alive() => return Ok(Next::Closed),
+                Ok(None) => {
+                    self.boundary = self
+                        .stream
+                        .resume_token()
+                        .as_ref()
+                        .and_then(from_driver_token);
+                    return Ok(Next::Idle(self.boundary.clone()));
+                }
+                Err(e) if server_code(&e) == Some(10334) => {
+                    return Err(Error::EventTooLarge(e).into());
+                }
+                Err(e) => {
+                    self.split.reset();
+                    let kind = classify(&e);
+                    if kind == ErrorKind::PreImageMissing
+                        && let Some(position) = self.position()
+                        && self.inner.fall_back_from_pre_images()
+                    {
+                        self.stream = self.inner.open_stream(&position).await?;
+                        continue;
+                    }
+                    if kind == ErrorKind::HistoryLost
+                        && self.inner.options.history_lost_policy
+                            == HistoryLostPolicy::RestartFromNow
+                    {
+                        let after = self.position().as_ref().and_then(position_time);
+                        self.stream = self.inner.open_stream(&StartPosition::Now).await?;
+                        self.record_gap(after);
+                        if let Some(gap) = self.gap.take() {
+                            return Ok(Next::Gap(gap));
+                        }
+                        continue;
+                    }
+                    return Err(Error::driver("read change stream", e).into());
+                }
+            }
+        }
+    }
+
+    fn resume_token(&self) -> Option<ResumeToken> {
+        // Never a position inside a split event.
+        if self.split.in_progress() || self.seek.is_some() {
+            return self.boundary.clone();
+        }
+        self.stream
+            .resume_token()
+            .as_ref()
+            .and_then(from_driver_token)
+    }
+
+    async fn close(self: Box<Self>) {
+        drop(self.stream);
+    }
+}
