@@ -459,56 +459,6 @@ async fn two_instances_with_a_lease_one_handles_the_other_takes_over() {
     assert!(children[other].0.wait().await.unwrap().success());
 }
 
-/// `cdc` runs with glibc's malloc tuned (it executes itself again with the settings, as
-/// the same process), unless told not to or given its own settings.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[tokio::test]
-async fn cdc_runs_with_its_malloc_settings() {
-    let sim = mongo_sim::MongoSim::start().await.unwrap();
-    let d = dir("malloc");
-    let config = write_config(&d, &sim.uri(), "[sink]\ntype = \"stdout\"\n");
-    for (extra, expected) in [
-        (None, Some("131072")),
-        (Some(("CDC_NO_MALLOC_TUNING", "1")), None),
-        (Some(("MALLOC_MMAP_THRESHOLD_", "65536")), Some("65536")),
-    ] {
-        let mut cmd = cdc(&config, &["run"]);
-        if let Some((k, v)) = extra {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let pid = child.id().unwrap();
-        // Running (its signal handlers installed) once it logs that it starts.
-        let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
-        while let Some(line) = tokio::time::timeout(Duration::from_secs(30), err.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            if line.contains("starting") {
-                break;
-            }
-        }
-        // The environment of the process as it runs now (after its exec).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let environ = loop {
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let text = String::from_utf8_lossy(&env).into_owned();
-            let settled = text.contains("MALLOC_ARENA_MAX=") || extra.is_some();
-            if settled || tokio::time::Instant::now() > deadline {
-                break text;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let threshold = environ
-            .split('\0')
-            .find_map(|kv| kv.strip_prefix("MALLOC_MMAP_THRESHOLD_="));
-        assert_eq!(threshold, expected, "{extra:?}");
-        terminate(&child);
-        assert!(child.wait().await.unwrap().success(), "{extra:?}");
-    }
-}
-
 #[tokio::test]
 async fn every_command_has_complete_help() {
     for args in [

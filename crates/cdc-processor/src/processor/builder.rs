@@ -476,8 +476,9 @@ impl Builder {
     /// The process's resident memory is about this bound plus its baseline (~14 MiB) and
     /// the allocator's overhead. With large documents glibc's malloc keeps freed buffers
     /// in per-thread arenas (measured with 1 MiB documents and a 64 MiB bound: about
-    /// 150 MiB of RSS); with mimalloc as the global allocator (what the `cdc` program
-    /// uses) it stays close to the bound (README, benchmark row 12c).
+    /// 150 MiB of RSS); with jemalloc built to return freed memory at once (what the `cdc`
+    /// program uses: `.cargo/config.toml`) it stays close to the bound (README, benchmark
+    /// row 12c).
     #[must_use]
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
         self.max_buffered_bytes = bytes;

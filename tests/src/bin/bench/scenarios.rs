@@ -696,7 +696,7 @@ async fn large_documents_memory(
             .await?;
     }
     // glibc raises its mmap threshold after freeing large blocks, then keeps later ones in
-    // its arenas (what the `cdc` program's settings avoid, row 12c).
+    // its arenas (what the `cdc` program's allocator avoids, row 12c).
     let env: &[(&str, &str)] = &[];
     let (docs, budget, token) = (
         docs.to_string(),
@@ -725,8 +725,8 @@ async fn large_documents_memory(
     peak_mib(&words?)
 }
 
-/// Peak RSS of the `cdc` program itself (built beside this one, with its own malloc
-/// settings: `crates/cdc-cli/src/main.rs`) while it writes `docs` changes of 1 MiB documents to standard output, read
+/// Peak RSS of the `cdc` program itself (built beside this one, with its own allocator:
+/// `crates/cdc-cli/src/main.rs`) while it writes `docs` changes of 1 MiB documents to standard output, read
 /// by this process at 5 ms per change (so its read-ahead fills up to `budget_mib`).
 async fn cdc_program_memory(
     uri: &str,
@@ -1277,7 +1277,7 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
     }
     if want("12") || want("12c") {
         let budget = 64;
-        // First the `cdc` program itself (its malloc settings), then the library on glibc's
+        // First the `cdc` program itself (its allocator), then the library on glibc's
         // default malloc.
         let program = cdc_program_memory(&uri, &client, 300, budget).await?;
         println!(
@@ -1286,7 +1286,7 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
         );
         rows.push(row(
             "12c",
-            format!("peak RSS of the `cdc` program as it runs (MALLOC_MMAP_THRESHOLD_=131072, MALLOC_ARENA_MAX=2), 300 documents of 1 MiB to stdout read at 5 ms per change, max_buffered_bytes {budget} MiB"),
+            format!("peak RSS of the `cdc` program as it runs (jemalloc: decay 0, 2 arenas), 300 documents of 1 MiB to stdout read at 5 ms per change, max_buffered_bytes {budget} MiB"),
             "MiB",
             vec![program],
         ));
