@@ -221,29 +221,23 @@ impl CliSink {
         ctx: Option<&HandlerContext>,
     ) -> Result<(), BoxError> {
         let started = Instant::now();
-        let result = match &self.inner {
-            SinkImpl::Stdout(s) => match s.write_events(events.iter().copied()) {
-                Err(cdc_sink::Error::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                    // Nobody reads the lines any more: the batch is not acknowledged
-                    // (waited on as an outage, never skipped), and `run` stops.
-                    self.closed.notify_one();
-                    Err(
-                        cdc_core::Error::unavailable("standard output (the pipe was closed)", e)
-                            .into(),
-                    )
-                }
-                other => other.map_err(cdc_sink::Error::into_handler_error),
-            },
-            SinkImpl::Nats(s, _) => s
-                .publish_events(events)
-                .await
-                .map_err(cdc_sink::Error::into_handler_error),
+        let written = match &self.inner {
+            SinkImpl::Stdout(s) => s.write_events(events.iter().copied()),
+            SinkImpl::Nats(s, _) => s.publish_events(events).await,
             SinkImpl::Postgres(s) => match ctx.and_then(HandlerContext::lease) {
                 Some(lease) => s.write_events_fenced(lease, events.iter().copied()).await,
                 None => s.write_events(events.iter().copied()).await,
-            }
-            .map_err(cdc_sink::Error::into_handler_error),
+            },
         };
+        let result = written.map_err(|e| match e {
+            // Standard output closed: nobody reads the lines any more. The batch is not
+            // acknowledged (waited on as an outage, never skipped), and `run` stops.
+            cdc_sink::Error::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed.notify_one();
+                cdc_core::Error::unavailable("standard output (the pipe was closed)", e).into()
+            }
+            e => e.into_handler_error(),
+        });
         self.metrics.sink_batch(started.elapsed(), result.is_ok());
         self.failing.store(result.is_err(), Ordering::Relaxed);
         if let SinkImpl::Nats(s, _) = &self.inner {

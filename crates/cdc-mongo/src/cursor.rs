@@ -198,7 +198,7 @@ pub(crate) async fn open_cursor(
             {
                 let stream = inner.open_stream(&StartPosition::Now).await?;
                 let mut cursor = MongoCursor::new(stream, inner, &StartPosition::Now);
-                cursor.record_gap(position_time(position));
+                cursor.gap = Some(cursor.gap_since(position_time(position)));
                 return Ok(Box::new(cursor));
             }
             Err(e) => return Err(e.into()),
@@ -210,6 +210,7 @@ pub(crate) async fn open_cursor(
 pub struct MongoCursor {
     stream: ChangeStream<RawDocumentBuf>,
     inner: Arc<Inner>,
+    /// A gap found while opening (restarted from now), reported by the first `next`.
     gap: Option<HistoryGap>,
     /// Fragments of a split event read so far.
     split: Reassembler,
@@ -271,7 +272,9 @@ impl MongoCursor {
         Ok(())
     }
 
-    fn record_gap(&mut self, after: Option<cdc_core::ClusterTime>) {
+    /// The history skipped by restarting from now, after `after`: logged, and returned to
+    /// be reported.
+    fn gap_since(&self, after: Option<cdc_core::ClusterTime>) -> HistoryGap {
         let resumed_at = self
             .stream
             .resume_token()
@@ -280,7 +283,7 @@ impl MongoCursor {
             .and_then(|t| t.cluster_time_hint());
         let gap = HistoryGap::new(after, resumed_at);
         tracing::error!(scope = %self.inner.scope, %gap, "change stream history lost: restarted from now as configured");
-        self.gap = Some(gap);
+        gap
     }
 
     fn position(&self) -> Option<StartPosition> {
@@ -347,11 +350,7 @@ impl ChangeCursor for MongoCursor {
                     {
                         let after = self.position().as_ref().and_then(position_time);
                         self.stream = self.inner.open_stream(&StartPosition::Now).await?;
-                        self.record_gap(after);
-                        if let Some(gap) = self.gap.take() {
-                            return Ok(Next::Gap(gap));
-                        }
-                        continue;
+                        return Ok(Next::Gap(self.gap_since(after)));
                     }
                     return Err(Error::driver("read change stream", e).into());
                 }

@@ -147,3 +147,16 @@ pub enum BuildError {
         reason: &'static str,
     },
 }
+
+impl BuildError {
+    /// Refuses the first of `bounds` that is 0, named as its setter spells it.
+    pub(crate) fn at_least_one(bounds: &[(&'static str, usize)]) -> Result<(), Self> {
+        match bounds.iter().find(|(_, value)| *value == 0) {
+            Some((setting, _)) => Err(Self::Invalid {
+                setting,
+                reason: "must be at least 1".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+}

@@ -113,17 +113,10 @@ impl<D: cdc_core::Dispatcher + 'static> IntoHandler for D {
 
 impl<B: BatchDispatcher + 'static> IntoHandler for Batches<B> {
     fn into_handler(self) -> Result<HandlerSpec, BuildError> {
-        for (setting, value) in [
+        BuildError::at_least_one(&[
             ("max_events", self.limits.max_events),
             ("max_bytes", self.limits.max_bytes),
-        ] {
-            if value == 0 {
-                return Err(BuildError::Invalid {
-                    setting,
-                    reason: "a batch limit must be at least 1".into(),
-                });
-            }
-        }
+        ])?;
         Ok(HandlerSpec(Handler::Batch(
             Arc::new(self.handler),
             self.limits,

@@ -19,7 +19,7 @@ use cdc_core::{Lease, LeaseStore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Result, stats::Stats};
+use crate::{Result, stats::Counters};
 
 /// How a processor holds its stream's lease.
 #[derive(Clone)]
@@ -69,7 +69,7 @@ pub(crate) struct LeaseKeeper {
     settings: LeaseSettings,
     stream: String,
     held: Arc<Held>,
-    stats: Arc<Mutex<Stats>>,
+    stats: Arc<Counters>,
 }
 
 impl LeaseKeeper {
@@ -77,7 +77,7 @@ impl LeaseKeeper {
         settings: LeaseSettings,
         stream: String,
         held: Arc<Held>,
-        stats: Arc<Mutex<Stats>>,
+        stats: Arc<Counters>,
     ) -> Self {
         Self {
             settings,
@@ -85,11 +85,6 @@ impl LeaseKeeper {
             held,
             stats,
         }
-    }
-
-    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
-        // Plain counters: a panic while holding the lock cannot break them.
-        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Every third of the TTL (at least 10 ms): how often a standby asks, and a holder
@@ -113,7 +108,7 @@ impl LeaseKeeper {
                 Ok(Some(lease)) => {
                     tracing::info!(owner = %lease.owner, token = lease.token, "lease acquired: handling the stream");
                     self.held.set(Some(lease.clone()));
-                    let mut stats = self.stats();
+                    let mut stats = self.stats.lock();
                     stats.lease_token = Some(lease.token);
                     stats.standby = false;
                     stats.leases_acquired += 1;
@@ -127,7 +122,7 @@ impl LeaseKeeper {
                             token = holder.as_ref().map(|h| h.token),
                             "standby: another instance holds the lease"
                         );
-                        self.stats().standby = true;
+                        self.stats.lock().standby = true;
                         waiting = true;
                     }
                 }
@@ -193,7 +188,7 @@ impl LeaseKeeper {
     pub(crate) async fn release(&self, result: &Result<()>) {
         let held = self.held.get();
         self.held.set(None);
-        self.stats().lease_token = None;
+        self.stats.lock().lease_token = None;
         let lost = matches!(result, Err(e) if e.kind() == cdc_core::ErrorKind::Fenced);
         if let Some(lease) = held
             && !lost
@@ -233,11 +228,8 @@ mod tests {
     /// The store's calls, each with when it came (since the test's start).
     type Log = Arc<Mutex<Vec<(&'static str, Duration)>>>;
 
-    fn keeper(store: MockLeases) -> (LeaseKeeper, Arc<Held>, Arc<Mutex<Stats>>) {
-        let (held, stats) = (
-            Arc::new(Held::default()),
-            Arc::new(Mutex::new(Stats::default())),
-        );
+    fn keeper(store: MockLeases) -> (LeaseKeeper, Arc<Held>, Arc<Counters>) {
+        let (held, stats) = (Arc::new(Held::default()), Arc::<Counters>::default());
         let settings = LeaseSettings {
             store: Arc::new(store),
             ttl: TTL,
@@ -302,7 +294,7 @@ mod tests {
         );
         assert_eq!((lease.token, asked), (7, t0 + 2 * THIRD));
         assert_eq!(held.get().map(|l| l.token), Some(7));
-        let stats = stats.lock().unwrap();
+        let stats = stats.lock();
         assert_eq!(
             (stats.standby, stats.lease_token, stats.leases_acquired),
             (false, Some(7), 1)
@@ -439,10 +431,10 @@ mod tests {
             .returning(|_| Ok(()));
         let (keeper, held, stats) = keeper(store);
         held.set(Some(Lease::new("s", "me", 7, 0)));
-        stats.lock().unwrap().lease_token = Some(7);
+        stats.lock().lease_token = Some(7);
         keeper.release(&Ok(())).await;
         assert!(held.get().is_none());
-        assert_eq!(stats.lock().unwrap().lease_token, None);
+        assert_eq!(stats.lock().lease_token, None);
 
         let mut store = MockLeases::new();
         store.expect_release().times(0);

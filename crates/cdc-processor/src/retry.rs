@@ -1,16 +1,12 @@
 //! The retry loop: runs the processor again after retryable failures, with a backoff the
 //! caller chooses.
 
-use std::{
-    future::Future,
-    sync::{Mutex, PoisonError},
-    time::Duration,
-};
+use std::{future::Future, time::Duration};
 
 use backon::BackoffBuilder;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Result, stats::Stats};
+use crate::{Result, stats::Counters};
 
 /// Runs `run` again after retryable failures, waiting the delays of `backoff` between
 /// runs; the backoff starts over after a run that handled at least one event (counted in
@@ -21,7 +17,7 @@ pub(crate) async fn restart_loop<B, F, Fut>(
     backoff: B,
     stream: &str,
     cancel: &CancellationToken,
-    stats: &Mutex<Stats>,
+    stats: &Counters,
     mut run: F,
 ) -> Result<()>
 where
@@ -29,13 +25,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    // Plain counters: a panic while holding the lock cannot break them.
-    let stats = || stats.lock().unwrap_or_else(PoisonError::into_inner);
     let mut delays = backoff.clone().build();
     // Failed runs in a row with a persistent error.
     let mut persistent = 0_u32;
     loop {
-        let before = stats().events;
+        let before = stats.lock().events;
         let err = match run().await {
             Ok(()) => return Ok(()),
             Err(e) => e,
@@ -48,7 +42,7 @@ where
         if cancel.is_cancelled() {
             return Ok(());
         }
-        if stats().events > before {
+        if stats.lock().events > before {
             delays = backoff.clone().build();
             persistent = 0;
         }
@@ -64,7 +58,7 @@ where
         let Some(delay) = delays.next() else {
             return Err(err);
         };
-        stats().restarts += 1;
+        stats.lock().restarts += 1;
         tracing::warn!(%stream, error = %err, ?delay, "restarting after a failure");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}

@@ -10,7 +10,7 @@ use cdc_core::{
 };
 use tokio::sync::mpsc;
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicU32};
+use std::sync::{Arc, atomic::AtomicU32};
 
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +25,7 @@ use crate::{
     reader::{Budget, HANDOFF, Item, read_ahead},
     reader::{Progress, Requests},
     settings::{InvalidatePolicy, Settings},
-    stats::Stats,
+    stats::Counters,
 };
 
 /// What became of one item: carry on (at this instant), or the stream ended.
@@ -47,7 +47,7 @@ pub(crate) enum Outcome {
 /// handler-error policy, the snapshot requests, the lease held now and what the reader saw.
 pub(crate) struct Shared {
     pub(crate) cancel: CancellationToken,
-    pub(crate) stats: Arc<Mutex<Stats>>,
+    pub(crate) stats: Arc<Counters>,
     /// Runs started (the attempt number handlers see).
     pub(crate) attempts: AtomicU32,
     pub(crate) poison: Arc<Poison>,
@@ -57,13 +57,6 @@ pub(crate) struct Shared {
     pub(crate) held: Arc<Held>,
     /// What the cursor reader saw.
     pub(crate) progress: Arc<Progress>,
-}
-
-impl Shared {
-    pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {
-        // Stats are plain counters: a panic while holding the lock cannot break them.
-        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 /// One run of a processor: opens the stream where the store says, hands every event to
@@ -119,7 +112,7 @@ impl RunLoop<'_> {
             Err(e) => return Err(e),
         }
         cp.confirm(&point, Instant::now());
-        let mut stats = self.shared.stats_mut();
+        let mut stats = self.shared.stats.lock();
         stats.checkpoints += 1;
         stats.last_checkpoint = Some(point.cluster_time);
         stats.last_checkpoint_at = Some(std::time::SystemTime::now());
@@ -190,7 +183,7 @@ impl RunLoop<'_> {
                 .into());
             }
         }
-        self.shared.stats_mut().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
+        self.shared.stats.lock().last_checkpoint = stored.as_ref().map(|p| p.cluster_time);
         self.shared.poison.load_parked().await?;
         let mut cp = Checkpointer::new(self.policy_for(handler), stored.clone(), Instant::now());
         let mut position = match (&stored, &s.initial_position) {
@@ -303,7 +296,7 @@ impl RunLoop<'_> {
                     self.flush(&mut cp).await?;
                     cp.reset_outstanding();
                     position = cp.resume_position();
-                    self.shared.stats_mut().reopens += 1;
+                    self.shared.stats.lock().reopens += 1;
                     tracing::info!(?position, "the stream was closed by the server: reopening");
                 }
                 Err(e) if e.kind() == ErrorKind::HistoryLost && s.resnapshot => {
@@ -312,7 +305,7 @@ impl RunLoop<'_> {
                     self.flush(&mut cp).await?;
                     cp.reset_outstanding();
                     position = StartPosition::Now;
-                    self.shared.stats_mut().reopens += 1;
+                    self.shared.stats.lock().reopens += 1;
                     tracing::error!(error = %e, "the stream's history is lost: reading the documents anew (snapshot when needed)");
                 }
                 Err(e) => {
@@ -708,13 +701,13 @@ impl RunLoop<'_> {
     /// A history gap the source skipped (restart-from-now policy): logged and kept.
     fn gap(&self, gap: cdc_core::HistoryGap) {
         tracing::error!(%gap, "events were lost to oplog rollover (restart-from-now policy)");
-        self.shared.stats_mut().last_gap = Some(gap);
+        self.shared.stats.lock().last_gap = Some(gap);
     }
 
     /// Counts events the handler-error policy skipped or dead-lettered.
     fn tally(&self, tally: Tally) {
         if tally != Tally::default() {
-            let mut stats = self.shared.stats_mut();
+            let mut stats = self.shared.stats.lock();
             stats.skipped_events += tally.skipped;
             stats.dead_letters += tally.dead_lettered;
         }
@@ -722,7 +715,7 @@ impl RunLoop<'_> {
 
     /// Counts a handled event (one lock, no allocation once its type has been seen).
     fn count(&self, event: &ChangeEvent, cp: &Checkpointer) {
-        let mut stats = self.shared.stats_mut();
+        let mut stats = self.shared.stats.lock();
         stats.events += 1;
         let kind = event.operation_type.as_str();
         match stats.events_by_type.get_mut(kind) {

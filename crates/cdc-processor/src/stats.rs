@@ -65,3 +65,18 @@ impl Stats {
         }
     }
 }
+
+/// A processor's live counters, shared by its handle and its parts (run loop, lease
+/// keeper, restart loop).
+#[derive(Debug, Default)]
+pub(crate) struct Counters(std::sync::Mutex<Stats>);
+
+impl Counters {
+    /// The counters, locked. Plain counters: a panic while holding the lock cannot break
+    /// them, so a poisoned lock is used as it is.
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -22,6 +22,13 @@ fn watch(client: &cdc_processor::mongodb::Client) -> Watch {
     Watch::collection(client.clone(), "shop", "orders")
 }
 
+/// A builder with nothing to refuse: a watch and a store.
+fn valid(c: &cdc_processor::mongodb::Client, store: &Arc<MemoryStore>) -> Builder {
+    DocumentProcessor::builder()
+        .source(watch(c))
+        .store(store.clone())
+}
+
 fn at() -> StartPosition {
     StartPosition::AtOperationTime(ClusterTime::new(1_700_000_000, 1))
 }
@@ -30,11 +37,7 @@ fn at() -> StartPosition {
 async fn every_contradiction_is_a_typed_error_naming_both_settings() {
     let c = client().await;
     let store = Arc::new(MemoryStore::new());
-    let base = || {
-        DocumentProcessor::builder()
-            .source(watch(&c))
-            .store(store.clone())
-    };
+    let base = || valid(&c, &store);
     type Case<'a> = (
         &'a str,
         Box<dyn Fn() -> Builder + 'a>,
@@ -150,11 +153,7 @@ async fn every_contradiction_is_a_typed_error_naming_both_settings() {
 async fn out_of_range_settings_are_named() {
     let c = client().await;
     let store = Arc::new(MemoryStore::new());
-    let base = || {
-        DocumentProcessor::builder()
-            .source(watch(&c))
-            .store(store.clone())
-    };
+    let base = || valid(&c, &store);
     let invalid = |b: Builder| match b.build() {
         Err(Error::Build(BuildError::Invalid { setting, .. })) => setting,
         other => panic!("expected an invalid setting, got {other:?}"),

@@ -25,7 +25,7 @@ pub(crate) struct SnapshotPosition {
     pub(crate) single: bool,
 }
 
-pub(crate) const FIELD: &str = "_snapshot";
+const FIELD: &str = "_snapshot";
 
 impl SnapshotPosition {
     /// The snapshot position a stored token holds, if it is one.

@@ -226,15 +226,7 @@ impl Storage {
     where
         S: ResumeStore + LeaseStore + DeadLetterStore + 'static,
     {
-        Leased(Self {
-            points: store.clone(),
-            dead_letters: Some(store.clone()),
-            lease: Some(LeaseSpec {
-                store,
-                ttl,
-                owner: None,
-            }),
-        })
+        Self::leased_stores(&crate::stores::Stores::one(store), ttl)
     }
 
     /// [`Storage::leased`] with a store opened by URL ([`crate::stores::open`]): points,
@@ -520,18 +512,11 @@ impl Builder {
     }
 
     fn check(self) -> std::result::Result<DocumentProcessor, BuildError> {
-        for (setting, value) in [
+        BuildError::at_least_one(&[
             ("concurrency", self.concurrency),
             ("prefetch", self.prefetch),
             ("max_buffered_bytes", self.max_buffered_bytes),
-        ] {
-            if value == 0 {
-                return Err(BuildError::Invalid {
-                    setting,
-                    reason: "must be at least 1".into(),
-                });
-            }
-        }
+        ])?;
         let storage = self.storage.ok_or(BuildError::Missing {
             setting: "store",
             hint: "call .store(…) with a resume store",

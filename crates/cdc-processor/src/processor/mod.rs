@@ -6,7 +6,7 @@
 mod builder;
 
 use std::sync::{
-    Arc, Mutex,
+    Arc,
     atomic::{AtomicBool, AtomicU32, Ordering},
 };
 
@@ -91,7 +91,7 @@ impl DocumentProcessor {
         ));
         let shared = Shared {
             cancel: CancellationToken::new(),
-            stats: Arc::new(Mutex::new(Stats::default())),
+            stats: Arc::default(),
             attempts: AtomicU32::new(0),
             poison,
             requests: Arc::new(Requests::new()),
@@ -120,7 +120,7 @@ impl DocumentProcessor {
 
     /// A snapshot of the processor's counters and positions.
     pub fn stats(&self) -> Stats {
-        let mut stats = self.inner.shared.stats_mut().clone();
+        let mut stats = self.inner.shared.stats.lock().clone();
         stats.snapshot = self.inner.settings.source.snapshot_progress();
         let progress = &self.inner.shared.progress;
         stats.read_events = progress.read.load(Ordering::Relaxed);
@@ -185,9 +185,8 @@ impl DocumentProcessor {
     /// [`Error::AlreadyRunning`], [`Error::Stopped`] when the processor was already
     /// stopped, [`Error::Build`] for a batch limit out of range.
     pub async fn start(&self, handler: impl IntoHandler) -> Result<()> {
-        self.not_stopped()?;
-        let handler = handler.into_handler().map_err(Error::Build)?;
-        self.run_guarded(&handler.0).await
+        let handler = self.runnable(handler)?;
+        self.run_guarded(&handler).await
     }
 
     /// [`DocumentProcessor::start`] (with either kind of handler) until stopped,
@@ -211,15 +210,14 @@ impl DocumentProcessor {
     where
         B: BackoffBuilder + Clone,
     {
-        self.not_stopped()?;
-        let handler = handler.into_handler().map_err(Error::Build)?;
+        let handler = self.runnable(handler)?;
         let shared = &self.inner.shared;
         restart_loop(
             backoff,
             self.stream_id(),
             &shared.cancel,
             &shared.stats,
-            || self.run_guarded(&handler.0),
+            || self.run_guarded(&handler),
         )
         .await
     }
@@ -302,12 +300,13 @@ impl DocumentProcessor {
             }))
     }
 
-    /// [`Error::Stopped`] once `stop()` was called: a processor runs once.
-    fn not_stopped(&self) -> Result<()> {
+    /// The handler `start` and `start_with_retry` run: [`Error::Stopped`] once `stop()`
+    /// was called (a processor runs once), [`Error::Build`] for a limit out of range.
+    fn runnable(&self, handler: impl IntoHandler) -> Result<Handler> {
         if self.inner.shared.cancel.is_cancelled() {
             return Err(Error::Stopped(self.stream_id().to_owned()));
         }
-        Ok(())
+        Ok(handler.into_handler()?.0)
     }
 
     /// One run (holding the lease first, with a leased store), guarded against a second
@@ -331,7 +330,7 @@ impl DocumentProcessor {
                 ),
             });
         if let Err(e) = &result {
-            shared.stats_mut().last_error = Some(e.to_string());
+            shared.stats.lock().last_error = Some(e.to_string());
             let _ = self.inner.errors.send(Arc::new(e.clone()));
         }
         result

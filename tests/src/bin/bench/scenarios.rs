@@ -524,12 +524,7 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
     let elapsed = t0.elapsed().as_secs_f64();
     p.stop();
     task.await??;
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .ok_or("no VmHWM")?;
+    let hwm = vm_hwm_kib(std::process::id()).ok_or("no VmHWM")?;
     println!(
         "peak_rss_kib {hwm} elapsed_s {elapsed:.2} largest_event_bytes {} cpu_s {:.2}",
         count.largest.load(Ordering::Relaxed),
@@ -776,7 +771,6 @@ async fn cdc_program_memory(
         .spawn()?;
     let pid = child.id().ok_or("cdc exited at once")?;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    let mut peak_kib = 0_u64;
     for _ in 0..docs {
         let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
             .await
@@ -784,10 +778,10 @@ async fn cdc_program_memory(
         if line.is_none() {
             return Err("cdc stopped before writing every change".into());
         }
-        peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
+    // The high-water mark: the peak over the whole run, read once before the kill.
+    let peak_kib = vm_hwm_kib(pid).ok_or("no VmHWM for cdc")?;
     child.kill().await?;
     coll.drop().await?;
     let _ = std::fs::remove_dir_all(&work);
