@@ -350,11 +350,17 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
             (_, Some(pg)) => Held::Table(pg_table(pg, &table).await.unwrap_or_default()),
             _ => return Err("no sink".into()),
         };
-        let (lost, _, _) = match &held {
-            Held::Changes(c) => compare_changes(&written_log, c),
-            Held::Table(t) => compare_table(&content, t),
+        // A table is done when it equals the collection: rows still there for documents
+        // deleted last are deletes not applied yet, so they are waited for as well. A
+        // stream's duplicates never go away; only its missing changes are waited for.
+        let (lost, pending) = match &held {
+            Held::Changes(c) => (compare_changes(&written_log, c).0, 0),
+            Held::Table(t) => {
+                let (lost, extra, _) = compare_table(&content, t);
+                (lost, extra)
+            }
         };
-        if lost == 0 || Instant::now() > deadline {
+        if (lost == 0 && pending == 0) || Instant::now() > deadline {
             break held;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
