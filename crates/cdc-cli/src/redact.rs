@@ -5,7 +5,8 @@
 //! secret is hidden: the MongoDB driver's (password, `AWS_SESSION_TOKEN`,
 //! `tlsCertificateKeyFilePassword`), `tokio-postgres`'s (URL or libpq key-value string,
 //! `password=` quoted or not), async-nats's (each server of a comma-separated list: user
-//! and password, or a lone token), and a reading of the user information as everything up
+//! and password, or a lone token), the `url` crate's (which redis and async-nats use), and
+//! a reading of the user information as everything up
 //! to the last `@` before the query (so a password holding an unencoded `/`, `:` or `@` is
 //! hidden whole). Then the text is shown with those secrets replaced by `***`; when one
 //! would still be readable in any form (percent-encoded, quoted), only the scheme is shown.
@@ -200,6 +201,19 @@ pub(crate) fn secrets(url: &str) -> Vec<String> {
     if !url.contains("://") {
         out.extend(key_value_passwords(url));
     }
+    // The `url` crate's reading of the whole string (which redis and async-nats share),
+    // where it parses: user information and query pairs, decoded.
+    if let Ok(parsed) = url::Url::parse(url) {
+        out.extend(parsed.password().map(str::to_owned));
+        if is_nats(parsed.scheme()) && parsed.password().is_none() {
+            out.push(parsed.username().to_owned());
+        }
+        for (k, v) in parsed.query_pairs() {
+            if is_secret_param(&k) {
+                out.push(v.into_owned());
+            }
+        }
+    }
     for piece in url.split(',') {
         // async-nats's reading of each server.
         if let Ok(addr) = async_nats::ServerAddr::from_str(piece.trim()) {
@@ -233,9 +247,16 @@ pub(crate) fn secrets(url: &str) -> Vec<String> {
             }
         }
     }
+    // Every secret as read raw, percent-decoded, and form-decoded (a `+` as a space).
     let decoded: Vec<String> = out
         .iter()
-        .filter_map(|s| cdc_core::support::percent_decode(s))
+        .flat_map(|s| {
+            [
+                cdc_core::support::percent_decode(s),
+                cdc_core::support::percent_decode(&s.replace('+', " ")),
+            ]
+        })
+        .flatten()
         .collect();
     out.extend(decoded);
     out.retain(|s| !s.is_empty());
@@ -317,5 +338,52 @@ mod tests {
             "postgres://postgres@127.0.0.1:5432/test?sslmode=require"
         );
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+
+    proptest::proptest! {
+        /// The lenient reading (what `cdc` falls back on for strings `url` refuses, such as
+        /// seed lists) hides at least what `url` reads: for every URL `url` parses, no
+        /// password, NATS token or secret query value it reads can be read in the shown
+        /// text, decoded or not; and the host stays.
+        #[test]
+        fn what_url_reads_as_a_secret_is_hidden(
+            scheme in proptest::sample::select(vec!["nats", "redis", "rediss", "postgres", "mongodb", "tls", "http"]),
+            user in "[a-zA-Z0-9._~-]{0,6}",
+            password in "[a-zA-Z0-9/?@:'\\=&#% +,;é!$()*\\[\\]-]{1,16}",
+            query in "[a-zA-Z0-9 +%é&=/]{0,12}",
+        ) {
+            let encoded: String = url::form_urlencoded::byte_serialize(password.as_bytes()).collect();
+            let forms = [
+                format!("{scheme}://{user}:{encoded}@db.example:1234/x"),
+                format!("{scheme}://{user}:{}@db.example:1234/x", cdc_core::support::percent_decode_lossy(&encoded).replace(['/', '?', '#', '@', '%'], "_")),
+                format!("{scheme}://db.example:1234/x?a=1&password={encoded}&{query}"),
+                format!("{scheme}://{encoded}@db.example:1234/x"),
+            ];
+            for form in forms {
+                let Ok(parsed) = url::Url::parse(&form) else { continue };
+                let mut read: Vec<String> = parsed.password().map(str::to_owned).into_iter().collect();
+                if is_nats(parsed.scheme()) && parsed.password().is_none() && !parsed.username().is_empty() {
+                    read.push(parsed.username().to_owned());
+                }
+                read.extend(parsed.query_pairs().filter(|(k, _)| is_secret_param(k)).map(|(_, v)| v.into_owned()));
+                let shown = redact_url(&form);
+                let decoded = cdc_core::support::percent_decode_lossy(&shown);
+                let form_decoded = cdc_core::support::percent_decode_lossy(&shown.replace('+', " "));
+                for secret in read.iter().filter(|s| !s.is_empty()) {
+                    let decoded_secret = cdc_core::support::percent_decode_lossy(secret);
+                    for s in [secret, &decoded_secret] {
+                        proptest::prop_assert!(!shown.contains(s.as_str()), "{form} -> {shown} ({s})");
+                        proptest::prop_assert!(!decoded.contains(s.as_str()), "{form} -> {shown} ({s})");
+                        proptest::prop_assert!(!form_decoded.contains(s.as_str()), "{form} -> {shown} ({s})");
+                    }
+                }
+                // The host is kept, unless a secret is written inside it (every occurrence
+                // of a secret is replaced).
+                let clear = format!("{scheme}://db.example:1234/x?a=1");
+                if read.iter().all(|s| s.is_empty() || !clear.contains(s.as_str())) {
+                    proptest::prop_assert!(shown.contains("db.example") || shown.contains("hidden"), "{form} -> {shown}");
+                }
+            }
+        }
     }
 }

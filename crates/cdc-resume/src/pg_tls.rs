@@ -37,6 +37,11 @@ pub(crate) struct Wanted {
 
 /// Reads `sslmode` and `sslrootcert` from a URL or key-value connection string.
 ///
+/// A URL's query is split here, not by `url::Url`, which refuses libpq's multi-host
+/// authorities (`postgres://a:1,b:2/db`) and would rewrite the other parameters
+/// (`tokio-postgres` reads a `+` as itself, `url` as a space); values are decoded with
+/// `percent-encoding`, as `tokio-postgres` decodes them.
+///
 /// # Errors
 /// A message naming the parameter when a value is not understood.
 pub(crate) fn wanted(config: &str) -> Result<Wanted, String> {

@@ -16,20 +16,17 @@ fn redact_with(text: &str, secrets: &[String]) -> String {
     cdc_core::support::redact_secrets(text, &secrets).unwrap_or_else(|| hidden(text))
 }
 
-/// The values of query parameters named `names` (percent-decoded), which hold secrets
-/// whether or not the client reads them.
+/// The values of query parameters named `names`, read as the redis crate reads its URL
+/// (`url`'s query pairs), which hold secrets whether or not the client reads them.
 #[cfg(feature = "redis")]
 fn query_values(url: &str, names: &[&str]) -> Vec<String> {
-    let Some((_, query)) = url.split_once('?') else {
+    let Ok(parsed) = url::Url::parse(url) else {
         return Vec::new();
     };
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
+    parsed
+        .query_pairs()
         .filter(|(key, _)| names.iter().any(|n| key.eq_ignore_ascii_case(n)))
-        .map(|(_, value)| {
-            cdc_core::support::percent_decode(value).unwrap_or_else(|| value.to_owned())
-        })
+        .map(|(_, value)| value.into_owned())
         .collect()
 }
 
@@ -76,9 +73,13 @@ mod tests {
     #[test]
     fn query_values_are_decoded() {
         assert_eq!(
-            query_values("redis://h/?pass=a%2Fb&x=1", &["pass"]),
-            ["a/b"]
+            query_values(
+                "redis://h/?pass=a%2Fb&x=1&PASSWORD=c+d",
+                &["pass", "password"]
+            ),
+            ["a/b", "c d"]
         );
+        assert!(query_values("redis://h:notaport/?pass=x", &["pass"]).is_empty());
     }
 }
 
