@@ -64,19 +64,9 @@ fn parse_lines(text: &str) -> Result<Vec<Line>, String> {
             out.push(Line::Start);
             continue;
         }
-        let mut parts = line.split_whitespace();
-        let txn = |t: Option<&str>| -> Option<Option<u64>> {
-            match t {
-                None => Some(None),
-                Some(t) => t.strip_prefix('t')?.parse().ok().map(Some),
-            }
-        };
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(id), Some(change), t, None) if valid_change(change) && txn(t).is_some() => {
-                out.push(Line::Change(
-                    (id.to_owned(), change.to_owned()),
-                    txn(t).flatten(),
-                ));
+        match change_line(line) {
+            Some((id, change, txn)) => {
+                out.push(Line::Change((id.to_owned(), change.to_owned()), txn));
             }
             _ if i + 1 == lines.len() && !text.ends_with('\n') => {}
             // Cut short by a kill: the next consumer's start marker follows it.
@@ -182,6 +172,31 @@ pub fn verify_transactions(written: &str, delivered: &str) -> Result<Transaction
         transactions: txns.len(),
         not_whole: broken.len(),
     })
+}
+
+/// `<id> <change> [t<transaction>] [w<write id>]`: the id, the change and the
+/// transaction number. The writer's write id (`w<connection>.<sequence>`) names the write
+/// for a reader tracing it; the comparison does not need it, since an id and its version
+/// (or `deleted`) already name one write.
+fn change_line(line: &str) -> Option<(&str, &str, Option<u64>)> {
+    let mut parts = line.split_whitespace();
+    let id = parts.next()?;
+    let change = parts.next().filter(|c| valid_change(c))?;
+    let (mut txn, mut write) = (None, None);
+    for part in parts {
+        if let Some(t) = part.strip_prefix('t') {
+            if txn.replace(t.parse::<u64>().ok()?).is_some() {
+                return None;
+            }
+        } else if let Some(w) = part.strip_prefix('w') {
+            if w.is_empty() || write.replace(w).is_some() {
+                return None;
+            }
+        } else {
+            return None;
+        }
+    }
+    Some((id, change, txn))
 }
 
 fn valid_change(change: &str) -> bool {
@@ -331,6 +346,18 @@ mod tests {
         let cut = check("# start\n1 v2\n2 v2\n# start\n1 v1\n");
         assert_eq!(cut.not_whole, 1);
         assert!(verify_transactions("1 v1 x9\n", "").is_err());
+        // Write ids are read beside transaction numbers, in either order, once each.
+        let with_ids = "1 v1 w0.1\n1 v2 t3 w0.2\n2 v1 w1.1 t3\n";
+        assert_eq!(
+            verify_transactions(with_ids, "# start\n1 v2\n2 v1\n")
+                .unwrap()
+                .transactions,
+            1
+        );
+        assert_eq!(parse(with_ids).unwrap().len(), 3);
+        assert!(parse("1 v1 w0.1 w0.2\n").is_err());
+        assert!(parse("1 v1 t1 t2\n").is_err());
+        assert!(parse("1 v1 w\n").is_err());
         // A line a killed consumer left unfinished, ended before the next start marker.
         assert_eq!(parse("# start\n1 v1\n7\n# start\n1 v1\n").unwrap().len(), 2);
         assert!(

@@ -4,8 +4,9 @@
 use bson::Bson;
 use cdc_core::{ChangeEvent, OperationType};
 
-/// `(document id, "v<version>" or "deleted")` for an insert, update, delete or snapshot of a
-/// workload document (integer `_id`, integer `version`); `None` for any other event.
+/// `(document id, "v<version>" or "deleted")` for an insert, update, replace, delete or
+/// snapshot of a workload document (integer `_id`, integer `version`); `None` for any other
+/// event.
 pub fn change_of(event: &ChangeEvent) -> Option<(i64, String)> {
     let id = match event.document_id()? {
         Bson::Int64(n) => n,
@@ -13,8 +14,9 @@ pub fn change_of(event: &ChangeEvent) -> Option<(i64, String)> {
         _ => return None,
     };
     let change = match event.operation_type {
-        // A snapshot event carries the document as the snapshot read it.
-        OperationType::Insert | OperationType::Snapshot => {
+        // A snapshot event carries the document as the snapshot read it; an insert or a
+        // replacement the document written.
+        OperationType::Insert | OperationType::Replace | OperationType::Snapshot => {
             format!("v{}", event.full_document()?.get_i64("version").ok()?)
         }
         OperationType::Update => format!(

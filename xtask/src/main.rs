@@ -43,7 +43,7 @@ commands:
   ci              formatting, clippy, tests, docs and layering checks (what CI runs)
   demo [--uri URI] [--seconds S] [--rate R]
                   the main job on the embedded default, killed and resumed midway
-  soak [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot [--preload N]] [--standby N] [--sink nats|postgres]
+  soak [--kills K] [--seconds S] [--rate R] [--connections N] [--keys K] [--burst-every S --burst-x F] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot [--preload N]] [--standby N] [--sink nats|postgres]
                   SIGKILL the consumer K times (default 100), then verify nothing was lost
                   (with lanes: per-key order and whole transactions too; with --sink: the
                   `cdc` program is the consumer and the sink is checked: exactly once)
@@ -83,15 +83,24 @@ fn cdc_tests_bin(bin: &str, release: bool) -> Command {
     cmd
 }
 
-/// Runs the kill -9 soak.
+/// Runs the kill -9 soak, built for release (the long runs, at the rates the README
+/// states).
 fn soak(args: &[String]) -> Result<(), String> {
+    soak_with(args, true)
+}
+
+/// Runs the kill -9 soak, built for release or not (CI's short runs).
+fn soak_with(args: &[String], release: bool) -> Result<(), String> {
     if args.iter().any(|a| a == "--sink") {
         // The consumer is the `cdc` program, found beside the soak program.
         let mut build = cargo();
         build.args(["build", "--quiet", "-p", "cdc-cli"]);
+        if release {
+            build.arg("--release");
+        }
         run("build cdc", build)?;
     }
-    let mut cmd = cdc_tests_bin("cdc-soak", false);
+    let mut cmd = cdc_tests_bin("cdc-soak", release);
     cmd.arg("run").args(args);
     run("soak", cmd)
 }
@@ -244,54 +253,36 @@ fn ci() -> Result<(), String> {
         .env("RUSTDOCFLAGS", "-D warnings");
     run("docs", doc)?;
 
-    soak(&["--kills".to_owned(), "10".to_owned()])?;
-    soak(&[
-        "--kills".to_owned(),
-        "10".to_owned(),
-        "--concurrency".to_owned(),
-        "16".to_owned(),
-    ])?;
+    // Every soak short (about 20 s of kills) at the load generator's default (5,000
+    // writes/s over 8 connections; a debug build reaches what it reaches, and says so on
+    // its `soak at load:` line). The long runs are `cargo xtask soak … --kills 50`.
+    let short = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.extend(["--seconds".to_owned(), "20".to_owned()]);
+        soak_with(&all, false)
+    };
+    short(&["--kills", "10"])?;
+    short(&["--kills", "10", "--concurrency", "16"])?;
     // Killed mid-snapshot and mid-stream: the replica must equal the collection.
-    soak(&[
-        "--kills".to_owned(),
-        "5".to_owned(),
-        "--snapshot".to_owned(),
-    ])?;
+    short(&["--kills", "5", "--snapshot", "--preload", "100000"])?;
     // Three consumers on one stream with a leased store: the holder killed, then paused.
-    soak(&[
-        "--kills".to_owned(),
-        "5".to_owned(),
-        "--standby".to_owned(),
-        "2".to_owned(),
-    ])?;
+    short(&["--kills", "5", "--standby", "2"])?;
     // Killed while dead-lettering: 3% of the changes are refused by the handler.
-    soak(&[
-        "--kills".to_owned(),
-        "10".to_owned(),
-        "--concurrency".to_owned(),
-        "4".to_owned(),
-        "--poison".to_owned(),
-        "3".to_owned(),
-    ])?;
-
+    short(&["--kills", "10", "--concurrency", "4", "--poison", "3"])?;
     // The `cdc` program killed while moving changes into each sink.
     for sink in ["nats", "postgres"] {
-        soak(&[
-            "--kills".to_owned(),
-            "5".to_owned(),
-            "--sink".to_owned(),
-            sink.to_owned(),
-        ])?;
+        short(&["--kills", "5", "--sink", sink])?;
     }
-
     // Killed while its initial snapshot reads, with a writer: no snapshot row is stored
     // twice in JetStream (rows keep their message id across restarts).
-    soak(&[
-        "--kills".to_owned(),
-        "5".to_owned(),
-        "--sink".to_owned(),
-        "nats".to_owned(),
-        "--snapshot".to_owned(),
+    short(&[
+        "--kills",
+        "5",
+        "--sink",
+        "nats",
+        "--snapshot",
+        "--preload",
+        "100000",
     ])?;
 
     let spec = default_spec_dir();

@@ -31,6 +31,20 @@ pub struct FileStore {
     dir: PathBuf,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     counter: AtomicU64,
+    /// Per dead-letter file, the ids recorded in it as far as it was read: a record reads
+    /// only what was appended since (by any process), not the whole file.
+    letter_ids: Mutex<HashMap<PathBuf, Arc<Mutex<LetterIds>>>>,
+}
+
+/// The ids of a dead-letter file, read through byte `read` (just past a newline).
+#[derive(Debug, Default)]
+struct LetterIds {
+    /// The file read (device and inode) and its first line: a removal replaces the file
+    /// (or deletes it, and a new one may reuse the inode), and it is then read again.
+    file: Option<(u64, u64)>,
+    first_line: Vec<u8>,
+    read: u64,
+    ids: std::collections::HashSet<String>,
 }
 
 /// Encodes a stream id as a file name: `[A-Za-z0-9_.-]` stay, other bytes become `%XX`.
@@ -68,21 +82,9 @@ fn check_stream(stream: &str) -> Result<()> {
     Ok(())
 }
 
+/// The stream id a file name encodes (`None` for a name this store did not write).
 fn stream_of(stem: &str) -> Option<String> {
-    let bytes = stem.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = stem.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    cdc_core::support::percent_decode(stem)
 }
 
 impl FileStore {
@@ -129,6 +131,7 @@ impl FileStore {
             dir,
             locks: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            letter_ids: Mutex::new(HashMap::new()),
         })
     }
 
@@ -182,6 +185,14 @@ impl FileStore {
     fn lock_of(&self, stream: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(locks.entry(stream.to_owned()).or_default())
+    }
+
+    fn letter_ids_of(&self, path: &Path) -> Arc<Mutex<LetterIds>> {
+        let mut all = self
+            .letter_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(all.entry(path.to_owned()).or_default())
     }
 }
 
@@ -551,38 +562,112 @@ fn read_letters(path: &Path, stream: &str) -> Result<Vec<DeadLetter>> {
         .collect()
 }
 
-/// Records a letter's line once: a letter whose id is recorded stays as it is.
-fn record_letter(path: &Path, dir: &Path, stream: &str, line: &str, id: &str) -> Result<()> {
-    if read_letters(path, stream)?.iter().any(|l| l.id == id) {
-        return Ok(());
-    }
-    append_letter(path, dir, line).map_err(|e| Error::store(stream, e))
-}
-
-/// Appends one line and fsyncs it; a torn last line left by a crash is cut off first.
-fn append_letter(path: &Path, dir: &Path, line: &str) -> std::io::Result<()> {
+/// Records a letter's line once: a letter whose id is recorded stays as it is. `known`
+/// holds the ids of the file as far as it was read before; only what was appended since
+/// (by this process or another) is read, so a record costs the same at the 100,000th
+/// letter as at the first. A torn last line left by a crash is cut off first.
+fn record_letter(
+    path: &Path,
+    dir: &Path,
+    stream: &str,
+    line: &str,
+    id: &str,
+    known: &mut LetterIds,
+) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let err = |e: std::io::Error| fs_error(stream, path, e);
     let existed = path.exists();
     let mut file = if existed {
-        fs::OpenOptions::new().read(true).write(true).open(path)?
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err)?
     } else {
-        create_private_file(path)?
+        create_private_file(path).map_err(err)?
     };
-    let len = file.metadata()?.len();
-    if len > 0 {
-        let bytes = fs::read(path)?;
-        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        if keep as u64 != len {
-            file.set_len(keep as u64)?;
+    let meta = file.metadata().map_err(err)?;
+    let identity = file_identity(&meta);
+    let len = meta.len();
+    let same = known.file == identity
+        && identity.is_some()
+        && len >= known.read
+        && starts_with(&mut file, &known.first_line).unwrap_or(false);
+    if !same {
+        *known = LetterIds {
+            file: identity,
+            ..LetterIds::default()
+        };
+    }
+    if len > known.read {
+        let mut appended = Vec::with_capacity((len - known.read) as usize);
+        file.seek(SeekFrom::Start(known.read)).map_err(err)?;
+        (&file)
+            .take(len - known.read)
+            .read_to_end(&mut appended)
+            .map_err(err)?;
+        let complete = appended
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        let location = path.display().to_string();
+        for line in appended[..complete]
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+        {
+            known
+                .ids
+                .insert(record::decode_letter(line, stream, &location)?.id);
+        }
+        if known.read == 0 {
+            known.first_line = appended[..complete]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(Vec::new(), |i| appended[..=i].to_vec());
+        }
+        known.read += complete as u64;
+        if known.read != len {
+            file.set_len(known.read).map_err(err)?;
         }
     }
-    use std::io::{Seek, SeekFrom};
-    file.seek(SeekFrom::End(0))?;
-    file.write_all(format!("{line}\n").as_bytes())?;
-    file.sync_all()?;
-    if !existed {
-        sync_dir(dir)?;
+    if known.ids.contains(id) {
+        return Ok(());
     }
+    file.seek(SeekFrom::Start(known.read)).map_err(err)?;
+    file.write_all(format!("{line}\n").as_bytes())
+        .map_err(err)?;
+    file.sync_all().map_err(err)?;
+    if !existed {
+        sync_dir(dir).map_err(err)?;
+    }
+    if known.read == 0 {
+        known.first_line = format!("{line}\n").into_bytes();
+    }
+    known.read += line.len() as u64 + 1;
+    known.ids.insert(id.to_owned());
     Ok(())
+}
+
+/// Whether `file` starts with `prefix`.
+fn starts_with(file: &mut fs::File, prefix: &[u8]) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut start = vec![0; prefix.len()];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut start)?;
+    Ok(start == prefix)
+}
+
+/// A file's device and inode, where the platform has them.
+#[cfg(unix)]
+fn file_identity(meta: &fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// Without inodes a file is read whole every time (correct, slower).
+#[cfg(not(unix))]
+fn file_identity(_meta: &fs::Metadata) -> Option<(u64, u64)> {
+    None
 }
 
 /// Dead letters as fsynced JSON lines in `<dir>/<stream>.dead-letters.jsonl`: a record is
@@ -599,8 +684,10 @@ impl DeadLetterStore for FileStore {
         let dir = self.dir.clone();
         let line = record::encode_letter(letter);
         let id = letter.id.clone();
+        let known = self.letter_ids_of(&path);
         blocking(&stream.clone(), move || {
-            record_letter(&path, &dir, &stream, &line, &id)
+            let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
+            record_letter(&path, &dir, &stream, &line, &id, &mut known)
         })
         .await
     }
@@ -805,11 +892,13 @@ impl LeaseStore for FileStore {
         let lease = lease.clone();
         let in_process = self.lock_of(&format!("{}\u{0}dead-letters", lease.stream));
         let _guard = in_process.lock().await;
+        let known = self.letter_ids_of(&path);
         blocking(&lease.stream.clone(), move || {
             with_file_lock(&lock, &lease.stream, || {
                 match read_lease(&lease_path, &lease.stream)? {
                     Some(record) if record.admits(&lease) => {
-                        record_letter(&path, &dir, &lease.stream, &line, &id)
+                        let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
+                        record_letter(&path, &dir, &lease.stream, &line, &id, &mut known)
                     }
                     other => Err(LeaseRecord::fenced(other.as_ref(), &lease)),
                 }

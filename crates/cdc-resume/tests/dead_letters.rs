@@ -231,6 +231,50 @@ async fn file_dead_letters() {
             .any(|s| s.contains("dead"))
     );
 
+    // Two processes recording into one directory: each reads what the other appended
+    // (a letter is recorded once), and a removal by one (the file replaced, or deleted
+    // and created again) is seen by the other, which then records the letter again.
+    let (a, b) = (
+        FileStore::new(&root).unwrap(),
+        FileStore::new(&root).unwrap(),
+    );
+    let stream = "shared";
+    let l: Vec<DeadLetter> = (1..=3)
+        .map(|t| {
+            letter(
+                stream,
+                &event(t, &format!("820000000{t}"), 1),
+                "z",
+                1,
+                false,
+            )
+        })
+        .collect();
+    a.record(&l[0]).await.unwrap();
+    b.record(&l[1]).await.unwrap();
+    a.record(&l[1]).await.unwrap();
+    b.record(&l[0]).await.unwrap();
+    assert_eq!(a.count(stream).await.unwrap(), 2);
+    assert!(b.remove(stream, &l[1].id).await.unwrap());
+    a.record(&l[2]).await.unwrap();
+    a.record(&l[1]).await.unwrap();
+    assert_eq!(a.count(stream).await.unwrap(), 3);
+    for x in &l {
+        assert!(b.remove(stream, &x.id).await.unwrap());
+    }
+    assert!(!store.dead_letters_path(stream).exists());
+    a.record(&l[0]).await.unwrap();
+    b.record(&l[2]).await.unwrap();
+    a.record(&l[2]).await.unwrap();
+    let ids: Vec<String> = b
+        .list(stream, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(ids, [l[0].id.clone(), l[2].id.clone()]);
+
     let broken = root.join("broken");
     let failing_store = FileStore::new(&broken).unwrap();
     std::fs::remove_dir(&broken).unwrap();

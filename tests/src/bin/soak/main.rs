@@ -9,7 +9,7 @@
 //!   (the same ones every time), which go to the file store's dead letters with their
 //!   keys parked: the consumer is killed while dead-lettering too, and the verifier counts
 //!   a change as delivered when it is in the log or in the dead letters (never both). With
-//!   `--snapshot [--preload N]` N documents (100,000) exist before the consumer starts,
+//!   `--snapshot [--preload N]` N documents (1,000,000) exist before the consumer starts,
 //!   which snapshots them while the writer goes on; the verifier rebuilds the collection
 //!   from what the consumer delivered, compares it with the collection's content, and
 //!   counts versions of a key that arrived after a newer one (both must be nothing); 20
@@ -23,8 +23,14 @@
 //!   K times (20); then the sink is checked against the writer's log (NATS: every change
 //!   exactly once) or the collection (PostgreSQL: the table equals it): `sink <name>: lost
 //!   n | duplicates n | checked n`.
-//! - `cdc-soak writer --uri U --rate R --log F --stop-file S`: changes documents at rate R
-//!   with majority write concern, logging every acknowledged change, until S exists.
+//! - `cdc-soak writer --uri U --log F --stop-file S [--rate R] [--connections N] [--keys K]
+//!   [--transactions] [--burst-every S --burst-x F] [--preload N] [--seconds S]`: the load
+//!   generator (see `writer.rs`), logging every acknowledged change, until S exists.
+//!
+//! Every run takes `--seconds S` (the kills spread over about S seconds) and the load
+//! generator's `--rate` (total writes/s, 5,000 unless given),
+//! `--connections` (8), `--keys`, `--burst-every` and `--burst-x`, and its summary starts
+//! with `soak at load: <r> writes/s | lost <n> | …`, the rate the writer reached.
 //! - `cdc-soak consumer --uri U --store DIR --log F`: a DocumentProcessor with the file
 //!   store, appending every delivered change to F and fsyncing before acknowledging.
 
@@ -32,6 +38,7 @@
 #![allow(clippy::print_stdout)]
 
 mod sink;
+mod writer;
 
 use std::{
     collections::HashMap,
@@ -70,10 +77,10 @@ async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]).await,
-        Some("writer") => writer(&args[1..]).await.map(|()| true),
+        Some("writer") => writer::run(&args[1..]).await.map(|()| true),
         Some("consumer") => consumer(&args[1..]).await.map(|()| true),
         _ => Err(
-            "usage: cdc-soak run [--kills K] [--rate R] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot [--preload N]] [--standby N [--ttl MS]] [--sink nats|postgres] | writer … | consumer …".into(),
+            "usage: cdc-soak run [--kills K] [--seconds S] [--rate R] [--connections N] [--keys K] [--burst-every S --burst-x F] [--uri URI] [--concurrency N] [--transactions] [--poison P] [--snapshot [--preload N]] [--standby N [--ttl MS]] [--sink nats|postgres] | writer … | consumer …".into(),
         ),
     };
     match result {
@@ -94,102 +101,6 @@ fn collection(client: &mongodb::Client) -> mongodb::Collection<Document> {
             .write_concern(majority)
             .build(),
     )
-}
-
-async fn writer(args: &[String]) -> Result<(), BoxError> {
-    let uri = need(args, "--uri")?;
-    let rate: u64 = need(args, "--rate")?.parse()?;
-    let log_path = need(args, "--log")?;
-    let stop_file = PathBuf::from(need(args, "--stop-file")?);
-    let client = mongodb::Client::with_uri_str(&uri).await?;
-    let coll = collection(&client);
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
-    let mut versions: HashMap<i64, i64> = HashMap::new();
-    let mut live: Vec<i64> = Vec::new();
-    let mut next_id = 0i64;
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    let transactions = args.iter().any(|a| a == "--transactions");
-    let mut txn_number = 0u64;
-    // Documents that exist before the consumer starts (a snapshot reads them).
-    let preload: i64 = value(args, "--preload").map_or(Ok(0), |v| v.parse())?;
-    while next_id < preload {
-        let n = (preload - next_id).min(5_000);
-        let docs: Vec<bson::Document> = (next_id..next_id + n)
-            .map(|id| doc! { "_id": id, "version": 1_i64, "pad": "x".repeat(200) })
-            .collect();
-        coll.insert_many(docs).await?;
-        for id in next_id..next_id + n {
-            versions.insert(id, 1);
-            live.push(id);
-            writeln!(log, "{id} v1")?;
-        }
-        next_id += n;
-    }
-    log.sync_all()?;
-    if preload > 0 {
-        // The consumer starts now: it reads what exists, then the stream.
-        std::fs::write(format!("{log_path}.preloaded"), b"")?;
-    }
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
-    while !stop_file.exists() {
-        tick.tick().await;
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let roll = rng % 100;
-        if transactions && roll >= 90 && live.len() >= 8 {
-            // A multi-document transaction: 2 to 4 distinct documents updated together.
-            let size = 2 + (rng as usize / 100) % 3;
-            let start = (rng as usize / 1000) % live.len();
-            let ids: Vec<i64> = (0..size).map(|k| live[(start + k) % live.len()]).collect();
-            let mut session = client.start_session().await?;
-            session.start_transaction().await?;
-            let mut lines = Vec::new();
-            for &id in &ids {
-                let v = versions.get(&id).copied().unwrap_or(1) + 1;
-                coll.update_one(doc! { "_id": id }, doc! { "$set": { "version": v } })
-                    .session(&mut session)
-                    .await?;
-                versions.insert(id, v);
-                lines.push(format!("{id} v{v} t{txn_number}"));
-            }
-            session.commit_transaction().await?;
-            txn_number += 1;
-            // Logged only after the commit was acknowledged.
-            for line in lines {
-                writeln!(log, "{line}")?;
-            }
-            continue;
-        }
-        let line = if roll < 15 && live.len() > 5 {
-            let id = live.swap_remove((rng as usize / 100) % live.len());
-            coll.delete_one(doc! { "_id": id }).await?;
-            versions.remove(&id);
-            format!("{id} deleted")
-        } else if roll < 60 && !live.is_empty() {
-            let id = live[(rng as usize / 100) % live.len()];
-            let v = versions.get(&id).copied().unwrap_or(1) + 1;
-            coll.update_one(doc! { "_id": id }, doc! { "$set": { "version": v } })
-                .await?;
-            versions.insert(id, v);
-            format!("{id} v{v}")
-        } else {
-            let id = next_id;
-            next_id += 1;
-            coll.insert_one(doc! { "_id": id, "version": 1_i64, "pad": "x".repeat(200) })
-                .await?;
-            versions.insert(id, 1);
-            live.push(id);
-            format!("{id} v1")
-        };
-        // Logged only after the write was acknowledged.
-        writeln!(log, "{line}")?;
-    }
-    log.sync_all()?;
-    Ok(())
 }
 
 /// Whether the consumer refuses a change, every time: `percent`% of them, by a stable
@@ -345,40 +256,58 @@ async fn collection_content(
 /// documents)` or the first differences, and the first-arrival order of versions.
 async fn verify_snapshot(
     uri: &str,
+    written: &Path,
     delivered: &Path,
     consumer: &mut Child,
     kills: usize,
     started: Instant,
 ) -> Result<bool, BoxError> {
     let content = collection_content(uri).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut catch_up = CatchUp::new();
     let mut replica;
-    loop {
+    // Keys whose last state the replica lacks: missing, stale, or still present after
+    // their delete.
+    let lost = loop {
         replica = replica_of(&parse(
             &std::fs::read_to_string(delivered).unwrap_or_default(),
         )?);
-        if replica == content || Instant::now() > deadline {
-            break;
+        let lost = sink::differing(&content, &replica);
+        if catch_up.done(lost) {
+            break lost;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     consumer.kill()?;
     consumer.wait()?;
     let delivered_log = parse(&std::fs::read_to_string(delivered)?)?;
     let equal = replica == content;
-    // Keys whose last state the replica lacks: missing, stale, or still present after
-    // their delete.
-    let lost = content
-        .iter()
-        .filter(|(id, v)| replica.get(id) != Some(v))
-        .count()
-        + replica
-            .keys()
-            .filter(|id| !content.contains_key(id))
-            .count();
+    // First arrivals of each key's versions (repeats after a kill left out).
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut backwards = 0;
+    for c in &delivered_log {
+        if !seen.insert(c) {
+            continue;
+        }
+        if let Some(v) = c.1.strip_prefix('v').and_then(|v| v.parse::<u64>().ok()) {
+            let before = last.insert(c.0.as_str(), v).unwrap_or(0);
+            if v < before {
+                backwards += 1;
+            }
+        }
+    }
+    println!();
+    print_load_line(
+        written,
+        lost,
+        &format!(
+            "replica equals collection {} | versions after a newer one {backwards} | {kills} kills",
+            if equal { "yes" } else { "no" }
+        ),
+    )?;
     if equal {
         println!(
-            "\nreplica equals collection: yes ({} documents)",
+            "replica equals collection: yes ({} documents)",
             content.len()
         );
     } else {
@@ -399,22 +328,7 @@ async fn verify_snapshot(
             )
             .take(5)
             .collect();
-        println!("\nreplica equals collection: no ({differences:?})");
-    }
-    // First arrivals of each key's versions (repeats after a kill left out).
-    let mut last: HashMap<&str, u64> = HashMap::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut backwards = 0;
-    for c in &delivered_log {
-        if !seen.insert(c) {
-            continue;
-        }
-        if let Some(v) = c.1.strip_prefix('v').and_then(|v| v.parse::<u64>().ok()) {
-            let before = last.insert(c.0.as_str(), v).unwrap_or(0);
-            if v < before {
-                backwards += 1;
-            }
-        }
+        println!("replica equals collection: no ({differences:?})");
     }
     println!("lost {lost} (keys whose last state the replica lacks)");
     println!("versions arriving after a newer one of their key: {backwards}");
@@ -453,29 +367,133 @@ fn spawn_self(args: &[&str]) -> Result<Child, BoxError> {
         .spawn()?)
 }
 
-/// Starts the writer process: changes at `rate` per second, logged to `log`, until
-/// `stop_file` exists; `extra` adds its options (`--transactions`, `--preload N`).
+/// The load generator's options a run passes on to its writer: `--rate` (total writes/s,
+/// 5,000 unless given; 0 = as fast as acknowledged), `--connections` (8), `--keys`,
+/// `--burst-every`, `--burst-x`.
+#[derive(Debug, Clone)]
+struct LoadArgs {
+    rate: u64,
+    args: Vec<String>,
+}
+
+/// The load generator's default target, in writes per second.
+const DEFAULT_RATE: u64 = 5_000;
+
+impl LoadArgs {
+    fn from(args: &[String]) -> Result<Self, BoxError> {
+        let rate = value(args, "--rate").map_or(Ok(DEFAULT_RATE), |v| v.parse())?;
+        let mut out = vec!["--rate".to_owned(), rate.to_string()];
+        for name in ["--connections", "--keys", "--burst-every", "--burst-x"] {
+            if let Some(v) = value(args, name) {
+                out.extend([name.to_owned(), v]);
+            }
+        }
+        Ok(Self { rate, args: out })
+    }
+
+    /// `at 5000 writes/s (8 connections)` for a run's first line.
+    fn describe(&self) -> String {
+        let connections = value(&self.args, "--connections").unwrap_or_else(|| "8".to_owned());
+        match self.rate {
+            0 => format!("as fast as it goes ({connections} connections)"),
+            r => format!("at {r} writes/s ({connections} connections)"),
+        }
+    }
+}
+
+/// Starts the writer process (the load generator), logging to `log` until `stop_file`
+/// exists; `extra` adds its options (`--transactions`, `--preload N`).
 fn spawn_writer(
     uri: &str,
-    rate: u64,
+    load: &LoadArgs,
     log: &Path,
     stop_file: &Path,
     extra: &[&str],
 ) -> Result<Child, BoxError> {
-    let rate = rate.to_string();
     let mut args = vec![
         "writer",
         "--uri",
         uri,
-        "--rate",
-        &rate,
         "--log",
         log.to_str().ok_or("path")?,
         "--stop-file",
         stop_file.to_str().ok_or("path")?,
     ];
+    args.extend(load.args.iter().map(String::as_str));
     args.extend_from_slice(extra);
     spawn_self(&args)
+}
+
+/// The rate the writer reached (writes/s), from the summary it left beside its log:
+/// `writer: <n> writes in <s> s (<r>/s)`.
+fn reached_rate(log: &Path) -> Result<u64, BoxError> {
+    let path = format!("{}.summary", log.display());
+    let text = std::fs::read_to_string(&path)?;
+    let rate = text
+        .rsplit_once('(')
+        .and_then(|(_, r)| r.split_once("/s)"))
+        .and_then(|(r, _)| r.parse::<u64>().ok())
+        .ok_or_else(|| format!("{path}: not a writer summary: {text:?}"))?;
+    Ok(rate)
+}
+
+/// `soak at load: <r> writes/s | lost <n> | <rest>`: each soak's summary's first line.
+fn print_load_line(written: &Path, lost: usize, rest: &str) -> Result<(), BoxError> {
+    println!(
+        "soak at load: {} writes/s | lost {lost} | {rest}",
+        reached_rate(written)?
+    );
+    Ok(())
+}
+
+/// The wait before the next kill: with `--seconds S`, the kills spread over S seconds
+/// (each wait between half and one and a half times S / kills); otherwise `otherwise_ms`.
+fn kill_pause(
+    args: &[String],
+    kills: usize,
+    rng: u64,
+    otherwise_ms: u64,
+) -> Result<Duration, BoxError> {
+    Ok(match value(args, "--seconds") {
+        Some(s) => {
+            let mean = s.parse::<f64>()? * 1000.0 / kills.max(1) as f64;
+            Duration::from_millis((mean * (0.5 + (rng % 1000) as f64 / 1000.0)) as u64)
+        }
+        None => Duration::from_millis(otherwise_ms),
+    })
+}
+
+/// Waiting for the last consumer to catch up after the writer stopped: as long as what is
+/// missing keeps shrinking (a consumer behind a fast writer may need minutes), but not
+/// when it stalls for 30 s (what is still missing then is lost), nor past 20 minutes.
+#[derive(Debug)]
+struct CatchUp {
+    best: usize,
+    since: Instant,
+    began: Instant,
+}
+
+impl CatchUp {
+    fn new() -> Self {
+        Self {
+            best: usize::MAX,
+            since: Instant::now(),
+            began: Instant::now(),
+        }
+    }
+
+    /// Whether to stop waiting, with `missing` changes (or documents) not there yet.
+    fn done(&mut self, missing: usize) -> bool {
+        if missing == 0 {
+            return true;
+        }
+        if missing < self.best {
+            self.best = missing;
+            self.since = Instant::now();
+        }
+        self.since.elapsed() > Duration::from_secs(30)
+            || self.began.elapsed() > Duration::from_secs(20 * 60)
+    }
 }
 
 fn count_lines(path: &Path) -> usize {
@@ -495,14 +513,12 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     // The full run: 100 kills, or 20 across a snapshot and the stream after it.
     let kills: usize =
         value(args, "--kills").map_or(Ok(if snapshot { 20 } else { 100 }), |v| v.parse())?;
-    // With a snapshot, more writes land while it reads (and after).
-    let rate: u64 =
-        value(args, "--rate").map_or(Ok(if snapshot { 500 } else { 200 }), |v| v.parse())?;
+    let load = LoadArgs::from(args)?;
     let concurrency: usize = value(args, "--concurrency").map_or(Ok(1), |v| v.parse())?;
     let poison = value(args, "--poison").unwrap_or_else(|| "0".to_owned());
     let dead_lettering = poison.parse::<u64>()? > 0;
     let preload = if snapshot {
-        value(args, "--preload").unwrap_or_else(|| "100000".to_owned())
+        value(args, "--preload").unwrap_or_else(|| "1000000".to_owned())
     } else {
         "0".to_owned()
     };
@@ -532,8 +548,9 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     }
     let started = Instant::now();
     println!(
-        "soak: {kills} SIGKILLs of the consumer ({concurrency} lane{}), writer at {rate} changes/s{}{}, logs in {}",
+        "soak: {kills} SIGKILLs of the consumer ({concurrency} lane{}), writer {}{}{}, logs in {}",
         if concurrency == 1 { "" } else { "s" },
+        load.describe(),
         if transactions {
             " with transactions"
         } else {
@@ -582,7 +599,7 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
         writer_extra.push("--preload");
         writer_extra.push(&preload);
     }
-    let mut writer = spawn_writer(&uri, rate, &written, &stop_file, &writer_extra)?;
+    let mut writer = spawn_writer(&uri, &load, &written, &stop_file, &writer_extra)?;
     let mut consumer = match consumer.take() {
         Some(c) => c,
         None => {
@@ -609,7 +626,7 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
         } else {
             150 + rng % 600
         };
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        tokio::time::sleep(kill_pause(args, kills, rng, pause)?).await;
         consumer.kill()?; // SIGKILL
         consumer.wait()?;
         consumer = spawn_self(&consumer_args)?;
@@ -626,9 +643,12 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
         }
     }
     std::fs::write(&stop_file, b"stop")?;
-    writer.wait()?;
+    let status = writer.wait()?;
+    if !status.success() {
+        return Err(format!("the writer failed: {status}").into());
+    }
     if snapshot {
-        let ok = verify_snapshot(&uri, &delivered, &mut consumer, kills, started).await?;
+        let ok = verify_snapshot(&uri, &written, &delivered, &mut consumer, kills, started).await?;
         if let Some(sim) = sim {
             sim.shutdown().await;
         }
@@ -637,14 +657,14 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     // Let the last consumer catch up with everything written.
     let written_log = parse(&std::fs::read_to_string(&written)?)?;
     let letters_store = FileStore::new(&store)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut catch_up = CatchUp::new();
     loop {
         let mut delivered_log = parse(&std::fs::read_to_string(&delivered).unwrap_or_default())?;
         delivered_log.extend(dead_letters(&letters_store).await?);
-        if verify(&written_log, &delivered_log, usize::MAX).lost == 0 || Instant::now() > deadline {
+        if catch_up.done(verify(&written_log, &delivered_log, usize::MAX).lost) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     consumer.kill()?;
     consumer.wait()?;
@@ -667,10 +687,19 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     // transactions, one transaction (at most 4 changes) that may exceed it.
     let per_kill = (BATCH as usize).max(concurrency) + if transactions { 4 } else { 0 };
     let verdict = verify(&written_log, &delivered_log, kills * per_kill);
-    println!("\nverifier: {verdict}");
+    let txns = verify_transactions(&std::fs::read_to_string(&written)?, &delivered_text)?;
+    println!();
+    print_load_line(
+        &written,
+        verdict.lost,
+        &format!(
+            "out of order {} | duplicates {} (bound {}) | transactions not whole {} | {kills} kills",
+            verdict.out_of_order, verdict.duplicates, verdict.duplicate_bound, txns.not_whole
+        ),
+    )?;
+    println!("verifier: {verdict}");
     let mut whole = true;
     if transactions {
-        let txns = verify_transactions(&std::fs::read_to_string(&written)?, &delivered_text)?;
         println!("verifier: {txns}");
         whole = txns.not_whole == 0 && txns.transactions > 0;
     }
@@ -798,7 +827,7 @@ fn signal(child: &Child, sig: &str) -> Result<(), BoxError> {
 async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError> {
     let kills: usize = value(args, "--kills").map_or(Ok(20), |v| v.parse())?;
     let ttl_ms: u64 = value(args, "--ttl").map_or(Ok(1000), |v| v.parse())?;
-    let rate: u64 = value(args, "--rate").map_or(Ok(200), |v| v.parse())?;
+    let load = LoadArgs::from(args)?;
     let sim = mongo_sim::MongoSim::start().await?;
     let uri = sim.uri();
     let work = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/soak-standby");
@@ -816,8 +845,9 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
     }
     let started = Instant::now();
     println!(
-        "soak: {} consumers on one stream ({standbys} standing by), lease TTL {ttl_ms} ms, {kills} SIGKILLs of the holder then one SIGSTOP past the TTL, writer at {rate} changes/s, logs in {}",
+        "soak: {} consumers on one stream ({standbys} standing by), lease TTL {ttl_ms} ms, {kills} SIGKILLs of the holder then one SIGSTOP past the TTL, writer {}, logs in {}",
         standbys + 1,
+        load.describe(),
         work.display()
     );
     let path = |p: &Path| p.to_str().map(str::to_owned).ok_or("path");
@@ -841,7 +871,7 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
         slots.procs.push(p);
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut writer = KillOnDrop(spawn_writer(&uri, rate, &written, &stop_file, &[])?);
+    let mut writer = KillOnDrop(spawn_writer(&uri, &load, &written, &stop_file, &[])?);
     let store = FileStore::new(&store_dir)?;
     let holder = || async {
         let stream = store.list_streams().await?.into_iter().next();
@@ -879,7 +909,7 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        tokio::time::sleep(Duration::from_millis(300 + rng % 1200)).await;
+        tokio::time::sleep(kill_pause(args, kills, rng, 300 + rng % 1200)?).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         let slot = loop {
             if let Some(h) = holder().await?
@@ -988,15 +1018,18 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
     let zombie_span = zombie_times.last().map_or(0, |&t| t - resumed);
 
     std::fs::write(&stop_file, b"stop")?;
-    writer.0.wait()?;
+    let status = writer.0.wait()?;
+    if !status.success() {
+        return Err(format!("the writer failed: {status}").into());
+    }
     let written_log = parse(&std::fs::read_to_string(&written)?)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut catch_up = CatchUp::new();
     loop {
         let delivered_log = parse(&std::fs::read_to_string(&delivered).unwrap_or_default())?;
-        if verify(&written_log, &delivered_log, usize::MAX).lost == 0 || Instant::now() > deadline {
+        if catch_up.done(verify(&written_log, &delivered_log, usize::MAX).lost) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     for (_, mut child) in slots.procs.drain(..) {
         let _ = child.kill();
@@ -1029,7 +1062,16 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
     let p50 = failovers.get(failovers.len() / 2).copied().unwrap_or(0);
     let max = failovers.last().copied().unwrap_or(0);
     let backwards = backwards.load(std::sync::atomic::Ordering::Relaxed);
-    println!("\nverifier: {verdict}");
+    println!();
+    print_load_line(
+        &written,
+        verdict.lost,
+        &format!(
+            "out of order {} | duplicates {} (bound {}) | overlapping holders {overlapping} | failover max {max} ms | {kills} kills",
+            verdict.out_of_order, verdict.duplicates, verdict.duplicate_bound
+        ),
+    )?;
+    println!("verifier: {verdict}");
     println!("overlapping holders: {overlapping}");
     println!("failover p50 {p50} ms, max {max} ms (ttl {ttl_ms} ms)");
     println!(
@@ -1056,4 +1098,40 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
     );
     sim.shutdown().await;
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_reached_is_read_from_the_writers_summary() {
+        let dir = std::env::temp_dir().join(format!("soak-summary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("written.log");
+        std::fs::write(
+            dir.join("written.log.summary"),
+            "writer: 100350 writes in 20.1 s (4993/s)\n",
+        )
+        .unwrap();
+        assert_eq!(reached_rate(&log).unwrap(), 4993);
+        std::fs::write(dir.join("written.log.summary"), "writer: broken\n").unwrap();
+        assert!(reached_rate(&log).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_load_options_are_passed_on_with_the_default_rate() {
+        let args: Vec<String> = ["--kills", "5", "--connections", "4", "--burst-x", "3"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        let load = LoadArgs::from(&args).unwrap();
+        assert_eq!(load.rate, DEFAULT_RATE);
+        assert_eq!(
+            load.args,
+            ["--rate", "5000", "--connections", "4", "--burst-x", "3"]
+        );
+        assert_eq!(load.describe(), "at 5000 writes/s (4 connections)");
+    }
 }

@@ -183,9 +183,9 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         return Err(format!("--sink {kind}: expected nats or postgres").into());
     }
     let kills: usize = value(args, "--kills").map_or(Ok(20), |v| v.parse())?;
-    let rate: u64 = value(args, "--rate").map_or(Ok(200), |v| v.parse())?;
+    let load = super::LoadArgs::from(args)?;
     let snapshot = args.iter().any(|a| a == "--snapshot");
-    let preload = value(args, "--preload").unwrap_or_else(|| "30000".to_owned());
+    let preload = value(args, "--preload").unwrap_or_else(|| "1000000".to_owned());
     let cdc = cdc_program()?;
     let sim = match value(args, "--uri") {
         Some(_) => None,
@@ -238,7 +238,8 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
     )?;
     let started = Instant::now();
     println!(
-        "soak: {kills} SIGKILLs of `cdc run` with the {kind} sink, writer at {rate} changes/s, logs in {}",
+        "soak: {kills} SIGKILLs of `cdc run` with the {kind} sink, writer {}, logs in {}",
+        load.describe(),
         work.display()
     );
     let (mut consumer, mut writer) = if snapshot {
@@ -246,7 +247,7 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         // goes on, and is killed from the first second (during the snapshot).
         let writer = super::KillOnDrop(super::spawn_writer(
             &uri,
-            rate,
+            &load,
             &written,
             &stop_file,
             &["--preload", &preload],
@@ -264,7 +265,8 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         let consumer = spawn_cdc(&cdc, &config, &cdc_log)?;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // Killed if this run ends early (an error): no writer is left behind.
-        let writer = super::KillOnDrop(super::spawn_writer(&uri, rate, &written, &stop_file, &[])?);
+        let writer =
+            super::KillOnDrop(super::spawn_writer(&uri, &load, &written, &stop_file, &[])?);
         (consumer, writer)
     };
     let mut rng = started.elapsed().as_nanos() as u64 | 1;
@@ -272,7 +274,7 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        tokio::time::sleep(Duration::from_millis(300 + rng % 900)).await;
+        tokio::time::sleep(super::kill_pause(args, kills, rng, 300 + rng % 900)?).await;
         consumer.kill()?; // SIGKILL
         consumer.wait()?;
         consumer = spawn_cdc(&cdc, &config, &cdc_log)?;
@@ -291,7 +293,10 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         }
     }
     std::fs::write(&stop_file, b"stop")?;
-    writer.0.wait()?;
+    let status = writer.0.wait()?;
+    if !status.success() {
+        return Err(format!("the writer failed: {status}").into());
+    }
     let written_log = cdc_tests::verify::parse(&std::fs::read_to_string(&written)?)?;
     let content = collection_content(&uri).await?;
 
@@ -309,22 +314,30 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         _ => None,
     };
     let table = format!("{prefix}docs");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut catch_up = super::CatchUp::new();
     if snapshot && let Some(n) = &nats {
         let js = jetstream::new(n.clone());
         let replayed = loop {
             let replayed = nats_replay(&js, &stream_name).await?;
-            let lost = differing(&content, &replayed.replica);
-            if lost == 0 || Instant::now() > deadline {
+            if catch_up.done(differing(&content, &replayed.replica)) {
                 break replayed;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         };
         super::signal(&consumer, "-TERM")?;
         let stopped = consumer.wait()?;
         let _ = js.delete_stream(&stream_name).await;
         let lost = differing(&content, &replayed.replica);
         let duplicates = replayed.duplicate_rows + replayed.duplicate_changes;
+        println!();
+        super::print_load_line(
+            &written,
+            lost,
+            &format!(
+                "duplicates {duplicates} (snapshot rows {}, changes {}) | {kills} kills | stopped: {stopped}",
+                replayed.duplicate_rows, replayed.duplicate_changes
+            ),
+        )?;
         println!(
             "soak: {kills} kills in {:.0} s; the last run stopped on SIGTERM: {stopped}",
             started.elapsed().as_secs_f64()
@@ -360,10 +373,10 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
                 (lost, extra)
             }
         };
-        if (lost == 0 && pending == 0) || Instant::now() > deadline {
+        if catch_up.done(lost + pending) {
             break held;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     };
     super::signal(&consumer, "-TERM")?;
     let stopped = consumer.wait()?;
@@ -381,6 +394,14 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
             ))
             .await;
     }
+    println!();
+    super::print_load_line(
+        &written,
+        lost,
+        &format!(
+            "duplicates {duplicates} | checked {checked} | {kills} kills | stopped: {stopped}"
+        ),
+    )?;
     println!(
         "soak: {kills} kills in {:.0} s; the last run stopped on SIGTERM: {stopped}",
         started.elapsed().as_secs_f64()
@@ -394,7 +415,7 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
 
 /// Documents whose replica entry differs from the collection (missing, another version,
 /// or present though deleted).
-fn differing(content: &BTreeMap<i64, String>, replica: &BTreeMap<i64, String>) -> usize {
+pub(super) fn differing(content: &BTreeMap<i64, String>, replica: &BTreeMap<i64, String>) -> usize {
     let wrong = content
         .iter()
         .filter(|(id, v)| replica.get(id) != Some(v))
