@@ -174,15 +174,16 @@ pub fn verify_transactions(written: &str, delivered: &str) -> Result<Transaction
     })
 }
 
-/// `<id> <change> [t<transaction>] [w<write id>]`: the id, the change and the
-/// transaction number. The writer's write id (`w<connection>.<sequence>`) names the write
-/// for a reader tracing it; the comparison does not need it, since an id and its version
-/// (or `deleted`) already name one write.
+/// `<id> <change> [t<transaction>] [w<write id>] [@<acknowledged, µs>]`: the id, the
+/// change and the transaction number. The writer's write id (`w<connection>.<sequence>`)
+/// names the write for a reader tracing it, and the acknowledgement time is the lag
+/// benchmark's; the comparison needs neither, since an id and its version (or `deleted`)
+/// already name one write.
 fn change_line(line: &str) -> Option<(&str, &str, Option<u64>)> {
     let mut parts = line.split_whitespace();
     let id = parts.next()?;
     let change = parts.next().filter(|c| valid_change(c))?;
-    let (mut txn, mut write) = (None, None);
+    let (mut txn, mut write, mut acked) = (None, None, None);
     for part in parts {
         if let Some(t) = part.strip_prefix('t') {
             if txn.replace(t.parse::<u64>().ok()?).is_some() {
@@ -190,6 +191,11 @@ fn change_line(line: &str) -> Option<(&str, &str, Option<u64>)> {
             }
         } else if let Some(w) = part.strip_prefix('w') {
             if w.is_empty() || write.replace(w).is_some() {
+                return None;
+            }
+        } else if let Some(at) = part.strip_prefix('@') {
+            // When the writer had the acknowledgement (µs since the epoch).
+            if at.parse::<u64>().is_err() || acked.replace(at).is_some() {
                 return None;
             }
         } else {
@@ -358,6 +364,8 @@ mod tests {
         assert!(parse("1 v1 w0.1 w0.2\n").is_err());
         assert!(parse("1 v1 t1 t2\n").is_err());
         assert!(parse("1 v1 w\n").is_err());
+        assert_eq!(parse("1 v1 w0.1 @1700000000000000\n").unwrap().len(), 1);
+        assert!(parse("1 v1 @x\n").is_err());
         // A line a killed consumer left unfinished, ended before the next start marker.
         assert_eq!(parse("# start\n1 v1\n7\n# start\n1 v1\n").unwrap().len(), 2);
         assert!(

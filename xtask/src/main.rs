@@ -148,8 +148,10 @@ fn integration(args: &[String]) -> Result<(), String> {
 /// Runs the benchmark program in release mode with the given arguments (row 12c runs the
 /// `cdc` program, built beside it first).
 fn bench(args: &[String]) -> Result<(), String> {
+    // Programs the benchmark runs: `cdc` (12c, 15) and the soak's load generator (15).
     let mut build = cargo();
     build.args(["build", "--quiet", "--release", "-p", "cdc-cli"]);
+    build.args(["-p", "cdc-tests", "--bin", "cdc-soak", "--bin", "cdc"]);
     run("build cdc", build)?;
     let mut cmd = cdc_tests_bin("cdc-bench", true);
     if args.is_empty() {

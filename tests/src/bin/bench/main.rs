@@ -7,6 +7,8 @@
 //!   scan reads, transactions on distinct documents.
 //! - `cdc-bench stores [--ops N]`: save and load latency (median, p99) of every resume
 //!   store backend.
+//! - `cdc-bench lag [--sink nats|postgres|both] [--rate R] [--seconds S]`: lag under load
+//!   through `cdc run` (see `lag.rs`); row 15 of `all`.
 //! - `cdc-bench all`: the ten library scenarios side by side (see `scenarios.rs`), written
 //!   to `target/bench/report.md` and `report.json`.
 
@@ -20,6 +22,7 @@ use futures_util::TryStreamExt;
 use mongo_sim::{MongoSim, SimOptions};
 use mongodb::{Client, Collection};
 
+mod lag;
 mod scenarios;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,9 +34,10 @@ async fn main() -> std::process::ExitCode {
         Some("sim") => sim(&args[1..]).await,
         Some("stores") => stores(&args[1..]).await,
         Some("all") => scenarios::all(&args[1..]).await,
+        Some("lag") => lag::run(&args[1..]).await,
         Some("consume") => scenarios::consume_child(&args[1..]).await,
         Some("serve-sim") => scenarios::serve_sim(&args[1..]).await,
-        _ => Err("usage: cdc-bench sim [--events N] [--rounds R] | stores [--ops N] | all [--events N] [--rounds R] [--burst N] [--filtered N] [--idle-seconds S]".into()),
+        _ => Err("usage: cdc-bench sim [--events N] [--rounds R] | stores [--ops N] | lag [--sink nats|postgres|both] [--rate R] [--seconds S] | all [--events N] [--rounds R] [--burst N] [--filtered N] [--idle-seconds S]".into()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

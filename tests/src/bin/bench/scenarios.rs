@@ -1367,6 +1367,23 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
             ));
         }
     }
+    if want("15") {
+        // Lag under load: the load generator at 5,000 writes/s for 60 s through `cdc run`.
+        for (id, kind) in [("15a", "nats"), ("15b", "postgres")] {
+            let lag = super::lag::lag_into(&uri, kind, 5000, 60).await?;
+            super::lag::print(kind, 5000, 60, &lag);
+            rows.push(row(
+                id,
+                format!(
+                    "lag p99, write acknowledged → {}, 5,000 writes/s for 60 s through `cdc run` (target {:.0} ms)",
+                    if kind == "nats" { "stored in JetStream" } else { "row committed in PostgreSQL" },
+                    super::lag::target_ms(kind)
+                ),
+                "ms",
+                vec![lag.p99_ms],
+            ));
+        }
+    }
     if want("11") {
         let (event, peak) = split_memory(&uri, &client, 12).await?;
         println!(

@@ -11,8 +11,9 @@
 //! (`w<connection>.<sequence>`, stored in the document as `w`). With `--burst-every S
 //! --burst-x F` the rate is F times higher for the first second of every S seconds.
 //!
-//! Every write is majority-acknowledged before it is logged; the log is flushed when the
-//! writer stops (at the stop file, or after `--seconds S`). It prints, and writes to
+//! Every write is majority-acknowledged before it is logged (with `--ack-times`, followed
+//! by ` @<µs since the epoch>` of the acknowledgement); the log is flushed when the writer
+//! stops (at the stop file, or after `--seconds S`). It prints, and writes to
 //! `<log>.summary`, `writer: <n> writes in <s> s (<r>/s)`, counting each document changed
 //! (a transaction of three documents is three writes).
 
@@ -93,15 +94,38 @@ impl Keys {
     }
 }
 
-/// The shared log: lines of one key come from one connection, in acknowledgement order.
-type Log = Arc<Mutex<BufWriter<std::fs::File>>>;
+/// The shared log: lines of one key come from one connection, in acknowledgement order;
+/// with `stamp`, each line ends with ` @<microseconds since the epoch>` of its
+/// acknowledgement (for the lag benchmark).
+#[derive(Clone)]
+struct Log {
+    file: Arc<Mutex<BufWriter<std::fs::File>>>,
+    stamp: bool,
+}
 
-fn append(log: &Log, lines: &[String]) -> Result<(), BoxError> {
-    let mut log = log.lock().map_err(|_| "the log's lock is poisoned")?;
-    for line in lines {
-        writeln!(log, "{line}")?;
+impl Log {
+    fn append(&self, lines: &[String]) -> Result<(), BoxError> {
+        let at = self.stamp.then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros())
+        });
+        let mut file = self.file.lock().map_err(|_| "the log's lock is poisoned")?;
+        for line in lines {
+            match at {
+                Some(at) => writeln!(file, "{line} @{at}")?,
+                None => writeln!(file, "{line}")?,
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    fn sync(&self) -> Result<(), BoxError> {
+        let mut file = self.file.lock().map_err(|_| "the log's lock is poisoned")?;
+        file.flush()?;
+        file.get_ref().sync_all()?;
+        Ok(())
+    }
 }
 
 pub(super) async fn run(args: &[String]) -> Result<(), BoxError> {
@@ -130,7 +154,10 @@ pub(super) async fn run(args: &[String]) -> Result<(), BoxError> {
         .create(true)
         .append(true)
         .open(&log_path)?;
-    let log: Log = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 16, file)));
+    let log = Log {
+        file: Arc::new(Mutex::new(BufWriter::with_capacity(1 << 16, file))),
+        stamp: args.iter().any(|a| a == "--ack-times"),
+    };
 
     // Documents that exist before the consumer starts (a snapshot reads them).
     let client = mongodb::Client::with_uri_str(&uri).await?;
@@ -143,14 +170,10 @@ pub(super) async fn run(args: &[String]) -> Result<(), BoxError> {
             .collect();
         coll.insert_many(docs).await?;
         let lines: Vec<String> = (next..next + n).map(|id| format!("{id} v1")).collect();
-        append(&log, &lines)?;
+        log.append(&lines)?;
         next += n;
     }
-    {
-        let mut log = log.lock().map_err(|_| "the log's lock is poisoned")?;
-        log.flush()?;
-        log.get_ref().sync_all()?;
-    }
+    log.sync()?;
     if preload > 0 {
         // The consumer starts now: it reads what exists, then the stream.
         std::fs::write(format!("{log_path}.preloaded"), b"")?;
@@ -197,11 +220,7 @@ pub(super) async fn run(args: &[String]) -> Result<(), BoxError> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    {
-        let mut log = log.lock().map_err(|_| "the log's lock is poisoned")?;
-        log.flush()?;
-        log.get_ref().sync_all()?;
-    }
+    log.sync()?;
     if let Some(e) = failed {
         return Err(e);
     }
@@ -251,7 +270,7 @@ async fn connection(
             coll.insert_one(doc! { "_id": id, "version": v, "w": &w, "pad": "x".repeat(200) })
                 .await?;
             keys.live.push(id);
-            append(log, &[format!("{id} v{v} {w}")])?;
+            log.append(&[format!("{id} v{v} {w}")])?;
             writes.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -280,7 +299,7 @@ async fn connection(
             }
             session.commit_transaction().await?;
             // Logged only after the commit was acknowledged.
-            append(log, &lines)?;
+            log.append(&lines)?;
             writes.fetch_add(lines.len() as u64, Ordering::Relaxed);
             // The rate counts documents written: the transaction's others take their turns.
             if let Some(pause) = pause {
@@ -321,7 +340,7 @@ async fn connection(
             format!("{id} v{v} {w}")
         };
         // Logged only after the write was acknowledged.
-        append(log, &[line])?;
+        log.append(&[line])?;
         writes.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
