@@ -9,6 +9,8 @@
 //!   store backend.
 //! - `cdc-bench lag [--sink nats|postgres|both] [--rate R] [--seconds S]`: lag under load
 //!   through `cdc run` (see `lag.rs`); row 15 of `all`.
+//! - `cdc-bench instructions [--events N]`: instructions per event of the processor and of
+//!   the raw driver under callgrind (see `instructions.rs`).
 //! - `cdc-bench all`: the ten library scenarios side by side (see `scenarios.rs`), written
 //!   to `target/bench/report.md` and `report.json`.
 
@@ -22,6 +24,7 @@ use futures_util::TryStreamExt;
 use mongo_sim::{MongoSim, SimOptions};
 use mongodb::{Client, Collection};
 
+mod instructions;
 mod lag;
 mod scenarios;
 
@@ -35,9 +38,11 @@ async fn main() -> std::process::ExitCode {
         Some("stores") => stores(&args[1..]).await,
         Some("all") => scenarios::all(&args[1..]).await,
         Some("lag") => lag::run(&args[1..]).await,
+        Some("instructions") => instructions::run(&args[1..]).await,
+        Some("count-child") => instructions::count_child(&args[1..]).await,
         Some("consume") => scenarios::consume_child(&args[1..]).await,
         Some("serve-sim") => scenarios::serve_sim(&args[1..]).await,
-        _ => Err("usage: cdc-bench sim [--events N] [--rounds R] | stores [--ops N] | lag [--sink nats|postgres|both] [--rate R] [--seconds S] | all [--events N] [--rounds R] [--burst N] [--filtered N] [--idle-seconds S]".into()),
+        _ => Err("usage: cdc-bench sim [--events N] [--rounds R] | stores [--ops N] | lag [--sink nats|postgres|both] [--rate R] [--seconds S] | instructions [--events N] | all [--events N] [--rounds R] [--burst N] [--filtered N] [--idle-seconds S]".into()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

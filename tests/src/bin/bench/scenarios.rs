@@ -29,10 +29,10 @@ use super::{BoxError, flag, median_and_spread, payload, percentile, preload};
 
 /// Counts delivered events and wakes the waiter at the target.
 #[derive(Clone, Default)]
-struct Count {
+pub(crate) struct Count {
     n: Arc<AtomicU64>,
-    target: Arc<AtomicU64>,
-    done: Arc<tokio::sync::Notify>,
+    pub(crate) target: Arc<AtomicU64>,
+    pub(crate) done: Arc<tokio::sync::Notify>,
     /// The largest event seen, in bytes (kept only when `measure_size` is set).
     largest: Arc<AtomicU64>,
     measure_size: bool,
@@ -119,7 +119,7 @@ impl ResumeStore for CountingStore {
 }
 
 /// A starting point at the current head of the oplog, for `coll`.
-async fn head_point(coll: &Collection<Document>) -> Result<ResumePoint, BoxError> {
+pub(crate) async fn head_point(coll: &Collection<Document>) -> Result<ResumePoint, BoxError> {
     let stream = coll.watch().await?;
     let token = stream.resume_token().ok_or("no initial resume token")?;
     let token = from_driver_token(&token).ok_or("token conversion")?;
@@ -1188,6 +1188,15 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
             "scenario 2 ÷ scenario 1, paired by round",
             "ratio",
             ratios,
+        ));
+        // The same two paths in instructions (callgrind), which do not vary run to run.
+        let (raw, processor) = super::instructions::measure(20_000).await?;
+        super::instructions::print(raw, processor);
+        rows.push(row(
+            "2i",
+            "scenario 2 ÷ scenario 1 in instructions per event (callgrind; target ≤ 1.5)",
+            "ratio",
+            vec![processor / raw],
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);

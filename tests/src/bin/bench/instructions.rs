@@ -1,0 +1,210 @@
+//! `cdc-bench instructions [--events N]`: the CPU cost of the processor's hot path in
+//! instructions, which callgrind counts the same run after run (time on two shared cores
+//! does not).
+//!
+//! The simulator runs in its own process (not counted) with `3N` identical inserts after
+//! a recorded position: the same events for every run. A child process under callgrind
+//! reads them from that position, either through the driver's raw stream (what scenario
+//! 1 measures) or through the processor with batched checkpoints and a memory store
+//! (scenario 2), once for `N` events and once for `2N`: the difference over `N` is the
+//! cost per event without start-up. Prints `processor instructions per event ÷ raw driver:
+//! <r>x`.
+
+use std::{
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use cdc_core::{ClusterTime, ResumePoint, ResumeStore, ResumeToken, StartPosition};
+use cdc_mongo::{MongoSource, Scope};
+use cdc_processor::{DocumentProcessor, stores::MemoryStore};
+use futures_util::TryStreamExt;
+use mongodb::Client;
+
+use super::BoxError;
+
+/// Total instructions (`Ir`) of a callgrind output file.
+fn total_instructions(path: &Path) -> Result<u64, BoxError> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{}: no instruction total", path.display()).into())
+}
+
+/// Instructions of the child reading `events` events in `mode`.
+async fn counted(
+    mode: &str,
+    uri: &str,
+    coll: &str,
+    token: &str,
+    events: usize,
+    out: &Path,
+) -> Result<u64, BoxError> {
+    let status = tokio::process::Command::new("valgrind")
+        .args(["--tool=callgrind", "--quiet"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(std::env::current_exe()?)
+        .args(["count-child", "--mode", mode, "--uri", uri, "--coll", coll])
+        .args(["--token", token, "--events", &events.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|e| format!("valgrind (is it installed?): {e}"))?;
+    if !status.success() {
+        return Err(format!("the {mode} child under callgrind failed: {status}").into());
+    }
+    total_instructions(out)
+}
+
+pub(crate) async fn run(args: &[String]) -> Result<(), BoxError> {
+    let events = super::flag(args, "--events", 20_000)?;
+    let (raw, processor) = measure(events).await?;
+    print(raw, processor);
+    Ok(())
+}
+
+/// Prints the per-event counts and the ratio line.
+pub(crate) fn print(raw: f64, processor: f64) {
+    println!("raw driver: {raw:.0} instructions per event (callgrind)");
+    println!("processor: {processor:.0} instructions per event (callgrind)");
+    println!(
+        "processor instructions per event ÷ raw driver: {:.2}x",
+        processor / raw
+    );
+}
+
+/// Instructions per event of the raw driver and of the processor, over `events` events.
+pub(crate) async fn measure(events: usize) -> Result<(f64, f64), BoxError> {
+    let mut server = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "serve-sim",
+            "--capacity",
+            &(events * 4 + 10_000).to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let uri = {
+        use tokio::io::AsyncBufReadExt;
+        let out = server.stdout.take().ok_or("no simulator output")?;
+        tokio::io::BufReader::new(out)
+            .lines()
+            .next_line()
+            .await?
+            .ok_or("the simulator printed no URI")?
+    };
+    let client = Client::with_uri_str(&uri).await?;
+    let name = "instructions";
+    let coll = client.database("bench").collection::<bson::Document>(name);
+    let _ = coll.drop().await;
+    let start = super::scenarios::head_point(&coll).await?;
+    // 3N: the runs of N and 2N events both read ahead past their last one the same way.
+    super::preload(&coll, events * 3, 0).await?;
+    let token = super::hex(start.token.as_bytes());
+    // `CDC_BENCH_CALLGRIND_DIR` keeps the callgrind files there, for `callgrind_annotate`.
+    let kept = std::env::var_os("CDC_BENCH_CALLGRIND_DIR").map(std::path::PathBuf::from);
+    let work = kept.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("cdc-bench-callgrind-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&work)?;
+    let mut per_event = Vec::new();
+    for mode in ["raw", "processor"] {
+        let one = counted(
+            mode,
+            &uri,
+            name,
+            &token,
+            events,
+            &work.join(format!("{mode}-1")),
+        )
+        .await?;
+        let two = counted(
+            mode,
+            &uri,
+            name,
+            &token,
+            events * 2,
+            &work.join(format!("{mode}-2")),
+        )
+        .await?;
+        per_event.push(two.saturating_sub(one) as f64 / events as f64);
+    }
+    if kept.is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    server.kill().await?;
+    Ok((per_event[0], per_event[1]))
+}
+
+/// The child: reads `--events` events after `--token` from `--uri`, `--mode raw` through
+/// the driver's stream as raw BSON, `--mode processor` through the processor (scenario 2:
+/// batched checkpoints, memory store, default read-ahead) into a counting handler.
+pub(crate) async fn count_child(args: &[String]) -> Result<(), BoxError> {
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .ok_or_else(|| format!("{name} is required"))
+    };
+    let uri = value("--uri")?;
+    let coll = value("--coll")?;
+    let events: usize = value("--events")?.parse()?;
+    let token = super::unhex(&value("--token")?).ok_or("bad token hex")?;
+    let token = ResumeToken::from_bytes(token)?;
+    let client = Client::with_uri_str(&uri).await?;
+    match value("--mode")?.as_str() {
+        "raw" => {
+            let source = MongoSource::new(
+                client,
+                Scope::collection("bench", coll),
+                cdc_processor::SourceOptions::default(),
+            );
+            let drain = tokio::spawn(async move {
+                let mut stream = source
+                    .open_driver_stream(&StartPosition::ResumeAfter(token))
+                    .await?;
+                for _ in 0..events {
+                    stream.try_next().await?.ok_or("stream ended")?;
+                }
+                Ok::<_, BoxError>(())
+            });
+            drain.await??;
+        }
+        "processor" => {
+            let store = Arc::new(MemoryStore::new());
+            let stream_id = format!("bench.{coll}");
+            store
+                .save(
+                    &stream_id,
+                    &ResumePoint::post_batch(token, ClusterTime::default(), bson::DateTime::now()),
+                )
+                .await?;
+            let p = DocumentProcessor::builder()
+                .source(cdc_processor::Watch::collection(client, "bench", coll))
+                .stream_id(stream_id)
+                .store(store)
+                .checkpoint(cdc_processor::CheckpointPolicy::default())
+                .prefetch(1024)
+                .build()?;
+            let count = super::scenarios::Count::default();
+            count.target.store(events as u64, Ordering::Relaxed);
+            let runner = p.clone();
+            let handler = count.clone();
+            let task = tokio::spawn(async move { runner.start(handler).await });
+            tokio::time::timeout(Duration::from_secs(600), count.done.notified())
+                .await
+                .map_err(|_| "the processor stalled")?;
+            p.stop();
+            task.await??;
+        }
+        other => return Err(format!("--mode {other}: raw or processor").into()),
+    }
+    Ok(())
+}
