@@ -61,6 +61,18 @@ impl Inner {
         }
     }
 
+    /// Whether the stream may send split events: the split stage is asked for, or ends
+    /// the user's pipeline. Without it the server never splits an event (one over 16 MiB
+    /// is an error), and events are not looked at for fragments.
+    fn splits(&self) -> bool {
+        self.options.split_large_events
+            || self
+                .options
+                .pipeline
+                .last()
+                .is_some_and(|s| s.contains_key(SPLIT_STAGE))
+    }
+
     fn pipeline(&self) -> Vec<Document> {
         let mut stages = Vec::with_capacity(self.options.pipeline.len() + 1);
         if let Some(types) = &self.options.operation_types {
@@ -299,6 +311,11 @@ impl ChangeCursor for MongoCursor {
         }
         loop {
             match self.stream.next_if_any().await {
+                Ok(Some(raw)) if !self.inner.splits() => {
+                    let event = ChangeEvent::from_raw_buf(raw).map_err(Error::Decode)?;
+                    self.boundary = Some(event.token.clone());
+                    return Ok(Next::Event(Box::new(event)));
+                }
                 Ok(Some(raw)) => {
                     let raw = match self.split.take(raw) {
                         Ok(Piece::Whole(raw)) => raw,
