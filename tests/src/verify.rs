@@ -65,7 +65,7 @@ fn parse_lines(text: &str) -> Result<Vec<Line>, String> {
             continue;
         }
         match change_line(line) {
-            Some((id, change, txn)) => {
+            Some((id, change, txn, _)) => {
                 out.push(Line::Change((id.to_owned(), change.to_owned()), txn));
             }
             _ if i + 1 == lines.len() && !text.ends_with('\n') => {}
@@ -179,7 +179,7 @@ pub fn verify_transactions(written: &str, delivered: &str) -> Result<Transaction
 /// names the write for a reader tracing it, and the acknowledgement time is the lag
 /// benchmark's; the comparison needs neither, since an id and its version (or `deleted`)
 /// already name one write.
-fn change_line(line: &str) -> Option<(&str, &str, Option<u64>)> {
+fn change_line(line: &str) -> Option<(&str, &str, Option<u64>, Option<u64>)> {
     let mut parts = line.split_whitespace();
     let id = parts.next()?;
     let change = parts.next().filter(|c| valid_change(c))?;
@@ -195,14 +195,30 @@ fn change_line(line: &str) -> Option<(&str, &str, Option<u64>)> {
             }
         } else if let Some(at) = part.strip_prefix('@') {
             // When the writer had the acknowledgement (µs since the epoch).
-            if at.parse::<u64>().is_err() || acked.replace(at).is_some() {
+            if acked.replace(at.parse::<u64>().ok()?).is_some() {
                 return None;
             }
         } else {
             return None;
         }
     }
-    Some((id, change, txn))
+    Some((id, change, txn, acked))
+}
+
+/// `(document id, change, acknowledged µs)` of every line of a writer's log written with
+/// `--ack-times` (the lag benchmark's reading).
+///
+/// # Errors
+/// A line that is not a change, or has no acknowledgement time, named.
+pub fn acknowledged(text: &str) -> Result<Vec<(String, String, u64)>, String> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| match change_line(line) {
+            Some((id, change, _, Some(at))) => Ok((id.to_owned(), change.to_owned(), at)),
+            Some(_) => Err(format!("line {}: no acknowledgement time: {line:?}", i + 1)),
+            None => Err(format!("line {}: malformed: {line:?}", i + 1)),
+        })
+        .collect()
 }
 
 fn valid_change(change: &str) -> bool {
@@ -366,6 +382,14 @@ mod tests {
         assert!(parse("1 v1 w\n").is_err());
         assert_eq!(parse("1 v1 w0.1 @1700000000000000\n").unwrap().len(), 1);
         assert!(parse("1 v1 @x\n").is_err());
+        assert_eq!(
+            acknowledged("1 v1 w0.1 @17\n1 deleted @18 w0.2\n").unwrap(),
+            [
+                ("1".to_owned(), "v1".to_owned(), 17),
+                ("1".to_owned(), "deleted".to_owned(), 18)
+            ]
+        );
+        assert!(acknowledged("1 v1 w0.1\n").is_err());
         // A line a killed consumer left unfinished, ended before the next start marker.
         assert_eq!(parse("# start\n1 v1\n7\n# start\n1 v1\n").unwrap().len(), 2);
         assert!(

@@ -224,6 +224,9 @@ pub struct MongoCursor {
     inner: Arc<Inner>,
     /// A gap found while opening (restarted from now), reported by the first `next`.
     gap: Option<HistoryGap>,
+    /// Whether the stream may send split events ([`Inner::splits`], fixed for its life):
+    /// only then are events looked at for fragments.
+    splits: bool,
     /// Fragments of a split event read so far.
     split: Reassembler,
     /// Resumed in the middle of a split event: reopened at its cluster time, events are
@@ -258,6 +261,7 @@ impl MongoCursor {
             stream,
             inner: Arc::clone(inner),
             gap: None,
+            splits: inner.splits(),
             split: Reassembler::new(),
             seek: None,
             boundary,
@@ -311,7 +315,7 @@ impl ChangeCursor for MongoCursor {
         }
         loop {
             match self.stream.next_if_any().await {
-                Ok(Some(raw)) if !self.inner.splits() => {
+                Ok(Some(raw)) if !self.splits => {
                     let event = ChangeEvent::from_raw_buf(raw).map_err(Error::Decode)?;
                     self.boundary = Some(event.token.clone());
                     return Ok(Next::Event(Box::new(event)));

@@ -10,15 +10,11 @@
 //! cost per event without start-up. Prints `processor instructions per event ÷ raw driver:
 //! <r>x`.
 
-use std::{
-    path::Path,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{path::Path, sync::atomic::Ordering, time::Duration};
 
-use cdc_core::{ClusterTime, ResumePoint, ResumeStore, ResumeToken, StartPosition};
+use cdc_core::{ResumeToken, StartPosition};
 use cdc_mongo::{MongoSource, Scope};
-use cdc_processor::{DocumentProcessor, stores::MemoryStore};
+use cdc_processor::DocumentProcessor;
 use futures_util::TryStreamExt;
 use mongodb::Client;
 
@@ -81,24 +77,7 @@ pub(crate) fn print(raw: f64, processor: f64) {
 
 /// Instructions per event of the raw driver and of the processor, over `events` events.
 pub(crate) async fn measure(events: usize) -> Result<(f64, f64), BoxError> {
-    let mut server = tokio::process::Command::new(std::env::current_exe()?)
-        .args([
-            "serve-sim",
-            "--capacity",
-            &(events * 4 + 10_000).to_string(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let uri = {
-        use tokio::io::AsyncBufReadExt;
-        let out = server.stdout.take().ok_or("no simulator output")?;
-        tokio::io::BufReader::new(out)
-            .lines()
-            .next_line()
-            .await?
-            .ok_or("the simulator printed no URI")?
-    };
+    let (mut server, uri) = super::spawn_sim(events * 4 + 10_000).await?;
     let client = Client::with_uri_str(&uri).await?;
     let name = "instructions";
     let coll = client.database("bench").collection::<bson::Document>(name);
@@ -178,14 +157,7 @@ pub(crate) async fn count_child(args: &[String]) -> Result<(), BoxError> {
             drain.await??;
         }
         "processor" => {
-            let store = Arc::new(MemoryStore::new());
-            let stream_id = format!("bench.{coll}");
-            store
-                .save(
-                    &stream_id,
-                    &ResumePoint::post_batch(token, ClusterTime::default(), bson::DateTime::now()),
-                )
-                .await?;
+            let (store, stream_id) = super::scenarios::child_store(&coll, token).await?;
             let p = DocumentProcessor::builder()
                 .source(cdc_processor::Watch::collection(client, "bench", coll))
                 .stream_id(stream_id)

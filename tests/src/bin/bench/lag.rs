@@ -12,9 +12,8 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use cdc_core::ChangeEvent;
@@ -49,23 +48,6 @@ fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
-}
-
-/// `(document id, change, acknowledged µs)` of every line of the writer's log.
-fn written_changes(log: &str) -> Result<Vec<(String, String, u64)>, BoxError> {
-    let mut out = Vec::new();
-    for line in log.lines() {
-        let mut parts = line.split_whitespace();
-        let (Some(id), Some(change)) = (parts.next(), parts.next()) else {
-            return Err(format!("a writer line without a change: {line:?}").into());
-        };
-        let at = parts
-            .find_map(|p| p.strip_prefix('@'))
-            .ok_or_else(|| format!("a writer line without its acknowledgement time: {line:?}"))?
-            .parse()?;
-        out.push((id.to_owned(), change.to_owned(), at));
-    }
-    Ok(out)
 }
 
 /// Each written change's lag in ms (its own stored time, or the earliest stored time of
@@ -145,29 +127,6 @@ fn summarize(
     }
 }
 
-/// A program built beside this one.
-fn sibling(name: &str) -> Result<PathBuf, BoxError> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!(
-            "{} does not exist: `cargo xtask bench` builds it",
-            path.display()
-        )
-        .into())
-    }
-}
-
-/// The rate in the writer's summary (`writer: <n> writes in <s> s (<r>/s)`).
-fn reached_rate(summary: &str) -> Result<f64, BoxError> {
-    summary
-        .rsplit_once('(')
-        .and_then(|(_, r)| r.split_once("/s)"))
-        .and_then(|(r, _)| r.parse().ok())
-        .ok_or_else(|| format!("not a writer summary: {summary:?}").into())
-}
-
 /// Runs the writer at `rate` for `seconds` with `cdc run` moving the changes into `kind`
 /// (`nats` or `postgres`), and measures each change's lag.
 pub(crate) async fn lag_into(
@@ -176,8 +135,8 @@ pub(crate) async fn lag_into(
     rate: u64,
     seconds: u64,
 ) -> Result<Lag, BoxError> {
-    let cdc = sibling("cdc")?;
-    let soak = sibling("cdc-soak")?;
+    let cdc = super::sibling("cdc")?;
+    let soak = super::sibling("cdc-soak")?;
     let pid = std::process::id();
     let work = std::env::temp_dir().join(format!("cdc-bench-lag-{kind}-{pid}"));
     let _ = std::fs::remove_dir_all(&work);
@@ -278,17 +237,15 @@ pub(crate) async fn lag_into(
     if !status.success() {
         return Err(format!("the writer failed: {status}").into());
     }
-    let summary = std::fs::read_to_string(format!("{}.summary", log.display()))?;
-    let reached = reached_rate(summary.trim())?;
-    let written = written_changes(&std::fs::read_to_string(&log)?)?;
+    let reached = cdc_tests::load::reached_rate(&log)? as f64;
+    let written = cdc_tests::verify::acknowledged(&std::fs::read_to_string(&log)?)?;
 
     // Until every change has a stored time, or none came for 30 s.
     let js = match kind {
         "nats" => Some(jetstream::new(async_nats::connect(&nats_url).await?)),
         _ => None,
     };
-    let mut best = usize::MAX;
-    let mut since = Instant::now();
+    let mut catch_up = cdc_tests::load::CatchUp::new();
     let lag = loop {
         let missing = match &js {
             // One message per change: the stream's count says when all are there (it is
@@ -308,11 +265,7 @@ pub(crate) async fn lag_into(
                 summarize(&written, &stored, reached, true).missing
             }
         };
-        if missing < best {
-            best = missing;
-            since = Instant::now();
-        }
-        if missing == 0 || since.elapsed() > Duration::from_secs(30) {
+        if catch_up.done(missing) {
             if let Some(js) = &js {
                 let read = nats_stored(js, &stream_name).await?;
                 *stored.lock().map_err(|_| "poisoned")? = read;
@@ -404,21 +357,7 @@ pub(crate) async fn run(args: &[String]) -> Result<(), BoxError> {
         "postgres" => &["postgres"],
         other => return Err(format!("--sink {other}: nats, postgres or both").into()),
     };
-    let capacity = (rate * seconds * 2 + 100_000).to_string();
-    let mut server = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["serve-sim", "--capacity", &capacity])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let uri = {
-        use tokio::io::AsyncBufReadExt;
-        let out = server.stdout.take().ok_or("no simulator output")?;
-        tokio::io::BufReader::new(out)
-            .lines()
-            .next_line()
-            .await?
-            .ok_or("the simulator printed no URI")?
-    };
+    let (mut server, uri) = super::spawn_sim((rate * seconds * 2 + 100_000) as usize).await?;
     for kind in kinds {
         let lag = lag_into(&uri, kind, rate, seconds).await?;
         print(kind, rate, seconds, &lag);
@@ -467,14 +406,5 @@ mod tests {
         // In a stream of every change, nothing is excused.
         let (_, missing, never) = lags(&written, &stored, false);
         assert_eq!((missing, never), (3, 0));
-        assert_eq!(
-            reached_rate("writer: 300000 writes in 60.0 s (4999/s)").unwrap(),
-            4999.0
-        );
-        assert!(written_changes("1 v1 w0.1\n").is_err());
-        assert_eq!(
-            written_changes("1 v1 w0.1 @17\n1 deleted w0.2 @18\n").unwrap(),
-            [w("1", "v1", 17), w("1", "deleted", 18)]
-        );
     }
 }

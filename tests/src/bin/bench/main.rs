@@ -53,6 +53,29 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Starts `serve-sim --capacity <capacity>` (a simulator in a process of its own, so its
+/// heap neither shows in nor slows what is measured): the process and the URI it printed.
+async fn spawn_sim(capacity: usize) -> Result<(tokio::process::Child, String), BoxError> {
+    use tokio::io::AsyncBufReadExt;
+    let mut server = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["serve-sim", "--capacity", &capacity.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = server.stdout.take().ok_or("no simulator output")?;
+    let uri = tokio::io::BufReader::new(out)
+        .lines()
+        .next_line()
+        .await?
+        .ok_or("the simulator printed no URI")?;
+    Ok((server, uri))
+}
+
+/// A program built beside this one (`cargo xtask bench` builds `cdc` and `cdc-soak`).
+fn sibling(name: &str) -> Result<std::path::PathBuf, BoxError> {
+    Ok(cdc_tests::program_beside(name, "`cargo xtask bench` does")?)
+}
+
 fn flag(args: &[String], name: &str, default: usize) -> Result<usize, BoxError> {
     match args.iter().position(|a| a == name) {
         None => Ok(default),

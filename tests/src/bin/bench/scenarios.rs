@@ -449,6 +449,19 @@ pub(crate) async fn serve_sim(args: &[String]) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// A child's store: a memory store holding, for stream `bench.<coll>`, the point after
+/// `token` (where the parent recorded the head before loading the events).
+pub(crate) async fn child_store(
+    coll: &str,
+    token: ResumeToken,
+) -> Result<(Arc<MemoryStore>, String), BoxError> {
+    let store = Arc::new(MemoryStore::new());
+    let stream_id = format!("bench.{coll}");
+    let point = ResumePoint::post_batch(token, ClusterTime::default(), bson::DateTime::now());
+    store.save(&stream_id, &point).await?;
+    Ok((store, stream_id))
+}
+
 /// The child side of the memory scenario: drains `--events` from `--uri` and prints its
 /// own peak resident memory.
 pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
@@ -464,14 +477,7 @@ pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
     let token = crate::unhex(&value("--token").ok_or("--token")?).ok_or("bad token hex")?;
     let token = ResumeToken::from_bytes(token)?;
     let client = Client::with_uri_str(&uri).await?;
-    let store = Arc::new(MemoryStore::new());
-    let stream_id = format!("bench.{coll}");
-    store
-        .save(
-            &stream_id,
-            &ResumePoint::post_batch(token, ClusterTime::default(), bson::DateTime::now()),
-        )
-        .await?;
+    let (store, stream_id) = child_store(&coll, token).await?;
     let split = args.iter().any(|a| a == "--split");
     let snapshot = value("--snapshot")
         .map(|v| v.parse::<usize>())
@@ -730,14 +736,7 @@ async fn cdc_program_memory(
     budget_mib: usize,
 ) -> Result<f64, BoxError> {
     use tokio::io::AsyncBufReadExt;
-    let cdc = std::env::current_exe()?.with_file_name("cdc");
-    if !cdc.exists() {
-        return Err(format!(
-            "{} does not exist: `cargo xtask bench` builds it (cargo build --release -p cdc-cli)",
-            cdc.display()
-        )
-        .into());
-    }
+    let cdc = super::sibling("cdc")?;
     let coll_name = "large_docs_cdc";
     let coll = client.database("bench").collection::<Document>(coll_name);
     let _ = coll.drop().await;
@@ -1053,20 +1052,7 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
     // The simulator runs in its own process, so its heap (the whole oplog) neither shows in
     // nor slows the consumer's measurements.
     let capacity = burst.max(filtered).max(events) * 2 + 1000;
-    let mut server = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["serve-sim", "--capacity", &capacity.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let uri = {
-        use tokio::io::AsyncBufReadExt;
-        let out = server.stdout.take().ok_or("no simulator output")?;
-        let mut lines = tokio::io::BufReader::new(out).lines();
-        lines
-            .next_line()
-            .await?
-            .ok_or("the simulator printed no URI")?
-    };
+    let (mut server, uri) = super::spawn_sim(capacity).await?;
     let client = Client::with_uri_str(&uri).await?;
     let batch = args
         .iter()

@@ -263,7 +263,7 @@ async fn verify_snapshot(
     started: Instant,
 ) -> Result<bool, BoxError> {
     let content = collection_content(uri).await?;
-    let mut catch_up = CatchUp::new();
+    let mut catch_up = cdc_tests::load::CatchUp::new();
     let mut replica;
     // Keys whose last state the replica lacks: missing, stale, or still present after
     // their delete.
@@ -424,24 +424,11 @@ fn spawn_writer(
     spawn_self(&args)
 }
 
-/// The rate the writer reached (writes/s), from the summary it left beside its log:
-/// `writer: <n> writes in <s> s (<r>/s)`.
-fn reached_rate(log: &Path) -> Result<u64, BoxError> {
-    let path = format!("{}.summary", log.display());
-    let text = std::fs::read_to_string(&path)?;
-    let rate = text
-        .rsplit_once('(')
-        .and_then(|(_, r)| r.split_once("/s)"))
-        .and_then(|(r, _)| r.parse::<u64>().ok())
-        .ok_or_else(|| format!("{path}: not a writer summary: {text:?}"))?;
-    Ok(rate)
-}
-
 /// `soak at load: <r> writes/s | lost <n> | <rest>`: each soak's summary's first line.
 fn print_load_line(written: &Path, lost: usize, rest: &str) -> Result<(), BoxError> {
     println!(
         "soak at load: {} writes/s | lost {lost} | {rest}",
-        reached_rate(written)?
+        cdc_tests::load::reached_rate(written)?
     );
     Ok(())
 }
@@ -461,39 +448,6 @@ fn kill_pause(
         }
         None => Duration::from_millis(otherwise_ms),
     })
-}
-
-/// Waiting for the last consumer to catch up after the writer stopped: as long as what is
-/// missing keeps shrinking (a consumer behind a fast writer may need minutes), but not
-/// when it stalls for 30 s (what is still missing then is lost), nor past 20 minutes.
-#[derive(Debug)]
-struct CatchUp {
-    best: usize,
-    since: Instant,
-    began: Instant,
-}
-
-impl CatchUp {
-    fn new() -> Self {
-        Self {
-            best: usize::MAX,
-            since: Instant::now(),
-            began: Instant::now(),
-        }
-    }
-
-    /// Whether to stop waiting, with `missing` changes (or documents) not there yet.
-    fn done(&mut self, missing: usize) -> bool {
-        if missing == 0 {
-            return true;
-        }
-        if missing < self.best {
-            self.best = missing;
-            self.since = Instant::now();
-        }
-        self.since.elapsed() > Duration::from_secs(30)
-            || self.began.elapsed() > Duration::from_secs(20 * 60)
-    }
 }
 
 fn count_lines(path: &Path) -> usize {
@@ -657,7 +611,7 @@ async fn run(args: &[String]) -> Result<bool, BoxError> {
     // Let the last consumer catch up with everything written.
     let written_log = parse(&std::fs::read_to_string(&written)?)?;
     let letters_store = FileStore::new(&store)?;
-    let mut catch_up = CatchUp::new();
+    let mut catch_up = cdc_tests::load::CatchUp::new();
     loop {
         let mut delivered_log = parse(&std::fs::read_to_string(&delivered).unwrap_or_default())?;
         delivered_log.extend(dead_letters(&letters_store).await?);
@@ -1023,7 +977,7 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
         return Err(format!("the writer failed: {status}").into());
     }
     let written_log = parse(&std::fs::read_to_string(&written)?)?;
-    let mut catch_up = CatchUp::new();
+    let mut catch_up = cdc_tests::load::CatchUp::new();
     loop {
         let delivered_log = parse(&std::fs::read_to_string(&delivered).unwrap_or_default())?;
         if catch_up.done(verify(&written_log, &delivered_log, usize::MAX).lost) {
@@ -1103,22 +1057,6 @@ async fn run_standby(args: &[String], standbys: usize) -> Result<bool, BoxError>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_rate_reached_is_read_from_the_writers_summary() {
-        let dir = std::env::temp_dir().join(format!("soak-summary-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("written.log");
-        std::fs::write(
-            dir.join("written.log.summary"),
-            "writer: 100350 writes in 20.1 s (4993/s)\n",
-        )
-        .unwrap();
-        assert_eq!(reached_rate(&log).unwrap(), 4993);
-        std::fs::write(dir.join("written.log.summary"), "writer: broken\n").unwrap();
-        assert!(reached_rate(&log).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn the_load_options_are_passed_on_with_the_default_rate() {

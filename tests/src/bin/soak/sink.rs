@@ -27,21 +27,6 @@ use cdc_sink::async_nats::{self, jetstream};
 
 use super::{collection_content, count_lines, value};
 
-/// The `cdc` program built beside this one (`cargo xtask soak` builds it first).
-fn cdc_program() -> Result<PathBuf, BoxError> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name("cdc");
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!(
-            "{} does not exist: build it first (`cargo build -p cdc-cli`; `cargo xtask soak` does)",
-            path.display()
-        )
-        .into())
-    }
-}
-
 fn spawn_cdc(cdc: &Path, config: &Path, log: &Path) -> Result<Child, BoxError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -186,7 +171,8 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
     let load = super::LoadArgs::from(args)?;
     let snapshot = args.iter().any(|a| a == "--snapshot");
     let preload = value(args, "--preload").unwrap_or_else(|| "1000000".to_owned());
-    let cdc = cdc_program()?;
+    let cdc =
+        cdc_tests::program_beside("cdc", "`cargo build -p cdc-cli`; `cargo xtask soak` does")?;
     let sim = match value(args, "--uri") {
         Some(_) => None,
         None => Some(mongo_sim::MongoSim::start().await?),
@@ -314,7 +300,7 @@ pub(super) async fn run(args: &[String], kind: &str) -> Result<bool, BoxError> {
         _ => None,
     };
     let table = format!("{prefix}docs");
-    let mut catch_up = super::CatchUp::new();
+    let mut catch_up = cdc_tests::load::CatchUp::new();
     if snapshot && let Some(n) = &nats {
         let js = jetstream::new(n.clone());
         let replayed = loop {

@@ -20,7 +20,7 @@
 use std::{
     collections::HashMap,
     io::{BufWriter, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -224,13 +224,12 @@ pub(super) async fn run(args: &[String]) -> Result<(), BoxError> {
     if let Some(e) = failed {
         return Err(e);
     }
-    let n = writes.load(Ordering::Relaxed);
-    let summary = format!(
-        "writer: {n} writes in {elapsed:.1} s ({:.0}/s)",
-        n as f64 / elapsed.max(0.001)
-    );
+    let summary = cdc_tests::load::summary(writes.load(Ordering::Relaxed), elapsed);
     println!("{summary}");
-    std::fs::write(format!("{log_path}.summary"), format!("{summary}\n"))?;
+    std::fs::write(
+        cdc_tests::load::summary_path(Path::new(&log_path)),
+        format!("{summary}\n"),
+    )?;
     Ok(())
 }
 
