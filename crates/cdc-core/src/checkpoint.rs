@@ -111,8 +111,12 @@ struct Pending {
     point: ResumePoint,
     /// Acknowledged events covered by `point` and not yet saved.
     events: u32,
-    /// When the oldest of those events was acknowledged.
+    /// When the oldest of those events was acknowledged; `None` while the point is a
+    /// post-batch token with no event behind it.
     since: Option<Instant>,
+    /// `since` plus the policy's `max_interval` (`None` when that overflows: never due
+    /// by time), worked out once rather than for every event.
+    due_at: Option<Instant>,
 }
 
 /// The delivery protocol's state for one stream. See the module docs.
@@ -280,14 +284,25 @@ impl Checkpointer {
         entry.acked = true;
         while self.outstanding.front().is_some_and(|o| o.acked) {
             if let Some(done) = self.outstanding.pop_front() {
-                let pending = self.pending.get_or_insert(Pending {
-                    point: done.point.clone(),
-                    events: 0,
-                    since: None,
-                });
-                pending.point = done.point;
-                pending.events += 1;
-                pending.since.get_or_insert(now);
+                let max_interval = self.policy.max_interval;
+                match &mut self.pending {
+                    Some(pending) => {
+                        pending.point = done.point;
+                        pending.events += 1;
+                        if pending.since.is_none() {
+                            pending.since = Some(now);
+                            pending.due_at = now.checked_add(max_interval);
+                        }
+                    }
+                    None => {
+                        self.pending = Some(Pending {
+                            point: done.point,
+                            events: 1,
+                            since: Some(now),
+                            due_at: now.checked_add(max_interval),
+                        });
+                    }
+                }
             }
         }
         Ok(self.due(now))
@@ -326,6 +341,7 @@ impl Checkpointer {
                     point,
                     events: 0,
                     since: None,
+                    due_at: None,
                 });
             }
         }
@@ -359,8 +375,8 @@ impl Checkpointer {
         let pending = self.pending.as_ref()?;
         let due = if pending.point.is_invalidate() || pending.events >= self.policy.max_events() {
             true
-        } else if let Some(since) = pending.since {
-            now.saturating_duration_since(since) >= self.policy.max_interval
+        } else if pending.since.is_some() {
+            pending.due_at.is_some_and(|at| now >= at)
         } else {
             now.saturating_duration_since(self.last_save) >= self.policy.idle_interval
         };

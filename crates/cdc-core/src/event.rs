@@ -2,7 +2,10 @@
 
 use bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, spec::ElementType};
 
-use crate::{ClusterTime, Error, Namespace, OperationType, Result, ResumePoint, ResumeToken};
+use crate::{
+    ClusterTime, Error, Name, Namespace, OperationType, Result, ResumePoint, ResumeToken,
+    frame::{self, Element},
+};
 
 /// What changed in an `update` event.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -78,37 +81,73 @@ struct Span {
 }
 
 impl Span {
-    /// The span of `sub`, a document borrowed from `base`.
-    fn of(base: &RawDocument, sub: &RawDocument) -> Self {
+    /// The span of `sub`, bytes borrowed from `base`.
+    fn of(base: &RawDocument, sub: &[u8]) -> Self {
         // Both point into the same buffer (`sub` was read out of `base`); were they not,
         // the span would be nonsense and `ChangeEvent::view` would find nothing: no panic.
-        let start =
-            (sub.as_bytes().as_ptr() as usize).wrapping_sub(base.as_bytes().as_ptr() as usize);
+        let start = (sub.as_ptr() as usize).wrapping_sub(base.as_bytes().as_ptr() as usize);
         Self {
             start,
-            end: start.wrapping_add(sub.as_bytes().len()),
+            end: start.wrapping_add(sub.len()),
         }
     }
 }
 
-/// The name of a top-level field decoded eagerly or read through a view; `None` for the
-/// fields this version does not interpret ("extra").
-fn known_field(key: &str) -> Option<&'static str> {
-    Some(match key {
-        "_id" => "_id",
-        "operationType" => "operationType",
-        "clusterTime" => "clusterTime",
-        "wallTime" => "wallTime",
-        "ns" => "ns",
-        "to" => "to",
-        "documentKey" => "documentKey",
-        "fullDocument" => "fullDocument",
-        "fullDocumentBeforeChange" => "fullDocumentBeforeChange",
-        "updateDescription" => "updateDescription",
-        "txnNumber" => "txnNumber",
-        "lsid" => "lsid",
-        _ => return None,
-    })
+/// A top-level field decoded eagerly or read through a view.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Id,
+    OperationType,
+    ClusterTime,
+    WallTime,
+    Ns,
+    To,
+    DocumentKey,
+    FullDocument,
+    FullDocumentBeforeChange,
+    UpdateDescription,
+    TxnNumber,
+    Lsid,
+}
+
+impl Field {
+    /// The field a key names; `None` for the fields this version does not interpret
+    /// ("extra").
+    fn of(key: &[u8]) -> Option<Self> {
+        Some(match key {
+            b"_id" => Self::Id,
+            b"operationType" => Self::OperationType,
+            b"clusterTime" => Self::ClusterTime,
+            b"wallTime" => Self::WallTime,
+            b"ns" => Self::Ns,
+            b"to" => Self::To,
+            b"documentKey" => Self::DocumentKey,
+            b"fullDocument" => Self::FullDocument,
+            b"fullDocumentBeforeChange" => Self::FullDocumentBeforeChange,
+            b"updateDescription" => Self::UpdateDescription,
+            b"txnNumber" => Self::TxnNumber,
+            b"lsid" => Self::Lsid,
+            _ => return None,
+        })
+    }
+
+    /// Its name, as errors give it.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Id => "_id",
+            Self::OperationType => "operationType",
+            Self::ClusterTime => "clusterTime",
+            Self::WallTime => "wallTime",
+            Self::Ns => "ns",
+            Self::To => "to",
+            Self::DocumentKey => "documentKey",
+            Self::FullDocument => "fullDocument",
+            Self::FullDocumentBeforeChange => "fullDocumentBeforeChange",
+            Self::UpdateDescription => "updateDescription",
+            Self::TxnNumber => "txnNumber",
+            Self::Lsid => "lsid",
+        }
+    }
 }
 
 impl std::fmt::Debug for ChangeEvent {
@@ -166,7 +205,8 @@ impl ChangeEvent {
     }
 
     /// Decodes an event from the raw document the server sent, in one pass over its
-    /// top-level fields, keeping the buffer.
+    /// top-level fields, keeping the buffer. (A stream's events decode with an
+    /// [`EventDecoder`], which shares their namespace's names.)
     ///
     /// # Errors
     /// [`Error::MalformedEvent`] naming the field when `_id`, `operationType` or
@@ -174,73 +214,7 @@ impl ChangeEvent {
     /// do not frame as BSON. The insides of the key, images, update description and
     /// session id are checked when they are read.
     pub fn from_raw_buf(raw: RawDocumentBuf) -> Result<Self> {
-        let mut token = None;
-        let mut operation_type = None;
-        let mut cluster_time = None;
-        let mut header = Header::default();
-        let mut views = Views::default();
-        for element in raw.iter_elements() {
-            let element = element.map_err(|e| malformed("(document)", e.to_string()))?;
-            let key = element.key().as_str();
-            let Some(field) = known_field(key) else {
-                views.has_extra = true;
-                continue;
-            };
-            let value = element
-                .value()
-                .map_err(|e| malformed(field, e.to_string()))?;
-            let span = |value: RawBsonRef<'_>| -> Result<Option<Span>> {
-                Ok(raw_subdocument(field, value)?.map(|d| Span::of(&raw, d)))
-            };
-            match field {
-                "_id" => match value {
-                    RawBsonRef::Document(id) => token = Some(ResumeToken::copied(id)),
-                    other => return Err(wrong_type("_id", "a document", other.element_type())),
-                },
-                "operationType" => match value {
-                    RawBsonRef::String(s) => operation_type = Some(OperationType::parse(s)),
-                    other => {
-                        return Err(wrong_type(
-                            "operationType",
-                            "a string",
-                            other.element_type(),
-                        ));
-                    }
-                },
-                "clusterTime" => match value {
-                    RawBsonRef::Timestamp(ts) => cluster_time = Some(ClusterTime::from(ts)),
-                    other => {
-                        return Err(wrong_type(
-                            "clusterTime",
-                            "a timestamp",
-                            other.element_type(),
-                        ));
-                    }
-                },
-                "documentKey" => views.document_key = span(value)?,
-                "fullDocument" => views.full_document = span(value)?,
-                "fullDocumentBeforeChange" => views.full_document_before_change = span(value)?,
-                "updateDescription" => views.update_description = span(value)?,
-                "lsid" => views.lsid = span(value)?,
-                other => header.take(other, value)?,
-            }
-        }
-        let token = token.ok_or_else(|| malformed("_id", "is missing".into()))?;
-        let operation_type =
-            operation_type.ok_or_else(|| malformed("operationType", "is missing".into()))?;
-        let cluster_time =
-            cluster_time.ok_or_else(|| malformed("clusterTime", "is missing".into()))?;
-        Ok(Self {
-            token,
-            operation_type,
-            cluster_time,
-            wall_time: header.wall_time,
-            ns: header.ns,
-            to: header.to,
-            txn_number: header.txn_number,
-            raw,
-            views,
-        })
+        EventDecoder::default().decode(raw)
     }
 
     /// Decodes an event from a parsed document (by encoding it to BSON first: prefer
@@ -336,7 +310,7 @@ impl ChangeEvent {
         }
         for element in &self.raw {
             let (key, value) = element.map_err(|e| malformed("(document)", e.to_string()))?;
-            if known_field(key.as_str()).is_none() {
+            if Field::of(key.as_str().as_bytes()).is_none() {
                 let value = Bson::try_from(value)
                     .map_err(|e| malformed("(document)", format!("`{key}`: {e}")))?;
                 extra.insert(key.as_str(), value);
@@ -398,31 +372,120 @@ struct Header {
     txn_number: Option<i64>,
 }
 
-impl Header {
-    fn take(&mut self, field: &'static str, value: RawBsonRef<'_>) -> Result<()> {
-        match field {
-            "wallTime" => {
-                self.wall_time = match value {
-                    RawBsonRef::DateTime(dt) => Some(dt),
-                    RawBsonRef::Null => None,
-                    other => return Err(wrong_type("wallTime", "a date", other.element_type())),
+/// Decodes the events of one stream ([`ChangeEvent::from_raw_buf`] for each), sharing
+/// what consecutive events repeat: events of the namespace decoded last share its
+/// [`crate::Name`]s instead of allocating their own, so decoding an event allocates only
+/// its token.
+#[derive(Debug, Default)]
+pub struct EventDecoder {
+    /// The raw `ns` decoded last, and what it decoded to.
+    last_ns: Vec<u8>,
+    ns: Option<Namespace>,
+}
+
+impl EventDecoder {
+    /// A decoder that has seen no event yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decodes `raw` (see [`ChangeEvent::from_raw_buf`]).
+    ///
+    /// # Errors
+    /// As [`ChangeEvent::from_raw_buf`].
+    pub fn decode(&mut self, raw: RawDocumentBuf) -> Result<ChangeEvent> {
+        let mut token = None;
+        let mut operation_type = None;
+        let mut cluster_time = None;
+        let mut header = Header::default();
+        let mut views = Views::default();
+        for element in frame::elements(&raw) {
+            let element = element.map_err(|e| malformed("(document)", e.to_string()))?;
+            let Some(field) = Field::of(element.key) else {
+                element
+                    .key_str()
+                    .map_err(|e| malformed("(document)", e.to_string()))?;
+                views.has_extra = true;
+                continue;
+            };
+            let name = field.name();
+            let span = |e: &Element<'_>| -> Result<Option<Span>> {
+                Ok(document_or_null(name, e)?.map(|d| Span::of(&raw, d.as_bytes())))
+            };
+            match field {
+                Field::Id => match element.document() {
+                    Some(id) => token = Some(ResumeToken::copied(id)),
+                    None => return Err(wrong_type(name, "a document", element.kind)),
+                },
+                Field::OperationType => {
+                    operation_type = Some(OperationType::parse(text(name, &element)?));
                 }
-            }
-            "ns" => self.ns = raw_namespace("ns", value)?,
-            "to" => self.to = raw_namespace("to", value)?,
-            "txnNumber" => {
-                self.txn_number = match value {
-                    RawBsonRef::Null => None,
-                    RawBsonRef::Int64(n) => Some(n),
-                    RawBsonRef::Int32(n) => Some(i64::from(n)),
-                    other => {
-                        return Err(wrong_type("txnNumber", "an integer", other.element_type()));
+                Field::ClusterTime => match element.timestamp() {
+                    Some(ts) => cluster_time = Some(ClusterTime::from(ts)),
+                    None => return Err(wrong_type(name, "a timestamp", element.kind)),
+                },
+                Field::DocumentKey => views.document_key = span(&element)?,
+                Field::FullDocument => views.full_document = span(&element)?,
+                Field::FullDocumentBeforeChange => {
+                    views.full_document_before_change = span(&element)?;
+                }
+                Field::UpdateDescription => views.update_description = span(&element)?,
+                Field::Lsid => views.lsid = span(&element)?,
+                Field::Ns => header.ns = self.namespace(&element)?,
+                Field::To => header.to = namespace(name, &element)?,
+                Field::WallTime => {
+                    header.wall_time = match element.kind {
+                        ElementType::Null => None,
+                        _ => Some(
+                            element
+                                .date()
+                                .ok_or_else(|| wrong_type(name, "a date", element.kind))?,
+                        ),
+                    }
+                }
+                Field::TxnNumber => {
+                    header.txn_number = match element.kind {
+                        ElementType::Null => None,
+                        _ => Some(
+                            element
+                                .i64()
+                                .or_else(|| element.i32().map(i64::from))
+                                .ok_or_else(|| wrong_type(name, "an integer", element.kind))?,
+                        ),
                     }
                 }
             }
-            _ => {}
         }
-        Ok(())
+        let token = token.ok_or_else(|| malformed("_id", "is missing".into()))?;
+        let operation_type =
+            operation_type.ok_or_else(|| malformed("operationType", "is missing".into()))?;
+        let cluster_time =
+            cluster_time.ok_or_else(|| malformed("clusterTime", "is missing".into()))?;
+        Ok(ChangeEvent {
+            token,
+            operation_type,
+            cluster_time,
+            wall_time: header.wall_time,
+            ns: header.ns,
+            to: header.to,
+            txn_number: header.txn_number,
+            raw,
+            views,
+        })
+    }
+
+    /// The `ns` field: the one decoded last when its bytes are the same.
+    fn namespace(&mut self, element: &Element<'_>) -> Result<Option<Namespace>> {
+        if self.ns.is_some() && element.value == self.last_ns.as_slice() {
+            return Ok(self.ns.clone());
+        }
+        let ns = namespace("ns", element)?;
+        if ns.is_some() {
+            self.last_ns.clear();
+            self.last_ns.extend_from_slice(element.value);
+            self.ns.clone_from(&ns);
+        }
+        Ok(ns)
     }
 }
 
@@ -436,15 +499,25 @@ fn wrong_type(field: &'static str, expected: &str, got: ElementType) -> Error {
 }
 
 /// A sub-document field, or `None` when it is `null`.
-fn raw_subdocument<'a>(
+fn document_or_null<'a>(
     field: &'static str,
-    value: RawBsonRef<'a>,
+    element: &Element<'a>,
 ) -> Result<Option<&'a RawDocument>> {
-    match value {
-        RawBsonRef::Document(d) => Ok(Some(d)),
-        RawBsonRef::Null => Ok(None),
-        other => Err(wrong_type(field, "a document", other.element_type())),
+    match element.kind {
+        ElementType::Null => Ok(None),
+        _ => element
+            .document()
+            .map(Some)
+            .ok_or_else(|| wrong_type(field, "a document", element.kind)),
     }
+}
+
+/// A string field's text.
+fn text<'a>(field: &'static str, element: &Element<'a>) -> Result<&'a str> {
+    element.string().ok_or_else(|| match element.kind {
+        ElementType::String => malformed(field, "is not valid UTF-8".into()),
+        kind => wrong_type(field, "a string", kind),
+    })
 }
 
 fn parse_part(field: &'static str, raw: Option<&RawDocument>) -> Result<Option<Document>> {
@@ -452,31 +525,31 @@ fn parse_part(field: &'static str, raw: Option<&RawDocument>) -> Result<Option<D
         .transpose()
 }
 
-fn raw_namespace(field: &'static str, value: RawBsonRef<'_>) -> Result<Option<Namespace>> {
-    let Some(ns) = raw_subdocument(field, value)? else {
+fn namespace(field: &'static str, element: &Element<'_>) -> Result<Option<Namespace>> {
+    let Some(ns) = document_or_null(field, element)? else {
         return Ok(None);
+    };
+    let part = |e: &Element<'_>, name: &str| -> Result<Name> {
+        match e.string() {
+            Some(s) => Ok(Name::from(s)),
+            None if e.kind == ElementType::String => {
+                Err(malformed(field, format!("`{name}` is not valid UTF-8")))
+            }
+            None => Err(wrong_type(
+                field,
+                &format!("a namespace with a string `{name}`"),
+                e.kind,
+            )),
+        }
     };
     let mut db = None;
     let mut coll = None;
-    for element in ns {
-        match element.map_err(|e| malformed(field, e.to_string()))? {
-            (key, RawBsonRef::String(s)) if key.as_str() == "db" => db = Some(s.to_owned()),
-            (key, RawBsonRef::String(s)) if key.as_str() == "coll" => coll = Some(s.to_owned()),
-            (key, RawBsonRef::Null) if key.as_str() == "coll" => coll = None,
-            (key, other) if key.as_str() == "db" => {
-                return Err(wrong_type(
-                    field,
-                    "a namespace with a string `db`",
-                    other.element_type(),
-                ));
-            }
-            (key, other) if key.as_str() == "coll" => {
-                return Err(wrong_type(
-                    field,
-                    "a namespace with a string `coll`",
-                    other.element_type(),
-                ));
-            }
+    for e in frame::elements(ns) {
+        let e = e.map_err(|e| malformed(field, e.to_string()))?;
+        match e.key {
+            b"db" => db = Some(part(&e, "db")?),
+            b"coll" if e.kind == ElementType::Null => coll = None,
+            b"coll" => coll = Some(part(&e, "coll")?),
             _ => {}
         }
     }
@@ -819,5 +892,65 @@ mod tests {
         assert_eq!(point.token, event.token);
         assert_eq!(point.cluster_time, event.cluster_time);
         assert_eq!(point.operation_type, Some(OperationType::Insert));
+    }
+
+    #[test]
+    fn a_decoder_shares_the_names_of_a_namespace_it_saw_last() {
+        let mut decoder = EventDecoder::new();
+        let at = |ns: Document| {
+            let mut doc = insert_doc(Bson::Int32(1));
+            doc.insert("ns", ns);
+            bson::RawDocumentBuf::try_from(&doc).unwrap()
+        };
+        let first = decoder
+            .decode(at(doc! { "db": "app", "coll": "users" }))
+            .unwrap();
+        let second = decoder
+            .decode(at(doc! { "db": "app", "coll": "users" }))
+            .unwrap();
+        let (a, b) = (first.ns.unwrap(), second.ns.unwrap());
+        assert_eq!(a, Namespace::collection("app", "users"));
+        assert!(a.db.shares(&b.db) && a.coll.unwrap().shares(&b.coll.unwrap()));
+        // Another namespace is decoded, not taken from what was seen before.
+        let other = decoder
+            .decode(at(doc! { "db": "app", "coll": "orders" }))
+            .unwrap();
+        assert_eq!(other.ns, Some(Namespace::collection("app", "orders")));
+        let db_level = decoder.decode(at(doc! { "db": "app" })).unwrap();
+        assert_eq!(db_level.ns, Some(Namespace::database("app")));
+        // A bad namespace is refused even right after a good one.
+        let err = decoder
+            .decode(at(doc! { "db": 5, "coll": "orders" }))
+            .unwrap_err();
+        assert_names_field(&err, "ns");
+        let err = decoder.decode(at(doc! { "coll": "orders" })).unwrap_err();
+        assert_names_field(&err, "ns");
+        // Names read as strings.
+        assert!(other.ns.unwrap().coll.unwrap() == "orders");
+    }
+
+    #[test]
+    fn keys_that_are_not_utf8_are_refused() {
+        let doc = insert_doc(Bson::Int32(1));
+        let mut bytes = bson::RawDocumentBuf::try_from(&doc).unwrap().into_bytes();
+        // An unknown top-level key with a byte that is not UTF-8.
+        let mut extra = bson::RawDocumentBuf::new();
+        extra.append(bson::cstr!("zz"), 1_i32);
+        let element = &extra.as_bytes()[4..extra.as_bytes().len() - 1];
+        let mut element = element.to_vec();
+        element[1] = 0xff;
+        bytes.pop();
+        bytes.extend_from_slice(&element);
+        bytes.push(0);
+        let len = i32::try_from(bytes.len()).unwrap();
+        bytes[..4].copy_from_slice(&len.to_le_bytes());
+        let raw = bson::RawDocumentBuf::from_bytes(bytes).unwrap();
+        assert!(matches!(
+            ChangeEvent::from_raw_buf(raw),
+            Err(Error::MalformedEvent {
+                field: "(document)",
+                ..
+            })
+        ));
     }
 }

@@ -118,6 +118,11 @@ pub struct SnapshotProgress {
 pub enum Next {
     /// An event (boxed: the other variants are small, and a reader keeps events boxed).
     Event(Box<ChangeEvent>),
+    /// An event as the server sent it, still to be decoded ([`crate::EventDecoder`], or
+    /// [`Next::into_event`]). A source that reads on one task for a consumer on another
+    /// hands events over so: decoded where they are handled, an event's allocations are
+    /// made and freed on one thread, and none is needed for the decoded event itself.
+    Raw(bson::RawDocumentBuf),
     /// A round trip brought no event (the stream is idle, or everything was filtered
     /// out): the position to resume from now (the post-batch resume token), if any.
     Idle(Option<ResumeToken>),
@@ -134,11 +139,27 @@ pub enum Next {
 }
 
 impl Next {
-    /// The event, when this is one.
-    pub fn into_event(self) -> Option<ChangeEvent> {
+    /// The event, when this is one (decoded, when it came raw).
+    ///
+    /// # Errors
+    /// [`crate::Error::MalformedEvent`] when a raw event does not decode.
+    pub fn into_event(self) -> Result<Option<ChangeEvent>> {
         match self {
-            Self::Event(event) => Some(*event),
-            _ => None,
+            Self::Event(event) => Ok(Some(*event)),
+            Self::Raw(raw) => ChangeEvent::from_raw_buf(raw).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The same, with a raw event decoded by `decoder` (so that a stream's events share
+    /// their namespace's names): never [`Next::Raw`].
+    ///
+    /// # Errors
+    /// [`crate::Error::MalformedEvent`] when a raw event does not decode.
+    pub fn decoded(self, decoder: &mut crate::EventDecoder) -> Result<Self> {
+        match self {
+            Self::Raw(raw) => decoder.decode(raw).map(|e| Self::Event(Box::new(e))),
+            other => Ok(other),
         }
     }
 }

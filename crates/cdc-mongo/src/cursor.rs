@@ -10,9 +10,7 @@ use std::sync::{
 
 use async_trait::async_trait;
 use bson::{Document, RawDocumentBuf, doc};
-use cdc_core::{
-    ChangeCursor, ChangeEvent, ErrorKind, HistoryGap, Next, ResumeToken, StartPosition,
-};
+use cdc_core::{ChangeCursor, ErrorKind, HistoryGap, Next, ResumeToken, StartPosition};
 use mongodb::{
     Client,
     change_stream::{ChangeStream, event::ResumeToken as DriverToken},
@@ -307,6 +305,90 @@ impl MongoCursor {
     }
 }
 
+impl MongoCursor {
+    /// An event read whole, handed over undecoded: the processor decodes it on the task
+    /// that handles it. While a split event is half-read or sought, the position is the
+    /// last whole event's, so its token is kept.
+    fn deliver(&mut self, raw: RawDocumentBuf) -> cdc_core::Result<Next> {
+        if self.splits {
+            let token = match raw.get_document("_id") {
+                Ok(id) => ResumeToken::copied(id),
+                Err(e) => {
+                    return Err(cdc_core::Error::MalformedEvent {
+                        field: "_id",
+                        problem: e.to_string(),
+                    });
+                }
+            };
+            self.boundary = Some(token);
+        }
+        Ok(Next::Raw(raw))
+    }
+
+    /// Everything but an event read whole from a stream without splits: fragments, an
+    /// empty round trip, errors (and the reopening some of them call for). `None`: read
+    /// on. Kept out of [`ChangeCursor::next`] (and boxed there) so that the future made
+    /// for every event stays small.
+    async fn read_rest(
+        &mut self,
+        read: mongodb::error::Result<Option<RawDocumentBuf>>,
+    ) -> cdc_core::Result<Option<Next>> {
+        match read {
+            Ok(Some(raw)) if !self.splits => self.deliver(raw).map(Some),
+            Ok(Some(raw)) => {
+                let raw = match self.split.take(raw) {
+                    Ok(Piece::Whole(raw)) => raw,
+                    Ok(Piece::Partial) => return Ok(None),
+                    Err(FragmentError::StartsMidEvent { id, .. }) if self.seek.is_none() => {
+                        self.seek_event_start(id).await?;
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(Error::SplitEvent(format!("{e:?}")).into()),
+                };
+                if let Some(target) = &self.seek {
+                    // Before the event the stream resumed inside: already delivered.
+                    if !self.split.fragment_ids().contains(target) {
+                        return Ok(None);
+                    }
+                    self.seek = None;
+                }
+                self.deliver(raw).map(Some)
+            }
+            // Half-way through a split event the rest is on its way: keep reading.
+            Ok(None) if self.split.in_progress() || self.seek.is_some() => Ok(None),
+            Ok(None) if !self.stream.is_alive() => Ok(Some(Next::Closed)),
+            Ok(None) => {
+                self.boundary = self
+                    .stream
+                    .resume_token()
+                    .as_ref()
+                    .and_then(from_driver_token);
+                Ok(Some(Next::Idle(self.boundary.clone())))
+            }
+            Err(e) if server_code(&e) == Some(10334) => Err(Error::EventTooLarge(e).into()),
+            Err(e) => {
+                self.split.reset();
+                let kind = classify(&e);
+                if kind == ErrorKind::PreImageMissing
+                    && let Some(position) = self.position()
+                    && self.inner.fall_back_from_pre_images()
+                {
+                    self.stream = self.inner.open_stream(&position).await?;
+                    return Ok(None);
+                }
+                if kind == ErrorKind::HistoryLost
+                    && self.inner.options.history_lost_policy == HistoryLostPolicy::RestartFromNow
+                {
+                    let after = self.position().as_ref().and_then(position_time);
+                    self.stream = self.inner.open_stream(&StartPosition::Now).await?;
+                    return Ok(Some(Next::Gap(self.gap_since(after))));
+                }
+                Err(Error::driver("read change stream", e).into())
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ChangeCursor for MongoCursor {
     async fn next(&mut self) -> cdc_core::Result<Next> {
@@ -314,67 +396,14 @@ impl ChangeCursor for MongoCursor {
             return Ok(Next::Gap(gap));
         }
         loop {
-            match self.stream.next_if_any().await {
-                Ok(Some(raw)) if !self.splits => {
-                    let event = ChangeEvent::from_raw_buf(raw).map_err(Error::Decode)?;
-                    self.boundary = Some(event.token.clone());
-                    return Ok(Next::Event(Box::new(event)));
-                }
-                Ok(Some(raw)) => {
-                    let raw = match self.split.take(raw) {
-                        Ok(Piece::Whole(raw)) => raw,
-                        Ok(Piece::Partial) => continue,
-                        Err(FragmentError::StartsMidEvent { id, .. }) if self.seek.is_none() => {
-                            self.seek_event_start(id).await?;
-                            continue;
-                        }
-                        Err(e) => return Err(Error::SplitEvent(format!("{e:?}")).into()),
-                    };
-                    if let Some(target) = &self.seek {
-                        // Before the event the stream resumed inside: already delivered.
-                        if !self.split.fragment_ids().contains(target) {
-                            continue;
-                        }
-                        self.seek = None;
-                    }
-                    let event = ChangeEvent::from_raw_buf(raw).map_err(Error::Decode)?;
-                    self.boundary = Some(event.token.clone());
-                    return Ok(Next::Event(Box::new(event)));
-                }
-                // Half-way through a split event the rest is on its way: keep reading.
-                Ok(None) if self.split.in_progress() || self.seek.is_some() => continue,
-                Ok(None) if !self.stream.is_alive() => return Ok(Next::Closed),
-                Ok(None) => {
-                    self.boundary = self
-                        .stream
-                        .resume_token()
-                        .as_ref()
-                        .and_then(from_driver_token);
-                    return Ok(Next::Idle(self.boundary.clone()));
-                }
-                Err(e) if server_code(&e) == Some(10334) => {
-                    return Err(Error::EventTooLarge(e).into());
-                }
-                Err(e) => {
-                    self.split.reset();
-                    let kind = classify(&e);
-                    if kind == ErrorKind::PreImageMissing
-                        && let Some(position) = self.position()
-                        && self.inner.fall_back_from_pre_images()
-                    {
-                        self.stream = self.inner.open_stream(&position).await?;
-                        continue;
-                    }
-                    if kind == ErrorKind::HistoryLost
-                        && self.inner.options.history_lost_policy
-                            == HistoryLostPolicy::RestartFromNow
-                    {
-                        let after = self.position().as_ref().and_then(position_time);
-                        self.stream = self.inner.open_stream(&StartPosition::Now).await?;
-                        return Ok(Next::Gap(self.gap_since(after)));
-                    }
-                    return Err(Error::driver("read change stream", e).into());
-                }
+            let read = self.stream.next_if_any().await;
+            if !self.splits
+                && let Ok(Some(raw)) = read
+            {
+                return self.deliver(raw);
+            }
+            if let Some(next) = Box::pin(self.read_rest(read)).await? {
+                return Ok(next);
             }
         }
     }

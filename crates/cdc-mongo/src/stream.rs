@@ -6,7 +6,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use cdc_core::{ChangeCursor, ChangeEvent, HistoryGap, Next, ResumeToken};
+use cdc_core::{ChangeCursor, ChangeEvent, EventDecoder, HistoryGap, Next, ResumeToken};
 use futures_core::Stream;
 
 /// What an [`EventStream`] yields when idle rounds are asked for.
@@ -39,6 +39,8 @@ pub struct EventStream {
     token: Option<ResumeToken>,
     idle: bool,
     done: bool,
+    /// Decodes raw events (sharing their namespace's names).
+    decoder: EventDecoder,
 }
 
 impl std::fmt::Debug for EventStream {
@@ -60,6 +62,7 @@ impl EventStream {
             token,
             idle: false,
             done: false,
+            decoder: EventDecoder::new(),
         }
     }
 
@@ -100,7 +103,8 @@ impl EventStream {
             };
             self.pending = None;
             self.cursor = Some(cursor);
-            match result {
+            let decoder = &mut self.decoder;
+            match result.and_then(|next| next.decoded(decoder)) {
                 Ok(Next::Event(event)) => {
                     self.token = Some(event.token.clone());
                     return Poll::Ready(Some(Ok(Change::Event(event))));

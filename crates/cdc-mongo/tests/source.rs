@@ -55,9 +55,12 @@ async fn next(cursor: &mut Box<dyn ChangeCursor>) -> ChangeEvent {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match cursor.next().await.unwrap() {
-                Next::Event(e) => return *e,
                 Next::Closed => panic!("cursor closed while waiting for an event"),
-                _ => {}
+                next => {
+                    if let Some(e) = next.into_event().unwrap() {
+                        return e;
+                    }
+                }
             }
         }
     })
@@ -69,7 +72,9 @@ async fn next_err(cursor: &mut Box<dyn ChangeCursor>) -> cdc_core::Error {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match cursor.next().await {
-                Ok(Next::Event(e)) => panic!("expected an error, got {e:?}"),
+                Ok(next @ (Next::Event(_) | Next::Raw(_))) => {
+                    panic!("expected an error, got {next:?}")
+                }
                 Ok(_) => continue,
                 Err(e) => return e,
             }

@@ -21,8 +21,8 @@ fn big(c: char) -> String {
 async fn next(cursor: &mut Box<dyn ChangeCursor>) -> ChangeEvent {
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let cdc_core::Next::Event(e) = cursor.next().await.unwrap() {
-                return *e;
+            if let Some(e) = cursor.next().await.unwrap().into_event().unwrap() {
+                return e;
             }
         }
     })
@@ -70,7 +70,9 @@ async fn large_events_are_reassembled_or_refused_with_the_remedy() {
     let err = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match cursor.next().await {
-                Ok(cdc_core::Next::Event(e)) => panic!("expected the too-large error, got {e:?}"),
+                Ok(next @ (cdc_core::Next::Event(_) | cdc_core::Next::Raw(_))) => {
+                    panic!("expected the too-large error, got {next:?}")
+                }
                 Ok(_) => {}
                 Err(e) => return e,
             }

@@ -1,7 +1,7 @@
 //! What a handler knows about the call it is in: the [`HandlerContext`] (stop signal,
 //! lane, attempt, transaction position), and the batch handler trait with its [`Batch`].
 
-use std::ops::Range;
+use std::{ops::Range, sync::Arc};
 
 use async_trait::async_trait;
 use cdc_core::{BoxError, ChangeEvent};
@@ -23,15 +23,22 @@ impl TransactionPosition {
     }
 }
 
-/// The context of one handler call.
+/// The context of one handler call. Cloning it is cheap (what is the same for the whole
+/// run is shared): the processor makes one per call.
 #[derive(Clone, Debug)]
 pub struct HandlerContext {
+    run: Arc<RunContext>,
     lane: Option<usize>,
-    attempt: u32,
     call: u32,
+    transaction: Option<TransactionPosition>,
+}
+
+/// What every call of one run shares.
+#[derive(Debug)]
+struct RunContext {
+    attempt: u32,
     cancel: CancellationToken,
     stop_timeout: Option<std::time::Duration>,
-    transaction: Option<TransactionPosition>,
     lease: Option<cdc_core::Lease>,
 }
 
@@ -47,19 +54,30 @@ impl HandlerContext {
         stop_timeout: Option<std::time::Duration>,
     ) -> Self {
         Self {
+            run: Arc::new(RunContext {
+                attempt,
+                cancel,
+                stop_timeout,
+                lease: None,
+            }),
             lane,
-            attempt,
             call: 1,
-            cancel,
-            stop_timeout,
             transaction: None,
-            lease: None,
         }
     }
 
     /// The context with the lease the run holds.
     pub(crate) fn with_lease(self, lease: Option<cdc_core::Lease>) -> Self {
-        Self { lease, ..self }
+        let run = RunContext {
+            attempt: self.run.attempt,
+            cancel: self.run.cancel.clone(),
+            stop_timeout: self.run.stop_timeout,
+            lease,
+        };
+        Self {
+            run: Arc::new(run),
+            ..self
+        }
     }
 
     /// The context of a call on `lane`.
@@ -74,7 +92,7 @@ impl HandlerContext {
     /// same for the whole run): a sink that saves checkpoints of its own fences them with
     /// it.
     pub fn lease(&self) -> Option<&cdc_core::Lease> {
-        self.lease.as_ref()
+        self.run.lease.as_ref()
     }
 
     pub(crate) fn with_call(&self, call: u32) -> Self {
@@ -87,10 +105,33 @@ impl HandlerContext {
     /// Resolves when a handler call must be abandoned: the stop timeout has run out since
     /// `stop()` (never, without a stop timeout).
     pub(crate) async fn stop_deadline(&self) {
-        self.cancel.cancelled().await;
-        match self.stop_timeout {
+        self.run.cancel.cancelled().await;
+        match self.run.stop_timeout {
             Some(timeout) => tokio::time::sleep(timeout).await,
             None => std::future::pending().await,
+        }
+    }
+
+    /// Runs `fut` to its end, unless the stop timeout runs out first ([`Self::stop_deadline`]):
+    /// `None` then, and `fut` is dropped (cancelled). A call that finishes when first
+    /// polled (most do) never looks at the deadline.
+    pub(crate) async fn before_deadline<F: std::future::Future>(
+        &self,
+        fut: F,
+    ) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        let first = std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+            std::task::Poll::Ready(out) => std::task::Poll::Ready(Some(out)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await;
+        if first.is_some() {
+            return first;
+        }
+        tokio::select! {
+            biased;
+            out = fut => Some(out),
+            () = self.stop_deadline() => None,
         }
     }
 
@@ -123,7 +164,7 @@ impl HandlerContext {
     /// by `start_with_retry` (an event seen with an attempt above 1 may have been handled
     /// before).
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.run.attempt
     }
 
     /// Which call on this event (or batch) this is within the run: 1 for the first, one
@@ -134,13 +175,13 @@ impl HandlerContext {
 
     /// Whether the processor was asked to stop (the Go package's `ctx.Done()`).
     pub fn is_stopping(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.run.cancel.is_cancelled()
     }
 
     /// Resolves when the processor is asked to stop: select on it to end a long handler
     /// call early (its events are then delivered again).
     pub async fn stopping(&self) {
-        self.cancel.cancelled().await;
+        self.run.cancel.cancelled().await;
     }
 
     /// For a per-event handler: the event's place in its transaction, when transactions

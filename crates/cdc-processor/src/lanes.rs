@@ -215,10 +215,15 @@ pub(crate) async fn handle_until_deadline(
     ctx: &HandlerContext,
     poison: &Poison,
 ) -> Outcome {
-    tokio::select! {
-        outcome = handle(handler, units, ctx, poison) => outcome,
-        () = ctx.stop_deadline() => {
-            tracing::warn!("a handler did not finish within the stop timeout: cancelled, its events come again");
+    match ctx
+        .before_deadline(handle(handler, units, ctx, poison))
+        .await
+    {
+        Some(outcome) => outcome,
+        None => {
+            tracing::warn!(
+                "a handler did not finish within the stop timeout: cancelled, its events come again"
+            );
             Outcome::Abandoned
         }
     }

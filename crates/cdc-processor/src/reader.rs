@@ -20,6 +20,9 @@ pub(crate) enum Item {
     /// Boxed: an event is large, and items are moved and batched in `Vec`s. The permit is
     /// its share of the byte budget, given back when it is dropped (after its handler).
     Event(Box<ChangeEvent>, Option<OwnedSemaphorePermit>),
+    /// An event as the server sent it, decoded by the run loop ([`Next::Raw`]); its share
+    /// of the byte budget as for [`Item::Event`].
+    Raw(bson::RawDocumentBuf, Option<OwnedSemaphorePermit>),
     /// An empty round trip that moved the stream's resume token (or had none).
     Idle(Option<ResumeToken>),
     /// An empty round trip with the same token as the last one: time passed, nothing else.
@@ -126,8 +129,11 @@ async fn ready_now<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
     .await
 }
 
-/// The batch in hand, leaving an empty one of the same capacity in its place.
-fn handover(batch: &mut Vec<Item>, handoff: usize) -> Vec<Item> {
+/// The batch in hand, leaving an empty one of the same capacity in its place. Raw events
+/// are decoded by the run loop: the newest one's time is read here, once per handover
+/// rather than for every event, for the stream's progress.
+fn handover(batch: &mut Vec<Item>, handoff: usize, progress: &Progress) -> Vec<Item> {
+    progress.saw(newest_raw_time(batch));
     std::mem::replace(batch, Vec::with_capacity(handoff))
 }
 
@@ -152,8 +158,8 @@ impl Budget {
         }
     }
 
-    fn share(&self, event: &ChangeEvent) -> u32 {
-        let size = event.raw().map_or(0, |r| r.as_bytes().len());
+    /// An event's share: its raw size (the whole budget at most, at least one byte).
+    fn share(&self, size: usize) -> u32 {
         u32::try_from(size).unwrap_or(u32::MAX).clamp(1, self.max)
     }
 }
@@ -198,6 +204,39 @@ impl Progress {
     }
 }
 
+/// An event's share of the byte budget: at once when it is free, otherwise after what is
+/// in hand has gone to the run loop and handlers gave bytes back. `None`: the run loop is
+/// gone.
+async fn take_share(
+    budget: &Budget,
+    size: usize,
+    batch: &mut Vec<Item>,
+    tx: &mpsc::Sender<Vec<Item>>,
+    handoff: usize,
+    progress: &Progress,
+) -> Option<OwnedSemaphorePermit> {
+    let share = budget.share(size);
+    if let Ok(permit) = Arc::clone(&budget.bytes).try_acquire_many_owned(share) {
+        return Some(permit);
+    }
+    // Over budget: what is in hand goes first, then wait for handlers.
+    if !batch.is_empty() && tx.send(handover(batch, handoff, progress)).await.is_err() {
+        return None;
+    }
+    tokio::select! {
+        permit = Arc::clone(&budget.bytes).acquire_many_owned(share) => permit.ok(),
+        () = tx.closed() => None,
+    }
+}
+
+/// The cluster time of the newest raw event in `batch`.
+fn newest_raw_time(batch: &[Item]) -> Option<ClusterTime> {
+    batch.iter().rev().find_map(|item| match item {
+        Item::Raw(raw, _) => raw.get_timestamp("clusterTime").ok().map(ClusterTime::from),
+        _ => None,
+    })
+}
+
 /// Reads ahead of the handler: the cursor fetches the next batch while the handler works.
 /// Events already buffered by the driver are handed over together (up to `handoff`); the
 /// batch in hand goes out before the reader waits on the server or on the byte budget.
@@ -221,7 +260,12 @@ pub(crate) async fn read_ahead(
             match ready_now(&mut fut).await {
                 Some(next) => next,
                 None => {
-                    if !batch.is_empty() && tx.send(handover(&mut batch, handoff)).await.is_err() {
+                    if !batch.is_empty()
+                        && tx
+                            .send(handover(&mut batch, handoff, &progress))
+                            .await
+                            .is_err()
+                    {
                         break;
                     }
                     tokio::select! {
@@ -235,26 +279,23 @@ pub(crate) async fn read_ahead(
             Ok(Next::Event(e)) => {
                 progress.read.fetch_add(1, Ordering::Relaxed);
                 progress.saw(Some(e.cluster_time));
-                let share = budget.share(&e);
-                let permit = match Arc::clone(&budget.bytes).try_acquire_many_owned(share) {
-                    Ok(permit) => permit,
-                    Err(_) => {
-                        // Over budget: what is in hand goes first, then wait for handlers.
-                        if !batch.is_empty()
-                            && tx.send(handover(&mut batch, handoff)).await.is_err()
-                        {
-                            break;
-                        }
-                        tokio::select! {
-                            permit = Arc::clone(&budget.bytes).acquire_many_owned(share) => match permit {
-                                Ok(permit) => permit,
-                                Err(_) => break,
-                            },
-                            () = tx.closed() => break,
-                        }
-                    }
+                let size = e.raw().map_or(0, |r| r.as_bytes().len());
+                let Some(permit) =
+                    take_share(&budget, size, &mut batch, &tx, handoff, &progress).await
+                else {
+                    break;
                 };
                 (Item::Event(e, Some(permit)), false)
+            }
+            Ok(Next::Raw(raw)) => {
+                progress.read.fetch_add(1, Ordering::Relaxed);
+                let size = raw.as_bytes().len();
+                let Some(permit) =
+                    take_share(&budget, size, &mut batch, &tx, handoff, &progress).await
+                else {
+                    break;
+                };
+                (Item::Raw(raw, Some(permit)), false)
             }
             Ok(Next::Closed) => (Item::Closed, true),
             Ok(Next::Finished(token)) => (Item::Finished(token), true),
@@ -274,9 +315,15 @@ pub(crate) async fn read_ahead(
             Err(e) => (Item::Failed(e), true),
         };
         // Anything but an event goes out at once: the consumer acts on it with no delay.
-        let send_now = last || batch.len() + 1 >= handoff || !matches!(item, Item::Event(..));
+        let send_now =
+            last || batch.len() + 1 >= handoff || !matches!(item, Item::Event(..) | Item::Raw(..));
         batch.push(item);
-        if send_now && tx.send(handover(&mut batch, handoff)).await.is_err() {
+        if send_now
+            && tx
+                .send(handover(&mut batch, handoff, &progress))
+                .await
+                .is_err()
+        {
             break;
         }
         if last {

@@ -30,6 +30,9 @@ use crate::{
 
 /// What became of one item: carry on (at this instant), or the stream ended.
 pub(crate) enum Step {
+    /// An event was handled and acknowledged at this instant (what is due then was saved).
+    Handled(Instant),
+    /// Another item was acted on at this instant.
     Next(Instant),
     End(Outcome),
 }
@@ -324,6 +327,19 @@ impl RunLoop<'_> {
         cp: &mut Checkpointer,
         handler: &dyn Dispatcher,
     ) -> Result<Outcome> {
+        let mut counted = Counted::default();
+        let outcome = self.consume_counting(rx, cp, handler, &mut counted).await;
+        self.flush_counts(&mut counted, cp);
+        outcome
+    }
+
+    async fn consume_counting(
+        &self,
+        rx: &mut mpsc::Receiver<Vec<Item>>,
+        cp: &mut Checkpointer,
+        handler: &dyn Dispatcher,
+        counted: &mut Counted,
+    ) -> Result<Outcome> {
         let mut invalidated = false;
         // The same for every call of the run (its attempt, stop token, lease).
         let ctx = self.context(Some(0));
@@ -341,14 +357,23 @@ impl RunLoop<'_> {
                 if self.shared.cancel.is_cancelled() {
                     return Ok(Outcome::Stopped);
                 }
-                let now = match self.step(item, cp, handler, &ctx, &mut invalidated).await? {
-                    Step::Next(now) => now,
+                let step = self.step(item, cp, handler, &ctx, &mut invalidated, counted);
+                let now = match step.await? {
+                    // The acknowledgement looked at what is due at `now` already.
+                    Step::Handled(now) => now,
+                    Step::Next(now) => {
+                        if let Some(point) = cp.tick(now) {
+                            self.save(cp, point).await?;
+                        }
+                        now
+                    }
                     Step::End(outcome) => return Ok(outcome),
                 };
-                if let Some(point) = cp.tick(now) {
-                    self.save(cp, point).await?;
+                if now >= counted.flush_at {
+                    self.flush_counts(counted, cp);
                 }
             }
+            self.flush_counts(counted, cp);
         }
     }
 
@@ -360,39 +385,19 @@ impl RunLoop<'_> {
         handler: &dyn Dispatcher,
         ctx: &HandlerContext,
         invalidated: &mut bool,
+        counted: &mut Counted,
     ) -> Result<Step> {
         match item {
             Item::Event(event, bytes) => {
-                if cp.is_blocked() {
-                    self.flush(cp).await?;
-                }
-                // `saved_at` is stamped when the point is saved.
-                let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
-                let poison = &self.shared.poison;
-                let fate = tokio::select! {
-                    fate = poison.handle_event(handler, &event, ctx) => fate,
-                    () = ctx.stop_deadline() => {
-                        tracing::warn!("the handler did not finish within the stop timeout: cancelled, its event comes again");
-                        return Ok(Step::End(Outcome::Stopped));
-                    }
-                };
-                match fate {
-                    Fate::Abandoned => return Ok(Step::End(Outcome::Stopped)),
-                    Fate::Failed(e) => return Err(e.into()),
-                    fate => {
-                        let mut tally = Tally::default();
-                        tally.add(&fate);
-                        self.tally(tally);
-                    }
-                }
-                drop(bytes);
-                let now = Instant::now();
-                if let Some(point) = cp.ack(seq, now)? {
-                    self.save(cp, point).await?;
-                }
-                self.count(&event, cp);
-                *invalidated |= event.operation_type == OperationType::Invalidate;
-                return Ok(Step::Next(now));
+                return self
+                    .handle_one(&event, bytes, cp, handler, ctx, invalidated, counted)
+                    .await;
+            }
+            Item::Raw(raw, bytes) => {
+                let event = counted.decoder.decode(raw)?;
+                return self
+                    .handle_one(&event, bytes, cp, handler, ctx, invalidated, counted)
+                    .await;
             }
             Item::Idle(token) => self.idle(token, cp).await?,
             // Time passed: the tick after every item covers it.
@@ -409,6 +414,51 @@ impl RunLoop<'_> {
             Item::Failed(e) => return Err(e.into()),
         }
         Ok(Step::Next(Instant::now()))
+    }
+
+    /// Handles one event: tracks it, calls the handler under the error policy (unless the
+    /// stop timeout runs out), acknowledges it and saves what is due.
+    #[allow(clippy::too_many_arguments)] // The run loop's state, passed down one level.
+    async fn handle_one(
+        &self,
+        event: &ChangeEvent,
+        bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+        cp: &mut Checkpointer,
+        handler: &dyn Dispatcher,
+        ctx: &HandlerContext,
+        invalidated: &mut bool,
+        counted: &mut Counted,
+    ) -> Result<Step> {
+        if cp.is_blocked() {
+            self.flush(cp).await?;
+        }
+        // `saved_at` is stamped when the point is saved.
+        let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
+        let poison = &self.shared.poison;
+        let handling = poison.handle_event(handler, event, ctx);
+        let Some(fate) = ctx.before_deadline(handling).await else {
+            tracing::warn!(
+                "the handler did not finish within the stop timeout: cancelled, its event comes again"
+            );
+            return Ok(Step::End(Outcome::Stopped));
+        };
+        match fate {
+            Fate::Abandoned => return Ok(Step::End(Outcome::Stopped)),
+            Fate::Failed(e) => return Err(e.into()),
+            fate => {
+                let mut tally = Tally::default();
+                tally.add(&fate);
+                self.tally(tally);
+            }
+        }
+        counted.give_back(bytes);
+        let now = Instant::now();
+        if let Some(point) = cp.ack(seq, now)? {
+            self.save(cp, point).await?;
+        }
+        counted.add(event);
+        *invalidated |= event.operation_type == OperationType::Invalidate;
+        Ok(Step::Handled(now))
     }
 
     /// The checkpoint policy in force: the builder's, except that every lane may hold one
@@ -461,6 +511,7 @@ impl RunLoop<'_> {
     ) -> Result<Outcome> {
         let mut invalidated = false;
         let mut open: Option<OpenTransaction> = None;
+        let mut decoder = cdc_core::EventDecoder::new();
         let result = async {
             loop {
                 let batch = tokio::select! {
@@ -484,6 +535,7 @@ impl RunLoop<'_> {
                     }
                     let event = match item {
                         Item::Event(event, bytes) => (event, bytes),
+                        Item::Raw(raw, bytes) => (Box::new(decoder.decode(raw)?), bytes),
                         other => {
                             if let Some(t) = open.take() {
                                 self.dispatch_unit(t.events, true, cp, handler, lanes)
@@ -570,7 +622,7 @@ impl RunLoop<'_> {
                 }
             }
             Item::Gap(gap) => self.gap(gap),
-            Item::Event(..) => {}
+            Item::Event(..) | Item::Raw(..) => {}
         }
         Ok(None)
     }
@@ -658,11 +710,13 @@ impl RunLoop<'_> {
                         due = cp.ack(t.seq, now)?;
                     }
                 }
+                let mut counted = Counted::default();
                 for unit in &done.units {
                     for t in &unit.events {
-                        self.count(&t.event, cp);
+                        counted.add(&t.event);
                     }
                 }
+                self.flush_counts(&mut counted, cp);
                 if let Some(point) = due {
                     self.save(cp, point).await?;
                 }
@@ -713,19 +767,85 @@ impl RunLoop<'_> {
         }
     }
 
-    /// Counts a handled event (one lock, no allocation once its type has been seen).
-    fn count(&self, event: &ChangeEvent, cp: &Checkpointer) {
+    /// Adds what `counted` holds to the stats (one lock for many events).
+    fn flush_counts(&self, counted: &mut Counted, cp: &Checkpointer) {
+        counted.bytes = None;
         let mut stats = self.shared.stats.lock();
-        stats.events += 1;
-        let kind = event.operation_type.as_str();
-        match stats.events_by_type.get_mut(kind) {
-            Some(n) => *n += 1,
-            None => {
-                stats.events_by_type.insert(kind.to_owned(), 1);
+        stats.events += counted.events;
+        for (kind, n) in counted.by_type.drain(..) {
+            match stats.events_by_type.get_mut(kind.as_str()) {
+                Some(total) => *total += n,
+                None => {
+                    stats.events_by_type.insert(kind.as_str().to_owned(), n);
+                }
             }
         }
-        stats.last_cluster_time = Some(event.cluster_time);
+        if let Some(time) = counted.last_time.take() {
+            stats.last_cluster_time = Some(time);
+        }
         stats.checkpoint_lag_events = u64::from(cp.unsaved_events());
+        counted.events = 0;
+        counted.flush_at = Instant::now() + COUNTS_EVERY;
+    }
+}
+
+/// How long handled events may be counted locally before the stats show them (they are
+/// also added after every batch from the reader).
+const COUNTS_EVERY: Duration = Duration::from_millis(100);
+
+/// What handled events leave to do, done a batch at a time rather than for every event:
+/// adding them to the stats (one lock) and giving their bytes back to the reader's
+/// budget (one release of the semaphore, which takes its lock).
+#[derive(Debug)]
+struct Counted {
+    /// Decodes raw events (sharing their namespace's names).
+    decoder: cdc_core::EventDecoder,
+    /// The bytes of the events handled since the last flush, merged into one permit.
+    bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+    events: u64,
+    /// Few kinds per batch (usually one to four): a list beats a map.
+    by_type: Vec<(OperationType, u64)>,
+    last_time: Option<cdc_core::ClusterTime>,
+    /// When they are to be added to the stats at the latest.
+    flush_at: Instant,
+}
+
+impl Default for Counted {
+    fn default() -> Self {
+        Self {
+            decoder: cdc_core::EventDecoder::new(),
+            bytes: None,
+            events: 0,
+            by_type: Vec::new(),
+            last_time: None,
+            flush_at: Instant::now() + COUNTS_EVERY,
+        }
+    }
+}
+
+impl Counted {
+    /// Keeps a handled event's share of the byte budget until the next flush.
+    fn give_back(&mut self, bytes: Option<tokio::sync::OwnedSemaphorePermit>) {
+        match (&mut self.bytes, bytes) {
+            // Every permit of one run loop comes from the one budget of its reader, so
+            // merging (which panics only for permits of different semaphores) cannot fail.
+            (Some(held), Some(permit)) => held.merge(permit),
+            (held @ None, permit) => *held = permit,
+            (Some(_), None) => {}
+        }
+    }
+
+    fn add(&mut self, event: &ChangeEvent) {
+        self.events += 1;
+        match self
+            .by_type
+            .iter_mut()
+            .find(|(kind, _)| *kind == event.operation_type)
+        {
+            Some((_, n)) => *n += 1,
+            None => self.by_type.push((event.operation_type.clone(), 1)),
+        }
+        self.last_time = Some(event.cluster_time);
     }
 }
 

@@ -87,6 +87,8 @@ fn invalidate(n: u32) -> ChangeEvent {
 /// What a scripted cursor does on one `next()`.
 enum Step {
     Event(Box<ChangeEvent>),
+    /// An event as the server sent it (decoded by the run loop).
+    Raw(bson::RawDocumentBuf),
     /// An empty round trip with this post-batch token.
     Idle(ResumeToken),
     /// The server closed the cursor.
@@ -113,6 +115,12 @@ fn scripted(steps: Vec<Step>, gap: Option<HistoryGap>) -> MockCursor {
             Some(Step::Event(e)) => {
                 st.1 = Some(e.token.clone());
                 Ok(Next::Event(e))
+            }
+            Some(Step::Raw(raw)) => {
+                if let Ok(id) = raw.get_document("_id") {
+                    st.1 = Some(ResumeToken::copied(id));
+                }
+                Ok(Next::Raw(raw))
             }
             Some(Step::Idle(t)) => {
                 st.1 = Some(t.clone());
@@ -259,6 +267,57 @@ async fn an_error_mid_batch_saves_only_what_succeeded() {
         *saved.lock().unwrap(),
         vec![token(1)],
         "only the event that succeeded"
+    );
+}
+
+/// The raw bytes of [`insert`]`(n)`.
+fn raw_insert(n: u32) -> bson::RawDocumentBuf {
+    insert(n).raw().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn raw_events_are_decoded_by_the_run_loop_and_a_malformed_one_stops_it() {
+    // An event whose `clusterTime` is a string: it frames as BSON, it does not decode.
+    let mut bytes = raw_insert(3).into_bytes();
+    let at = bytes
+        .windows(12)
+        .position(|w| w == b"clusterTime\0")
+        .unwrap();
+    bytes[at - 1] = 0x02; // the element's type: a string now, of the timestamp's 8 bytes
+    bytes[at + 12..at + 16].copy_from_slice(&4_i32.to_le_bytes());
+    bytes[at + 19] = 0;
+    let broken = bson::RawDocumentBuf::from_bytes(bytes).unwrap();
+    let cursor = scripted(
+        vec![
+            Step::Raw(raw_insert(1)),
+            Step::Event(Box::new(insert(2))),
+            Step::Raw(broken),
+            Step::Raw(raw_insert(4)),
+        ],
+        None,
+    );
+    let source = source_with(vec![(StartPosition::ResumeAfter(token(0)), cursor)]);
+    let (store, saved) = recording_store(0);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    let handler = cdc_core::FnDispatcher(move |e: &ChangeEvent, _: Option<BoxError>| {
+        s.lock().unwrap().push((e.token.clone(), e.ns.clone()));
+        Ok(())
+    });
+    let p = processor(source, store, batched());
+    let err = p.start(handler).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Fatal, "{err}");
+    assert!(err.to_string().contains("clusterTime"), "{err}");
+    let ns = Some(cdc_core::Namespace::collection("d", "c"));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(token(1), ns.clone()), (token(2), ns)],
+        "the raw and the decoded event, nothing after the malformed one"
+    );
+    assert_eq!(
+        *saved.lock().unwrap(),
+        vec![token(2)],
+        "what was handled is saved"
     );
 }
 

@@ -521,6 +521,7 @@ async fn a_database_snapshot_reads_every_collection_then_streams() {
         let coll =
             e.ns.as_ref()
                 .and_then(|n| n.coll.clone())
+                .map(String::from)
                 .unwrap_or_default();
         let id = e.document_id().and_then(|b| b.as_i64()).unwrap_or(-1);
         seen.lock()

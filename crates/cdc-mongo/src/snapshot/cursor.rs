@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use bson::{Bson, RawBsonRef, RawDocumentBuf};
 use cdc_core::{
-    ChangeCursor, ChangeEvent, ClusterTime, HistoryGap, Next, ResumeToken, StartPosition,
+    ChangeCursor, ChangeEvent, ClusterTime, EventDecoder, HistoryGap, Next, ResumeToken,
+    StartPosition,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -149,6 +150,8 @@ pub(crate) struct SnapshotCursor {
     single: bool,
     /// The snapshot's identity (see [`SnapshotPosition`]).
     id: ClusterTime,
+    /// Decodes the stream's events and the rows (sharing their namespace's names).
+    decoder: EventDecoder,
 }
 
 impl SnapshotCursor {
@@ -208,6 +211,7 @@ impl SnapshotCursor {
             finished: false,
             stream_closed: false,
             ns: None,
+            decoder: EventDecoder::new(),
         }
     }
 
@@ -290,7 +294,7 @@ impl SnapshotCursor {
         }
         raw.append(bson::cstr!("documentKey"), key);
         raw.append(bson::cstr!("fullDocument"), doc.as_ref());
-        ChangeEvent::from_raw_buf(raw)
+        self.decoder.decode(raw)
     }
 
     /// The stream, opened after `stream_pos` at the first need.
@@ -314,7 +318,8 @@ impl SnapshotCursor {
             Some(event) => event,
             None => {
                 let stream = self.stream().await?;
-                match stream.next().await? {
+                let next = stream.next().await?;
+                match next.decoded(&mut self.decoder)? {
                     Next::Event(event) => *event,
                     Next::Idle(token) => {
                         if let Some(token) = token {
@@ -668,7 +673,7 @@ mod tests {
     async fn drain(cursor: &mut SnapshotCursor) -> Vec<(String, i64, i64)> {
         let mut out = Vec::new();
         for _ in 0..100 {
-            match cursor.next().await.unwrap().into_event() {
+            match cursor.next().await.unwrap().into_event().unwrap() {
                 Some(e) => {
                     let id = e.document_id().and_then(|b| b.as_i64()).unwrap();
                     let v = match e.operation_type {
@@ -734,12 +739,12 @@ mod tests {
             ],
             vec![update(12, 1, 2), update(25, 2, 1)],
         );
-        let row = c.next().await.unwrap().into_event().unwrap();
+        let row = c.next().await.unwrap().into_event().unwrap().unwrap();
         let at = SnapshotPosition::of(&StartPosition::ResumeAfter(row.token.clone()))
             .unwrap()
             .unwrap();
         assert_eq!((at.after, at.start), (Some(Bson::Int64(1)), token(1)));
-        let change = c.next().await.unwrap().into_event().unwrap();
+        let change = c.next().await.unwrap().into_event().unwrap().unwrap();
         assert_eq!(
             change.token.data(),
             Some(format!("82{:08X}00000001", 12).as_str())
@@ -748,7 +753,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((at.after, at.start), (Some(Bson::Int64(1)), token(12)));
-        let row = c.next().await.unwrap().into_event().unwrap();
+        let row = c.next().await.unwrap().into_event().unwrap().unwrap();
         let at = SnapshotPosition::of(&StartPosition::ResumeAfter(row.token.clone()))
             .unwrap()
             .unwrap();
@@ -773,7 +778,7 @@ mod tests {
             Some(ClusterTime::new(1, 1))
         );
         // The snapshot is read: the change held back comes with its own token.
-        let change = c.next().await.unwrap().into_event().unwrap();
+        let change = c.next().await.unwrap().into_event().unwrap().unwrap();
         assert_eq!(change.token, token(25));
     }
 

@@ -970,7 +970,7 @@ async fn resume_cost(client: &Client, filtered: usize) -> Result<(f64, f64), Box
     coll.insert_one(doc! { "_id": -1_i64 }).await?;
     coll.delete_one(doc! { "_id": -1_i64 }).await?;
     let last_event = loop {
-        if let cdc_core::Next::Event(e) = cursor.next().await? {
+        if let Some(e) = cursor.next().await?.into_event()? {
             break e.token;
         }
     };
