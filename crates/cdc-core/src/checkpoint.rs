@@ -270,10 +270,14 @@ impl Checkpointer {
     /// # Errors
     /// [`Error::Protocol`] for a sequence number that is unknown or already acknowledged.
     pub fn ack(&mut self, seq: Seq, now: Instant) -> Result<Option<ResumePoint>> {
-        let index = self
-            .outstanding
-            .binary_search_by_key(&seq.0, |o| o.seq)
-            .map_err(|_| Error::Protocol(format!("event {} is not outstanding", seq.0)))?;
+        // In order (one lane, the usual case) it is the oldest: no search.
+        let index = if self.outstanding.front().is_some_and(|o| o.seq == seq.0) {
+            0
+        } else {
+            self.outstanding
+                .binary_search_by_key(&seq.0, |o| o.seq)
+                .map_err(|_| Error::Protocol(format!("event {} is not outstanding", seq.0)))?
+        };
         let entry = &mut self.outstanding[index];
         if entry.acked {
             return Err(Error::Protocol(format!(

@@ -73,11 +73,12 @@ struct Views {
     has_extra: bool,
 }
 
-/// Where a sub-document lies in an event's raw bytes.
+/// Where a sub-document lies in an event's raw bytes (offsets fit 32 bits: a document's
+/// length is an `i32`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Span {
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
 }
 
 impl Span {
@@ -86,15 +87,16 @@ impl Span {
         // Both point into the same buffer (`sub` was read out of `base`); were they not,
         // the span would be nonsense and `ChangeEvent::view` would find nothing: no panic.
         let start = (sub.as_ptr() as usize).wrapping_sub(base.as_bytes().as_ptr() as usize);
+        let end = start.wrapping_add(sub.len());
         Self {
-            start,
-            end: start.wrapping_add(sub.len()),
+            start: u32::try_from(start).unwrap_or(u32::MAX),
+            end: u32::try_from(end).unwrap_or(u32::MAX),
         }
     }
 }
 
 /// A top-level field decoded eagerly or read through a view.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Field {
     Id,
     OperationType,
@@ -114,21 +116,27 @@ impl Field {
     /// The field a key names; `None` for the fields this version does not interpret
     /// ("extra").
     fn of(key: &[u8]) -> Option<Self> {
-        Some(match key {
-            b"_id" => Self::Id,
-            b"operationType" => Self::OperationType,
-            b"clusterTime" => Self::ClusterTime,
-            b"wallTime" => Self::WallTime,
-            b"ns" => Self::Ns,
-            b"to" => Self::To,
-            b"documentKey" => Self::DocumentKey,
-            b"fullDocument" => Self::FullDocument,
-            b"fullDocumentBeforeChange" => Self::FullDocumentBeforeChange,
-            b"updateDescription" => Self::UpdateDescription,
-            b"txnNumber" => Self::TxnNumber,
-            b"lsid" => Self::Lsid,
+        // By length first, then one comparison of fixed-size arrays (a few integer
+        // comparisons, no call): this runs for every top-level field of every event.
+        fn is<const N: usize>(key: &[u8], name: &[u8; N]) -> bool {
+            <&[u8; N]>::try_from(key).is_ok_and(|key| key == name)
+        }
+        let field = match key.len() {
+            2 if is(key, b"ns") => Self::Ns,
+            2 if is(key, b"to") => Self::To,
+            3 if is(key, b"_id") => Self::Id,
+            4 if is(key, b"lsid") => Self::Lsid,
+            8 if is(key, b"wallTime") => Self::WallTime,
+            9 if is(key, b"txnNumber") => Self::TxnNumber,
+            11 if is(key, b"clusterTime") => Self::ClusterTime,
+            11 if is(key, b"documentKey") => Self::DocumentKey,
+            12 if is(key, b"fullDocument") => Self::FullDocument,
+            13 if is(key, b"operationType") => Self::OperationType,
+            17 if is(key, b"updateDescription") => Self::UpdateDescription,
+            24 if is(key, b"fullDocumentBeforeChange") => Self::FullDocumentBeforeChange,
             _ => return None,
-        })
+        };
+        Some(field)
     }
 
     /// Its name, as errors give it.
@@ -236,7 +244,8 @@ impl ChangeEvent {
 
     fn view(&self, span: Option<Span>) -> Option<&RawDocument> {
         let span = span?;
-        let bytes = self.raw.as_bytes().get(span.start..span.end)?;
+        let (start, end) = (span.start as usize, span.end as usize);
+        let bytes = self.raw.as_bytes().get(start..end)?;
         RawDocument::from_bytes(bytes).ok()
     }
 
@@ -410,15 +419,23 @@ impl EventDecoder {
             };
             let name = field.name();
             let span = |e: &Element<'_>| -> Result<Option<Span>> {
-                Ok(document_or_null(name, e)?.map(|d| Span::of(&raw, d.as_bytes())))
+                match (e.kind, e.document_bytes()) {
+                    (ElementType::Null, _) => Ok(None),
+                    (_, Some(bytes)) => Ok(Some(Span::of(&raw, bytes))),
+                    (kind, None) => Err(wrong_type(name, "a document", kind)),
+                }
             };
             match field {
-                Field::Id => match element.document() {
-                    Some(id) => token = Some(ResumeToken::copied(id)),
+                Field::Id => match element.document_bytes() {
+                    Some(id) => token = Some(ResumeToken::framed(id)),
                     None => return Err(wrong_type(name, "a document", element.kind)),
                 },
                 Field::OperationType => {
-                    operation_type = Some(OperationType::parse(text(name, &element)?));
+                    let known = element.string_bytes().and_then(OperationType::known);
+                    operation_type = Some(match known {
+                        Some(known) => known,
+                        None => OperationType::parse(text(name, &element)?),
+                    });
                 }
                 Field::ClusterTime => match element.timestamp() {
                     Some(ts) => cluster_time = Some(ClusterTime::from(ts)),
@@ -952,5 +969,41 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn every_field_is_known_by_its_exact_name_only() {
+        let all = [
+            Field::Id,
+            Field::OperationType,
+            Field::ClusterTime,
+            Field::WallTime,
+            Field::Ns,
+            Field::To,
+            Field::DocumentKey,
+            Field::FullDocument,
+            Field::FullDocumentBeforeChange,
+            Field::UpdateDescription,
+            Field::TxnNumber,
+            Field::Lsid,
+        ];
+        for field in all {
+            assert_eq!(Field::of(field.name().as_bytes()), Some(field));
+            // The same length, one byte changed: not a known field.
+            let mut near = field.name().as_bytes().to_vec();
+            near[1] ^= 0x20;
+            assert_eq!(Field::of(&near), None, "{near:?}");
+        }
+        for other in [
+            "",
+            "n",
+            "t",
+            "id",
+            "splitEvent",
+            "clusterTimes",
+            "collectionUUID",
+        ] {
+            assert_eq!(Field::of(other.as_bytes()), None, "{other}");
+        }
     }
 }

@@ -32,12 +32,23 @@ impl<'a> Element<'a> {
 
     /// The value as a string, when it is one and valid UTF-8.
     pub(crate) fn string(&self) -> Option<&'a str> {
+        std::str::from_utf8(self.string_bytes()?).ok()
+    }
+
+    /// The bytes of a string value (without its length and terminator), not checked as
+    /// UTF-8: for comparing with known ASCII names.
+    pub(crate) fn string_bytes(&self) -> Option<&'a [u8]> {
         if !matches!(self.kind, ElementType::String) {
             return None;
         }
         // Framing checked the length prefix and the terminator.
-        let text = self.value.get(4..self.value.len().checked_sub(1)?)?;
-        std::str::from_utf8(text).ok()
+        self.value.get(4..self.value.len().checked_sub(1)?)
+    }
+
+    /// The value's bytes when it is a document (framing checked its length and
+    /// terminator): for a view into the event, which reads it as a document later.
+    pub(crate) fn document_bytes(&self) -> Option<&'a [u8]> {
+        matches!(self.kind, ElementType::EmbeddedDocument).then_some(self.value)
     }
 
     fn fixed<const N: usize>(&self) -> Option<[u8; N]> {
@@ -120,39 +131,35 @@ impl std::fmt::Display for FrameError<'_> {
 }
 
 impl<'a> Elements<'a> {
-    #[inline]
+    // Inlined into the decoder's loop: called for every top-level field of every event.
+    #[inline(always)]
     fn frame(&mut self) -> Result<Element<'a>, FrameError<'a>> {
+        let bytes = self.bytes;
         let bad = |key, problem| FrameError { key, problem };
-        let tag = self.bytes[self.at];
-        let kind = ElementType::from(tag).ok_or(bad(&[], "an element has an invalid type"))?;
-        let key_start = self.at + 1;
-        let key_len = self
-            .bytes
-            .get(key_start..)
-            .and_then(|rest| rest.iter().position(|&b| b == 0))
-            .ok_or(bad(&[], "a key has no terminator"))?;
-        let key = &self.bytes[key_start..key_start + key_len];
-        let start = key_start + key_len + 1;
-        let rest = self.bytes.get(start..).unwrap_or_default();
+        // `next` checked that `at` is before the terminator, the document's last byte.
+        let (&tag, rest) = bytes
+            .get(self.at..)
+            .and_then(<[u8]>::split_first)
+            .ok_or(bad(&[], "an element is cut short"))?;
+        let kind = element_type(tag).ok_or(bad(&[], "an element has an invalid type"))?;
+        let key_len = nul_at(rest).ok_or(bad(&[], "a key has no terminator"))?;
+        let (key, rest) = rest.split_at(key_len);
+        // Past the key's terminator; the document's own terminator stays after the value.
+        let rest = rest.get(1..).unwrap_or_default();
         let len = value_len(kind, rest).map_err(|problem| bad(key, problem))?;
-        // The document's own terminator must stay after the value.
-        let end = start
-            .checked_add(len)
-            .filter(|&end| end < self.bytes.len())
+        let (value, after) = rest
+            .split_at_checked(len)
+            .filter(|(_, after)| !after.is_empty())
             .ok_or(bad(key, "the value runs past the document's end"))?;
-        self.at = end;
-        Ok(Element {
-            key,
-            kind,
-            value: &self.bytes[start..end],
-        })
+        self.at = bytes.len() - after.len();
+        Ok(Element { key, kind, value })
     }
 }
 
 impl<'a> Iterator for Elements<'a> {
     type Item = Result<Element<'a>, FrameError<'a>>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.at + 1 >= self.bytes.len() {
             // A `RawDocument` ends with its terminator: the last byte is never an element.
@@ -162,6 +169,63 @@ impl<'a> Iterator for Elements<'a> {
         self.failed = element.is_err();
         Some(element)
     }
+}
+
+/// Where the first zero byte is, eight bytes at a time (a key's terminator: every field of
+/// every event has one to find).
+#[inline(always)]
+fn nul_at(bytes: &[u8]) -> Option<usize> {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        // The lowest flagged byte is the first zero one (a flag above it may be false).
+        let zeros = word.wrapping_sub(LOW) & !word & HIGH;
+        if zeros != 0 {
+            return Some(at + (zeros.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == 0)
+        .map(|i| at + i)
+}
+
+/// The type a tag names (`bson`'s own conversion is not inlined across crates, and this
+/// runs for every top-level field of every event).
+#[inline(always)]
+fn element_type(tag: u8) -> Option<ElementType> {
+    use ElementType as T;
+    Some(match tag {
+        0x01 => T::Double,
+        0x02 => T::String,
+        0x03 => T::EmbeddedDocument,
+        0x04 => T::Array,
+        0x05 => T::Binary,
+        0x06 => T::Undefined,
+        0x07 => T::ObjectId,
+        0x08 => T::Boolean,
+        0x09 => T::DateTime,
+        0x0A => T::Null,
+        0x0B => T::RegularExpression,
+        0x0C => T::DbPointer,
+        0x0D => T::JavaScriptCode,
+        0x0E => T::Symbol,
+        0x0F => T::JavaScriptCodeWithScope,
+        0x10 => T::Int32,
+        0x11 => T::Timestamp,
+        0x12 => T::Int64,
+        0x13 => T::Decimal128,
+        0x7F => T::MaxKey,
+        0xFF => T::MinKey,
+        _ => return None,
+    })
 }
 
 /// A little-endian `i32` length at the start of `rest`, refused when negative.
@@ -195,7 +259,7 @@ fn cstring_len(rest: &[u8]) -> Result<usize, &'static str> {
 }
 
 /// The length of a value of `kind` at the start of `rest`.
-#[inline]
+#[inline(always)]
 fn value_len(kind: ElementType, rest: &[u8]) -> Result<usize, &'static str> {
     use ElementType as T;
     Ok(match kind {
@@ -324,6 +388,13 @@ mod tests {
     }
 
     #[test]
+    fn tags_name_the_types_bson_names() {
+        for tag in 0..=u8::MAX {
+            assert_eq!(element_type(tag), ElementType::from(tag), "tag {tag:#04x}");
+        }
+    }
+
+    #[test]
     fn an_empty_document_has_no_elements() {
         assert_eq!(by_frame(&RawDocumentBuf::new()).unwrap().len(), 0);
     }
@@ -351,11 +422,29 @@ mod tests {
             let len = i32::try_from(bytes.len()).unwrap();
             bytes[..4].copy_from_slice(&len.to_le_bytes());
             let doc = RawDocument::from_bytes(&bytes).unwrap();
+            for bytes in elements(doc).flatten().filter_map(|e| e.document_bytes()) {
+                prop_assert!(RawDocument::from_bytes(bytes).is_ok());
+            }
             let framed = by_frame(doc);
             if let Ok(expected) = by_bson(doc) {
                 // bson also checks keys' UTF-8, which the framer leaves to its caller.
                 prop_assert_eq!(framed.map_err(|_| ()), Ok(expected));
             }
+        }
+
+        #[test]
+        fn finds_the_first_zero_byte(
+            dense in proptest::collection::vec(0_u8..4, 0..40),
+            sparse in proptest::collection::vec(any::<u8>(), 0..80),
+            at in 0_usize..80,
+        ) {
+            prop_assert_eq!(nul_at(&dense), dense.iter().position(|&b| b == 0));
+            // Mostly non-zero bytes, with a zero placed somewhere (or none).
+            let mut sparse: Vec<u8> = sparse.into_iter().map(|b| b.max(1)).collect();
+            if let Some(b) = sparse.get_mut(at) {
+                *b = 0;
+            }
+            prop_assert_eq!(nul_at(&sparse), sparse.iter().position(|&b| b == 0));
         }
 
         #[test]
@@ -368,6 +457,10 @@ mod tests {
             let doc = RawDocument::from_bytes(&bytes).unwrap();
             for e in elements(doc).flatten() {
                 let _ = (e.string(), e.document(), e.timestamp(), e.date(), e.i32(), e.i64());
+                // What is framed as a document is one to `bson` (tokens rely on it).
+                if let Some(bytes) = e.document_bytes() {
+                    prop_assert!(RawDocument::from_bytes(bytes).is_ok());
+                }
             }
         }
     }

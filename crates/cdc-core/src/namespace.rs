@@ -240,22 +240,28 @@ impl OperationType {
 
     /// Parses the server's spelling; unknown strings become [`OperationType::Other`].
     pub fn parse(s: &str) -> Self {
-        match s {
-            "insert" => Self::Insert,
-            "update" => Self::Update,
-            "replace" => Self::Replace,
-            "delete" => Self::Delete,
-            "drop" => Self::Drop,
-            "rename" => Self::Rename,
-            "dropDatabase" => Self::DropDatabase,
-            "invalidate" => Self::Invalidate,
-            "create" => Self::Create,
-            "createIndexes" => Self::CreateIndexes,
-            "dropIndexes" => Self::DropIndexes,
-            "modify" => Self::Modify,
-            "snapshot" => Self::Snapshot,
-            other => Self::Other(other.to_owned()),
-        }
+        Self::known(s.as_bytes()).unwrap_or_else(|| Self::Other(s.to_owned()))
+    }
+
+    /// The type the server's spelling names, from its bytes; `None` for one this version
+    /// does not name (the decoder then checks the bytes are text before keeping them).
+    pub(crate) fn known(s: &[u8]) -> Option<Self> {
+        Some(match s {
+            b"insert" => Self::Insert,
+            b"update" => Self::Update,
+            b"replace" => Self::Replace,
+            b"delete" => Self::Delete,
+            b"drop" => Self::Drop,
+            b"rename" => Self::Rename,
+            b"dropDatabase" => Self::DropDatabase,
+            b"invalidate" => Self::Invalidate,
+            b"create" => Self::Create,
+            b"createIndexes" => Self::CreateIndexes,
+            b"dropIndexes" => Self::DropIndexes,
+            b"modify" => Self::Modify,
+            b"snapshot" => Self::Snapshot,
+            _ => return None,
+        })
     }
 
     /// Whether this event changes a document (insert, update, replace, delete).

@@ -63,6 +63,13 @@ impl ResumeToken {
         Self(Arc::from(raw.as_bytes()))
     }
 
+    /// A token from bytes framed as a document (length prefix equal to their length, at
+    /// least 5, a terminator last: what `RawDocument::from_bytes` checks), as the event
+    /// decoder's framing has checked them.
+    pub(crate) fn framed(bytes: &[u8]) -> Self {
+        Self(Arc::from(bytes))
+    }
+
     /// Parses a token from its BSON bytes.
     ///
     /// # Errors

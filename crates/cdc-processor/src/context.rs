@@ -43,7 +43,11 @@ struct RunContext {
 }
 
 tokio::task_local! {
-    static CURRENT: HandlerContext;
+    /// The context of the handler call running on this task, if one is. A task that makes
+    /// handler calls one after another (the run loop, a lane) holds one slot for its
+    /// life ([`HandlerContext::slot_for`]) and fills it for each call: entering a
+    /// task-local scope for every call cost more than the rest of handling an event.
+    static CURRENT: std::cell::RefCell<Option<HandlerContext>>;
 }
 
 impl HandlerContext {
@@ -113,13 +117,13 @@ impl HandlerContext {
     }
 
     /// Runs `fut` to its end, unless the stop timeout runs out first ([`Self::stop_deadline`]):
-    /// `None` then, and `fut` is dropped (cancelled). A call that finishes when first
-    /// polled (most do) never looks at the deadline.
+    /// `None` then (the caller drops `fut`, cancelling it). A call that finishes when
+    /// first polled (most do) never looks at the deadline. `fut` is pinned where the
+    /// caller made it rather than moved in here.
     pub(crate) async fn before_deadline<F: std::future::Future>(
         &self,
-        fut: F,
+        mut fut: std::pin::Pin<&mut F>,
     ) -> Option<F::Output> {
-        let mut fut = std::pin::pin!(fut);
         let first = std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
             std::task::Poll::Ready(out) => std::task::Poll::Ready(Some(out)),
             std::task::Poll::Pending => std::task::Poll::Ready(None),
@@ -146,12 +150,49 @@ impl HandlerContext {
     /// ([`cdc_core::Dispatcher`], whose signature has no room for it): `None` outside a
     /// handler call.
     pub fn current() -> Option<Self> {
-        CURRENT.try_with(Clone::clone).ok()
+        CURRENT
+            .try_with(|slot| slot.borrow().clone())
+            .ok()
+            .flatten()
     }
 
-    /// Runs `fut` with this as the current context.
-    pub(crate) async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
-        CURRENT.scope(self, fut).await
+    /// Runs `fut`, a task that makes handler calls one at a time, with a slot for their
+    /// contexts.
+    pub(crate) async fn slot_for<F: std::future::Future>(fut: F) -> F::Output {
+        CURRENT.scope(std::cell::RefCell::new(None), fut).await
+    }
+
+    /// One handler call: `fut` with this as the current context, a panic in it turned
+    /// into an error. The context goes in the task's slot when it has one (emptied when
+    /// the call ends or is dropped), in a scope of its own otherwise.
+    pub(crate) async fn make_call<F>(self, fut: std::pin::Pin<&mut F>) -> Result<(), BoxError>
+    where
+        F: std::future::Future<Output = Result<(), BoxError>>,
+    {
+        match self.hold() {
+            Ok(_empty) => crate::handling::catch_panic(fut).await,
+            Err(this) => {
+                let scoped = CURRENT.scope(std::cell::RefCell::new(Some(this)), fut);
+                crate::handling::catch_panic(std::pin::pin!(scoped)).await
+            }
+        }
+    }
+
+    /// Puts this in the task's empty slot: the guard that empties it again, or this back
+    /// when the task has no slot or it is taken (a call within a call).
+    fn hold(self) -> Result<EmptySlot, Self> {
+        let mut this = Some(self);
+        let held = CURRENT.try_with(|slot| match slot.try_borrow_mut() {
+            Ok(mut slot) if slot.is_none() => {
+                *slot = this.take();
+                true
+            }
+            _ => false,
+        });
+        match (held, this) {
+            (Ok(true), _) | (_, None) => Ok(EmptySlot),
+            (_, Some(this)) => Err(this),
+        }
     }
 
     /// The lane handling the call (`0..concurrency`); `None` for an event handled alone
@@ -188,6 +229,20 @@ impl HandlerContext {
     /// are kept whole and it belongs to one.
     pub fn transaction(&self) -> Option<TransactionPosition> {
         self.transaction
+    }
+}
+
+/// Empties the task's context slot when a call ends (or is dropped).
+struct EmptySlot;
+
+impl Drop for EmptySlot {
+    fn drop(&mut self) {
+        // Outside the task's scope (dropped with the task), there is no slot to empty.
+        let _ = CURRENT.try_with(|slot| {
+            if let Ok(mut slot) = slot.try_borrow_mut() {
+                *slot = None;
+            }
+        });
     }
 }
 
@@ -264,5 +319,92 @@ impl<T: BatchDispatcher + ?Sized> BatchDispatcher for std::sync::Arc<T> {
         ctx: &HandlerContext,
     ) -> Result<(), BoxError> {
         (**self).dispatch_batch(batch, ctx).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::future::Future;
+
+    use super::*;
+
+    fn ctx(call: u32) -> HandlerContext {
+        HandlerContext::new(Some(3), 1, CancellationToken::new(), None).with_call(call)
+    }
+
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<Option<(Option<usize>, u32)>>>>;
+
+    /// A handler call that records the context it sees.
+    async fn seeing(seen: Seen) -> Result<(), BoxError> {
+        tokio::task::yield_now().await;
+        let now = HandlerContext::current().map(|c| (c.lane(), c.call()));
+        seen.lock().unwrap().push(now);
+        Ok(())
+    }
+
+    fn outside() -> Option<u32> {
+        HandlerContext::current().map(|c| c.call())
+    }
+
+    #[tokio::test]
+    async fn the_context_is_current_during_a_call_only() {
+        let seen = Seen::default();
+        let s = seen.clone();
+        HandlerContext::slot_for(async move {
+            assert_eq!(outside(), None);
+            ctx(1)
+                .make_call(std::pin::pin!(seeing(s.clone())))
+                .await
+                .unwrap();
+            assert_eq!(outside(), None);
+            ctx(2)
+                .make_call(std::pin::pin!(seeing(s.clone())))
+                .await
+                .unwrap();
+            // A call dropped half-way (cancelled) leaves no context behind.
+            let pending = std::pin::pin!(std::future::pending::<Result<(), BoxError>>());
+            let mut call = Box::pin(ctx(3).make_call(pending));
+            let polled = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(call.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            assert!(polled, "the call waits");
+            drop(call);
+            assert_eq!(outside(), None);
+            // A call inside a call gets its own scope; the outer one is kept.
+            let inner = s.clone();
+            let outer = s.clone();
+            let nested = async move {
+                ctx(5).make_call(std::pin::pin!(seeing(inner))).await?;
+                seeing(outer).await
+            };
+            ctx(4).make_call(std::pin::pin!(nested)).await.unwrap();
+            // A panic is an error naming it, and empties the slot too.
+            let panics = async {
+                if outside() == Some(6) {
+                    panic!("boom");
+                }
+                Ok(())
+            };
+            let err = ctx(6).make_call(std::pin::pin!(panics)).await.unwrap_err();
+            assert!(err.to_string().contains("panicked: boom"), "{err}");
+            assert_eq!(outside(), None);
+        })
+        .await;
+        // Without a slot for the task, a call still sees its context.
+        ctx(7)
+            .make_call(std::pin::pin!(seeing(seen.clone())))
+            .await
+            .unwrap();
+        assert_eq!(outside(), None);
+        let seen: Vec<_> = seen.lock().unwrap().clone();
+        let calls: Vec<_> = seen.iter().map(|s| s.map(|(_, call)| call)).collect();
+        assert_eq!(calls, [Some(1), Some(2), Some(5), Some(4), Some(7)]);
+        assert!(
+            seen.iter()
+                .all(|s| s.is_some_and(|(lane, _)| lane == Some(3)))
+        );
     }
 }

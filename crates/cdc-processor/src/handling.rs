@@ -124,12 +124,14 @@ impl<B: BatchDispatcher + 'static> IntoHandler for Batches<B> {
     }
 }
 
-/// Runs a handler future, turning a panic into an error that carries its message.
-pub(crate) async fn catch_panic<F: Future<Output = Result<(), BoxError>>>(
-    fut: F,
-) -> Result<(), BoxError> {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
+/// Runs a handler future, turning a panic into an error that carries its message. The
+/// future is pinned where the caller made it (not moved into this one: handler futures
+/// are large, and this runs for every call), and polled through a plain `poll_fn` (no
+/// state machine of its own).
+pub(crate) fn catch_panic<'a, F: Future<Output = Result<(), BoxError>>>(
+    mut fut: std::pin::Pin<&'a mut F>,
+) -> impl Future<Output = Result<(), BoxError>> + 'a {
+    std::future::poll_fn(move |cx| {
         match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(poll) => poll,
             Err(panic) => {
@@ -142,7 +144,6 @@ pub(crate) async fn catch_panic<F: Future<Output = Result<(), BoxError>>>(
             }
         }
     })
-    .await
 }
 
 pub(crate) fn handler_error(

@@ -165,7 +165,7 @@ async fn handle_batch(
     };
     poison
         .retrying(ctx, |ctx| {
-            let batch = &batch;
+            let (batch, ctx) = (&batch, ctx.clone());
             async move { h.dispatch_batch(batch, &ctx).await }
         })
         .await
@@ -215,10 +215,8 @@ pub(crate) async fn handle_until_deadline(
     ctx: &HandlerContext,
     poison: &Poison,
 ) -> Outcome {
-    match ctx
-        .before_deadline(handle(handler, units, ctx, poison))
-        .await
-    {
+    let handling = std::pin::pin!(handle(handler, units, ctx, poison));
+    match ctx.before_deadline(handling).await {
         Some(outcome) => outcome,
         None => {
             tracing::warn!(
@@ -270,13 +268,13 @@ impl Lanes {
             let (tx, rx) = mpsc::channel(queue.max(1));
             senders.push(tx);
             let ctx = base.on_lane(lane);
-            tasks.push(tokio::spawn(run_lane(
+            tasks.push(tokio::spawn(HandlerContext::slot_for(run_lane(
                 rx,
                 done_tx.clone(),
                 handler.clone(),
                 ctx,
                 Arc::clone(poison),
-            )));
+            ))));
         }
         Self {
             senders,

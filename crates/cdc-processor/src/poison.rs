@@ -16,10 +16,7 @@ use cdc_core::{
 /// Where an event lies in the stream: its cluster time, then its letter id.
 type Position = (ClusterTime, String);
 
-use crate::{
-    context::HandlerContext,
-    handling::{catch_panic, handler_error},
-};
+use crate::{context::HandlerContext, handling::handler_error};
 
 /// What follows when a handler keeps failing on an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -340,18 +337,46 @@ impl Poison {
         mut call: F,
     ) -> Result<Option<()>, (BoxError, u32)>
     where
-        F: FnMut(HandlerContext) -> Fut,
+        F: FnMut(&HandlerContext) -> Fut,
+        Fut: Future<Output = Result<(), BoxError>>,
+    {
+        let this = ctx.with_call(1);
+        let first = std::pin::pin!(call(&this));
+        match this.make_call(first).await {
+            Ok(()) => Ok(Some(())),
+            // Most calls succeed at once: what a failure needs (backoffs, timers) lives in
+            // a future of its own, made on the first failure, so the future of every call
+            // stays small.
+            Err(e) => Box::pin(self.retrying_after(ctx, call, e)).await,
+        }
+    }
+
+    /// [`Poison::retrying`] after the first call failed with `first`.
+    async fn retrying_after<F, Fut>(
+        &self,
+        ctx: &HandlerContext,
+        mut call: F,
+        first: BoxError,
+    ) -> Result<Option<()>, (BoxError, u32)>
+    where
+        F: FnMut(&HandlerContext) -> Fut,
         Fut: Future<Output = Result<(), BoxError>>,
     {
         let mut n = 1;
         let mut counted = 1;
         let mut outage = 0_u32;
-        // Built on the first failure only: most calls succeed at once, and building the
-        // backoffs for each of them was a measurable part of the per-event cost.
         let (mut outage_delays, mut retry_delays) = (None, None);
+        let mut failed = Some(first);
         loop {
-            let this = ctx.with_call(n);
-            match catch_panic(this.clone().scope(call(this))).await {
+            let result = match failed.take() {
+                Some(e) => Err(e),
+                None => {
+                    let this = ctx.with_call(n);
+                    let again = std::pin::pin!(call(&this));
+                    this.make_call(again).await
+                }
+            };
+            match result {
                 Ok(()) => {
                     if outage > 0 {
                         tracing::info!(calls = n, "the handler's downstream is back");
@@ -398,15 +423,17 @@ impl Poison {
         event: &ChangeEvent,
         ctx: &HandlerContext,
     ) -> Fate {
+        // The rare paths (a parked key, giving up) are boxed: the future made for every
+        // event stays small.
         if self.is_parked(event) {
-            return self.park(event).await;
+            return Box::pin(self.park(event)).await;
         }
         match self.retrying(ctx, |_| handler.dispatch(event, None)).await {
             Ok(Some(())) => Fate::Handled,
             Ok(None) => Fate::Abandoned,
             Err((e, calls)) => {
                 let error = handler_error(event, e, calls);
-                self.give_up(event, error, calls).await
+                Box::pin(self.give_up(event, error, calls)).await
             }
         }
     }

@@ -92,9 +92,11 @@ impl Requests {
         source: &dyn ChangeSource,
         mut cursor: Box<dyn ChangeCursor>,
     ) -> Box<dyn ChangeCursor> {
-        if !self
-            .waiting
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        // A plain load first: this runs for every event, a request rarely comes.
+        if !self.waiting.load(std::sync::atomic::Ordering::Acquire)
+            || !self
+                .waiting
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
         {
             return cursor;
         }

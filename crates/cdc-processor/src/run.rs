@@ -231,7 +231,7 @@ impl RunLoop<'_> {
             ));
             let outcome = match handler {
                 Handler::Event(h) if s.concurrency <= 1 && s.keep_transactions != Some(true) => {
-                    self.consume(&mut rx, &mut cp, &**h).await
+                    HandlerContext::slot_for(self.consume(&mut rx, &mut cp, &**h)).await
                 }
                 _ => {
                     // Enough queued per lane to keep it busy; the protocol's bound and the
@@ -245,9 +245,8 @@ impl RunLoop<'_> {
                         &self.shared.poison,
                     );
                     let keep = s.keep_transactions.unwrap_or(s.concurrency > 1);
-                    let outcome = self
-                        .consume_lanes(&mut rx, &mut cp, handler, &mut lanes, keep)
-                        .await;
+                    let consuming = self.consume_lanes(&mut rx, &mut cp, handler, &mut lanes, keep);
+                    let outcome = HandlerContext::slot_for(consuming).await;
                     if matches!(&outcome, Err(e) if e.kind() == ErrorKind::Fenced) {
                         // Another instance holds the lease now: the handlers in flight are
                         // cancelled at once (dropping the lanes aborts them).
@@ -377,7 +376,8 @@ impl RunLoop<'_> {
         }
     }
 
-    /// Acts on one item from the reader.
+    /// Acts on one item from the reader: an event is tracked, handled under the error
+    /// policy (unless the stop timeout runs out), acknowledged, and what is due is saved.
     async fn step(
         &self,
         item: Item,
@@ -387,55 +387,26 @@ impl RunLoop<'_> {
         invalidated: &mut bool,
         counted: &mut Counted,
     ) -> Result<Step> {
-        match item {
+        // A raw event is decoded here, on the stack (no allocation for the event).
+        let (boxed, decoded);
+        let (event, bytes): (&ChangeEvent, _) = match item {
             Item::Event(event, bytes) => {
-                return self
-                    .handle_one(&event, bytes, cp, handler, ctx, invalidated, counted)
-                    .await;
+                boxed = event;
+                (&boxed, bytes)
             }
             Item::Raw(raw, bytes) => {
-                let event = counted.decoder.decode(raw)?;
-                return self
-                    .handle_one(&event, bytes, cp, handler, ctx, invalidated, counted)
-                    .await;
+                decoded = counted.decoder.decode(raw)?;
+                (&decoded, bytes)
             }
-            Item::Idle(token) => self.idle(token, cp).await?,
-            // Time passed: the tick after every item covers it.
-            Item::Tick => {}
-            Item::Gap(gap) => self.gap(gap),
-            Item::Finished(position) => return Ok(Step::End(Outcome::Finished(position))),
-            Item::Closed => {
-                return Ok(Step::End(if *invalidated {
-                    Outcome::Invalidated
-                } else {
-                    Outcome::Closed
-                }));
-            }
-            Item::Failed(e) => return Err(e.into()),
-        }
-        Ok(Step::Next(Instant::now()))
-    }
-
-    /// Handles one event: tracks it, calls the handler under the error policy (unless the
-    /// stop timeout runs out), acknowledges it and saves what is due.
-    #[allow(clippy::too_many_arguments)] // The run loop's state, passed down one level.
-    async fn handle_one(
-        &self,
-        event: &ChangeEvent,
-        bytes: Option<tokio::sync::OwnedSemaphorePermit>,
-        cp: &mut Checkpointer,
-        handler: &dyn Dispatcher,
-        ctx: &HandlerContext,
-        invalidated: &mut bool,
-        counted: &mut Counted,
-    ) -> Result<Step> {
+            other => return self.side_step(other, cp, invalidated).await,
+        };
         if cp.is_blocked() {
             self.flush(cp).await?;
         }
         // `saved_at` is stamped when the point is saved.
         let seq = cp.track(event.resume_point(bson::DateTime::MIN))?;
         let poison = &self.shared.poison;
-        let handling = poison.handle_event(handler, event, ctx);
+        let handling = std::pin::pin!(poison.handle_event(handler, event, ctx));
         let Some(fate) = ctx.before_deadline(handling).await else {
             tracing::warn!(
                 "the handler did not finish within the stop timeout: cancelled, its event comes again"
@@ -445,6 +416,7 @@ impl RunLoop<'_> {
         match fate {
             Fate::Abandoned => return Ok(Step::End(Outcome::Stopped)),
             Fate::Failed(e) => return Err(e.into()),
+            Fate::Handled => {}
             fate => {
                 let mut tally = Tally::default();
                 tally.add(&fate);
@@ -459,6 +431,31 @@ impl RunLoop<'_> {
         counted.add(event);
         *invalidated |= event.operation_type == OperationType::Invalidate;
         Ok(Step::Handled(now))
+    }
+
+    /// Acts on an item that is not an event.
+    async fn side_step(
+        &self,
+        item: Item,
+        cp: &mut Checkpointer,
+        invalidated: &mut bool,
+    ) -> Result<Step> {
+        match item {
+            Item::Idle(token) => self.idle(token, cp).await?,
+            // Time passed: the tick after every item covers it.
+            Item::Tick | Item::Event(..) | Item::Raw(..) => {}
+            Item::Gap(gap) => self.gap(gap),
+            Item::Finished(position) => return Ok(Step::End(Outcome::Finished(position))),
+            Item::Closed => {
+                return Ok(Step::End(if *invalidated {
+                    Outcome::Invalidated
+                } else {
+                    Outcome::Closed
+                }));
+            }
+            Item::Failed(e) => return Err(e.into()),
+        }
+        Ok(Step::Next(Instant::now()))
     }
 
     /// The checkpoint policy in force: the builder's, except that every lane may hold one
@@ -837,6 +834,14 @@ impl Counted {
 
     fn add(&mut self, event: &ChangeEvent) {
         self.events += 1;
+        self.last_time = Some(event.cluster_time);
+        // Runs of one kind are the rule: the last kind counted first.
+        if let Some((kind, n)) = self.by_type.last_mut()
+            && *kind == event.operation_type
+        {
+            *n += 1;
+            return;
+        }
         match self
             .by_type
             .iter_mut()
@@ -845,7 +850,6 @@ impl Counted {
             Some((_, n)) => *n += 1,
             None => self.by_type.push((event.operation_type.clone(), 1)),
         }
-        self.last_time = Some(event.cluster_time);
     }
 }
 

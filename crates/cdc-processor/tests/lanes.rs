@@ -123,6 +123,8 @@ struct Seen {
     concurrent: usize,
     attempt: u32,
     call: u32,
+    // Read only by the deployment-stream test, which needs the `mongodb` store.
+    #[cfg_attr(not(feature = "mongodb"), allow(dead_code))]
     ns: Option<String>,
 }
 
