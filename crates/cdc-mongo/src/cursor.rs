@@ -389,9 +389,22 @@ impl MongoCursor {
     }
 }
 
-#[async_trait]
-impl ChangeCursor for MongoCursor {
-    async fn next(&mut self) -> cdc_core::Result<Next> {
+/// The future `make` returns, boxed: the box is allocated first and the future written
+/// into it, which lets the compiler build it in place instead of copying it in.
+fn boxed_in_place<'b, F, R>(
+    make: impl FnOnce() -> F,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = R> + Send + 'b>>
+where
+    F: std::future::Future<Output = R> + Send + 'b,
+{
+    let slot = Box::<F>::new_uninit();
+    let boxed: Box<F> = Box::write(slot, make());
+    Box::into_pin(boxed)
+}
+
+impl MongoCursor {
+    /// What [`ChangeCursor::next`] returns, boxed by it.
+    async fn read_next(&mut self) -> cdc_core::Result<Next> {
         if let Some(gap) = self.gap.take() {
             return Ok(Next::Gap(gap));
         }
@@ -406,6 +419,21 @@ impl ChangeCursor for MongoCursor {
                 return Ok(next);
             }
         }
+    }
+}
+
+#[async_trait]
+impl ChangeCursor for MongoCursor {
+    // Written out rather than by `async_trait`: the future holds the driver's (several
+    // KiB), and building it straight into its box spares copying it for every event.
+    fn next<'a, 'b>(
+        &'a mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = cdc_core::Result<Next>> + Send + 'b>>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        boxed_in_place(|| self.read_next())
     }
 
     fn resume_token(&self) -> Option<ResumeToken> {
