@@ -162,6 +162,20 @@ fn bench(args: &[String]) -> Result<(), String> {
     run("bench", cmd)
 }
 
+/// CI's short runs of the lag and instruction measurements, on debug builds.
+fn bench_smoke() -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--quiet", "-p", "cdc-cli"]);
+    build.args(["-p", "cdc-tests", "--bin", "cdc-soak", "--bin", "cdc"]);
+    run("build cdc", build)?;
+    let mut lag = cdc_tests_bin("cdc-bench", false);
+    lag.args(["lag", "--rate", "1000", "--seconds", "10"]);
+    run("bench lag (short, debug build)", lag)?;
+    let mut instructions = cdc_tests_bin("cdc-bench", false);
+    instructions.args(["instructions", "--events", "2000"]);
+    run("bench instructions (short, debug build)", instructions)
+}
+
 /// The shared spec tests, read in place from the checkout's sibling `shared/` folder.
 fn default_spec_dir() -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -286,6 +300,12 @@ fn ci() -> Result<(), String> {
         "--preload",
         "100000",
     ])?;
+
+    // The measurements of `cargo xtask bench lag` and `bench instructions`, short and on
+    // debug builds: their figures are not the release ones (the README's are); this
+    // checks that they run, and the lag run fails if an acknowledged change never
+    // reaches a sink.
+    bench_smoke()?;
 
     let spec = default_spec_dir();
     if spec.is_dir() {

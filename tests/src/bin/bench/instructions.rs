@@ -112,7 +112,16 @@ pub(crate) async fn measure(events: usize) -> Result<(f64, f64), BoxError> {
             &work.join(format!("{mode}-2")),
         )
         .await?;
-        per_event.push(two.saturating_sub(one) as f64 / events as f64);
+        // Fewer instructions for 2N events than for N: start-up's variation swamped the
+        // events' cost; a figure from it would be noise.
+        if two <= one {
+            return Err(format!(
+                "{mode}: {two} instructions for {} events, not more than {one} for {events}: use more --events",
+                events * 2
+            )
+            .into());
+        }
+        per_event.push((two - one) as f64 / events as f64);
     }
     if kept.is_none() {
         let _ = std::fs::remove_dir_all(&work);

@@ -358,11 +358,20 @@ pub(crate) async fn run(args: &[String]) -> Result<(), BoxError> {
         other => return Err(format!("--sink {other}: nats, postgres or both").into()),
     };
     let (mut server, uri) = super::spawn_sim((rate * seconds * 2 + 100_000) as usize).await?;
+    let mut lost = Vec::new();
     for kind in kinds {
         let lag = lag_into(&uri, kind, rate, seconds).await?;
         print(kind, rate, seconds, &lag);
+        if lag.missing > 0 {
+            lost.push(format!("{} into {kind}", lag.missing));
+        }
     }
     server.kill().await?;
+    // Whether the sink kept up is a figure; an acknowledged change that never arrived is
+    // a loss, and fails the run.
+    if !lost.is_empty() {
+        return Err(format!("acknowledged changes never stored: {}", lost.join(", ")).into());
+    }
     Ok(())
 }
 
