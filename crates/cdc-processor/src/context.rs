@@ -170,10 +170,10 @@ impl HandlerContext {
         F: std::future::Future<Output = Result<(), BoxError>>,
     {
         match self.hold() {
-            Ok(_empty) => crate::handling::catch_panic(fut).await,
+            Ok(_empty) => catch_panic(fut).await,
             Err(this) => {
                 let scoped = CURRENT.scope(std::cell::RefCell::new(Some(this)), fut);
-                crate::handling::catch_panic(std::pin::pin!(scoped)).await
+                catch_panic(std::pin::pin!(scoped)).await
             }
         }
     }
@@ -230,6 +230,28 @@ impl HandlerContext {
     pub fn transaction(&self) -> Option<TransactionPosition> {
         self.transaction
     }
+}
+
+/// Runs a handler future, turning a panic into an error that carries its message. The
+/// future is pinned where the caller made it (not moved into this one: handler futures
+/// are large, and this runs for every call), and polled through a plain `poll_fn` (no
+/// state machine of its own).
+pub(crate) fn catch_panic<'a, F: std::future::Future<Output = Result<(), BoxError>>>(
+    mut fut: std::pin::Pin<&'a mut F>,
+) -> impl std::future::Future<Output = Result<(), BoxError>> + 'a {
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string panic payload".to_owned());
+                std::task::Poll::Ready(Err(format!("the handler panicked: {message}").into()))
+            }
+        }
+    })
 }
 
 /// Empties the task's context slot when a call ends (or is dropped).

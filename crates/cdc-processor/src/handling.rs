@@ -1,8 +1,8 @@
 //! The handler as the processor runs it: per event or in batches ([`Batches`] with its
-//! limits, what [`IntoHandler`] makes of either), a call that may panic, and the error
-//! that names the event a handler failed on.
+//! limits, what [`IntoHandler`] makes of either), and the error that names the event a
+//! handler failed on.
 
-use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, task::Poll};
+use std::sync::Arc;
 
 use cdc_core::{BoxError, ChangeEvent, Dispatcher};
 
@@ -122,28 +122,6 @@ impl<B: BatchDispatcher + 'static> IntoHandler for Batches<B> {
             self.limits,
         )))
     }
-}
-
-/// Runs a handler future, turning a panic into an error that carries its message. The
-/// future is pinned where the caller made it (not moved into this one: handler futures
-/// are large, and this runs for every call), and polled through a plain `poll_fn` (no
-/// state machine of its own).
-pub(crate) fn catch_panic<'a, F: Future<Output = Result<(), BoxError>>>(
-    mut fut: std::pin::Pin<&'a mut F>,
-) -> impl Future<Output = Result<(), BoxError>> + 'a {
-    std::future::poll_fn(move |cx| {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-            Ok(poll) => poll,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a non-string panic payload".to_owned());
-                Poll::Ready(Err(format!("the handler panicked: {message}").into()))
-            }
-        }
-    })
 }
 
 pub(crate) fn handler_error(
