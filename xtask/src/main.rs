@@ -172,7 +172,7 @@ fn bench_smoke() -> Result<(), String> {
     lag.args(["lag", "--rate", "1000", "--seconds", "10"]);
     run("bench lag (short, debug build)", lag)?;
     let mut instructions = cdc_tests_bin("cdc-bench", false);
-    instructions.args(["instructions", "--events", "2000"]);
+    instructions.args(["instructions", "--events", "2000", "--runs", "1"]);
     run("bench instructions (short, debug build)", instructions)
 }
 

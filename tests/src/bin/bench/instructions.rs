@@ -8,7 +8,7 @@
 //! 1 measures) or through the processor with batched checkpoints and a memory store
 //! (scenario 2), once for `N` events and once for `2N`: the difference over `N` is the
 //! cost per event without start-up. Prints `processor instructions per event ÷ raw driver:
-//! <r>x`.
+//! <r>x` for the median of `--runs` (3) measurements.
 
 use std::{path::Path, sync::atomic::Ordering, time::Duration};
 
@@ -60,9 +60,38 @@ async fn counted(
 
 pub(crate) async fn run(args: &[String]) -> Result<(), BoxError> {
     let events = super::flag(args, "--events", 20_000)?;
-    let (raw, processor) = measure(events).await?;
-    print(raw, processor);
+    let runs = super::flag(args, "--runs", 3)?;
+    let ratios = measure_runs(events, runs).await?;
+    print_runs(&ratios);
     Ok(())
+}
+
+/// `runs` measurements (each of N and 2N events, both paths): the counts move about 2%
+/// from run to run (the two tasks' scheduling, the driver's batches), so the line gives
+/// the median run. Each is `(raw, processor)`, sorted by their ratio.
+pub(crate) async fn measure_runs(events: usize, runs: usize) -> Result<Vec<(f64, f64)>, BoxError> {
+    let mut all = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        all.push(measure(events).await?);
+    }
+    all.sort_by(|a, b| (a.1 / a.0).total_cmp(&(b.1 / b.0)));
+    Ok(all)
+}
+
+/// Prints the median run's lines, then the spread of the ratio over the runs.
+pub(crate) fn print_runs(runs: &[(f64, f64)]) {
+    let Some(&(raw, processor)) = runs.get(runs.len() / 2) else {
+        return;
+    };
+    print(raw, processor);
+    if let (Some(low), Some(high)) = (runs.first(), runs.last()) {
+        println!(
+            "  median of {} runs; ratios {:.2}x to {:.2}x",
+            runs.len(),
+            low.1 / low.0,
+            high.1 / high.0
+        );
+    }
 }
 
 /// Prints the per-event counts and the ratio line.
