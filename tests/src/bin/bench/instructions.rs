@@ -163,20 +163,14 @@ pub(crate) async fn measure(events: usize) -> Result<(f64, f64), BoxError> {
 /// the driver's stream as raw BSON, `--mode processor` through the processor (scenario 2:
 /// batched checkpoints, memory store, default read-ahead) into a counting handler.
 pub(crate) async fn count_child(args: &[String]) -> Result<(), BoxError> {
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .ok_or_else(|| format!("{name} is required"))
-    };
-    let uri = value("--uri")?;
-    let coll = value("--coll")?;
-    let events: usize = value("--events")?.parse()?;
-    let token = super::unhex(&value("--token")?).ok_or("bad token hex")?;
+    let need = |name| super::need(args, name);
+    let uri = need("--uri")?;
+    let coll = need("--coll")?.to_owned();
+    let events: usize = need("--events")?.parse()?;
+    let token = super::unhex(need("--token")?).ok_or("bad token hex")?;
     let token = ResumeToken::from_bytes(token)?;
-    let client = Client::with_uri_str(&uri).await?;
-    match value("--mode")?.as_str() {
+    let client = Client::with_uri_str(uri).await?;
+    match need("--mode")? {
         "raw" => {
             let source = MongoSource::new(
                 client,

@@ -346,11 +346,7 @@ pub(crate) fn print(kind: &str, rate: u64, seconds: u64, lag: &Lag) {
 pub(crate) async fn run(args: &[String]) -> Result<(), BoxError> {
     let rate = super::flag(args, "--rate", 5000)? as u64;
     let seconds = super::flag(args, "--seconds", 60)? as u64;
-    let which = args
-        .iter()
-        .position(|a| a == "--sink")
-        .and_then(|i| args.get(i + 1))
-        .map_or("both", String::as_str);
+    let which = super::value(args, "--sink").unwrap_or("both");
     let kinds: &[&str] = match which {
         "both" => &["nats", "postgres"],
         "nats" => &["nats"],

@@ -76,6 +76,19 @@ fn sibling(name: &str) -> Result<std::path::PathBuf, BoxError> {
     Ok(cdc_tests::program_beside(name, "`cargo xtask bench` does")?)
 }
 
+/// The value after `name` in `args`, if given.
+fn value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+/// The value after `name`, which must be given.
+fn need<'a>(args: &'a [String], name: &str) -> Result<&'a str, BoxError> {
+    value(args, name).ok_or_else(|| format!("{name} is required").into())
+}
+
 fn flag(args: &[String], name: &str, default: usize) -> Result<usize, BoxError> {
     match args.iter().position(|a| a == name) {
         None => Ok(default),

@@ -465,19 +465,15 @@ pub(crate) async fn child_store(
 /// The child side of the memory scenario: drains `--events` from `--uri` and prints its
 /// own peak resident memory.
 pub(crate) async fn consume_child(args: &[String]) -> Result<(), BoxError> {
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let uri = value("--uri").ok_or("--uri")?;
-    let coll = value("--coll").ok_or("--coll")?;
-    let events: u64 = value("--events").ok_or("--events")?.parse()?;
-    let token = crate::unhex(&value("--token").ok_or("--token")?).ok_or("bad token hex")?;
+    let value = |name| super::value(args, name);
+    let need = |name| super::need(args, name);
+    let uri = need("--uri")?;
+    let coll = need("--coll")?;
+    let events: u64 = need("--events")?.parse()?;
+    let token = crate::unhex(need("--token")?).ok_or("bad token hex")?;
     let token = ResumeToken::from_bytes(token)?;
-    let client = Client::with_uri_str(&uri).await?;
-    let (store, stream_id) = child_store(&coll, token).await?;
+    let client = Client::with_uri_str(uri).await?;
+    let (store, stream_id) = child_store(coll, token).await?;
     let split = args.iter().any(|a| a == "--split");
     let snapshot = value("--snapshot")
         .map(|v| v.parse::<usize>())
@@ -1054,15 +1050,8 @@ pub(crate) async fn all(args: &[String]) -> Result<(), BoxError> {
     let capacity = burst.max(filtered).max(events) * 2 + 1000;
     let (mut server, uri) = super::spawn_sim(capacity).await?;
     let client = Client::with_uri_str(&uri).await?;
-    let batch = args
-        .iter()
-        .position(|a| a == "--batch")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok());
-    let only: Vec<String> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
+    let batch = super::value(args, "--batch").and_then(|v| v.parse().ok());
+    let only: Vec<String> = super::value(args, "--only")
         .map(|v| v.split(',').map(str::to_owned).collect())
         .unwrap_or_default();
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o == id);
