@@ -54,6 +54,8 @@ pub(crate) struct Config {
     pub(crate) lease: Option<Lease>,
     pub(crate) sink: Sink,
     #[serde(default)]
+    pub(crate) oplog: Oplog,
+    #[serde(default)]
     pub(crate) metrics: Metrics,
     #[serde(default)]
     pub(crate) log: Log,
@@ -137,6 +139,28 @@ impl Default for Checkpoint {
     }
 }
 
+/// How `cdc run` watches the oplog's window and the stored point's headroom in it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Oplog {
+    /// How often both are read (0: never).
+    pub(crate) check_every_ms: u64,
+    /// A warning in the log when the headroom falls below this share of the window.
+    pub(crate) warn_below_percent: u64,
+    /// `/readyz` fails while the headroom is below this many seconds (0: never).
+    pub(crate) ready_floor_s: u64,
+}
+
+impl Default for Oplog {
+    fn default() -> Self {
+        Self {
+            check_every_ms: 30_000,
+            warn_below_percent: 25,
+            ready_floor_s: 0,
+        }
+    }
+}
+
 /// The range of every numeric key, `(key, min, max)` inclusive: what `check` (and every
 /// command) accepts. `docs/OPERATIONS.md` lists the same table.
 pub(crate) const RANGES: &[(&str, u64, u64)] = &[
@@ -156,6 +180,11 @@ pub(crate) const RANGES: &[(&str, u64, u64)] = &[
     ("snapshot.chunk_docs", 1, 10_000_000),
     // 30 ms to a day.
     ("lease.ttl_ms", 30, 86_400_000),
+    // 0: never; at most once a day.
+    ("oplog.check_every_ms", 0, 86_400_000),
+    ("oplog.warn_below_percent", 0, 100),
+    // Never (0) or up to a year.
+    ("oplog.ready_floor_s", 0, 31_536_000),
     // A second to 30 days (JetStream's window is a duration in nanoseconds).
     ("sink.nats.duplicate_window_s", 1, 2_592_000),
     // Publishes awaiting acknowledgement at once.
@@ -779,6 +808,9 @@ impl Config {
             ("dead_letters.retries", self.dead_letters.retries),
             ("snapshot.parallelism", as_u64(self.snapshot.parallelism)),
             ("snapshot.chunk_docs", as_u64(self.snapshot.chunk_docs)),
+            ("oplog.check_every_ms", self.oplog.check_every_ms),
+            ("oplog.warn_below_percent", self.oplog.warn_below_percent),
+            ("oplog.ready_floor_s", self.oplog.ready_floor_s),
         ];
         if let Some(lease) = &self.lease {
             out.push(("lease.ttl_ms", lease.ttl_ms));

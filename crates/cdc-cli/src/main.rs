@@ -6,6 +6,7 @@
 
 mod config;
 mod metrics;
+mod oplog;
 mod redact;
 mod run;
 mod status;

@@ -40,10 +40,15 @@ pub(crate) struct Metrics {
     started: std::time::SystemTime,
     /// Events handled per second over the last sampling interval (as f64 bits).
     rate: AtomicU64,
+    /// The newest reading of the oplog's window and the stored point's headroom.
+    pub(crate) oplog: Arc<crate::oplog::OplogState>,
+    /// `/readyz` fails while the headroom is below this (0: never).
+    oplog_floor_s: u64,
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
+    /// With `/readyz` failing while the oplog headroom is below `oplog_floor_s` (0: never).
+    pub(crate) fn new(oplog_floor_s: u64) -> Self {
         Self {
             // 1 ms to ~16 s.
             latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -52,6 +57,8 @@ impl Metrics {
             nats_duplicates: AtomicU64::new(0),
             started: std::time::SystemTime::now(),
             rate: AtomicU64::new(0),
+            oplog: Arc::default(),
+            oplog_floor_s,
         }
     }
 
@@ -222,6 +229,22 @@ impl Collector for StatsCollector {
                 f64::from(u8::from(snap.finished)),
             )?;
         }
+        if let Some(reading) = self.metrics.oplog.latest() {
+            gauge(
+                e,
+                "cdc_oplog_window_seconds",
+                "Seconds of history the oplog holds (its newest entry's time less its oldest's)",
+                f64::from(reading.window_s),
+            )?;
+            if let Some(headroom) = reading.headroom_s {
+                gauge(
+                    e,
+                    "cdc_oplog_headroom_seconds",
+                    "Seconds between the oplog's oldest entry and the stored point: about how long the point has before it falls off (negative: it has)",
+                    headroom as f64,
+                )?;
+            }
+        }
         counter(
             e,
             "cdc_nats_stored",
@@ -259,8 +282,9 @@ fn registry(metrics: &Arc<Metrics>, processor: &DocumentProcessor) -> Registry {
 }
 
 /// Why `/readyz` says no, if it does.
-fn not_ready(stats: &Stats, sink: &CliSink, leased: bool) -> Option<String> {
+fn not_ready(stats: &Stats, sink: &CliSink, leased: bool, metrics: &Metrics) -> Option<String> {
     let mut why = Vec::new();
+    let low = crate::oplog::below_floor(&metrics.oplog, metrics.oplog_floor_s);
     if !stats.stream_open {
         why.push("no change stream open");
     }
@@ -269,6 +293,9 @@ fn not_ready(stats: &Stats, sink: &CliSink, leased: bool) -> Option<String> {
     }
     if !sink.reachable() {
         why.push("the sink is not reachable (its last batch failed or it is disconnected)");
+    }
+    if let Some(low) = &low {
+        why.push(low);
     }
     (!why.is_empty()).then(|| why.join("; "))
 }
@@ -308,8 +335,12 @@ pub(crate) async fn serve(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let (registry, processor, sink) =
-            (Arc::clone(&registry), processor.clone(), Arc::clone(&sink));
+        let (registry, processor, sink, metrics) = (
+            Arc::clone(&registry),
+            processor.clone(),
+            Arc::clone(&sink),
+            Arc::clone(&metrics),
+        );
         tokio::spawn(async move {
             let _permit = permit;
             let mut buf = vec![0_u8; 4096];
@@ -351,7 +382,7 @@ pub(crate) async fn serve(
                             }
                         }
                         "/healthz" => Answer::text("200 OK", "ok\n"),
-                        "/readyz" => match not_ready(&processor.stats(), &sink, leased) {
+                        "/readyz" => match not_ready(&processor.stats(), &sink, leased, &metrics) {
                             None => Answer::text("200 OK", "ready\n"),
                             Some(why) => Answer::text(
                                 "503 Service Unavailable",

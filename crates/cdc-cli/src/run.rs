@@ -581,7 +581,7 @@ pub(crate) async fn run(
         }
     };
     tokio::pin!(shutdown);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(cfg.oplog.ready_floor_s));
     // A stop during start-up (connecting, opening the store and the sink) is honoured at
     // once: nothing was handled, nothing is to save.
     let started = tokio::select! {
@@ -614,6 +614,11 @@ pub(crate) async fn run(
             leased,
         ));
     }
+    tokio::spawn(crate::oplog::watch(
+        processor.clone(),
+        cfg.oplog.clone(),
+        Arc::clone(&metrics.oplog),
+    ));
     tracing::info!(stream = %processor.stream_id(), sink = ?sink, "starting");
     let mut task = {
         let p = processor.clone();

@@ -3,7 +3,7 @@
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use cdc_core::ChangeSource;
-use cdc_processor::{BoxError, ClusterTime, DocumentProcessor, ResumePoint, bson};
+use cdc_processor::{BoxError, ClusterTime, DocumentProcessor, OplogView, ResumePoint, bson};
 
 use crate::{config::Config, metrics::Metrics, run};
 
@@ -50,6 +50,45 @@ fn snapshot_text(point: &ResumePoint) -> Option<String> {
     Some(format!("in progress: collection {coll}, after _id {after}"))
 }
 
+/// The oplog's window and the point's headroom in it, for `cdc status`.
+fn oplog_text(oplog: &Result<OplogView, String>, point: ClusterTime) -> String {
+    match oplog {
+        Ok(OplogView::Window(w)) => {
+            let headroom = w.headroom_seconds(point);
+            let share = w.headroom_share(point).map_or_else(String::new, |s| {
+                format!(", {:.0}% of the window", s * 100.0)
+            });
+            let fallen = if w.holds(point) {
+                ""
+            } else {
+                " (the point has fallen off: a resume from it fails)"
+            };
+            format!(
+                "window {} s (oldest entry {}), headroom {headroom} s{share}{fallen}",
+                w.window_seconds(),
+                time_text(w.oldest)
+            )
+        }
+        Ok(OplogView::Unreadable(why)) => format!("unknown: {why}"),
+        Ok(_) => "unknown".to_owned(),
+        Err(e) => format!("unknown: the source did not answer: {e}"),
+    }
+}
+
+fn oplog_json(oplog: &Result<OplogView, String>, point: ClusterTime) -> serde_json::Value {
+    match oplog {
+        Ok(OplogView::Window(w)) => serde_json::json!({
+            "window_seconds": w.window_seconds(),
+            "headroom_seconds": w.headroom_seconds(point),
+            "oldest": { "t": w.oldest.time, "i": w.oldest.increment },
+            "newest": { "t": w.newest.time, "i": w.newest.increment },
+        }),
+        Ok(OplogView::Unreadable(why)) => serde_json::json!({ "unreadable": why }),
+        Ok(_) => serde_json::json!({ "unreadable": "unknown" }),
+        Err(e) => serde_json::json!({ "error": e }),
+    }
+}
+
 /// `cdc status`.
 pub(crate) async fn status(cfg: &Config, json: bool) -> Result<ExitCode, BoxError> {
     let (processor, opened) = offline_processor(cfg).await?;
@@ -67,12 +106,17 @@ pub(crate) async fn status(cfg: &Config, json: bool) -> Result<ExitCode, BoxErro
         };
         let source =
             cdc_mongo::MongoSource::new(client, scope, cdc_processor::SourceOptions::default());
-        Ok::<_, BoxError>(source.cluster_time().await?)
+        let newest = source.cluster_time().await?;
+        let oplog = source.oplog().await?;
+        Ok::<_, BoxError>((newest, oplog))
     };
-    let newest = match tokio::time::timeout(Duration::from_secs(15), newest).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer in 15 s".to_owned()),
+    let (newest, oplog) = match tokio::time::timeout(Duration::from_secs(15), newest).await {
+        Ok(Ok((t, oplog))) => (Ok(t), Ok(oplog)),
+        Ok(Err(e)) => (Err(e.to_string()), Err(e.to_string())),
+        Err(_) => (
+            Err("no answer in 15 s".to_owned()),
+            Err("no answer in 15 s".to_owned()),
+        ),
     };
     let mut streams = stores.points.list_streams().await?;
     if !streams.contains(&mine) {
@@ -102,6 +146,9 @@ pub(crate) async fn status(cfg: &Config, json: bool) -> Result<ExitCode, BoxErro
             }
             if let Some(s) = snapshot_text(p) {
                 entry["snapshot"] = serde_json::json!(s);
+            }
+            if *stream == mine {
+                entry["oplog"] = oplog_json(&oplog, p.cluster_time);
             }
         }
         if let Some(l) = &lease {
@@ -139,6 +186,12 @@ pub(crate) async fn status(cfg: &Config, json: bool) -> Result<ExitCode, BoxErro
                             "  lag          unknown: the source did not answer: {e}\n"
                         )),
                     }
+                }
+                if *stream == mine {
+                    text.push_str(&format!(
+                        "  oplog        {}\n",
+                        oplog_text(&oplog, p.cluster_time)
+                    ));
                 }
                 if let Some(s) = snapshot_text(p) {
                     text.push_str(&format!("  snapshot     {s}\n"));
@@ -229,7 +282,7 @@ pub(crate) async fn replay_letters(cfg: &Config) -> Result<ExitCode, BoxError> {
         &opened,
         processor.stream_id(),
         false,
-        Arc::new(Metrics::new()),
+        Arc::new(Metrics::new(0)),
     )
     .await?;
     let report = processor.replay_dead_letters(sink).await?;

@@ -969,3 +969,137 @@ async fn a_closed_pipe_stops_the_run_with_a_clear_message() {
     terminate(&child);
     assert!(child.wait().await.unwrap().success());
 }
+
+/// Reads a child's output into lines as they come.
+fn collect(
+    out: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = std::sync::Arc::clone(&lines);
+    tokio::spawn(async move {
+        let mut out = BufReader::new(out).lines();
+        while let Ok(Some(line)) = out.next_line().await {
+            into.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// The value of a gauge without labels in a scrape.
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A stored point held back (checkpoints a day apart) while writes roll a small oplog:
+/// the headroom gauge shrinks, `/readyz` fails below its floor, the log warns, then says
+/// the point fell off, `cdc status` shows both figures, and only then does a restart
+/// fail with the history lost.
+#[tokio::test]
+async fn the_oplog_headroom_is_served_and_warned_of_before_the_history_is_lost() {
+    // 64 entries at under ten writes a second: a window of several seconds.
+    let sim = mongo_sim::MongoSim::start_with(mongo_sim::SimOptions {
+        oplog_capacity: 64,
+        ..mongo_sim::SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let coll = orders(&sim).await;
+    for i in 0..10 {
+        coll.insert_one(doc! { "_id": -1 - i }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let d = dir("oplog");
+    let port = free_port();
+    let config = write_config(
+        &d,
+        &sim.uri(),
+        "[sink]\ntype = \"stdout\"\n\n[checkpoint]\nevery_events = 10000000\nevery_ms = 86400000\n\n[oplog]\ncheck_every_ms = 200\nready_floor_s = 2\n",
+    );
+    let mut child = cdc(
+        &config,
+        &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    )
+    .spawn()
+    .unwrap();
+    let _out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut headrooms = Vec::new();
+    let mut refused_ready = None;
+    let mut i = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{headrooms:?} {:?}",
+            err.lock().unwrap()
+        );
+        coll.insert_one(doc! { "_id": i }).await.unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(Ok(mut conn)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        else {
+            continue;
+        };
+        drop(conn.shutdown().await);
+        let (_, metrics) = http_get(port, "/metrics").await;
+        let (Some(window), Some(headroom)) = (
+            gauge(&metrics, "cdc_oplog_window_seconds"),
+            gauge(&metrics, "cdc_oplog_headroom_seconds"),
+        ) else {
+            continue;
+        };
+        assert!(window >= 0.0);
+        headrooms.push(headroom);
+        let (status, why) = http_get(port, "/readyz").await;
+        if headroom < 2.0 && status == 503 && refused_ready.is_none() {
+            refused_ready = Some(why);
+        }
+        if headroom < 0.0 {
+            break;
+        }
+    }
+    assert!(headrooms.windows(2).all(|w| w[1] <= w[0]), "{headrooms:?}");
+    assert!(headrooms[0] >= 2.0, "{headrooms:?}");
+    let why = refused_ready.expect("/readyz failed below the floor");
+    assert!(
+        why.contains("oplog headroom") && why.contains("ready_floor_s"),
+        "{why}"
+    );
+    // The warning, then (once the point fell off) the error, in that order.
+    let log = loop {
+        let log = err.lock().unwrap().join("\n");
+        if log.contains("fallen off the oplog") {
+            break log;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let warned = log.find("close to falling off the oplog").expect(&log);
+    assert!(warned < log.find("fallen off the oplog").unwrap(), "{log}");
+    child.kill().await.unwrap();
+
+    let (code, text, e) = output(&config, &["status"]).await;
+    assert_eq!(code, 0, "{e}");
+    assert!(text.contains("  oplog        window "), "{text}");
+    assert!(text.contains("the point has fallen off"), "{text}");
+    let (_, json, _) = output(&config, &["status", "--json"]).await;
+    let entry: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert!(
+        entry["oplog"]["headroom_seconds"].as_i64().unwrap() < 0,
+        "{entry}"
+    );
+    // The restart from the held-back point: the history is lost, as the figures said.
+    let (code, _, e) = output(&config, &["run"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        e.contains("ChangeStreamHistoryLost") || e.contains("history"),
+        "{e}"
+    );
+    sim.shutdown().await;
+}

@@ -41,6 +41,7 @@ mod extjson;
 mod frame;
 mod lease;
 mod namespace;
+mod oplog;
 mod point;
 mod redact;
 mod source;
@@ -54,6 +55,7 @@ pub use error::{BoxError, Error, ErrorKind, PERSISTENT_TRIES, Result, SharedErro
 pub use event::{ChangeEvent, EventDecoder, TruncatedArray, UpdateDescription};
 pub use lease::{Lease, LeaseRecord, LeaseStore};
 pub use namespace::{Name, Namespace, OperationType};
+pub use oplog::{OplogHeadroom, OplogView, OplogWindow};
 pub use point::{ResumePoint, StartPosition};
 pub use source::{ChangeCursor, ChangeSource, HistoryGap, Next, SnapshotProgress, SnapshotRequest};
 pub use store::{ResumeStore, check_forward, validate_stream_id};

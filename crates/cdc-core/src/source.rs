@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::{ChangeEvent, ClusterTime, Result, ResumeToken, StartPosition};
+use crate::{ChangeEvent, ClusterTime, OplogView, Result, ResumeToken, StartPosition};
 
 /// Opens change streams. One source serves every (re)open of a processor's stream.
 #[async_trait]
@@ -34,6 +34,21 @@ pub trait ChangeSource: Send + Sync {
     /// A classified [`crate::Error::Source`].
     async fn cluster_time(&self) -> Result<Option<ClusterTime>> {
         Ok(None)
+    }
+
+    /// The deployment's oplog window (its oldest and newest entries), for the stored
+    /// point's headroom ([`crate::OplogHeadroom`]). By default the source cannot tell
+    /// ([`OplogView::Unreadable`]).
+    ///
+    /// # Errors
+    /// A classified [`crate::Error::Source`] for a failure worth asking again (the
+    /// network, an election); a source that may not read the oplog answers
+    /// [`OplogView::Unreadable`] instead.
+    async fn oplog(&self) -> Result<OplogView> {
+        Ok(OplogView::Unreadable(format!(
+            "{} cannot tell its oplog",
+            self.describe()
+        )))
     }
 
     /// How far the source's current snapshot got, if it ever read one.

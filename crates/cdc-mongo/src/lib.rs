@@ -34,6 +34,7 @@
 mod admin;
 mod cursor;
 mod error;
+mod oplog;
 mod options;
 mod progress;
 mod snapshot;

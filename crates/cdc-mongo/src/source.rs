@@ -128,6 +128,10 @@ impl ChangeSource for MongoSource {
         Ok(session.operation_time().map(cdc_core::ClusterTime::from))
     }
 
+    async fn oplog(&self) -> cdc_core::Result<cdc_core::OplogView> {
+        crate::oplog::window(&self.inner.client).await
+    }
+
     fn snapshot_progress(&self) -> Option<cdc_core::SnapshotProgress> {
         self.inner.snapshot.get()
     }

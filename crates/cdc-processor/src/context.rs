@@ -3,9 +3,9 @@
 
 use std::{ops::Range, sync::Arc};
 
+use crate::stop::Stop;
 use async_trait::async_trait;
 use cdc_core::{BoxError, ChangeEvent};
-use tokio_util::sync::CancellationToken;
 
 /// Where an event stands in its multi-document transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +37,7 @@ pub struct HandlerContext {
 #[derive(Debug)]
 struct RunContext {
     attempt: u32,
-    cancel: CancellationToken,
+    cancel: Stop,
     stop_timeout: Option<std::time::Duration>,
     lease: Option<cdc_core::Lease>,
 }
@@ -54,7 +54,7 @@ impl HandlerContext {
     pub(crate) fn new(
         lane: Option<usize>,
         attempt: u32,
-        cancel: CancellationToken,
+        cancel: Stop,
         stop_timeout: Option<std::time::Duration>,
     ) -> Self {
         Self {
@@ -353,7 +353,7 @@ mod tests {
     use super::*;
 
     fn ctx(call: u32) -> HandlerContext {
-        HandlerContext::new(Some(3), 1, CancellationToken::new(), None).with_call(call)
+        HandlerContext::new(Some(3), 1, Stop::default(), None).with_call(call)
     }
 
     type Seen = std::sync::Arc<std::sync::Mutex<Vec<Option<(Option<usize>, u32)>>>>;

@@ -480,7 +480,7 @@ mod tests {
             Duration::from_secs(1),
             None,
         ));
-        let ctx = HandlerContext::new(None, 1, tokio_util::sync::CancellationToken::new(), None);
+        let ctx = HandlerContext::new(None, 1, crate::stop::Stop::default(), None);
         let handler = Handler::Event(Arc::clone(&slow) as Arc<dyn Dispatcher>);
         let mut lanes = Lanes::start(2, 4, &handler, &ctx, &poison);
         // Two keys that hash to different lanes.

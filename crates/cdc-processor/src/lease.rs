@@ -15,9 +15,9 @@ use std::{
     time::Duration,
 };
 
+use crate::stop::Stop;
 use cdc_core::{Lease, LeaseStore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::{Result, stats::Counters};
 
@@ -96,10 +96,7 @@ impl LeaseKeeper {
     /// Waits as a standby until the lease is acquired; `None` when `cancel` fires
     /// meanwhile. With the lease, the instant its acquisition was asked for (the TTL runs
     /// from no later).
-    pub(crate) async fn acquire(
-        &self,
-        cancel: &CancellationToken,
-    ) -> Result<Option<(Lease, Instant)>> {
+    pub(crate) async fn acquire(&self, cancel: &Stop) -> Result<Option<(Lease, Instant)>> {
         let l = &self.settings;
         let mut waiting = false;
         loop {
@@ -278,11 +275,7 @@ mod tests {
             }
         }
         let (keeper, held, stats) = keeper(store);
-        let (lease, asked) = keeper
-            .acquire(&CancellationToken::new())
-            .await
-            .unwrap()
-            .unwrap();
+        let (lease, asked) = keeper.acquire(&Stop::default()).await.unwrap().unwrap();
         assert_eq!(
             calls(&calls_made),
             [
@@ -318,7 +311,7 @@ mod tests {
                 ))
             });
         let (keeper, held, _) = keeper(store);
-        let cancel = CancellationToken::new();
+        let cancel = Stop::default();
         let stop = cancel.clone();
         tokio::spawn(async move {
             tokio::time::sleep(THIRD + THIRD / 2).await;

@@ -70,6 +70,7 @@ mod retry;
 mod run;
 mod settings;
 mod stats;
+mod stop;
 mod store_url;
 
 /// The errors [`Error`] wraps, to match a cause: `Error::Cdc(CoreError::…)`,
@@ -96,7 +97,8 @@ pub use stats::Stats;
 pub use cdc_core::{
     BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DeadLetter, DeadLetterStore,
     DispatchChain, Dispatcher, ErrorKind, FnDispatcher, HistoryGap, Namespace, OperationType,
-    ResumePoint, ResumeStore, ResumeToken, SnapshotProgress, SnapshotRequest, StartPosition,
+    OplogHeadroom, OplogView, OplogWindow, ResumePoint, ResumeStore, ResumeToken, SnapshotProgress,
+    SnapshotRequest, StartPosition,
 };
 
 /// The `bson` crate this one is built with: use it rather than a `bson` of your own, so

@@ -470,7 +470,7 @@ mod tests {
     }
 
     fn ctx() -> HandlerContext {
-        HandlerContext::new(None, 1, tokio_util::sync::CancellationToken::new(), None)
+        HandlerContext::new(None, 1, crate::stop::Stop::default(), None)
     }
 
     fn insert(id: i64) -> ChangeEvent {
@@ -549,7 +549,7 @@ mod tests {
             Duration::from_secs(1),
             None,
         );
-        let cancel = tokio_util::sync::CancellationToken::new();
+        let cancel = crate::stop::Stop::default();
         let ctx = HandlerContext::new(None, 1, cancel.clone(), None);
         let t0 = Instant::now();
         tokio::spawn(async move {

@@ -16,13 +16,23 @@ use cdc_core::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+/// What the reader hands over at once: items, and the byte-budget shares of their events
+/// as one permit (taking and giving back a permit for every event made the budget's
+/// reference count and state bounce between the reader's thread and the run loop's).
+pub(crate) struct Handoff {
+    pub(crate) items: Vec<Item>,
+    /// The sum of the events' shares: the run loop gives them back after handling the
+    /// batch, or splits off each event's share for its lane.
+    pub(crate) bytes: Option<OwnedSemaphorePermit>,
+}
+
 pub(crate) enum Item {
-    /// Boxed: an event is large, and items are moved and batched in `Vec`s. The permit is
-    /// its share of the byte budget, given back when it is dropped (after its handler).
-    Event(Box<ChangeEvent>, Option<OwnedSemaphorePermit>),
+    /// Boxed: an event is large, and items are moved and batched in `Vec`s. The number is
+    /// its share of the byte budget, held in [`Handoff::bytes`].
+    Event(Box<ChangeEvent>, u32),
     /// An event as the server sent it, decoded by the run loop ([`Next::Raw`]); its share
     /// of the byte budget as for [`Item::Event`].
-    Raw(bson::RawDocumentBuf, Option<OwnedSemaphorePermit>),
+    Raw(bson::RawDocumentBuf, u32),
     /// An empty round trip that moved the stream's resume token (or had none).
     Idle(Option<ResumeToken>),
     /// An empty round trip with the same token as the last one: time passed, nothing else.
@@ -131,12 +141,45 @@ async fn ready_now<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
     .await
 }
 
-/// The batch in hand, leaving an empty one of the same capacity in its place. Raw events
-/// are decoded by the run loop: the newest one's time is read here, once per handover
-/// rather than for every event, for the stream's progress.
-fn handover(batch: &mut Vec<Item>, handoff: usize, progress: &Progress) -> Vec<Item> {
-    progress.saw(newest_raw_time(batch));
-    std::mem::replace(batch, Vec::with_capacity(handoff))
+/// What the reader holds and has not handed over yet.
+struct InHand {
+    items: Vec<Item>,
+    bytes: Option<OwnedSemaphorePermit>,
+    /// Events read since the last handover (added to [`Progress::read`] at the handover).
+    read: u64,
+}
+
+impl InHand {
+    fn new(handoff: usize) -> Self {
+        Self {
+            items: Vec::with_capacity(handoff),
+            bytes: None,
+            read: 0,
+        }
+    }
+
+    /// The items in hand with their bytes, leaving an empty batch of the same capacity in
+    /// their place. Raw events are decoded by the run loop: the newest one's time is read
+    /// here, once per handover rather than for every event, for the stream's progress.
+    fn handover(&mut self, handoff: usize, progress: &Progress) -> Handoff {
+        progress.saw(newest_raw_time(&self.items));
+        progress
+            .read
+            .fetch_add(std::mem::take(&mut self.read), Ordering::Relaxed);
+        Handoff {
+            items: std::mem::replace(&mut self.items, Vec::with_capacity(handoff)),
+            bytes: self.bytes.take(),
+        }
+    }
+
+    fn keep(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.bytes {
+            // Every permit merged here comes from the one budget of this reader, so
+            // merging (which panics only for permits of different semaphores) cannot fail.
+            Some(held) => held.merge(permit),
+            held @ None => *held = Some(permit),
+        }
+    }
 }
 
 /// The bytes read from the cursor and not yet handled: the reader takes an event's raw
@@ -206,29 +249,33 @@ impl Progress {
     }
 }
 
-/// An event's share of the byte budget: at once when it is free, otherwise after what is
-/// in hand has gone to the run loop and handlers gave bytes back. `None`: the run loop is
-/// gone.
+/// Takes an event's share of the byte budget into what is in hand: at once when it is
+/// free, otherwise after what is in hand has gone to the run loop and handlers gave bytes
+/// back. The share, or `None` when the run loop is gone.
 async fn take_share(
     budget: &Budget,
     size: usize,
-    batch: &mut Vec<Item>,
-    tx: &mpsc::Sender<Vec<Item>>,
+    hand: &mut InHand,
+    tx: &mpsc::Sender<Handoff>,
     handoff: usize,
     progress: &Progress,
-) -> Option<OwnedSemaphorePermit> {
+) -> Option<u32> {
     let share = budget.share(size);
+    hand.read += 1;
     if let Ok(permit) = Arc::clone(&budget.bytes).try_acquire_many_owned(share) {
-        return Some(permit);
+        hand.keep(permit);
+        return Some(share);
     }
     // Over budget: what is in hand goes first, then wait for handlers.
-    if !batch.is_empty() && tx.send(handover(batch, handoff, progress)).await.is_err() {
+    if !hand.items.is_empty() && tx.send(hand.handover(handoff, progress)).await.is_err() {
         return None;
     }
-    tokio::select! {
-        permit = Arc::clone(&budget.bytes).acquire_many_owned(share) => permit.ok(),
-        () = tx.closed() => None,
-    }
+    let permit = tokio::select! {
+        permit = Arc::clone(&budget.bytes).acquire_many_owned(share) => permit.ok()?,
+        () = tx.closed() => return None,
+    };
+    hand.keep(permit);
+    Some(share)
 }
 
 /// The cluster time of the newest raw event in `batch`.
@@ -244,14 +291,14 @@ fn newest_raw_time(batch: &[Item]) -> Option<ClusterTime> {
 /// batch in hand goes out before the reader waits on the server or on the byte budget.
 pub(crate) async fn read_ahead(
     mut cursor: Box<dyn ChangeCursor>,
-    tx: mpsc::Sender<Vec<Item>>,
+    tx: mpsc::Sender<Handoff>,
     handoff: usize,
     budget: Budget,
     requests: Option<(Arc<dyn ChangeSource>, Arc<Requests>)>,
     progress: Arc<Progress>,
 ) {
     progress.open.store(true, Ordering::Relaxed);
-    let mut batch = Vec::with_capacity(handoff);
+    let mut hand = InHand::new(handoff);
     let mut idle_token: Option<ResumeToken> = None;
     loop {
         if let Some((source, requests)) = &requests {
@@ -262,11 +309,8 @@ pub(crate) async fn read_ahead(
             match ready_now(&mut fut).await {
                 Some(next) => next,
                 None => {
-                    if !batch.is_empty()
-                        && tx
-                            .send(handover(&mut batch, handoff, &progress))
-                            .await
-                            .is_err()
+                    if !hand.items.is_empty()
+                        && tx.send(hand.handover(handoff, &progress)).await.is_err()
                     {
                         break;
                     }
@@ -279,25 +323,23 @@ pub(crate) async fn read_ahead(
         };
         let (item, last) = match next {
             Ok(Next::Event(e)) => {
-                progress.read.fetch_add(1, Ordering::Relaxed);
                 progress.saw(Some(e.cluster_time));
                 let size = e.raw().map_or(0, |r| r.as_bytes().len());
-                let Some(permit) =
-                    take_share(&budget, size, &mut batch, &tx, handoff, &progress).await
+                let Some(share) =
+                    take_share(&budget, size, &mut hand, &tx, handoff, &progress).await
                 else {
                     break;
                 };
-                (Item::Event(e, Some(permit)), false)
+                (Item::Event(e, share), false)
             }
             Ok(Next::Raw(raw)) => {
-                progress.read.fetch_add(1, Ordering::Relaxed);
                 let size = raw.as_bytes().len();
-                let Some(permit) =
-                    take_share(&budget, size, &mut batch, &tx, handoff, &progress).await
+                let Some(share) =
+                    take_share(&budget, size, &mut hand, &tx, handoff, &progress).await
                 else {
                     break;
                 };
-                (Item::Raw(raw, Some(permit)), false)
+                (Item::Raw(raw, share), false)
             }
             Ok(Next::Closed) => (Item::Closed, true),
             Ok(Next::Finished(token)) => (Item::Finished(token), true),
@@ -317,15 +359,11 @@ pub(crate) async fn read_ahead(
             Err(e) => (Item::Failed(e), true),
         };
         // Anything but an event goes out at once: the consumer acts on it with no delay.
-        let send_now =
-            last || batch.len() + 1 >= handoff || !matches!(item, Item::Event(..) | Item::Raw(..));
-        batch.push(item);
-        if send_now
-            && tx
-                .send(handover(&mut batch, handoff, &progress))
-                .await
-                .is_err()
-        {
+        let send_now = last
+            || hand.items.len() + 1 >= handoff
+            || !matches!(item, Item::Event(..) | Item::Raw(..));
+        hand.items.push(item);
+        if send_now && tx.send(hand.handover(handoff, &progress)).await.is_err() {
             break;
         }
         if last {
@@ -384,10 +422,10 @@ mod tests {
         async fn close(self: Box<Self>) {}
     }
 
-    fn sizes(batches: &[Vec<Item>]) -> usize {
+    fn sizes(batches: &[Handoff]) -> usize {
         batches
             .iter()
-            .flatten()
+            .flat_map(|h| &h.items)
             .map(|i| match i {
                 Item::Event(e, _) => e.raw().map_or(0, |r| r.as_bytes().len()),
                 _ => 0,
@@ -407,16 +445,25 @@ mod tests {
         let budget = Budget::new(3 * (size + 200));
         let (tx, mut rx) = mpsc::channel(1000);
         let reader = tokio::spawn(read_ahead(cursor, tx, 256, budget, None, Arc::default()));
-        let mut held: Vec<Vec<Item>> = Vec::new();
+        let mut held: Vec<Handoff> = Vec::new();
         for _ in 0..50 {
             tokio::task::yield_now().await;
             while let Ok(batch) = rx.try_recv() {
                 held.push(batch);
             }
         }
-        let handed: usize = held.iter().map(Vec::len).sum();
+        let handed: usize = held.iter().map(|h| h.items.len()).sum();
         assert_eq!(handed, 3, "three events fit the budget");
         assert!(sizes(&held) <= 3 * (size + 200));
+        let taken: usize = held
+            .iter()
+            .map(|h| {
+                h.bytes
+                    .as_ref()
+                    .map_or(0, OwnedSemaphorePermit::num_permits)
+            })
+            .sum();
+        assert_eq!(taken, sizes(&held), "each batch holds its events' shares");
         assert!(
             reads.load(Ordering::SeqCst) <= 4,
             "the reader stopped pulling"
@@ -427,7 +474,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(!more.is_empty());
+        assert!(!more.items.is_empty());
         drop(rx);
         reader.await.unwrap();
     }
@@ -452,7 +499,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(first.len(), 1, "alone");
+        assert_eq!(first.items.len(), 1, "alone");
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
@@ -465,7 +512,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(second.len(), 1);
+        assert_eq!(second.items.len(), 1);
         drop(rx);
         reader.await.unwrap();
     }

@@ -3,8 +3,8 @@
 
 use std::{future::Future, time::Duration};
 
+use crate::stop::Stop;
 use backon::BackoffBuilder;
-use tokio_util::sync::CancellationToken;
 
 use crate::{Result, stats::Counters};
 
@@ -16,7 +16,7 @@ use crate::{Result, stats::Counters};
 pub(crate) async fn restart_loop<B, F, Fut>(
     backoff: B,
     stream: &str,
-    cancel: &CancellationToken,
+    cancel: &Stop,
     stats: &Counters,
     mut run: F,
 ) -> Result<()>

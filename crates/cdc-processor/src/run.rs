@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use std::sync::{Arc, atomic::AtomicU32};
 
-use tokio_util::sync::CancellationToken;
+use crate::stop::Stop;
 
 use crate::{
     Error, Result,
@@ -22,7 +22,7 @@ use crate::{
     lease::Held,
     poison::Fate,
     poison::Poison,
-    reader::{Budget, HANDOFF, Item, read_ahead},
+    reader::{Budget, HANDOFF, Handoff, Item, read_ahead},
     reader::{Progress, Requests},
     settings::{InvalidatePolicy, Settings},
     stats::Counters,
@@ -49,7 +49,7 @@ pub(crate) enum Outcome {
 /// What a run shares with the processor's handle: the stop signal, the counters, the
 /// handler-error policy, the snapshot requests, the lease held now and what the reader saw.
 pub(crate) struct Shared {
-    pub(crate) cancel: CancellationToken,
+    pub(crate) cancel: Stop,
     pub(crate) stats: Arc<Counters>,
     /// Runs started (the attempt number handlers see).
     pub(crate) attempts: AtomicU32,
@@ -322,7 +322,7 @@ impl RunLoop<'_> {
 
     async fn consume(
         &self,
-        rx: &mut mpsc::Receiver<Vec<Item>>,
+        rx: &mut mpsc::Receiver<Handoff>,
         cp: &mut Checkpointer,
         handler: &dyn Dispatcher,
     ) -> Result<Outcome> {
@@ -334,7 +334,7 @@ impl RunLoop<'_> {
 
     async fn consume_counting(
         &self,
-        rx: &mut mpsc::Receiver<Vec<Item>>,
+        rx: &mut mpsc::Receiver<Handoff>,
         cp: &mut Checkpointer,
         handler: &dyn Dispatcher,
         counted: &mut Counted,
@@ -348,10 +348,10 @@ impl RunLoop<'_> {
                 () = self.shared.cancel.cancelled() => return Ok(Outcome::Stopped),
                 batch = rx.recv() => batch,
             };
-            let Some(batch) = batch else {
+            let Some(Handoff { items, bytes }) = batch else {
                 return Err(reader_ended());
             };
-            for item in batch {
+            for item in items {
                 // Events not yet tracked are simply read again after a stop.
                 if self.shared.cancel.is_cancelled() {
                     return Ok(Outcome::Stopped);
@@ -372,6 +372,8 @@ impl RunLoop<'_> {
                     self.flush_counts(counted, cp);
                 }
             }
+            // The batch is handled: its bytes go back with the counts.
+            counted.give_back(bytes);
             self.flush_counts(counted, cp);
         }
     }
@@ -389,14 +391,14 @@ impl RunLoop<'_> {
     ) -> Result<Step> {
         // A raw event is decoded here, on the stack (no allocation for the event).
         let (boxed, decoded);
-        let (event, bytes): (&ChangeEvent, _) = match item {
-            Item::Event(event, bytes) => {
+        let event: &ChangeEvent = match item {
+            Item::Event(event, _) => {
                 boxed = event;
-                (&boxed, bytes)
+                &boxed
             }
-            Item::Raw(raw, bytes) => {
+            Item::Raw(raw, _) => {
                 decoded = counted.decoder.decode(raw)?;
-                (&decoded, bytes)
+                &decoded
             }
             other => return self.side_step(other, cp, invalidated).await,
         };
@@ -423,7 +425,6 @@ impl RunLoop<'_> {
                 self.tally(tally);
             }
         }
-        counted.give_back(bytes);
         let now = Instant::now();
         if let Some(point) = cp.ack(seq, now)? {
             self.save(cp, point).await?;
@@ -500,7 +501,7 @@ impl RunLoop<'_> {
     /// alone after every lane has drained, and acknowledges what the lanes report.
     async fn consume_lanes(
         &self,
-        rx: &mut mpsc::Receiver<Vec<Item>>,
+        rx: &mut mpsc::Receiver<Handoff>,
         cp: &mut Checkpointer,
         handler: &Handler,
         lanes: &mut Lanes,
@@ -522,17 +523,20 @@ impl RunLoop<'_> {
                     }
                     batch = rx.recv() => batch,
                 };
-                let Some(batch) = batch else {
+                let Some(Handoff { items, mut bytes }) = batch else {
                     return Err(reader_ended());
                 };
-                for item in batch {
+                // Each event takes its share of the batch's bytes into its lane, which
+                // gives it back once the event is handled.
+                let mut share = |n: u32| bytes.as_mut().and_then(|b| b.split(n as usize));
+                for item in items {
                     // Events not yet tracked are simply read again after a stop.
                     if self.shared.cancel.is_cancelled() {
                         return Ok(Outcome::Stopped);
                     }
                     let event = match item {
-                        Item::Event(event, bytes) => (event, bytes),
-                        Item::Raw(raw, bytes) => (Box::new(decoder.decode(raw)?), bytes),
+                        Item::Event(event, n) => (event, share(n)),
+                        Item::Raw(raw, n) => (Box::new(decoder.decode(raw)?), share(n)),
                         other => {
                             if let Some(t) = open.take() {
                                 self.dispatch_unit(t.events, true, cp, handler, lanes)

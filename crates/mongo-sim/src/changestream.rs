@@ -356,7 +356,12 @@ impl StreamCursor {
                         "Attempting to resume a change stream using 'resumeAfter' is not allowed from an invalidate notification.",
                     ));
                 }
-                if pos.seq + 1 < log.first_seq() {
+                // The server resumes by finding the token's own entry (the oplog must still
+                // hold it: its oldest entry no later than the token), so the history is lost
+                // once that entry rolled off, even when what followed it is still there. A
+                // token from before the first entry (sequence 0) is fine while none rolled off.
+                let first = log.first_seq();
+                if pos.seq < first && first > 1 {
                     return Err(history_lost());
                 }
                 cursor.resume_at(log, pos)?;

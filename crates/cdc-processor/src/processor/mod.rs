@@ -10,10 +10,10 @@ use std::sync::{
     atomic::{AtomicBool, AtomicU32, Ordering},
 };
 
+use crate::stop::Stop;
 use backon::BackoffBuilder;
-use cdc_core::{DeadLetter, DeadLetterStore, Dispatcher};
+use cdc_core::{DeadLetter, DeadLetterStore, Dispatcher, OplogHeadroom};
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use builder::{
@@ -66,7 +66,7 @@ impl std::fmt::Debug for DocumentProcessor {
 
 /// Stops a processor from anywhere, including from inside a handler.
 #[derive(Clone, Debug)]
-pub struct StopHandle(CancellationToken);
+pub struct StopHandle(Stop);
 
 impl StopHandle {
     /// Asks the processor to stop: see [`DocumentProcessor::stop`].
@@ -90,7 +90,7 @@ impl DocumentProcessor {
                 .map(|l| (Arc::clone(&l.store), Arc::clone(&held))),
         ));
         let shared = Shared {
-            cancel: CancellationToken::new(),
+            cancel: Stop::default(),
             stats: Arc::default(),
             attempts: AtomicU32::new(0),
             poison,
@@ -127,6 +127,35 @@ impl DocumentProcessor {
         stats.source_time = progress.source_time();
         stats.stream_open = progress.open.load(Ordering::Relaxed);
         stats
+    }
+
+    /// The oplog's window and the stored point's headroom in it: how long the point a
+    /// restart resumes from has before it falls off the oplog (see
+    /// [`cdc_core::OplogWindow::headroom_seconds`]). The point is the newest this
+    /// processor saved, or the store's when it saved none yet. Asks the deployment each
+    /// call (two reads of `local.oplog.rs`); a user who may not read it gets
+    /// [`cdc_core::OplogView::Unreadable`] with the reason.
+    ///
+    /// # Errors
+    /// A source failure worth asking again; the store's, or [`Error::StoreTimeout`], when
+    /// the point had to be loaded.
+    pub async fn oplog_headroom(&self) -> Result<OplogHeadroom> {
+        let s = &self.inner.settings;
+        let saved = self.inner.shared.stats.lock().last_checkpoint;
+        let point = match saved {
+            Some(t) => Some(t),
+            None => match tokio::time::timeout(s.store_timeout, s.store.load(&s.stream_id)).await {
+                Ok(loaded) => loaded?.map(|p| p.cluster_time),
+                Err(_) => {
+                    return Err(Error::StoreTimeout {
+                        stream: s.stream_id.clone(),
+                        timeout: s.store_timeout,
+                    });
+                }
+            },
+        };
+        let view = s.source.oplog().await?;
+        Ok(OplogHeadroom { view, point })
     }
 
     /// Receives every error that ended a start (a broadcast: it never blocks the processor,
@@ -271,7 +300,7 @@ impl DocumentProcessor {
         let shared = &self.inner.shared;
         // After the processor stopped, a replay still runs (with a stop signal of its own).
         let cancel = if shared.cancel.is_cancelled() {
-            CancellationToken::new()
+            Stop::default()
         } else {
             shared.cancel.clone()
         };

@@ -528,6 +528,13 @@ pub(crate) fn find(
         limit.unsigned_abs() as usize
     };
     let ns = format!("{db}.{name}");
+    if db == "local" && state.sharded {
+        // A router keeps no oplog of its own: each shard's is read on the shard.
+        return Err(CmdError::new(
+            crate::error::code::ILLEGAL_OPERATION,
+            "Can't use 'local' database through mongos",
+        ));
+    }
     let oplog = db == "local" && name == "oplog.rs";
     let config = db == "config" && state.sharded;
     let cursor = if oplog {
