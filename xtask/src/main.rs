@@ -6,6 +6,7 @@
 // A command-line tool: printing to the terminal is its job.
 #![allow(clippy::print_stdout)]
 
+mod deploy;
 mod modules;
 
 use std::{
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("conformance") => conformance(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("deploy") => deploy::check(),
         Some("integration") => integration(&args[1..]),
         Some("soak") => soak(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
@@ -52,6 +54,8 @@ commands:
   bench sim       change events per second from mongo-sim to the driver (release build)
   bench stores    save and load latency of every resume store (release build)
   bench [all]     the ten library scenarios side by side, report in target/bench/ (release build)
+  deploy          checks deploy/: the alert rules with promtool (and their unit tests), a
+                  live scrape of `cdc run` with `promtool check metrics`, the systemd unit
   conformance [--dir DIR] [--uri URI | --sharded]
                   MongoDB's unified change-stream spec tests against mongo-sim (or URI)";
 
@@ -268,6 +272,10 @@ fn ci() -> Result<(), String> {
     doc.args(["doc", "--workspace", "--no-deps", "--all-features"])
         .env("RUSTDOCFLAGS", "-D warnings");
     run("docs", doc)?;
+
+    // The operator's kit: alert rules and their unit tests, a live scrape linted, the
+    // systemd unit.
+    deploy::check()?;
 
     // Every soak short (about 20 s of kills) at the load generator's default (5,000
     // writes/s over 8 connections; a debug build reaches what it reaches, and says so on

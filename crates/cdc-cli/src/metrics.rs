@@ -90,6 +90,8 @@ impl Metrics {
 struct StatsCollector {
     processor: DocumentProcessor,
     metrics: Arc<Metrics>,
+    sink: Arc<CliSink>,
+    leased: bool,
 }
 
 fn counter(
@@ -116,6 +118,31 @@ impl Collector for StatsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.processor.stats();
         let e = &mut encoder;
+        {
+            // The stream's id as a label of its own gauge, so that rules and dashboards
+            // can group a stream's instances (`cdc_ready * on(instance) group_left(stream)
+            // cdc_info`), and readiness as `/readyz` answers it.
+            let stream = self.processor.stream_id();
+            let mut family = e.encode_descriptor(
+                "cdc_info",
+                "Always 1: the stream this process handles, and its version",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [("stream", stream), ("version", env!("CARGO_PKG_VERSION"))];
+            ConstGauge::new(1_i64).encode(family.encode_family(&labels)?)?;
+        }
+        {
+            let ready = not_ready(&s, &self.sink, self.leased, &self.metrics).is_none();
+            let mut family = e.encode_descriptor(
+                "cdc_ready",
+                "1 while /readyz answers 200 (stream open, lease held, sink taking batches, oplog headroom above its floor)",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [("stream", self.processor.stream_id())];
+            ConstGauge::new(i64::from(ready)).encode(family.encode_family(&labels)?)?;
+        }
         {
             let mut family = e.encode_descriptor(
                 "cdc_events",
@@ -262,7 +289,12 @@ impl Collector for StatsCollector {
 }
 
 /// The registry: the sink's latency and failures, and the processor's stats per scrape.
-fn registry(metrics: &Arc<Metrics>, processor: &DocumentProcessor) -> Registry {
+fn registry(
+    metrics: &Arc<Metrics>,
+    processor: &DocumentProcessor,
+    sink: &Arc<CliSink>,
+    leased: bool,
+) -> Registry {
     let mut registry = Registry::default();
     registry.register(
         "cdc_sink_batch_seconds",
@@ -277,6 +309,8 @@ fn registry(metrics: &Arc<Metrics>, processor: &DocumentProcessor) -> Registry {
     registry.register_collector(Box::new(StatsCollector {
         processor: processor.clone(),
         metrics: Arc::clone(metrics),
+        sink: Arc::clone(sink),
+        leased,
     }));
     registry
 }
@@ -308,7 +342,7 @@ pub(crate) async fn serve(
     sink: Arc<CliSink>,
     leased: bool,
 ) {
-    let registry = Arc::new(registry(&metrics, &processor));
+    let registry = Arc::new(registry(&metrics, &processor, &sink, leased));
     {
         let (metrics, processor) = (Arc::clone(&metrics), processor.clone());
         tokio::spawn(async move {
@@ -369,10 +403,17 @@ pub(crate) async fn serve(
                         "/metrics" => {
                             let mut text = String::new();
                             match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                                Ok(()) => Answer {
+                                Ok(()) if wants_openmetrics(&buf[..len]) => Answer {
                                     status: "200 OK",
                                     kind: "application/openmetrics-text; version=1.0.0; charset=utf-8",
                                     body: text,
+                                    allow: false,
+                                    head_only: false,
+                                },
+                                Ok(()) => Answer {
+                                    status: "200 OK",
+                                    kind: "text/plain; version=0.0.4; charset=utf-8",
+                                    body: prometheus_text(&text),
                                     allow: false,
                                     head_only: false,
                                 },
@@ -473,6 +514,60 @@ fn head_end(bytes: &[u8]) -> Option<usize> {
 /// The method and path of an HTTP/1.x request head; `Err` with the status for anything
 /// that is not one (`400 Bad Request`; `505` for another HTTP version). The target may be
 /// in origin form (`/metrics?x`) or absolute form (`http://host:port/metrics`).
+/// Whether the request's `Accept` header names OpenMetrics (as Prometheus's scrapes do).
+fn wants_openmetrics(request: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(request) else {
+        return false;
+    };
+    text.split('\n').skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("accept")
+                && value.contains("application/openmetrics-text")
+        })
+    })
+}
+
+/// The OpenMetrics text as Prometheus's own text format (0.0.4), for clients that do not
+/// ask for OpenMetrics (`curl`, `promtool check metrics`): a counter's family is named
+/// with its `_total` suffix there, `_created` samples and `# UNIT` lines do not exist, and
+/// there is no `# EOF`.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        let kept = if line == "# EOF" || line.starts_with("# UNIT ") {
+            None
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            Some(if counters.contains(name) {
+                format!("# HELP {name}_total {help}")
+            } else {
+                line.to_owned()
+            })
+        } else if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|r| r.strip_suffix(" counter"))
+        {
+            Some(format!("# TYPE {name}_total counter"))
+        } else if counters.iter().any(|c| {
+            line.strip_prefix(c)
+                .is_some_and(|r| r.starts_with("_created"))
+        }) {
+            None
+        } else {
+            Some(line.to_owned())
+        };
+        if let Some(line) = kept {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn parse_request(bytes: &[u8]) -> Result<(String, String), &'static str> {
     const BAD: &str = "400 Bad Request";
     head_end(bytes).ok_or(BAD)?;
@@ -512,6 +607,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn the_prometheus_text_names_counters_with_their_suffix() {
+        let open = "# HELP cdc_checkpoints Checkpoints saved.\n# TYPE cdc_checkpoints counter\ncdc_checkpoints_total 3\ncdc_checkpoints_created 1.7e9\n# HELP cdc_lag_seconds Lag.\n# TYPE cdc_lag_seconds gauge\n# UNIT cdc_lag_seconds seconds\ncdc_lag_seconds 0.5\n# EOF\n";
+        assert_eq!(
+            prometheus_text(open),
+            "# HELP cdc_checkpoints_total Checkpoints saved.\n# TYPE cdc_checkpoints_total counter\ncdc_checkpoints_total 3\n# HELP cdc_lag_seconds Lag.\n# TYPE cdc_lag_seconds gauge\ncdc_lag_seconds 0.5\n"
+        );
+        let scrape = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n\r\n";
+        assert!(wants_openmetrics(scrape));
+        assert!(!wants_openmetrics(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        assert!(!wants_openmetrics(
+            b"GET /application/openmetrics-text HTTP/1.1\r\n\r\n"
+        ));
+    }
 
     /// Hostile and odd requests: each a clear status, never a panic.
     #[test]

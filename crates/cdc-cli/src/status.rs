@@ -70,6 +70,7 @@ fn oplog_text(oplog: &Result<OplogView, String>, point: ClusterTime) -> String {
             )
         }
         Ok(OplogView::Unreadable(why)) => format!("unknown: {why}"),
+        Ok(OplogView::Empty) => "empty: no entry written yet".to_owned(),
         Ok(_) => "unknown".to_owned(),
         Err(e) => format!("unknown: the source did not answer: {e}"),
     }
@@ -84,6 +85,7 @@ fn oplog_json(oplog: &Result<OplogView, String>, point: ClusterTime) -> serde_js
             "newest": { "t": w.newest.time, "i": w.newest.increment },
         }),
         Ok(OplogView::Unreadable(why)) => serde_json::json!({ "unreadable": why }),
+        Ok(OplogView::Empty) => serde_json::json!({ "empty": true }),
         Ok(_) => serde_json::json!({ "unreadable": "unknown" }),
         Err(e) => serde_json::json!({ "error": e }),
     }

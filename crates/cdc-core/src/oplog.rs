@@ -56,8 +56,11 @@ impl OplogWindow {
 pub enum OplogView {
     /// The oplog's oldest and newest entries.
     Window(OplogWindow),
+    /// The oplog holds no entry yet: nothing was written since the replica set began (a
+    /// server writes a no-op at least every 10 s, so this does not last).
+    Empty,
     /// The source cannot read it, and why (the user may not read `local.oplog.rs`, the
-    /// deployment is a sharded cluster's router or not a replica set, the source is not
+    /// deployment is a sharded cluster's router, the source is not
     /// MongoDB): for an operator, said once; the figures are left out.
     Unreadable(String),
 }
@@ -76,7 +79,7 @@ impl OplogHeadroom {
     pub fn window(&self) -> Option<&OplogWindow> {
         match &self.view {
             OplogView::Window(w) => Some(w),
-            OplogView::Unreadable(_) => None,
+            OplogView::Empty | OplogView::Unreadable(_) => None,
         }
     }
 

@@ -8,29 +8,31 @@ use mongodb::{Client, Collection};
 use crate::error::{Error, classify, server_code};
 
 /// Reads the oldest and the newest entry's `ts`. What only a person can change (no
-/// permission, a router, not a replica set) is [`OplogView::Unreadable`], with the reason;
+/// permission, a router) is [`OplogView::Unreadable`], with the reason;
 /// a failure worth asking again is an error.
 pub(crate) async fn window(client: &Client) -> cdc_core::Result<OplogView> {
     let oplog = client
         .database("local")
         .collection::<RawDocumentBuf>("oplog.rs");
     let oldest = match end(&oplog, 1).await? {
-        Ok(t) => t,
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(OplogView::Empty),
         Err(why) => return Ok(OplogView::Unreadable(why)),
     };
     let newest = match end(&oplog, -1).await? {
-        Ok(t) => t,
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(OplogView::Empty),
         Err(why) => return Ok(OplogView::Unreadable(why)),
     };
     Ok(OplogView::Window(OplogWindow::new(oldest, newest)))
 }
 
-/// The `ts` of the first entry in `natural` order (1: oldest, -1: newest), or why it
-/// cannot be read.
+/// The `ts` of the first entry in `natural` order (1: oldest, -1: newest; `None` for an
+/// empty oplog), or why it cannot be read.
 async fn end(
     oplog: &Collection<RawDocumentBuf>,
     natural: i32,
-) -> cdc_core::Result<Result<ClusterTime, String>> {
+) -> cdc_core::Result<Result<Option<ClusterTime>, String>> {
     let found = oplog
         .find_one(doc! {})
         .sort(doc! { "$natural": natural })
@@ -53,12 +55,10 @@ async fn end(
         Err(e) => return Err(Error::driver("read the oplog's ends", e).into()),
     };
     Ok(match entry {
-        None => Err(
-            "local.oplog.rs holds no entry: the deployment is not a replica set member".to_owned(),
-        ),
+        None => Ok(None),
         Some(entry) => entry
             .get_timestamp("ts")
-            .map(ClusterTime::from)
+            .map(|ts| Some(ClusterTime::from(ts)))
             .map_err(|_| "an entry of local.oplog.rs has no timestamp `ts`".to_owned()),
     })
 }

@@ -148,13 +148,15 @@ async fn the_headroom_shrinks_to_the_second_and_warns_before_the_point_falls_off
 async fn an_oplog_the_user_may_not_read_is_named_and_left_out() {
     let sim = MongoSim::start().await.unwrap();
     let client = Client::with_uri_str(sim.uri()).await.unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let h = processor(&client, &store).oplog_headroom().await.unwrap();
+    assert_eq!(h.view, OplogView::Empty, "nothing written yet");
     client
         .database("app")
         .collection::<Document>("items")
         .insert_one(doc! { "_id": 1 })
         .await
         .unwrap();
-    let store = Arc::new(MemoryStore::new());
     let p = processor(&client, &store);
     let h = p.oplog_headroom().await.unwrap();
     assert!(matches!(h.view, OplogView::Window(_)), "{h:?}");
