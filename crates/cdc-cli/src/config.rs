@@ -54,6 +54,8 @@ pub(crate) struct Config {
     pub(crate) lease: Option<Lease>,
     pub(crate) sink: Sink,
     #[serde(default)]
+    pub(crate) transform: TransformCfg,
+    #[serde(default)]
     pub(crate) oplog: Oplog,
     #[serde(default)]
     pub(crate) metrics: Metrics,
@@ -137,6 +139,22 @@ impl Default for Checkpoint {
             every_ms: 1000,
         }
     }
+}
+
+/// Field-level privacy and shaping (`cdc_processor::Transform`), applied before the sink.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct TransformCfg {
+    /// Fields dropped wherever a change carries them (dotted paths).
+    pub(crate) exclude: Vec<String>,
+    /// Fields replaced by their HMAC-SHA-256 under the key.
+    pub(crate) hash: Vec<String>,
+    pub(crate) hash_key: Option<Secret>,
+    pub(crate) hash_key_file: Option<PathBuf>,
+    /// Namespaces kept (`db.coll` patterns with `*`; none: all).
+    pub(crate) include: Vec<String>,
+    /// Namespaces left out.
+    pub(crate) exclude_ns: Vec<String>,
 }
 
 /// How `cdc run` watches the oplog's window and the stored point's headroom in it.
@@ -627,6 +645,7 @@ impl Config {
         // and every command say so as a configuration error.
         self.source_uri()?;
         self.store_url()?;
+        self.transform()?;
         if self.sink.nats.is_some() {
             self.nats_url()?;
         }
@@ -821,6 +840,50 @@ impl Config {
             out.push(("sink.nats.window", as_u64(n.window)));
         }
         out
+    }
+
+    /// The `[transform]` section as the library's transform (`None` when it changes
+    /// nothing); every field and pattern checked, the key read.
+    pub(crate) fn transform(&self) -> Result<Option<cdc_processor::Transform>, ConfigError> {
+        let t = &self.transform;
+        let mut out = cdc_processor::Transform::new();
+        let key = secret(
+            t.hash_key.as_ref(),
+            t.hash_key_file.as_ref(),
+            "transform.hash_key",
+        )?;
+        if let Some(key) = key {
+            out = out
+                .hash_key(key.0.as_bytes())
+                .map_err(|e| err(format!("`transform.hash_key`: {e}")))?;
+        } else if !t.hash.is_empty() {
+            return Err(err(
+                "`transform.hash` needs a key: `transform.hash_key_file`, or the environment's CDC_TRANSFORM__HASH_KEY (at least 16 bytes)",
+            ));
+        }
+        for (key, list, add) in [
+            (
+                "transform.exclude",
+                &t.exclude,
+                cdc_processor::Transform::exclude as fn(_, &str) -> _,
+            ),
+            ("transform.hash", &t.hash, cdc_processor::Transform::hash),
+            (
+                "transform.include",
+                &t.include,
+                cdc_processor::Transform::include,
+            ),
+            (
+                "transform.exclude_ns",
+                &t.exclude_ns,
+                cdc_processor::Transform::exclude_namespace,
+            ),
+        ] {
+            for item in list {
+                out = add(out, item).map_err(|e| err(format!("`{key}`: {e}")))?;
+            }
+        }
+        Ok((!out.is_empty()).then_some(out))
     }
 
     /// The source's URI (`source.uri`, or the content of `source.uri_file`).

@@ -185,6 +185,9 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
     b = b.on_handler_error(policy);
     // The PostgreSQL sink saves the point in its transactions, ahead of the processor.
     b = b.handler_checkpoints(cfg.sink.kind == SinkKind::Postgres);
+    if let Some(t) = cfg.transform()? {
+        b = b.transform(t);
+    }
     Ok(b)
 }
 

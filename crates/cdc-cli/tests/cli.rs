@@ -1231,3 +1231,125 @@ async fn the_dashboard_and_alert_rules_use_only_the_metrics_cdc_serves() {
     child.kill().await.unwrap();
     sim.shutdown().await;
 }
+
+/// `[transform]` in `cdc`: dropped fields never reach the output (in the images and in an
+/// update's fields), hashed ones arrive as their keyed hash, a left-out namespace reaches
+/// no sink while the stored point moves past it, and the key is never printed.
+#[tokio::test]
+async fn fields_are_dropped_and_hashed_and_namespaces_left_out_before_the_sink() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let client = mongodb::Client::with_uri_str(sim.uri()).await.unwrap();
+    let shop = client.database("shop");
+    let users = shop.collection::<bson::Document>("users");
+    let audit = shop.collection::<bson::Document>("audit");
+    let d = dir("transform");
+    let path = d.join("cdc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nuri = \"{}\"\ndatabase = \"shop\"\n\n[store]\nurl = \"file:{}\"\n\n[sink]\ntype = \"stdout\"\n\n[transform]\nexclude = [\"ssn\", \"card.number\"]\nhash = [\"email\"]\nexclude_ns = [\"shop.audit\"]\n",
+            sim.uri(),
+            d.join("state").display()
+        ),
+    )
+    .unwrap();
+    let key = "k3y-of-twenty-bytes!";
+    // Without the key: a configuration error naming what is missing.
+    let (code, _, e) = output(&path, &["check"]).await;
+    assert_eq!(code, 2, "{e}");
+    assert!(e.contains("`transform.hash` needs a key"), "{e}");
+
+    let mut child = cdc(&path, &["run", "--log-level", "trace"])
+        .env("CDC_TRANSFORM__HASH_KEY", key)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let err = collect(child.stderr.take().unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !err
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("opening the change stream"))
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    users
+        .insert_one(
+            doc! { "_id": 1, "email": "ann@example.com", "ssn": "078-05-1120",
+            "card": { "number": "4111111111111111", "exp": "12/30" }, "name": "Ann" },
+        )
+        .await
+        .unwrap();
+    users
+        .update_one(
+            doc! { "_id": 1 },
+            doc! { "$set": { "card.number": "5500005555555559", "email": "ann@example.org" } },
+        )
+        .await
+        .unwrap();
+    audit
+        .insert_one(doc! { "_id": 1, "who": "AUDIT-ROW" })
+        .await
+        .unwrap();
+    users
+        .insert_one(doc! { "_id": 2, "name": "Bo" })
+        .await
+        .unwrap();
+    let got = lines(&mut out, 3).await;
+    let text: String = got.iter().map(ToString::to_string).collect();
+    for secret in [
+        "078-05-1120",
+        "4111111111111111",
+        "5500005555555559",
+        "ann@example",
+        "AUDIT-ROW",
+    ] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    let insert = &got[0]["fullDocument"];
+    assert_eq!(insert["name"], "Ann");
+    assert_eq!(insert["card"], serde_json::json!({ "exp": "12/30" }));
+    assert_eq!(insert["email"].as_str().unwrap().len(), 64);
+    let set = &got[1]["updateDescription"]["updatedFields"];
+    assert!(set.get("card.number").is_none(), "{set}");
+    assert_eq!(set["email"].as_str().unwrap().len(), 64);
+    assert_ne!(
+        set["email"], insert["email"],
+        "another address, another hash"
+    );
+    assert_eq!(
+        got[2]["documentKey"]["_id"], 2,
+        "the audit insert is left out"
+    );
+
+    // Only a left-out change after that: the point still moves past it.
+    let mut session = client.start_session().await.unwrap();
+    audit
+        .insert_one(doc! { "_id": 2 })
+        .session(&mut session)
+        .await
+        .unwrap();
+    let last = session.operation_time().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+    let log = err.lock().unwrap().join("\n");
+    assert!(!log.contains(key), "the key was printed");
+    let status = cdc(&path, &["status", "--json"])
+        .env("CDC_TRANSFORM__HASH_KEY", key)
+        .output()
+        .await
+        .unwrap();
+    let json = String::from_utf8_lossy(&status.stdout);
+    let entry: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    let t = &entry["point"]["cluster_time"];
+    let saved = (t["t"].as_u64().unwrap(), t["i"].as_u64().unwrap());
+    assert!(
+        saved >= (u64::from(last.time), u64::from(last.increment)),
+        "{saved:?} before {last:?}"
+    );
+    sim.shutdown().await;
+}

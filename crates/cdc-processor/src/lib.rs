@@ -72,6 +72,7 @@ mod settings;
 mod stats;
 mod stop;
 mod store_url;
+mod transform;
 
 /// The errors [`Error`] wraps, to match a cause: `Error::Cdc(CoreError::…)`,
 /// `Error::Mongo(e)` with `e: Arc<MongoError>`.
@@ -93,6 +94,7 @@ pub use processor::{
 pub use retry::default_backoff;
 pub use settings::InvalidatePolicy;
 pub use stats::Stats;
+pub use transform::{Shaped, Transform};
 
 pub use cdc_core::{
     BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DeadLetter, DeadLetterStore,

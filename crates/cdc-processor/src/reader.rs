@@ -286,6 +286,33 @@ fn newest_raw_time(batch: &[Item]) -> Option<ClusterTime> {
     })
 }
 
+/// An event as the transform leaves it, and whether its namespace was left out (it is
+/// then an idle position: the stored point may move past it, no handler sees it).
+fn shape(
+    transform: &crate::Transform,
+    next: cdc_core::Result<Next>,
+) -> (cdc_core::Result<Next>, bool) {
+    use crate::Shaped;
+    match next {
+        Ok(Next::Raw(raw)) => match transform.apply(&raw) {
+            Ok(Shaped::Changed(shaped)) => (Ok(Next::Raw(shaped)), false),
+            Ok(Shaped::LeftOut) => {
+                let token = raw.get_document("_id").ok().map(ResumeToken::copied);
+                (Ok(Next::Idle(token)), true)
+            }
+            Ok(_) => (Ok(Next::Raw(raw)), false),
+            Err(e) => (Err(e), false),
+        },
+        Ok(Next::Event(event)) => match event.raw().map(|raw| transform.apply(raw)) {
+            Some(Ok(Shaped::Changed(shaped))) => (Ok(Next::Raw(shaped)), false),
+            Some(Ok(Shaped::LeftOut)) => (Ok(Next::Idle(Some(event.token.clone()))), true),
+            Some(Err(e)) => (Err(e), false),
+            _ => (Ok(Next::Event(event)), false),
+        },
+        other => (other, false),
+    }
+}
+
 /// Reads ahead of the handler: the cursor fetches the next batch while the handler works.
 /// Events already buffered by the driver are handed over together (up to `handoff`); the
 /// batch in hand goes out before the reader waits on the server or on the byte budget.
@@ -296,6 +323,7 @@ pub(crate) async fn read_ahead(
     budget: Budget,
     requests: Option<(Arc<dyn ChangeSource>, Arc<Requests>)>,
     progress: Arc<Progress>,
+    transform: Option<Arc<crate::Transform>>,
 ) {
     progress.open.store(true, Ordering::Relaxed);
     let mut hand = InHand::new(handoff);
@@ -320,6 +348,12 @@ pub(crate) async fn read_ahead(
                     }
                 }
             }
+        };
+        // Shaped here, once, whatever cursor the event came from (the stream's, a
+        // snapshot's): an event of a left-out namespace goes on as its position only.
+        let (next, left_out) = match transform.as_deref() {
+            Some(t) => shape(t, next),
+            None => (next, false),
         };
         let (item, last) = match next {
             Ok(Next::Event(e)) => {
@@ -361,7 +395,7 @@ pub(crate) async fn read_ahead(
         // Anything but an event goes out at once: the consumer acts on it with no delay.
         let send_now = last
             || hand.items.len() + 1 >= handoff
-            || !matches!(item, Item::Event(..) | Item::Raw(..));
+            || !(left_out || matches!(item, Item::Event(..) | Item::Raw(..)));
         hand.items.push(item);
         if send_now && tx.send(hand.handover(handoff, &progress)).await.is_err() {
             break;
@@ -444,7 +478,15 @@ mod tests {
         // Room for three events (and a channel that could hold far more).
         let budget = Budget::new(3 * (size + 200));
         let (tx, mut rx) = mpsc::channel(1000);
-        let reader = tokio::spawn(read_ahead(cursor, tx, 256, budget, None, Arc::default()));
+        let reader = tokio::spawn(read_ahead(
+            cursor,
+            tx,
+            256,
+            budget,
+            None,
+            Arc::default(),
+            None,
+        ));
         let mut held: Vec<Handoff> = Vec::new();
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -494,6 +536,7 @@ mod tests {
             Budget::new(1_000),
             None,
             Arc::default(),
+            None,
         ));
         let first = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
             .await

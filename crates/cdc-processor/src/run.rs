@@ -228,6 +228,7 @@ impl RunLoop<'_> {
                     std::sync::Arc::clone(&self.shared.requests),
                 )),
                 std::sync::Arc::clone(&self.shared.progress),
+                s.transform.clone(),
             ));
             let outcome = match handler {
                 Handler::Event(h) if s.concurrency <= 1 && s.keep_transactions != Some(true) => {

@@ -45,4 +45,6 @@ pub(crate) struct Settings {
     pub(crate) initial_position: Option<StartPosition>,
     /// The lease to hold while handling, if any.
     pub(crate) lease: Option<LeaseSettings>,
+    /// Shapes events before any handler sees them (`None`: as they come).
+    pub(crate) transform: Option<Arc<crate::Transform>>,
 }

@@ -309,6 +309,7 @@ pub struct Builder {
     max_buffered_bytes: usize,
     stop_timeout: Option<Duration>,
     initial_position: Option<StartPosition>,
+    transform: Option<crate::Transform>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -340,6 +341,7 @@ impl Default for Builder {
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             stop_timeout: Some(DEFAULT_STOP_TIMEOUT),
             initial_position: None,
+            transform: None,
         }
     }
 }
@@ -499,6 +501,16 @@ impl Builder {
         self
     }
 
+    /// Shapes every event before any handler sees it (fields dropped or replaced by a
+    /// keyed hash, namespaces kept or left out): see [`crate::Transform`]. Events of a
+    /// left-out namespace reach no handler; their positions still count, so the stored
+    /// point moves past them.
+    #[must_use]
+    pub fn transform(mut self, transform: crate::Transform) -> Self {
+        self.transform = Some(transform);
+        self
+    }
+
     /// Builds the processor.
     ///
     /// # Errors
@@ -517,6 +529,12 @@ impl Builder {
             ("prefetch", self.prefetch),
             ("max_buffered_bytes", self.max_buffered_bytes),
         ])?;
+        if let Some(t) = &self.transform {
+            t.check().map_err(|reason| BuildError::Invalid {
+                setting: "transform",
+                reason,
+            })?;
+        }
         let storage = self.storage.ok_or(BuildError::Missing {
             setting: "store",
             hint: "call .store(…) with a resume store",
@@ -631,6 +649,10 @@ impl Builder {
             stop_timeout: self.stop_timeout,
             initial_position: self.initial_position,
             lease,
+            transform: self
+                .transform
+                .filter(|t| !t.is_empty())
+                .map(std::sync::Arc::new),
         }))
     }
 }
