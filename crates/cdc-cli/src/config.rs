@@ -285,6 +285,18 @@ pub(crate) struct Lease {
     pub(crate) owner: Option<String>,
 }
 
+/// `sink.document_mode`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum DocumentModeCfg {
+    /// The post-image, without `updateDescription`.
+    #[default]
+    Full,
+    /// `updateDescription` only.
+    Delta,
+    Both,
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum SinkKind {
@@ -298,6 +310,9 @@ pub(crate) enum SinkKind {
 pub(crate) struct Sink {
     #[serde(rename = "type")]
     pub(crate) kind: SinkKind,
+    /// What update changes carry of the document.
+    #[serde(default)]
+    pub(crate) document_mode: DocumentModeCfg,
     pub(crate) nats: Option<NatsSinkCfg>,
     pub(crate) postgres: Option<PostgresSinkCfg>,
 }
@@ -313,6 +328,8 @@ pub(crate) struct NatsSinkCfg {
     pub(crate) create_stream: bool,
     pub(crate) duplicate_window_s: u64,
     pub(crate) window: usize,
+    /// Several changes of one document in a batch: publish the last only.
+    pub(crate) coalesce: bool,
 }
 
 impl Default for NatsSinkCfg {
@@ -326,6 +343,7 @@ impl Default for NatsSinkCfg {
             create_stream: false,
             duplicate_window_s: 120,
             window: 256,
+            coalesce: false,
         }
     }
 }
@@ -646,6 +664,22 @@ impl Config {
         self.source_uri()?;
         self.store_url()?;
         self.transform()?;
+        let mode = self.sink.document_mode;
+        if mode == DocumentModeCfg::Full && s.full_document == FullDocumentMode::Default {
+            return Err(err(
+                "`sink.document_mode = \"full\"` sends updates' post-images, which `source.full_document = \"default\"` leaves out: set `source.full_document` (`updateLookup`, `whenAvailable`, `required`), or `sink.document_mode = \"delta\"`",
+            ));
+        }
+        if mode == DocumentModeCfg::Delta && self.sink.kind == SinkKind::Postgres {
+            return Err(err(
+                "`sink.document_mode = \"delta\"`: the postgres sink writes whole documents; use `full` or `both`",
+            ));
+        }
+        if mode == DocumentModeCfg::Delta && self.sink.nats.as_ref().is_some_and(|n| n.coalesce) {
+            return Err(err(
+                "`sink.nats.coalesce` keeps a document's last change only, which under `sink.document_mode = \"delta\"` would lose the earlier changes' fields: use `full` or `both`",
+            ));
+        }
         if self.sink.nats.is_some() {
             self.nats_url()?;
         }
@@ -883,6 +917,11 @@ impl Config {
                 out = add(out, item).map_err(|e| err(format!("`{key}`: {e}")))?;
             }
         }
+        out = out.document_mode(match self.sink.document_mode {
+            DocumentModeCfg::Full => cdc_processor::DocumentMode::Full,
+            DocumentModeCfg::Delta => cdc_processor::DocumentMode::Delta,
+            DocumentModeCfg::Both => cdc_processor::DocumentMode::Both,
+        });
         Ok((!out.is_empty()).then_some(out))
     }
 

@@ -36,6 +36,7 @@ pub(crate) struct Metrics {
     sink_failures: Counter,
     nats_stored: AtomicU64,
     nats_duplicates: AtomicU64,
+    nats_coalesced: AtomicU64,
     /// When the process started (the checkpoint age before the first checkpoint).
     started: std::time::SystemTime,
     /// Events handled per second over the last sampling interval (as f64 bits).
@@ -55,6 +56,7 @@ impl Metrics {
             sink_failures: Counter::default(),
             nats_stored: AtomicU64::new(0),
             nats_duplicates: AtomicU64::new(0),
+            nats_coalesced: AtomicU64::new(0),
             started: std::time::SystemTime::now(),
             rate: AtomicU64::new(0),
             oplog: Arc::default(),
@@ -70,9 +72,10 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn nats_counters(&self, stored: u64, duplicates: u64) {
+    pub(crate) fn nats_counters(&self, stored: u64, duplicates: u64, coalesced: u64) {
         self.nats_stored.store(stored, Ordering::Relaxed);
         self.nats_duplicates.store(duplicates, Ordering::Relaxed);
+        self.nats_coalesced.store(coalesced, Ordering::Relaxed);
     }
 
     /// Seconds since the newest checkpoint (since start when none yet).
@@ -283,6 +286,12 @@ impl Collector for StatsCollector {
             "cdc_nats_duplicates",
             "Messages JetStream dropped as duplicates (changes published again)",
             self.metrics.nats_duplicates.load(Ordering::Relaxed),
+        )?;
+        counter(
+            e,
+            "cdc_nats_coalesced",
+            "Changes not published because a later change of the same document in the same batch stood for them (sink.nats.coalesce)",
+            self.metrics.nats_coalesced.load(Ordering::Relaxed),
         )?;
         Ok(())
     }

@@ -245,7 +245,8 @@ impl CliSink {
         self.failing.store(result.is_err(), Ordering::Relaxed);
         if let SinkImpl::Nats(s, _) = &self.inner {
             let c = s.counters();
-            self.metrics.nats_counters(c.stored, c.duplicates);
+            self.metrics
+                .nats_counters(c.stored, c.duplicates, c.coalesced);
         }
         result
     }
@@ -308,7 +309,8 @@ pub(crate) async fn build_sink(
             let sink = NatsSink::new(client.clone(), stream_id)
                 .subject(cdc_sink::SubjectTemplate::parse(&n.subject)?)
                 .body(n.body.parse()?)
-                .window(n.window);
+                .window(n.window)
+                .coalesce(n.coalesce);
             let window = sink
                 .ensure_stream(
                     &n.stream,

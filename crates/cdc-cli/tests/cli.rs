@@ -1247,7 +1247,7 @@ async fn fields_are_dropped_and_hashed_and_namespaces_left_out_before_the_sink()
     std::fs::write(
         &path,
         format!(
-            "[source]\nuri = \"{}\"\ndatabase = \"shop\"\n\n[store]\nurl = \"file:{}\"\n\n[sink]\ntype = \"stdout\"\n\n[transform]\nexclude = [\"ssn\", \"card.number\"]\nhash = [\"email\"]\nexclude_ns = [\"shop.audit\"]\n",
+            "[source]\nuri = \"{}\"\ndatabase = \"shop\"\n\n[store]\nurl = \"file:{}\"\n\n[sink]\ntype = \"stdout\"\ndocument_mode = \"both\"\n\n[transform]\nexclude = [\"ssn\", \"card.number\"]\nhash = [\"email\"]\nexclude_ns = [\"shop.audit\"]\n",
             sim.uri(),
             d.join("state").display()
         ),
@@ -1351,5 +1351,216 @@ async fn fields_are_dropped_and_hashed_and_namespaces_left_out_before_the_sink()
         saved >= (u64::from(last.time), u64::from(last.increment)),
         "{saved:?} before {last:?}"
     );
+    sim.shutdown().await;
+}
+
+/// `sink.document_mode`: an update line carries the post-image only (`full`, the
+/// default), the delta only (`delta`) or both; the settings that contradict each other
+/// are configuration errors.
+#[tokio::test]
+async fn update_changes_carry_the_post_image_the_delta_or_both() {
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let coll = orders(&sim).await;
+    for (i, mode) in ["full", "delta", "both"].into_iter().enumerate() {
+        let d = dir(&format!("mode-{mode}"));
+        let config = write_config(
+            &d,
+            &sim.uri(),
+            &format!("[sink]\ntype = \"stdout\"\ndocument_mode = \"{mode}\"\n"),
+        );
+        let mut child = cdc(&config, &["run"]).spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let err = collect(child.stderr.take().unwrap());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !err
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("opening the change stream"))
+        {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let id = i32::try_from(i).unwrap();
+        coll.insert_one(doc! { "_id": id, "n": 0, "gone": 1 })
+            .await
+            .unwrap();
+        coll.update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "n": 1 }, "$unset": { "gone": "" } },
+        )
+        .await
+        .unwrap();
+        let got = lines(&mut out, 2).await;
+        assert_eq!(got[0]["fullDocument"]["n"], 0, "{mode}: an insert is whole");
+        let update = &got[1];
+        let (post, delta) = (update.get("fullDocument"), update.get("updateDescription"));
+        match mode {
+            "full" => assert!(post.is_some() && delta.is_none(), "{update}"),
+            "delta" => {
+                assert!(post.is_none(), "{update}");
+                assert_eq!(delta.unwrap()["updatedFields"]["n"], 1);
+                assert_eq!(delta.unwrap()["removedFields"][0], "gone");
+            }
+            _ => assert!(post.is_some() && delta.is_some(), "{update}"),
+        }
+        terminate(&child);
+        assert!(child.wait().await.unwrap().success());
+    }
+    let d = dir("mode-bad");
+    for (extra, says) in [
+        (
+            "[source]\nfull_document = \"default\"\n",
+            "`sink.document_mode = \"full\"` sends updates' post-images",
+        ),
+        (
+            "[sink.nats]\ncoalesce = true\n",
+            "`sink.nats.coalesce` keeps a document's last change only",
+        ),
+    ] {
+        // The [source] table is the file's own: override through --set instead.
+        let (sink, set) = if extra.starts_with("[source]") {
+            (
+                "[sink]\ntype = \"stdout\"\n".to_owned(),
+                vec!["--set", "source.full_document=default"],
+            )
+        } else {
+            (
+                format!("[sink]\ntype = \"nats\"\ndocument_mode = \"delta\"\n\n{extra}"),
+                vec![],
+            )
+        };
+        let config = write_config(&d, &sim.uri(), &sink);
+        let mut args = vec!["check"];
+        args.extend(set);
+        let (code, _, e) = output(&config, &args).await;
+        assert_eq!(code, 2, "{e}");
+        assert!(e.contains(says), "{e}");
+    }
+    sim.shutdown().await;
+}
+
+/// `sink.nats.coalesce`: changes of one document that arrive in one batch (written while
+/// `cdc` was stopped) are published as one message, the last change, and every change is
+/// either published or counted in `cdc_nats_coalesced_total`.
+#[tokio::test]
+async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
+    let Ok(nats) = cdc_sink::async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect("nats://127.0.0.1:4222")
+        .await
+    else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "NATS is unreachable under CI=true"
+        );
+        eprintln!("SKIPPED: NATS unreachable");
+        return;
+    };
+    let js = cdc_sink::async_nats::jetstream::new(nats);
+    let tag = format!("{}{}", std::process::id(), free_port());
+    let stream = format!("CDC_COALESCE_{tag}");
+    let sim = mongo_sim::MongoSim::start().await.unwrap();
+    let coll = orders(&sim).await;
+    let d = dir("coalesce");
+    let port = free_port();
+    let config = write_config(
+        &d,
+        &sim.uri(),
+        &format!(
+            "[sink]\ntype = \"nats\"\n\n[sink.nats]\nstream = \"{stream}\"\nsubject = \"c{tag}.{{db}}.{{coll}}.{{op}}\"\ncreate_stream = true\ncoalesce = true\n"
+        ),
+    );
+    let stored = |js: cdc_sink::async_nats::jetstream::Context| {
+        let stream = stream.clone();
+        async move {
+            match js.get_stream(&stream).await {
+                Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
+                Err(_) => 0,
+            }
+        }
+    };
+    // A first run publishes one insert and saves its point.
+    let mut child = cdc(&config, &["run"]).spawn().unwrap();
+    let _err = collect(child.stderr.take().unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    while stored(js.clone()).await < 1 {
+        // Until the stream is open, inserts may come before it: one more each round.
+        coll.insert_one(doc! { "_id": 1000 + i, "v": 0 })
+            .await
+            .unwrap();
+        i += 1;
+        assert!(tokio::time::Instant::now() < deadline, "nothing stored");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+    let before = stored(js.clone()).await;
+    // While it is stopped: 30 updates of one document, and another document.
+    coll.insert_one(doc! { "_id": 1, "v": 0 }).await.unwrap();
+    for v in 1..=30 {
+        coll.update_one(doc! { "_id": 1 }, doc! { "$set": { "v": v } })
+            .await
+            .unwrap();
+    }
+    coll.insert_one(doc! { "_id": 2, "v": 0 }).await.unwrap();
+    let mut child = cdc(
+        &config,
+        &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    )
+    .spawn()
+    .unwrap();
+    let _err = collect(child.stderr.take().unwrap());
+    // 32 changes: each one stored as a message or coalesced into a later one.
+    let (published, coalesced) = loop {
+        assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(Ok(mut conn)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        else {
+            continue;
+        };
+        drop(conn.shutdown().await);
+        let (_, metrics) = http_get(port, "/metrics").await;
+        let coalesced = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("cdc_nats_coalesced_total ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        let published = stored(js.clone()).await - before;
+        if published + coalesced == 32 {
+            break (published, coalesced);
+        }
+    };
+    assert!(coalesced > 0, "nothing coalesced: {published} published");
+    // The newest message of document 1 is its last state.
+    let s = js.get_stream(&stream).await.unwrap();
+    let mut last_v = None;
+    let mut said = None;
+    for seq in (before + 1)..=(before + published) {
+        let m = s.get_raw_message(seq).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if body["documentKey"]["_id"] == 1 {
+            last_v = Some(body["fullDocument"]["v"].clone());
+            said = m
+                .headers
+                .get("Cdc-Coalesced-Operations")
+                .map(|v| v.as_str().to_owned())
+                .or(said);
+        }
+    }
+    assert_eq!(last_v, Some(serde_json::json!(30)));
+    assert!(said.unwrap().contains("update,update"));
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+    js.delete_stream(&stream).await.unwrap();
     sim.shutdown().await;
 }

@@ -94,7 +94,7 @@ pub use processor::{
 pub use retry::default_backoff;
 pub use settings::InvalidatePolicy;
 pub use stats::Stats;
-pub use transform::{Shaped, Transform};
+pub use transform::{DocumentMode, Shaped, Transform};
 
 pub use cdc_core::{
     BoxError, ChangeEvent, CheckpointPolicy, ClusterTime, DeadLetter, DeadLetterStore,

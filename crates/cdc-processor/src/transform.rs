@@ -25,6 +25,20 @@ use hmac::{KeyInit, Mac};
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
+/// What an update event carries of the document ([`Transform::document_mode`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DocumentMode {
+    /// The post-image (`fullDocument`), without `updateDescription`.
+    Full,
+    /// Only what changed (`updateDescription`: the fields set, the fields removed, the
+    /// arrays truncated), without the post-image: smaller messages, no lookup needed.
+    Delta,
+    /// Both, as the server sends them (the default).
+    #[default]
+    Both,
+}
+
 /// What to do with a field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
@@ -136,6 +150,7 @@ pub enum Shaped {
 /// Shapes events before any handler sees them (see the module's documentation).
 #[derive(Clone, Debug, Default)]
 pub struct Transform {
+    mode: DocumentMode,
     fields: Vec<(FieldPath, Op)>,
     key: Option<HashKey>,
     include: Vec<NsPattern>,
@@ -205,9 +220,21 @@ impl Transform {
         Ok(self)
     }
 
+    /// What update events carry of the document (default [`DocumentMode::Both`]). Other
+    /// events are left as they are: an insert or a replace has no delta, a delete no
+    /// post-image.
+    #[must_use]
+    pub fn document_mode(mut self, mode: DocumentMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
     /// Whether it changes anything at all.
     pub fn is_empty(&self) -> bool {
-        self.fields.is_empty() && self.include.is_empty() && self.exclude_ns.is_empty()
+        self.fields.is_empty()
+            && self.include.is_empty()
+            && self.exclude_ns.is_empty()
+            && self.mode == DocumentMode::Both
     }
 
     /// What is wrong with it as a whole: a hashed field without a key.
@@ -254,10 +281,20 @@ impl Transform {
                 return Ok(Shaped::LeftOut);
             }
         }
-        if self.fields.is_empty() {
+        let trimmed = match self.mode {
+            DocumentMode::Both => None,
+            _ if event.get_str("operationType").ok() != Some("update") => None,
+            DocumentMode::Full => Some("updateDescription"),
+            DocumentMode::Delta => Some("fullDocument"),
+        }
+        .filter(|field| event.get(field).is_ok_and(|v| v.is_some()));
+        if self.fields.is_empty() && trimmed.is_none() {
             return Ok(Shaped::Unchanged);
         }
         let mut doc = Document::try_from(event).map_err(|e| bad(e.to_string()))?;
+        if let Some(field) = trimmed {
+            doc.remove(field);
+        }
         self.shape(&mut doc);
         let out = RawDocumentBuf::try_from(&doc).map_err(|e| bad(e.to_string()))?;
         Ok(Shaped::Changed(out))
@@ -613,6 +650,37 @@ mod tests {
             "ns": { "db": "shop", "coll": "audit" },
         };
         assert_eq!(t.apply(&row).unwrap(), Shaped::Unchanged);
+    }
+
+    #[test]
+    fn update_events_carry_the_post_image_the_delta_or_both() {
+        let update = event(doc! {
+            "fullDocument": { "_id": 1, "n": 2 },
+            "updateDescription": { "updatedFields": { "n": 2 }, "removedFields": ["m"], "truncatedArrays": [] },
+        });
+        let full = shaped(&Transform::new().document_mode(DocumentMode::Full), &update);
+        assert!(full.contains_key("fullDocument") && !full.contains_key("updateDescription"));
+        let delta = shaped(
+            &Transform::new().document_mode(DocumentMode::Delta),
+            &update,
+        );
+        assert!(!delta.contains_key("fullDocument"));
+        assert_eq!(
+            delta.get_document("updateDescription").unwrap(),
+            &doc! { "updatedFields": { "n": 2 }, "removedFields": ["m"], "truncatedArrays": [] }
+        );
+        let both = Transform::new().document_mode(DocumentMode::Both);
+        assert!(both.is_empty());
+        assert_eq!(both.apply(&update).unwrap(), Shaped::Unchanged);
+        // An insert keeps its document whatever the mode.
+        let insert = rawdoc! {
+            "_id": { "_data": "8200000001" },
+            "operationType": "insert",
+            "ns": { "db": "shop", "coll": "users" },
+            "fullDocument": { "_id": 1 },
+        };
+        let t = Transform::new().document_mode(DocumentMode::Delta);
+        assert_eq!(t.apply(&insert).unwrap(), Shaped::Unchanged);
     }
 
     #[test]

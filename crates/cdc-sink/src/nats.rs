@@ -221,6 +221,9 @@ pub struct NatsCounters {
     /// Messages JetStream acknowledged as duplicates it dropped (changes published again
     /// after a crash or a retried batch).
     pub duplicates: u64,
+    /// Changes not published because a later change of the same document in the same
+    /// batch stood for them ([`NatsSink::coalesce`]).
+    pub coalesced: u64,
 }
 
 /// Publishes each change as one message to NATS JetStream: the subject from a
@@ -238,8 +241,10 @@ pub struct NatsSink {
     subject: SubjectTemplate,
     body: Body,
     window: usize,
+    coalesce: bool,
     stored: AtomicU64,
     duplicates: AtomicU64,
+    coalesced: AtomicU64,
 }
 
 impl fmt::Debug for NatsSink {
@@ -249,6 +254,7 @@ impl fmt::Debug for NatsSink {
             .field("subject", &self.subject.source)
             .field("body", &self.body)
             .field("window", &self.window)
+            .field("coalesce", &self.coalesce)
             .finish_non_exhaustive()
     }
 }
@@ -278,8 +284,10 @@ impl NatsSink {
             },
             body: Body::default(),
             window: 256,
+            coalesce: false,
             stored: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
         }
     }
 
@@ -304,6 +312,21 @@ impl NatsSink {
         self
     }
 
+    /// When a batch holds several changes of one document (same namespace and document
+    /// key), publishes only the last, with headers `Cdc-Coalesced` (how many changes it
+    /// stands for) and `Cdc-Coalesced-Operations` (their operations in order, such as
+    /// `insert,update,update`); default off. A change without a document key (a drop, a
+    /// rename, an invalidate) is never merged across: changes before it and after it are
+    /// coalesced apart. The message keeps the last change's id and cluster time. After a
+    /// crash, the changes since the checkpoint are batched anew: a batch may then end
+    /// earlier, and publish an older state of a document after the newer one was stored;
+    /// consumers that keep the latest state compare `Cdc-Cluster-Time`.
+    #[must_use]
+    pub fn coalesce(mut self, coalesce: bool) -> Self {
+        self.coalesce = coalesce;
+        self
+    }
+
     /// How long to wait for JetStream to acknowledge a publish (default 5 s) before the
     /// batch fails as an outage and is published again.
     #[must_use]
@@ -322,6 +345,7 @@ impl NatsSink {
         NatsCounters {
             stored: self.stored.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
         }
     }
 
@@ -391,8 +415,12 @@ impl NatsSink {
         Ok(info.config.duplicate_window)
     }
 
-    /// The message of `event`.
-    fn message(&self, event: &ChangeEvent) -> Result<(String, Publish), Error> {
+    /// The message of `event`, standing for the changes of `ops` when it was coalesced.
+    fn message(
+        &self,
+        event: &ChangeEvent,
+        ops: Option<&[&ChangeEvent]>,
+    ) -> Result<(String, Publish), Error> {
         let refused = |why: &str, e: BoxError| Error::refused("the NATS sink", why, Some(e));
         let raw = event.raw().ok_or_else(|| {
             Error::refused(
@@ -431,6 +459,12 @@ impl NatsSink {
         if let Some(ns) = &event.ns {
             publish = publish.header("Cdc-Namespace", ns.to_string());
         }
+        if let Some(ops) = ops.filter(|ops| ops.len() > 1) {
+            let names: Vec<&str> = ops.iter().map(|e| e.operation_type.as_str()).collect();
+            publish = publish
+                .header("Cdc-Coalesced", ops.len().to_string())
+                .header("Cdc-Coalesced-Operations", names.join(","));
+        }
         if let Some(key) = event.document_key() {
             let key = cdc_core::support::to_relaxed_json(bson::Bson::Document(
                 bson::Document::try_from(key)
@@ -451,8 +485,18 @@ impl NatsSink {
     /// what was stored is dropped as a duplicate then).
     pub async fn publish_events(&self, events: &[&ChangeEvent]) -> Result<(), Error> {
         let mut in_flight = VecDeque::with_capacity(self.window);
-        for event in events.iter().copied() {
-            let (subject, publish) = self.message(event)?;
+        let groups = if self.coalesce {
+            coalesce(events)
+        } else {
+            events.iter().map(|e| (*e, Vec::new())).collect()
+        };
+        // Counted once the batch is stored (a failed batch is published again).
+        let merged: usize = groups
+            .iter()
+            .map(|(_, ops)| ops.len().saturating_sub(1))
+            .sum();
+        for (event, ops) in &groups {
+            let (subject, publish) = self.message(event, Some(ops))?;
             if in_flight.len() >= self.window
                 && let Some(ack) = in_flight.pop_front()
             {
@@ -468,6 +512,7 @@ impl NatsSink {
         while let Some(ack) = in_flight.pop_front() {
             self.settle(ack).await?;
         }
+        self.coalesced.fetch_add(merged as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -482,6 +527,42 @@ impl NatsSink {
         }
         Ok(())
     }
+}
+
+/// The changes of a batch to publish when coalescing, in order, each with the changes it
+/// stands for (itself last; more than itself only when coalesced): per run of changes
+/// between two changes without a document key, the last change of each document.
+fn coalesce<'e>(events: &[&'e ChangeEvent]) -> Vec<(&'e ChangeEvent, Vec<&'e ChangeEvent>)> {
+    use std::collections::HashMap;
+    // Each document's changes, and where its last one stands in the batch.
+    let mut groups: Vec<(usize, Vec<&ChangeEvent>)> = Vec::with_capacity(events.len());
+    // Within the current run: a document's group.
+    let mut group_of: HashMap<(Option<String>, &[u8]), usize> = HashMap::new();
+    for (at, &event) in events.iter().enumerate() {
+        let Some(key) = event.document_key() else {
+            // A barrier: nothing is merged across it.
+            groups.push((at, vec![event]));
+            group_of.clear();
+            continue;
+        };
+        let id = (event.ns.as_ref().map(ToString::to_string), key.as_bytes());
+        match group_of.get(&id) {
+            Some(&g) => {
+                groups[g].0 = at;
+                groups[g].1.push(event);
+            }
+            None => {
+                group_of.insert(id, groups.len());
+                groups.push((at, vec![event]));
+            }
+        }
+    }
+    // A document's message goes where its last change was.
+    groups.sort_by_key(|(at, _)| *at);
+    groups
+        .into_iter()
+        .filter_map(|(_, changes)| Some((*changes.last()?, changes)))
+        .collect()
 }
 
 /// Whether a publish failed because of NATS rather than of the change: a timeout, a lost
@@ -548,6 +629,55 @@ mod tests {
         };
         d.insert("documentKey", doc! { "_id": 5 });
         ChangeEvent::from_document(&d).unwrap()
+    }
+
+    fn change(op: &str, coll: &str, key: Option<i32>, n: u32) -> ChangeEvent {
+        let mut d = doc! {
+            "_id": { "_data": format!("82{n:08X}") },
+            "operationType": op,
+            "clusterTime": bson::Timestamp { time: n, increment: 1 },
+            "ns": { "db": "shop", "coll": coll },
+        };
+        if let Some(k) = key {
+            d.insert("documentKey", doc! { "_id": k });
+        }
+        ChangeEvent::from_document(&d).unwrap()
+    }
+
+    #[test]
+    fn coalescing_keeps_each_documents_last_change_in_order_and_never_across_a_drop() {
+        let events = [
+            change("insert", "a", Some(1), 1),
+            change("insert", "a", Some(2), 2),
+            change("update", "a", Some(1), 3),
+            change("update", "b", Some(1), 4),
+            change("update", "a", Some(1), 5),
+            change("drop", "a", None, 6),
+            change("insert", "a", Some(1), 7),
+            change("delete", "a", Some(1), 8),
+        ];
+        let refs: Vec<&ChangeEvent> = events.iter().collect();
+        let out = coalesce(&refs);
+        let shown: Vec<(u32, Vec<u32>)> = out
+            .iter()
+            .map(|(last, ops)| {
+                (
+                    last.cluster_time.time,
+                    ops.iter().map(|e| e.cluster_time.time).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                (2, vec![2]),
+                (4, vec![4]),
+                (5, vec![1, 3, 5]),
+                (6, vec![6]),
+                (8, vec![7, 8]),
+            ]
+        );
+        assert!(coalesce(&[]).is_empty());
     }
 
     #[test]

@@ -290,3 +290,76 @@ async fn a_change_over_the_payload_limit_is_dead_lettered_not_waited_on() {
     assert_eq!(got[0].subject.as_str(), format!("big{tag}.insert"));
     js.delete_stream(&name).await.unwrap();
 }
+
+fn change(op: &str, key: Option<i32>, n: u32) -> ChangeEvent {
+    let mut d = doc! {
+        "_id": { "_data": format!("82{n:08X}0000") },
+        "operationType": op,
+        "clusterTime": bson::Timestamp { time: n, increment: 1 },
+        "ns": { "db": "shop", "coll": "items" },
+    };
+    if let Some(k) = key {
+        d.insert("documentKey", doc! { "_id": k });
+        d.insert("fullDocument", doc! { "_id": k, "v": n });
+    }
+    ChangeEvent::from_document(&d).unwrap()
+}
+
+/// With `coalesce`, a batch's several changes of one document are one message: the last
+/// change (its id, body and time), with the operations it stands for in headers; the
+/// changes of other documents, and a drop between them, are kept in order.
+#[tokio::test]
+async fn coalescing_publishes_each_documents_last_change_with_what_it_stands_for() {
+    let Some(nats) = connect().await else { return };
+    let tag = tag();
+    let name = format!("CDC_TEST_{tag}");
+    let prefix = format!("t{tag}");
+    let js = jetstream::new(nats.clone());
+    let sink = NatsSink::new(nats.clone(), "s1")
+        .subject(SubjectTemplate::parse(&format!("{prefix}.{{db}}.{{coll}}.{{op}}")).unwrap())
+        .coalesce(true);
+    sink.ensure_stream(&name, true, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let events = [
+        change("insert", Some(1), 1),
+        change("update", Some(1), 2),
+        change("insert", Some(2), 3),
+        change("update", Some(1), 4),
+        change("drop", None, 5),
+        change("insert", Some(1), 6),
+    ];
+    let refs: Vec<&ChangeEvent> = events.iter().collect();
+    sink.publish_events(&refs).await.unwrap();
+    let got = messages(&js, &name).await;
+    let shown: Vec<(String, Option<String>, Option<String>)> = got
+        .iter()
+        .map(|m| {
+            let h = m.headers.as_ref().unwrap();
+            let get = |k: &str| h.get(k).map(|v| v.as_str().to_owned());
+            (
+                get("Cdc-Cluster-Time").unwrap(),
+                get("Cdc-Coalesced"),
+                get("Cdc-Coalesced-Operations"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            ("3.1".to_owned(), None, None),
+            (
+                "4.1".to_owned(),
+                Some("3".to_owned()),
+                Some("insert,update,update".to_owned())
+            ),
+            ("5.1".to_owned(), None, None),
+            ("6.1".to_owned(), None, None),
+        ]
+    );
+    let body: serde_json::Value = serde_json::from_slice(&got[1].payload).unwrap();
+    assert_eq!(body["fullDocument"]["v"], 4, "the last change's body");
+    assert_eq!(sink.counters().coalesced, 2);
+    assert_eq!(sink.counters().stored, 4);
+    js.delete_stream(&name).await.unwrap();
+}
