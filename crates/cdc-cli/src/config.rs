@@ -330,6 +330,21 @@ pub(crate) struct NatsSinkCfg {
     pub(crate) window: usize,
     /// Several changes of one document in a batch: publish the last only.
     pub(crate) coalesce: bool,
+    /// What happens to a change over the server's `max_payload` (left out: as
+    /// `dead_letters.on_error` says for any refused change).
+    pub(crate) oversized: Option<Oversized>,
+    /// The object store bucket of `oversized = "object-store"`.
+    pub(crate) object_store_bucket: String,
+    pub(crate) create_object_store: bool,
+}
+
+/// `sink.nats.oversized`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Oversized {
+    ObjectStore,
+    DeadLetter,
+    Stop,
 }
 
 impl Default for NatsSinkCfg {
@@ -344,6 +359,9 @@ impl Default for NatsSinkCfg {
             duplicate_window_s: 120,
             window: 256,
             coalesce: false,
+            oversized: None,
+            object_store_bucket: "cdc-oversized".into(),
+            create_object_store: false,
         }
     }
 }
@@ -674,6 +692,32 @@ impl Config {
             return Err(err(
                 "`sink.document_mode = \"delta\"`: the postgres sink writes whole documents; use `full` or `both`",
             ));
+        }
+        let on_error = self.dead_letters.on_error;
+        match self.sink.nats.as_ref().and_then(|n| n.oversized) {
+            Some(Oversized::DeadLetter) if on_error != OnError::DeadLetter => {
+                return Err(err(
+                    "`sink.nats.oversized = \"dead-letter\"` records an oversized change as a dead letter, as `dead_letters.on_error = \"dead-letter\"` does for every refused change: set it",
+                ));
+            }
+            Some(Oversized::Stop) if on_error != OnError::Stop => {
+                return Err(err(
+                    "`sink.nats.oversized = \"stop\"` stops at an oversized change, as `dead_letters.on_error = \"stop\"` does for every refused change: set it, or choose `object-store`",
+                ));
+            }
+            Some(Oversized::ObjectStore) => {
+                let bucket = &self.nats().object_store_bucket;
+                if bucket.is_empty()
+                    || !bucket
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(err(format!(
+                        "`sink.nats.object_store_bucket` `{bucket}`: a bucket name is letters, digits, `-` and `_`"
+                    )));
+                }
+            }
+            _ => {}
         }
         if mode == DocumentModeCfg::Delta && self.sink.nats.as_ref().is_some_and(|n| n.coalesce) {
             return Err(err(

@@ -37,6 +37,7 @@ pub(crate) struct Metrics {
     nats_stored: AtomicU64,
     nats_duplicates: AtomicU64,
     nats_coalesced: AtomicU64,
+    nats_objects: AtomicU64,
     /// When the process started (the checkpoint age before the first checkpoint).
     started: std::time::SystemTime,
     /// Events handled per second over the last sampling interval (as f64 bits).
@@ -57,6 +58,7 @@ impl Metrics {
             nats_stored: AtomicU64::new(0),
             nats_duplicates: AtomicU64::new(0),
             nats_coalesced: AtomicU64::new(0),
+            nats_objects: AtomicU64::new(0),
             started: std::time::SystemTime::now(),
             rate: AtomicU64::new(0),
             oplog: Arc::default(),
@@ -72,7 +74,8 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn nats_counters(&self, stored: u64, duplicates: u64, coalesced: u64) {
+    pub(crate) fn nats_counters(&self, stored: u64, duplicates: u64, coalesced: u64, objects: u64) {
+        self.nats_objects.store(objects, Ordering::Relaxed);
         self.nats_stored.store(stored, Ordering::Relaxed);
         self.nats_duplicates.store(duplicates, Ordering::Relaxed);
         self.nats_coalesced.store(coalesced, Ordering::Relaxed);
@@ -292,6 +295,12 @@ impl Collector for StatsCollector {
             "cdc_nats_coalesced",
             "Changes not published because a later change of the same document in the same batch stood for them (sink.nats.coalesce)",
             self.metrics.nats_coalesced.load(Ordering::Relaxed),
+        )?;
+        counter(
+            e,
+            "cdc_nats_objects",
+            "Changes over the NATS payload limit stored in the object store (sink.nats.oversized)",
+            self.metrics.nats_objects.load(Ordering::Relaxed),
         )?;
         Ok(())
     }

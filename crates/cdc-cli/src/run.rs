@@ -194,7 +194,8 @@ pub(crate) fn builder(cfg: &Config, client: Client) -> Result<cdc_processor::Bui
 /// The configured sink.
 pub(crate) enum SinkImpl {
     Stdout(JsonLines<std::io::Stdout>),
-    Nats(NatsSink, async_nats::Client),
+    // Boxed: the NATS sink (its JetStream contexts) is several times the others.
+    Nats(Box<NatsSink>, async_nats::Client),
     Postgres(PostgresSink),
 }
 
@@ -246,7 +247,7 @@ impl CliSink {
         if let SinkImpl::Nats(s, _) = &self.inner {
             let c = s.counters();
             self.metrics
-                .nats_counters(c.stored, c.duplicates, c.coalesced);
+                .nats_counters(c.stored, c.duplicates, c.coalesced, c.objects);
         }
         result
     }
@@ -306,11 +307,17 @@ pub(crate) async fn build_sink(
         SinkKind::Nats => {
             let n = cfg.nats();
             let client = connect_nats(&cfg.nats_url()?).await?;
-            let sink = NatsSink::new(client.clone(), stream_id)
+            let mut sink = NatsSink::new(client.clone(), stream_id)
                 .subject(cdc_sink::SubjectTemplate::parse(&n.subject)?)
                 .body(n.body.parse()?)
                 .window(n.window)
                 .coalesce(n.coalesce);
+            if n.oversized == Some(config::Oversized::ObjectStore) {
+                let store = sink
+                    .ensure_object_store(&n.object_store_bucket, n.create_object_store)
+                    .await?;
+                sink = sink.object_store(&n.object_store_bucket, store);
+            }
             let window = sink
                 .ensure_stream(
                     &n.stream,
@@ -326,7 +333,7 @@ pub(crate) async fn build_sink(
             {
                 tracing::warn!("{warning}");
             }
-            SinkImpl::Nats(sink, client)
+            SinkImpl::Nats(Box::new(sink), client)
         }
         SinkKind::Postgres => {
             let pg = cfg.sink.postgres.as_ref().ok_or("no [sink.postgres]")?;

@@ -22,7 +22,7 @@ pub use json_lines::JsonLines;
 #[cfg(feature = "nats")]
 pub use nats::{
     Body, DEFAULT_SUBJECT, NatsCounters, NatsSink, SubjectTemplate, dedup_window_warning,
-    message_id,
+    message_id, object_name,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresSink;

@@ -224,6 +224,9 @@ pub struct NatsCounters {
     /// Changes not published because a later change of the same document in the same
     /// batch stood for them ([`NatsSink::coalesce`]).
     pub coalesced: u64,
+    /// Bodies stored in the object store ([`NatsSink::object_store`]); a change published
+    /// again finds its object and stores nothing.
+    pub objects: u64,
 }
 
 /// Publishes each change as one message to NATS JetStream: the subject from a
@@ -236,7 +239,11 @@ pub struct NatsCounters {
 /// an older point) is dropped by JetStream's de-duplication within the stream's
 /// duplicate window.
 pub struct NatsSink {
+    client: async_nats::Client,
     js: jetstream::Context,
+    /// Where changes over the server's payload limit go ([`NatsSink::object_store`]).
+    /// Boxed: the store is large and seldom set.
+    objects: Option<Box<(String, jetstream::object_store::ObjectStore)>>,
     stream_id: String,
     subject: SubjectTemplate,
     body: Body,
@@ -245,6 +252,7 @@ pub struct NatsSink {
     stored: AtomicU64,
     duplicates: AtomicU64,
     coalesced: AtomicU64,
+    objects_stored: AtomicU64,
 }
 
 impl fmt::Debug for NatsSink {
@@ -269,7 +277,9 @@ impl NatsSink {
     /// flight.
     pub fn new(client: async_nats::Client, stream_id: impl Into<String>) -> Self {
         Self {
-            js: jetstream::new(client),
+            js: jetstream::new(client.clone()),
+            client,
+            objects: None,
             stream_id: stream_id.into(),
             subject: SubjectTemplate {
                 pieces: vec![
@@ -288,6 +298,7 @@ impl NatsSink {
             stored: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             coalesced: AtomicU64::new(0),
+            objects_stored: AtomicU64::new(0),
         }
     }
 
@@ -327,6 +338,62 @@ impl NatsSink {
         self
     }
 
+    /// Changes whose message would exceed the server's `max_payload` go into JetStream
+    /// object store `bucket` (see [`NatsSink::ensure_object_store`]): the object holds the
+    /// body, named after the message id (so a change published again finds its object and
+    /// does not store it twice), and the message, published only once the object is
+    /// stored, keeps its subject, id and headers and carries a reference instead of the
+    /// body: headers `Cdc-Object-Bucket`, `Cdc-Object-Name`, `Cdc-Object-Size`,
+    /// `Cdc-Object-Digest` (`SHA-256=<base64url>`, as the object store keeps it), and the
+    /// same as the body, `{"$cdcObject": {"bucket", "name", "size", "digest"}}` (a BSON
+    /// document for `body = "bson"`). Without it such a change is refused.
+    #[must_use]
+    pub fn object_store(
+        mut self,
+        bucket: &str,
+        store: jetstream::object_store::ObjectStore,
+    ) -> Self {
+        self.objects = Some(Box::new((bucket.to_owned(), store)));
+        self
+    }
+
+    /// The object store bucket `bucket`, created (file storage) when `create` and missing.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when it does not exist and `create` is false, or JetStream refused;
+    /// [`Error::Unavailable`] when JetStream did not answer.
+    pub async fn ensure_object_store(
+        &self,
+        bucket: &str,
+        create: bool,
+    ) -> Result<jetstream::object_store::ObjectStore, Error> {
+        use jetstream::context::ObjectStoreErrorKind;
+        match self.js.get_object_store(bucket).await {
+            Ok(store) => Ok(store),
+            Err(e) if e.kind() == ObjectStoreErrorKind::GetStore && create => self
+                .js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: bucket.to_owned(),
+                    description: Some("cdc: changes over the NATS payload limit".into()),
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "JetStream object store `{bucket}`: cannot create it: {e}"
+                    ))
+                }),
+            Err(e) if e.kind() == ObjectStoreErrorKind::GetStore => Err(Error::Config(format!(
+                "JetStream object store `{bucket}` does not exist: {e} (set `create_object_store = true` to create it)"
+            ))),
+            Err(e) => Err(stream_error(
+                false,
+                format!("JetStream object store `{bucket}`: {e}"),
+            )),
+        }
+    }
+
     /// How long to wait for JetStream to acknowledge a publish (default 5 s) before the
     /// batch fails as an outage and is published again.
     #[must_use]
@@ -346,6 +413,7 @@ impl NatsSink {
             stored: self.stored.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             coalesced: self.coalesced.load(Ordering::Relaxed),
+            objects: self.objects_stored.load(Ordering::Relaxed),
         }
     }
 
@@ -415,12 +483,8 @@ impl NatsSink {
         Ok(info.config.duplicate_window)
     }
 
-    /// The message of `event`, standing for the changes of `ops` when it was coalesced.
-    fn message(
-        &self,
-        event: &ChangeEvent,
-        ops: Option<&[&ChangeEvent]>,
-    ) -> Result<(String, Publish), Error> {
+    /// The body of `event`'s message.
+    fn payload(&self, event: &ChangeEvent) -> Result<Vec<u8>, Error> {
         let refused = |why: &str, e: BoxError| Error::refused("the NATS sink", why, Some(e));
         let raw = event.raw().ok_or_else(|| {
             Error::refused(
@@ -445,6 +509,99 @@ impl NatsSink {
                     .map_err(|e| refused("the event cannot be encoded as JSON", e.into()))?
             }
         };
+        Ok(payload)
+    }
+
+    /// Whether a message with this body would exceed the server's `max_payload` (with
+    /// room for the headers).
+    fn oversized(&self, payload: &[u8]) -> bool {
+        let limit = self.client.server_info().max_payload;
+        limit > 0 && payload.len() + HEADERS_ROOM > limit
+    }
+
+    /// Stores `payload` as object `name` unless it is there already (a change published
+    /// again), and returns the reference to it.
+    async fn put_object(&self, name: &str, payload: &[u8]) -> Result<ObjectRef, Error> {
+        let Some((bucket, store)) = self.objects.as_deref() else {
+            return Err(Error::refused(
+                "the NATS sink",
+                "the change is over the server's payload limit and no object store is set",
+                None,
+            ));
+        };
+        let unavailable = |what: &str, e: String| {
+            Error::unavailable(
+                "NATS JetStream",
+                format!("object store `{bucket}`: {what}: {e}"),
+                None,
+            )
+        };
+        let info = match store.info(name).await {
+            Ok(info) if !info.deleted && info.size == payload.len() => info,
+            Ok(_) => self
+                .store_object(store, name, payload)
+                .await
+                .map_err(|e| unavailable("put", e))?,
+            Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => self
+                .store_object(store, name, payload)
+                .await
+                .map_err(|e| unavailable("put", e))?,
+            Err(e) => return Err(unavailable("info", e.to_string())),
+        };
+        Ok(ObjectRef {
+            bucket: bucket.clone(),
+            name: name.to_owned(),
+            size: info.size,
+            digest: info.digest.unwrap_or_default(),
+        })
+    }
+
+    async fn store_object(
+        &self,
+        store: &jetstream::object_store::ObjectStore,
+        name: &str,
+        payload: &[u8],
+    ) -> Result<jetstream::object_store::ObjectInfo, String> {
+        let mut reader = payload;
+        let info = store
+            .put(name, &mut reader)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.objects_stored.fetch_add(1, Ordering::Relaxed);
+        Ok(info)
+    }
+
+    /// The message of `event` with body `payload` (or the reference to the object holding
+    /// it), standing for the changes of `ops` when it was coalesced.
+    fn message(
+        &self,
+        event: &ChangeEvent,
+        ops: Option<&[&ChangeEvent]>,
+        payload: Vec<u8>,
+        object: Option<&ObjectRef>,
+    ) -> Result<(String, Publish), Error> {
+        let refused = |why: &str, e: BoxError| Error::refused("the NATS sink", why, Some(e));
+        let payload = match object {
+            None => payload,
+            Some(o) => {
+                let reference = bson::doc! { "$cdcObject": {
+                    "bucket": &o.bucket,
+                    "name": &o.name,
+                    "size": i64::try_from(o.size).unwrap_or(i64::MAX),
+                    "digest": &o.digest,
+                } };
+                if self.body == Body::Bson {
+                    reference
+                        .to_vec()
+                        .map_err(|e| refused("the object reference cannot be encoded", e.into()))?
+                } else {
+                    serde_json::to_vec(&cdc_core::support::to_relaxed_json(bson::Bson::Document(
+                        reference,
+                    )))
+                    .map_err(|e| refused("the object reference cannot be encoded", e.into()))?
+                }
+            }
+        };
         let mut publish = Publish::build()
             .payload(payload.into())
             .message_id(message_id(&self.stream_id, event))
@@ -458,6 +615,13 @@ impl NatsSink {
             );
         if let Some(ns) = &event.ns {
             publish = publish.header("Cdc-Namespace", ns.to_string());
+        }
+        if let Some(o) = object {
+            publish = publish
+                .header("Cdc-Object-Bucket", o.bucket.as_str())
+                .header("Cdc-Object-Name", o.name.as_str())
+                .header("Cdc-Object-Size", o.size.to_string())
+                .header("Cdc-Object-Digest", o.digest.as_str());
         }
         if let Some(ops) = ops.filter(|ops| ops.len() > 1) {
             let names: Vec<&str> = ops.iter().map(|e| e.operation_type.as_str()).collect();
@@ -496,7 +660,17 @@ impl NatsSink {
             .map(|(_, ops)| ops.len().saturating_sub(1))
             .sum();
         for (event, ops) in &groups {
-            let (subject, publish) = self.message(event, Some(ops))?;
+            let payload = self.payload(event)?;
+            // The object first, then (pipelined like any other) the message naming it.
+            let object = if self.objects.is_some() && self.oversized(&payload) {
+                Some(
+                    self.put_object(&object_name(&message_id(&self.stream_id, event)), &payload)
+                        .await?,
+                )
+            } else {
+                None
+            };
+            let (subject, publish) = self.message(event, Some(ops), payload, object.as_ref())?;
             if in_flight.len() >= self.window
                 && let Some(ack) = in_flight.pop_front()
             {
@@ -527,6 +701,36 @@ impl NatsSink {
         }
         Ok(())
     }
+}
+
+/// Room left for a message's headers under the server's `max_payload`.
+const HEADERS_ROOM: usize = 4096;
+
+/// Where an oversized change's body went.
+#[derive(Debug)]
+struct ObjectRef {
+    bucket: String,
+    name: String,
+    size: usize,
+    digest: String,
+}
+
+/// The object name for message id `id`: the characters object names take (letters,
+/// digits, `-`, `_`, `.`) kept, every other byte as `=` and two hex digits (`:` is `=3A`).
+pub fn object_name(id: &str) -> String {
+    let mut out = String::with_capacity(id.len() + 8);
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') || (b == b'.' && !out.is_empty()) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    if out.ends_with('.') {
+        out.pop();
+        out.push_str("=2E");
+    }
+    out
 }
 
 /// The changes of a batch to publish when coalescing, in order, each with the changes it

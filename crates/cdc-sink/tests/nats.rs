@@ -363,3 +363,104 @@ async fn coalescing_publishes_each_documents_last_change_with_what_it_stands_for
     assert_eq!(sink.counters().stored, 4);
     js.delete_stream(&name).await.unwrap();
 }
+
+/// A change over the server's payload limit goes into the object store: the message keeps
+/// its id and headers and names the object, which holds exactly the body the message
+/// would have had. Published again after a failure between the object and the message
+/// (a kill there), the object is found, not stored twice, and the message is stored once.
+#[tokio::test]
+async fn an_oversized_change_arrives_through_the_object_store_once() {
+    let Some(nats) = connect().await else { return };
+    let tag = tag();
+    let name = format!("CDC_TEST_{tag}");
+    let bucket = format!("cdc_obj_{tag}");
+    let prefix = format!("t{tag}");
+    let js = jetstream::new(nats.clone());
+    let subject = |p: &str| SubjectTemplate::parse(&format!("{p}.{{db}}.{{coll}}.{{op}}")).unwrap();
+    let sink = NatsSink::new(nats.clone(), "s1").subject(subject(&prefix));
+    sink.ensure_stream(&name, true, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let Err(err) = sink.ensure_object_store(&bucket, false).await else {
+        panic!("a missing bucket was found");
+    };
+    assert!(err.to_string().contains("create_object_store"), "{err}");
+    let store = sink.ensure_object_store(&bucket, true).await.unwrap();
+    let limit = nats.server_info().max_payload;
+    // 20 MiB of document: twenty times the usual limit.
+    let big = {
+        let d = doc! {
+            "_id": { "_data": "82000000010000" },
+            "operationType": "insert",
+            "clusterTime": bson::Timestamp { time: 1, increment: 1 },
+            "ns": { "db": "shop", "coll": "items" },
+            "documentKey": { "_id": 1 },
+            "fullDocument": { "_id": 1, "blob": "x".repeat(20 << 20) },
+        };
+        ChangeEvent::from_document(&d).unwrap()
+    };
+    let small = change("insert", Some(2), 2);
+    let expected = serde_json::to_vec(&cdc_core::support::to_relaxed_json(bson::Bson::Document(
+        bson::Document::try_from(big.raw().unwrap()).unwrap(),
+    )))
+    .unwrap();
+    assert!(expected.len() > 20 * limit.max(1 << 20) / 2);
+
+    // First attempt: the object is stored, the message goes nowhere (no stream takes
+    // this subject): the batch fails, as a kill between the two would leave it.
+    let lost = NatsSink::new(nats.clone(), "s1")
+        .subject(subject(&format!("nowhere{tag}")))
+        .ack_timeout(Duration::from_secs(1))
+        .object_store(&bucket, store.clone());
+    assert!(lost.publish_events(&[&big]).await.is_err());
+    assert_eq!(lost.counters().objects, 1);
+    let object = cdc_sink::object_name(&cdc_sink::message_id("s1", &big));
+    let first = store.info(&object).await.unwrap();
+
+    // Published again, twice: the object is found; the message is stored once.
+    let sink = sink.object_store(&bucket, store.clone());
+    sink.publish_events(&[&big, &small]).await.unwrap();
+    sink.publish_events(&[&big, &small]).await.unwrap();
+    assert_eq!(sink.counters().objects, 0, "no object stored twice");
+    assert_eq!(sink.counters().stored, 2);
+    assert_eq!(sink.counters().duplicates, 2);
+    assert_eq!(store.info(&object).await.unwrap().nuid, first.nuid);
+
+    let got = messages(&js, &name).await;
+    assert_eq!(got.len(), 2);
+    let h = got[0].headers.as_ref().unwrap();
+    let get = |k: &str| h.get(k).map(|v| v.as_str().to_owned());
+    assert_eq!(
+        get("Nats-Msg-Id").unwrap(),
+        cdc_sink::message_id("s1", &big)
+    );
+    assert_eq!(get("Cdc-Operation").unwrap(), "insert");
+    assert_eq!(get("Cdc-Object-Bucket").unwrap(), bucket);
+    assert_eq!(get("Cdc-Object-Name").unwrap(), object);
+    assert_eq!(get("Cdc-Object-Size").unwrap(), expected.len().to_string());
+    assert!(get("Cdc-Object-Digest").unwrap().starts_with("SHA-256="));
+    let reference: serde_json::Value = serde_json::from_slice(&got[0].payload).unwrap();
+    assert_eq!(reference["$cdcObject"]["name"], object.as_str());
+    assert!(got[0].payload.len() < 1024, "a reference, not the body");
+    // A reader fetches the object: exactly the body the message would have had.
+    let mut fetched = Vec::new();
+    let mut reader = store.get(&object).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut fetched)
+        .await
+        .unwrap();
+    assert!(
+        fetched == expected,
+        "the object's bytes differ from the change's"
+    );
+    // The small change went as itself.
+    assert!(
+        got[1]
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Cdc-Object-Name")
+            .is_none()
+    );
+    js.delete_stream(&name).await.unwrap();
+    js.delete_object_store(&bucket).await.unwrap();
+}
