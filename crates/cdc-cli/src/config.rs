@@ -290,10 +290,11 @@ pub(crate) struct Lease {
 #[serde(rename_all = "lowercase")]
 pub(crate) enum DocumentModeCfg {
     /// The post-image, without `updateDescription`.
-    #[default]
     Full,
     /// `updateDescription` only.
     Delta,
+    /// Both, as the server sends them: what `cdc` always sent.
+    #[default]
     Both,
 }
 

@@ -1354,19 +1354,27 @@ async fn fields_are_dropped_and_hashed_and_namespaces_left_out_before_the_sink()
     sim.shutdown().await;
 }
 
-/// `sink.document_mode`: an update line carries the post-image only (`full`, the
-/// default), the delta only (`delta`) or both; the settings that contradict each other
+/// `sink.document_mode`: an update line carries the post-image only (`full`), the delta
+/// only (`delta`) or both (`both`, the default); the settings that contradict each other
 /// are configuration errors.
 #[tokio::test]
 async fn update_changes_carry_the_post_image_the_delta_or_both() {
     let sim = mongo_sim::MongoSim::start().await.unwrap();
     let coll = orders(&sim).await;
-    for (i, mode) in ["full", "delta", "both"].into_iter().enumerate() {
-        let d = dir(&format!("mode-{mode}"));
+    for (i, mode) in ["full", "delta", "both", "left out"]
+        .into_iter()
+        .enumerate()
+    {
+        let d = dir(&format!("mode-{i}"));
+        let line = if mode == "left out" {
+            String::new()
+        } else {
+            format!("document_mode = \"{mode}\"\n")
+        };
         let config = write_config(
             &d,
             &sim.uri(),
-            &format!("[sink]\ntype = \"stdout\"\ndocument_mode = \"{mode}\"\n"),
+            &format!("[sink]\ntype = \"stdout\"\n{line}"),
         );
         let mut child = cdc(&config, &["run"]).spawn().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -1422,7 +1430,7 @@ async fn update_changes_carry_the_post_image_the_delta_or_both() {
         // The [source] table is the file's own: override through --set instead.
         let (sink, set) = if extra.starts_with("[source]") {
             (
-                "[sink]\ntype = \"stdout\"\n".to_owned(),
+                "[sink]\ntype = \"stdout\"\ndocument_mode = \"full\"\n".to_owned(),
                 vec!["--set", "source.full_document=default"],
             )
         } else {
