@@ -970,6 +970,19 @@ async fn a_closed_pipe_stops_the_run_with_a_clear_message() {
     assert!(child.wait().await.unwrap().success());
 }
 
+/// The scrape of `/metrics` on `port`, or `None` while nothing listens there yet.
+async fn metrics_if_up(port: u16) -> Option<String> {
+    let mut conn = tokio::time::timeout(
+        Duration::from_millis(200),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    drop(conn.shutdown().await);
+    Some(http_get(port, "/metrics").await.1)
+}
+
 /// Reads a child's output into lines as they come.
 fn collect(
     out: impl tokio::io::AsyncRead + Unpin + Send + 'static,
@@ -1038,16 +1051,9 @@ async fn the_oplog_headroom_is_served_and_warned_of_before_the_history_is_lost()
         coll.insert_one(doc! { "_id": i }).await.unwrap();
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let Ok(Ok(mut conn)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(("127.0.0.1", port)),
-        )
-        .await
-        else {
+        let Some(metrics) = metrics_if_up(port).await else {
             continue;
         };
-        drop(conn.shutdown().await);
-        let (_, metrics) = http_get(port, "/metrics").await;
         let (Some(window), Some(headroom)) = (
             gauge(&metrics, "cdc_oplog_window_seconds"),
             gauge(&metrics, "cdc_oplog_headroom_seconds"),
@@ -1153,24 +1159,15 @@ async fn the_dashboard_and_alert_rules_use_only_the_metrics_cdc_serves() {
         coll.insert_one(doc! { "_id": i }).await.unwrap();
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok(Ok(mut conn)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(("127.0.0.1", port)),
-        )
-        .await
+        let wanted = [
+            "cdc_oplog_headroom_seconds ",
+            "cdc_snapshot_finished 1",
+            "cdc_events_total{operation=\"insert\"}",
+        ];
+        if let Some(metrics) = metrics_if_up(port).await
+            && wanted.iter().all(|w| metrics.contains(w))
         {
-            drop(conn.shutdown().await);
-            let (_, metrics) = http_get(port, "/metrics").await;
-            if [
-                "cdc_oplog_headroom_seconds ",
-                "cdc_snapshot_finished 1",
-                "cdc_events_total{operation=\"insert\"}",
-            ]
-            .iter()
-            .all(|w| metrics.contains(w))
-            {
-                break metrics;
-            }
+            break metrics;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -1449,21 +1446,40 @@ async fn update_changes_carry_the_post_image_the_delta_or_both() {
     sim.shutdown().await;
 }
 
+/// The local NATS server, or `None` (the test skipped, said on stderr) when it does not
+/// answer; under `CI=true` it must.
+async fn nats_or_skip() -> Option<cdc_sink::async_nats::Client> {
+    match cdc_sink::async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect("nats://127.0.0.1:4222")
+        .await
+    {
+        Ok(nats) => Some(nats),
+        Err(e) => {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "NATS is unreachable under CI=true: {e}"
+            );
+            eprintln!("SKIPPED: NATS unreachable ({e})");
+            None
+        }
+    }
+}
+
+/// How many messages JetStream stream `stream` holds (0 before it exists).
+async fn stream_messages(js: &cdc_sink::async_nats::jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
+        Err(_) => 0,
+    }
+}
+
 /// `sink.nats.coalesce`: changes of one document that arrive in one batch (written while
 /// `cdc` was stopped) are published as one message, the last change, and every change is
 /// either published or counted in `cdc_nats_coalesced_total`.
 #[tokio::test]
 async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
-    let Ok(nats) = cdc_sink::async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(3))
-        .connect("nats://127.0.0.1:4222")
-        .await
-    else {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "NATS is unreachable under CI=true"
-        );
-        eprintln!("SKIPPED: NATS unreachable");
+    let Some(nats) = nats_or_skip().await else {
         return;
     };
     let js = cdc_sink::async_nats::jetstream::new(nats);
@@ -1480,21 +1496,12 @@ async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
             "[sink]\ntype = \"nats\"\n\n[sink.nats]\nstream = \"{stream}\"\nsubject = \"c{tag}.{{db}}.{{coll}}.{{op}}\"\ncreate_stream = true\ncoalesce = true\n"
         ),
     );
-    let stored = |js: cdc_sink::async_nats::jetstream::Context| {
-        let stream = stream.clone();
-        async move {
-            match js.get_stream(&stream).await {
-                Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
-                Err(_) => 0,
-            }
-        }
-    };
     // A first run publishes one insert and saves its point.
     let mut child = cdc(&config, &["run"]).spawn().unwrap();
     let _err = collect(child.stderr.take().unwrap());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut i = 0;
-    while stored(js.clone()).await < 1 {
+    while stream_messages(&js, &stream).await < 1 {
         // Until the stream is open, inserts may come before it: one more each round.
         coll.insert_one(doc! { "_id": 1000 + i, "v": 0 })
             .await
@@ -1505,7 +1512,7 @@ async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
     }
     terminate(&child);
     assert!(child.wait().await.unwrap().success());
-    let before = stored(js.clone()).await;
+    let before = stream_messages(&js, &stream).await;
     // While it is stopped: 30 updates of one document, and another document.
     coll.insert_one(doc! { "_id": 1, "v": 0 }).await.unwrap();
     for v in 1..=30 {
@@ -1525,16 +1532,9 @@ async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
     let (published, coalesced) = loop {
         assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(30));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let Ok(Ok(mut conn)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(("127.0.0.1", port)),
-        )
-        .await
-        else {
+        let Some(metrics) = metrics_if_up(port).await else {
             continue;
         };
-        drop(conn.shutdown().await);
-        let (_, metrics) = http_get(port, "/metrics").await;
         let coalesced = metrics
             .lines()
             .find_map(|l| {
@@ -1543,7 +1543,7 @@ async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
                     .ok()
             })
             .unwrap_or(0);
-        let published = stored(js.clone()).await - before;
+        let published = stream_messages(&js, &stream).await - before;
         if published + coalesced == 32 {
             break (published, coalesced);
         }
@@ -1579,16 +1579,7 @@ async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
 /// object.
 #[tokio::test]
 async fn oversized_changes_arrive_through_the_object_store_across_a_kill() {
-    let Ok(nats) = cdc_sink::async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(3))
-        .connect("nats://127.0.0.1:4222")
-        .await
-    else {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "NATS is unreachable under CI=true"
-        );
-        eprintln!("SKIPPED: NATS unreachable");
+    let Some(nats) = nats_or_skip().await else {
         return;
     };
     let limit = nats.server_info().max_payload;
@@ -1607,15 +1598,6 @@ async fn oversized_changes_arrive_through_the_object_store_across_a_kill() {
     );
     let blob = "y".repeat(3 << 20);
     assert!(blob.len() > limit);
-    let messages = |js: cdc_sink::async_nats::jetstream::Context| {
-        let stream = stream.clone();
-        async move {
-            match js.get_stream(&stream).await {
-                Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
-                Err(_) => 0,
-            }
-        }
-    };
     let mut child = cdc(&config, &["run"]).spawn().unwrap();
     let err = collect(child.stderr.take().unwrap());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -1638,7 +1620,7 @@ async fn oversized_changes_arrive_through_the_object_store_across_a_kill() {
             .await
             .unwrap();
     }
-    while messages(js.clone()).await < 3 {
+    while stream_messages(&js, &stream).await < 3 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{:?}",
@@ -1659,14 +1641,14 @@ async fn oversized_changes_arrive_through_the_object_store_across_a_kill() {
     }
     let mut child = cdc(&config, &["run"]).spawn().unwrap();
     let _err = collect(child.stderr.take().unwrap());
-    while messages(js.clone()).await < 5 {
+    while stream_messages(&js, &stream).await < 5 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     terminate(&child);
     assert!(child.wait().await.unwrap().success());
-    assert_eq!(messages(js.clone()).await, 5, "each change once");
+    assert_eq!(stream_messages(&js, &stream).await, 5, "each change once");
     let s = js.get_stream(&stream).await.unwrap();
     let store = js.get_object_store(&bucket).await.unwrap();
     let mut names = std::collections::BTreeSet::new();
