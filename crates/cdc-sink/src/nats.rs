@@ -512,13 +512,6 @@ impl NatsSink {
         Ok(payload)
     }
 
-    /// Whether a message with this body would exceed the server's `max_payload` (with
-    /// room for the headers).
-    fn oversized(&self, payload: &[u8]) -> bool {
-        let limit = self.client.server_info().max_payload;
-        limit > 0 && payload.len() + HEADERS_ROOM > limit
-    }
-
     /// Stores `payload` as object `name` unless it is there already (a change published
     /// again), and returns the reference to it.
     async fn put_object(&self, name: &str, payload: &[u8]) -> Result<ObjectRef, Error> {
@@ -659,10 +652,18 @@ impl NatsSink {
             .iter()
             .map(|(_, ops)| ops.len().saturating_sub(1))
             .sum();
+        // With an object store, the server's payload limit, read once per batch (the
+        // server's info is copied whole on every read): a body that with room for its
+        // headers would exceed it goes into the store.
+        let limit = self
+            .objects
+            .as_ref()
+            .map(|_| self.client.server_info().max_payload)
+            .filter(|limit| *limit > 0);
         for (event, ops) in &groups {
             let payload = self.payload(event)?;
             // The object first, then (pipelined like any other) the message naming it.
-            let object = if self.objects.is_some() && self.oversized(&payload) {
+            let object = if limit.is_some_and(|limit| payload.len() + HEADERS_ROOM > limit) {
                 Some(
                     self.put_object(&object_name(&message_id(&self.stream_id, event)), &payload)
                         .await?,
