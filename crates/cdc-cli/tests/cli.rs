@@ -983,10 +983,11 @@ async fn metrics_if_up(port: u16) -> Option<String> {
     Some(http_get(port, "/metrics").await.1)
 }
 
+/// A child's output lines, as [`collect`] reads them.
+type Collected = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
 /// Reads a child's output into lines as they come.
-fn collect(
-    out: impl tokio::io::AsyncRead + Unpin + Send + 'static,
-) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+fn collect(out: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Collected {
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let into = std::sync::Arc::clone(&lines);
     tokio::spawn(async move {
@@ -996,6 +997,31 @@ fn collect(
         }
     });
     lines
+}
+
+/// `cdc <args>` started, its standard output and error read into lines as they come.
+fn spawn_collected(config: &Path, args: &[&str]) -> (Child, Collected, Collected) {
+    let mut child = cdc(config, args).spawn().unwrap();
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    (child, out, err)
+}
+
+/// Waits until a line of `lines` contains `text` (failing the test, with what was
+/// written, after `within`); returns everything written so far.
+async fn until_logged(lines: &Collected, text: &str, within: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let log = lines.lock().unwrap().join("\n");
+        if log.contains(text) {
+            return log;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`{text}` not written within {within:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The value of a gauge without labels in a scrape.
@@ -1030,14 +1056,10 @@ async fn the_oplog_headroom_is_served_and_warned_of_before_the_history_is_lost()
         &sim.uri(),
         "[sink]\ntype = \"stdout\"\n\n[checkpoint]\nevery_events = 10000000\nevery_ms = 86400000\n\n[oplog]\ncheck_every_ms = 200\nready_floor_s = 2\n",
     );
-    let mut child = cdc(
+    let (mut child, _out, err) = spawn_collected(
         &config,
         &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
-    )
-    .spawn()
-    .unwrap();
-    let _out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let mut headrooms = Vec::new();
     let mut refused_ready = None;
@@ -1078,14 +1100,8 @@ async fn the_oplog_headroom_is_served_and_warned_of_before_the_history_is_lost()
         "{why}"
     );
     // The warning, then (once the point fell off) the error, in that order.
-    let log = loop {
-        let log = err.lock().unwrap().join("\n");
-        if log.contains("fallen off the oplog") {
-            break log;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{log}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let within = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let log = until_logged(&err, "fallen off the oplog", within).await;
     let warned = log.find("close to falling off the oplog").expect(&log);
     assert!(warned < log.find("fallen off the oplog").unwrap(), "{log}");
     child.kill().await.unwrap();
@@ -1145,14 +1161,10 @@ async fn the_dashboard_and_alert_rules_use_only_the_metrics_cdc_serves() {
         &sim.uri(),
         "[sink]\ntype = \"stdout\"\n\n[snapshot]\nmode = \"initial\"\n\n[oplog]\ncheck_every_ms = 100\n",
     );
-    let mut child = cdc(
+    let (mut child, _out, _err) = spawn_collected(
         &config,
         &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
-    )
-    .spawn()
-    .unwrap();
-    let _out = collect(child.stdout.take().unwrap());
-    let _err = collect(child.stderr.take().unwrap());
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut i = 100;
     let served = loop {
@@ -1262,16 +1274,7 @@ async fn fields_are_dropped_and_hashed_and_namespaces_left_out_before_the_sink()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     let err = collect(child.stderr.take().unwrap());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !err
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("opening the change stream"))
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_logged(&err, "opening the change stream", Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     users
         .insert_one(
@@ -1376,16 +1379,7 @@ async fn update_changes_carry_the_post_image_the_delta_or_both() {
         let mut child = cdc(&config, &["run"]).spawn().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
         let err = collect(child.stderr.take().unwrap());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !err
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("opening the change stream"))
-        {
-            assert!(tokio::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_logged(&err, "opening the change stream", Duration::from_secs(30)).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let id = i32::try_from(i).unwrap();
         coll.insert_one(doc! { "_id": id, "n": 0, "gone": 1 })
@@ -1497,8 +1491,7 @@ async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
         ),
     );
     // A first run publishes one insert and saves its point.
-    let mut child = cdc(&config, &["run"]).spawn().unwrap();
-    let _err = collect(child.stderr.take().unwrap());
+    let (mut child, _out, _err) = spawn_collected(&config, &["run"]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut i = 0;
     while stream_messages(&js, &stream).await < 1 {
@@ -1521,13 +1514,10 @@ async fn coalesced_changes_reach_jetstream_as_the_documents_last_state() {
             .unwrap();
     }
     coll.insert_one(doc! { "_id": 2, "v": 0 }).await.unwrap();
-    let mut child = cdc(
+    let (mut child, _out, _err) = spawn_collected(
         &config,
         &["run", "--metrics-addr", &format!("127.0.0.1:{port}")],
-    )
-    .spawn()
-    .unwrap();
-    let _err = collect(child.stderr.take().unwrap());
+    );
     // 32 changes: each one stored as a message or coalesced into a later one.
     let (published, coalesced) = loop {
         assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(30));
@@ -1598,22 +1588,9 @@ async fn oversized_changes_arrive_through_the_object_store_across_a_kill() {
     );
     let blob = "y".repeat(3 << 20);
     assert!(blob.len() > limit);
-    let mut child = cdc(&config, &["run"]).spawn().unwrap();
-    let err = collect(child.stderr.take().unwrap());
+    let (mut child, _out, err) = spawn_collected(&config, &["run"]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !err
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("opening the change stream"))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            err.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_logged(&err, "opening the change stream", Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..3 {
         coll.insert_one(doc! { "_id": i, "blob": &blob })
@@ -1639,8 +1616,7 @@ async fn oversized_changes_arrive_through_the_object_store_across_a_kill() {
             .await
             .unwrap();
     }
-    let mut child = cdc(&config, &["run"]).spawn().unwrap();
-    let _err = collect(child.stderr.take().unwrap());
+    let (mut child, _out, _err) = spawn_collected(&config, &["run"]);
     while stream_messages(&js, &stream).await < 5 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
