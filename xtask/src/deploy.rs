@@ -12,11 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{cargo, run};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use crate::{cargo, run, workspace_root as root};
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)

@@ -180,10 +180,14 @@ fn bench_smoke() -> Result<(), String> {
     run("bench instructions (short, debug build)", instructions)
 }
 
+/// The workspace's root (xtask's parent folder), wherever cargo runs from.
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 /// The shared spec tests, read in place from the checkout's sibling `shared/` folder.
 fn default_spec_dir() -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    root.join("../shared/spec/change-streams/unified")
+    workspace_root().join("../shared/spec/change-streams/unified")
 }
 
 /// Runs the unified-format conformance runner.
@@ -351,10 +355,7 @@ fn layering() -> Result<(), String> {
     // The processor's and the MongoDB adapter's rooms import each other in one direction
     // only.
     for package in ["cdc-processor", "cdc-mongo"] {
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../crates")
-            .join(package)
-            .join("src");
+        let src = workspace_root().join("crates").join(package).join("src");
         let graph = modules::graph(&src)?;
         if let Some(cycle) = modules::cycle(&graph) {
             return Err(format!(
